@@ -1,0 +1,168 @@
+using System.Diagnostics;
+using CoordGen.Engine.Runtime;
+
+namespace CoordGen.Engine.Generation;
+
+/// <summary>Timings of one generation, for tokens/s reports and the engine-overhead bar.</summary>
+public sealed record GenerationStats
+{
+    public int PromptTokens { get; init; }
+    public int GeneratedTokens { get; init; }
+    public double PrefillMs { get; init; }
+    public double DecodeMs { get; init; }
+
+    /// <summary>Time spent inside ONNX Runtime's Run for decode steps (the bare graph cost).</summary>
+    public double DecodeRunMs { get; init; }
+    public string StopReason { get; init; } = "";
+
+    public double PrefillTokensPerSecond => PrefillMs > 0 ? PromptTokens / (PrefillMs / 1000) : 0;
+    public double DecodeTokensPerSecond => DecodeMs > 0 ? GeneratedTokens / (DecodeMs / 1000) : 0;
+}
+
+public sealed record GenerationResult(IReadOnlyList<int> Tokens, GenerationStats Stats);
+
+/// <summary>
+/// Plain autoregressive generation over the static graphs: chunked prefill at the widest compiled
+/// width, then one token per step at width 1. This is the baseline every speculative method must
+/// reproduce token for token under greedy decoding.
+/// </summary>
+public sealed class Generator
+{
+    private readonly OrtModelRuntime _runtime;
+
+    public Generator(OrtModelRuntime runtime, int decodeWidth = 1)
+    {
+        _runtime = runtime;
+        DecodeWidth = decodeWidth;
+        PrefillWidth = runtime.Widths.Max();
+        _ = runtime.Buffers(decodeWidth);
+    }
+
+    public int PrefillWidth { get; }
+
+    public int DecodeWidth { get; }
+
+    /// <summary>
+    /// Prefills <paramref name="tokens"/> into <paramref name="cache"/> in chunks and returns the logits
+    /// of the last prompt token. <paramref name="onChunk"/> sees every chunk's buffers (calibration reads
+    /// all rows' logits from there).
+    /// </summary>
+    public float[] Prefill(KvCache cache, ReadOnlySpan<int> tokens, Action<StepBuffers, int, int>? onChunk = null)
+    {
+        if (tokens.Length == 0)
+        {
+            throw new ArgumentException("the prompt is empty: give at least one token.");
+        }
+
+        if (cache.Length + tokens.Length >= cache.Capacity)
+        {
+            throw new PromptTooLongException(tokens.Length, cache.Capacity - cache.Length - 1);
+        }
+
+        var buf = _runtime.Buffers(PrefillWidth);
+        Span<int> rows = stackalloc int[PrefillWidth];
+        float[] last = new float[buf.VocabSize];
+        for (int start = 0; start < tokens.Length; start += PrefillWidth)
+        {
+            int n = Math.Min(PrefillWidth, tokens.Length - start);
+            buf.SetLinear(tokens.Slice(start, n), cache.Length, cache.Length);
+            _runtime.Run(PrefillWidth, cache);
+            onChunk?.Invoke(buf, start, n);
+            for (int i = 0; i < n; i++)
+            {
+                rows[i] = i;
+            }
+
+            cache.Commit(buf.NewKeys, buf.NewValues, PrefillWidth, rows[..n]);
+            if (start + n == tokens.Length)
+            {
+                buf.LogitsRow(n - 1).CopyTo(last);
+            }
+        }
+
+        return last;
+    }
+
+    /// <summary>One width-1 step: feeds <paramref name="token"/>, commits it, returns the next-token logits.</summary>
+    public ReadOnlySpan<float> Step(KvCache cache, int token)
+    {
+        var buf = _runtime.Buffers(DecodeWidth);
+        buf.SetLinear([token], cache.Length, cache.Length);
+        _runtime.Run(DecodeWidth, cache);
+        cache.Commit(buf.NewKeys, buf.NewValues, DecodeWidth, [0]);
+        return buf.LogitsRow(0);
+    }
+
+    /// <summary>Generates up to <paramref name="maxTokens"/> tokens after the prompt, calling <paramref name="onToken"/> for each.</summary>
+    public GenerationResult Generate(ReadOnlySpan<int> prompt, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
+        Func<int, bool>? onToken = null, CancellationToken cancellation = default)
+    {
+        if (maxTokens < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(maxTokens), $"max tokens must be at least 1 (got {maxTokens}).");
+        }
+
+        var sampler = new Sampler(sampling);
+        using var cache = _runtime.CreateCache();
+        var sw = Stopwatch.StartNew();
+        float[] logits = Prefill(cache, prompt);
+        double prefillMs = sw.Elapsed.TotalMilliseconds;
+        var output = new List<int>();
+        string reason = "length";
+        double runMs = 0;
+        sw.Restart();
+        while (true)
+        {
+            cancellation.ThrowIfCancellationRequested();
+            int next = sampler.Next(logits);
+            if (stopTokens.Contains(next))
+            {
+                reason = "stop";
+                break;
+            }
+
+            output.Add(next);
+            if (onToken is not null && !onToken(next))
+            {
+                reason = "stop";
+                break;
+            }
+
+            if (output.Count >= maxTokens)
+            {
+                break;
+            }
+
+            if (cache.Length + 1 >= cache.Capacity)
+            {
+                reason = "capacity";
+                break;
+            }
+
+            long t0 = Stopwatch.GetTimestamp();
+            var row = Step(cache, next);
+            runMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+            row.CopyTo(logits);
+        }
+
+        double decodeMs = sw.Elapsed.TotalMilliseconds;
+        return new GenerationResult(output, new GenerationStats
+        {
+            PromptTokens = prompt.Length,
+            GeneratedTokens = output.Count,
+            PrefillMs = prefillMs,
+            DecodeMs = decodeMs,
+            DecodeRunMs = runMs,
+            StopReason = reason,
+        });
+    }
+}
+
+/// <summary>The prompt does not fit the KV capacity; the message says by how much.</summary>
+public sealed class PromptTooLongException(int promptTokens, int room)
+    : Exception($"The prompt has {promptTokens} tokens but the KV cache has room for {room}. Shorten the prompt or context, or start with a larger --capacity.")
+{
+    public int PromptTokens { get; } = promptTokens;
+
+    public int Room { get; } = room;
+}

@@ -1,0 +1,123 @@
+using System.Runtime.InteropServices;
+using CoordGen.Engine.Onnx.Proto;
+using Google.Protobuf;
+
+namespace CoordGen.Engine.Onnx;
+
+/// <summary>Small helper for writing ONNX graphs: unique names, nodes, constants, typed inputs and outputs.</summary>
+internal sealed class GraphBuilder(string name)
+{
+    private readonly GraphProto _graph = new() { Name = name };
+    private int _counter;
+
+    public string Fresh(string hint) => $"{hint}_{_counter++}";
+
+    public string Node(string op, IEnumerable<string> inputs, string? output = null, params AttributeProto[] attrs)
+    {
+        string o = output ?? Fresh(op.ToLowerInvariant());
+        var n = new NodeProto { OpType = op, Name = Fresh("n_" + op) };
+        n.Input.AddRange(inputs);
+        n.Output.Add(o);
+        n.Attribute.AddRange(attrs);
+        _graph.Node.Add(n);
+        return o;
+    }
+
+    public string[] NodeMulti(string op, IEnumerable<string> inputs, int outputs, params AttributeProto[] attrs)
+    {
+        var outs = Enumerable.Range(0, outputs).Select(_ => Fresh(op.ToLowerInvariant())).ToArray();
+        var n = new NodeProto { OpType = op, Name = Fresh("n_" + op) };
+        n.Input.AddRange(inputs);
+        n.Output.AddRange(outs);
+        n.Attribute.AddRange(attrs);
+        _graph.Node.Add(n);
+        return outs;
+    }
+
+    public static AttributeProto Int(string name, long v) => new() { Name = name, Type = AttributeProto.Types.AttributeType.Int, I = v };
+
+    public static AttributeProto Float(string name, float v) => new() { Name = name, Type = AttributeProto.Types.AttributeType.Float, F = v };
+
+    public static AttributeProto Ints(string name, params long[] v)
+    {
+        var a = new AttributeProto { Name = name, Type = AttributeProto.Types.AttributeType.Ints };
+        a.Ints.AddRange(v);
+        return a;
+    }
+
+    public string ConstInt64(long[] values, long[]? dims = null, string? hint = null)
+    {
+        var t = new TensorProto { Name = Fresh(hint ?? "c_i64"), DataType = (int)TensorProto.Types.DataType.Int64 };
+        t.Dims.AddRange(dims ?? [values.Length]);
+        t.RawData = ByteString.CopyFrom(MemoryMarshal.AsBytes(values.AsSpan()));
+        _graph.Initializer.Add(t);
+        return t.Name;
+    }
+
+    public string ConstFloat(float[] values, long[] dims, string? hint = null)
+    {
+        var t = new TensorProto { Name = Fresh(hint ?? "c_f32"), DataType = (int)TensorProto.Types.DataType.Float };
+        t.Dims.AddRange(dims);
+        t.RawData = ByteString.CopyFrom(MemoryMarshal.AsBytes(values.AsSpan()));
+        _graph.Initializer.Add(t);
+        return t.Name;
+    }
+
+    /// <summary>
+    /// Declares a weight whose data lives outside the graph. The session is given the tensor through
+    /// SessionOptions.AddInitializer, so every graph width shares one copy (see OrtModelRuntime).
+    /// </summary>
+    public string SharedWeight(string weightName, long[] dims)
+    {
+        var t = new TensorProto
+        {
+            Name = weightName,
+            DataType = (int)TensorProto.Types.DataType.Float,
+            DataLocation = TensorProto.Types.DataLocation.External,
+        };
+        t.Dims.AddRange(dims);
+        long bytes = dims.Aggregate(4L, (a, b) => a * b);
+        t.ExternalData.Add(new StringStringEntryProto { Key = "location", Value = LlamaGraphCompiler.SharedWeightsFile });
+        t.ExternalData.Add(new StringStringEntryProto { Key = "offset", Value = "0" });
+        t.ExternalData.Add(new StringStringEntryProto { Key = "length", Value = bytes.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+        _graph.Initializer.Add(t);
+        return weightName;
+    }
+
+    public void Input(string inputName, TensorProto.Types.DataType type, params long[] dims) => _graph.Input.Add(ValueInfo(inputName, type, dims));
+
+    public void Output(string outputName, TensorProto.Types.DataType type, params long[] dims) => _graph.Output.Add(ValueInfo(outputName, type, dims));
+
+    private static ValueInfoProto ValueInfo(string n, TensorProto.Types.DataType type, long[] dims)
+    {
+        var shape = new TensorShapeProto();
+        foreach (var d in dims)
+        {
+            shape.Dim.Add(new TensorShapeProto.Types.Dimension { DimValue = d });
+        }
+
+        return new ValueInfoProto
+        {
+            Name = n,
+            Type = new TypeProto { TensorType = new TypeProto.Types.Tensor { ElemType = (int)type, Shape = shape } },
+        };
+    }
+
+    public ModelProto Build(int opset, IDictionary<string, string> metadata)
+    {
+        var m = new ModelProto
+        {
+            IrVersion = 8,
+            ProducerName = "coordgen",
+            ProducerVersion = "0.1",
+            Graph = _graph,
+        };
+        m.OpsetImport.Add(new OperatorSetIdProto { Domain = "", Version = opset });
+        foreach (var kv in metadata)
+        {
+            m.MetadataProps.Add(new StringStringEntryProto { Key = kv.Key, Value = kv.Value });
+        }
+
+        return m;
+    }
+}

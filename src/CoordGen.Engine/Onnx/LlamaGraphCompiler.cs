@@ -1,0 +1,172 @@
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Onnx.Proto;
+using Google.Protobuf;
+using DT = CoordGen.Engine.Onnx.Proto.TensorProto.Types.DataType;
+
+namespace CoordGen.Engine.Onnx;
+
+/// <summary>Static shape of one compiled graph: W new tokens against a KV cache of C slots.</summary>
+public readonly record struct GraphShape(int Width, int Capacity)
+{
+    public override string ToString() => $"W={Width},C={Capacity}";
+}
+
+/// <summary>
+/// Writes a Llama-family decoder as an ONNX graph (opset 17) with fully static shapes, the way NPU
+/// deployments compile fixed AR-N graphs.
+/// <para>Inputs: <c>input_ids</c> int64 [1,W]; <c>position_ids</c> int64 [1,W];
+/// <c>attention_mask</c> float [1,1,W,C+W], additive (0 = visible, -1e9 = hidden), columns 0..C-1 are
+/// cache slots and C..C+W-1 the new tokens, so a token tree is verified by giving each row its
+/// ancestors; <c>past_key_i</c>/<c>past_value_i</c> float [1,Hkv,C,D] per layer.</para>
+/// <para>Outputs: <c>logits</c> float [1,W,V]; <c>present_key_i</c>/<c>present_value_i</c> float
+/// [1,Hkv,W,D]: the keys (after RoPE) and values of the W new tokens only. The graph never copies
+/// the cache: attention scores against the cache and against the new tokens are computed
+/// separately and joined, so the caller's cache buffers are read in place.</para>
+/// </summary>
+public static class LlamaGraphCompiler
+{
+    public const int Opset = 17;
+    public const float MaskedValue = -1e9f;
+
+    /// <summary>File name the weights' external-data entries point at (a placeholder; see OrtModelRuntime).</summary>
+    public const string SharedWeightsFile = "coordgen-shared-weights.bin";
+
+    public static string PastKey(int layer) => $"past_key_{layer}";
+
+    public static string PastValue(int layer) => $"past_value_{layer}";
+
+    public static string PresentKey(int layer) => $"present_key_{layer}";
+
+    public static string PresentValue(int layer) => $"present_value_{layer}";
+
+    /// <summary>Weight names the graph expects as shared initializers.</summary>
+    public static IEnumerable<string> WeightNames(ModelConfig c) => ModelWeights.ExpectedTensors(c).Select(e => e.Name);
+
+    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false) => Compile(c, shape, hasLmHead).ToByteArray();
+
+    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false)
+    {
+        int w = shape.Width, cap = shape.Capacity, d = c.HeadDim, hkv = c.NumKvHeads, g = c.NumHeads / c.NumKvHeads;
+        var b = new GraphBuilder($"coordgen_{shape.Width}x{shape.Capacity}");
+
+        b.Input("input_ids", DT.Int64, 1, w);
+        b.Input("position_ids", DT.Int64, 1, w);
+        b.Input("attention_mask", DT.Float, 1, 1, w, cap + w);
+        for (int i = 0; i < c.NumLayers; i++)
+        {
+            b.Input(PastKey(i), DT.Float, 1, hkv, cap, d);
+            b.Input(PastValue(i), DT.Float, 1, hkv, cap, d);
+        }
+
+        string W(string name, params long[] dims) => b.SharedWeight(name, dims);
+
+        string embed = W("model.embed_tokens.weight", c.VocabSize, c.HiddenSize);
+        string shapeWH = b.ConstInt64([w, c.HiddenSize], hint: "shape_wh");
+
+        // Embedding lookup, flattened to [W, hidden].
+        string x = b.Node("Reshape", [b.Node("Gather", [embed, "input_ids"], attrs: GraphBuilder.Int("axis", 0)), shapeWH]);
+
+        // Rotary tables from positions: cos/sin [1,1,W,D], halves duplicated (rotate_half convention).
+        var invFreq = new float[d / 2];
+        for (int i = 0; i < d / 2; i++)
+        {
+            invFreq[i] = (float)(1.0 / Math.Pow(c.RopeTheta, 2.0 * i / d));
+        }
+
+        string pos = b.Node("Reshape", [b.Node("Cast", ["position_ids"], attrs: GraphBuilder.Int("to", (long)DT.Float)), b.ConstInt64([w, 1])]);
+        string freqs = b.Node("Mul", [pos, b.ConstFloat(invFreq, [1, d / 2], "inv_freq")]);
+        string emb = b.Node("Reshape", [b.Node("Concat", [freqs, freqs], attrs: GraphBuilder.Int("axis", -1)), b.ConstInt64([1, 1, w, d])]);
+        string cos = b.Node("Cos", [emb]);
+        string sin = b.Node("Sin", [emb]);
+
+        string mask5 = b.Node("Reshape", ["attention_mask", b.ConstInt64([1, 1, 1, w, cap + w])]);
+        string eps = b.ConstFloat([c.RmsNormEps], [1], "eps");
+        string scale = b.ConstFloat([(float)(1.0 / Math.Sqrt(d))], [1], "scale");
+        string halves = b.ConstInt64([d / 2, d / 2], hint: "halves");
+        string shapeQ = b.ConstInt64([1, w, c.NumHeads, d]);
+        string shapeKv = b.ConstInt64([1, w, hkv, d]);
+        string shapeGrouped = b.ConstInt64([1, hkv, g * w, d]);
+        string shapeScores5 = b.ConstInt64([1, hkv, g, w, cap + w]);
+        string shapeScores4 = b.ConstInt64([1, hkv, g * w, cap + w]);
+        string shapeHeads = b.ConstInt64([1, c.NumHeads, w, d]);
+        string shapeWQ = b.ConstInt64([w, c.QDim]);
+        string sliceStart0 = b.ConstInt64([0]);
+        string sliceC = b.ConstInt64([cap]);
+        string sliceEnd = b.ConstInt64([cap + w]);
+        string axisLast = b.ConstInt64([-1]);
+
+        string RmsNorm(string input, string weight)
+        {
+            string ms = b.Node("ReduceMean", [b.Node("Mul", [input, input])], attrs: [GraphBuilder.Ints("axes", -1), GraphBuilder.Int("keepdims", 1)]);
+            string inv = b.Node("Reciprocal", [b.Node("Sqrt", [b.Node("Add", [ms, eps])])]);
+            return b.Node("Mul", [b.Node("Mul", [input, inv]), weight]);
+        }
+
+        string Linear(string input, string weight, string? bias = null)
+        {
+            string[] inputs = bias is null ? [input, weight] : [input, weight, bias];
+            return b.Node("Gemm", inputs, attrs: GraphBuilder.Int("transB", 1));
+        }
+
+        string Rope(string t)
+        {
+            var parts = b.NodeMulti("Split", [t, halves], 2, GraphBuilder.Int("axis", -1));
+            string rotated = b.Node("Concat", [b.Node("Neg", [parts[1]]), parts[0]], attrs: GraphBuilder.Int("axis", -1));
+            return b.Node("Add", [b.Node("Mul", [t, cos]), b.Node("Mul", [rotated, sin])]);
+        }
+
+        string ToHeads(string t, string shape4) => b.Node("Transpose", [b.Node("Reshape", [t, shape4])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3));
+
+        for (int i = 0; i < c.NumLayers; i++)
+        {
+            string p = $"model.layers.{i}.";
+            string h = RmsNorm(x, W(p + "input_layernorm.weight", c.HiddenSize));
+            string? qb = c.AttentionBias ? W(p + "self_attn.q_proj.bias", c.QDim) : null;
+            string? kb = c.AttentionBias ? W(p + "self_attn.k_proj.bias", c.KvDim) : null;
+            string? vb = c.AttentionBias ? W(p + "self_attn.v_proj.bias", c.KvDim) : null;
+            string q = ToHeads(Linear(h, W(p + "self_attn.q_proj.weight", c.QDim, c.HiddenSize), qb), shapeQ);
+            string k = ToHeads(Linear(h, W(p + "self_attn.k_proj.weight", c.KvDim, c.HiddenSize), kb), shapeKv);
+            string v = ToHeads(Linear(h, W(p + "self_attn.v_proj.weight", c.KvDim, c.HiddenSize), vb), shapeKv);
+            q = Rope(q);
+            b.Node("Identity", [Rope(k)], PresentKey(i));
+            b.Node("Identity", [v], PresentValue(i));
+            k = PresentKey(i);
+
+            // Grouped-query attention: heads h = kv * G + g, so [1,H,W,D] regroups to [1,Hkv,G*W,D] without a copy.
+            string qg = b.Node("Mul", [b.Node("Reshape", [q, shapeGrouped]), scale]);
+            string sPast = b.Node("MatMul", [qg, b.Node("Transpose", [PastKey(i)], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
+            string sNew = b.Node("MatMul", [qg, b.Node("Transpose", [k], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
+            string scores = b.Node("Reshape", [b.Node("Concat", [sPast, sNew], attrs: GraphBuilder.Int("axis", -1)), shapeScores5]);
+            string probs = b.Node("Reshape", [b.Node("Softmax", [b.Node("Add", [scores, mask5])], attrs: GraphBuilder.Int("axis", -1)), shapeScores4]);
+            string pPast = b.Node("Slice", [probs, sliceStart0, sliceC, axisLast]);
+            string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
+            string att = b.Node("Add", [b.Node("MatMul", [pPast, PastValue(i)]), b.Node("MatMul", [pNew, v])]);
+            string merged = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);
+            x = b.Node("Add", [x, Linear(merged, W(p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim))]);
+
+            string h2 = RmsNorm(x, W(p + "post_attention_layernorm.weight", c.HiddenSize));
+            string gate = Linear(h2, W(p + "mlp.gate_proj.weight", c.IntermediateSize, c.HiddenSize));
+            string up = Linear(h2, W(p + "mlp.up_proj.weight", c.IntermediateSize, c.HiddenSize));
+            string act = b.Node("Mul", [b.Node("Mul", [gate, b.Node("Sigmoid", [gate])]), up]);
+            x = b.Node("Add", [x, Linear(act, W(p + "mlp.down_proj.weight", c.HiddenSize, c.IntermediateSize))]);
+        }
+
+        string final = RmsNorm(x, W("model.norm.weight", c.HiddenSize));
+        string head = hasLmHead ? W("lm_head.weight", c.VocabSize, c.HiddenSize) : embed;
+        b.Node("Reshape", [Linear(final, head), b.ConstInt64([1, w, c.VocabSize])], "logits");
+
+        b.Output("logits", DT.Float, 1, w, c.VocabSize);
+        for (int i = 0; i < c.NumLayers; i++)
+        {
+            b.Output(PresentKey(i), DT.Float, 1, hkv, w, d);
+            b.Output(PresentValue(i), DT.Float, 1, hkv, w, d);
+        }
+
+        return b.Build(Opset, new Dictionary<string, string>
+        {
+            ["coordgen.width"] = w.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["coordgen.capacity"] = cap.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["coordgen.architecture"] = c.Architecture,
+        });
+    }
+}

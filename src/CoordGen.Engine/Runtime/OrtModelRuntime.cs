@@ -1,0 +1,290 @@
+using System.Diagnostics;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Onnx;
+using Microsoft.ML.OnnxRuntime;
+
+namespace CoordGen.Engine.Runtime;
+
+/// <summary>Execution provider choice. QNN needs the build property CoordGenQnn=true.</summary>
+public enum ExecutionProviderKind
+{
+    Cpu,
+    Qnn,
+}
+
+public sealed record RuntimeOptions
+{
+    public ExecutionProviderKind Provider { get; init; } = ExecutionProviderKind.Cpu;
+
+    /// <summary>Intra-op threads for ONNX Runtime; 0 lets it choose (one per core).</summary>
+    public int IntraOpThreads { get; init; }
+
+    /// <summary>QNN backend library (libQnnHtp.so) when <see cref="Provider"/> is QNN.</summary>
+    public string? QnnBackendPath { get; init; }
+}
+
+/// <summary>
+/// Owns the compiled graphs of one model at several static widths over one capacity. The weights are
+/// handed to every session as shared initializers (SessionOptions.AddInitializer over the pinned
+/// float arrays of <see cref="ModelWeights"/>), and pre-packed GEMM buffers go into one
+/// PrePackedWeightsContainer, so N widths cost one copy of the weights.
+/// Not thread-safe: one step at a time (the device actor serializes calls).
+/// </summary>
+public sealed class OrtModelRuntime : IDisposable
+{
+    private readonly Dictionary<int, WidthGraph> _graphs = new();
+    private readonly List<OrtValue> _weightValues = new();
+    private readonly PrePackedWeightsContainer _prepacked = new();
+    private readonly RuntimeOptions _options;
+
+    public OrtModelRuntime(ModelWeights weights, int capacity, IEnumerable<int> widths, RuntimeOptions? options = null)
+    {
+        Weights = weights;
+        Config = weights.Config;
+        Capacity = capacity;
+        _options = options ?? new RuntimeOptions();
+        foreach (var t in weights.Tensors)
+        {
+            _weightValues.Add(OrtValue.CreateTensorValueFromMemory(t.Data, t.Shape));
+        }
+
+        foreach (int w in widths.Distinct().Order())
+        {
+            var sw = Stopwatch.StartNew();
+            _graphs[w] = new WidthGraph(this, new GraphShape(w, capacity));
+            GraphLoadMs[w] = sw.Elapsed.TotalMilliseconds;
+        }
+    }
+
+    public ModelWeights Weights { get; }
+
+    public ModelConfig Config { get; }
+
+    public int Capacity { get; }
+
+    public IReadOnlyCollection<int> Widths => _graphs.Keys;
+
+    /// <summary>Wall time to compile and load each width's graph.</summary>
+    public Dictionary<int, double> GraphLoadMs { get; } = new();
+
+    /// <summary>Bytes of weights held once and shared by every width.</summary>
+    public long SharedWeightBytes => Weights.TotalBytes;
+
+    public KvCache CreateCache() => new(Config.NumLayers, Config.NumKvHeads, Capacity, Config.HeadDim);
+
+    public StepBuffers Buffers(int width) => Graph(width).Buffers;
+
+    private WidthGraph Graph(int width) => _graphs.TryGetValue(width, out var g)
+        ? g
+        : throw new ArgumentException($"no graph compiled for width {width}; compiled: {string.Join(",", _graphs.Keys)}");
+
+    /// <summary>
+    /// Runs the width-W graph over <see cref="StepBuffers"/> the caller filled (tokens, positions, mask)
+    /// against <paramref name="cache"/>. Logits and the new keys/values land in the same buffers.
+    /// </summary>
+    public void Run(int width, KvCache cache)
+    {
+        var g = Graph(width);
+        g.Run(cache);
+    }
+
+    /// <summary>
+    /// Folder of the compiled graphs (one .onnx per width, kept for inspection, e.g. with Netron). The
+    /// weights are not in it: beside the graphs lies a sparse placeholder that the graphs' external-data
+    /// references name, and every session gets the real tensors through AddInitializer.
+    /// </summary>
+    public string GraphDirectory { get; } = Directory.CreateTempSubdirectory("coordgen-graphs-").FullName;
+
+    private string WriteGraph(GraphShape shape)
+    {
+        string placeholder = Path.Combine(GraphDirectory, LlamaGraphCompiler.SharedWeightsFile);
+        if (!File.Exists(placeholder))
+        {
+            using var fs = File.Create(placeholder);
+            fs.SetLength(Weights.Tensors.Max(t => t.Data.LongLength) * sizeof(float));
+        }
+
+        string path = Path.Combine(GraphDirectory, $"w{shape.Width}_c{shape.Capacity}.onnx");
+        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight"));
+        return path;
+    }
+
+    private SessionOptions CreateSessionOptions()
+    {
+        var so = new SessionOptions
+        {
+            GraphOptimizationLevel = GraphOptimizationLevel.ORT_ENABLE_ALL,
+            ExecutionMode = ExecutionMode.ORT_SEQUENTIAL,
+            IntraOpNumThreads = _options.IntraOpThreads,
+            LogSeverityLevel = OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR,
+        };
+        if (_options.Provider == ExecutionProviderKind.Qnn)
+        {
+            var qnn = new Dictionary<string, string> { ["backend_path"] = _options.QnnBackendPath ?? "libQnnHtp.so" };
+            try
+            {
+                so.AppendExecutionProvider("QNN", qnn);
+            }
+            catch (Exception ex)
+            {
+                throw new InvalidOperationException($"The QNN execution provider is not available in this build ({ex.Message}). Build with -p:CoordGenQnn=true on a Snapdragon device, or use --provider cpu.", ex);
+            }
+        }
+
+        // The graphs declare every weight as an external initializer; these OrtValues (over the pinned
+        // arrays of ModelWeights) replace them in every session, so all widths read one copy.
+        int i = 0;
+        foreach (var t in Weights.Tensors)
+        {
+            so.AddInitializer(t.Name, _weightValues[i++]);
+        }
+
+        return so;
+    }
+
+    public void Dispose()
+    {
+        foreach (var g in _graphs.Values)
+        {
+            g.Dispose();
+        }
+
+        foreach (var v in _weightValues)
+        {
+            v.Dispose();
+        }
+
+        _prepacked.Dispose();
+        try
+        {
+            Directory.Delete(GraphDirectory, recursive: true);
+        }
+        catch (IOException)
+        {
+            // A leftover temp folder is harmless.
+        }
+    }
+
+    private sealed class WidthGraph : IDisposable
+    {
+        private readonly InferenceSession _session;
+        private readonly SessionOptions _so;
+        private readonly RunOptions _run = new();
+        private readonly string[] _inputNames;
+        private readonly string[] _outputNames;
+        private readonly OrtValue[] _inputs;
+        private readonly OrtValue[] _outputs;
+        private readonly int _layers;
+
+        public WidthGraph(OrtModelRuntime owner, GraphShape shape)
+        {
+            var c = owner.Config;
+            _layers = c.NumLayers;
+            _so = owner.CreateSessionOptions();
+            string path = owner.WriteGraph(shape);
+            _session = new InferenceSession(path, _so, owner._prepacked);
+            Buffers = new StepBuffers(shape.Width, shape.Capacity, c);
+
+            _inputNames = ["input_ids", "position_ids", "attention_mask", .. Enumerable.Range(0, _layers).SelectMany(l => new[] { LlamaGraphCompiler.PastKey(l), LlamaGraphCompiler.PastValue(l) })];
+            _outputNames = ["logits", .. Enumerable.Range(0, _layers).SelectMany(l => new[] { LlamaGraphCompiler.PresentKey(l), LlamaGraphCompiler.PresentValue(l) })];
+            _inputs = new OrtValue[_inputNames.Length];
+            _inputs[0] = OrtValue.CreateTensorValueFromMemory(Buffers.TokenIds, [1, shape.Width]);
+            _inputs[1] = OrtValue.CreateTensorValueFromMemory(Buffers.Positions, [1, shape.Width]);
+            _inputs[2] = OrtValue.CreateTensorValueFromMemory(Buffers.Mask, [1, 1, shape.Width, shape.Capacity + shape.Width]);
+            _outputs = new OrtValue[_outputNames.Length];
+            _outputs[0] = OrtValue.CreateTensorValueFromMemory(Buffers.Logits, [1, shape.Width, c.VocabSize]);
+            long[] kvShape = [1, c.NumKvHeads, shape.Width, c.HeadDim];
+            for (int l = 0; l < _layers; l++)
+            {
+                _outputs[1 + (2 * l)] = OrtValue.CreateTensorValueFromMemory(Buffers.NewKeys[l], kvShape);
+                _outputs[2 + (2 * l)] = OrtValue.CreateTensorValueFromMemory(Buffers.NewValues[l], kvShape);
+            }
+        }
+
+        public StepBuffers Buffers { get; }
+
+        public void Run(KvCache cache)
+        {
+            for (int l = 0; l < _layers; l++)
+            {
+                _inputs[3 + (2 * l)] = cache.KeyValue(l);
+                _inputs[4 + (2 * l)] = cache.ValueValue(l);
+            }
+
+            _session.Run(_run, _inputNames, _inputs, _outputNames, _outputs);
+        }
+
+        public void Dispose()
+        {
+            _session.Dispose();
+            _so.Dispose();
+            _run.Dispose();
+            for (int i = 0; i < 3; i++)
+            {
+                _inputs[i].Dispose();
+            }
+
+            foreach (var o in _outputs)
+            {
+                o.Dispose();
+            }
+        }
+    }
+}
+
+/// <summary>
+/// The pinned input and output buffers of one graph width. The caller writes tokens, positions and
+/// mask rows, calls <see cref="OrtModelRuntime.Run"/>, then reads logits and new keys/values.
+/// </summary>
+public sealed class StepBuffers
+{
+    internal StepBuffers(int width, int capacity, ModelConfig c)
+    {
+        Width = width;
+        Capacity = capacity;
+        VocabSize = c.VocabSize;
+        TokenIds = GC.AllocateArray<long>(width, pinned: true);
+        Positions = GC.AllocateArray<long>(width, pinned: true);
+        Mask = GC.AllocateArray<float>(width * (capacity + width), pinned: true);
+        Logits = GC.AllocateArray<float>(width * c.VocabSize, pinned: true);
+        NewKeys = Enumerable.Range(0, c.NumLayers).Select(_ => GC.AllocateArray<float>(c.NumKvHeads * width * c.HeadDim, pinned: true)).ToArray();
+        NewValues = Enumerable.Range(0, c.NumLayers).Select(_ => GC.AllocateArray<float>(c.NumKvHeads * width * c.HeadDim, pinned: true)).ToArray();
+    }
+
+    public int Width { get; }
+
+    public int Capacity { get; }
+
+    public int VocabSize { get; }
+
+    public long[] TokenIds { get; }
+
+    public long[] Positions { get; }
+
+    public float[] Mask { get; }
+
+    public float[] Logits { get; }
+
+    public float[][] NewKeys { get; }
+
+    public float[][] NewValues { get; }
+
+    public ReadOnlySpan<float> LogitsRow(int row) => Logits.AsSpan(row * VocabSize, VocabSize);
+
+    /// <summary>Fills a causal chunk: tokens at positions start.., rows past <paramref name="tokens"/> padded.</summary>
+    public void SetLinear(ReadOnlySpan<int> tokens, int startPosition, int cacheLength)
+    {
+        if (tokens.Length > Width)
+        {
+            throw new ArgumentException($"{tokens.Length} tokens exceed width {Width}");
+        }
+
+        for (int j = 0; j < Width; j++)
+        {
+            TokenIds[j] = j < tokens.Length ? tokens[j] : 0;
+            Positions[j] = j < tokens.Length ? startPosition + j : startPosition;
+        }
+
+        AttentionMask.FillLinear(Mask, Width, Capacity, cacheLength, tokens.Length);
+    }
+}

@@ -1,0 +1,100 @@
+using CoordGen.Engine.Generation;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
+
+namespace CoordGen.Engine.Tests;
+
+public class GraphCompilerTests
+{
+    [Theory]
+    [InlineData(false, true, 2)]
+    [InlineData(true, false, 1)]
+    [InlineData(false, true, 4)]
+    public void Compiled_graph_should_match_reference_forward_when_prefilling_in_chunks(bool bias, bool tied, int kvHeads)
+    {
+        var weights = ModelWeights.Random(TestModels.Tiny(bias, tied, kvHeads), seed: 7, scale: 0.2f);
+        int[] tokens = [3, 17, 42, 5, 5, 9, 31, 2, 44, 13, 8];
+        var expected = ReferenceForward.Logits(weights, tokens);
+
+        using var rt = new OrtModelRuntime(weights, capacity: 32, widths: [1, 4]);
+        using var cache = rt.CreateCache();
+        var buf = rt.Buffers(4);
+        for (int start = 0; start < tokens.Length; start += 4)
+        {
+            int n = Math.Min(4, tokens.Length - start);
+            buf.SetLinear(tokens.AsSpan(start, n), start, cache.Length);
+            rt.Run(4, cache);
+            for (int i = 0; i < n; i++)
+            {
+                TestModels.AssertClose(expected[start + i], buf.LogitsRow(i), what: $"token {start + i}");
+            }
+
+            cache.Commit(buf.NewKeys, buf.NewValues, 4, Enumerable.Range(0, n).ToArray());
+        }
+    }
+
+    [Fact]
+    public void Width_one_steps_should_equal_one_wide_pass_when_fed_the_same_tokens()
+    {
+        var weights = ModelWeights.Random(TestModels.Tiny(), seed: 3, scale: 0.2f);
+        int[] tokens = [4, 8, 15, 16, 23, 42, 7, 1];
+        using var rt = new OrtModelRuntime(weights, capacity: 16, widths: [1, 8]);
+        using var wide = rt.CreateCache();
+        var wb = rt.Buffers(8);
+        wb.SetLinear(tokens, 0, 0);
+        rt.Run(8, wide);
+        var wideLogits = wb.Logits.ToArray();
+
+        using var narrow = rt.CreateCache();
+        var gen = new Generator(rt);
+        for (int i = 0; i < tokens.Length; i++)
+        {
+            var row = gen.Step(narrow, tokens[i]);
+            TestModels.AssertClose(wideLogits.AsSpan(i * 50, 50).ToArray(), row, what: $"step {i}");
+        }
+    }
+
+    [Fact]
+    public void Tree_pass_with_ancestor_masks_should_equal_separate_linear_passes_per_branch()
+    {
+        var weights = ModelWeights.Random(TestModels.Tiny(), seed: 11, scale: 0.2f);
+        int[] prefix = [5, 6, 7];
+        // Tree after the prefix: root children a=10 (row 0) and b=20 (row 1); a has children 11 (row 2) and 12 (row 3); 12 has child 13 (row 4).
+        int[] treeTokens = [10, 20, 11, 12, 13];
+        int[] parents = [-1, -1, 0, 0, 3];
+        int[][] branches = [[10, 11], [10, 12, 13], [20]];
+        int[][] branchRows = [[0, 2], [0, 3, 4], [1]];
+
+        using var rt = new OrtModelRuntime(weights, capacity: 16, widths: [8]);
+        using var cache = rt.CreateCache();
+        var buf = rt.Buffers(8);
+        buf.SetLinear(prefix, 0, 0);
+        rt.Run(8, cache);
+        cache.Commit(buf.NewKeys, buf.NewValues, 8, [0, 1, 2]);
+
+        for (int j = 0; j < 8; j++)
+        {
+            buf.TokenIds[j] = j < treeTokens.Length ? treeTokens[j] : 0;
+            int depth = 0;
+            for (int a = j < parents.Length ? parents[j] : -1; a >= 0; a = parents[a])
+            {
+                depth++;
+            }
+
+            buf.Positions[j] = prefix.Length + depth;
+        }
+
+        AttentionMask.FillTree(buf.Mask, 8, 16, cache.Length, parents);
+        rt.Run(8, cache);
+        var treeLogits = buf.Logits.ToArray();
+
+        for (int b = 0; b < branches.Length; b++)
+        {
+            var expected = ReferenceForward.Logits(weights, [.. prefix, .. branches[b]]);
+            for (int i = 0; i < branches[b].Length; i++)
+            {
+                TestModels.AssertClose(expected[prefix.Length + i], treeLogits.AsSpan(branchRows[b][i] * 50, 50), what: $"branch {b} token {i}");
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+"""Build the corpus, train the tokenizer and write tokenized training streams.
+
+Outputs under --work (default tools/train/work, not committed):
+  tokenizer.json
+  train_<seq>.bin / train_<seq>.w.bin  packed uint16 token rows and per-token loss weights (uint8)
+  val_<seq>.bin / val_<seq>.w.bin      held-out rows for the validation loss
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import numpy as np
+
+import bpe
+import corpus
+import tasks
+
+# Task mix, by example count.
+MIX = [("summary", 0.26), ("rag", 0.26), ("ui", 0.14), ("reply", 0.14), ("plain", 0.20)]
+RESPONSE_WEIGHT = 2  # response tokens count twice in the loss: copying is what the model is for
+
+
+def build_rows(factory: tasks.TaskFactory, enc: bpe.Encoder, n_tokens: int, seq: int, lo: int, hi: int,
+               rng: random.Random, label: str):
+    end_id = enc.vocab["<|end|>"]
+    names = [m[0] for m in MIX]
+    weights = [m[1] for m in MIX]
+    toks: list[int] = []
+    wts: list[int] = []
+    t0 = time.time()
+    while len(toks) < n_tokens:
+        kind = rng.choices(names, weights)[0]
+        if kind == "plain":
+            ids = enc.encode(factory.plain(lo // 2, hi))
+            w = [1] * len(ids)
+        else:
+            c, p, r = factory.make(kind, lo, hi)
+            head = enc.encode(tasks.render(c, p))
+            tail = enc.encode(r + "<|end|>")
+            ids = head + tail
+            w = [1] * len(head) + [RESPONSE_WEIGHT] * len(tail)
+        if len(ids) > seq:
+            continue
+        toks.extend(ids)
+        wts.extend(w)
+        if len(toks) % 200_000 < len(ids):
+            print(f"  {label}: {len(toks):,}/{n_tokens:,} tokens ({time.time() - t0:.0f}s)", flush=True)
+    n_rows = len(toks) // seq
+    arr = np.array(toks[: n_rows * seq], dtype=np.uint16).reshape(n_rows, seq)
+    warr = np.array(wts[: n_rows * seq], dtype=np.uint8).reshape(n_rows, seq)
+    assert arr.max() < 65535 and end_id >= 0
+    return arr, warr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--work", default=os.path.join(os.path.dirname(__file__), "work"))
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--short-tokens", type=int, default=6_000_000, help="tokens of 512-token rows (phase 1)")
+    ap.add_argument("--long-tokens", type=int, default=3_000_000, help="tokens of 2048-token rows (phase 2)")
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    rng = random.Random(args.seed)
+
+    t0 = time.time()
+    docs = corpus.all_documents()
+    train_docs = [d for d in docs if corpus.split_of(d.doc_id) == "train"]
+    wn = corpus.WordNet()
+    print(f"corpus: {len(docs)} documents, {len(train_docs)} for training ({time.time() - t0:.0f}s)", flush=True)
+
+    factory = tasks.TaskFactory(train_docs, wn, args.seed)
+    sample = [d.text for d in rng.sample(train_docs, 600)]
+    for kind in tasks.TASKS:
+        for _ in range(150):
+            c, p, r = factory.make(kind, 400, 3000)
+            sample.append(tasks.render(c, p, r))
+    sample.extend(f"{w}: {g}" for w, g in rng.sample(wn.glosses, 3000))
+    vocab, merges = bpe.train(sample, args.vocab, tasks.SPECIAL_TOKENS)
+    tj = bpe.tokenizer_json(vocab, merges, tasks.SPECIAL_TOKENS)
+    with open(os.path.join(args.work, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tj, f, ensure_ascii=False)
+    print(f"tokenizer: {len(vocab)} tokens, {len(merges)} merges ({time.time() - t0:.0f}s)", flush=True)
+    enc = bpe.Encoder(vocab, merges, tasks.SPECIAL_TOKENS)
+
+    val_docs = [d for d in docs if corpus.split_of(d.doc_id) == "heldout"]
+    val_factory = tasks.TaskFactory(val_docs, wn, args.seed + 1)
+    plans = [("train_512", factory, args.short_tokens, 512, 300, 1400),
+             ("train_2048", factory, args.long_tokens, 2048, 1200, 6000),
+             ("val_512", val_factory, 100_000, 512, 300, 1400),
+             ("val_2048", val_factory, 200_000, 2048, 1200, 6000)]
+    for name, fac, n, seq, lo, hi in plans:
+        arr, warr = build_rows(fac, enc, n, seq, lo, hi, rng, name)
+        arr.tofile(os.path.join(args.work, f"{name}.bin"))
+        warr.tofile(os.path.join(args.work, f"{name}.w.bin"))
+        print(f"{name}: {arr.shape[0]} rows x {seq} ({time.time() - t0:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
