@@ -202,6 +202,7 @@ def main() -> None:
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--bench", action="store_true", help="time a few steps of each phase and exit")
+    ap.add_argument("--export-only", action="store_true", help="export the newest checkpoint to --out and exit")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -232,6 +233,11 @@ def main() -> None:
         return
 
     ckpt_path = os.path.join(args.work, "checkpoint.pt")
+    if args.export_only:
+        ck = torch.load(ckpt_path)
+        model.load_state_dict(ck["model"])
+        export(model, cfg, args, n_params, ck["tokens_seen"], ck["step"])
+        return
     log_path = os.path.join(args.work, "log.jsonl")
     step, tokens_seen = 0, 0
     if os.path.exists(ckpt_path):
@@ -284,11 +290,14 @@ def main() -> None:
                         "tokens_seen": tokens_seen, "rng": torch.get_rng_state()}, ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)
 
+    export(model, cfg, args, n_params, tokens_seen, step)
+
+
+def export(model, cfg, args, n_params, tokens_seen, step):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.work, "tokenizer.json"), encoding="utf-8") as f:
         tj = json.load(f)
-    vocab = tj["model"]["vocab"]
-    end = vocab["<|end|>"]
+    end = tj["model"]["vocab"]["<|end|>"]
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(cfg.hf(bos=end, eos=end), f, indent=2)
     with open(os.path.join(args.out, "tokenizer.json"), "w", encoding="utf-8") as f:
@@ -296,8 +305,8 @@ def main() -> None:
     save_safetensors(os.path.join(args.out, "model.safetensors"), model.hf_state())
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump({"parameters": n_params, "tokens_seen": tokens_seen, "steps": step, "seed": args.seed,
-                   "args": vars(args)}, f, indent=2)
-    print(f"exported to {args.out}", flush=True)
+                   "args": {k: v for k, v in vars(args).items() if k not in ("work", "out")}}, f, indent=2)
+    print(f"exported step {step} to {args.out}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+using System.CommandLine;
+using CoordGen.Engine.Runtime;
+
+namespace CoordGen.Host.Commands;
+
+/// <summary>Options shared by the commands that load a model.</summary>
+internal static class CommonOptions
+{
+    public static Option<string?> Model() => new("--model", "-m")
+    {
+        Description = "Model directory in the Hugging Face layout (config.json, model.safetensors, tokenizer.json). Default: the embedded models/coordgen-demo.",
+        HelpName = "DIR",
+    };
+
+    public static Option<int> Capacity() => new("--capacity")
+    {
+        Description = "KV cache slots per session (the static C of every graph): prompt plus output must fit.",
+        DefaultValueFactory = _ => 2048,
+    };
+
+    public static Option<int> PrefillWidth() => new("--prefill-width")
+    {
+        Description = "Token width of the wide prefill graph; prompts are prefilled in chunks of this many tokens.",
+        DefaultValueFactory = _ => 64,
+    };
+
+    public static Option<int> Threads() => new("--threads")
+    {
+        Description = "ONNX Runtime intra-op threads; 0 = one per core.",
+        DefaultValueFactory = _ => 0,
+    };
+
+    public static Option<ExecutionProviderKind> Provider() => new("--provider")
+    {
+        Description = "Execution provider: Cpu (default) or Qnn (Snapdragon NPU; needs a build with -p:CoordGenQnn=true).",
+        DefaultValueFactory = _ => ExecutionProviderKind.Cpu,
+    };
+
+    public static void Validate(int capacity, int prefillWidth)
+    {
+        if (capacity < 16 || capacity > 65536)
+        {
+            throw new ArgumentException($"--capacity must be between 16 and 65536 (got {capacity}).");
+        }
+
+        if (prefillWidth < 1 || prefillWidth > 1024)
+        {
+            throw new ArgumentException($"--prefill-width must be between 1 and 1024 (got {prefillWidth}).");
+        }
+    }
+}

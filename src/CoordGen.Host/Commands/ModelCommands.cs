@@ -1,0 +1,281 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using CoordGen.Engine;
+using CoordGen.Engine.Generation;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
+using Spectre.Console;
+
+namespace CoordGen.Host.Commands;
+
+/// <summary><c>coordgen model synth|inspect|profile</c>.</summary>
+internal static class ModelCommands
+{
+    public static Command Create()
+    {
+        var cmd = new Command("model", "Model tools: make random-weight shape models, inspect a checkpoint, profile latency against graph width.");
+        cmd.Add(Synth());
+        cmd.Add(Inspect());
+        cmd.Add(Profile());
+        return cmd;
+    }
+
+    private static Command Synth()
+    {
+        var shape = new Option<string>("--shape") { Description = $"One of: {string.Join(", ", ShapeModels.Shapes.Keys)}.", Required = true };
+        var output = new Option<DirectoryInfo>("--out", "-o") { Description = "Directory to write config.json, model.safetensors and tokenizer.json into.", Required = true, HelpName = "DIR" };
+        var seed = new Option<int>("--seed") { Description = "Seed for the random weights.", DefaultValueFactory = _ => 1 };
+        var cmd = new Command("synth", "Write a random-weight checkpoint with a real model's shape (the weights are random, the file layout is real). The tokenizer is coordgen-demo's.")
+        {
+            shape, output, seed,
+        };
+        cmd.SetAction(parse =>
+        {
+            string name = parse.GetValue(shape)!;
+            if (!ShapeModels.Shapes.TryGetValue(name, out var config))
+            {
+                throw new ArgumentException($"unknown --shape '{name}'; choose one of {string.Join(", ", ShapeModels.Shapes.Keys)}.");
+            }
+
+            var dir = parse.GetValue(output)!;
+            dir.Create();
+            var weights = ConsoleUi.Status($"generating {config.ParameterCount / 1e6:F0}M random weights", () => ModelWeights.Random(config, parse.GetValue(seed)));
+            ConsoleUi.Status("writing model.safetensors (F16)", () =>
+            {
+                SafeTensors.Write(Path.Combine(dir.FullName, "model.safetensors"), weights.Tensors.Select(t => (t.Name, t.Shape, t.Data)), SafeTensorDType.F16);
+                return 0;
+            });
+            File.WriteAllText(Path.Combine(dir.FullName, "config.json"), config.ToJson());
+            string tok = Path.Combine(ModelLocator.Resolve(null), "tokenizer.json");
+            File.Copy(tok, Path.Combine(dir.FullName, "tokenizer.json"), overwrite: true);
+            ConsoleUi.Err.MarkupLineInterpolated($"wrote {name} shape model ({config.ParameterCount / 1e6:F1}M parameters) to {dir.FullName}");
+            return 0;
+        });
+        return cmd;
+    }
+
+    private static Command Inspect()
+    {
+        var model = CommonOptions.Model();
+        var cmd = new Command("inspect", "Print a checkpoint's architecture, shapes, parameter count and tokenizer facts.") { model };
+        cmd.SetAction(parse =>
+        {
+            var b = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
+            var c = b.Config;
+            var t = new Table().AddColumn("key").AddColumn("value");
+            void Row(string k, object v) => t.AddRow(Markup.Escape(k), Markup.Escape(Convert.ToString(v, CultureInfo.InvariantCulture) ?? ""));
+            Row("directory", Path.GetFullPath(b.Directory));
+            Row("architecture", c.Architecture);
+            Row("parameters", $"{c.ParameterCount:N0}");
+            Row("layers", c.NumLayers);
+            Row("hidden / intermediate", $"{c.HiddenSize} / {c.IntermediateSize}");
+            Row("heads / kv heads / head dim", $"{c.NumHeads} / {c.NumKvHeads} / {c.HeadDim}");
+            Row("vocab", c.VocabSize);
+            Row("rope theta", c.RopeTheta);
+            Row("tied embeddings", c.TieWordEmbeddings);
+            Row("attention bias", c.AttentionBias);
+            Row("max positions", c.MaxPositionEmbeddings);
+            Row("weights in memory (fp32)", $"{b.Weights.TotalBytes / 1048576.0:F1} MiB");
+            Row("tokenizer tokens", b.Tokenizer.VocabSize);
+            Row("special tokens", string.Join(" ", b.Tokenizer.SpecialTokens.Keys));
+            Row("KV bytes per token", 2L * c.NumLayers * c.KvDim * sizeof(float));
+            AnsiConsole.Write(t);
+            return 0;
+        });
+        return cmd;
+    }
+
+    private static Command Profile()
+    {
+        var model = CommonOptions.Model();
+        var capacity = CommonOptions.Capacity();
+        var widths = new Option<string>("--widths") { Description = "Comma-separated graph widths to time.", DefaultValueFactory = _ => "1,2,4,8,16,32,64,128" };
+        var fills = new Option<string>("--fills") { Description = "Comma-separated KV fills (tokens already cached) as fractions of capacity.", DefaultValueFactory = _ => "0.05,0.5,0.9" };
+        var repeats = new Option<int>("--repeats") { Description = "Timed runs per cell; the median is reported.", DefaultValueFactory = _ => 15 };
+        var threads = CommonOptions.Threads();
+        var outDir = new Option<DirectoryInfo?>("--out") { Description = "Where to write the report (default: docs/bench/ of the checkout).", HelpName = "DIR" };
+        var cmd = new Command("profile", "Time one graph step against width and KV fill (median of repeated runs), and compare coordgen generate's per-token decode time with the bare ONNX Runtime run of the width-1 graph in the same process. Writes Markdown and JSON under docs/bench/.")
+        {
+            model, capacity, widths, fills, repeats, threads, outDir,
+        };
+        cmd.SetAction(parse =>
+        {
+            int cap = parse.GetValue(capacity);
+            CommonOptions.Validate(cap, 1);
+            var ws = ParseList(parse.GetValue(widths)!, int.Parse);
+            var fs = ParseList(parse.GetValue(fills)!, s => double.Parse(s, CultureInfo.InvariantCulture));
+            int reps = Math.Max(3, parse.GetValue(repeats));
+            var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
+            using var rt = ConsoleUi.Status("compiling graphs", () => new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads) }));
+            var cells = new List<ProfileCell>();
+            AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn()).Start(ctx =>
+            {
+                var task = ctx.AddTask("profiling widths x fills", maxValue: ws.Count * fs.Count);
+                foreach (double f in fs)
+                {
+                    foreach (int w in ws)
+                    {
+                        int fill = Math.Clamp((int)(f * cap), 0, cap - w);
+                        cells.Add(new ProfileCell(w, fill, TimeStep(rt, w, fill, reps)));
+                        task.Increment(1);
+                    }
+                }
+            });
+
+            var overhead = MeasureOverhead(bundle, rt, cap, reps);
+            var table = new Table().AddColumn("width");
+            foreach (double f in fs)
+            {
+                table.AddColumn($"fill {f:P0} (ms)");
+            }
+
+            table.AddColumn("ms/token @ first fill");
+            foreach (int w in ws)
+            {
+                var row = new List<string> { w.ToString(CultureInfo.InvariantCulture) };
+                row.AddRange(fs.Select((f, i) => cells.First(c => c.Width == w && c.Fill == Math.Clamp((int)(f * cap), 0, cap - w)).MedianMs.ToString("F2", CultureInfo.InvariantCulture)));
+                var first = cells.First(c => c.Width == w);
+                row.Add((first.MedianMs / w).ToString("F3", CultureInfo.InvariantCulture));
+                table.AddRow(row.ToArray());
+            }
+
+            AnsiConsole.Write(table);
+            AnsiConsole.MarkupLineInterpolated($"engine overhead at fill {overhead.Fill}: generate {overhead.GenerateMsPerToken:F3} ms/token vs bare W=1 run {overhead.BareRunMs:F3} ms → [bold]{overhead.Ratio:F3}x[/] (bar: ≤ 1.10x)");
+            WriteReport(parse.GetValue(outDir), bundle, rt, cap, reps, cells, fs, ws, overhead);
+            return 0;
+        });
+        return cmd;
+    }
+
+    internal sealed record ProfileCell(int Width, int Fill, double MedianMs);
+
+    internal sealed record Overhead(int Fill, double GenerateMsPerToken, double BareRunMs)
+    {
+        public double Ratio => GenerateMsPerToken / BareRunMs;
+    }
+
+    private static List<T> ParseList<T>(string s, Func<string, T> parse)
+        => s.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(parse).ToList();
+
+    private static double TimeStep(OrtModelRuntime rt, int width, int fill, int reps)
+    {
+        using var cache = rt.CreateCache();
+        var buf = rt.Buffers(width);
+        // Pretend `fill` slots are committed: the mask exposes them, contents are zeros.
+        var rows = new int[Math.Min(fill, width)];
+        while (cache.Length < fill)
+        {
+            int n = Math.Min(width, fill - cache.Length);
+            for (int i = 0; i < n; i++)
+            {
+                rows[i] = i;
+            }
+
+            Array.Clear(buf.NewKeys[0]);
+            cache.Commit(buf.NewKeys, buf.NewValues, width, rows.AsSpan(0, n));
+        }
+
+        var tokens = Enumerable.Range(10, width).ToArray();
+        buf.SetLinear(tokens, fill, fill);
+        rt.Run(width, cache);
+        var times = new double[reps];
+        for (int r = 0; r < reps; r++)
+        {
+            long t0 = Stopwatch.GetTimestamp();
+            rt.Run(width, cache);
+            times[r] = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+        }
+
+        Array.Sort(times);
+        return times[reps / 2];
+    }
+
+    /// <summary>Generate's decode per-token time and the bare W=1 run, interleaved in one process at the same fill.</summary>
+    private static Overhead MeasureOverhead(ModelBundle bundle, OrtModelRuntime rt, int cap, int reps)
+    {
+        var gen = new Generator(rt);
+        string text = string.Concat(Enumerable.Repeat("The keeper lit the lamp every evening so that ships could find the harbour. ", 20));
+        int[] prompt = bundle.Tokenizer.Encode(PromptTemplate.Render(text, "Summarize the document.", bundle.HasRoleTokens));
+        prompt = prompt.Length > cap / 2 ? prompt[..(cap / 2)] : prompt;
+        const int steps = 64;
+        var genTimes = new List<double>();
+        var bareTimes = new List<double>();
+        for (int r = 0; r < Math.Max(3, reps / 3); r++)
+        {
+            var res = gen.Generate(prompt, steps, new SamplingOptions(), new HashSet<int>());
+            genTimes.Add(res.Stats.DecodeMs / Math.Max(1, res.Stats.GeneratedTokens - 1));
+            using var cache = rt.CreateCache();
+            gen.Prefill(cache, prompt);
+            var buf = rt.Buffers(1);
+            buf.SetLinear([5], cache.Length, cache.Length);
+            var bt = new double[steps];
+            for (int i = 0; i < steps; i++)
+            {
+                long t0 = Stopwatch.GetTimestamp();
+                rt.Run(1, cache);
+                bt[i] = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+            }
+
+            Array.Sort(bt);
+            bareTimes.Add(bt.Average());
+        }
+
+        genTimes.Sort();
+        bareTimes.Sort();
+        return new Overhead(prompt.Length + (steps / 2), genTimes[genTimes.Count / 2], bareTimes[bareTimes.Count / 2]);
+    }
+
+    private static void WriteReport(DirectoryInfo? outDir, ModelBundle bundle, OrtModelRuntime rt, int cap, int reps, List<ProfileCell> cells,
+        List<double> fills, List<int> widths, Overhead overhead)
+    {
+        string dir = outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench");
+        Directory.CreateDirectory(dir);
+        var stamp = BenchStamp.Capture();
+        string name = $"profile-{bundle.Name}";
+        var md = new StringBuilder();
+        md.AppendLine(CultureInfo.InvariantCulture, $"# Latency against graph width: {bundle.Name}");
+        md.AppendLine();
+        md.AppendLine(stamp.ToMarkdown());
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen model profile --model {bundle.Directory} --capacity {cap} --repeats {reps}`. Capacity C={cap}; median of {reps} runs per cell; ONNX Runtime CPU provider. Weights shared by {rt.Widths.Count} widths: {rt.SharedWeightBytes / 1048576.0:F1} MiB held once.");
+        md.AppendLine();
+        md.Append("| width |");
+        foreach (double f in fills)
+        {
+            md.Append(CultureInfo.InvariantCulture, $" fill {f:P0} ms |");
+        }
+
+        md.AppendLine(" cost vs W=1 | ms/token |");
+        md.Append("|---|");
+        md.AppendLine(string.Concat(Enumerable.Repeat("---|", fills.Count + 2)));
+        double w1 = cells.First(c => c.Width == widths.Min()).MedianMs;
+        foreach (int w in widths)
+        {
+            md.Append(CultureInfo.InvariantCulture, $"| {w} |");
+            var mine = cells.Where(c => c.Width == w).ToList();
+            foreach (var c in mine)
+            {
+                md.Append(CultureInfo.InvariantCulture, $" {c.MedianMs:F2} |");
+            }
+
+            md.AppendLine(CultureInfo.InvariantCulture, $" {mine[0].MedianMs / w1:F2}x | {mine[0].MedianMs / w:F3} |");
+        }
+
+        md.AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Engine overhead (bar ≤ 1.10x): `coordgen generate` decode {overhead.GenerateMsPerToken:F3} ms/token against the bare width-1 ONNX Runtime run {overhead.BareRunMs:F3} ms at KV fill ≈{overhead.Fill}: **{overhead.Ratio:F3}x**.");
+        File.WriteAllText(Path.Combine(dir, name + ".md"), md.ToString());
+        File.WriteAllText(Path.Combine(dir, name + ".json"), JsonSerializer.Serialize(new
+        {
+            stamp,
+            model = bundle.Name,
+            capacity = cap,
+            repeats = reps,
+            shared_weight_bytes = rt.SharedWeightBytes,
+            cells = cells.Select(c => new { width = c.Width, fill = c.Fill, median_ms = c.MedianMs }),
+            overhead = new { fill = overhead.Fill, generate_ms_per_token = overhead.GenerateMsPerToken, bare_run_ms = overhead.BareRunMs, ratio = overhead.Ratio },
+        }, new JsonSerializerOptions { WriteIndented = true }));
+        ConsoleUi.Err.MarkupLineInterpolated($"[grey]wrote {Path.Combine(dir, name)}.md and .json[/]");
+    }
+}

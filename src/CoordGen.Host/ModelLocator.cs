@@ -1,0 +1,46 @@
+namespace CoordGen.Host;
+
+/// <summary>Finds the embedded default model (models/coordgen-demo) from the working directory or the program's folder.</summary>
+internal static class ModelLocator
+{
+    public const string DefaultModelRelative = "models/coordgen-demo";
+
+    public static string Resolve(string? requested)
+    {
+        if (!string.IsNullOrWhiteSpace(requested))
+        {
+            return requested;
+        }
+
+        foreach (var start in new[] { Directory.GetCurrentDirectory(), AppContext.BaseDirectory })
+        {
+            for (var dir = new DirectoryInfo(start); dir is not null; dir = dir.Parent)
+            {
+                string candidate = Path.Combine(dir.FullName, DefaultModelRelative);
+                if (File.Exists(Path.Combine(candidate, "config.json")))
+                {
+                    return candidate;
+                }
+            }
+        }
+
+        throw new Engine.Model.ModelLoadException($"The default model '{DefaultModelRelative}' was not found above '{Directory.GetCurrentDirectory()}'. Run from the CoordGen checkout or pass --model DIR.");
+    }
+
+    /// <summary>The repository root (the folder holding CoordGen.sln), for writing docs/bench/.</summary>
+    public static string RepoRoot()
+    {
+        foreach (var start in new[] { Directory.GetCurrentDirectory(), AppContext.BaseDirectory })
+        {
+            for (var dir = new DirectoryInfo(start); dir is not null; dir = dir.Parent)
+            {
+                if (File.Exists(Path.Combine(dir.FullName, "CoordGen.sln")))
+                {
+                    return dir.FullName;
+                }
+            }
+        }
+
+        return Directory.GetCurrentDirectory();
+    }
+}
