@@ -1,0 +1,76 @@
+using System.Threading.Channels;
+using Akka.TestKit.Xunit2;
+using CoordGen.Actors.Device;
+using CoordGen.Engine.Generation;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
+using CoordGen.Messages;
+using static CoordGen.Messages.GenerationProtocol;
+
+namespace CoordGen.Actors.Tests;
+
+public class DeviceActorSpecs : TestKit
+{
+    private static readonly ModelConfig Tiny = new()
+    {
+        Architecture = "LlamaForCausalLM",
+        HiddenSize = 32,
+        IntermediateSize = 48,
+        NumLayers = 2,
+        NumHeads = 4,
+        NumKvHeads = 2,
+        HeadDim = 8,
+        RmsNormEps = 1e-5f,
+        RopeTheta = 10000f,
+        VocabSize = 64,
+        MaxPositionEmbeddings = 128,
+        TieWordEmbeddings = true,
+        AttentionBias = false,
+    };
+
+    private static readonly ModelWeights Weights = ModelWeights.Random(Tiny, seed: 5, scale: 0.3f);
+
+    private static OrtModelRuntime NewRuntime() => new(Weights, capacity: 64, widths: [1, 8]);
+
+    [Fact]
+    public async Task Device_should_stream_the_same_tokens_as_the_engine_when_asked_to_generate()
+    {
+        int[] prompt = [3, 9, 27, 17, 51, 2];
+        IReadOnlyList<int> expected;
+        using (var rt = NewRuntime())
+        {
+            expected = new Generator(rt).Generate(prompt, 20, new SamplingOptions(), new HashSet<int>()).Tokens;
+        }
+
+        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var channel = Channel.CreateBounded<int>(4);
+        device.Tell(new Generate("s1", TokenSequence.From(prompt), 20, 0f, 0, channel.Writer, CancellationToken.None), TestActor);
+        var streamed = new List<int>();
+        await foreach (int t in channel.Reader.ReadAllAsync())
+        {
+            streamed.Add(t);
+        }
+
+        var done = await ExpectMsgAsync<GenerationCompleted>();
+        Assert.Equal(expected, streamed);
+        Assert.Equal(TokenSequence.From(expected), done.Tokens);
+    }
+
+    [Fact]
+    public async Task Device_should_reply_failed_and_keep_serving_when_a_prompt_exceeds_capacity()
+    {
+        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var tooLong = Channel.CreateUnbounded<int>();
+        device.Tell(new Generate("big", TokenSequence.From(Enumerable.Range(0, 100).Select(i => i % 64)), 5, 0f, 0, tooLong.Writer, CancellationToken.None), TestActor);
+        var ok = Channel.CreateUnbounded<int>();
+        device.Tell(new Generate("small", TokenSequence.From([1, 2, 3]), 5, 0f, 0, ok.Writer, CancellationToken.None), TestActor);
+
+        var failed = await ExpectMsgAsync<GenerationFailed>();
+        Assert.Equal(FailureKind.CapacityExceeded, failed.Kind);
+        Assert.Contains("Shorten the prompt", failed.Detail);
+        await Assert.ThrowsAsync<PromptTooLongException>(async () => await tooLong.Reader.Completion);
+        var completed = await ExpectMsgAsync<GenerationCompleted>();
+        Assert.Equal("small", completed.SessionId);
+        Assert.Equal(5, completed.Tokens.Count);
+    }
+}
