@@ -8,6 +8,7 @@ var root = new RootCommand("coordgen: fast on-device generation for context-grou
 {
     GenerateCommand.Create(),
     ModelCommands.Create(),
+    BenchCommands.Create(),
 };
 
 try

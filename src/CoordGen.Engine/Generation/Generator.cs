@@ -102,15 +102,22 @@ public sealed class Generator
             throw new ArgumentOutOfRangeException(nameof(maxTokens), $"max tokens must be at least 1 (got {maxTokens}).");
         }
 
-        var sampler = new Sampler(sampling);
         using var cache = _runtime.CreateCache();
         var sw = Stopwatch.StartNew();
         float[] logits = Prefill(cache, prompt);
-        double prefillMs = sw.Elapsed.TotalMilliseconds;
+        return Decode(cache, logits, prompt.Length, sw.Elapsed.TotalMilliseconds, maxTokens, sampling, stopTokens, onToken, cancellation);
+    }
+
+    /// <summary>Decodes from a prefilled cache (consumed) whose last prompt logits are <paramref name="logits"/>.</summary>
+    public GenerationResult Decode(KvCache cache, float[] logits, int promptTokens, double prefillMs, int maxTokens, SamplingOptions sampling,
+        IReadOnlySet<int> stopTokens, Func<int, bool>? onToken = null, CancellationToken cancellation = default)
+    {
+        logits = (float[])logits.Clone();
+        var sampler = new Sampler(sampling);
+        var sw = Stopwatch.StartNew();
         var output = new List<int>();
         string reason = "length";
         double runMs = 0;
-        sw.Restart();
         while (true)
         {
             cancellation.ThrowIfCancellationRequested();
@@ -148,7 +155,7 @@ public sealed class Generator
         double decodeMs = sw.Elapsed.TotalMilliseconds;
         return new GenerationResult(output, new GenerationStats
         {
-            PromptTokens = prompt.Length,
+            PromptTokens = promptTokens,
             GeneratedTokens = output.Count,
             PrefillMs = prefillMs,
             DecodeMs = decodeMs,

@@ -90,6 +90,28 @@ public sealed class KvCache : IDisposable
         Length += rows.Length;
     }
 
+    /// <summary>Copies another cache's committed slots (same shape) into this one, e.g. to reuse one prefill.</summary>
+    public void CopyFrom(KvCache other)
+    {
+        if (other.Layers != Layers || other.KvHeads != KvHeads || other.Capacity != Capacity || other.HeadDim != HeadDim)
+        {
+            throw new ArgumentException("caches differ in shape");
+        }
+
+        int span = other.Length * HeadDim;
+        for (int l = 0; l < Layers; l++)
+        {
+            for (int h = 0; h < KvHeads; h++)
+            {
+                int off = h * Capacity * HeadDim;
+                Array.Copy(other._keys[l], off, _keys[l], off, span);
+                Array.Copy(other._values[l], off, _values[l], off, span);
+            }
+        }
+
+        Length = other.Length;
+    }
+
     /// <summary>Forgets slots past <paramref name="length"/> (their contents are masked from then on).</summary>
     public void Truncate(int length)
     {

@@ -1,0 +1,200 @@
+using System.Numerics.Tensors;
+using CoordGen.Engine.Runtime;
+
+namespace CoordGen.Engine.Speculative;
+
+/// <summary>Settings of in-context calibration (paper §3.3); see docs/decisions/0002-calibration.md.</summary>
+public sealed record CalibrationOptions
+{
+    /// <summary>Next-token candidates kept per context position.</summary>
+    public int TopK { get; init; } = 2;
+
+    /// <summary>Candidates below this probability are not followed.</summary>
+    public float MinProbability { get; init; } = 0.1f;
+
+    /// <summary>Tokens per calibrated path after its anchor.</summary>
+    public int Depth { get; init; } = 8;
+
+    /// <summary>Context tokens kept before each path's anchor, so a draft lookup can match them.</summary>
+    public int LeftContext { get; init; } = 2;
+}
+
+/// <summary>
+/// Per-position top-k next tokens from prefill logits, gathered chunk by chunk during prefill in one
+/// vectorized pass per row (max, log-sum-exp, k-best scan).
+/// </summary>
+public sealed class PrefillTopK
+{
+    private readonly int _k;
+    private readonly List<int> _tokens = [];
+    private readonly List<float> _probs = [];
+    private float[] _scratch = [];
+
+    public PrefillTopK(int k) => _k = k;
+
+    public int K => _k;
+
+    public int Positions => _tokens.Count / _k;
+
+    public int Token(int pos, int rank) => _tokens[(pos * _k) + rank];
+
+    public float Probability(int pos, int rank) => _probs[(pos * _k) + rank];
+
+    /// <summary>Reads rows 0..n-1 of a prefill chunk (call from Generator.Prefill's onChunk).</summary>
+    public void AddChunk(StepBuffers buf, int n)
+    {
+        Span<int> best = stackalloc int[_k];
+        Span<float> bestVal = stackalloc float[_k];
+        for (int r = 0; r < n; r++)
+        {
+            var row = buf.LogitsRow(r);
+            float max = TensorPrimitives.Max(row);
+            if (_scratch.Length != row.Length)
+            {
+                _scratch = new float[row.Length];
+            }
+
+            TensorPrimitives.Subtract(row, max, _scratch);
+            TensorPrimitives.Exp(_scratch, _scratch);
+            float sum = TensorPrimitives.Sum(_scratch);
+
+            bestVal.Fill(float.NegativeInfinity);
+            best.Fill(0);
+            for (int i = 0; i < row.Length; i++)
+            {
+                float v = row[i];
+                if (v <= bestVal[_k - 1])
+                {
+                    continue;
+                }
+
+                int j = _k - 1;
+                while (j > 0 && v > bestVal[j - 1])
+                {
+                    bestVal[j] = bestVal[j - 1];
+                    best[j] = best[j - 1];
+                    j--;
+                }
+
+                bestVal[j] = v;
+                best[j] = i;
+            }
+
+            for (int j = 0; j < _k; j++)
+            {
+                _tokens.Add(best[j]);
+                _probs.Add(MathF.Exp(bestVal[j] - max) / sum);
+            }
+        }
+    }
+}
+
+/// <summary>
+/// The calibrated tree of paper §3.3, stored as a draft index: for every context position, a
+/// depth-first walk follows the model's own likely next tokens (from the prefill logits), jumping to
+/// an occurrence of each predicted token in the context and reading the prefill logits there. Paths
+/// that differ from the verbatim context are written, with a little left context, into a suffix
+/// automaton (separated by -1), which drafting queries like the prompt's own automaton.
+/// </summary>
+public sealed class CalibratedIndex
+{
+    private CalibratedIndex(SuffixAutomaton sam, int paths) => (Automaton, Paths) = (sam, paths);
+
+    public SuffixAutomaton Automaton { get; }
+
+    public int Paths { get; }
+
+    public static CalibratedIndex Build(IReadOnlyList<int> context, PrefillTopK topK, CalibrationOptions options)
+    {
+        int n = Math.Min(context.Count, topK.Positions);
+        var occurrences = new Dictionary<int, List<int>>();
+        for (int i = 0; i < n; i++)
+        {
+            if (!occurrences.TryGetValue(context[i], out var l))
+            {
+                occurrences[context[i]] = l = [];
+            }
+
+            l.Add(i);
+        }
+
+        var sam = new SuffixAutomaton();
+        var path = new List<int>(options.Depth);
+        int paths = 0;
+        for (int i = 0; i < n; i++)
+        {
+            for (int rank = 0; rank < topK.K; rank++)
+            {
+                if (topK.Probability(i, rank) < options.MinProbability)
+                {
+                    break;
+                }
+
+                path.Clear();
+                int pos = i;
+                int y = topK.Token(i, rank);
+                bool differs = false;
+                while (path.Count < options.Depth)
+                {
+                    path.Add(y);
+                    differs |= pos + 1 >= n || context[pos + 1] != y;
+                    int next = NextOccurrence(context, occurrences, pos, y, n);
+                    if (next < 0)
+                    {
+                        break;
+                    }
+
+                    pos = next;
+                    y = topK.Token(pos, 0);
+                    if (topK.Probability(pos, 0) < options.MinProbability)
+                    {
+                        break;
+                    }
+                }
+
+                if (!differs)
+                {
+                    continue;
+                }
+
+                for (int l = Math.Max(0, i - options.LeftContext); l <= i; l++)
+                {
+                    sam.Extend(context[l]);
+                }
+
+                sam.ExtendAll(path);
+                sam.Extend(-1);
+                paths++;
+            }
+        }
+
+        return new CalibratedIndex(sam, paths);
+    }
+
+    // The verbatim next position if it holds y, else the nearest later occurrence, else the latest earlier one.
+    private static int NextOccurrence(IReadOnlyList<int> ctx, Dictionary<int, List<int>> occ, int pos, int y, int n)
+    {
+        if (pos + 1 < n && ctx[pos + 1] == y)
+        {
+            return pos + 1;
+        }
+
+        if (!occ.TryGetValue(y, out var list))
+        {
+            return -1;
+        }
+
+        int idx = list.BinarySearch(pos + 1);
+        if (idx < 0)
+        {
+            idx = ~idx;
+        }
+
+        if (idx < list.Count)
+        {
+            return list[idx];
+        }
+
+        return list[^1] != pos ? list[^1] : -1;
+    }
+}

@@ -1,0 +1,44 @@
+namespace CoordGen.Engine.Speculative;
+
+/// <summary>Where a draft token came from, for per-source accounting.</summary>
+public enum DraftSource
+{
+    Prompt,
+    History,
+    Calibrated,
+    Reused,
+}
+
+/// <summary>Per-source counters of one generation: proposed tree nodes and accepted tokens.</summary>
+public sealed class DraftAccounting
+{
+    private readonly long[] _proposed = new long[4];
+    private readonly long[] _accepted = new long[4];
+
+    public int Steps { get; private set; }
+
+    public long AcceptedTokens { get; private set; }
+
+    public long EmittedTokens { get; private set; }
+
+    public long WastedWidth { get; private set; }
+
+    public long Proposed(DraftSource s) => _proposed[(int)s];
+
+    public long Accepted(DraftSource s) => _accepted[(int)s];
+
+    /// <summary>Mean tokens committed per verification step (accepted drafts plus the bonus token): the paper's acceptance ratio.</summary>
+    public double MeanAccepted => Steps == 0 ? 0 : (double)EmittedTokens / Steps;
+
+    internal void Step(int width, int nodes, int accepted, int emitted)
+    {
+        Steps++;
+        AcceptedTokens += accepted;
+        EmittedTokens += emitted;
+        WastedWidth += width - 1 - nodes;
+    }
+
+    internal void Propose(DraftSource s) => _proposed[(int)s]++;
+
+    internal void Accept(DraftSource s) => _accepted[(int)s]++;
+}

@@ -1,0 +1,433 @@
+using System.Diagnostics;
+using CoordGen.Engine.Generation;
+using CoordGen.Engine.Runtime;
+
+namespace CoordGen.Engine.Speculative;
+
+/// <summary>Which retrieval drafter proposes the main chain.</summary>
+public enum DrafterKind
+{
+    /// <summary>Prompt Lookup Decoding (the reference baseline).</summary>
+    Pld,
+
+    /// <summary>Suffix automaton over prompt + output with adaptive draft length.</summary>
+    Sam,
+}
+
+/// <summary>What a speculative run uses. The named methods of the benchmark are presets.</summary>
+public sealed record SpeculationOptions
+{
+    public DrafterKind Drafter { get; init; } = DrafterKind.Sam;
+
+    /// <summary>Static verification width W (root token plus W - 1 draft nodes).</summary>
+    public int Width { get; init; } = 16;
+
+    public bool UseHistory { get; init; }
+
+    public bool UseCalibration { get; init; }
+
+    public bool UseReuse { get; init; }
+
+    /// <summary>Add alternate branches (other occurrences, other next tokens) to fill the width.</summary>
+    public bool UseTree { get; init; }
+
+    /// <summary>Adaptive length n = min(MaxDraft, 1 + floor(matchLength * Alpha)).</summary>
+    public float Alpha { get; init; } = 1.5f;
+
+    public int MaxDraft { get; init; } = 12;
+
+    public CalibrationOptions Calibration { get; init; } = new();
+
+    public static SpeculationOptions ForMethod(string method, int width) => method switch
+    {
+        "pld" => new() { Drafter = DrafterKind.Pld, Width = width },
+        "sam" => new() { Drafter = DrafterKind.Sam, Width = width },
+        "sam+history" => new() { Drafter = DrafterKind.Sam, Width = width, UseHistory = true },
+        "pld+ours" => new() { Drafter = DrafterKind.Pld, Width = width, UseCalibration = true, UseReuse = true, UseTree = true },
+        "sam+ours" => new() { Drafter = DrafterKind.Sam, Width = width, UseCalibration = true, UseReuse = true, UseTree = true },
+        _ => throw new ArgumentException($"unknown method '{method}'; use one of ar, pld, sam, sam+history, pld+ours, sam+ours."),
+    };
+}
+
+/// <summary>A prompt already in a KV cache, with its last logits and (for calibration) per-position top-k.</summary>
+public sealed record Prefilled(int[] Prompt, KvCache Cache, float[] LastLogits, PrefillTopK? TopK, double PrefillMs, double TopKMs) : IDisposable
+{
+    public void Dispose() => Cache.Dispose();
+}
+
+/// <summary>Outcome of one speculative generation.</summary>
+public sealed record SpeculativeResult(IReadOnlyList<int> Tokens, GenerationStats Stats, DraftAccounting Accounting, double DraftMs, double CalibrationMs, double DeviceMs);
+
+/// <summary>
+/// Retrieval-based speculative decoding over the static-width graphs: each step builds a token tree
+/// from the drafters, verifies it in one width-W pass, walks the tree with the model's own choices
+/// (argmax, or one draw from the sampling distribution per emitted token), commits the accepted
+/// path's keys/values into consecutive cache slots and keeps the model's next token as the new root.
+/// Every emitted token is the model's own choice given the accepted prefix, so greedy output equals
+/// plain greedy decoding and sampling keeps the model's distribution (one draw per token, as plain
+/// sampling does, so the same seed gives the same text).
+/// </summary>
+public sealed class SpeculativeDecoder
+{
+    private readonly OrtModelRuntime _runtime;
+    private readonly Generator _plain;
+
+    public SpeculativeDecoder(OrtModelRuntime runtime)
+    {
+        _runtime = runtime;
+        _plain = new Generator(runtime);
+    }
+
+    /// <summary>
+    /// Prefills a prompt once (with the per-position top-k that calibration needs); several runs can
+    /// then start from it (<see cref="Generate(Prefilled, int, SamplingOptions, IReadOnlySet{int}, SpeculationOptions, HistoryStore?, Func{int, bool}?, CancellationToken)"/>).
+    /// </summary>
+    public Prefilled Prefill(ReadOnlySpan<int> prompt, CalibrationOptions? calibration)
+    {
+        var cache = _runtime.CreateCache();
+        var sw = Stopwatch.StartNew();
+        PrefillTopK? topK = calibration is null ? null : new PrefillTopK(calibration.TopK);
+        double topKMs = 0;
+        float[] first = _plain.Prefill(cache, prompt, topK is null ? null : (b, _, n) =>
+        {
+            long t0 = Stopwatch.GetTimestamp();
+            topK.AddChunk(b, n);
+            topKMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+        });
+        return new Prefilled(prompt.ToArray(), cache, first, topK, sw.Elapsed.TotalMilliseconds, topKMs);
+    }
+
+    public SpeculativeResult Generate(ReadOnlySpan<int> prompt, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
+        SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null, CancellationToken cancellation = default)
+    {
+        using var pre = Prefill(prompt, spec.UseCalibration ? spec.Calibration : null);
+        return Generate(pre, maxTokens, sampling, stopTokens, spec, history, onToken, cancellation);
+    }
+
+    public SpeculativeResult Generate(Prefilled pre, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
+        SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null, CancellationToken cancellation = default)
+    {
+        if (maxTokens < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(maxTokens), $"max tokens must be at least 1 (got {maxTokens}).");
+        }
+
+        if (spec.UseCalibration && pre.TopK is null)
+        {
+            throw new ArgumentException("calibration needs a prefill with top-k: call Prefill with calibration options.");
+        }
+
+        int width = spec.Width;
+        var buf = _runtime.Buffers(width);
+        var sampler = new Sampler(sampling);
+        using var cache = _runtime.CreateCache();
+        cache.CopyFrom(pre.Cache);
+        var acct = new DraftAccounting();
+        ReadOnlySpan<int> prompt = pre.Prompt;
+        PrefillTopK? topK = spec.UseCalibration ? pre.TopK : null;
+        float[] first = pre.LastLogits;
+        double prefillMs = pre.PrefillMs;
+        double calMs = topK is null ? 0 : pre.TopKMs;
+
+        var sw = Stopwatch.StartNew();
+        long tc = Stopwatch.GetTimestamp();
+        var sequence = new List<int>(prompt.Length + maxTokens + width);
+        sequence.AddRange(prompt.ToArray());
+        var sam = new SuffixAutomaton();
+        var samCursor = default(MatchCursor);
+        if (spec.Drafter == DrafterKind.Sam || spec.UseTree)
+        {
+            foreach (int t in prompt)
+            {
+                samCursor = sam.Advance(samCursor, t);
+                sam.Extend(t);
+            }
+        }
+
+        CalibratedIndex? calibrated = topK is null ? null : CalibratedIndex.Build(sequence, topK, spec.Calibration);
+        var calCursor = calibrated is null ? default : calibrated.Automaton.Match(prompt[Math.Max(0, prompt.Length - 4)..]);
+        calMs += Stopwatch.GetElapsedTime(tc).TotalMilliseconds;
+        var histCursor = history is not null && spec.UseHistory ? history.Automaton.Match(prompt[Math.Max(0, prompt.Length - 8)..]) : default;
+        var reuse = spec.UseReuse ? new DraftReuse(width - 1) : null;
+
+        var tree = new DraftTree(width - 1);
+        var output = new List<int>();
+        Span<int> draft = stackalloc int[Math.Max(width, PromptLookup.DraftLength)];
+        Span<int> rowParents = stackalloc int[width];
+        Span<int> commitRows = stackalloc int[width];
+        var emitted = new List<int>(width);
+        var chainNodes = new List<int>(width);
+        double draftMs = 0, deviceMs = 0;
+        string reason = "length";
+
+        int root = sampler.Next(first);
+        bool done = false;
+        if (!Emit(root))
+        {
+            done = true;
+        }
+
+        while (!done)
+        {
+            cancellation.ThrowIfCancellationRequested();
+            if (cache.Length + width + 1 >= cache.Capacity)
+            {
+                // Too close to capacity for a tree step: finish with plain steps, exactly like the baseline.
+                while (!done)
+                {
+                    if (cache.Length + 1 >= cache.Capacity)
+                    {
+                        reason = "capacity";
+                        break;
+                    }
+
+                    var row = _plain.Step(cache, root);
+                    root = sampler.Next(row);
+                    done = !Emit(root);
+                }
+
+                break;
+            }
+
+            long t0 = Stopwatch.GetTimestamp();
+            tree.Clear();
+            chainNodes.Clear();
+            BuildTree(spec, sequence, sam, samCursor, calibrated, calCursor, history, histCursor, reuse, tree, draft, chainNodes);
+            tree.RowParents(rowParents);
+            buf.TokenIds[0] = root;
+            buf.Positions[0] = cache.Length;
+            for (int i = 0; i < tree.Count; i++)
+            {
+                buf.TokenIds[i + 1] = tree.Token(i);
+                buf.Positions[i + 1] = cache.Length + tree.Depth(i);
+            }
+
+            for (int i = tree.Count + 1; i < width; i++)
+            {
+                buf.TokenIds[i] = 0;
+                buf.Positions[i] = cache.Length;
+            }
+
+            AttentionMask.FillTree(buf.Mask, width, cache.Capacity, cache.Length, rowParents[..(tree.Count + 1)]);
+            for (int i = 0; i < tree.Count; i++)
+            {
+                acct.Propose(tree.Source(i));
+            }
+
+            draftMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+
+            long t1 = Stopwatch.GetTimestamp();
+            _runtime.Run(width, cache);
+            deviceMs += Stopwatch.GetElapsedTime(t1).TotalMilliseconds;
+
+            // Walk the tree with the model's own choices.
+            emitted.Clear();
+            int at = -1, rowIdx = 0, nCommit = 0;
+            commitRows[nCommit++] = 0;
+            while (true)
+            {
+                int y = sampler.Next(buf.LogitsRow(rowIdx));
+                emitted.Add(y);
+                int child = tree.Child(at, y);
+                if (child < 0)
+                {
+                    break;
+                }
+
+                acct.Accept(tree.Source(child));
+                at = child;
+                rowIdx = child + 1;
+                commitRows[nCommit++] = rowIdx;
+            }
+
+            acct.Step(width, tree.Count, emitted.Count - 1, emitted.Count);
+            cache.Commit(buf.NewKeys, buf.NewValues, width, commitRows[..nCommit]);
+
+            long t2 = Stopwatch.GetTimestamp();
+            if (reuse is not null)
+            {
+                ObserveReuse(reuse, tree, chainNodes, buf, draft);
+                reuse.EndStep(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(emitted), tree.Count);
+            }
+
+            draftMs += Stopwatch.GetElapsedTime(t2).TotalMilliseconds;
+            foreach (int y in emitted)
+            {
+                root = y;
+                if (!Emit(y))
+                {
+                    done = true;
+                    break;
+                }
+            }
+        }
+
+        double decodeMs = sw.Elapsed.TotalMilliseconds;
+        var stats = new GenerationStats
+        {
+            PromptTokens = prompt.Length,
+            GeneratedTokens = output.Count,
+            PrefillMs = prefillMs,
+            DecodeMs = decodeMs,
+            DecodeRunMs = deviceMs,
+            StopReason = reason,
+        };
+        return new SpeculativeResult(output, stats, acct, draftMs, calMs, deviceMs);
+
+        // Appends a chosen token: stop tokens end generation; otherwise it joins the output and the indexes.
+        bool Emit(int token)
+        {
+            if (stopTokens.Contains(token))
+            {
+                reason = "stop";
+                return false;
+            }
+
+            output.Add(token);
+            sequence.Add(token);
+            if (spec.Drafter == DrafterKind.Sam || spec.UseTree)
+            {
+                samCursor = sam.Advance(samCursor, token);
+                sam.Extend(token);
+            }
+
+            if (calibrated is not null)
+            {
+                calCursor = calibrated.Automaton.Advance(calCursor, token);
+            }
+
+            if (history is not null && spec.UseHistory)
+            {
+                histCursor = history.Automaton.Advance(histCursor, token);
+            }
+
+            if (onToken is not null && !onToken(token))
+            {
+                reason = "stop";
+                return false;
+            }
+
+            if (output.Count >= maxTokens)
+            {
+                reason = "length";
+                return false;
+            }
+
+            return true;
+        }
+    }
+
+    private static void BuildTree(SpeculationOptions spec, List<int> sequence, SuffixAutomaton sam, MatchCursor samCursor,
+        CalibratedIndex? calibrated, MatchCursor calCursor, HistoryStore? history, MatchCursor histCursor, DraftReuse? reuse,
+        DraftTree tree, Span<int> draft, List<int> chainNodes)
+    {
+        // 1. The main chain from the chosen drafter.
+        int n;
+        if (spec.Drafter == DrafterKind.Pld)
+        {
+            n = PromptLookup.Draft(sequence, draft);
+        }
+        else
+        {
+            int len = Math.Min(spec.MaxDraft, 1 + (int)(samCursor.Length * spec.Alpha));
+            n = samCursor.Length == 0 ? 0 : sam.Continuation(samCursor, Math.Min(len, tree.Capacity), draft);
+        }
+
+        tree.AddPath(draft[..n], DraftSource.Prompt);
+        for (int i = 0, at = -1; i < n; i++)
+        {
+            at = tree.Child(at, draft[i]);
+            if (at < 0)
+            {
+                break;
+            }
+
+            chainNodes.Add(at);
+        }
+
+        // 2. The reused segment from earlier rejections.
+        if (reuse is not null && reuse.Offer().Length > 0)
+        {
+            tree.AddPath(reuse.Offer(), DraftSource.Reused);
+        }
+
+        // 3. The calibrated index: the model's own likely continuation of what the output ends with.
+        if (calibrated is not null && calCursor.Length > 0)
+        {
+            int m = calibrated.Automaton.Continuation(calCursor, Math.Min(spec.MaxDraft, tree.Capacity), draft);
+            tree.AddPath(draft[..m], DraftSource.Calibrated);
+        }
+
+        // 4. Past responses of the same task.
+        if (history is not null && spec.UseHistory && histCursor.Length > 0)
+        {
+            foreach (var path in history.Continuations(histCursor, spec.UseTree ? 2 : 1, spec.MaxDraft))
+            {
+                tree.AddPath(path, DraftSource.History);
+            }
+        }
+
+        // 5. Alternates: continuations of shorter matches (other occurrences) fill the remaining width.
+        if (spec.UseTree && samCursor.Length > 0)
+        {
+            var c = samCursor;
+            for (int k = 0; k < 4 && tree.Count < tree.Capacity; k++)
+            {
+                int link = sam.Link(c.State);
+                if (link <= 0)
+                {
+                    break;
+                }
+
+                c = new MatchCursor(link, sam.StateLength(link));
+                int m = sam.Continuation(c, Math.Min(6, tree.Capacity), draft);
+                tree.AddPath(draft[..m], DraftSource.Prompt);
+            }
+
+            foreach (int t in sam.OutTokens(samCursor.State))
+            {
+                if (tree.Count >= tree.Capacity)
+                {
+                    break;
+                }
+
+                if (t >= 0 && sam.TryNext(samCursor.State, t, out int s))
+                {
+                    draft[0] = t;
+                    int m = sam.Continuation(new MatchCursor(s, samCursor.Length + 1), Math.Min(5, tree.Capacity), draft[1..]);
+                    tree.AddPath(draft[..(m + 1)], DraftSource.Prompt);
+                }
+            }
+        }
+    }
+
+    // Eq. 3 on the main chain: predictions at each chain row, the first mismatch, the longest agreeing run after it.
+    private static void ObserveReuse(DraftReuse reuse, DraftTree tree, List<int> chainNodes, StepBuffers buf, Span<int> scratch)
+    {
+        int n = chainNodes.Count;
+        if (n == 0)
+        {
+            return;
+        }
+
+        Span<int> chain = scratch[..n];
+        Span<int> predicted = stackalloc int[n];
+        for (int i = 0; i < n; i++)
+        {
+            chain[i] = tree.Token(chainNodes[i]);
+            int row = i == 0 ? 0 : chainNodes[i - 1] + 1;
+            predicted[i] = Sampler.Argmax(buf.LogitsRow(row));
+        }
+
+        int e = 0;
+        while (e < n && chain[e] == predicted[e])
+        {
+            e++;
+        }
+
+        if (e < n)
+        {
+            reuse.Observe(chain, predicted, e);
+        }
+    }
+}

@@ -1,0 +1,214 @@
+namespace CoordGen.Engine.Speculative;
+
+/// <summary>
+/// A suffix automaton over a growing token sequence, extended one token at a time in amortized O(1).
+/// Each state remembers the end of its first occurrence, so a match can be continued by reading the
+/// sequence after it. Tokens below zero are separators: nothing matches across them and drafts stop there.
+/// </summary>
+public sealed class SuffixAutomaton
+{
+    private readonly List<int> _len = [0];
+    private readonly List<int> _link = [-1];
+    private readonly List<int> _firstEnd = [-1];
+    private readonly Dictionary<long, int> _next = new();
+    private readonly List<int> _text = [];
+    private int _last;
+
+    public IReadOnlyList<int> Text => _text;
+
+    public int StateCount => _len.Count;
+
+    public int Length => _text.Count;
+
+    private static long Key(int state, int token) => ((long)state << 32) | (uint)token;
+
+    public bool TryNext(int state, int token, out int next) => _next.TryGetValue(Key(state, token), out next);
+
+    public int StateLength(int state) => _len[state];
+
+    public int FirstEnd(int state) => _firstEnd[state];
+
+    public int Link(int state) => _link[state];
+
+    public void Extend(int token)
+    {
+        int pos = _text.Count;
+        _text.Add(token);
+        int cur = NewState(_len[_last] + 1, pos);
+        int p = _last;
+        while (p != -1 && !_next.ContainsKey(Key(p, token)))
+        {
+            SetNext(p, token, cur);
+            p = _link[p];
+        }
+
+        if (p == -1)
+        {
+            _link[cur] = 0;
+        }
+        else
+        {
+            int q = _next[Key(p, token)];
+            if (_len[p] + 1 == _len[q])
+            {
+                _link[cur] = q;
+            }
+            else
+            {
+                int clone = NewState(_len[p] + 1, _firstEnd[q]);
+                _link[clone] = _link[q];
+                CopyTransitions(q, clone);
+                while (p != -1 && _next.TryGetValue(Key(p, token), out int t) && t == q)
+                {
+                    _next[Key(p, token)] = clone;
+                    p = _link[p];
+                }
+
+                _link[q] = clone;
+                _link[cur] = clone;
+            }
+        }
+
+        _last = cur;
+        _prefixStates.Add(cur);
+    }
+
+    public void ExtendAll(IEnumerable<int> tokens)
+    {
+        foreach (int t in tokens)
+        {
+            Extend(t);
+        }
+    }
+
+    // Out-tokens per state, so a clone can copy its original's transitions.
+    private readonly List<List<int>?> _outTokens = [null];
+
+    private void SetNext(int state, int token, int target)
+    {
+        if (_next.TryAdd(Key(state, token), target))
+        {
+            (_outTokens[state] ??= []).Add(token);
+        }
+        else
+        {
+            _next[Key(state, token)] = target;
+        }
+    }
+
+    private void CopyTransitions(int from, int to)
+    {
+        if (_outTokens[from] is not { } toks)
+        {
+            return;
+        }
+
+        foreach (int t in toks)
+        {
+            SetNext(to, t, _next[Key(from, t)]);
+        }
+    }
+
+    private int NewState(int len, int firstEnd)
+    {
+        _len.Add(len);
+        _link.Add(-1);
+        _firstEnd.Add(firstEnd);
+        _outTokens.Add(null);
+        return _len.Count - 1;
+    }
+
+    /// <summary>Tokens with a transition out of <paramref name="state"/>.</summary>
+    public IReadOnlyList<int> OutTokens(int state) => _outTokens[state] ?? (IReadOnlyList<int>)[];
+
+    /// <summary>
+    /// Occurrence counts per state (how many end positions its substrings have): each prefix's own
+    /// state counts one, then counts flow up suffix links from longer states to shorter ones.
+    /// O(states log states); call again after the text changes.
+    /// </summary>
+    public int[] OccurrenceCounts()
+    {
+        var cnt = new int[_len.Count];
+        foreach (int st in _prefixStates)
+        {
+            cnt[st]++;
+        }
+
+        var order = Enumerable.Range(0, _len.Count).OrderByDescending(i => _len[i]);
+        foreach (int st in order)
+        {
+            if (_link[st] >= 0)
+            {
+                cnt[_link[st]] += cnt[st];
+            }
+        }
+
+        return cnt;
+    }
+
+    private readonly List<int> _prefixStates = [];
+
+    /// <summary>Longest suffix of <paramref name="pattern"/> that occurs in the text, walked from scratch (for tests and seeding).</summary>
+    public MatchCursor Match(ReadOnlySpan<int> pattern)
+    {
+        var c = new MatchCursor();
+        foreach (int t in pattern)
+        {
+            c = Advance(c, t);
+        }
+
+        return c;
+    }
+
+    /// <summary>Moves a match cursor over one more token: the longest suffix ending here that occurs in the text.</summary>
+    public MatchCursor Advance(MatchCursor c, int token)
+    {
+        if (token < 0)
+        {
+            return default;
+        }
+
+        int state = c.State, length = c.Length;
+        while (true)
+        {
+            if (_next.TryGetValue(Key(state, token), out int nx))
+            {
+                return new MatchCursor(nx, length + 1);
+            }
+
+            if (state == 0)
+            {
+                return default;
+            }
+
+            state = _link[state];
+            length = _len[state];
+        }
+    }
+
+    /// <summary>Up to <paramref name="max"/> tokens that followed the cursor's match at its first occurrence.</summary>
+    public int Continuation(MatchCursor c, int max, Span<int> dest)
+    {
+        if (c.Length == 0)
+        {
+            return 0;
+        }
+
+        int start = _firstEnd[c.State] + 1;
+        int n = 0;
+        for (int i = start; i < _text.Count && n < max && n < dest.Length; i++)
+        {
+            if (_text[i] < 0)
+            {
+                break;
+            }
+
+            dest[n++] = _text[i];
+        }
+
+        return n;
+    }
+}
+
+/// <summary>Where a running match stands: an automaton state and the matched length (0 = no match).</summary>
+public readonly record struct MatchCursor(int State, int Length);

@@ -1,0 +1,274 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using CoordGen.Engine;
+using CoordGen.Engine.Generation;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Speculative;
+using CoordGen.Engine.Workloads;
+using Spectre.Console;
+
+namespace CoordGen.Host.Commands;
+
+/// <summary>One (method, task, width) row of <c>coordgen bench accept</c>.</summary>
+internal sealed record AcceptRow
+{
+    [JsonPropertyName("method")] public required string Method { get; init; }
+    [JsonPropertyName("task")] public required string Task { get; init; }
+    [JsonPropertyName("width")] public required int Width { get; init; }
+    [JsonPropertyName("mean_accepted")] public double MeanAccepted { get; init; }
+    [JsonPropertyName("tokens_per_s")] public double TokensPerS { get; init; }
+    [JsonPropertyName("speedup")] public double Speedup { get; init; }
+    [JsonPropertyName("identical_to_ar")] public bool IdenticalToAr { get; init; }
+    [JsonPropertyName("prompts")] public int Prompts { get; init; }
+    [JsonPropertyName("tokens")] public long Tokens { get; init; }
+    [JsonPropertyName("steps")] public long Steps { get; init; }
+    [JsonPropertyName("draft_ms_per_step")] public double DraftMsPerStep { get; init; }
+    [JsonPropertyName("calibration_ms_per_context_token")] public double CalibrationMsPerContextToken { get; init; }
+    [JsonPropertyName("accepted_by_source")] public Dictionary<string, long> AcceptedBySource { get; init; } = new();
+    [JsonPropertyName("proposed_by_source")] public Dictionary<string, long> ProposedBySource { get; init; } = new();
+}
+
+/// <summary>
+/// <c>coordgen bench accept</c>: every method on workload prompts, side by side in one process; greedy
+/// outputs are compared with plain greedy (ar) token for token. Each prompt is prefilled once and
+/// every method decodes from a copy of that cache, so decode speed is compared on equal footing.
+/// </summary>
+internal static class BenchAccept
+{
+    public static readonly string[] AllMethods = ["ar", "pld", "sam", "sam+history", "pld+ours", "sam+ours"];
+
+    public static Command Create()
+    {
+        var model = CommonOptions.Model();
+        var workloads = new Option<string[]>("--workload", "-w")
+        {
+            Description = "Workload JSONL file(s); repeat the option for several. Default: workloads/{summary,rag,ui,reply}.jsonl.",
+            AllowMultipleArgumentsPerToken = true,
+        };
+        var widths = new Option<string>("--width") { Description = "Comma-separated verification widths.", DefaultValueFactory = _ => "8,16,32,64" };
+        var methods = new Option<string>("--methods") { Description = $"Comma-separated methods: {string.Join(", ", AllMethods)}.", DefaultValueFactory = _ => string.Join(",", AllMethods) };
+        var limit = new Option<int>("--limit") { Description = "Prompts per workload file (0 = all).", DefaultValueFactory = _ => 0 };
+        var json = new Option<FileInfo?>("--json") { Description = "Write the result rows as JSON here.", HelpName = "OUT.json" };
+        var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
+        var capacity = CommonOptions.Capacity();
+        var cmd = new Command("accept", "Acceptance ratio, decode tokens/s and speedup over plain greedy for each drafting method, task and verification width, with a check that greedy outputs match plain greedy token for token. Writes Markdown, JSON and a PNG plot.")
+        {
+            model, workloads, widths, methods, limit, json, outDir, capacity,
+        };
+        cmd.SetAction(parse =>
+        {
+            var ws = parse.GetValue(widths)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(int.Parse).ToList();
+            if (ws.Any(w => w < 2 || w > 256))
+            {
+                throw new ArgumentException("--width values must be between 2 and 256.");
+            }
+
+            var ms = parse.GetValue(methods)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();
+            foreach (var m in ms.Where(m => m != "ar"))
+            {
+                _ = SpeculationOptions.ForMethod(m, 8);
+            }
+
+            string root = ModelLocator.RepoRoot();
+            var files = parse.GetValue(workloads) is { Length: > 0 } given ? given.ToList()
+                : new[] { "summary", "rag", "ui", "reply" }.Select(t => Path.Combine(root, "workloads", t + ".jsonl")).ToList();
+            var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
+            int cap = parse.GetValue(capacity);
+            using var rt = ConsoleUi.Status("compiling graphs", () => new OrtModelRuntime(bundle.Weights, cap, [1, 64, .. ws]));
+            var rows = Run(bundle, rt, files, ws, ms, parse.GetValue(limit));
+            Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files);
+            return 0;
+        });
+        return cmd;
+    }
+
+    internal static List<AcceptRow> Run(ModelBundle bundle, OrtModelRuntime rt, List<string> files, List<int> widths, List<string> methods, int limit)
+    {
+        var rows = new List<AcceptRow>();
+        var plain = new Generator(rt);
+        var spec = new SpeculativeDecoder(rt);
+        var greedy = new SamplingOptions();
+        var stops = bundle.StopTokens;
+        var calib = new CalibrationOptions();
+        AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn(), new RemainingTimeColumn()).Start(ctx =>
+        {
+            foreach (var file in files)
+            {
+                var items = WorkloadItem.Load(file);
+                if (limit > 0)
+                {
+                    items = items.Take(limit).ToList();
+                }
+
+                string task = items.Count > 0 ? items[0].Task : Path.GetFileNameWithoutExtension(file);
+                var progress = ctx.AddTask($"{task} ({items.Count} prompts)", maxValue: items.Count);
+                var acc = new Dictionary<(string, int), Accum>();
+                var histories = new Dictionary<int, HistoryStore>();
+                foreach (var item in items)
+                {
+                    int[] prompt = bundle.Tokenizer.Encode(PromptTemplate.Render(item.Context, item.Prompt, bundle.HasRoleTokens));
+                    using var pre = spec.Prefill(prompt, calib);
+                    using var arCache = rt.CreateCache();
+                    arCache.CopyFrom(pre.Cache);
+                    var ar = plain.Decode(arCache, pre.LastLogits, prompt.Length, pre.PrefillMs, item.MaxTokens, greedy, stops);
+                    if (methods.Contains("ar"))
+                    {
+                        foreach (int w in widths)
+                        {
+                            Get(acc, "ar", w).Add(ar.Tokens.Count, ar.Tokens.Count, ar.Stats.DecodeMs, 0, 0, 0, true, null);
+                        }
+                    }
+
+                    foreach (var m in methods.Where(m => m != "ar"))
+                    {
+                        foreach (int w in widths)
+                        {
+                            var opts = SpeculationOptions.ForMethod(m, w);
+                            HistoryStore? history = null;
+                            if (opts.UseHistory && !histories.TryGetValue(w, out history))
+                            {
+                                histories[w] = history = new HistoryStore();
+                            }
+
+                            var r = spec.Generate(pre, item.MaxTokens, greedy, stops, opts, history);
+                            bool same = r.Tokens.SequenceEqual(ar.Tokens);
+                            Get(acc, m, w).Add(r.Tokens.Count, r.Accounting.Steps, r.Stats.DecodeMs, r.DraftMs, opts.UseCalibration ? r.CalibrationMs : 0,
+                                opts.UseCalibration ? prompt.Length : 0, same, r.Accounting);
+                        }
+                    }
+
+                    foreach (var h in histories.Values)
+                    {
+                        h.Add(ar.Tokens.ToArray());
+                    }
+
+                    progress.Increment(1);
+                }
+
+                foreach (var ((m, w), a) in acc)
+                {
+                    var arAcc = acc.GetValueOrDefault(("ar", w));
+                    double tps = a.Tokens / (a.DecodeMs / 1000);
+                    double arTps = arAcc is null ? double.NaN : arAcc.Tokens / (arAcc.DecodeMs / 1000);
+                    rows.Add(new AcceptRow
+                    {
+                        Method = m,
+                        Task = task,
+                        Width = w,
+                        MeanAccepted = a.Steps == 0 ? 0 : (double)a.Tokens / a.Steps,
+                        TokensPerS = tps,
+                        Speedup = tps / arTps,
+                        IdenticalToAr = a.AllSame,
+                        Prompts = a.Prompts,
+                        Tokens = a.Tokens,
+                        Steps = a.Steps,
+                        DraftMsPerStep = a.Steps == 0 ? 0 : a.DraftMs / a.Steps,
+                        CalibrationMsPerContextToken = a.ContextTokens == 0 ? 0 : a.CalibrationMs / a.ContextTokens,
+                        AcceptedBySource = Enum.GetValues<DraftSource>().ToDictionary(s => s.ToString().ToLowerInvariant(), s => a.Accepted[(int)s]),
+                        ProposedBySource = Enum.GetValues<DraftSource>().ToDictionary(s => s.ToString().ToLowerInvariant(), s => a.Proposed[(int)s]),
+                    });
+                }
+            }
+        });
+        return rows;
+    }
+
+    private static Accum Get(Dictionary<(string, int), Accum> d, string m, int w)
+    {
+        if (!d.TryGetValue((m, w), out var a))
+        {
+            d[(m, w)] = a = new Accum();
+        }
+
+        return a;
+    }
+
+    private sealed class Accum
+    {
+        public long Tokens;
+        public long Steps;
+        public double DecodeMs;
+        public double DraftMs;
+        public double CalibrationMs;
+        public long ContextTokens;
+        public int Prompts;
+        public bool AllSame = true;
+        public readonly long[] Accepted = new long[4];
+        public readonly long[] Proposed = new long[4];
+
+        public void Add(long tokens, long steps, double decodeMs, double draftMs, double calMs, long ctxTokens, bool same, DraftAccounting? acct)
+        {
+            Tokens += tokens;
+            Steps += steps;
+            DecodeMs += decodeMs;
+            DraftMs += draftMs;
+            CalibrationMs += calMs;
+            ContextTokens += ctxTokens;
+            Prompts++;
+            AllSame &= same;
+            if (acct is not null)
+            {
+                foreach (var s in Enum.GetValues<DraftSource>())
+                {
+                    Accepted[(int)s] += acct.Accepted(s);
+                    Proposed[(int)s] += acct.Proposed(s);
+                }
+            }
+        }
+    }
+
+    private static void Report(List<AcceptRow> rows, ModelBundle bundle, FileInfo? json, DirectoryInfo? outDir, List<int> widths, List<string> methods, int limit, List<string> files)
+    {
+        var opts = new JsonSerializerOptions { WriteIndented = true };
+        string dir = outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench");
+        Directory.CreateDirectory(dir);
+        string jsonText = JsonSerializer.Serialize(rows, opts);
+        if (json is not null)
+        {
+            File.WriteAllText(json.FullName, jsonText);
+        }
+
+        File.WriteAllText(Path.Combine(dir, "accept.json"), jsonText);
+        var stamp = BenchStamp.Capture();
+        var tasks = rows.Select(r => r.Task).Distinct().ToList();
+        var md = new StringBuilder();
+        md.AppendLine(CultureInfo.InvariantCulture, $"# Acceptance and decode speed by method: {bundle.Name}");
+        md.AppendLine();
+        md.AppendLine(stamp.ToMarkdown());
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen bench accept --width {string.Join(",", widths)} --methods {string.Join(",", methods)}{(limit > 0 ? $" --limit {limit}" : "")}` over {string.Join(", ", files.Select(Path.GetFileName))}. Greedy decoding; every method decodes from a copy of the same prefilled cache, in one process, prompt by prompt.");
+        md.AppendLine();
+        md.AppendLine("`mean_accepted` is tokens committed per verification step (accepted draft tokens plus the model's own next token; 1.0 for plain decoding). `speedup` is decode tokens/s over `ar` at the same width in this run. `identical` is whether every greedy output equalled plain greedy token for token.");
+        foreach (var task in tasks)
+        {
+            md.AppendLine();
+            md.AppendLine(CultureInfo.InvariantCulture, $"## {task}");
+            md.AppendLine();
+            md.AppendLine("| method | width | mean_accepted | tokens/s | speedup | identical | draft ms/step |");
+            md.AppendLine("|---|---|---|---|---|---|---|");
+            foreach (var r in rows.Where(r => r.Task == task).OrderBy(r => Array.IndexOf(AllMethods, r.Method)).ThenBy(r => r.Width))
+            {
+                md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Method} | {r.Width} | {r.MeanAccepted:F2} | {r.TokensPerS:F0} | {r.Speedup:F2}x | {(r.IdenticalToAr ? "yes" : "**NO**")} | {r.DraftMsPerStep:F3} |");
+            }
+        }
+
+        md.AppendLine();
+        md.AppendLine("![acceptance by method](accept.png)");
+        File.WriteAllText(Path.Combine(dir, "accept.md"), md.ToString());
+        Plots.AcceptPlot(rows, Path.Combine(dir, "accept.png"));
+
+        var t = new Table().AddColumns("task", "method", "width", "mean acc.", "tok/s", "speedup", "identical", "draft ms/step");
+        foreach (var r in rows.OrderBy(r => r.Task).ThenBy(r => Array.IndexOf(AllMethods, r.Method)).ThenBy(r => r.Width))
+        {
+            t.AddRow(r.Task, r.Method, r.Width.ToString(CultureInfo.InvariantCulture), r.MeanAccepted.ToString("F2", CultureInfo.InvariantCulture),
+                r.TokensPerS.ToString("F0", CultureInfo.InvariantCulture), r.Speedup.ToString("F2", CultureInfo.InvariantCulture) + "x",
+                r.IdenticalToAr ? "yes" : "[red]NO[/]", r.DraftMsPerStep.ToString("F3", CultureInfo.InvariantCulture));
+        }
+
+        AnsiConsole.Write(t);
+        ConsoleUi.Err.MarkupLineInterpolated($"[grey]wrote {dir}/accept.md, accept.json, accept.png[/]");
+    }
+}

@@ -1,0 +1,14 @@
+using System.CommandLine;
+
+namespace CoordGen.Host.Commands;
+
+/// <summary><c>coordgen bench ...</c>: reproducible measurements written under docs/bench/.</summary>
+internal static class BenchCommands
+{
+    public static Command Create()
+    {
+        var cmd = new Command("bench", "Benchmarks. Each writes Markdown, JSON and PNG under docs/bench/, stamped with commit and machine.");
+        cmd.Add(BenchAccept.Create());
+        return cmd;
+    }
+}

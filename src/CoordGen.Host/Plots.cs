@@ -1,0 +1,44 @@
+using CoordGen.Host.Commands;
+using ScottPlot;
+
+namespace CoordGen.Host;
+
+/// <summary>PNG plots for benchmark reports (ScottPlot).</summary>
+internal static class Plots
+{
+    public static void AcceptPlot(List<AcceptRow> rows, string path)
+    {
+        var tasks = rows.Select(r => r.Task).Distinct().ToList();
+        var methods = BenchAccept.AllMethods.Where(m => rows.Any(r => r.Method == m)).ToList();
+        var multi = new Multiplot();
+        multi.AddPlots(tasks.Count);
+        var palette = new ScottPlot.Palettes.Category10();
+        for (int ti = 0; ti < tasks.Count; ti++)
+        {
+            var plot = multi.GetPlot(ti);
+            string task = tasks[ti];
+            for (int mi = 0; mi < methods.Count; mi++)
+            {
+                var pts = rows.Where(r => r.Task == task && r.Method == methods[mi]).OrderBy(r => r.Width).ToList();
+                if (pts.Count == 0)
+                {
+                    continue;
+                }
+
+                var sc = plot.Add.Scatter(pts.Select(p => Math.Log2(p.Width)).ToArray(), pts.Select(p => p.Speedup).ToArray());
+                sc.LegendText = methods[mi];
+                sc.Color = palette.GetColor(mi);
+                sc.LineWidth = 2;
+                sc.MarkerSize = 6;
+            }
+
+            plot.Title($"{task}: decode speedup over ar");
+            plot.Axes.Bottom.Label.Text = "verification width (log2)";
+            plot.Axes.Left.Label.Text = "speedup (x)";
+            plot.ShowLegend(Alignment.UpperLeft);
+        }
+
+        multi.Layout = new ScottPlot.MultiplotLayouts.Grid(rows: (tasks.Count + 1) / 2, columns: Math.Min(2, tasks.Count));
+        multi.SavePng(path, 1200, 420 * ((tasks.Count + 1) / 2));
+    }
+}
