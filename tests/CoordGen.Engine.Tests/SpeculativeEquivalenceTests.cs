@@ -1,0 +1,69 @@
+using CoordGen.Engine.Generation;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Speculative;
+using CoordGen.Engine.Workloads;
+using CsCheck;
+
+namespace CoordGen.Engine.Tests;
+
+/// <summary>Lossless speculation: greedy speculative output equals plain greedy output, token for token.</summary>
+public class SpeculativeEquivalenceTests
+{
+    private static readonly string[] Methods = ["pld", "sam", "sam+history", "pld+ours", "sam+ours"];
+
+    [Fact]
+    public void Speculative_greedy_should_equal_plain_greedy_when_prompts_seeds_widths_and_methods_vary_on_random_models()
+    {
+        var configs = new[] { TestModels.Tiny(), TestModels.Tiny(bias: true, tied: false, kvHeads: 1) };
+        foreach (var (config, ci) in configs.Select((c, i) => (c, i)))
+        {
+            var weights = ModelWeights.Random(config, seed: 100 + ci, scale: 0.25f);
+            using var rt = new OrtModelRuntime(weights, capacity: 96, widths: [1, 4, 8, 16]);
+            var plain = new Generator(rt);
+            var spec = new SpeculativeDecoder(rt);
+            var history = new HistoryStore();
+            // Prompts with repeated phrases, so drafts exist and are sometimes right.
+            var gen = Gen.Select(Gen.Int[2, 49].Array[2, 6], Gen.Int[1, 4], Gen.Int[0, 48].Array[0, 10], Gen.Int[0, 2], Gen.Int[0, Methods.Length - 1]);
+            gen.Sample((phrase, repeats, noise, wi, mi) =>
+            {
+                var prompt = Enumerable.Repeat(phrase, repeats).SelectMany(p => p).Concat(noise).Concat(phrase).ToArray();
+                int width = new[] { 4, 8, 16 }[wi];
+                var expected = plain.Generate(prompt, 24, new SamplingOptions(), new HashSet<int>()).Tokens;
+                var opts = SpeculationOptions.ForMethod(Methods[mi], width);
+                var got = spec.Generate(prompt, 24, new SamplingOptions(), new HashSet<int>(), opts, history).Tokens;
+                Assert.Equal(expected, got);
+                history.Add(expected.ToArray());
+            }, iter: 60, threads: 1);
+        }
+    }
+
+    [Fact]
+    public void Speculative_greedy_should_equal_plain_greedy_on_the_demo_model_for_every_task_and_method()
+    {
+        var demo = ModelBundle.Load(Paths.DemoModel);
+        using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 64, 8, 32]);
+        var plain = new Generator(rt);
+        var spec = new SpeculativeDecoder(rt);
+        foreach (var task in new[] { "summary", "rag", "ui", "reply" })
+        {
+            var history = new HistoryStore();
+            foreach (var item in WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", task + ".jsonl")).Take(3))
+            {
+                int[] prompt = demo.Tokenizer.Encode(PromptTemplate.Render(item.Context, item.Prompt));
+                int max = Math.Min(item.MaxTokens, 64);
+                var expected = plain.Generate(prompt, max, new SamplingOptions(), demo.StopTokens).Tokens;
+                foreach (var m in Methods)
+                {
+                    foreach (int w in new[] { 8, 32 })
+                    {
+                        var got = spec.Generate(prompt, max, new SamplingOptions(), demo.StopTokens, SpeculationOptions.ForMethod(m, w), history).Tokens;
+                        Assert.True(expected.SequenceEqual(got), $"{task}/{item.Id} {m} W={w}: speculative output differs from plain greedy");
+                    }
+                }
+
+                history.Add(expected.ToArray());
+            }
+        }
+    }
+}
