@@ -69,7 +69,7 @@ public class DemoModelTests
             int[] argmax = c.GetProperty("argmax").EnumerateArray().Select(e => e.GetInt32()).ToArray();
             var expected = c.GetProperty("logits_slice").EnumerateArray().Select(r => r.EnumerateArray().Select(e => e.GetSingle()).ToArray()).ToArray();
             using var cache = rt.CreateCache();
-            var buf = rt.Buffers(16);
+            var buf = rt.Buffers(16, cache);
             for (int start = 0; start < ids.Length; start += 16)
             {
                 int n = Math.Min(16, ids.Length - start);

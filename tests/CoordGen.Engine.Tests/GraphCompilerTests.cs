@@ -18,7 +18,7 @@ public class GraphCompilerTests
 
         using var rt = new OrtModelRuntime(weights, capacity: 32, widths: [1, 4]);
         using var cache = rt.CreateCache();
-        var buf = rt.Buffers(4);
+        var buf = rt.Buffers(4, cache);
         for (int start = 0; start < tokens.Length; start += 4)
         {
             int n = Math.Min(4, tokens.Length - start);
@@ -40,7 +40,7 @@ public class GraphCompilerTests
         int[] tokens = [4, 8, 15, 16, 23, 42, 7, 1];
         using var rt = new OrtModelRuntime(weights, capacity: 16, widths: [1, 8]);
         using var wide = rt.CreateCache();
-        var wb = rt.Buffers(8);
+        var wb = rt.Buffers(8, wide);
         wb.SetLinear(tokens, 0, 0);
         rt.Run(8, wide);
         var wideLogits = wb.Logits.ToArray();
@@ -67,7 +67,7 @@ public class GraphCompilerTests
 
         using var rt = new OrtModelRuntime(weights, capacity: 16, widths: [8]);
         using var cache = rt.CreateCache();
-        var buf = rt.Buffers(8);
+        var buf = rt.Buffers(8, cache);
         buf.SetLinear(prefix, 0, 0);
         rt.Run(8, cache);
         cache.Commit(buf.NewKeys, buf.NewValues, 8, [0, 1, 2]);
@@ -96,5 +96,32 @@ public class GraphCompilerTests
                 TestModels.AssertClose(expected[prefix.Length + i], treeLogits.AsSpan(branchRows[b][i] * 50, 50), what: $"branch {b} token {i}");
             }
         }
+    }
+}
+
+public class CapacityBucketTests
+{
+    [Fact]
+    public void Logits_should_match_the_reference_when_the_cache_grows_across_capacity_buckets()
+    {
+        var weights = ModelWeights.Random(TestModels.Tiny(), seed: 21, scale: 0.2f);
+        using var rt = new OrtModelRuntime(weights, capacity: 600, widths: [1, 64]);
+        Assert.Equal([256, 512, 600], rt.Buckets);
+        var rng = new Random(3);
+        int[] prompt = Enumerable.Range(0, 250).Select(_ => rng.Next(50)).ToArray();
+        var gen = new Generator(rt);
+        using var cache = rt.CreateCache();
+        var logits = gen.Prefill(cache, prompt);
+        var seq = prompt.ToList();
+        for (int i = 0; i < 12; i++)
+        {
+            int t = Sampler.Argmax(logits);
+            seq.Add(t);
+            logits = gen.Step(cache, t).ToArray();
+        }
+
+        Assert.Equal(512, cache.Bucket);
+        var expected = ReferenceForward.Logits(weights, [.. seq]);
+        TestModels.AssertClose(expected[^1], logits, what: "last position after crossing a bucket");
     }
 }

@@ -22,7 +22,7 @@ public class PyTorchVectorTests
             int[] ids = c.GetProperty("input_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
             var expected = c.GetProperty("logits").EnumerateArray().Select(r => r.EnumerateArray().Select(e => e.GetSingle()).ToArray()).ToArray();
             using var cache = rt.CreateCache();
-            var buf = rt.Buffers(4);
+            var buf = rt.Buffers(4, cache);
             for (int start = 0; start < ids.Length; start += 4)
             {
                 int n = Math.Min(4, ids.Length - start);

@@ -35,7 +35,10 @@ public sealed class Generator
         _runtime = runtime;
         DecodeWidth = decodeWidth;
         PrefillWidth = runtime.Widths.Max();
-        _ = runtime.Buffers(decodeWidth);
+        if (!runtime.Widths.Contains(decodeWidth))
+        {
+            throw new ArgumentException($"the runtime has no width-{decodeWidth} graph for decoding");
+        }
     }
 
     public int PrefillWidth { get; }
@@ -59,12 +62,12 @@ public sealed class Generator
             throw new PromptTooLongException(tokens.Length, cache.Capacity - cache.Length - 1);
         }
 
-        var buf = _runtime.Buffers(PrefillWidth);
         Span<int> rows = stackalloc int[PrefillWidth];
-        float[] last = new float[buf.VocabSize];
+        float[] last = new float[_runtime.Config.VocabSize];
         for (int start = 0; start < tokens.Length; start += PrefillWidth)
         {
             int n = Math.Min(PrefillWidth, tokens.Length - start);
+            var buf = _runtime.Buffers(PrefillWidth, cache);
             buf.SetLinear(tokens.Slice(start, n), cache.Length, cache.Length);
             _runtime.Run(PrefillWidth, cache);
             onChunk?.Invoke(buf, start, n);
@@ -86,7 +89,7 @@ public sealed class Generator
     /// <summary>One width-1 step: feeds <paramref name="token"/>, commits it, returns the next-token logits.</summary>
     public ReadOnlySpan<float> Step(KvCache cache, int token)
     {
-        var buf = _runtime.Buffers(DecodeWidth);
+        var buf = _runtime.Buffers(DecodeWidth, cache);
         buf.SetLinear([token], cache.Length, cache.Length);
         _runtime.Run(DecodeWidth, cache);
         cache.Commit(buf.NewKeys, buf.NewValues, DecodeWidth, [0]);

@@ -3,44 +3,53 @@ using Microsoft.ML.OnnxRuntime;
 namespace CoordGen.Engine.Runtime;
 
 /// <summary>
-/// One session's key/value cache: per layer, a pinned float buffer of shape [1, Hkv, C, D] for keys
-/// and one for values, wrapped once in OrtValues that every graph reads in place (no per-step copy of
-/// the cache). After a step, only the W new rows are written into their slots (<see cref="Commit"/>).
-/// Slot i holds the token at sequence position i for linear decoding; tree verification compacts the
-/// accepted path into consecutive slots through <see cref="Commit"/>'s row map.
+/// One session's key/value cache. Per layer, one pinned float buffer for keys and one for values,
+/// sized for the largest capacity. The buffer is laid out [1, Hkv, B, D] for the current capacity
+/// bucket B (the prefix of the buffer), and wrapped in OrtValues that every graph of that bucket reads
+/// in place: no step copies the cache. After a step, only the new rows are written into their slots
+/// (<see cref="Commit"/>). When a step needs more room than B, the cache moves into the next bucket
+/// (<see cref="EnsureRoom"/>): each head's rows shift to their new offsets, once per bucket change.
+/// Slot i holds the token at sequence position i; tree verification compacts the accepted path into
+/// consecutive slots through <see cref="Commit"/>'s row map.
 /// </summary>
 public sealed class KvCache : IDisposable
 {
     private readonly float[][] _keys;
     private readonly float[][] _values;
-    private readonly OrtValue[] _keyValues;
-    private readonly OrtValue[] _valueValues;
+    private readonly int[] _buckets;
+    private readonly Dictionary<int, (OrtValue[] Keys, OrtValue[] Values)> _views = new();
 
-    public KvCache(int layers, int kvHeads, int capacity, int headDim)
+    public KvCache(int layers, int kvHeads, int headDim, IReadOnlyList<int> buckets)
     {
         Layers = layers;
         KvHeads = kvHeads;
-        Capacity = capacity;
         HeadDim = headDim;
-        long[] shape = [1, kvHeads, capacity, headDim];
+        _buckets = [.. buckets];
+        Capacity = _buckets[^1];
+        Bucket = _buckets[0];
         _keys = new float[layers][];
         _values = new float[layers][];
-        _keyValues = new OrtValue[layers];
-        _valueValues = new OrtValue[layers];
         for (int l = 0; l < layers; l++)
         {
-            _keys[l] = GC.AllocateArray<float>(kvHeads * capacity * headDim, pinned: true);
-            _values[l] = GC.AllocateArray<float>(kvHeads * capacity * headDim, pinned: true);
-            _keyValues[l] = OrtValue.CreateTensorValueFromMemory(_keys[l], shape);
-            _valueValues[l] = OrtValue.CreateTensorValueFromMemory(_values[l], shape);
+            _keys[l] = GC.AllocateArray<float>(kvHeads * Capacity * headDim, pinned: true);
+            _values[l] = GC.AllocateArray<float>(kvHeads * Capacity * headDim, pinned: true);
         }
+    }
+
+    public KvCache(int layers, int kvHeads, int capacity, int headDim)
+        : this(layers, kvHeads, headDim, [capacity])
+    {
     }
 
     public int Layers { get; }
 
     public int KvHeads { get; }
 
+    /// <summary>Most slots this cache can ever hold.</summary>
     public int Capacity { get; }
+
+    /// <summary>The capacity bucket the buffers are laid out for now.</summary>
+    public int Bucket { get; private set; }
 
     public int HeadDim { get; }
 
@@ -49,13 +58,52 @@ public sealed class KvCache : IDisposable
 
     public long Bytes => 2L * Layers * KvHeads * Capacity * HeadDim * sizeof(float);
 
-    internal OrtValue KeyValue(int layer) => _keyValues[layer];
+    internal OrtValue KeyValue(int layer) => View().Keys[layer];
 
-    internal OrtValue ValueValue(int layer) => _valueValues[layer];
+    internal OrtValue ValueValue(int layer) => View().Values[layer];
 
-    internal ReadOnlySpan<float> Keys(int layer) => _keys[layer];
+    private (OrtValue[] Keys, OrtValue[] Values) View()
+    {
+        if (!_views.TryGetValue(Bucket, out var v))
+        {
+            long[] shape = [1, KvHeads, Bucket, HeadDim];
+            int n = KvHeads * Bucket * HeadDim;
+            var info = OrtMemoryInfo.DefaultInstance;
+            v = (_keys.Select(a => OrtValue.CreateTensorValueFromMemory(info, new Memory<float>(a, 0, n), shape)).ToArray(),
+                 _values.Select(a => OrtValue.CreateTensorValueFromMemory(info, new Memory<float>(a, 0, n), shape)).ToArray());
+            _views[Bucket] = v;
+        }
 
-    internal ReadOnlySpan<float> Values(int layer) => _values[layer];
+        return v;
+    }
+
+    /// <summary>Moves the cache into the smallest bucket holding <paramref name="slots"/> slots (never shrinks).</summary>
+    public void EnsureRoom(int slots)
+    {
+        if (slots <= Bucket)
+        {
+            return;
+        }
+
+        if (slots > Capacity)
+        {
+            throw new InvalidOperationException($"KV cache full: {slots} slots needed, capacity {Capacity}");
+        }
+
+        int next = _buckets.First(b => b >= slots);
+        int d = HeadDim;
+        for (int l = 0; l < Layers; l++)
+        {
+            // Last head first, so no head's rows are overwritten before they move.
+            for (int h = KvHeads - 1; h > 0; h--)
+            {
+                Array.Copy(_keys[l], h * Bucket * d, _keys[l], h * next * d, Length * d);
+                Array.Copy(_values[l], h * Bucket * d, _values[l], h * next * d, Length * d);
+            }
+        }
+
+        Bucket = next;
+    }
 
     /// <summary>
     /// Copies new keys/values (layout [1,Hkv,W,D] per layer) into the cache: row <c>rows[i]</c> of the
@@ -63,11 +111,7 @@ public sealed class KvCache : IDisposable
     /// </summary>
     public void Commit(IReadOnlyList<float[]> newKeys, IReadOnlyList<float[]> newValues, int width, ReadOnlySpan<int> rows)
     {
-        if (Length + rows.Length > Capacity)
-        {
-            throw new InvalidOperationException($"KV cache full: {Length} + {rows.Length} > capacity {Capacity}");
-        }
-
+        EnsureRoom(Length + rows.Length);
         int d = HeadDim;
         for (int l = 0; l < Layers; l++)
         {
@@ -80,7 +124,7 @@ public sealed class KvCache : IDisposable
                 for (int i = 0; i < rows.Length; i++)
                 {
                     int src = ((h * width) + rows[i]) * d;
-                    int dst = ((h * Capacity) + Length + i) * d;
+                    int dst = ((h * Bucket) + Length + i) * d;
                     Array.Copy(srcK, src, dstK, dst, d);
                     Array.Copy(srcV, src, dstV, dst, d);
                 }
@@ -98,12 +142,14 @@ public sealed class KvCache : IDisposable
             throw new ArgumentException("caches differ in shape");
         }
 
+        Length = 0;
+        Bucket = other.Bucket;
         int span = other.Length * HeadDim;
         for (int l = 0; l < Layers; l++)
         {
             for (int h = 0; h < KvHeads; h++)
             {
-                int off = h * Capacity * HeadDim;
+                int off = h * Bucket * HeadDim;
                 Array.Copy(other._keys[l], off, _keys[l], off, span);
                 Array.Copy(other._values[l], off, _values[l], off, span);
             }
@@ -122,14 +168,14 @@ public sealed class KvCache : IDisposable
 
     public void Dispose()
     {
-        foreach (var v in _keyValues)
+        foreach (var (k, v) in _views.Values)
         {
-            v.Dispose();
+            foreach (var o in k.Concat(v))
+            {
+                o.Dispose();
+            }
         }
 
-        foreach (var v in _valueValues)
-        {
-            v.Dispose();
-        }
+        _views.Clear();
     }
 }

@@ -24,35 +24,42 @@ public sealed record RuntimeOptions
 }
 
 /// <summary>
-/// Owns the compiled graphs of one model at several static widths over one capacity. The weights are
-/// handed to every session as shared initializers (SessionOptions.AddInitializer over the pinned
-/// float arrays of <see cref="ModelWeights"/>), and pre-packed GEMM buffers go into one
-/// PrePackedWeightsContainer, so N widths cost one copy of the weights.
+/// Owns the compiled graphs of one model: every (width W, capacity bucket C) pair it is asked for,
+/// compiled on first use. The weights are handed to every session as shared initializers
+/// (SessionOptions.AddInitializer over the pinned float arrays of <see cref="ModelWeights"/>), and
+/// pre-packed GEMM buffers go into one PrePackedWeightsContainer, so any number of graphs cost one
+/// copy of the weights. Capacity buckets (256, 512, ... up to the maximum) keep attention cost
+/// proportional to what a session holds rather than to the largest capacity: a cache grows into the
+/// next bucket when it fills (<see cref="KvCache.EnsureRoom"/>).
 /// Not thread-safe: one step at a time (the device actor serializes calls).
 /// </summary>
 public sealed class OrtModelRuntime : IDisposable
 {
-    private readonly Dictionary<int, WidthGraph> _graphs = new();
+    public const int SmallestBucket = 256;
+
+    private readonly Dictionary<(int Width, int Bucket), WidthGraph> _graphs = new();
     private readonly List<OrtValue> _weightValues = new();
     private readonly PrePackedWeightsContainer _prepacked = new();
     private readonly RuntimeOptions _options;
+    private readonly int[] _widths;
 
     public OrtModelRuntime(ModelWeights weights, int capacity, IEnumerable<int> widths, RuntimeOptions? options = null)
     {
         Weights = weights;
         Config = weights.Config;
         Capacity = capacity;
+        Buckets = CapacityBuckets(capacity);
         _options = options ?? new RuntimeOptions();
+        _widths = widths.Distinct().Order().ToArray();
         foreach (var t in weights.Tensors)
         {
             _weightValues.Add(OrtValue.CreateTensorValueFromMemory(t.Data, t.Shape));
         }
 
-        foreach (int w in widths.Distinct().Order())
+        // The smallest bucket of every width is compiled now, so a bad model or provider fails at start.
+        foreach (int w in _widths)
         {
-            var sw = Stopwatch.StartNew();
-            _graphs[w] = new WidthGraph(this, new GraphShape(w, capacity));
-            GraphLoadMs[w] = sw.Elapsed.TotalMilliseconds;
+            _ = Graph(w, Buckets[0]);
         }
     }
 
@@ -60,38 +67,85 @@ public sealed class OrtModelRuntime : IDisposable
 
     public ModelConfig Config { get; }
 
+    /// <summary>Largest KV capacity (slots) a session may use.</summary>
     public int Capacity { get; }
 
-    public IReadOnlyCollection<int> Widths => _graphs.Keys;
+    /// <summary>KV capacity buckets, ascending; the last equals <see cref="Capacity"/>.</summary>
+    public IReadOnlyList<int> Buckets { get; }
 
-    /// <summary>Wall time to compile and load each width's graph.</summary>
-    public Dictionary<int, double> GraphLoadMs { get; } = new();
+    public IReadOnlyCollection<int> Widths => _widths;
 
-    /// <summary>Bytes of weights held once and shared by every width.</summary>
+    /// <summary>Wall time to compile and load each (width, bucket) graph.</summary>
+    public Dictionary<(int Width, int Bucket), double> GraphLoadMs { get; } = new();
+
+    /// <summary>Bytes of weights held once and shared by every graph.</summary>
     public long SharedWeightBytes => Weights.TotalBytes;
 
-    public KvCache CreateCache() => new(Config.NumLayers, Config.NumKvHeads, Capacity, Config.HeadDim);
+    public int GraphCount => _graphs.Count;
 
-    public StepBuffers Buffers(int width) => Graph(width).Buffers;
-
-    private WidthGraph Graph(int width) => _graphs.TryGetValue(width, out var g)
-        ? g
-        : throw new ArgumentException($"no graph compiled for width {width}; compiled: {string.Join(",", _graphs.Keys)}");
-
-    /// <summary>
-    /// Runs the width-W graph over <see cref="StepBuffers"/> the caller filled (tokens, positions, mask)
-    /// against <paramref name="cache"/>. Logits and the new keys/values land in the same buffers.
-    /// </summary>
-    public void Run(int width, KvCache cache)
+    public static int[] CapacityBuckets(int capacity)
     {
-        var g = Graph(width);
-        g.Run(cache);
+        var b = new List<int>();
+        for (int c = SmallestBucket; c < capacity; c *= 2)
+        {
+            b.Add(c);
+        }
+
+        b.Add(capacity);
+        return [.. b];
+    }
+
+    public KvCache CreateCache() => new(Config.NumLayers, Config.NumKvHeads, Config.HeadDim, Buckets);
+
+    /// <summary>Compiles every (width, bucket) graph now instead of on first use.</summary>
+    public void CompileAll()
+    {
+        foreach (int w in _widths)
+        {
+            foreach (int b in Buckets)
+            {
+                _ = Graph(w, b);
+            }
+        }
     }
 
     /// <summary>
-    /// Folder of the compiled graphs (one .onnx per width, kept for inspection, e.g. with Netron). The
-    /// weights are not in it: beside the graphs lies a sparse placeholder that the graphs' external-data
-    /// references name, and every session gets the real tensors through AddInitializer.
+    /// The buffers of the width-W graph for <paramref name="cache"/>, growing the cache into a bucket
+    /// with room for <paramref name="width"/> more tokens first. Fill them, then call <see cref="Run"/>.
+    /// </summary>
+    public StepBuffers Buffers(int width, KvCache cache)
+    {
+        cache.EnsureRoom(Math.Min(cache.Length + width, cache.Capacity));
+        return Graph(width, cache.Bucket).Buffers;
+    }
+
+    /// <summary>
+    /// Runs the width-W graph over the <see cref="StepBuffers"/> the caller filled (tokens, positions,
+    /// mask) against <paramref name="cache"/>. Logits and the new keys/values land in the same buffers.
+    /// </summary>
+    public void Run(int width, KvCache cache) => Graph(width, cache.Bucket).Run(cache);
+
+    private WidthGraph Graph(int width, int bucket)
+    {
+        if (!_graphs.TryGetValue((width, bucket), out var g))
+        {
+            if (!_widths.Contains(width))
+            {
+                throw new ArgumentException($"no graph for width {width}; this runtime was built for widths {string.Join(",", _widths)}");
+            }
+
+            var sw = Stopwatch.StartNew();
+            _graphs[(width, bucket)] = g = new WidthGraph(this, new GraphShape(width, bucket));
+            GraphLoadMs[(width, bucket)] = sw.Elapsed.TotalMilliseconds;
+        }
+
+        return g;
+    }
+
+    /// <summary>
+    /// Folder of the compiled graphs (one .onnx per width and bucket, kept for inspection, e.g. with
+    /// Netron). The weights are not in it: beside the graphs lies a sparse placeholder that the graphs'
+    /// external-data references name, and every session gets the real tensors through AddInitializer.
     /// </summary>
     public string GraphDirectory { get; } = Directory.CreateTempSubdirectory("coordgen-graphs-").FullName;
 
@@ -205,6 +259,11 @@ public sealed class OrtModelRuntime : IDisposable
 
         public void Run(KvCache cache)
         {
+            if (cache.Bucket != Buffers.Capacity)
+            {
+                throw new InvalidOperationException($"cache is in bucket {cache.Bucket} but this graph is for {Buffers.Capacity}");
+            }
+
             for (int l = 0; l < _layers; l++)
             {
                 _inputs[3 + (2 * l)] = cache.KeyValue(l);

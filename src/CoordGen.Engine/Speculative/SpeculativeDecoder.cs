@@ -118,7 +118,6 @@ public sealed class SpeculativeDecoder
         }
 
         int width = spec.Width;
-        var buf = _runtime.Buffers(width);
         var sampler = new Sampler(sampling);
         using var cache = _runtime.CreateCache();
         cache.CopyFrom(pre.Cache);
@@ -190,6 +189,7 @@ public sealed class SpeculativeDecoder
             }
 
             long t0 = Stopwatch.GetTimestamp();
+            var buf = _runtime.Buffers(width, cache);
             tree.Clear();
             chainNodes.Clear();
             BuildTree(spec, sequence, sam, samCursor, calibrated, calCursor, history, histCursor, reuse, tree, draft, chainNodes);
@@ -208,7 +208,7 @@ public sealed class SpeculativeDecoder
                 buf.Positions[i] = cache.Length;
             }
 
-            AttentionMask.FillTree(buf.Mask, width, cache.Capacity, cache.Length, rowParents[..(tree.Count + 1)]);
+            AttentionMask.FillTree(buf.Mask, width, buf.Capacity, cache.Length, rowParents[..(tree.Count + 1)]);
             for (int i = 0; i < tree.Count; i++)
             {
                 acct.Propose(tree.Source(i));

@@ -163,21 +163,15 @@ internal static class ModelCommands
     private static double TimeStep(OrtModelRuntime rt, int width, int fill, int reps)
     {
         using var cache = rt.CreateCache();
-        var buf = rt.Buffers(width);
-        // Pretend `fill` slots are committed: the mask exposes them, contents are zeros.
-        var rows = new int[Math.Min(fill, width)];
+        // Pretend `fill` slots are committed: the mask exposes them, their contents are zeros.
+        var c = rt.Config;
+        var zeros = Enumerable.Range(0, c.NumLayers).Select(_ => new float[c.NumKvHeads * c.HeadDim]).ToArray();
         while (cache.Length < fill)
         {
-            int n = Math.Min(width, fill - cache.Length);
-            for (int i = 0; i < n; i++)
-            {
-                rows[i] = i;
-            }
-
-            Array.Clear(buf.NewKeys[0]);
-            cache.Commit(buf.NewKeys, buf.NewValues, width, rows.AsSpan(0, n));
+            cache.Commit(zeros, zeros, 1, [0]);
         }
 
+        var buf = rt.Buffers(width, cache);
         var tokens = Enumerable.Range(10, width).ToArray();
         buf.SetLinear(tokens, fill, fill);
         rt.Run(width, cache);
@@ -209,7 +203,7 @@ internal static class ModelCommands
             genTimes.Add(res.Stats.DecodeMs / Math.Max(1, res.Stats.GeneratedTokens - 1));
             using var cache = rt.CreateCache();
             gen.Prefill(cache, prompt);
-            var buf = rt.Buffers(1);
+            var buf = rt.Buffers(1, cache);
             buf.SetLinear([5], cache.Length, cache.Length);
             var bt = new double[steps];
             for (int i = 0; i < steps; i++)
