@@ -333,8 +333,13 @@ public sealed class SpeculativeDecoder
             n = samCursor.Length == 0 ? 0 : sam.Continuation(samCursor, Math.Min(len, tree.Capacity), draft);
         }
 
-        tree.AddPath(draft[..n], DraftSource.Prompt);
-        for (int i = 0, at = -1; i < n; i++)
+        // With other sources on, the main chain first takes at most ~60% of the width; it gets the rest
+        // back at the end (AddPath continues a shared prefix), after the other sources had their turn.
+        bool others = spec.UseCalibration || spec.UseReuse || spec.UseTree || spec.UseHistory;
+        int first = others ? Math.Max(2, tree.Capacity - ((tree.Capacity * 2) / 5)) : n;
+        var mainChain = draft[..n].ToArray();
+        tree.AddPath(mainChain.AsSpan(0, Math.Min(n, first)), DraftSource.Prompt);
+        for (int i = 0, at = -1; i < Math.Min(n, first); i++)
         {
             at = tree.Child(at, draft[i]);
             if (at < 0)
@@ -367,7 +372,24 @@ public sealed class SpeculativeDecoder
             }
         }
 
-        // 5. Alternates: continuations of shorter matches (other occurrences) fill the remaining width.
+        // 5. The main chain's remainder.
+        if (n > first)
+        {
+            tree.AddPath(mainChain, DraftSource.Prompt);
+            chainNodes.Clear();
+            for (int i = 0, at = -1; i < n; i++)
+            {
+                at = tree.Child(at, mainChain[i]);
+                if (at < 0)
+                {
+                    break;
+                }
+
+                chainNodes.Add(at);
+            }
+        }
+
+        // 6. Alternates: continuations of shorter matches (other occurrences) fill the remaining width.
         if (spec.UseTree && samCursor.Length > 0)
         {
             var c = samCursor;

@@ -55,9 +55,12 @@ internal static class BenchAccept
         var json = new Option<FileInfo?>("--json") { Description = "Write the result rows as JSON here.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var capacity = CommonOptions.Capacity();
+        var calibK = new Option<int>("--calib-k") { Description = "Calibration: next-token candidates per context position.", DefaultValueFactory = _ => new CalibrationOptions().TopK };
+        var calibDepth = new Option<int>("--calib-depth") { Description = "Calibration: tokens per calibrated path.", DefaultValueFactory = _ => new CalibrationOptions().Depth };
+        var calibMinP = new Option<float>("--calib-min-p") { Description = "Calibration: smallest probability followed.", DefaultValueFactory = _ => new CalibrationOptions().MinProbability };
         var cmd = new Command("accept", "Acceptance ratio, decode tokens/s and speedup over plain greedy for each drafting method, task and verification width, with a check that greedy outputs match plain greedy token for token. Writes Markdown, JSON and a PNG plot.")
         {
-            model, workloads, widths, methods, limit, json, outDir, capacity,
+            model, workloads, widths, methods, limit, json, outDir, capacity, calibK, calibDepth, calibMinP,
         };
         cmd.SetAction(parse =>
         {
@@ -68,6 +71,10 @@ internal static class BenchAccept
             }
 
             var ms = parse.GetValue(methods)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();
+            if (!ms.Contains("ar"))
+            {
+                ms.Insert(0, "ar"); // the baseline of every speedup, always measured
+            }
             foreach (var m in ms.Where(m => m != "ar"))
             {
                 _ = SpeculationOptions.ForMethod(m, 8);
@@ -79,21 +86,21 @@ internal static class BenchAccept
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             int cap = parse.GetValue(capacity);
             using var rt = ConsoleUi.Status("compiling graphs", () => new OrtModelRuntime(bundle.Weights, cap, [1, 64, .. ws]));
-            var rows = Run(bundle, rt, files, ws, ms, parse.GetValue(limit));
+            var calib = new CalibrationOptions { TopK = parse.GetValue(calibK), Depth = parse.GetValue(calibDepth), MinProbability = parse.GetValue(calibMinP) };
+            var rows = Run(bundle, rt, files, ws, ms, parse.GetValue(limit), calib);
             Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files);
             return 0;
         });
         return cmd;
     }
 
-    internal static List<AcceptRow> Run(ModelBundle bundle, OrtModelRuntime rt, List<string> files, List<int> widths, List<string> methods, int limit)
+    internal static List<AcceptRow> Run(ModelBundle bundle, OrtModelRuntime rt, List<string> files, List<int> widths, List<string> methods, int limit, CalibrationOptions calib)
     {
         var rows = new List<AcceptRow>();
         var plain = new Generator(rt);
         var spec = new SpeculativeDecoder(rt);
         var greedy = new SamplingOptions();
         var stops = bundle.StopTokens;
-        var calib = new CalibrationOptions();
         AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn(), new RemainingTimeColumn()).Start(ctx =>
         {
             foreach (var file in files)
@@ -127,7 +134,7 @@ internal static class BenchAccept
                     {
                         foreach (int w in widths)
                         {
-                            var opts = SpeculationOptions.ForMethod(m, w);
+                            var opts = SpeculationOptions.ForMethod(m, w) with { Calibration = calib };
                             HistoryStore? history = null;
                             if (opts.UseHistory && !histories.TryGetValue(w, out history))
                             {
