@@ -20,6 +20,7 @@ internal static class ModelCommands
         cmd.Add(Synth());
         cmd.Add(Inspect());
         cmd.Add(Profile());
+        cmd.Add(ModelEvaluate.Create());
         return cmd;
     }
 
