@@ -8,7 +8,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-rows = [json.loads(line) for line in open(os.path.join(HERE, "work", "log.jsonl"))]
+by_step = {}
+for line in open(os.path.join(HERE, "work", "log.jsonl")):
+    r = json.loads(line)
+    by_step[r["step"]] = r  # a resumed run re-logs steps after its checkpoint: the last entry wins
+rows = [by_step[k] for k in sorted(by_step)]
 tokens = [r["tokens"] / 1e6 for r in rows]
 loss = [r["loss"] for r in rows]
 smooth, acc = [], None

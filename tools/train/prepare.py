@@ -19,16 +19,18 @@ import bpe
 import corpus
 import tasks
 
-# Task mix, by example count.
+# Task mixes, by example count. Mix B (used after train.py's --switch-step) adds verbatim quoting,
+# which makes the copy mechanism form quickly; see README.md.
 MIX = [("summary", 0.26), ("rag", 0.26), ("ui", 0.14), ("reply", 0.14), ("plain", 0.20)]
+MIX_B = [("summary", 0.22), ("rag", 0.22), ("ui", 0.11), ("reply", 0.11), ("quote", 0.24), ("plain", 0.10)]
 RESPONSE_WEIGHT = 2  # response tokens count twice in the loss: copying is what the model is for
 
 
 def build_rows(factory: tasks.TaskFactory, enc: bpe.Encoder, n_tokens: int, seq: int, lo: int, hi: int,
-               rng: random.Random, label: str):
+               rng: random.Random, label: str, mix=MIX):
     end_id = enc.vocab["<|end|>"]
-    names = [m[0] for m in MIX]
-    weights = [m[1] for m in MIX]
+    names = [m[0] for m in mix]
+    weights = [m[1] for m in mix]
     toks: list[int] = []
     wts: list[int] = []
     t0 = time.time()
@@ -63,6 +65,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--short-tokens", type=int, default=6_000_000, help="tokens of 512-token rows (phase 1)")
     ap.add_argument("--long-tokens", type=int, default=3_000_000, help="tokens of 2048-token rows (phase 2)")
+    ap.add_argument("--short-b-tokens", type=int, default=5_000_000, help="tokens of 512-token rows with mix B (phase 1b)")
+    ap.add_argument("--only", default="", help="comma-separated row sets to (re)build, keeping work/tokenizer.json")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     rng = random.Random(args.seed)
@@ -74,6 +78,10 @@ def main() -> None:
     print(f"corpus: {len(docs)} documents, {len(train_docs)} for training ({time.time() - t0:.0f}s)", flush=True)
 
     factory = tasks.TaskFactory(train_docs, wn, args.seed)
+    if args.only and os.path.exists(os.path.join(args.work, "tokenizer.json")):
+        enc = bpe.load(os.path.join(args.work, "tokenizer.json"))
+        build_sets(args, factory, enc, docs, wn, rng)
+        return
     sample = [d.text for d in rng.sample(train_docs, 600)]
     for kind in tasks.TASKS:
         for _ in range(150):
@@ -87,14 +95,27 @@ def main() -> None:
     print(f"tokenizer: {len(vocab)} tokens, {len(merges)} merges ({time.time() - t0:.0f}s)", flush=True)
     enc = bpe.Encoder(vocab, merges, tasks.SPECIAL_TOKENS)
 
+    build_sets(args, factory, enc, docs, wn, rng)
+
+
+def build_sets(args, factory, enc, docs, wn, rng) -> None:
+    t0 = time.time()
     val_docs = [d for d in docs if corpus.split_of(d.doc_id) == "heldout"]
     val_factory = tasks.TaskFactory(val_docs, wn, args.seed + 1)
-    plans = [("train_512", factory, args.short_tokens, 512, 300, 1400),
-             ("train_2048", factory, args.long_tokens, 2048, 1200, 6000),
-             ("val_512", val_factory, 100_000, 512, 300, 1400),
-             ("val_2048", val_factory, 200_000, 2048, 1200, 6000)]
-    for name, fac, n, seq, lo, hi in plans:
-        arr, warr = build_rows(fac, enc, n, seq, lo, hi, rng, name)
+    plans = [("train_512", factory, args.short_tokens, 512, 300, 1400, MIX),
+             ("train_2048", factory, args.long_tokens, 2048, 1200, 6000, MIX),
+             ("val_512", val_factory, 100_000, 512, 300, 1400, MIX),
+             ("val_2048", val_factory, 200_000, 2048, 1200, 6000, MIX),
+             ("train_512b", factory, args.short_b_tokens, 512, 300, 1400, MIX_B)]
+    for name, fac, n, seq, lo, hi, mix in plans:
+        if args.only and name not in args.only.split(","):
+            continue
+        set_rng = rng
+        if name == "train_512b":
+            # Its own seeded streams, so rebuilding only this set (--only) gives the same rows as a full run.
+            fac = tasks.TaskFactory(fac.docs, wn, args.seed + 7)
+            set_rng = random.Random(args.seed + 7)
+        arr, warr = build_rows(fac, enc, n, seq, lo, hi, set_rng, name, mix)
         arr.tofile(os.path.join(args.work, f"{name}.bin"))
         warr.tofile(os.path.join(args.work, f"{name}.w.bin"))
         print(f"{name}: {arr.shape[0]} rows x {seq} ({time.time() - t0:.0f}s)", flush=True)

@@ -19,6 +19,9 @@ from corpus import Document, WordNet
 
 SPECIAL_TOKENS = ["<|end|>", "<|context|>", "<|user|>", "<|assistant|>", "<|pad|>"]
 TASKS = ("summary", "rag", "ui", "reply")
+# Training-only family: quote a located span verbatim. It teaches the copy mechanism (induction) fast;
+# the four task families above then teach when and how to drift.
+TRAIN_ONLY_TASKS = ("quote",)
 
 
 def render(context: str, prompt: str, response: str | None = None) -> str:
@@ -197,6 +200,18 @@ def reply_example(sentences: list[str], d: Drifter, rng: random.Random, lo: int,
     return context, prompt, reply
 
 
+def quote_example(doc: Document, rng: random.Random, lo: int, hi: int):
+    sents = _take_sentences(doc, rng, lo, hi)
+    if len(sents) < 3:
+        return None
+    k = rng.randint(1, min(4, len(sents) - 1))
+    start = rng.randrange(len(sents) - k + 1)
+    lead = " ".join(sents[start].split()[:4])
+    prompt = rng.choice([f'Quote the part that begins with "{lead}".', f'Copy the text starting at "{lead}".'])
+    context = f"Title: {doc.title}\n" + " ".join(sents)
+    return context, prompt, " ".join(sents[start:start + k])
+
+
 class TaskFactory:
     """Builds examples from a list of documents (one split only)."""
 
@@ -216,6 +231,8 @@ class TaskFactory:
                 r = rag_example(self.docs, self.drift, rng, lo, hi)
             elif task == "ui":
                 r = ui_example(self.words, self.sentences, rng, lo, hi)
+            elif task == "quote":
+                r = quote_example(rng.choice(self.docs), rng, lo, hi)
             else:
                 r = reply_example(self.sentences, self.drift, rng, lo, hi)
             if r is not None:

@@ -196,6 +196,7 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--steps-short", type=int, default=1250, help="optimizer steps on 512-token rows")
     ap.add_argument("--steps-long", type=int, default=130, help="optimizer steps on 2048-token rows")
+    ap.add_argument("--switch-step", type=int, default=600, help="from this step on, short rows come from mix B (train_512b)")
     ap.add_argument("--batch-short", type=int, default=8)
     ap.add_argument("--batch-long", type=int, default=1)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -215,6 +216,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     short, short_w = load_rows(args.work, "train_512", 512)
+    short_b, short_b_w = load_rows(args.work, "train_512b", 512)
     long, long_w = load_rows(args.work, "train_2048", 2048)
     vshort, vshort_w = load_rows(args.work, "val_512", 512)
     vlong, vlong_w = load_rows(args.work, "val_2048", 2048)
@@ -247,22 +249,34 @@ def main() -> None:
         step, tokens_seen = ck["step"], ck["tokens_seen"]
         torch.set_rng_state(ck["rng"])
         print(f"resumed at step {step}", flush=True)
+        if os.path.exists(log_path):
+            # Steps logged after the checkpoint by an interrupted run are redone: drop them.
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= step]
+            with open(log_path, "w") as f:
+                f.writelines(kept)
     elif os.path.exists(log_path):
         os.remove(log_path)
 
     order_short = np.random.default_rng(args.seed).permutation(len(short))
     order_long = np.random.default_rng(args.seed + 1).permutation(len(long))
+    order_short_b = np.random.default_rng(args.seed + 2).permutation(len(short_b))
     t0 = time.time()
     while step < total:
         warm = 100
         lr = args.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
         for g in opt.param_groups:
             g["lr"] = lr
-        if step < args.steps_short:
+        if step < min(args.switch_step, args.steps_short):
             bs, idx = args.batch_short, order_short
             i0 = (step * bs) % len(idx)
             sel = idx[i0:i0 + bs]
             rows, ws = short[sel], short_w[sel]
+        elif step < args.steps_short:
+            bs, idx = args.batch_short, order_short_b
+            i0 = ((step - args.switch_step) * bs) % len(idx)
+            sel = idx[i0:i0 + bs]
+            rows, ws = short_b[sel], short_b_w[sel]
         else:
             bs, idx = args.batch_long, order_long
             i0 = ((step - args.steps_short) * bs) % len(idx)

@@ -153,10 +153,7 @@ internal static class ModelCommands
 
     internal sealed record ProfileCell(int Width, int Fill, double MedianMs);
 
-    internal sealed record Overhead(int Fill, double GenerateMsPerToken, double BareRunMs)
-    {
-        public double Ratio => GenerateMsPerToken / BareRunMs;
-    }
+    internal sealed record Overhead(int Fill, double GenerateMsPerToken, double BareRunMs, double Ratio);
 
     private static List<T> ParseList<T>(string s, Func<string, T> parse)
         => s.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(parse).ToList();
@@ -188,7 +185,10 @@ internal static class ModelCommands
         return times[reps / 2];
     }
 
-    /// <summary>Generate's decode per-token time and the bare W=1 run, interleaved in one process at the same fill.</summary>
+    /// <summary>
+    /// Generate's decode time per token against the bare width-1 ONNX Runtime run at the same KV fill,
+    /// interleaved in one process (alternating which goes first); the median of per-round ratios.
+    /// </summary>
     private static Overhead MeasureOverhead(ModelBundle bundle, OrtModelRuntime rt, int cap, int reps)
     {
         var gen = new Generator(rt);
@@ -198,29 +198,42 @@ internal static class ModelCommands
         const int steps = 64;
         var genTimes = new List<double>();
         var bareTimes = new List<double>();
-        for (int r = 0; r < Math.Max(3, reps / 3); r++)
+        var ratios = new List<double>();
+        for (int r = 0; r < Math.Max(5, reps / 2); r++)
         {
-            var res = gen.Generate(prompt, steps, new SamplingOptions(), new HashSet<int>());
-            genTimes.Add(res.Stats.DecodeMs / Math.Max(1, res.Stats.GeneratedTokens - 1));
-            using var cache = rt.CreateCache();
-            gen.Prefill(cache, prompt);
-            var buf = rt.Buffers(1, cache);
-            buf.SetLinear([5], cache.Length, cache.Length);
-            var bt = new double[steps];
-            for (int i = 0; i < steps; i++)
+            double g = 0, b = 0;
+            for (int order = 0; order < 2; order++)
             {
-                long t0 = Stopwatch.GetTimestamp();
-                rt.Run(1, cache);
-                bt[i] = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+                if ((order + r) % 2 == 0)
+                {
+                    var res = gen.Generate(prompt, steps + 1, new SamplingOptions(), new HashSet<int>());
+                    g = res.Stats.DecodeMs / steps;
+                }
+                else
+                {
+                    using var cache = rt.CreateCache();
+                    gen.Prefill(cache, prompt);
+                    var buf = rt.Buffers(1, cache);
+                    buf.SetLinear([5], cache.Length, cache.Length);
+                    long t0 = System.Diagnostics.Stopwatch.GetTimestamp();
+                    for (int i = 0; i < steps; i++)
+                    {
+                        rt.Run(1, cache);
+                    }
+
+                    b = System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalMilliseconds / steps;
+                }
             }
 
-            Array.Sort(bt);
-            bareTimes.Add(bt.Average());
+            genTimes.Add(g);
+            bareTimes.Add(b);
+            ratios.Add(g / b);
         }
 
         genTimes.Sort();
         bareTimes.Sort();
-        return new Overhead(prompt.Length + (steps / 2), genTimes[genTimes.Count / 2], bareTimes[bareTimes.Count / 2]);
+        ratios.Sort();
+        return new Overhead(prompt.Length + (steps / 2), genTimes[genTimes.Count / 2], bareTimes[bareTimes.Count / 2], ratios[ratios.Count / 2]);
     }
 
     private static void WriteReport(DirectoryInfo? outDir, ModelBundle bundle, OrtModelRuntime rt, int cap, int reps, List<ProfileCell> cells,
