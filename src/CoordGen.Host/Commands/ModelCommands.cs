@@ -110,7 +110,18 @@ internal static class ModelCommands
             var fs = ParseList(parse.GetValue(fills)!, s => double.Parse(s, CultureInfo.InvariantCulture));
             int reps = Math.Max(3, parse.GetValue(repeats));
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
-            using var rt = ConsoleUi.Status("compiling graphs", () => new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads) }));
+            long rssWeights = CurrentRss();
+            using var one = new OrtModelRuntime(bundle.Weights, cap, [ws[0]], new RuntimeOptions { IntraOpThreads = parse.GetValue(threads) });
+            long rssOneGraph = CurrentRss();
+            one.Dispose();
+            using var rt = ConsoleUi.Status("compiling graphs", () =>
+            {
+                var r = new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads) });
+                r.CompileAll();
+                return r;
+            });
+            var memory = new MemoryReport(bundle.Weights.TotalBytes, rssWeights, rssOneGraph, CurrentRss(), rt.GraphCount);
+            AnsiConsole.MarkupLineInterpolated($"memory: weights {memory.WeightBytes / 1048576.0:F1} MiB; process RSS {memory.RssWeights / 1048576.0:F0} MiB with weights loaded, {memory.RssOneGraph / 1048576.0:F0} MiB with 1 graph, {memory.RssAllGraphs / 1048576.0:F0} MiB with all {memory.Graphs} graphs (widths x buckets) sharing them");
             var cells = new List<ProfileCell>();
             AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn()).Start(ctx =>
             {
@@ -145,7 +156,7 @@ internal static class ModelCommands
 
             AnsiConsole.Write(table);
             AnsiConsole.MarkupLineInterpolated($"engine overhead at fill {overhead.Fill}: generate {overhead.GenerateMsPerToken:F3} ms/token vs bare W=1 run {overhead.BareRunMs:F3} ms → [bold]{overhead.Ratio:F3}x[/] (bar: ≤ 1.10x)");
-            WriteReport(parse.GetValue(outDir), bundle, rt, cap, reps, cells, fs, ws, overhead);
+            WriteReport(parse.GetValue(outDir), bundle, rt, cap, reps, cells, fs, ws, overhead, memory);
             return 0;
         });
         return cmd;
@@ -154,6 +165,16 @@ internal static class ModelCommands
     internal sealed record ProfileCell(int Width, int Fill, double MedianMs);
 
     internal sealed record Overhead(int Fill, double GenerateMsPerToken, double BareRunMs, double Ratio);
+
+    internal sealed record MemoryReport(long WeightBytes, long RssWeights, long RssOneGraph, long RssAllGraphs, int Graphs);
+
+    private static long CurrentRss()
+    {
+        GC.Collect();
+        using var p = System.Diagnostics.Process.GetCurrentProcess();
+        p.Refresh();
+        return p.WorkingSet64;
+    }
 
     private static List<T> ParseList<T>(string s, Func<string, T> parse)
         => s.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(parse).ToList();
@@ -237,7 +258,7 @@ internal static class ModelCommands
     }
 
     private static void WriteReport(DirectoryInfo? outDir, ModelBundle bundle, OrtModelRuntime rt, int cap, int reps, List<ProfileCell> cells,
-        List<double> fills, List<int> widths, Overhead overhead)
+        List<double> fills, List<int> widths, Overhead overhead, MemoryReport memory)
     {
         string dir = outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench");
         Directory.CreateDirectory(dir);
@@ -247,7 +268,9 @@ internal static class ModelCommands
         md.AppendLine(CultureInfo.InvariantCulture, $"# Latency against graph width: {bundle.Name}");
         md.AppendLine();
         md.AppendLine(stamp.ToMarkdown());
-        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen model profile --model {bundle.Directory} --capacity {cap} --repeats {reps}`. Capacity C={cap}; median of {reps} runs per cell; ONNX Runtime CPU provider. Weights shared by {rt.Widths.Count} widths: {rt.SharedWeightBytes / 1048576.0:F1} MiB held once.");
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen model profile --model {bundle.Directory} --capacity {cap} --repeats {reps}`. Capacity C={cap}; median of {reps} runs per cell; ONNX Runtime CPU provider. Graphs: {rt.GraphCount} (widths {string.Join(",", widths)} x KV buckets {string.Join(",", rt.Buckets)}), all sharing one copy of the weights ({rt.SharedWeightBytes / 1048576.0:F1} MiB, float32).");
+        md.AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Memory (process RSS): {memory.RssWeights / 1048576.0:F0} MiB with the weights loaded, {memory.RssOneGraph / 1048576.0:F0} MiB with one graph, {memory.RssAllGraphs / 1048576.0:F0} MiB with all {memory.Graphs} graphs: {(memory.RssAllGraphs - memory.RssOneGraph) / 1048576.0:F0} MiB for {memory.Graphs - 1} more graphs, against {memory.WeightBytes / 1048576.0:F0} MiB per graph if each held its own weights.");
         md.AppendLine();
         md.Append("| width |");
         foreach (double f in fills)
@@ -281,6 +304,8 @@ internal static class ModelCommands
             capacity = cap,
             repeats = reps,
             shared_weight_bytes = rt.SharedWeightBytes,
+            graphs = rt.GraphCount,
+            rss_bytes = new { weights_loaded = memory.RssWeights, one_graph = memory.RssOneGraph, all_graphs = memory.RssAllGraphs },
             cells = cells.Select(c => new { width = c.Width, fill = c.Fill, median_ms = c.MedianMs }),
             overhead = new { fill = overhead.Fill, generate_ms_per_token = overhead.GenerateMsPerToken, bare_run_ms = overhead.BareRunMs, ratio = overhead.Ratio },
         }, new JsonSerializerOptions { WriteIndented = true }));
