@@ -32,7 +32,8 @@ internal static class ConsoleUi
 
     public static int Fail(string message)
     {
-        Err.MarkupLineInterpolated($"[red]error:[/] {message}");
+        // Plain text, unwrapped: error lines are read by people and by scripts alike.
+        Console.Error.WriteLine($"error: {message}");
         return 1;
     }
 }

@@ -1,0 +1,84 @@
+using System.Diagnostics;
+
+namespace CoordGen.Host.Tests;
+
+/// <summary>The coordgen command as a user runs it: a separate process, exit codes, and what it prints.</summary>
+public class CliTests
+{
+    private static string RepoRoot
+    {
+        get
+        {
+            for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)
+            {
+                if (File.Exists(Path.Combine(d.FullName, "CoordGen.sln")))
+                {
+                    return d.FullName;
+                }
+            }
+
+            throw new InvalidOperationException("CoordGen.sln not found");
+        }
+    }
+
+    private static (int Code, string Out, string Err) Run(params string[] args)
+    {
+        var psi = new ProcessStartInfo("dotnet", [Path.Combine(AppContext.BaseDirectory, "coordgen.dll"), .. args])
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            WorkingDirectory = RepoRoot,
+        };
+        psi.Environment["NO_COLOR"] = "1";
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        Assert.True(p.WaitForExit(120_000), "coordgen did not finish in 2 minutes");
+        return (p.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    [Fact]
+    public void Generate_should_stream_text_and_report_speed_when_run_on_the_default_model()
+    {
+        var (code, stdout, stderr) = Run("generate", "--max-tokens", "12");
+        Assert.Equal(0, code);
+        Assert.False(string.IsNullOrWhiteSpace(stdout));
+        Assert.Contains("tok/s", stderr);
+    }
+
+    [Fact]
+    public void Generate_should_be_reproducible_when_sampling_with_a_seed()
+    {
+        var a = Run("generate", "-n", "16", "--temperature", "0.9", "--seed", "7");
+        var b = Run("generate", "-n", "16", "--temperature", "0.9", "--seed", "7");
+        Assert.Equal(0, a.Code);
+        Assert.Equal(a.Out, b.Out);
+    }
+
+    [Theory]
+    [InlineData(new[] { "generate", "--model", "/nonexistent/model" }, "does not exist")]
+    [InlineData(new[] { "generate", "--max-tokens", "0" }, "--max-tokens must be between")]
+    [InlineData(new[] { "generate", "--temperature", "-1" }, "temperature must be between")]
+    [InlineData(new[] { "generate", "--top-p", "0" }, "top-p must be in")]
+    [InlineData(new[] { "generate", "--context", "/nonexistent.txt" }, "does not exist")]
+    [InlineData(new[] { "generate", "--capacity", "64", "-n", "8" }, "Shorten the prompt")]
+    [InlineData(new[] { "model", "synth", "--shape", "gpt-5", "--out", "/tmp/x" }, "unknown --shape")]
+    public void Commands_should_fail_with_a_clear_message_when_input_is_bad(string[] args, string message)
+    {
+        var (code, _, stderr) = Run(args);
+        Assert.Equal(1, code);
+        Assert.Contains(message, stderr.ReplaceLineEndings(" "));
+        Assert.DoesNotContain("   at ", stderr);
+    }
+
+    [Fact]
+    public void Help_should_explain_every_generate_option()
+    {
+        var (code, stdout, _) = Run("generate", "--help");
+        Assert.Equal(0, code);
+        foreach (var opt in new[] { "--model", "--prompt", "--context", "--max-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--capacity" })
+        {
+            Assert.Contains(opt, stdout);
+        }
+    }
+}
