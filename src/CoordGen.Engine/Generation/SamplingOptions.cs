@@ -47,21 +47,8 @@ public sealed class Sampler
         _rng = new Random(options.Seed);
     }
 
-    public static int Argmax(ReadOnlySpan<float> logits)
-    {
-        int best = 0;
-        float bv = logits[0];
-        for (int i = 1; i < logits.Length; i++)
-        {
-            if (logits[i] > bv)
-            {
-                bv = logits[i];
-                best = i;
-            }
-        }
-
-        return best;
-    }
+    /// <summary>Index of the largest logit; the lowest index wins ties (vectorized).</summary>
+    public static int Argmax(ReadOnlySpan<float> logits) => System.Numerics.Tensors.TensorPrimitives.IndexOfMax(logits);
 
     /// <summary>The distribution sampling draws from (after temperature, top-k, top-p), as probabilities.</summary>
     public float[] Distribution(ReadOnlySpan<float> logits)
