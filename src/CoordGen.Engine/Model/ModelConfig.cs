@@ -27,9 +27,25 @@ public sealed record ModelConfig
     public required bool TieWordEmbeddings { get; init; }
     public required bool AttentionBias { get; init; }
     public int? BosTokenId { get; init; }
+
+    /// <summary>RoPE scaling from config.json's rope_scaling (null = none).</summary>
+    public RopeScaling? RopeScaling { get; init; }
     public IReadOnlyList<int> EosTokenIds { get; init; } = [];
 
     public int KvDim => NumKvHeads * HeadDim;
+
+    /// <summary>RoPE inverse frequencies (D/2 values), with the configured scaling applied.</summary>
+    public float[] RopeInverseFrequencies()
+    {
+        var inv = new double[HeadDim / 2];
+        for (int i = 0; i < inv.Length; i++)
+        {
+            inv[i] = 1.0 / Math.Pow(RopeTheta, 2.0 * i / HeadDim);
+        }
+
+        RopeScaling?.Apply(inv);
+        return inv.Select(v => (float)v).ToArray();
+    }
     public int QDim => NumHeads * HeadDim;
 
     /// <summary>Parameter count implied by the shape (embeddings counted once when tied).</summary>
@@ -118,6 +134,7 @@ public sealed record ModelConfig
             TieWordEmbeddings = Bool("tie_word_embeddings", false),
             AttentionBias = arch == "Qwen2ForCausalLM" || Bool("attention_bias", false),
             BosTokenId = root.TryGetProperty("bos_token_id", out var b) && b.ValueKind == JsonValueKind.Number ? b.GetInt32() : null,
+            RopeScaling = root.TryGetProperty("rope_scaling", out var rs) && rs.ValueKind == JsonValueKind.Object ? RopeScaling.Parse(rs, source) : null,
             EosTokenIds = eos,
         };
         cfg.Validate(source);
@@ -170,6 +187,55 @@ public sealed record ModelConfig
             ["eos_token_id"] = EosTokenIds.Count == 1 ? EosTokenIds[0] : EosTokenIds,
         };
         return JsonSerializer.Serialize(o, new JsonSerializerOptions { WriteIndented = true });
+    }
+}
+
+/// <summary>
+/// RoPE scaling: "linear" divides every frequency by the factor; "llama3" (Llama 3.1/3.2) keeps high
+/// frequencies, divides low ones and interpolates between, as Hugging Face's reference does.
+/// </summary>
+public sealed record RopeScaling(string Type, double Factor, double LowFreqFactor, double HighFreqFactor, int OriginalMaxPositions)
+{
+    public static RopeScaling Parse(JsonElement e, string source)
+    {
+        string type = (e.TryGetProperty("rope_type", out var t) ? t.GetString() : e.TryGetProperty("type", out var t2) ? t2.GetString() : null) ?? "default";
+        double D(string k, double fallback) => e.TryGetProperty(k, out var v) && v.ValueKind == JsonValueKind.Number ? v.GetDouble() : fallback;
+        var r = new RopeScaling(type, D("factor", 1), D("low_freq_factor", 1), D("high_freq_factor", 4), (int)D("original_max_position_embeddings", 8192));
+        if (type is not ("default" or "linear" or "llama3"))
+        {
+            throw new ModelLoadException($"{source}: rope_scaling type '{type}' is not supported; CoordGen implements linear and llama3. Remove rope_scaling to use plain RoPE at short contexts.");
+        }
+
+        return r;
+    }
+
+    public void Apply(double[] inv)
+    {
+        if (Type == "linear")
+        {
+            for (int i = 0; i < inv.Length; i++)
+            {
+                inv[i] /= Factor;
+            }
+        }
+        else if (Type == "llama3")
+        {
+            double lowWavelen = OriginalMaxPositions / LowFreqFactor;
+            double highWavelen = OriginalMaxPositions / HighFreqFactor;
+            for (int i = 0; i < inv.Length; i++)
+            {
+                double wavelen = 2 * Math.PI / inv[i];
+                if (wavelen > lowWavelen)
+                {
+                    inv[i] /= Factor;
+                }
+                else if (wavelen >= highWavelen)
+                {
+                    double smooth = ((OriginalMaxPositions / wavelen) - LowFreqFactor) / (HighFreqFactor - LowFreqFactor);
+                    inv[i] = ((1 - smooth) * inv[i] / Factor) + (smooth * inv[i]);
+                }
+            }
+        }
     }
 }
 

@@ -67,11 +67,7 @@ public static class LlamaGraphCompiler
         string x = b.Node("Reshape", [b.Node("Gather", [embed, "input_ids"], attrs: GraphBuilder.Int("axis", 0)), shapeWH]);
 
         // Rotary tables from positions: cos/sin [1,1,W,D], halves duplicated (rotate_half convention).
-        var invFreq = new float[d / 2];
-        for (int i = 0; i < d / 2; i++)
-        {
-            invFreq[i] = (float)(1.0 / Math.Pow(c.RopeTheta, 2.0 * i / d));
-        }
+        var invFreq = c.RopeInverseFrequencies();
 
         string pos = b.Node("Reshape", [b.Node("Cast", ["position_ids"], attrs: GraphBuilder.Int("to", (long)DT.Float)), b.ConstInt64([w, 1])]);
         string freqs = b.Node("Mul", [pos, b.ConstFloat(invFreq, [1, d / 2], "inv_freq")]);

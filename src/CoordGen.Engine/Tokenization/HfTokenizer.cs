@@ -14,6 +14,9 @@ public sealed class HfTokenizer
     /// <summary>GPT-2's pre-tokenization pattern, used by the ByteLevel pre-tokenizer with use_regex.</summary>
     public const string Gpt2Pattern = @"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
+    /// <summary>GPT-2's pattern with single digits as pieces (a Digits(individual_digits) pre-tokenizer before ByteLevel).</summary>
+    public const string Gpt2IndividualDigitsPattern = @"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
     private readonly BpeTokenizer _bpe;
     private readonly Dictionary<int, string> _special;
 
@@ -93,12 +96,19 @@ public sealed class HfTokenizer
             case "Split" when pre.TryGetProperty("pattern", out var pat) && pat.TryGetProperty("Regex", out var rx):
                 return rx.GetString()!;
             case "Sequence":
+                bool digits = false;
                 foreach (var p in pre.GetProperty("pretokenizers").EnumerateArray())
                 {
                     string k = p.GetProperty("type").GetString() ?? "";
-                    if (k == "Split" || (k == "ByteLevel" && (!p.TryGetProperty("use_regex", out var ur) || ur.GetBoolean())))
+                    if (k == "Digits" && p.TryGetProperty("individual_digits", out var ind) && ind.GetBoolean())
                     {
-                        return FindPattern(p, path);
+                        // SmolLM2-style: every digit its own piece, then GPT-2's pattern on the rest.
+                        digits = true;
+                    }
+                    else if (k == "Split" || (k == "ByteLevel" && (!p.TryGetProperty("use_regex", out var ur) || ur.GetBoolean())))
+                    {
+                        string pattern = FindPattern(p, path);
+                        return digits && pattern == Gpt2Pattern ? Gpt2IndividualDigitsPattern : pattern;
                     }
                 }
 
