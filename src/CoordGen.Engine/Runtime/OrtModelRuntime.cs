@@ -98,13 +98,20 @@ public sealed class OrtModelRuntime : IDisposable
     public KvCache CreateCache() => new(Config.NumLayers, Config.NumKvHeads, Config.HeadDim, Buckets);
 
     /// <summary>Compiles every (width, bucket) graph now instead of on first use.</summary>
-    public void CompileAll()
+    public void CompileAll() => Prepare(Capacity);
+
+    /// <summary>Compiles every width's graphs for the buckets a session of up to <paramref name="slots"/> slots passes through.</summary>
+    public void Prepare(int slots)
     {
         foreach (int w in _widths)
         {
             foreach (int b in Buckets)
             {
                 _ = Graph(w, b);
+                if (b >= slots)
+                {
+                    break;
+                }
             }
         }
     }

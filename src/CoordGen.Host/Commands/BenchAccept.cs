@@ -85,7 +85,12 @@ internal static class BenchAccept
                 : new[] { "summary", "rag", "ui", "reply" }.Select(t => Path.Combine(root, "workloads", t + ".jsonl")).ToList();
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             int cap = parse.GetValue(capacity);
-            using var rt = ConsoleUi.Status("compiling graphs", () => new OrtModelRuntime(bundle.Weights, cap, [1, 64, .. ws]));
+            using var rt = ConsoleUi.Status("compiling graphs", () =>
+            {
+                var r = new OrtModelRuntime(bundle.Weights, cap, [1, 64, .. ws]);
+                r.CompileAll();
+                return r;
+            });
             var calib = new CalibrationOptions { TopK = parse.GetValue(calibK), Depth = parse.GetValue(calibDepth), MinProbability = parse.GetValue(calibMinP) };
             var rows = Run(bundle, rt, files, ws, ms, parse.GetValue(limit), calib);
             Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files);

@@ -2,6 +2,7 @@ using System.CommandLine;
 using CoordGen.Engine;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Speculative;
 using CoordGen.Engine.Tokenization;
 using Spectre.Console;
 
@@ -25,10 +26,17 @@ internal static class GenerateCommand
         var prefillWidth = CommonOptions.PrefillWidth();
         var threads = CommonOptions.Threads();
         var provider = CommonOptions.Provider();
+        var method = new Option<string>("--method")
+        {
+            Description = "Decoding method: ar (plain), pld, sam, sam+history, pld+ours, sam+ours (ours = calibration + draft reuse + token trees). All give the same greedy text; speculative methods are faster.",
+            DefaultValueFactory = _ => "sam+ours",
+        };
+        var width = new Option<int>("--width") { Description = "Verification width for speculative methods (tokens checked per step).", DefaultValueFactory = _ => 16 };
+        var history = new Option<FileInfo?>("--history") { Description = "History store of past responses (created if missing, updated after the run); drafts from it with sam+history.", HelpName = "FILE" };
 
         var cmd = new Command("generate", "Generate text for a prompt (and optional context file), streaming tokens as they are produced. Prints prefill and decode tokens/s at the end.")
         {
-            model, prompt, context, raw, maxTokens, temperature, topK, topP, seed, capacity, prefillWidth, threads, provider,
+            model, prompt, context, raw, maxTokens, temperature, topK, topP, seed, capacity, prefillWidth, threads, provider, method, width, history,
         };
         cmd.SetAction((parse, ct) =>
         {
@@ -73,20 +81,55 @@ internal static class GenerateCommand
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             string text = parse.GetValue(raw) ? promptText : PromptTemplate.Render(contextText, promptText, bundle.HasRoleTokens);
             int[] ids = bundle.Tokenizer.Encode(text);
-            using var runtime = ConsoleUi.Status("compiling graphs", () => new OrtModelRuntime(bundle.Weights, cap, [1, pw],
-                new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Provider = parse.GetValue(provider) }));
-            var gen = new Generator(runtime);
+            string m = parse.GetValue(method)!;
+            int w = parse.GetValue(width);
+            var spec = m == "ar" ? null : SpeculationOptions.ForMethod(m, w);
+            if (spec is not null && (w < 2 || w > 256))
+            {
+                throw new ArgumentException($"--width must be between 2 and 256 (got {w}).");
+            }
+
+            int[] widths = spec is null ? [1, pw] : [1, pw, w];
+            using var runtime = ConsoleUi.Status("compiling graphs", () =>
+            {
+                var rt = new OrtModelRuntime(bundle.Weights, cap, widths, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Provider = parse.GetValue(provider) });
+                rt.Prepare(Math.Min(cap, ids.Length + n + w));
+                return rt;
+            });
             var decoder = new StreamingDecoder(bundle.Tokenizer);
-            var result = gen.Generate(ids, n, sampling, bundle.StopTokens, id =>
+            bool Stream(int id)
             {
                 Console.Out.Write(decoder.Push(id));
                 Console.Out.Flush();
                 return true;
-            }, ct);
+            }
+
+            GenerationStats s;
+            string extra = "";
+            if (spec is null)
+            {
+                s = new Generator(runtime).Generate(ids, n, sampling, bundle.StopTokens, Stream, ct).Stats;
+            }
+            else
+            {
+                var historyFile = parse.GetValue(history);
+                var store = historyFile is null ? null : HistoryStore.Load(historyFile.FullName);
+                var r = new SpeculativeDecoder(runtime).Generate(ids, n, sampling, bundle.StopTokens, spec, store, Stream, ct);
+                s = r.Stats;
+                var a = r.Accounting;
+                extra = $"; {m} W={w}: {a.MeanAccepted:F2} tokens/step over {a.Steps} steps, accepted by source: " +
+                    string.Join(", ", Enum.GetValues<DraftSource>().Select(x => $"{x.ToString().ToLowerInvariant()} {a.Accepted(x)}/{a.Proposed(x)}")) +
+                    $", drafting {r.DraftMs / Math.Max(1, a.Steps):F3} ms/step";
+                if (store is not null && historyFile is not null)
+                {
+                    store.Add(r.Tokens.ToArray());
+                    store.Save(historyFile.FullName);
+                }
+            }
+
             Console.Out.WriteLine(decoder.Flush());
-            var s = result.Stats;
             ConsoleUi.Err.MarkupLineInterpolated(
-                $"[grey]prompt {s.PromptTokens} tokens, prefill {s.PrefillTokensPerSecond:F1} tok/s ({s.PrefillMs:F0} ms); decode {s.GeneratedTokens} tokens, {s.DecodeTokensPerSecond:F1} tok/s; stop: {s.StopReason}[/]");
+                $"[grey]prompt {s.PromptTokens} tokens, prefill {s.PrefillTokensPerSecond:F1} tok/s ({s.PrefillMs:F0} ms); decode {s.GeneratedTokens} tokens, {s.DecodeTokensPerSecond:F1} tok/s; stop: {s.StopReason}{extra}[/]");
             return Task.FromResult(0);
         });
         return cmd;
