@@ -143,6 +143,16 @@ public sealed class SpeculativeDecoder
             }
         }
 
+        var ngrams = spec.UseTree ? new NgramIndex() : null;
+        if (ngrams is not null)
+        {
+            foreach (int t in prompt)
+            {
+                ngrams.Add(t);
+            }
+        }
+
+        var branches = new List<int[]>();
         CalibratedIndex? calibrated = topK is null ? null : CalibratedIndex.Build(sequence, topK, spec.Calibration);
         var calCursor = calibrated is null ? default : calibrated.Automaton.Match(prompt[Math.Max(0, prompt.Length - 4)..]);
         calMs += Stopwatch.GetElapsedTime(tc).TotalMilliseconds;
@@ -192,7 +202,7 @@ public sealed class SpeculativeDecoder
             var buf = _runtime.Buffers(width, cache);
             tree.Clear();
             chainNodes.Clear();
-            BuildTree(spec, sequence, sam, samCursor, calibrated, calCursor, history, histCursor, reuse, tree, draft, chainNodes);
+            BuildTree(spec, sequence, sam, samCursor, calibrated, calCursor, history, histCursor, reuse, ngrams, branches, tree, draft, chainNodes);
             tree.RowParents(rowParents);
             buf.TokenIds[0] = root;
             buf.Positions[0] = cache.Length;
@@ -291,6 +301,7 @@ public sealed class SpeculativeDecoder
                 sam.Extend(token);
             }
 
+            ngrams?.Add(token);
             if (calibrated is not null)
             {
                 calCursor = calibrated.Automaton.Advance(calCursor, token);
@@ -319,7 +330,7 @@ public sealed class SpeculativeDecoder
 
     private static void BuildTree(SpeculationOptions spec, List<int> sequence, SuffixAutomaton sam, MatchCursor samCursor,
         CalibratedIndex? calibrated, MatchCursor calCursor, HistoryStore? history, MatchCursor histCursor, DraftReuse? reuse,
-        DraftTree tree, Span<int> draft, List<int> chainNodes)
+        NgramIndex? ngrams, List<int[]> branches, DraftTree tree, Span<int> draft, List<int> chainNodes)
     {
         // 1. The main chain from the chosen drafter.
         int n;
@@ -372,7 +383,18 @@ public sealed class SpeculativeDecoder
             }
         }
 
-        // 5. The main chain's remainder.
+        // 5. Other occurrences of the last bigram: their distinct continuations, most recent first.
+        if (ngrams is not null)
+        {
+            Span<int> firsts = stackalloc int[4];
+            ngrams.Continuations(4, Math.Max(2, tree.Capacity / 4), firsts, branches);
+            foreach (var b in branches)
+            {
+                tree.AddPath(b, DraftSource.Prompt);
+            }
+        }
+
+        // 6. The main chain's remainder.
         if (n > first)
         {
             tree.AddPath(mainChain, DraftSource.Prompt);
@@ -389,7 +411,7 @@ public sealed class SpeculativeDecoder
             }
         }
 
-        // 6. Alternates: continuations of shorter matches (other occurrences) fill the remaining width.
+        // 7. Alternates: continuations of shorter matches (other occurrences) fill the remaining width.
         if (spec.UseTree && samCursor.Length > 0)
         {
             var c = samCursor;
