@@ -132,3 +132,39 @@ public class DraftingTests
         Assert.Equal(0, store.Automaton.Match([1, 2]).Length >= 2 ? 1 : 0);
     }
 }
+
+public class NgramIndexTests
+{
+    [Fact]
+    public void Continuations_should_list_distinct_continuations_of_the_last_bigram_most_recent_first()
+    {
+        var idx = new NgramIndex();
+        foreach (int t in new[] { 1, 2, 3, 4, 1, 2, 5, 6, 1, 2, 3, 9, 1, 2 })
+        {
+            idx.Add(t);
+        }
+
+        var result = new List<int[]>();
+        Span<int> firsts = stackalloc int[4];
+        int n = idx.Continuations(4, 2, firsts, result);
+        // Occurrences of (1,2) end at 1, 5, 9 (and the last, 13, which has no continuation).
+        // Most recent first: 3 9 (from 9), 5 6 (from 5); 3 4 (from 1) repeats first token 3 and is skipped.
+        Assert.Equal(2, n);
+        Assert.Equal([3, 9], result[0]);
+        Assert.Equal([5, 6], result[1]);
+    }
+
+    [Fact]
+    public void Continuations_should_be_empty_when_the_bigram_is_new()
+    {
+        var idx = new NgramIndex();
+        foreach (int t in new[] { 1, 2, 3, 4 })
+        {
+            idx.Add(t);
+        }
+
+        var result = new List<int[]>();
+        Span<int> firsts = stackalloc int[4];
+        Assert.Equal(0, idx.Continuations(4, 3, firsts, result));
+    }
+}
