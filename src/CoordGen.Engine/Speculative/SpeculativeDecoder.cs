@@ -168,6 +168,9 @@ public sealed class SpeculativeDecoder
         var chainNodes = new List<int>(width);
         double draftMs = 0, deviceMs = 0;
         string reason = "length";
+        // The main chain earns the whole width while it keeps being accepted in full; after a miss,
+        // other sources get a share of the width first.
+        bool chainTrusted = false;
 
         int root = sampler.Next(first);
         bool done = false;
@@ -202,7 +205,7 @@ public sealed class SpeculativeDecoder
             var buf = _runtime.Buffers(width, cache);
             tree.Clear();
             chainNodes.Clear();
-            BuildTree(spec, sequence, sam, samCursor, calibrated, calCursor, history, histCursor, reuse, ngrams, branches, tree, draft, chainNodes);
+            BuildTree(spec, sequence, sam, samCursor, calibrated, calCursor, history, histCursor, reuse, ngrams, branches, tree, draft, chainNodes, chainTrusted);
             tree.RowParents(rowParents);
             buf.TokenIds[0] = root;
             buf.Positions[0] = cache.Length;
@@ -251,6 +254,13 @@ public sealed class SpeculativeDecoder
             }
 
             acct.Step(width, tree.Count, emitted.Count - 1, emitted.Count);
+            int chainAccepted = 0;
+            while (chainAccepted < chainNodes.Count && chainAccepted < nCommit - 1 && commitRows[chainAccepted + 1] == chainNodes[chainAccepted] + 1)
+            {
+                chainAccepted++;
+            }
+
+            chainTrusted = chainNodes.Count >= 3 && chainAccepted == chainNodes.Count;
             cache.Commit(buf.NewKeys, buf.NewValues, width, commitRows[..nCommit]);
 
             long t2 = Stopwatch.GetTimestamp();
@@ -330,7 +340,7 @@ public sealed class SpeculativeDecoder
 
     private static void BuildTree(SpeculationOptions spec, List<int> sequence, SuffixAutomaton sam, MatchCursor samCursor,
         CalibratedIndex? calibrated, MatchCursor calCursor, HistoryStore? history, MatchCursor histCursor, DraftReuse? reuse,
-        NgramIndex? ngrams, List<int[]> branches, DraftTree tree, Span<int> draft, List<int> chainNodes)
+        NgramIndex? ngrams, List<int[]> branches, DraftTree tree, Span<int> draft, List<int> chainNodes, bool chainTrusted)
     {
         // 1. The main chain from the chosen drafter.
         int n;
@@ -347,7 +357,7 @@ public sealed class SpeculativeDecoder
         // With other sources on, the main chain first takes at most ~60% of the width; it gets the rest
         // back at the end (AddPath continues a shared prefix), after the other sources had their turn.
         bool others = spec.UseCalibration || spec.UseReuse || spec.UseTree || spec.UseHistory;
-        int first = others ? Math.Max(2, tree.Capacity - ((tree.Capacity * 2) / 5)) : n;
+        int first = others && !chainTrusted ? Math.Max(2, tree.Capacity - ((tree.Capacity * 2) / 5)) : n;
         var mainChain = draft[..n].ToArray();
         tree.AddPath(mainChain.AsSpan(0, Math.Min(n, first)), DraftSource.Prompt);
         for (int i = 0, at = -1; i < Math.Min(n, first); i++)
