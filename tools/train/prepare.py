@@ -23,6 +23,9 @@ import tasks
 # which makes the copy mechanism form quickly; see README.md.
 MIX = [("summary", 0.26), ("rag", 0.26), ("ui", 0.14), ("reply", 0.14), ("plain", 0.20)]
 MIX_B = [("summary", 0.22), ("rag", 0.22), ("ui", 0.11), ("reply", 0.11), ("quote", 0.24), ("plain", 0.10)]
+# Mix C (after --switch-step-c) adds synthetic repeats of random token runs: the only way to predict
+# them is to copy, which is what forms induction heads quickly in small models.
+MIX_C = [("summary", 0.18), ("rag", 0.18), ("ui", 0.08), ("reply", 0.08), ("quote", 0.20), ("repeat", 0.20), ("plain", 0.08)]
 RESPONSE_WEIGHT = 2  # response tokens count twice in the loss: copying is what the model is for
 
 
@@ -39,6 +42,11 @@ def build_rows(factory: tasks.TaskFactory, enc: bpe.Encoder, n_tokens: int, seq:
         if kind == "plain":
             ids = enc.encode(factory.plain(lo // 2, hi))
             w = [1] * len(ids)
+        elif kind == "repeat":
+            seg = [rng.randrange(len(tasks.SPECIAL_TOKENS), len(enc.vocab)) for _ in range(rng.randint(8, 48))]
+            k = rng.randint(2, 4)
+            ids = seg * k + [end_id]
+            w = [1] * len(seg) + [RESPONSE_WEIGHT] * (len(ids) - len(seg))
         else:
             c, p, r = factory.make(kind, lo, hi)
             head = enc.encode(tasks.render(c, p))
@@ -66,6 +74,7 @@ def main() -> None:
     ap.add_argument("--short-tokens", type=int, default=6_000_000, help="tokens of 512-token rows (phase 1)")
     ap.add_argument("--long-tokens", type=int, default=3_000_000, help="tokens of 2048-token rows (phase 2)")
     ap.add_argument("--short-b-tokens", type=int, default=5_000_000, help="tokens of 512-token rows with mix B (phase 1b)")
+    ap.add_argument("--short-c-tokens", type=int, default=6_000_000, help="tokens of 512-token rows with mix C (phase 1c)")
     ap.add_argument("--only", default="", help="comma-separated row sets to (re)build, keeping work/tokenizer.json")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -106,15 +115,17 @@ def build_sets(args, factory, enc, docs, wn, rng) -> None:
              ("train_2048", factory, args.long_tokens, 2048, 1200, 6000, MIX),
              ("val_512", val_factory, 100_000, 512, 300, 1400, MIX),
              ("val_2048", val_factory, 200_000, 2048, 1200, 6000, MIX),
-             ("train_512b", factory, args.short_b_tokens, 512, 300, 1400, MIX_B)]
+             ("train_512b", factory, args.short_b_tokens, 512, 300, 1400, MIX_B),
+             ("train_512c", factory, args.short_c_tokens, 512, 300, 1400, MIX_C)]
     for name, fac, n, seq, lo, hi, mix in plans:
         if args.only and name not in args.only.split(","):
             continue
         set_rng = rng
-        if name == "train_512b":
-            # Its own seeded streams, so rebuilding only this set (--only) gives the same rows as a full run.
-            fac = tasks.TaskFactory(fac.docs, wn, args.seed + 7)
-            set_rng = random.Random(args.seed + 7)
+        if name in ("train_512b", "train_512c"):
+            # Own seeded streams, so rebuilding only this set (--only) gives the same rows as a full run.
+            offset = 7 if name == "train_512b" else 11
+            fac = tasks.TaskFactory(fac.docs, wn, args.seed + offset)
+            set_rng = random.Random(args.seed + offset)
         arr, warr = build_rows(fac, enc, n, seq, lo, hi, set_rng, name, mix)
         arr.tofile(os.path.join(args.work, f"{name}.bin"))
         warr.tofile(os.path.join(args.work, f"{name}.w.bin"))

@@ -194,9 +194,10 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=6)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--ffn", type=int, default=512)
-    ap.add_argument("--steps-short", type=int, default=1250, help="optimizer steps on 512-token rows")
-    ap.add_argument("--steps-long", type=int, default=130, help="optimizer steps on 2048-token rows")
+    ap.add_argument("--steps-short", type=int, default=1900, help="optimizer steps on 512-token rows")
+    ap.add_argument("--steps-long", type=int, default=110, help="optimizer steps on 2048-token rows")
     ap.add_argument("--switch-step", type=int, default=600, help="from this step on, short rows come from mix B (train_512b)")
+    ap.add_argument("--switch-step-c", type=int, default=800, help="from this step on, short rows come from mix C (train_512c)")
     ap.add_argument("--batch-short", type=int, default=8)
     ap.add_argument("--batch-long", type=int, default=1)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -217,6 +218,7 @@ def main() -> None:
 
     short, short_w = load_rows(args.work, "train_512", 512)
     short_b, short_b_w = load_rows(args.work, "train_512b", 512)
+    short_c, short_c_w = load_rows(args.work, "train_512c", 512)
     long, long_w = load_rows(args.work, "train_2048", 2048)
     vshort, vshort_w = load_rows(args.work, "val_512", 512)
     vlong, vlong_w = load_rows(args.work, "val_2048", 2048)
@@ -261,6 +263,7 @@ def main() -> None:
     order_short = np.random.default_rng(args.seed).permutation(len(short))
     order_long = np.random.default_rng(args.seed + 1).permutation(len(long))
     order_short_b = np.random.default_rng(args.seed + 2).permutation(len(short_b))
+    order_short_c = np.random.default_rng(args.seed + 3).permutation(len(short_c))
     t0 = time.time()
     while step < total:
         warm = 100
@@ -272,6 +275,11 @@ def main() -> None:
             i0 = (step * bs) % len(idx)
             sel = idx[i0:i0 + bs]
             rows, ws = short[sel], short_w[sel]
+        elif step >= args.switch_step_c and step < args.steps_short:
+            bs, idx = args.batch_short, order_short_c
+            i0 = ((step - args.switch_step_c) * bs) % len(idx)
+            sel = idx[i0:i0 + bs]
+            rows, ws = short_c[sel], short_c_w[sel]
         elif step < args.steps_short:
             bs, idx = args.batch_short, order_short_b
             i0 = ((step - args.switch_step) * bs) % len(idx)
