@@ -26,6 +26,8 @@ MIX_B = [("summary", 0.22), ("rag", 0.22), ("ui", 0.11), ("reply", 0.11), ("quot
 # Mix C (after --switch-step-c) adds synthetic repeats of random token runs: the only way to predict
 # them is to copy, which is what forms induction heads quickly in small models.
 MIX_C = [("summary", 0.18), ("rag", 0.18), ("ui", 0.08), ("reply", 0.08), ("quote", 0.20), ("repeat", 0.20), ("plain", 0.08)]
+# Mix D: mostly repeats, to push the copy mechanism over its phase change.
+MIX_D = [("summary", 0.12), ("rag", 0.12), ("ui", 0.04), ("reply", 0.04), ("quote", 0.20), ("repeat", 0.45), ("plain", 0.03)]
 RESPONSE_WEIGHT = 2  # response tokens count twice in the loss: copying is what the model is for
 
 
@@ -75,6 +77,7 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=3_000_000, help="tokens of 2048-token rows (phase 2)")
     ap.add_argument("--short-b-tokens", type=int, default=5_000_000, help="tokens of 512-token rows with mix B (phase 1b)")
     ap.add_argument("--short-c-tokens", type=int, default=6_000_000, help="tokens of 512-token rows with mix C (phase 1c)")
+    ap.add_argument("--short-d-tokens", type=int, default=2_000_000, help="tokens of 512-token rows with mix D")
     ap.add_argument("--only", default="", help="comma-separated row sets to (re)build, keeping work/tokenizer.json")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -116,14 +119,15 @@ def build_sets(args, factory, enc, docs, wn, rng) -> None:
              ("val_512", val_factory, 100_000, 512, 300, 1400, MIX),
              ("val_2048", val_factory, 200_000, 2048, 1200, 6000, MIX),
              ("train_512b", factory, args.short_b_tokens, 512, 300, 1400, MIX_B),
-             ("train_512c", factory, args.short_c_tokens, 512, 300, 1400, MIX_C)]
+             ("train_512c", factory, args.short_c_tokens, 512, 300, 1400, MIX_C),
+             ("train_512d", factory, args.short_d_tokens, 512, 300, 1400, MIX_D)]
     for name, fac, n, seq, lo, hi, mix in plans:
         if args.only and name not in args.only.split(","):
             continue
         set_rng = rng
-        if name in ("train_512b", "train_512c"):
+        if name in ("train_512b", "train_512c", "train_512d"):
             # Own seeded streams, so rebuilding only this set (--only) gives the same rows as a full run.
-            offset = 7 if name == "train_512b" else 11
+            offset = {"train_512b": 7, "train_512c": 11, "train_512d": 13}[name]
             fac = tasks.TaskFactory(fac.docs, wn, args.seed + offset)
             set_rng = random.Random(args.seed + offset)
         arr, warr = build_rows(fac, enc, n, seq, lo, hi, set_rng, name, mix)

@@ -196,8 +196,8 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--steps-short", type=int, default=1900, help="optimizer steps on 512-token rows")
     ap.add_argument("--steps-long", type=int, default=110, help="optimizer steps on 2048-token rows")
-    ap.add_argument("--switch-step", type=int, default=600, help="from this step on, short rows come from mix B (train_512b)")
-    ap.add_argument("--switch-step-c", type=int, default=800, help="from this step on, short rows come from mix C (train_512c)")
+    ap.add_argument("--phases", default="0:train_512,600:train_512b,800:train_512c,1000:train_512d,1400:train_512c",
+                    help="which 512-token row set each stretch of steps reads, as STEP:SET,... (see prepare.py's mixes)")
     ap.add_argument("--batch-short", type=int, default=8)
     ap.add_argument("--batch-long", type=int, default=1)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -216,16 +216,15 @@ def main() -> None:
     print(f"parameters: {n_params:,}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
-    short, short_w = load_rows(args.work, "train_512", 512)
-    short_b, short_b_w = load_rows(args.work, "train_512b", 512)
-    short_c, short_c_w = load_rows(args.work, "train_512c", 512)
+    phases = [(int(a), b) for a, b in (p.split(":") for p in args.phases.split(","))]
+    sets = {name: load_rows(args.work, name, 512) for _, name in phases}
     long, long_w = load_rows(args.work, "train_2048", 2048)
     vshort, vshort_w = load_rows(args.work, "val_512", 512)
     vlong, vlong_w = load_rows(args.work, "val_2048", 2048)
     total = args.steps_short + args.steps_long
 
     if args.bench:
-        for name, rows, ws, bs in (("short", short, short_w, args.batch_short), ("long", long, long_w, args.batch_long)):
+        for name, rows, ws, bs in (("short", *sets["train_512"], args.batch_short), ("long", long, long_w, args.batch_long)):
             t = time.time()
             for i in range(3):
                 loss = batch_loss(model, rows[i * bs:(i + 1) * bs], ws[i * bs:(i + 1) * bs])
@@ -260,31 +259,25 @@ def main() -> None:
     elif os.path.exists(log_path):
         os.remove(log_path)
 
-    order_short = np.random.default_rng(args.seed).permutation(len(short))
     order_long = np.random.default_rng(args.seed + 1).permutation(len(long))
-    order_short_b = np.random.default_rng(args.seed + 2).permutation(len(short_b))
-    order_short_c = np.random.default_rng(args.seed + 3).permutation(len(short_c))
+    orders = {name: np.random.default_rng(args.seed + (0 if name == "train_512" else 2 + ord(name[-1]) - ord("b"))).permutation(len(sets[name][0]))
+              for name in sets}
     t0 = time.time()
     while step < total:
         warm = 100
         lr = args.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
         for g in opt.param_groups:
             g["lr"] = lr
-        if step < min(args.switch_step, args.steps_short):
-            bs, idx = args.batch_short, order_short
-            i0 = (step * bs) % len(idx)
+        if step < args.steps_short:
+            # The phase this step is in, and how far into it: each phase reads its set from its own start.
+            k = max(i for i, p in enumerate(phases) if p[0] <= step)
+            start, name = phases[k]
+            # Steps this set already served in earlier phases, so a set revisited continues where it stopped.
+            served = sum(phases[j + 1][0] - phases[j][0] for j in range(k) if phases[j][1] == name)
+            bs, idx = args.batch_short, orders[name]
+            i0 = ((served + step - start) * bs) % len(idx)
             sel = idx[i0:i0 + bs]
-            rows, ws = short[sel], short_w[sel]
-        elif step >= args.switch_step_c and step < args.steps_short:
-            bs, idx = args.batch_short, order_short_c
-            i0 = ((step - args.switch_step_c) * bs) % len(idx)
-            sel = idx[i0:i0 + bs]
-            rows, ws = short_c[sel], short_c_w[sel]
-        elif step < args.steps_short:
-            bs, idx = args.batch_short, order_short_b
-            i0 = ((step - args.switch_step) * bs) % len(idx)
-            sel = idx[i0:i0 + bs]
-            rows, ws = short_b[sel], short_b_w[sel]
+            rows, ws = sets[name][0][sel], sets[name][1][sel]
         else:
             bs, idx = args.batch_long, order_long
             i0 = ((step - args.steps_short) * bs) % len(idx)
