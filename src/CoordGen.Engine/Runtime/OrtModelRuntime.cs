@@ -83,6 +83,47 @@ public sealed class OrtModelRuntime : IDisposable
 
     public int GraphCount => _graphs.Count;
 
+    private static readonly object EnvLock = new();
+    private static bool? _globalPools;
+
+    /// <summary>
+    /// One intra-op thread pool for every session of the process, created with the ONNX Runtime
+    /// environment. With a pool per session, dozens of (width, bucket) graphs each keep a worker
+    /// spinning after its last run and steal the cores from the graph that runs now. The thread count
+    /// of the first runtime created wins. False when the environment already existed without global pools.
+    /// </summary>
+    private static bool GlobalThreadPools(int threads)
+    {
+        lock (EnvLock)
+        {
+            if (_globalPools is null)
+            {
+                if (OrtEnv.IsCreated)
+                {
+                    _globalPools = false;
+                }
+                else
+                {
+                    var options = new EnvironmentCreationOptions
+                    {
+                        logLevel = OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR,
+                        logId = "coordgen",
+                        threadOptions = new OrtThreadingOptions
+                        {
+                            GlobalIntraOpNumThreads = threads,
+                            GlobalInterOpNumThreads = 1,
+                            GlobalSpinControl = true,
+                        },
+                    };
+                    OrtEnv.CreateInstanceWithOptions(ref options);
+                    _globalPools = true;
+                }
+            }
+
+            return _globalPools.Value;
+        }
+    }
+
     public static int[] CapacityBuckets(int capacity)
     {
         var b = new List<int>();
@@ -179,6 +220,10 @@ public sealed class OrtModelRuntime : IDisposable
             IntraOpNumThreads = _options.IntraOpThreads,
             LogSeverityLevel = OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR,
         };
+        if (GlobalThreadPools(_options.IntraOpThreads))
+        {
+            so.DisablePerSessionThreads();
+        }
         if (_options.Provider == ExecutionProviderKind.Qnn)
         {
             var qnn = new Dictionary<string, string> { ["backend_path"] = _options.QnnBackendPath ?? "libQnnHtp.so" };
