@@ -31,7 +31,7 @@ internal static class GenerateCommand
             Description = "Decoding method: ar (plain), pld, sam, sam+history, pld+ours, sam+ours (ours = calibration + draft reuse + token trees). All give the same greedy text; speculative methods are faster.",
             DefaultValueFactory = _ => "sam+ours",
         };
-        var width = new Option<int>("--width") { Description = "Verification width for speculative methods (tokens checked per step).", DefaultValueFactory = _ => 16 };
+        var width = new Option<int>("--width") { Description = "Verification width for speculative methods (tokens checked per step). 8 is the fastest on coordgen-demo (docs/bench/accept.md).", DefaultValueFactory = _ => 8 };
         var history = new Option<FileInfo?>("--history") { Description = "History store of past responses (created if missing, updated after the run); drafts from it with sam+history.", HelpName = "FILE" };
 
         var cmd = new Command("generate", "Generate text for a prompt (and optional context file), streaming tokens as they are produced. Prints prefill and decode tokens/s at the end.")
