@@ -68,23 +68,11 @@ public class DemoModelTests
             int[] ids = c.GetProperty("input_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
             int[] argmax = c.GetProperty("argmax").EnumerateArray().Select(e => e.GetInt32()).ToArray();
             var expected = c.GetProperty("logits_slice").EnumerateArray().Select(r => r.EnumerateArray().Select(e => e.GetSingle()).ToArray()).ToArray();
-            using var cache = rt.CreateCache();
-            var buf = rt.Buffers(16, cache);
-            for (int start = 0; start < ids.Length; start += 16)
+            TestModels.RunChunked(rt, ids, 16, (pos, row) =>
             {
-                int n = Math.Min(16, ids.Length - start);
-                buf.SetLinear(ids.AsSpan(start, n), start, cache.Length);
-                rt.Run(16, cache);
-                for (int i = 0; i < n; i++)
-                {
-                    var row = buf.LogitsRow(i).ToArray();
-                    var got = slice.Select(j => row[j]).ToArray();
-                    TestModels.AssertClose(expected[start + i], got, rel: 1e-4, what: $"position {start + i}");
-                    Assert.Equal(argmax[start + i], Sampler.Argmax(row));
-                }
-
-                cache.Commit(buf.NewKeys, buf.NewValues, 16, Enumerable.Range(0, n).ToArray());
-            }
+                TestModels.AssertClose(expected[pos], slice.Select(j => row[j]).ToArray(), rel: 1e-4, what: $"position {pos}");
+                Assert.Equal(argmax[pos], Sampler.Argmax(row));
+            });
         }
     }
 }

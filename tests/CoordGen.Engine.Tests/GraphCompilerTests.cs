@@ -17,20 +17,7 @@ public class GraphCompilerTests
         var expected = ReferenceForward.Logits(weights, tokens);
 
         using var rt = new OrtModelRuntime(weights, capacity: 32, widths: [1, 4]);
-        using var cache = rt.CreateCache();
-        var buf = rt.Buffers(4, cache);
-        for (int start = 0; start < tokens.Length; start += 4)
-        {
-            int n = Math.Min(4, tokens.Length - start);
-            buf.SetLinear(tokens.AsSpan(start, n), start, cache.Length);
-            rt.Run(4, cache);
-            for (int i = 0; i < n; i++)
-            {
-                TestModels.AssertClose(expected[start + i], buf.LogitsRow(i), what: $"token {start + i}");
-            }
-
-            cache.Commit(buf.NewKeys, buf.NewValues, 4, Enumerable.Range(0, n).ToArray());
-        }
+        TestModels.RunChunked(rt, tokens, 4, (pos, logits) => TestModels.AssertClose(expected[pos], logits, what: $"token {pos}"));
     }
 
     [Fact]

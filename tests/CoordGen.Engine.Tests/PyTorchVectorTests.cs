@@ -21,21 +21,8 @@ public class PyTorchVectorTests
         {
             int[] ids = c.GetProperty("input_ids").EnumerateArray().Select(e => e.GetInt32()).ToArray();
             var expected = c.GetProperty("logits").EnumerateArray().Select(r => r.EnumerateArray().Select(e => e.GetSingle()).ToArray()).ToArray();
-            using var cache = rt.CreateCache();
-            var buf = rt.Buffers(4, cache);
-            for (int start = 0; start < ids.Length; start += 4)
-            {
-                int n = Math.Min(4, ids.Length - start);
-                buf.SetLinear(ids.AsSpan(start, n), start, cache.Length);
-                rt.Run(4, cache);
-                for (int i = 0; i < n; i++)
-                {
-                    TestModels.AssertClose(expected[start + i], buf.LogitsRow(i), what: $"case {checkedCases} position {start + i}");
-                }
-
-                cache.Commit(buf.NewKeys, buf.NewValues, 4, Enumerable.Range(0, n).ToArray());
-            }
-
+            int caseIndex = checkedCases;
+            TestModels.RunChunked(rt, ids, 4, (pos, logits) => TestModels.AssertClose(expected[pos], logits, what: $"case {caseIndex} position {pos}"));
             checkedCases++;
         }
 

@@ -1,4 +1,5 @@
 using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
 
 namespace CoordGen.Engine.Tests;
 
@@ -22,6 +23,25 @@ internal static class TestModels
         AttentionBias = bias,
         EosTokenIds = [1],
     };
+
+    /// <summary>Feeds <paramref name="ids"/> through the width-W graph in causal chunks, calling <paramref name="check"/> with each position's logits.</summary>
+    public static void RunChunked(OrtModelRuntime rt, int[] ids, int width, Action<int, float[]> check)
+    {
+        using var cache = rt.CreateCache();
+        for (int start = 0; start < ids.Length; start += width)
+        {
+            int n = Math.Min(width, ids.Length - start);
+            var buf = rt.Buffers(width, cache);
+            buf.SetLinear(ids.AsSpan(start, n), start, cache.Length);
+            rt.Run(width, cache);
+            for (int i = 0; i < n; i++)
+            {
+                check(start + i, buf.LogitsRow(i).ToArray());
+            }
+
+            cache.Commit(buf.NewKeys, buf.NewValues, width, Enumerable.Range(0, n).ToArray());
+        }
+    }
 
     public static void AssertClose(float[] expected, ReadOnlySpan<float> actual, double rel = 1e-4, string what = "")
     {
