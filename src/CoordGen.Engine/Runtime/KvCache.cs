@@ -36,11 +36,6 @@ public sealed class KvCache : IDisposable
         }
     }
 
-    public KvCache(int layers, int kvHeads, int capacity, int headDim)
-        : this(layers, kvHeads, headDim, [capacity])
-    {
-    }
-
     public int Layers { get; }
 
     public int KvHeads { get; }
@@ -156,14 +151,6 @@ public sealed class KvCache : IDisposable
         }
 
         Length = other.Length;
-    }
-
-    /// <summary>Forgets slots past <paramref name="length"/> (their contents are masked from then on).</summary>
-    public void Truncate(int length)
-    {
-        ArgumentOutOfRangeException.ThrowIfGreaterThan(length, Length);
-        ArgumentOutOfRangeException.ThrowIfNegative(length);
-        Length = length;
     }
 
     public void Dispose()

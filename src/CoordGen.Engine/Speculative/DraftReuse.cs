@@ -14,8 +14,6 @@ public sealed class DraftReuse(int threshold)
 
     public int Threshold { get; } = threshold;
 
-    public ReadOnlySpan<int> Segment => _segment;
-
     /// <summary>
     /// Eq. 3 over one verified chain: <paramref name="draft"/>[i] is the chain's token at depth i+1 and
     /// <paramref name="predicted"/>[i] the model's prediction for that depth given the chain before it.

@@ -16,8 +16,6 @@ public sealed class SuffixAutomaton
 
     public IReadOnlyList<int> Text => _text;
 
-    public int StateCount => _len.Count;
-
     public int Length => _text.Count;
 
     private static long Key(int state, int token) => ((long)state << 32) | (uint)token;

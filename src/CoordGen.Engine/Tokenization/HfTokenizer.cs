@@ -18,12 +18,10 @@ public sealed class HfTokenizer
     public const string Gpt2IndividualDigitsPattern = @"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
     private readonly BpeTokenizer _bpe;
-    private readonly Dictionary<int, string> _special;
 
     private HfTokenizer(BpeTokenizer bpe, Dictionary<string, int> special, int vocabSize)
     {
         _bpe = bpe;
-        _special = special.ToDictionary(kv => kv.Value, kv => kv.Key);
         SpecialTokens = special;
         VocabSize = vocabSize;
     }
@@ -122,8 +120,6 @@ public sealed class HfTokenizer
     public int[] Encode(string text) => [.. _bpe.EncodeToIds(text)];
 
     public string Decode(IEnumerable<int> ids) => _bpe.Decode(ids) ?? "";
-
-    public bool IsSpecial(int id) => _special.ContainsKey(id);
 
     public int? TokenId(string token) => SpecialTokens.TryGetValue(token, out int id) ? id : null;
 }
