@@ -13,6 +13,7 @@ public static class Cli
         GenerateCommand.Create(),
         ModelCommands.Create(),
         BenchCommands.Create(),
+        Serving.ServeCommand.Create(),
     };
 
     public static async Task<int> RunAsync(string[] args)

@@ -1,3 +1,4 @@
+using System.Collections.Immutable;
 using System.Threading.Channels;
 
 namespace CoordGen.Messages;
@@ -9,28 +10,52 @@ public enum FailureKind
     CapacityExceeded,
     DeviceFault,
     Cancelled,
+
+    /// <summary>Every slot and queue place is taken; retry after <see cref="GenerationProtocol.GenerationFailed.RetryAfterSeconds"/>.</summary>
+    Overloaded,
+
+    /// <summary>The request named a context store that does not exist.</summary>
+    UnknownContextStore,
 }
 
-/// <summary>Messages between the host edge and the device actor for plain generation.</summary>
+/// <summary>Messages between the host edge, the generation supervisor and the device actor.</summary>
 public static class GenerationProtocol
 {
     /// <summary>
-    /// Host → device actor: generate for <paramref name="Prompt"/>. Tokens are written to
+    /// Host → supervisor: generate for <paramref name="Prompt"/>. Tokens are written to
     /// <paramref name="Output"/> as they are produced and the channel is completed at the end (with an
     /// exception on failure). Reply: <see cref="GenerationCompleted"/> or <see cref="GenerationFailed"/>.
+    /// <paramref name="Method"/> is "ar" (plain decoding) or a speculative method (pld, sam, sam+history,
+    /// pld+ours, sam+ours); greedy output is the same token for token whichever is chosen.
+    /// <paramref name="ContextStore"/> names a store whose documents the drafter retrieves from.
     /// </summary>
     public sealed record Generate(
         string SessionId,
         TokenSequence Prompt,
         int MaxTokens,
-        float Temperature,
-        int Seed,
+        Sampling Sampling,
+        string Method,
+        int Width,
+        string? ContextStore,
         ChannelWriter<int> Output,
         CancellationToken Cancellation);
 
-    /// <summary>Device actor → requester: the request finished; counts and timings for reports.</summary>
-    public sealed record GenerationCompleted(string SessionId, TokenSequence Tokens, string StopReason, double PrefillMs, double DecodeMs);
+    /// <summary>Sampling settings: temperature 0 is greedy.</summary>
+    public sealed record Sampling(float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0);
 
-    /// <summary>Device actor → requester: the request failed; the actor keeps serving others.</summary>
-    public sealed record GenerationFailed(string SessionId, FailureKind Kind, string Detail);
+    /// <summary>Supervisor/device → requester: the request finished; counts and timings for reports.</summary>
+    public sealed record GenerationCompleted(string SessionId, TokenSequence Tokens, string StopReason, double PrefillMs, double DecodeMs, SpeculationReport? Speculation);
+
+    /// <summary>What speculation did for one request: verification steps, tokens per step, drafts by source.</summary>
+    public sealed record SpeculationReport(
+        string Method,
+        int Width,
+        int Steps,
+        double TokensPerStep,
+        ImmutableDictionary<string, long> ProposedBySource,
+        ImmutableDictionary<string, long> AcceptedBySource,
+        double DraftMs);
+
+    /// <summary>Supervisor/device → requester: the request failed; the system keeps serving others.</summary>
+    public sealed record GenerationFailed(string SessionId, FailureKind Kind, string Detail, int RetryAfterSeconds = 0);
 }

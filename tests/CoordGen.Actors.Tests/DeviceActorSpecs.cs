@@ -44,7 +44,7 @@ public class DeviceActorSpecs : TestKit
 
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
         var channel = Channel.CreateBounded<int>(4);
-        device.Tell(new Generate("s1", TokenSequence.From(prompt), 20, 0f, 0, channel.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate("s1", TokenSequence.From(prompt), 20, new Sampling(), "ar", 1, null, channel.Writer, CancellationToken.None), TestActor);
         var streamed = new List<int>();
         await foreach (int t in channel.Reader.ReadAllAsync())
         {
@@ -61,9 +61,9 @@ public class DeviceActorSpecs : TestKit
     {
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
         var tooLong = Channel.CreateUnbounded<int>();
-        device.Tell(new Generate("big", TokenSequence.From(Enumerable.Range(0, 100).Select(i => i % 64)), 5, 0f, 0, tooLong.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate("big", TokenSequence.From(Enumerable.Range(0, 100).Select(i => i % 64)), 5, new Sampling(), "ar", 1, null, tooLong.Writer, CancellationToken.None), TestActor);
         var ok = Channel.CreateUnbounded<int>();
-        device.Tell(new Generate("small", TokenSequence.From([1, 2, 3]), 5, 0f, 0, ok.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate("small", TokenSequence.From([1, 2, 3]), 5, new Sampling(), "ar", 1, null, ok.Writer, CancellationToken.None), TestActor);
 
         var failed = await ExpectMsgAsync<GenerationFailed>();
         Assert.Equal(FailureKind.CapacityExceeded, failed.Kind);

@@ -155,6 +155,49 @@ def save_safetensors(path: str, tensors: dict[str, torch.Tensor], dtype=torch.fl
             f.write(b)
 
 
+SPECIALS = 5  # <|end|> <|context|> <|user|> <|assistant|> <|pad|> come first in the vocabulary
+
+
+def synthetic_row(rng, natural, seq: int, vocab: int):
+    """One row of packed copy examples: a span (random tokens, or a window of a corpus row), then one to
+    three repeats of it, then <|end|>. Only the repeats carry loss: the first occurrence is unpredictable
+    noise for random spans, and learning it would flatten the model's output distribution."""
+    toks, wts = [], []
+    while len(toks) < seq:
+        n = int(rng.integers(6, 64))
+        if rng.random() < 0.5:
+            span = rng.integers(SPECIALS, vocab, n).tolist()
+        else:
+            src = natural[int(rng.integers(len(natural)))]
+            i = int(rng.integers(0, len(src) - n))
+            span = [t for t in src[i:i + n].tolist() if t >= SPECIALS] or [SPECIALS]
+        k = int(rng.integers(1, 4))
+        toks += span * (k + 1) + [0]
+        wts += [0] * len(span) + [2] * (len(span) * k) + [1]
+    return np.array(toks[:seq], dtype=np.uint16), np.array(wts[:seq], dtype=np.uint8)
+
+
+def load_hf(model, path: str) -> None:
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    dt = {"F16": np.float16, "F32": np.float32}
+    state = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = t["data_offsets"]
+        state[name] = torch.from_numpy(np.frombuffer(data[a:b], dtype=dt[t["dtype"]]).reshape(t["shape"]).astype(np.float32))
+    own = model.hf_state()
+    missing = set(own) - set(state)
+    if missing:
+        raise SystemExit(f"{path} lacks {sorted(missing)[:3]}...")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(state[name])
+
+
 def load_rows(work: str, name: str, seq: int):
     a = np.fromfile(os.path.join(work, f"{name}.bin"), dtype=np.uint16).reshape(-1, seq)
     w = np.fromfile(os.path.join(work, f"{name}.w.bin"), dtype=np.uint8).reshape(-1, seq)
@@ -205,6 +248,12 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--bench", action="store_true", help="time a few steps of each phase and exit")
     ap.add_argument("--export-only", action="store_true", help="export the newest checkpoint to --out and exit")
+    ap.add_argument("--init-from", default="", help="start from an exported model directory (model.safetensors) "
+                    "instead of random weights; steps count from 0 with a fresh optimizer")
+    ap.add_argument("--synthetic", type=float, default=0.0,
+                    help="share of each short batch replaced by synthetic copy rows made on the fly (spans of "
+                         "random tokens or of corpus text, then repeated): the signal that forms induction heads")
+    ap.add_argument("--warmup", type=int, default=100)
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -212,6 +261,9 @@ def main() -> None:
     cfg = Config(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
                  num_key_value_heads=args.kv_heads, intermediate_size=args.ffn)
     model = Llama(cfg)
+    if args.init_from:
+        load_hf(model, os.path.join(args.init_from, "model.safetensors"))
+        print(f"initialised from {args.init_from}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -262,9 +314,10 @@ def main() -> None:
     order_long = np.random.default_rng(args.seed + 1).permutation(len(long))
     orders = {name: np.random.default_rng(args.seed + (0 if name == "train_512" else 2 + ord(name[-1]) - ord("b"))).permutation(len(sets[name][0]))
               for name in sets}
+    syn_rng = np.random.default_rng(args.seed + 100 + step)
     t0 = time.time()
     while step < total:
-        warm = 100
+        warm = args.warmup
         lr = args.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -278,6 +331,11 @@ def main() -> None:
             i0 = ((served + step - start) * bs) % len(idx)
             sel = idx[i0:i0 + bs]
             rows, ws = sets[name][0][sel], sets[name][1][sel]
+            n_syn = int(round(args.synthetic * bs))
+            if n_syn:
+                rows, ws = rows.copy(), ws.copy()
+                for r in range(n_syn):
+                    rows[r], ws[r] = synthetic_row(syn_rng, sets[name][0], rows.shape[1], cfg.vocab_size)
         else:
             bs, idx = args.batch_long, order_long
             i0 = ((step - args.steps_short) * bs) % len(idx)

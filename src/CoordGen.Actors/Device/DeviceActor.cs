@@ -1,6 +1,8 @@
+using System.Collections.Immutable;
 using Akka.Actor;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Speculative;
 using CoordGen.Messages;
 using static CoordGen.Messages.GenerationProtocol;
 
@@ -10,7 +12,8 @@ namespace CoordGen.Actors.Device;
 /// Owns the accelerator: the compiled graphs (an <see cref="OrtModelRuntime"/>) and every running
 /// request's KV cache. Runs one request at a time off the mailbox thread (stashing the rest) and pipes
 /// the outcome back, so the mailbox stays responsive. A request's failure is a reply, not a crash.
-/// This is the plain-generation slice the speculative pipeline (drafter, calibrator, verifier) builds on.
+/// Plain requests decode token by token; speculative ones draft from the context (and an optional
+/// context store) and verify token trees, with the same greedy output.
 /// </summary>
 public sealed class DeviceActor : ReceiveActor, IWithStash
 {
@@ -36,24 +39,25 @@ public sealed class DeviceActor : ReceiveActor, IWithStash
 
     private void Idle()
     {
-        Receive<Generate>(HandleGenerate);
+        Receive<Generate>(g => Start(new DeviceRun(g, null), Sender));
+        Receive<DeviceRun>(r => Start(r, Sender));
     }
 
     private void Busy()
     {
         Receive<Generate>(_ => Stash.Stash());
+        Receive<DeviceRun>(_ => Stash.Stash());
         Receive<Finished>(HandleFinished);
     }
 
-    private void HandleGenerate(Generate request)
+    private void Start(DeviceRun run, IActorRef replyTo)
     {
-        var replyTo = Sender;
         var self = Self;
         var runtime = _runtime!;
         var stops = _stopTokens;
         Become(Busy);
-        Task.Run(() => Run(runtime, stops, request))
-            .PipeTo(self, success: reply => new Finished(replyTo, reply), failure: ex => new Finished(replyTo, new GenerationFailed(request.SessionId, FailureKind.DeviceFault, ex.Message)));
+        Task.Run(() => Run(runtime, stops, run))
+            .PipeTo(self, success: reply => new Finished(replyTo, reply), failure: ex => new Finished(replyTo, Fail(run.Request, ex)));
     }
 
     private void HandleFinished(Finished f)
@@ -63,13 +67,20 @@ public sealed class DeviceActor : ReceiveActor, IWithStash
         Become(Idle);
     }
 
-    private static object Run(OrtModelRuntime runtime, IReadOnlySet<int> stops, Generate r)
+    private static GenerationFailed Fail(Generate r, Exception ex)
     {
+        r.Output.TryComplete(ex);
+        return new GenerationFailed(r.SessionId, FailureKind.DeviceFault, $"the device failed: {ex.Message}. The request can be retried.");
+    }
+
+    private static object Run(OrtModelRuntime runtime, IReadOnlySet<int> stops, DeviceRun run)
+    {
+        var r = run.Request;
         try
         {
-            var gen = new Generator(runtime);
-            var sampling = new SamplingOptions { Temperature = r.Temperature, Seed = r.Seed };
-            var result = gen.Generate(r.Prompt.Tokens.AsSpan(), r.MaxTokens, sampling, stops, id =>
+            var sampling = new SamplingOptions { Temperature = r.Sampling.Temperature, TopK = r.Sampling.TopK, TopP = r.Sampling.TopP, Seed = r.Sampling.Seed };
+            sampling.Validate();
+            bool Emit(int id)
             {
                 // Bounded channels are written with WaitToWrite so a slow reader pauses only this request.
                 while (!r.Output.TryWrite(id))
@@ -81,9 +92,29 @@ public sealed class DeviceActor : ReceiveActor, IWithStash
                 }
 
                 return true;
-            }, r.Cancellation);
+            }
+
+            object reply;
+            if (r.Method == "ar")
+            {
+                var result = new Generator(runtime).Generate(r.Prompt.Tokens.AsSpan(), r.MaxTokens, sampling, stops, Emit, r.Cancellation);
+                reply = new GenerationCompleted(r.SessionId, TokenSequence.From(result.Tokens), result.Stats.StopReason, result.Stats.PrefillMs, result.Stats.DecodeMs, null);
+            }
+            else
+            {
+                var spec = SpeculationOptions.ForMethod(r.Method, r.Width);
+                if (run.Store is not null)
+                {
+                    spec = spec with { UseHistory = true };
+                }
+
+                var result = new SpeculativeDecoder(runtime).Generate(r.Prompt.Tokens.AsSpan(), r.MaxTokens, sampling, stops, spec, run.Store, Emit, r.Cancellation);
+                reply = new GenerationCompleted(r.SessionId, TokenSequence.From(result.Tokens), result.Stats.StopReason, result.Stats.PrefillMs, result.Stats.DecodeMs,
+                    Report(r, result));
+            }
+
             r.Output.TryComplete();
-            return new GenerationCompleted(r.SessionId, TokenSequence.From(result.Tokens), result.Stats.StopReason, result.Stats.PrefillMs, result.Stats.DecodeMs);
+            return reply;
         }
         catch (OperationCanceledException)
         {
@@ -102,5 +133,26 @@ public sealed class DeviceActor : ReceiveActor, IWithStash
         }
     }
 
+    private static SpeculationReport Report(Generate r, SpeculativeResult result)
+    {
+        var a = result.Accounting;
+        var sources = Enum.GetValues<DraftSource>();
+        return new SpeculationReport(
+            r.Method,
+            r.Width,
+            a.Steps,
+            a.MeanAccepted,
+            sources.ToImmutableDictionary(s => s.ToString().ToLowerInvariant(), a.Proposed),
+            sources.ToImmutableDictionary(s => s.ToString().ToLowerInvariant(), a.Accepted),
+            result.DraftMs);
+    }
+
     private sealed record Finished(IActorRef ReplyTo, object Reply);
 }
+
+/// <summary>
+/// Supervisor → device: run <paramref name="Request"/>, drafting also from <paramref name="Store"/> (a
+/// snapshot never mutated after it is published, so the device may read it while the store actor
+/// builds the next one).
+/// </summary>
+public sealed record DeviceRun(Generate Request, HistoryStore? Store);

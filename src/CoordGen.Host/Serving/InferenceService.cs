@@ -1,0 +1,198 @@
+using System.Diagnostics;
+using System.Threading.Channels;
+using Akka.Actor;
+using Akka.Configuration;
+using CoordGen.Actors.Device;
+using CoordGen.Actors.Supervision;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Tokenization;
+using CoordGen.Messages;
+using static CoordGen.Messages.GenerationProtocol;
+
+namespace CoordGen.Host.Serving;
+
+/// <summary>One generation request as the edge (HTTP, IChatClient) hands it to the runtime.</summary>
+public sealed record InferenceRequest(
+    int[] Prompt,
+    int MaxTokens,
+    Sampling Sampling,
+    IReadOnlyList<string> Stop,
+    string? Method = null,
+    int? Width = null,
+    string? ContextStore = null);
+
+/// <summary>What came of a request: the text, why it ended, token counts and speculation statistics.</summary>
+public sealed record InferenceOutcome(string Text, string FinishReason, int PromptTokens, int CompletionTokens, double PrefillMs, double DecodeMs, SpeculationReport? Speculation);
+
+/// <summary>
+/// The loaded model behind an actor system: a <see cref="GenerationSupervisor"/> with its device and
+/// context-store actors. Turns token streams into text (stop sequences applied) and actor failures into
+/// <see cref="ApiException"/>s. Shared by the HTTP server and the in-process <see cref="CoordGenChatClient"/>.
+/// </summary>
+public sealed class InferenceService : IAsyncDisposable
+{
+    private readonly ActorSystem _system;
+    private long _next;
+
+    private InferenceService(ModelBundle bundle, ServerSettings settings, ActorSystem system, IActorRef supervisor)
+    {
+        Bundle = bundle;
+        Settings = settings;
+        _system = system;
+        Supervisor = supervisor;
+    }
+
+    public ModelBundle Bundle { get; }
+
+    public ServerSettings Settings { get; }
+
+    public IActorRef Supervisor { get; }
+
+    public string ModelName => Bundle.Name;
+
+    public static InferenceService Start(ModelBundle bundle, ServerSettings settings)
+    {
+        var problems = settings.Problems();
+        if (problems.Count > 0)
+        {
+            throw new ArgumentException("invalid settings: " + string.Join(" ", problems));
+        }
+
+        var config = ConfigurationFactory.ParseString("akka { loglevel = WARNING, stdout-loglevel = WARNING, log-dead-letters = off, log-dead-letters-during-shutdown = off }");
+        var system = ActorSystem.Create("coordgen", config);
+        int[] widths = [1, settings.PrefillWidth, settings.Width];
+        OrtModelRuntime NewRuntime()
+        {
+            var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.Threads });
+            rt.Prepare(Math.Min(settings.Capacity, OrtModelRuntime.SmallestBucket));
+            return rt;
+        }
+
+        var device = DeviceActor.Props(NewRuntime, bundle.StopTokens);
+        var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending), "generation");
+        return new InferenceService(bundle, settings, system, supervisor);
+    }
+
+    public int[] Encode(string text) => Bundle.Tokenizer.Encode(text);
+
+    /// <summary>Checks that a prompt and its output fit the context capacity; the error says what to change.</summary>
+    public int ResolveMaxTokens(int promptTokens, int? requested)
+    {
+        int cap = Settings.Capacity;
+        if (promptTokens == 0)
+        {
+            throw ApiException.BadRequest("the prompt is empty: send at least one non-empty message.", "messages");
+        }
+
+        if (promptTokens >= cap)
+        {
+            throw new ApiException(400, $"the prompt has {promptTokens} tokens but the context holds {cap}; shorten the prompt or context (or restart the server with a larger --capacity).", "messages", "context_length_exceeded");
+        }
+
+        if (requested is { } n)
+        {
+            if (n < 1)
+            {
+                throw ApiException.BadRequest($"max_tokens must be at least 1 (got {n}).", "max_tokens");
+            }
+
+            if ((long)promptTokens + n > cap)
+            {
+                throw new ApiException(400, $"the prompt has {promptTokens} tokens and max_tokens is {n}, but the context holds {cap}; lower max_tokens to at most {cap - promptTokens} or shorten the prompt.", "max_tokens", "context_length_exceeded");
+            }
+
+            return n;
+        }
+
+        return cap - promptTokens;
+    }
+
+    /// <summary>Runs a request, calling <paramref name="onText"/> with each piece of text as it is decoded.</summary>
+    public async Task<InferenceOutcome> RunAsync(InferenceRequest request, Func<string, Task> onText, CancellationToken cancellation)
+    {
+        string id = $"req-{Interlocked.Increment(ref _next)}";
+        var channel = Channel.CreateBounded<int>(new BoundedChannelOptions(64) { SingleReader = true, SingleWriter = true });
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(cancellation);
+        var message = new Generate(id, TokenSequence.From(request.Prompt), request.MaxTokens, request.Sampling,
+            request.Method ?? Settings.Method, request.Width ?? Settings.Width, request.ContextStore, channel.Writer, cts.Token);
+        var started = Stopwatch.GetTimestamp();
+        var replyTask = Supervisor.Ask<object>(message, Timeout.InfiniteTimeSpan);
+        var decoder = new StreamingDecoder(Bundle.Tokenizer);
+        var filter = new StopSequenceFilter(request.Stop);
+        var text = new System.Text.StringBuilder();
+        int produced = 0;
+        try
+        {
+            await foreach (int token in channel.Reader.ReadAllAsync(CancellationToken.None))
+            {
+                produced++;
+                string piece = filter.Push(decoder.Push(token));
+                if (piece.Length > 0)
+                {
+                    text.Append(piece);
+                    await onText(piece);
+                }
+
+                if (filter.Stopped)
+                {
+                    await cts.CancelAsync();
+                    break;
+                }
+            }
+        }
+        catch (Exception) when (!cancellation.IsCancellationRequested)
+        {
+            // The channel was completed with the failure; the supervisor's reply says what it was.
+        }
+        catch (Exception)
+        {
+            await cts.CancelAsync();
+        }
+
+        var reply = await replyTask;
+        cancellation.ThrowIfCancellationRequested();
+        if (!filter.Stopped)
+        {
+            string tail = filter.Push(decoder.Flush()) + filter.Flush();
+            if (tail.Length > 0)
+            {
+                text.Append(tail);
+                await onText(tail);
+            }
+        }
+
+        ServerMetrics.RequestDuration.Record(Stopwatch.GetElapsedTime(started).TotalSeconds);
+        switch (reply)
+        {
+            case GenerationCompleted done:
+                ServerMetrics.Record(done, request.Prompt.Length);
+                return new InferenceOutcome(text.ToString(), filter.Stopped || done.StopReason == "stop" ? "stop" : "length",
+                    request.Prompt.Length, done.Tokens.Count, done.PrefillMs, done.DecodeMs, done.Speculation);
+            case GenerationFailed { Kind: FailureKind.Cancelled } when filter.Stopped:
+                ServerMetrics.GeneratedTokens.Add(produced);
+                return new InferenceOutcome(text.ToString(), "stop", request.Prompt.Length, produced, 0, 0, null);
+            case GenerationFailed failed:
+                throw ToApi(failed);
+            default:
+                throw new ApiException(500, $"unexpected reply {reply.GetType().Name} from the runtime; please report this.");
+        }
+    }
+
+    private static ApiException ToApi(GenerationFailed f) => f.Kind switch
+    {
+        FailureKind.Overloaded => new ApiException(429, f.Detail, code: "server_busy", retryAfterSeconds: Math.Max(1, f.RetryAfterSeconds)),
+        FailureKind.CapacityExceeded => new ApiException(400, f.Detail, "messages", "context_length_exceeded"),
+        FailureKind.InvalidRequest => ApiException.BadRequest(f.Detail),
+        FailureKind.UnknownContextStore => new ApiException(404, f.Detail, "context_store", "context_store_not_found"),
+        FailureKind.Cancelled => new ApiException(499, f.Detail, code: "cancelled"),
+        _ => new ApiException(500, f.Detail, code: "device_fault"),
+    };
+
+    public Task<object> AskAsync(object message) => Supervisor.Ask<object>(message, TimeSpan.FromSeconds(30));
+
+    public async ValueTask DisposeAsync()
+    {
+        await _system.Terminate();
+    }
+}

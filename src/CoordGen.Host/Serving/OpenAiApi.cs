@@ -1,0 +1,246 @@
+using System.Text.Json;
+using System.Text.RegularExpressions;
+using CoordGen.Actors.Supervision;
+using CoordGen.Messages;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Routing;
+
+namespace CoordGen.Host.Serving;
+
+/// <summary>
+/// The HTTP surface: OpenAI's chat and text completion endpoints (streaming as server-sent events),
+/// model listing, health, and named context stores. Every refusal is an OpenAI-style error body
+/// (<c>{"error": {"message", "type", "param", "code"}}</c>) whose message says what to do.
+/// </summary>
+public static partial class OpenAiApi
+{
+    private static readonly JsonSerializerOptions Json = new() { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping, PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower, DefaultIgnoreCondition = System.Text.Json.Serialization.JsonIgnoreCondition.WhenWritingNull };
+
+    public static void Map(IEndpointRouteBuilder app, InferenceService service)
+    {
+        app.MapPost("/v1/chat/completions", ctx => Handle(ctx, "chat", () => Complete(ctx, service, chat: true)));
+        app.MapPost("/v1/completions", ctx => Handle(ctx, "completions", () => Complete(ctx, service, chat: false)));
+        app.MapGet("/v1/models", ctx => Handle(ctx, "models", () => Write(ctx, 200, new
+        {
+            @object = "list",
+            data = new[] { new { id = service.ModelName, @object = "model", created = Created, owned_by = "coordgen" } },
+        })));
+        app.MapGet("/health", ctx => Handle(ctx, "health", async () =>
+        {
+            var load = (GenerationSupervisor.Load)await service.AskAsync(new GenerationSupervisor.GetLoad());
+            await Write(ctx, 200, new { status = "ok", model = service.ModelName, pending = load.Pending, max_pending = load.MaxPending });
+        }));
+        app.MapPost("/v1/context_stores", ctx => Handle(ctx, "context_stores", async () =>
+        {
+            using var doc = await ReadJson(ctx);
+            string name = StoreName(RequestParser.String(doc.RootElement, "name", "name"));
+            await WriteStoreReply(ctx, await service.AskAsync(new ContextStoreProtocol.CreateStore(name)), 201);
+        }));
+        app.MapGet("/v1/context_stores", ctx => Handle(ctx, "context_stores", async () =>
+        {
+            var list = (ContextStoreProtocol.StoreList)await service.AskAsync(new ContextStoreProtocol.ListStores());
+            await Write(ctx, 200, new { @object = "list", data = list.Stores.Select(s => new { name = s.Name, documents = s.Documents, tokens = s.Tokens }) });
+        }));
+        app.MapPost("/v1/context_stores/{name}/documents", ctx => Handle(ctx, "context_stores", async () =>
+        {
+            string name = StoreName(ctx.Request.RouteValues["name"] as string);
+            using var doc = await ReadJson(ctx);
+            string text = RequestParser.String(doc.RootElement, "text", "text") ?? throw ApiException.BadRequest("'text' is required: the document to add.", "text");
+            if (text.Length == 0)
+            {
+                throw ApiException.BadRequest("'text' is empty: add a document with some text.", "text");
+            }
+
+            await WriteStoreReply(ctx, await service.AskAsync(new ContextStoreProtocol.AddDocument(name, TokenSequence.From(service.Encode(text)))), 200);
+        }));
+    }
+
+    private static readonly long Created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+
+    private static async Task Complete(HttpContext ctx, InferenceService service, bool chat)
+    {
+        using var doc = await ReadJson(ctx);
+        var req = chat ? RequestParser.ParseChat(doc.RootElement, service.Bundle.HasRoleTokens) : RequestParser.ParseCompletion(doc.RootElement);
+        if (req.Model is { } m && m != service.ModelName && m != "default")
+        {
+            throw new ApiException(404, $"model '{m}' is not served here; this server runs '{service.ModelName}' (GET /v1/models lists it).", "model", "model_not_found");
+        }
+
+        int[] prompt = service.Encode(req.PromptText);
+        int maxTokens = service.ResolveMaxTokens(prompt.Length, req.MaxTokens);
+        var request = new InferenceRequest(prompt, maxTokens, req.Sampling, req.Stop, req.Method, req.Width, req.ContextStore);
+        string id = (chat ? "chatcmpl-" : "cmpl-") + Guid.NewGuid().ToString("N")[..24];
+        long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+        string kind = chat ? "chat.completion" : "text_completion";
+        var ct = ctx.RequestAborted;
+
+        if (!req.Stream)
+        {
+            var outcome = await service.RunAsync(request, _ => Task.CompletedTask, ct);
+            object choice = chat
+                ? new { index = 0, message = new { role = "assistant", content = outcome.Text }, finish_reason = outcome.FinishReason, logprobs = (object?)null }
+                : new { index = 0, text = outcome.Text, finish_reason = outcome.FinishReason, logprobs = (object?)null };
+            await Write(ctx, 200, new { id, @object = kind, created, model = service.ModelName, choices = new[] { choice }, usage = Usage(outcome), coordgen = Extra(outcome) });
+            return;
+        }
+
+        ctx.Response.StatusCode = 200;
+        ctx.Response.ContentType = "text/event-stream";
+        ctx.Response.Headers.CacheControl = "no-cache";
+        string chunkKind = chat ? "chat.completion.chunk" : "text_completion";
+        if (chat)
+        {
+            await Event(ctx, new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, delta = new { role = "assistant", content = "" }, finish_reason = (string?)null } } });
+        }
+
+        InferenceOutcome done;
+        try
+        {
+            done = await service.RunAsync(request, piece => Event(ctx, chat
+                ? new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, delta = (object)new { content = piece }, finish_reason = (string?)null } } }
+                : new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, text = piece, finish_reason = (string?)null } } }), ct);
+        }
+        catch (ApiException ex)
+        {
+            // Headers are sent: the error travels as an event, then the stream ends.
+            await Event(ctx, new { error = new { message = ex.Message, type = ex.Type, param = ex.Param, code = ex.Code } });
+            await ctx.Response.WriteAsync("data: [DONE]\n\n", ct);
+            return;
+        }
+
+        object last = chat
+            ? new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, delta = (object)new { }, finish_reason = (string?)done.FinishReason } }, coordgen = Extra(done) }
+            : new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, text = "", finish_reason = (string?)done.FinishReason } }, coordgen = Extra(done) };
+        await Event(ctx, last);
+        if (req.IncludeUsage)
+        {
+            await Event(ctx, new { id, @object = chunkKind, created, model = service.ModelName, choices = Array.Empty<object>(), usage = Usage(done) });
+        }
+
+        await ctx.Response.WriteAsync("data: [DONE]\n\n", ct);
+    }
+
+    private static object Usage(InferenceOutcome o) => new { prompt_tokens = o.PromptTokens, completion_tokens = o.CompletionTokens, total_tokens = o.PromptTokens + o.CompletionTokens };
+
+    private static object Extra(InferenceOutcome o) => new
+    {
+        timings = new
+        {
+            prefill_ms = Math.Round(o.PrefillMs, 2),
+            decode_ms = Math.Round(o.DecodeMs, 2),
+            decode_tokens_per_second = o.DecodeMs > 0 ? Math.Round(o.CompletionTokens / (o.DecodeMs / 1000), 2) : 0,
+        },
+        speculation = o.Speculation is { } s ? new
+        {
+            method = s.Method,
+            width = s.Width,
+            steps = s.Steps,
+            tokens_per_step = Math.Round(s.TokensPerStep, 3),
+            draft_tokens_proposed = s.ProposedBySource,
+            draft_tokens_accepted = s.AcceptedBySource,
+            draft_ms = Math.Round(s.DraftMs, 3),
+        } : null,
+    };
+
+    private static async Task Event(HttpContext ctx, object payload)
+    {
+        await ctx.Response.WriteAsync("data: " + JsonSerializer.Serialize(payload, Json) + "\n\n", ctx.RequestAborted);
+        await ctx.Response.Body.FlushAsync(ctx.RequestAborted);
+    }
+
+    private static async Task<JsonDocument> ReadJson(HttpContext ctx)
+    {
+        try
+        {
+            using var buffer = new MemoryStream();
+            await ctx.Request.Body.CopyToAsync(buffer, ctx.RequestAborted);
+            var bytes = buffer.GetBuffer().AsMemory(0, (int)buffer.Length);
+            if (!System.Text.Unicode.Utf8.IsValid(bytes.Span))
+            {
+                throw ApiException.BadRequest("the request body is not valid UTF-8; encode the JSON (and every string in it) as UTF-8.");
+            }
+
+            return JsonDocument.Parse(bytes.ToArray());
+        }
+        catch (JsonException ex)
+        {
+            throw ApiException.BadRequest($"the request body is not valid JSON ({ex.Message.Split(" Path:")[0].TrimEnd('.')}); send a UTF-8 JSON object.");
+        }
+        catch (BadHttpRequestException ex) when (ex.StatusCode == 413)
+        {
+            throw new ApiException(413, $"the request body is larger than this server accepts ({ctx.Features.Get<Microsoft.AspNetCore.Http.Features.IHttpMaxRequestBodySizeFeature>()?.MaxRequestBodySize} bytes); send less context or raise MaxBodyBytes.", code: "request_too_large");
+        }
+    }
+
+    private static string StoreName(string? name)
+    {
+        if (name is null || !StoreNamePattern().IsMatch(name))
+        {
+            throw ApiException.BadRequest($"a context store name must be 1-64 letters, digits, '-' or '_' (got '{name}').", "name");
+        }
+
+        return name;
+    }
+
+    [GeneratedRegex("^[A-Za-z0-9_-]{1,64}$")]
+    private static partial Regex StoreNamePattern();
+
+    private static Task WriteStoreReply(HttpContext ctx, object reply, int okStatus) => reply switch
+    {
+        ContextStoreProtocol.StoreInfo s => Write(ctx, okStatus, new { name = s.Name, documents = s.Documents, tokens = s.Tokens }),
+        ContextStoreProtocol.StoreMissing m => throw new ApiException(404, $"context store '{m.Name}' does not exist; create it with POST /v1/context_stores {{\"name\": \"{m.Name}\"}}.", "name", "context_store_not_found"),
+        ContextStoreProtocol.StoreRefused r => throw new ApiException(409, r.Reason, "name", "too_many_context_stores"),
+        _ => throw new ApiException(500, "unexpected reply from the context store actor; please report this."),
+    };
+
+    private static Task Write(HttpContext ctx, int status, object payload)
+    {
+        ctx.Response.StatusCode = status;
+        return ctx.Response.WriteAsJsonAsync(payload, Json, ctx.RequestAborted);
+    }
+
+    /// <summary>Runs an endpoint: refusals become OpenAI-style errors; a vanished client is not an error.</summary>
+    private static async Task Handle(HttpContext ctx, string endpoint, Func<Task> run)
+    {
+        string outcome = "ok";
+        try
+        {
+            await run();
+        }
+        catch (ApiException ex)
+        {
+            outcome = ex.Status.ToString(System.Globalization.CultureInfo.InvariantCulture);
+            await WriteError(ctx, ex);
+        }
+        catch (OperationCanceledException) when (ctx.RequestAborted.IsCancellationRequested)
+        {
+            outcome = "client_closed";
+        }
+        catch (Exception ex) when (ex is not OperationCanceledException)
+        {
+            outcome = "500";
+            await WriteError(ctx, new ApiException(500, $"internal error: {ex.Message}. The server keeps running; please report this."));
+        }
+        finally
+        {
+            ServerMetrics.Requests.Add(1, new("endpoint", endpoint), new("outcome", outcome));
+        }
+    }
+
+    public static async Task WriteError(HttpContext ctx, ApiException ex)
+    {
+        if (ctx.Response.HasStarted || ctx.RequestAborted.IsCancellationRequested)
+        {
+            return;
+        }
+
+        ctx.Response.Clear();
+        if (ex.RetryAfterSeconds > 0)
+        {
+            ctx.Response.Headers.RetryAfter = ex.RetryAfterSeconds.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        }
+
+        await Write(ctx, ex.Status, new { error = new { message = ex.Message, type = ex.Type, param = ex.Param, code = ex.Code } });
+    }
+}

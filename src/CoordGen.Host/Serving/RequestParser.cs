@@ -1,0 +1,294 @@
+using System.Text;
+using System.Text.Json;
+using CoordGen.Engine;
+using static CoordGen.Messages.GenerationProtocol;
+
+namespace CoordGen.Host.Serving;
+
+/// <summary>A completion request after validation: the rendered prompt text and generation settings.</summary>
+public sealed record ParsedRequest(
+    string? Model,
+    string PromptText,
+    int? MaxTokens,
+    Sampling Sampling,
+    IReadOnlyList<string> Stop,
+    bool Stream,
+    bool IncludeUsage,
+    string? Method,
+    int? Width,
+    string? ContextStore);
+
+/// <summary>
+/// Reads OpenAI-style request bodies field by field, so that every mistake gets an error naming the
+/// field and what it should be. Unknown fields are ignored, as OpenAI's clients send many.
+/// CoordGen's own fields: <c>context_store</c> (a store to draft from), <c>speculation</c>
+/// (<c>{"method": "sam+ours", "width": 8}</c>) and <c>top_k</c>.
+/// </summary>
+public static class RequestParser
+{
+    public static ParsedRequest ParseChat(JsonElement body, bool hasRoleTokens)
+    {
+        RequireObject(body);
+        if (!body.TryGetProperty("messages", out var messages))
+        {
+            throw ApiException.BadRequest("'messages' is required: an array of {\"role\": \"user\", \"content\": \"...\"} objects.", "messages");
+        }
+
+        if (messages.ValueKind != JsonValueKind.Array || messages.GetArrayLength() == 0)
+        {
+            throw ApiException.BadRequest("'messages' must be a non-empty array of {\"role\", \"content\"} objects.", "messages");
+        }
+
+        var turns = new List<(string Role, string Text)>();
+        int i = 0;
+        foreach (var m in messages.EnumerateArray())
+        {
+            string param = $"messages[{i++}]";
+            if (m.ValueKind != JsonValueKind.Object)
+            {
+                throw ApiException.BadRequest($"'{param}' must be an object with 'role' and 'content'.", param);
+            }
+
+            string role = String(m, "role", param + ".role") ?? throw ApiException.BadRequest($"'{param}.role' is required (system, user or assistant).", param + ".role");
+            if (role is not ("system" or "developer" or "user" or "assistant"))
+            {
+                throw ApiException.BadRequest($"'{param}.role' must be system, developer, user or assistant (got '{role}').", param + ".role");
+            }
+
+            turns.Add((role, Content(m, param + ".content")));
+        }
+
+        string rendered = RenderChat(turns, hasRoleTokens);
+        return Common(body, rendered);
+    }
+
+    /// <summary>
+    /// Chat turns into the model's template: system messages and earlier turns form the context section
+    /// (what drafting retrieves from); the last message, which must be the user's, is the prompt.
+    /// </summary>
+    public static string RenderChat(IReadOnlyList<(string Role, string Text)> turns, bool hasRoleTokens)
+    {
+        if (turns.Count == 0 || turns[^1].Role != "user")
+        {
+            throw ApiException.BadRequest("the last message must be from the user: it is what the model answers.", "messages");
+        }
+
+        string prompt = turns[^1].Text;
+        if (string.IsNullOrWhiteSpace(prompt))
+        {
+            throw ApiException.BadRequest("the last user message is empty: give the model something to answer.", "messages");
+        }
+
+        var context = new StringBuilder();
+        foreach (var (role, text) in turns.Take(turns.Count - 1))
+        {
+            if (context.Length > 0)
+            {
+                context.Append('\n');
+            }
+
+            context.Append(role switch
+            {
+                "user" => "User: " + text,
+                "assistant" => "Assistant: " + text,
+                _ => text,
+            });
+        }
+
+        return PromptTemplate.Render(context.Length == 0 ? null : context.ToString(), prompt, hasRoleTokens);
+    }
+
+    public static ParsedRequest ParseCompletion(JsonElement body)
+    {
+        RequireObject(body);
+        if (!body.TryGetProperty("prompt", out var p))
+        {
+            throw ApiException.BadRequest("'prompt' is required: the text to continue.", "prompt");
+        }
+
+        string prompt = p.ValueKind switch
+        {
+            JsonValueKind.String => p.GetString()!,
+            JsonValueKind.Array when p.GetArrayLength() == 1 && p[0].ValueKind == JsonValueKind.String => p[0].GetString()!,
+            _ => throw ApiException.BadRequest("'prompt' must be a string (or an array holding one string).", "prompt"),
+        };
+        if (prompt.Length == 0)
+        {
+            throw ApiException.BadRequest("'prompt' is empty: give the model text to continue.", "prompt");
+        }
+
+        return Common(body, prompt);
+    }
+
+    private static ParsedRequest Common(JsonElement body, string prompt)
+    {
+        if (body.TryGetProperty("n", out var n) && n.ValueKind != JsonValueKind.Null && (n.ValueKind != JsonValueKind.Number || !n.TryGetInt32(out int nv) || nv != 1))
+        {
+            throw ApiException.BadRequest("'n' must be 1: CoordGen returns one choice per request.", "n");
+        }
+
+        int? maxTokens = Int(body, "max_completion_tokens") ?? Int(body, "max_tokens");
+        float temperature = (float)(Number(body, "temperature") ?? 0);
+        if (temperature is < 0 or > 2)
+        {
+            throw ApiException.BadRequest($"'temperature' must be between 0 and 2 (got {temperature}); 0 is greedy.", "temperature");
+        }
+
+        float topP = (float)(Number(body, "top_p") ?? 1);
+        if (topP is <= 0 or > 1)
+        {
+            throw ApiException.BadRequest($"'top_p' must be in (0, 1] (got {topP}).", "top_p");
+        }
+
+        int topK = Int(body, "top_k") ?? 0;
+        if (topK < 0)
+        {
+            throw ApiException.BadRequest($"'top_k' must be 0 (off) or positive (got {topK}).", "top_k");
+        }
+
+        long seed = body.TryGetProperty("seed", out var s) && s.ValueKind == JsonValueKind.Number && s.TryGetInt64(out long sv) ? sv
+            : s.ValueKind is JsonValueKind.Undefined or JsonValueKind.Null ? 0
+            : throw ApiException.BadRequest("'seed' must be an integer.", "seed");
+
+        var stop = new List<string>();
+        if (body.TryGetProperty("stop", out var st) && st.ValueKind != JsonValueKind.Null)
+        {
+            if (st.ValueKind == JsonValueKind.String)
+            {
+                stop.Add(st.GetString()!);
+            }
+            else if (st.ValueKind == JsonValueKind.Array && st.GetArrayLength() <= 4 && st.EnumerateArray().All(e => e.ValueKind == JsonValueKind.String))
+            {
+                stop.AddRange(st.EnumerateArray().Select(e => e.GetString()!));
+            }
+            else
+            {
+                throw ApiException.BadRequest("'stop' must be a string or an array of up to 4 strings.", "stop");
+            }
+
+            if (stop.Any(x => x.Length == 0))
+            {
+                throw ApiException.BadRequest("'stop' sequences must not be empty strings.", "stop");
+            }
+        }
+
+        bool stream = Bool(body, "stream") ?? false;
+        bool includeUsage = body.TryGetProperty("stream_options", out var so) && so.ValueKind == JsonValueKind.Object && (Bool(so, "include_usage") ?? false);
+
+        string? method = null;
+        int? width = null;
+        if (body.TryGetProperty("speculation", out var spec) && spec.ValueKind != JsonValueKind.Null)
+        {
+            if (spec.ValueKind != JsonValueKind.Object)
+            {
+                throw ApiException.BadRequest("'speculation' must be an object such as {\"method\": \"sam+ours\", \"width\": 8}.", "speculation");
+            }
+
+            method = String(spec, "method", "speculation.method");
+            width = Int(spec, "width", "speculation.width");
+            if (method is not null and not ("ar" or "pld" or "sam" or "sam+history" or "pld+ours" or "sam+ours"))
+            {
+                throw ApiException.BadRequest($"'speculation.method' must be one of ar, pld, sam, sam+history, pld+ours, sam+ours (got '{method}').", "speculation.method");
+            }
+
+            if (width is < 2 or > 256)
+            {
+                throw ApiException.BadRequest($"'speculation.width' must be between 2 and 256 (got {width}).", "speculation.width");
+            }
+        }
+
+        string? store = String(body, "context_store", "context_store");
+        return new ParsedRequest(String(body, "model", "model"), prompt, maxTokens, new Sampling(temperature, topK, topP, (int)(seed & 0x7fffffff)),
+            stop, stream, includeUsage, method, width, store);
+    }
+
+    private static void RequireObject(JsonElement body)
+    {
+        if (body.ValueKind != JsonValueKind.Object)
+        {
+            throw ApiException.BadRequest($"the request body must be a JSON object (got {body.ValueKind.ToString().ToLowerInvariant()}).");
+        }
+    }
+
+    private static string Content(JsonElement m, string param)
+    {
+        if (!m.TryGetProperty("content", out var c) || c.ValueKind == JsonValueKind.Null)
+        {
+            throw ApiException.BadRequest($"'{param}' is required: the message text.", param);
+        }
+
+        if (c.ValueKind == JsonValueKind.String)
+        {
+            return c.GetString()!;
+        }
+
+        if (c.ValueKind == JsonValueKind.Array)
+        {
+            var sb = new StringBuilder();
+            foreach (var part in c.EnumerateArray())
+            {
+                if (part.ValueKind != JsonValueKind.Object || String(part, "type", param) != "text" || String(part, "text", param) is not { } t)
+                {
+                    throw ApiException.BadRequest($"'{param}' parts must be {{\"type\": \"text\", \"text\": \"...\"}}: CoordGen's models read text only.", param);
+                }
+
+                sb.Append(t);
+            }
+
+            return sb.ToString();
+        }
+
+        throw ApiException.BadRequest($"'{param}' must be a string or an array of text parts.", param);
+    }
+
+    public static string? String(JsonElement o, string name, string param)
+    {
+        if (!o.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null)
+        {
+            return null;
+        }
+
+        return v.ValueKind == JsonValueKind.String ? v.GetString() : throw ApiException.BadRequest($"'{param}' must be a string (got {v.ValueKind.ToString().ToLowerInvariant()}).", param);
+    }
+
+    private static double? Number(JsonElement o, string name)
+    {
+        if (!o.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null)
+        {
+            return null;
+        }
+
+        return v.ValueKind == JsonValueKind.Number ? v.GetDouble() : throw ApiException.BadRequest($"'{name}' must be a number (got {v.ValueKind.ToString().ToLowerInvariant()}).", name);
+    }
+
+    private static int? Int(JsonElement o, string name, string? param = null)
+    {
+        param ??= name;
+        if (!o.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null)
+        {
+            return null;
+        }
+
+        if (v.ValueKind != JsonValueKind.Number || !v.TryGetInt64(out long x))
+        {
+            throw ApiException.BadRequest($"'{param}' must be an integer (got {(v.ValueKind == JsonValueKind.Number ? v.GetRawText() : v.ValueKind.ToString().ToLowerInvariant())}).", param);
+        }
+
+        return x > int.MaxValue ? int.MaxValue : x < int.MinValue ? int.MinValue : (int)x;
+    }
+
+    private static bool? Bool(JsonElement o, string name)
+    {
+        if (!o.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null)
+        {
+            return null;
+        }
+
+        return v.ValueKind switch
+        {
+            JsonValueKind.True => true,
+            JsonValueKind.False => false,
+            _ => throw ApiException.BadRequest($"'{name}' must be true or false.", name),
+        };
+    }
+}

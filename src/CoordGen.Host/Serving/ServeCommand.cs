@@ -1,0 +1,177 @@
+using System.CommandLine;
+using System.Net;
+using System.Threading.RateLimiting;
+using CoordGen.Host.Commands;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Hosting.Server.Features;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.RateLimiting;
+using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+using OpenTelemetry.Metrics;
+
+namespace CoordGen.Host.Serving;
+
+/// <summary><c>coordgen serve</c>: an OpenAI-compatible HTTP server over the actor runtime.</summary>
+internal static class ServeCommand
+{
+    public static Command Create()
+    {
+        var config = new Option<FileInfo?>("--config") { Description = "A JSON settings file (like appsettings.json: { \"Server\": { \"Port\": 8080, ... } }).", HelpName = "FILE" };
+        var model = CommonOptions.Model();
+        var host = new Option<string?>("--host") { Description = "Address to bind. Default 127.0.0.1 (this machine only); 0.0.0.0 serves every interface (set --api-key too).", HelpName = "ADDR" };
+        var port = new Option<int?>("--port") { Description = "TCP port. Default 8080; 0 picks a free port (the address is printed).", HelpName = "PORT" };
+        var capacity = new Option<int?>("--capacity") { Description = "KV cache slots per request (prompt plus output). Default 2048.", HelpName = "N" };
+        var prefillWidth = new Option<int?>("--prefill-width") { Description = "Width of the prefill graph. Default 64.", HelpName = "N" };
+        var threads = new Option<int?>("--threads") { Description = "ONNX Runtime intra-op threads; 0 (default) = one per core.", HelpName = "N" };
+        var method = new Option<string?>("--method") { Description = "Default decoding method: ar, pld, sam, sam+history, pld+ours, sam+ours (default). Requests may choose their own with \"speculation\": {\"method\": ...}.", HelpName = "METHOD" };
+        var width = new Option<int?>("--width") { Description = "Default verification width for speculative methods. Default 8.", HelpName = "N" };
+        var maxPending = new Option<int?>("--max-pending") { Description = "Requests running or queued at once; more get 429 with Retry-After. Default 16.", HelpName = "N" };
+        var maxBody = new Option<long?>("--max-body-bytes") { Description = "Largest request body accepted; larger gets 413. Default 1048576.", HelpName = "BYTES" };
+        var apiKey = new Option<string?>("--api-key") { Description = "Require 'Authorization: Bearer KEY' on /v1 endpoints. Default: none (fine on loopback). Also COORDGEN_Server__ApiKey.", HelpName = "KEY" };
+        var rpm = new Option<int?>("--requests-per-minute") { Description = "Rate limit per client address; 0 (default) = unlimited.", HelpName = "N" };
+
+        var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
+        {
+            config, model, host, port, capacity, prefillWidth, threads, method, width, maxPending, maxBody, apiKey, rpm,
+        };
+        cmd.SetAction(async (parse, ct) =>
+        {
+            var overrides = new Dictionary<string, string?>();
+            void Put<T>(Option<T> o, string key)
+            {
+                if (parse.GetResult(o) is { Implicit: false } && parse.GetValue(o) is { } v)
+                {
+                    overrides[$"{ServerSettings.Section}:{key}"] = Convert.ToString(v, System.Globalization.CultureInfo.InvariantCulture);
+                }
+            }
+
+            Put(model, "Model");
+            Put(host, "Host");
+            Put(port, "Port");
+            Put(capacity, "Capacity");
+            Put(prefillWidth, "PrefillWidth");
+            Put(threads, "Threads");
+            Put(method, "Method");
+            Put(width, "Width");
+            Put(maxPending, "MaxPending");
+            Put(maxBody, "MaxBodyBytes");
+            Put(apiKey, "ApiKey");
+            Put(rpm, "RequestsPerMinute");
+            var settings = LoadSettings(parse.GetValue(config), overrides);
+            await RunAsync(settings, ct);
+            return 0;
+        });
+        return cmd;
+    }
+
+    public static ServerSettings LoadSettings(FileInfo? file, IDictionary<string, string?> overrides)
+    {
+        var builder = new ConfigurationBuilder()
+            .AddJsonFile(Path.Combine(Directory.GetCurrentDirectory(), "appsettings.json"), optional: true);
+        if (file is not null)
+        {
+            if (!file.Exists)
+            {
+                throw new FileNotFoundException($"--config file '{file.FullName}' does not exist.");
+            }
+
+            builder.AddJsonFile(file.FullName, optional: false);
+        }
+
+        builder.AddEnvironmentVariables("COORDGEN_").AddInMemoryCollection(overrides);
+        ServerSettings settings;
+        try
+        {
+            var root = builder.Build();
+            settings = root.GetSection(ServerSettings.Section).Get<ServerSettings>() ?? new ServerSettings();
+        }
+        catch (InvalidOperationException ex)
+        {
+            throw new ArgumentException($"a setting has the wrong type: {ex.Message} Fix it in the settings file, environment or options.");
+        }
+        catch (InvalidDataException ex)
+        {
+            throw new ArgumentException($"the settings file is not valid JSON: {ex.Message}");
+        }
+
+        var problems = settings.Problems();
+        if (problems.Count > 0)
+        {
+            throw new ArgumentException("invalid server settings: " + string.Join(" ", problems));
+        }
+
+        return settings;
+    }
+
+    private static async Task RunAsync(ServerSettings settings, CancellationToken ct)
+    {
+        var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(settings.Model));
+        await using var service = ConsoleUi.Status("compiling graphs", () => InferenceService.Start(bundle, settings));
+
+        var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [], ContentRootPath = Directory.GetCurrentDirectory() });
+        builder.Logging.ClearProviders();
+        builder.Logging.AddSimpleConsole(o => o.SingleLine = true).SetMinimumLevel(LogLevel.Warning);
+        builder.WebHost.ConfigureKestrel(k =>
+        {
+            k.Limits.MaxRequestBodySize = settings.MaxBodyBytes;
+            k.AddServerHeader = false;
+            var ip = settings.Host == "localhost" ? IPAddress.Loopback : IPAddress.Parse(settings.Host);
+            k.Listen(ip, settings.Port);
+        });
+        builder.Services.AddOpenTelemetry().WithMetrics(m => m
+            .AddMeter(ServerMetrics.MeterName)
+            .AddAspNetCoreInstrumentation()
+            .AddPrometheusExporter());
+        if (settings.RequestsPerMinute > 0)
+        {
+            builder.Services.AddRateLimiter(o =>
+            {
+                o.GlobalLimiter = PartitionedRateLimiter.Create<HttpContext, string>(ctx => RateLimitPartition.GetFixedWindowLimiter(
+                    ctx.Connection.RemoteIpAddress?.ToString() ?? "unknown",
+                    _ => new FixedWindowRateLimiterOptions { PermitLimit = settings.RequestsPerMinute, Window = TimeSpan.FromMinutes(1), QueueLimit = 0 }));
+                o.OnRejected = (r, _) => new ValueTask(OpenAiApi.WriteError(r.HttpContext,
+                    new ApiException(429, $"rate limit: at most {settings.RequestsPerMinute} requests per minute per client; retry later.", code: "rate_limit_exceeded", retryAfterSeconds: 60)));
+            });
+        }
+
+        var app = builder.Build();
+        if (settings.RequestsPerMinute > 0)
+        {
+            app.UseRateLimiter();
+        }
+
+        if (settings.ApiKey is { Length: > 0 } key)
+        {
+            app.Use(async (ctx, next) =>
+            {
+                if (ctx.Request.Path.StartsWithSegments("/v1") && ctx.Request.Headers.Authorization.ToString() != "Bearer " + key)
+                {
+                    await OpenAiApi.WriteError(ctx, new ApiException(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with the key the server was started with.", code: "invalid_api_key"));
+                    return;
+                }
+
+                await next(ctx);
+            });
+        }
+
+        app.UseOpenTelemetryPrometheusScrapingEndpoint();
+        OpenAiApi.Map(app, service);
+        await app.StartAsync(ct);
+        string address = app.Services.GetRequiredService<Microsoft.AspNetCore.Hosting.Server.IServer>().Features.Get<IServerAddressesFeature>()?.Addresses.FirstOrDefault() ?? "?";
+        Console.Out.WriteLine($"coordgen serving {service.ModelName} on {address} (OpenAI API at {address}/v1; Ctrl+C stops)");
+        Console.Out.Flush();
+        try
+        {
+            await app.WaitForShutdownAsync(ct);
+        }
+        catch (OperationCanceledException)
+        {
+        }
+
+        await app.StopAsync(CancellationToken.None);
+    }
+}

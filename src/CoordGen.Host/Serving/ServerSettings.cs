@@ -1,0 +1,115 @@
+using System.Text.RegularExpressions;
+using CoordGen.Engine.Speculative;
+
+namespace CoordGen.Host.Serving;
+
+/// <summary>
+/// <c>coordgen serve</c> settings, bound from configuration section <c>Server</c>: appsettings.json
+/// in the working directory, a file given with --config, environment variables
+/// (<c>COORDGEN_Server__Port=9000</c>), then command-line options, each overriding the one before.
+/// </summary>
+public sealed class ServerSettings
+{
+    public const string Section = "Server";
+
+    /// <summary>Model directory; empty = the embedded models/coordgen-demo.</summary>
+    public string? Model { get; set; }
+
+    /// <summary>Address to bind. Loopback by default: set 0.0.0.0 (and an ApiKey) to serve other machines.</summary>
+    public string Host { get; set; } = "127.0.0.1";
+
+    /// <summary>TCP port; 0 picks a free one (the chosen address is printed).</summary>
+    public int Port { get; set; } = 8080;
+
+    public int Capacity { get; set; } = 2048;
+
+    public int PrefillWidth { get; set; } = 64;
+
+    public int Threads { get; set; }
+
+    /// <summary>Default decoding method for requests that do not choose one.</summary>
+    public string Method { get; set; } = "sam+ours";
+
+    public int Width { get; set; } = 8;
+
+    /// <summary>Requests running or queued at once; more are refused with 429 and Retry-After.</summary>
+    public int MaxPending { get; set; } = 16;
+
+    /// <summary>Largest request body accepted, in bytes; larger ones get 413.</summary>
+    public long MaxBodyBytes { get; set; } = 1 << 20;
+
+    /// <summary>When set, /v1 endpoints need <c>Authorization: Bearer KEY</c>.</summary>
+    public string? ApiKey { get; set; }
+
+    /// <summary>Requests per minute per client address; 0 = unlimited.</summary>
+    public int RequestsPerMinute { get; set; }
+
+    /// <summary>Every problem with these settings, each saying what to change; empty when valid.</summary>
+    public IReadOnlyList<string> Problems()
+    {
+        var p = new List<string>();
+        if (Port is < 0 or > 65535)
+        {
+            p.Add($"Port must be between 0 and 65535 (got {Port}).");
+        }
+
+        if (!System.Net.IPAddress.TryParse(Host, out _) && Host != "localhost")
+        {
+            p.Add($"Host must be an IP address or 'localhost' (got '{Host}'); 127.0.0.1 serves this machine only, 0.0.0.0 every interface.");
+        }
+
+        if (Capacity is < 16 or > 65536)
+        {
+            p.Add($"Capacity must be between 16 and 65536 (got {Capacity}).");
+        }
+
+        if (PrefillWidth is < 1 or > 1024)
+        {
+            p.Add($"PrefillWidth must be between 1 and 1024 (got {PrefillWidth}).");
+        }
+
+        if (Threads is < 0 or > 256)
+        {
+            p.Add($"Threads must be between 0 (one per core) and 256 (got {Threads}).");
+        }
+
+        if (Method != "ar")
+        {
+            try
+            {
+                SpeculationOptions.ForMethod(Method, Width);
+            }
+            catch (ArgumentException ex)
+            {
+                p.Add($"Method: {ex.Message}");
+            }
+        }
+
+        if (Width is < 2 or > 256)
+        {
+            p.Add($"Width must be between 2 and 256 (got {Width}).");
+        }
+
+        if (MaxPending is < 1 or > 10_000)
+        {
+            p.Add($"MaxPending must be between 1 and 10000 (got {MaxPending}).");
+        }
+
+        if (MaxBodyBytes is < 1024 or > 256L << 20)
+        {
+            p.Add($"MaxBodyBytes must be between 1024 and 268435456 (got {MaxBodyBytes}).");
+        }
+
+        if (ApiKey is { Length: > 0 } key && (key.Length < 8 || Regex.IsMatch(key, @"\s")))
+        {
+            p.Add("ApiKey must be at least 8 characters without spaces.");
+        }
+
+        if (RequestsPerMinute is < 0 or > 1_000_000)
+        {
+            p.Add($"RequestsPerMinute must be between 0 (unlimited) and 1000000 (got {RequestsPerMinute}).");
+        }
+
+        return p;
+    }
+}

@@ -1,0 +1,68 @@
+using System.Threading.Channels;
+using Akka.Actor;
+using Akka.TestKit.Xunit2;
+using CoordGen.Actors.Device;
+using CoordGen.Actors.Supervision;
+using CoordGen.Messages;
+using static CoordGen.Messages.GenerationProtocol;
+
+namespace CoordGen.Actors.Tests;
+
+public class GenerationSupervisorSpecs : TestKit
+{
+    private static Generate Request(string id, string? store = null) =>
+        new(id, TokenSequence.From([1, 2, 3]), 4, new Sampling(), "ar", 1, store, Channel.CreateUnbounded<int>().Writer, CancellationToken.None);
+
+    [Fact]
+    public async Task Supervisor_should_refuse_with_a_retry_hint_when_running_plus_queued_reaches_the_limit()
+    {
+        var device = CreateTestProbe();
+        var supervisor = Sys.ActorOf(GenerationSupervisor.Props(Props.Create(() => new FakeForwardingDevice(device.Ref)), maxPending: 2));
+
+        supervisor.Tell(Request("a"), TestActor);
+        supervisor.Tell(Request("b"), TestActor);
+        supervisor.Tell(Request("c"), TestActor);
+
+        var refused = await ExpectMsgAsync<GenerationFailed>();
+        Assert.Equal("c", refused.SessionId);
+        Assert.Equal(FailureKind.Overloaded, refused.Kind);
+        Assert.True(refused.RetryAfterSeconds > 0);
+
+        // Finishing one frees a place: the next request is admitted.
+        var first = await device.ExpectMsgAsync<DeviceRun>();
+        device.Reply(new GenerationCompleted(first.Request.SessionId, TokenSequence.Empty, "length", 0, 0, null));
+        Assert.Equal("a", (await ExpectMsgAsync<GenerationCompleted>()).SessionId);
+        supervisor.Tell(Request("d"), TestActor);
+        await device.ExpectMsgAsync<DeviceRun>();
+        var admitted = await device.ExpectMsgAsync<DeviceRun>();
+        Assert.Equal("d", admitted.Request.SessionId);
+    }
+
+    [Fact]
+    public async Task Supervisor_should_fail_a_request_naming_a_missing_context_store_and_resolve_an_existing_one()
+    {
+        var device = CreateTestProbe();
+        var supervisor = Sys.ActorOf(GenerationSupervisor.Props(Props.Create(() => new FakeForwardingDevice(device.Ref)), maxPending: 4));
+
+        supervisor.Tell(Request("x", store: "notes"), TestActor);
+        var failed = await ExpectMsgAsync<GenerationFailed>();
+        Assert.Equal(FailureKind.UnknownContextStore, failed.Kind);
+        Assert.Contains("create it", failed.Detail);
+
+        supervisor.Tell(new ContextStoreProtocol.CreateStore("notes"), TestActor);
+        await ExpectMsgAsync<ContextStoreProtocol.StoreInfo>();
+        supervisor.Tell(new ContextStoreProtocol.AddDocument("notes", TokenSequence.From([5, 6, 7, 8])), TestActor);
+        Assert.Equal(1, (await ExpectMsgAsync<ContextStoreProtocol.StoreInfo>()).Documents);
+
+        supervisor.Tell(Request("y", store: "notes"), TestActor);
+        var run = await device.ExpectMsgAsync<DeviceRun>();
+        Assert.NotNull(run.Store);
+        Assert.Equal(1, run.Store!.Responses);
+    }
+
+    /// <summary>Fake device for scheduling tests: hands every run to a probe, which answers for it.</summary>
+    private sealed class FakeForwardingDevice : ReceiveActor
+    {
+        public FakeForwardingDevice(IActorRef probe) => Receive<DeviceRun>(r => probe.Forward(r));
+    }
+}

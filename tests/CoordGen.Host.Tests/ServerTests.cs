@@ -1,0 +1,220 @@
+using System.ClientModel;
+using System.Net;
+using System.Net.Http.Json;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using OpenAI;
+using OpenAI.Chat;
+
+namespace CoordGen.Host.Tests;
+
+/// <summary>A real <c>coordgen serve</c> process called over loopback, by the official OpenAI SDK and by raw HTTP.</summary>
+public class ServerTests(ServerProcess server) : IClassFixture<ServerProcess>
+{
+    private const string Document = "The old lighthouse on the northern cape was kept by a single keeper for forty years. Every evening the keeper climbed the narrow stairs, trimmed the wick and lit the great lamp.";
+
+    private ChatClient Chat() => new("coordgen-demo", new ApiKeyCredential("not-needed"), new OpenAIClientOptions { Endpoint = new Uri(server.BaseUrl, "/v1") });
+
+    [Fact]
+    public async Task OpenAI_sdk_should_get_the_same_text_streaming_and_not_when_decoding_greedily()
+    {
+        var client = Chat();
+        ChatMessage[] messages = [new SystemChatMessage(Document), new UserChatMessage("Summarize the document.")];
+        var options = new ChatCompletionOptions { MaxOutputTokenCount = 24, Temperature = 0 };
+
+        ChatCompletion whole = await client.CompleteChatAsync(messages, options);
+        var streamed = new StringBuilder();
+        ChatFinishReason? finish = null;
+        await foreach (var update in client.CompleteChatStreamingAsync(messages, options))
+        {
+            foreach (var part in update.ContentUpdate)
+            {
+                streamed.Append(part.Text);
+            }
+
+            finish ??= update.FinishReason;
+        }
+
+        Assert.False(string.IsNullOrWhiteSpace(whole.Content[0].Text));
+        Assert.Equal(whole.Content[0].Text, streamed.ToString());
+        Assert.Equal(24, whole.Usage.OutputTokenCount);
+        Assert.True(whole.Usage.InputTokenCount > 30);
+        Assert.Equal(ChatFinishReason.Length, whole.FinishReason);
+        Assert.Equal(ChatFinishReason.Length, finish);
+    }
+
+    [Fact]
+    public async Task OpenAI_sdk_should_list_the_served_model()
+    {
+        var models = new OpenAIClient(new ApiKeyCredential("not-needed"), new OpenAIClientOptions { Endpoint = new Uri(server.BaseUrl, "/v1") }).GetOpenAIModelClient();
+        var list = await models.GetModelsAsync();
+        Assert.Contains(list.Value, m => m.Id == "coordgen-demo");
+    }
+
+    [Fact]
+    public async Task Speculative_output_should_equal_plain_greedy_output_over_http_on_workload_prompts()
+    {
+        foreach (string task in new[] { "summary", "rag", "ui", "reply" })
+        {
+            var row = JsonNode.Parse(File.ReadLines(Path.Combine(ServerProcess.RepoRoot, "workloads", task + ".jsonl")).First())!;
+            var messages = new JsonArray(
+                new JsonObject { ["role"] = "system", ["content"] = row["context"]!.GetValue<string>() },
+                new JsonObject { ["role"] = "user", ["content"] = row["prompt"]!.GetValue<string>() });
+            string Text(JsonNode r) => r["choices"]![0]!["message"]!["content"]!.GetValue<string>();
+            var plain = await Post("/v1/chat/completions", new JsonObject { ["messages"] = messages.DeepClone(), ["max_tokens"] = 48, ["speculation"] = new JsonObject { ["method"] = "ar" } });
+            var spec = await Post("/v1/chat/completions", new JsonObject { ["messages"] = messages.DeepClone(), ["max_tokens"] = 48, ["speculation"] = new JsonObject { ["method"] = "sam+ours", ["width"] = 8 } });
+            Assert.Equal(Text(plain), Text(spec));
+            Assert.True(spec["coordgen"]!["speculation"]!["steps"]!.GetValue<int>() <= 48);
+        }
+    }
+
+    [Fact]
+    public async Task Context_store_should_feed_drafting_when_a_request_names_it()
+    {
+        var created = await server.Http.PostAsJsonAsync(new Uri(server.BaseUrl, "/v1/context_stores"), new { name = "lighthouse" });
+        Assert.Equal(HttpStatusCode.Created, created.StatusCode);
+        var body = new JsonObject { ["messages"] = new JsonArray(new JsonObject { ["role"] = "user", ["content"] = "Summarize the document." }), ["max_tokens"] = 32 };
+        string first = (await Post("/v1/chat/completions", body.DeepClone()))["choices"]![0]!["message"]!["content"]!.GetValue<string>();
+
+        // Store the model's own answer as a past response: drafting from it should now be accepted.
+        var added = await server.Http.PostAsJsonAsync(new Uri(server.BaseUrl, "/v1/context_stores/lighthouse/documents"), new { text = first });
+        Assert.Equal(HttpStatusCode.OK, added.StatusCode);
+        var withStore = body.DeepClone();
+        withStore["context_store"] = "lighthouse";
+        var again = await Post("/v1/chat/completions", withStore);
+        Assert.Equal(first, again["choices"]![0]!["message"]!["content"]!.GetValue<string>());
+        Assert.True(again["coordgen"]!["speculation"]!["draft_tokens_accepted"]!["history"]!.GetValue<long>() > 0);
+    }
+
+    [Fact]
+    public async Task Stop_sequence_should_end_the_text_before_it()
+    {
+        var body = new JsonObject { ["prompt"] = "The keeper", ["max_tokens"] = 40 };
+        string full = (await Post("/v1/completions", body.DeepClone()))["choices"]![0]!["text"]!.GetValue<string>();
+        string stop = full.Split(' ', StringSplitOptions.RemoveEmptyEntries)[3];
+        body["stop"] = stop;
+        var cut = await Post("/v1/completions", body);
+        Assert.Equal(full[..full.IndexOf(stop, StringComparison.Ordinal)], cut["choices"]![0]!["text"]!.GetValue<string>());
+        Assert.Equal("stop", cut["choices"]![0]!["finish_reason"]!.GetValue<string>());
+    }
+
+    [Theory]
+    [InlineData("/v1/chat/completions", "{bad json", 400, "not valid JSON")]
+    [InlineData("/v1/chat/completions", "[1, 2]", 400, "must be a JSON object")]
+    [InlineData("/v1/chat/completions", "{}", 400, "'messages' is required")]
+    [InlineData("/v1/chat/completions", """{"messages": "hi"}""", 400, "'messages' must be a non-empty array")]
+    [InlineData("/v1/chat/completions", """{"messages": [{"role": "robot", "content": "hi"}]}""", 400, "must be system, developer, user or assistant")]
+    [InlineData("/v1/chat/completions", """{"messages": [{"role": "user", "content": ""}]}""", 400, "last user message is empty")]
+    [InlineData("/v1/chat/completions", """{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}""", 400, "'max_tokens' must be an integer")]
+    [InlineData("/v1/chat/completions", """{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}""", 400, "max_tokens must be at least 1")]
+    [InlineData("/v1/chat/completions", """{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 99999999999}""", 400, "lower max_tokens")]
+    [InlineData("/v1/chat/completions", """{"messages": [{"role": "user", "content": "hi"}], "temperature": 7}""", 400, "'temperature' must be between 0 and 2")]
+    [InlineData("/v1/chat/completions", """{"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}""", 404, "not served here")]
+    [InlineData("/v1/chat/completions", """{"messages": [{"role": "user", "content": "hi"}], "context_store": "missing"}""", 404, "does not exist")]
+    [InlineData("/v1/chat/completions", """{"messages": [{"role": "user", "content": "hi"}], "speculation": {"method": "magic"}}""", 400, "'speculation.method' must be one of")]
+    [InlineData("/v1/completions", """{"prompt": ""}""", 400, "'prompt' is empty")]
+    [InlineData("/v1/completions", """{"prompt": 42}""", 400, "'prompt' must be a string")]
+    [InlineData("/v1/context_stores", """{"name": "../etc"}""", 400, "context store name must be")]
+    public async Task Bad_request_should_get_an_openai_style_error_saying_what_to_do(string path, string body, int status, string message)
+    {
+        var response = await server.Http.PostAsync(new Uri(server.BaseUrl, path), new StringContent(body, Encoding.UTF8, "application/json"));
+        await AssertError(response, status, message);
+    }
+
+    [Fact]
+    public async Task Invalid_utf8_oversized_and_overlong_prompts_should_be_refused_clearly()
+    {
+        var bytes = new ByteArrayContent([.. "{\"prompt\": \""u8.ToArray(), 0xff, 0xfe, .. "\"}"u8.ToArray()]);
+        await AssertError(await server.Http.PostAsync(new Uri(server.BaseUrl, "/v1/completions"), bytes), 400, "not valid UTF-8");
+
+        string huge = JsonSerializer.Serialize(new { prompt = new string('a', 2 << 20) });
+        await AssertError(await server.Http.PostAsync(new Uri(server.BaseUrl, "/v1/completions"), new StringContent(huge)), 413, "larger than this server accepts");
+
+        string longPrompt = JsonSerializer.Serialize(new { prompt = string.Concat(Enumerable.Repeat("word ", 3000)) });
+        await AssertError(await server.Http.PostAsync(new Uri(server.BaseUrl, "/v1/completions"), new StringContent(longPrompt)), 400, "shorten the prompt");
+
+        var health = await server.Http.GetFromJsonAsync<JsonObject>(new Uri(server.BaseUrl, "/health"));
+        Assert.Equal("ok", health!["status"]!.GetValue<string>());
+    }
+
+    [Fact]
+    public async Task Client_disconnecting_mid_stream_should_leave_the_server_serving()
+    {
+        var body = JsonSerializer.Serialize(new { prompt = "The keeper", max_tokens = 1500, stream = true, speculation = new { method = "ar" } });
+        using (var cts = new CancellationTokenSource())
+        {
+            var request = new HttpRequestMessage(HttpMethod.Post, new Uri(server.BaseUrl, "/v1/completions")) { Content = new StringContent(body) };
+            var response = await server.Http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, cts.Token);
+            var reader = new StreamReader(await response.Content.ReadAsStreamAsync(cts.Token));
+            Assert.StartsWith("data: ", await reader.ReadLineAsync(cts.Token));
+            await cts.CancelAsync();
+            response.Dispose();
+        }
+
+        var after = await Post("/v1/completions", new JsonObject { ["prompt"] = "The keeper", ["max_tokens"] = 8 });
+        Assert.Equal(8, after["usage"]!["completion_tokens"]!.GetValue<int>());
+    }
+
+    [Fact]
+    public async Task Metrics_should_expose_generation_counters_in_prometheus_format()
+    {
+        await Post("/v1/completions", new JsonObject { ["prompt"] = "The keeper", ["max_tokens"] = 4 });
+        string metrics = await server.Http.GetStringAsync(new Uri(server.BaseUrl, "/metrics"));
+        Assert.Contains("coordgen_generated_tokens_total", metrics);
+        Assert.Contains("coordgen_requests_total", metrics);
+    }
+
+    private async Task<JsonNode> Post(string path, JsonNode body)
+    {
+        var response = await server.Http.PostAsync(new Uri(server.BaseUrl, path), new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json"));
+        string text = await response.Content.ReadAsStringAsync();
+        Assert.True(response.IsSuccessStatusCode, $"{(int)response.StatusCode}: {text}");
+        return JsonNode.Parse(text)!;
+    }
+
+    internal static async Task AssertError(HttpResponseMessage response, int status, string message)
+    {
+        string text = await response.Content.ReadAsStringAsync();
+        Assert.True((int)response.StatusCode == status, $"expected {status}, got {(int)response.StatusCode}: {text}");
+        var error = JsonNode.Parse(text)!["error"]!;
+        Assert.Contains(message, error["message"]!.GetValue<string>());
+        Assert.False(string.IsNullOrEmpty(error["type"]!.GetValue<string>()));
+    }
+}
+
+/// <summary>Refusals that need their own server: an API key, and a one-request admission limit.</summary>
+public class StrictServerTests(StrictServerProcess server) : IClassFixture<StrictServerProcess>
+{
+    [Fact]
+    public async Task Requests_without_the_api_key_should_get_401_and_with_it_succeed()
+    {
+        var body = JsonSerializer.Serialize(new { prompt = "The keeper", max_tokens = 4 });
+        await ServerTests.AssertError(await server.Http.PostAsync(new Uri(server.BaseUrl, "/v1/completions"), new StringContent(body)), 401, "API key");
+        var ok = new HttpRequestMessage(HttpMethod.Post, new Uri(server.BaseUrl, "/v1/completions")) { Content = new StringContent(body) };
+        ok.Headers.Authorization = new("Bearer", StrictServerProcess.Key);
+        Assert.Equal(HttpStatusCode.OK, (await server.Http.SendAsync(ok)).StatusCode);
+    }
+
+    [Fact]
+    public async Task Requests_beyond_the_admission_limit_should_get_429_with_retry_after()
+    {
+        HttpRequestMessage Request(int n)
+        {
+            var r = new HttpRequestMessage(HttpMethod.Post, new Uri(server.BaseUrl, "/v1/completions"))
+            {
+                Content = new StringContent(JsonSerializer.Serialize(new { prompt = "The keeper", max_tokens = n, speculation = new { method = "ar" } })),
+            };
+            r.Headers.Authorization = new("Bearer", StrictServerProcess.Key);
+            return r;
+        }
+
+        // Four at once against a limit of one: some are refused, none is lost or fails otherwise.
+        var responses = await Task.WhenAll(Enumerable.Range(0, 4).Select(_ => server.Http.SendAsync(Request(400))));
+        Assert.All(responses, r => Assert.True(r.StatusCode is HttpStatusCode.OK or HttpStatusCode.TooManyRequests, r.StatusCode.ToString()));
+        var refused = responses.First(r => r.StatusCode == HttpStatusCode.TooManyRequests);
+        await ServerTests.AssertError(refused, 429, "retry");
+        Assert.NotNull(refused.Headers.RetryAfter);
+        Assert.Contains(responses, r => r.StatusCode == HttpStatusCode.OK);
+    }
+}
