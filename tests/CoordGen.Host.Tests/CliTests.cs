@@ -63,6 +63,10 @@ public class CliTests
     [InlineData(new[] { "generate", "--context", "/nonexistent.txt" }, "does not exist")]
     [InlineData(new[] { "generate", "--capacity", "64", "-n", "8" }, "Shorten the prompt")]
     [InlineData(new[] { "model", "synth", "--shape", "gpt-5", "--out", "/tmp/x" }, "unknown --shape")]
+    [InlineData(new[] { "serve", "--port", "99999" }, "Port must be between 0 and 65535")]
+    [InlineData(new[] { "serve", "--method", "magic" }, "unknown method")]
+    [InlineData(new[] { "serve", "--host", "not-an-ip" }, "Host must be an IP address")]
+    [InlineData(new[] { "serve", "--config", "/nonexistent.json" }, "does not exist")]
     public void Commands_should_fail_with_a_clear_message_when_input_is_bad(string[] args, string message)
     {
         var (code, _, stderr) = Run(args);
