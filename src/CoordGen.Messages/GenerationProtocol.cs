@@ -40,11 +40,16 @@ public static class GenerationProtocol
         ChannelWriter<int> Output,
         CancellationToken Cancellation);
 
-    /// <summary>Sampling settings: temperature 0 is greedy.</summary>
-    public sealed record Sampling(float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0);
+    /// <summary>Sampling settings: temperature 0 is greedy. Offset skips random draws (for resuming).</summary>
+    public sealed record Sampling(float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0, int Offset = 0);
 
-    /// <summary>Supervisor/device → requester: the request finished; counts and timings for reports.</summary>
-    public sealed record GenerationCompleted(string SessionId, TokenSequence Tokens, string StopReason, double PrefillMs, double DecodeMs, SpeculationReport? Speculation);
+    /// <summary>
+    /// Supervisor/device → requester: the request finished; counts and timings for reports.
+    /// <paramref name="Attempts"/> is 1 unless the session resumed after faults; <paramref name="RecoveryMs"/>
+    /// holds, per fault, the time from the fault to the next committed token.
+    /// </summary>
+    public sealed record GenerationCompleted(string SessionId, TokenSequence Tokens, string StopReason, double PrefillMs, double DecodeMs, SpeculationReport? Speculation,
+        ImmutableArray<double> RecoveryMs = default, int Attempts = 1);
 
     /// <summary>What speculation did for one request: verification steps, tokens per step, drafts by source.</summary>
     public sealed record SpeculationReport(

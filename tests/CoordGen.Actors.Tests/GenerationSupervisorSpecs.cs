@@ -30,10 +30,16 @@ public class GenerationSupervisorSpecs : TestKit
 
         // Finishing one frees a place: the next request is admitted.
         var first = await device.ExpectMsgAsync<DeviceRun>();
-        device.Reply(new GenerationCompleted(first.Request.SessionId, TokenSequence.Empty, "length", 0, 0, null));
-        Assert.Equal("a", (await ExpectMsgAsync<GenerationCompleted>()).SessionId);
-        supervisor.Tell(Request("d"), TestActor);
+        var firstSender = device.LastSender;
         await device.ExpectMsgAsync<DeviceRun>();
+        firstSender.Tell(new GenerationCompleted(first.Request.SessionId, TokenSequence.Empty, "length", 0, 0, null));
+        Assert.Equal(first.Request.SessionId, (await ExpectMsgAsync<GenerationCompleted>()).SessionId);
+        await AwaitAssertAsync(async () =>
+        {
+            supervisor.Tell(new GenerationSupervisor.GetLoad(), TestActor);
+            Assert.Equal(1, (await ExpectMsgAsync<GenerationSupervisor.Load>()).Pending);
+        });
+        supervisor.Tell(Request("d"), TestActor);
         var admitted = await device.ExpectMsgAsync<DeviceRun>();
         Assert.Equal("d", admitted.Request.SessionId);
     }

@@ -78,7 +78,7 @@ public sealed class DeviceActor : ReceiveActor, IWithStash
         var r = run.Request;
         try
         {
-            var sampling = new SamplingOptions { Temperature = r.Sampling.Temperature, TopK = r.Sampling.TopK, TopP = r.Sampling.TopP, Seed = r.Sampling.Seed };
+            var sampling = new SamplingOptions { Temperature = r.Sampling.Temperature, TopK = r.Sampling.TopK, TopP = r.Sampling.TopP, Seed = r.Sampling.Seed, Offset = r.Sampling.Offset };
             sampling.Validate();
             bool Emit(int id)
             {

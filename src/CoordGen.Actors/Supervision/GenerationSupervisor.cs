@@ -1,6 +1,7 @@
 using Akka.Actor;
 using CoordGen.Actors.Contexts;
 using CoordGen.Actors.Device;
+using CoordGen.Actors.Sessions;
 using CoordGen.Messages;
 using static CoordGen.Messages.GenerationProtocol;
 
@@ -9,26 +10,48 @@ namespace CoordGen.Actors.Supervision;
 /// <summary>
 /// The front door of the runtime: admits requests up to a bound (running plus queued) and refuses the
 /// rest with a retry hint, resolves named context stores to snapshots, and supervises the device and
-/// store actors (restart on failure, at most 10 times a minute). Replies go straight to the requester.
+/// store actors and one <see cref="SessionActor"/> per admitted request (restart on failure; a restarted
+/// session resumes from its committed tokens). Replies go straight to the requester.
 /// </summary>
 public sealed class GenerationSupervisor : ReceiveActor
 {
     private readonly int _maxPending;
+    private readonly int _maxAttempts;
+    private readonly Random _rng = new(17);
+    private long _sessions;
+    private readonly Dictionary<IActorRef, (Generate Request, IActorRef ReplyTo)> _live = [];
     private readonly IActorRef _device;
     private readonly IActorRef _stores;
     private int _pending;
 
-    public GenerationSupervisor(Props device, int maxPending)
+    public GenerationSupervisor(Props device, int maxPending, int maxAttempts)
     {
         _maxPending = maxPending;
+        _maxAttempts = maxAttempts;
         _device = Context.ActorOf(device, "device");
         _stores = Context.ActorOf(ContextStoreActor.Props(), "context-stores");
         Receive<Generate>(Admit);
         Receive<Resolved>(r => Dispatch(r.Request, r.ReplyTo, r.Snapshot));
-        Receive<Done>(d =>
+        Receive<SessionFinished>(_ => _live.Remove(Sender));
+        Receive<Terminated>(t =>
         {
             _pending--;
-            d.ReplyTo.Tell(d.Reply);
+            if (_live.Remove(t.ActorRef, out var lost))
+            {
+                // Stopped without finishing (it failed too often): the caller still gets an answer.
+                lost.Request.Output.TryComplete(new InvalidOperationException("session failed"));
+                lost.ReplyTo.Tell(new GenerationFailed(lost.Request.SessionId, FailureKind.DeviceFault, "the session failed repeatedly and was stopped; retry the request."));
+            }
+        });
+        Receive<KillRandomSession>(_ =>
+        {
+            var live = Context.GetChildren().Where(c => c.Path.Name.StartsWith("session-", StringComparison.Ordinal)).ToList();
+            if (live.Count > 0)
+            {
+                live[_rng.Next(live.Count)].Tell(Kill.Instance);
+            }
+
+            Sender.Tell(live.Count > 0);
         });
         Receive<GetLoad>(_ => Sender.Tell(new Load(_pending, _maxPending)));
         Receive<ContextStoreProtocol.CreateStore>(m => _stores.Forward(m));
@@ -36,10 +59,13 @@ public sealed class GenerationSupervisor : ReceiveActor
         Receive<ContextStoreProtocol.ListStores>(m => _stores.Forward(m));
     }
 
-    public static Props Props(Props device, int maxPending) => Akka.Actor.Props.Create(() => new GenerationSupervisor(device, maxPending));
+    /// <param name="maxAttempts">Device attempts per request: a request resumes after a device fault until this many.</param>
+    public static Props Props(Props device, int maxPending, int maxAttempts = 5) => Akka.Actor.Props.Create(() => new GenerationSupervisor(device, maxPending, maxAttempts));
 
+    // Sessions resume from their log when restarted, and a killed one (ActorKilledException) is
+    // restarted too, not stopped. A child failing more than 100 times a minute is stopped.
     protected override SupervisorStrategy SupervisorStrategy() =>
-        new OneForOneStrategy(10, TimeSpan.FromMinutes(1), _ => Directive.Restart);
+        new OneForOneStrategy(100, TimeSpan.FromMinutes(1), _ => Directive.Restart);
 
     private void Admit(Generate request)
     {
@@ -76,15 +102,15 @@ public sealed class GenerationSupervisor : ReceiveActor
             return;
         }
 
-        var self = Self;
-        _device.Ask<object>(new DeviceRun(request, snapshot?.Store), Timeout.InfiniteTimeSpan)
-            .PipeTo(self, success: reply => new Done(replyTo, reply),
-                failure: ex => new Done(replyTo, new GenerationFailed(request.SessionId, FailureKind.DeviceFault, $"the device failed: {ex.Message}. The request can be retried.")));
+        var session = Context.ActorOf(SessionActor.Props(request, replyTo, _device, snapshot?.Store, new SessionLog(), _maxAttempts), $"session-{++_sessions}");
+        Context.Watch(session);
+        _live[session] = (request, replyTo);
     }
 
     private sealed record Resolved(Generate Request, IActorRef ReplyTo, StoreSnapshot? Snapshot);
 
-    private sealed record Done(IActorRef ReplyTo, object Reply);
+    /// <summary>Fault injection: kill one live session actor (it is restarted and resumes). Reply: bool, whether one was live.</summary>
+    public sealed record KillRandomSession;
 
     /// <summary>Ask for the current load. Reply: <see cref="Load"/>.</summary>
     public sealed record GetLoad;

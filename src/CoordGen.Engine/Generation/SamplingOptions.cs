@@ -13,6 +13,12 @@ public sealed record SamplingOptions
 
     public int Seed { get; init; }
 
+    /// <summary>
+    /// Random draws to skip first. Every emitted token costs exactly one draw (plain and speculative
+    /// alike), so a request resumed after n committed tokens with Offset = n continues the same text.
+    /// </summary>
+    public int Offset { get; init; }
+
     public bool IsGreedy => Temperature <= 0f;
 
     public void Validate()
@@ -45,6 +51,13 @@ public sealed class Sampler
         options.Validate();
         _options = options;
         _rng = new Random(options.Seed);
+        if (!options.IsGreedy)
+        {
+            for (int i = 0; i < options.Offset; i++)
+            {
+                _rng.NextDouble();
+            }
+        }
     }
 
     /// <summary>Index of the largest logit; the lowest index wins ties (vectorized).</summary>

@@ -171,7 +171,23 @@ public sealed class OrtModelRuntime : IDisposable
     /// Runs the width-W graph over the <see cref="StepBuffers"/> the caller filled (tokens, positions,
     /// mask) against <paramref name="cache"/>. Logits and the new keys/values land in the same buffers.
     /// </summary>
-    public void Run(int width, KvCache cache) => Graph(width, cache.Bucket).Run(cache);
+    public void Run(int width, KvCache cache)
+    {
+        Faults?.OnDeviceStep();
+        var g = Graph(width, cache.Bucket);
+        g.Run(cache);
+        var logits = g.Buffers.Logits.AsSpan(0, width * Config.VocabSize);
+        Faults?.OnLogits(logits);
+        if (!System.Numerics.Tensors.TensorPrimitives.IsFiniteAll<float>(logits))
+        {
+            // A real accelerator can return garbage (overflow in low precision, a driver fault); sampling
+            // from it would silently corrupt the output, so the step fails and the caller recovers.
+            throw new DeviceFaultException("the device returned non-finite logits (NaN or Inf); the step was discarded. Retry the request; if it keeps happening, check the model's dtype and the execution provider.");
+        }
+    }
+
+    /// <summary>Fault hooks (tests and <c>bench faults</c> only); null in production.</summary>
+    public IFaultInjector? Faults { get; set; }
 
     private WidthGraph Graph(int width, int bucket)
     {

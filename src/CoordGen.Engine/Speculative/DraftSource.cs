@@ -23,6 +23,11 @@ public sealed class DraftAccounting
 
     public long WastedWidth { get; private set; }
 
+    /// <summary>Steps (or whole calibrations) that fell back to plain verification because drafting failed.</summary>
+    public int DegradedSteps { get; private set; }
+
+    internal void Degrade() => DegradedSteps++;
+
     public long Proposed(DraftSource s) => _proposed[(int)s];
 
     public long Accepted(DraftSource s) => _accepted[(int)s];

@@ -52,6 +52,9 @@ public sealed record SpeculationOptions
 /// <summary>A prompt already in a KV cache, with its last logits and (for calibration) per-position top-k.</summary>
 public sealed record Prefilled(int[] Prompt, KvCache Cache, float[] LastLogits, PrefillTopK? TopK, double PrefillMs, double TopKMs) : IDisposable
 {
+    /// <summary>The calibrator failed during this prefill; generation goes on without calibrated drafts.</summary>
+    public bool CalibrationFailed { get; init; }
+
     public void Dispose() => Cache.Dispose();
 }
 
@@ -88,13 +91,29 @@ public sealed class SpeculativeDecoder
         var sw = Stopwatch.StartNew();
         PrefillTopK? topK = calibration is null ? null : new PrefillTopK(calibration.TopK);
         double topKMs = 0;
+        bool calibrationFailed = false;
         float[] first = _plain.Prefill(cache, prompt, topK is null ? null : (b, _, n) =>
         {
+            if (calibrationFailed)
+            {
+                return;
+            }
+
             long t0 = Stopwatch.GetTimestamp();
-            topK.AddChunk(b, n);
+            try
+            {
+                _runtime.Faults?.OnCalibrate();
+                topK.AddChunk(b, n);
+            }
+            catch (Exception ex) when (ex is not OperationCanceledException)
+            {
+                // Calibration only adds drafts: without it the request is slower, never wrong.
+                calibrationFailed = true;
+            }
+
             topKMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
         });
-        return new Prefilled(prompt.ToArray(), cache, first, topK, sw.Elapsed.TotalMilliseconds, topKMs);
+        return new Prefilled(prompt.ToArray(), cache, first, calibrationFailed ? null : topK, sw.Elapsed.TotalMilliseconds, topKMs) { CalibrationFailed = calibrationFailed };
     }
 
     public SpeculativeResult Generate(ReadOnlySpan<int> prompt, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
@@ -112,7 +131,7 @@ public sealed class SpeculativeDecoder
             throw new ArgumentOutOfRangeException(nameof(maxTokens), $"max tokens must be at least 1 (got {maxTokens}).");
         }
 
-        if (spec.UseCalibration && pre.TopK is null)
+        if (spec.UseCalibration && pre.TopK is null && !pre.CalibrationFailed)
         {
             throw new ArgumentException("calibration needs a prefill with top-k: call Prefill with calibration options.");
         }
@@ -153,7 +172,16 @@ public sealed class SpeculativeDecoder
         }
 
         var branches = new List<int[]>();
-        CalibratedIndex? calibrated = topK is null ? null : CalibratedIndex.Build(sequence, topK, spec.Calibration);
+        CalibratedIndex? calibrated = null;
+        try
+        {
+            calibrated = topK is null ? null : CalibratedIndex.Build(sequence, topK, spec.Calibration);
+        }
+        catch (Exception ex) when (ex is not OperationCanceledException)
+        {
+            acct.Degrade();
+        }
+
         var calCursor = calibrated is null ? default : calibrated.Automaton.Match(prompt[Math.Max(0, prompt.Length - 4)..]);
         calMs += Stopwatch.GetElapsedTime(tc).TotalMilliseconds;
         var histCursor = history is not null && spec.UseHistory ? history.Automaton.Match(prompt[Math.Max(0, prompt.Length - 8)..]) : default;
@@ -205,7 +233,19 @@ public sealed class SpeculativeDecoder
             var buf = _runtime.Buffers(width, cache);
             tree.Clear();
             chainNodes.Clear();
-            BuildTree(spec, sequence, sam, samCursor, calibrated, calCursor, history, histCursor, reuse, ngrams, branches, tree, draft, chainNodes, chainTrusted);
+            try
+            {
+                _runtime.Faults?.OnDraft();
+                BuildTree(spec, sequence, sam, samCursor, calibrated, calCursor, history, histCursor, reuse, ngrams, branches, tree, draft, chainNodes, chainTrusted);
+            }
+            catch (Exception ex) when (ex is not OperationCanceledException)
+            {
+                // A failed drafter degrades this step to plain verification (the root alone).
+                tree.Clear();
+                chainNodes.Clear();
+                acct.Degrade();
+            }
+
             tree.RowParents(rowParents);
             buf.TokenIds[0] = root;
             buf.Positions[0] = cache.Length;

@@ -1,0 +1,91 @@
+using System.Threading.Channels;
+using Akka.TestKit.Xunit2;
+using CoordGen.Actors.Device;
+using CoordGen.Actors.Supervision;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
+using CoordGen.Messages;
+using static CoordGen.Messages.GenerationProtocol;
+
+namespace CoordGen.Actors.Tests;
+
+/// <summary>Faults injected into a real (tiny, random-weight) runtime: every stream must come out exactly as without faults.</summary>
+public class FaultRecoverySpecs : TestKit
+{
+    private static readonly ModelConfig Tiny = new()
+    {
+        Architecture = "LlamaForCausalLM",
+        HiddenSize = 32,
+        IntermediateSize = 48,
+        NumLayers = 2,
+        NumHeads = 4,
+        NumKvHeads = 2,
+        HeadDim = 8,
+        RmsNormEps = 1e-5f,
+        RopeTheta = 10000f,
+        VocabSize = 64,
+        MaxPositionEmbeddings = 256,
+        TieWordEmbeddings = true,
+        AttentionBias = false,
+    };
+
+    private static readonly ModelWeights Weights = ModelWeights.Random(Tiny, seed: 11, scale: 0.5f);
+
+    private static readonly int[] Prompt = [3, 9, 27, 17, 51, 2, 3, 9, 27, 17, 40, 8, 3, 9];
+
+    private async Task<int[]> Stream(Akka.Actor.IActorRef supervisor, string method, Sampling sampling, Action? whileRunning = null)
+    {
+        var channel = Channel.CreateBounded<int>(1);
+        supervisor.Tell(new Generate("s", TokenSequence.From(Prompt), 40, sampling, method, 8, null, channel.Writer, CancellationToken.None), TestActor);
+        var got = new List<int>();
+        await foreach (int t in channel.Reader.ReadAllAsync())
+        {
+            got.Add(t);
+            if (got.Count % 10 == 5)
+            {
+                whileRunning?.Invoke();
+            }
+        }
+
+        var done = await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30));
+        Assert.Equal(got, done.Tokens.Tokens);
+        return [.. got];
+    }
+
+    private Akka.Actor.IActorRef Supervisor(FaultPlan? plan) =>
+        Sys.ActorOf(GenerationSupervisor.Props(DeviceActor.Props(() => new OrtModelRuntime(Weights, 128, [1, 8]) { Faults = plan }, new HashSet<int>()), maxPending: 4, maxAttempts: 200));
+
+    [Theory]
+    [InlineData("ar", 0f)]
+    [InlineData("sam+ours", 0f)]
+    [InlineData("ar", 0.9f)]
+    [InlineData("sam+ours", 0.9f)]
+    public async Task Stream_should_equal_its_fault_free_output_when_device_and_drafting_faults_strike(string method, float temperature)
+    {
+        var sampling = new Sampling(temperature, Seed: 5);
+        int[] clean = await Stream(Supervisor(null), method, sampling);
+        var plan = new FaultPlan(seed: 3, budget: 30, meanGap: 3,
+            kinds: [FaultKind.DeviceException, FaultKind.DeviceHang, FaultKind.NonFiniteLogits, FaultKind.DrafterCrash, FaultKind.CalibratorCrash], hang: TimeSpan.FromMilliseconds(5));
+
+        int[] faulty = await Stream(Supervisor(plan), method, sampling);
+
+        Assert.True(plan.Injected >= 5, $"only {plan.Injected} faults fired");
+        Assert.Equal(clean, faulty);
+    }
+
+    [Fact]
+    public async Task Killed_session_should_resume_without_losing_or_repeating_a_token()
+    {
+        int[] clean = await Stream(Supervisor(null), "sam+ours", new Sampling());
+        var supervisor = Supervisor(null);
+        int kills = 0;
+        int[] resumed = await Stream(supervisor, "sam+ours", new Sampling(), () =>
+        {
+            supervisor.Tell(new GenerationSupervisor.KillRandomSession(), Akka.Actor.ActorRefs.NoSender);
+            kills++;
+        });
+
+        Assert.True(kills >= 3);
+        Assert.Equal(clean, resumed);
+    }
+}
