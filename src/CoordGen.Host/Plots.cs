@@ -41,4 +41,25 @@ internal static class Plots
         multi.Layout = new ScottPlot.MultiplotLayouts.Grid(rows: (tasks.Count + 1) / 2, columns: Math.Min(2, tasks.Count));
         multi.SavePng(path, 1200, 420 * ((tasks.Count + 1) / 2));
     }
+
+    /// <summary>A histogram of values (for example recovery times), 30 bins.</summary>
+    public static void Histogram(IReadOnlyList<double> values, string xLabel, string title, string path)
+    {
+        var plot = new Plot();
+        if (values.Count > 0)
+        {
+            var hist = ScottPlot.Statistics.Histogram.WithBinCount(30, values.Min(), values.Max() + 1e-9);
+            hist.AddRange(values);
+            var bars = plot.Add.Bars(hist.Bins, hist.Counts);
+            foreach (var b in bars.Bars)
+            {
+                b.Size = hist.FirstBinSize * 0.9;
+            }
+        }
+
+        plot.Title(title);
+        plot.Axes.Bottom.Label.Text = xLabel;
+        plot.Axes.Left.Label.Text = "count";
+        plot.SavePng(path, 900, 500);
+    }
 }

@@ -85,4 +85,18 @@ public class CliTests
             Assert.Contains(opt, stdout);
         }
     }
+
+    [Fact]
+    public void Bench_faults_should_report_zero_divergent_streams_when_faults_strike()
+    {
+        string dir = Directory.CreateTempSubdirectory("coordgen-faults-").FullName;
+        var (code, _, stderr) = Run("bench", "faults", "--faults", "40", "--streams", "4", "-n", "16", "--out", dir);
+        Assert.True(code == 0, stderr);
+        var report = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "faults.json")))!;
+        Assert.True(report["faults_injected"]!.GetValue<int>() >= 35);
+        Assert.Equal(0, report["divergent_streams"]!.GetValue<int>());
+        Assert.Equal(0, report["lost_tokens"]!.GetValue<long>());
+        Assert.Equal(0, report["duplicated_tokens"]!.GetValue<long>());
+        Assert.True(File.Exists(Path.Combine(dir, "faults.png")));
+    }
 }

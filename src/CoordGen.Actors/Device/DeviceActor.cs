@@ -15,8 +15,11 @@ namespace CoordGen.Actors.Device;
 /// Plain requests decode token by token; speculative ones draft from the context (and an optional
 /// context store) and verify token trees, with the same greedy output.
 /// </summary>
-public sealed class DeviceActor : ReceiveActor, IWithStash
+public sealed class DeviceActor : ReceiveActor
 {
+    // Waiting runs: resumed ones (recovering from a fault, their callers already waiting) go first.
+    private readonly Queue<(DeviceRun Run, IActorRef ReplyTo)> _resumed = new();
+    private readonly Queue<(DeviceRun Run, IActorRef ReplyTo)> _fresh = new();
     private readonly Func<OrtModelRuntime> _createRuntime;
     private readonly IReadOnlySet<int> _stopTokens;
     private OrtModelRuntime? _runtime;
@@ -27,8 +30,6 @@ public sealed class DeviceActor : ReceiveActor, IWithStash
         _stopTokens = stopTokens;
         Become(Idle);
     }
-
-    public IStash Stash { get; set; } = null!;
 
     public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens)
         => Akka.Actor.Props.Create(() => new DeviceActor(createRuntime, stopTokens));
@@ -45,8 +46,8 @@ public sealed class DeviceActor : ReceiveActor, IWithStash
 
     private void Busy()
     {
-        Receive<Generate>(_ => Stash.Stash());
-        Receive<DeviceRun>(_ => Stash.Stash());
+        Receive<Generate>(g => _fresh.Enqueue((new DeviceRun(g, null), Sender)));
+        Receive<DeviceRun>(r => (r.Resumed ? _resumed : _fresh).Enqueue((r, Sender)));
         Receive<Finished>(HandleFinished);
     }
 
@@ -63,8 +64,11 @@ public sealed class DeviceActor : ReceiveActor, IWithStash
     private void HandleFinished(Finished f)
     {
         f.ReplyTo.Tell(f.Reply);
-        Stash.UnstashAll();
         Become(Idle);
+        if (_resumed.TryDequeue(out var next) || _fresh.TryDequeue(out next))
+        {
+            Start(next.Run, next.ReplyTo);
+        }
     }
 
     private static GenerationFailed Fail(Generate r, Exception ex)
@@ -155,4 +159,5 @@ public sealed class DeviceActor : ReceiveActor, IWithStash
 /// snapshot never mutated after it is published, so the device may read it while the store actor
 /// builds the next one).
 /// </summary>
-public sealed record DeviceRun(Generate Request, HistoryStore? Store);
+/// <paramref name="Resumed"/> marks a run that continues a session after a fault: it is served first.
+public sealed record DeviceRun(Generate Request, HistoryStore? Store, bool Resumed = false);

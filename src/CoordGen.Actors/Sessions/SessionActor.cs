@@ -69,7 +69,7 @@ public sealed class SessionActor : ReceiveActor
             Cancellation = attemptToken,
         };
         var self = Self;
-        _device.Ask<object>(new DeviceRun(attempt, _store), Timeout.InfiniteTimeSpan)
+        _device.Ask<object>(new DeviceRun(attempt, _store, Resumed: epoch > 1), Timeout.InfiniteTimeSpan)
             .PipeTo(self, success: reply => new AttemptEnded(epoch, reply),
                 failure: ex => new AttemptEnded(epoch, new GenerationFailed(_request.SessionId, FailureKind.DeviceFault, ex.Message)));
     }

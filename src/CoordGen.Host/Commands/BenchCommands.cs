@@ -9,6 +9,7 @@ internal static class BenchCommands
     {
         var cmd = new Command("bench", "Benchmarks. Each writes Markdown, JSON and PNG under docs/bench/, stamped with commit and machine.");
         cmd.Add(BenchAccept.Create());
+        cmd.Add(BenchFaults.Create());
         return cmd;
     }
 }

@@ -51,7 +51,9 @@ public sealed class InferenceService : IAsyncDisposable
 
     public string ModelName => Bundle.Name;
 
-    public static InferenceService Start(ModelBundle bundle, ServerSettings settings)
+    /// <param name="faults">Fault hooks for every runtime the device creates (<c>bench faults</c> only).</param>
+    /// <param name="maxAttempts">Device attempts per request before it fails (resumes after device faults).</param>
+    public static InferenceService Start(ModelBundle bundle, ServerSettings settings, IFaultInjector? faults = null, int maxAttempts = 5, string actorLogLevel = "WARNING")
     {
         var problems = settings.Problems();
         if (problems.Count > 0)
@@ -59,18 +61,18 @@ public sealed class InferenceService : IAsyncDisposable
             throw new ArgumentException("invalid settings: " + string.Join(" ", problems));
         }
 
-        var config = ConfigurationFactory.ParseString("akka { loglevel = WARNING, stdout-loglevel = WARNING, log-dead-letters = off, log-dead-letters-during-shutdown = off }");
+        var config = ConfigurationFactory.ParseString($"akka {{ loglevel = {actorLogLevel}, stdout-loglevel = {actorLogLevel}, log-dead-letters = off, log-dead-letters-during-shutdown = off }}");
         var system = ActorSystem.Create("coordgen", config);
         int[] widths = [1, settings.PrefillWidth, settings.Width];
         OrtModelRuntime NewRuntime()
         {
-            var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.Threads });
+            var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.Threads }) { Faults = faults };
             rt.Prepare(Math.Min(settings.Capacity, OrtModelRuntime.SmallestBucket));
             return rt;
         }
 
         var device = DeviceActor.Props(NewRuntime, bundle.StopTokens);
-        var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending), "generation");
+        var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         return new InferenceService(bundle, settings, system, supervisor);
     }
 
