@@ -62,4 +62,26 @@ internal static class Plots
         plot.Axes.Left.Label.Text = "count";
         plot.SavePng(path, 900, 500);
     }
+
+    /// <summary>Soak: memory (top) and latency (bottom) against time.</summary>
+    public static void Soak(IReadOnlyList<SoakSample> samples, string path)
+    {
+        var multi = new Multiplot();
+        multi.AddPlots(2);
+        double[] t = [.. samples.Select(s => s.TimeS / 60)];
+        var mem = multi.GetPlot(0);
+        mem.Add.Scatter(t, samples.Select(s => s.RssMb).ToArray()).LegendText = "RSS (MB)";
+        mem.Add.Scatter(t, samples.Select(s => s.ManagedMb).ToArray()).LegendText = "managed heap (MB)";
+        mem.Title("memory");
+        mem.Axes.Left.Label.Text = "MB";
+        mem.ShowLegend(Alignment.MiddleRight);
+        var lat = multi.GetPlot(1);
+        lat.Add.Scatter(t, samples.Select(s => s.LatencyP50Ms).ToArray()).LegendText = "p50";
+        lat.Add.Scatter(t, samples.Select(s => s.LatencyP99Ms).ToArray()).LegendText = "p99";
+        lat.Title("request latency");
+        lat.Axes.Left.Label.Text = "ms";
+        lat.Axes.Bottom.Label.Text = "minutes";
+        lat.ShowLegend(Alignment.MiddleRight);
+        multi.SavePng(path, 900, 700);
+    }
 }

@@ -10,6 +10,7 @@ internal static class BenchCommands
         var cmd = new Command("bench", "Benchmarks. Each writes Markdown, JSON and PNG under docs/bench/, stamped with commit and machine.");
         cmd.Add(BenchAccept.Create());
         cmd.Add(BenchFaults.Create());
+        cmd.Add(BenchSoak.Create());
         return cmd;
     }
 }
