@@ -44,15 +44,48 @@ public static class LlamaGraphCompiler
 
     public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false) => Compile(c, shape, hasLmHead).ToByteArray();
 
-    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false)
-    {
-        int w = shape.Width, cap = shape.Capacity, d = c.HeadDim, hkv = c.NumKvHeads, g = c.NumHeads / c.NumKvHeads;
-        var b = new GraphBuilder($"coordgen_{shape.Width}x{shape.Capacity}");
+    /// <summary>Hidden state between blocks of a split model: [W, hidden].</summary>
+    public const string HiddenIn = "hidden_in";
 
-        b.Input("input_ids", DT.Int64, 1, w);
+    public const string HiddenOut = "hidden_out";
+
+    /// <summary>
+    /// One block of a split model: decoder layers [<paramref name="firstLayer"/>, <paramref name="endLayer"/>).
+    /// The first block starts from input_ids (embedding), the others from <see cref="HiddenIn"/>; the last
+    /// ends with the norm and head (logits), the others with <see cref="HiddenOut"/>. Past/present names
+    /// keep the model's layer numbers.
+    /// </summary>
+    public static byte[] CompileBlockBytes(ModelConfig c, GraphShape shape, int firstLayer, int endLayer, bool hasLmHead = false) =>
+        Compile(c, shape, hasLmHead, firstLayer, endLayer).ToByteArray();
+
+    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1)
+    {
+        if (endLayer < 0)
+        {
+            endLayer = c.NumLayers;
+        }
+
+        if (firstLayer < 0 || firstLayer >= endLayer || endLayer > c.NumLayers)
+        {
+            throw new ArgumentException($"layer range [{firstLayer}, {endLayer}) is not inside the model's {c.NumLayers} layers.");
+        }
+
+        bool first = firstLayer == 0, last = endLayer == c.NumLayers;
+        int w = shape.Width, cap = shape.Capacity, d = c.HeadDim, hkv = c.NumKvHeads, g = c.NumHeads / c.NumKvHeads;
+        var b = new GraphBuilder(first && last ? $"coordgen_{shape.Width}x{shape.Capacity}" : $"coordgen_{shape.Width}x{shape.Capacity}_layers{firstLayer}-{endLayer}");
+
+        if (first)
+        {
+            b.Input("input_ids", DT.Int64, 1, w);
+        }
+        else
+        {
+            b.Input(HiddenIn, DT.Float, w, c.HiddenSize);
+        }
+
         b.Input("position_ids", DT.Int64, 1, w);
         b.Input("attention_mask", DT.Float, 1, 1, w, cap + w);
-        for (int i = 0; i < c.NumLayers; i++)
+        for (int i = firstLayer; i < endLayer; i++)
         {
             b.Input(PastKey(i), DT.Float, 1, hkv, cap, d);
             b.Input(PastValue(i), DT.Float, 1, hkv, cap, d);
@@ -60,11 +93,11 @@ public static class LlamaGraphCompiler
 
         string W(string name, params long[] dims) => b.SharedWeight(name, dims);
 
-        string embed = W("model.embed_tokens.weight", c.VocabSize, c.HiddenSize);
+        string? embed = first || (last && !hasLmHead) ? W("model.embed_tokens.weight", c.VocabSize, c.HiddenSize) : null;
         string shapeWH = b.ConstInt64([w, c.HiddenSize], hint: "shape_wh");
 
         // Embedding lookup, flattened to [W, hidden].
-        string x = b.Node("Reshape", [b.Node("Gather", [embed, "input_ids"], attrs: GraphBuilder.Int("axis", 0)), shapeWH]);
+        string x = first ? b.Node("Reshape", [b.Node("Gather", [embed!, "input_ids"], attrs: GraphBuilder.Int("axis", 0)), shapeWH]) : HiddenIn;
 
         // Rotary tables from positions: cos/sin [1,1,W,D], halves duplicated (rotate_half convention).
         var invFreq = c.RopeInverseFrequencies();
@@ -113,7 +146,7 @@ public static class LlamaGraphCompiler
 
         string ToHeads(string t, string shape4) => b.Node("Transpose", [b.Node("Reshape", [t, shape4])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3));
 
-        for (int i = 0; i < c.NumLayers; i++)
+        for (int i = firstLayer; i < endLayer; i++)
         {
             string p = $"model.layers.{i}.";
             string h = RmsNorm(x, W(p + "input_layernorm.weight", c.HiddenSize));
@@ -147,12 +180,20 @@ public static class LlamaGraphCompiler
             x = b.Node("Add", [x, Linear(act, W(p + "mlp.down_proj.weight", c.HiddenSize, c.IntermediateSize))]);
         }
 
-        string final = RmsNorm(x, W("model.norm.weight", c.HiddenSize));
-        string head = hasLmHead ? W("lm_head.weight", c.VocabSize, c.HiddenSize) : embed;
-        b.Node("Reshape", [Linear(final, head), b.ConstInt64([1, w, c.VocabSize])], "logits");
+        if (last)
+        {
+            string final = RmsNorm(x, W("model.norm.weight", c.HiddenSize));
+            string head = hasLmHead ? W("lm_head.weight", c.VocabSize, c.HiddenSize) : embed!;
+            b.Node("Reshape", [Linear(final, head), b.ConstInt64([1, w, c.VocabSize])], "logits");
+            b.Output("logits", DT.Float, 1, w, c.VocabSize);
+        }
+        else
+        {
+            b.Node("Identity", [x], HiddenOut);
+            b.Output(HiddenOut, DT.Float, w, c.HiddenSize);
+        }
 
-        b.Output("logits", DT.Float, 1, w, c.VocabSize);
-        for (int i = 0; i < c.NumLayers; i++)
+        for (int i = firstLayer; i < endLayer; i++)
         {
             b.Output(PresentKey(i), DT.Float, 1, hkv, w, d);
             b.Output(PresentValue(i), DT.Float, 1, hkv, w, d);

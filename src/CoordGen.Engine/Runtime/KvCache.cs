@@ -129,6 +129,39 @@ public sealed class KvCache : IDisposable
         Length += rows.Length;
     }
 
+    /// <summary>
+    /// Writes rows 0..count-1 of a step's new keys/values for layers [first, end) into slots
+    /// at..at+count-1, without committing them: the blocks of a split model each write their own layers
+    /// (and a block running a chunk as narrow sub-chunks writes each sub-chunk before the next reads it).
+    /// <see cref="Advance"/> commits once every layer holds the rows. Arrays are indexed by layer.
+    /// </summary>
+    public void WriteLayers(int first, int end, IReadOnlyList<float[]?> newKeys, IReadOnlyList<float[]?> newValues, int width, int count, int at)
+    {
+        EnsureRoom(at + count);
+        int d = HeadDim;
+        for (int l = first; l < end; l++)
+        {
+            var srcK = newKeys[l]!;
+            var srcV = newValues[l]!;
+            for (int h = 0; h < KvHeads; h++)
+            {
+                Array.Copy(srcK, h * width * d, _keys[l], ((h * Bucket) + at) * d, count * d);
+                Array.Copy(srcV, h * width * d, _values[l], ((h * Bucket) + at) * d, count * d);
+            }
+        }
+    }
+
+    /// <summary>Commits <paramref name="count"/> slots written with <see cref="WriteLayers"/>.</summary>
+    public void Advance(int count)
+    {
+        if (Length + count > Bucket)
+        {
+            throw new InvalidOperationException($"cannot commit {count} slots: bucket {Bucket} holds {Bucket - Length} more");
+        }
+
+        Length += count;
+    }
+
     /// <summary>Copies another cache's committed slots (same shape) into this one, e.g. to reuse one prefill.</summary>
     public void CopyFrom(KvCache other)
     {
