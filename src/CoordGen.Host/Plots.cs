@@ -84,4 +84,36 @@ internal static class Plots
         lat.ShowLegend(Alignment.MiddleRight);
         multi.SavePng(path, 900, 700);
     }
+
+    /// <summary>Graph strategies: stacked ttft and first step (left), peak memory (right).</summary>
+    public static void Graphs(IReadOnlyList<GraphsRow> rows, string path)
+    {
+        var multi = new Multiplot();
+        multi.AddPlots(2);
+        var lat = multi.GetPlot(0);
+        var mem = multi.GetPlot(1);
+        var palette = new ScottPlot.Palettes.Category10();
+        var ticks = new List<Tick>();
+        for (int i = 0; i < rows.Count; i++)
+        {
+            var r = rows[i];
+            lat.Add.Bar(new Bar { Position = i, ValueBase = 0, Value = r.TtftMs, FillColor = palette.GetColor(0) });
+            lat.Add.Bar(new Bar { Position = i, ValueBase = r.TtftMs, Value = r.TtftMs + r.FirstStepMs, FillColor = palette.GetColor(1) });
+            mem.Add.Bar(new Bar { Position = i, Value = r.PeakMb, FillColor = palette.GetColor(2) });
+            ticks.Add(new Tick(i, r.Strategy));
+        }
+
+        foreach (var plot in new[] { lat, mem })
+        {
+            plot.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericManual([.. ticks]);
+            plot.Axes.Margins(bottom: 0);
+        }
+
+        lat.Title("time to first token (blue) + first verification step (orange)");
+        lat.Axes.Left.Label.Text = "ms";
+        mem.Title("peak memory");
+        mem.Axes.Left.Label.Text = "MB";
+        multi.Layout = new ScottPlot.MultiplotLayouts.Columns();
+        multi.SavePng(path, 1100, 450);
+    }
 }

@@ -85,3 +85,6 @@ public sealed class StrictServerProcess() : ServerProcess(["--max-pending", "1",
 {
     public const string Key = "test-key-0123";
 }
+
+/// <summary>A server limited to 3 requests per minute per client address.</summary>
+public sealed class RateLimitedServerProcess() : ServerProcess(["--requests-per-minute", "3"]);

@@ -218,3 +218,25 @@ public class StrictServerTests(StrictServerProcess server) : IClassFixture<Stric
         Assert.Contains(responses, r => r.StatusCode == HttpStatusCode.OK);
     }
 }
+
+/// <summary>The per-client rate limit.</summary>
+public class RateLimitTests(RateLimitedServerProcess server) : IClassFixture<RateLimitedServerProcess>
+{
+    [Fact]
+    public async Task Requests_beyond_the_rate_limit_should_get_429_saying_when_to_retry()
+    {
+        var statuses = new List<HttpStatusCode>();
+        HttpResponseMessage? limited = null;
+        for (int i = 0; i < 5; i++)
+        {
+            var r = await server.Http.GetAsync(new Uri(server.BaseUrl, "/v1/models"));
+            statuses.Add(r.StatusCode);
+            limited ??= r.StatusCode == HttpStatusCode.TooManyRequests ? r : null;
+        }
+
+        Assert.Equal([HttpStatusCode.OK, HttpStatusCode.OK, HttpStatusCode.OK], statuses.Take(3));
+        Assert.NotNull(limited);
+        Assert.NotNull(limited!.Headers.RetryAfter);
+        await ServerTests.AssertError(limited, 429, "rate limit");
+    }
+}

@@ -11,6 +11,7 @@ internal static class BenchCommands
         cmd.Add(BenchAccept.Create());
         cmd.Add(BenchFaults.Create());
         cmd.Add(BenchSoak.Create());
+        cmd.Add(BenchGraphs.Create());
         return cmd;
     }
 }

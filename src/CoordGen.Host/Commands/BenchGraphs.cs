@@ -1,0 +1,332 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Scheduling;
+using Spectre.Console;
+
+namespace CoordGen.Host.Commands;
+
+/// <summary>One strategy's measurement in <c>coordgen bench graphs</c>.</summary>
+internal sealed record GraphsRow
+{
+    [JsonPropertyName("strategy")] public required string Strategy { get; init; }
+    [JsonPropertyName("ttft_ms")] public double TtftMs { get; init; }
+    [JsonPropertyName("first_step_ms")] public double FirstStepMs { get; init; }
+    [JsonPropertyName("ready_ms")] public double ReadyMs => Math.Round(TtftMs + FirstStepMs, 1);
+    [JsonPropertyName("peak_mb")] public double PeakMb { get; init; }
+    [JsonPropertyName("setup_ms")] public double SetupMs { get; init; }
+    [JsonPropertyName("plan")] public string? Plan { get; init; }
+}
+
+/// <summary>
+/// <c>coordgen bench graphs</c>: time to first token, the first verification step and peak memory for
+/// four ways of getting from a wide prefill graph to a narrow verification graph (paper §3.2), on a
+/// block-split model with real graph loads. Each strategy runs in its own process so its peak memory
+/// (VmHWM) is its own.
+/// </summary>
+internal static class BenchGraphs
+{
+    public static readonly string[] Strategies = ["single", "sync", "progressive", "resident"];
+
+    public static Command Create()
+    {
+        var model = CommonOptions.Model();
+        var promptTokens = new Option<int>("--prompt-tokens") { Description = "Prompt length (random token ids; only timing matters).", DefaultValueFactory = _ => 1024 };
+        var wide = new Option<int>("--wide") { Description = "Prefill graph width G1 (the chunk size).", DefaultValueFactory = _ => 256 };
+        var narrow = new Option<int>("--narrow") { Description = "Verification graph width G2.", DefaultValueFactory = _ => 32 };
+        var blocks = new Option<int>("--blocks") { Description = "Blocks the model is split into.", DefaultValueFactory = _ => 4 };
+        var capacity = new Option<int>("--capacity") { Description = "KV slots (static C of every graph).", DefaultValueFactory = _ => 1536 };
+        var repeat = new Option<int>("--repeat") { Description = "Runs per strategy (the median is reported).", DefaultValueFactory = _ => 3 };
+        var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
+        var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
+        var only = new Option<string?>("--run-strategy") { Description = "Internal: measure one strategy in this process and print its row as JSON.", Hidden = true };
+        var cmd = new Command("graphs", "Graph switching strategies on a block-split model with real graph loads: (a) single = the wide graph for both phases, (b) sync = switch every block after prefill, (c) progressive = the planner's schedule overlapping loads with chunked prefill, (d) resident = both variants loaded. Reports ttft_ms, first_step_ms and peak_mb per strategy.")
+        {
+            model, promptTokens, wide, narrow, blocks, capacity, repeat, json, outDir, only,
+        };
+        cmd.SetAction(parse =>
+        {
+            int p = parse.GetValue(promptTokens), g1 = parse.GetValue(wide), g2 = parse.GetValue(narrow), nb = parse.GetValue(blocks), cap = parse.GetValue(capacity);
+            if (g2 < 1 || g1 < g2 || g1 % g2 != 0)
+            {
+                throw new ArgumentException($"--wide must be a multiple of --narrow (got {g1} and {g2}).");
+            }
+
+            if (p < 1 || p + g2 > cap)
+            {
+                throw new ArgumentException($"--prompt-tokens plus --narrow must fit --capacity {cap} (got {p} + {g2}).");
+            }
+
+            string dir = ModelLocator.Resolve(parse.GetValue(model));
+            if (parse.GetValue(only) is { } strategy)
+            {
+                var row = Measure(strategy, dir, p, g1, g2, nb, cap);
+                Console.Out.WriteLine(JsonSerializer.Serialize(row));
+                return 0;
+            }
+
+            var stamp = BenchStamp.Capture();
+            var rows = new List<GraphsRow>();
+            int reps = Math.Max(1, parse.GetValue(repeat));
+            AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).Start(progress =>
+            {
+                var bar = progress.AddTask("strategies", maxValue: Strategies.Length * reps);
+                foreach (string s in Strategies)
+                {
+                    var runs = new List<GraphsRow>();
+                    for (int r = 0; r < reps; r++)
+                    {
+                        runs.Add(RunChild(s, dir, p, g1, g2, nb, cap));
+                        bar.Increment(1);
+                    }
+
+                    var mid = runs.OrderBy(x => x.ReadyMs).ElementAt(runs.Count / 2);
+                    rows.Add(mid with { PeakMb = Math.Round(runs.Select(x => x.PeakMb).Order().ElementAt(runs.Count / 2), 1) });
+                }
+            });
+            Write(rows, stamp, dir, p, g1, g2, nb, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json));
+            return 0;
+        });
+        return cmd;
+    }
+
+    private static GraphsRow RunChild(string strategy, string model, int p, int g1, int g2, int nb, int cap)
+    {
+        string exe = Environment.ProcessPath!;
+        var args = new List<string>();
+        if (!exe.EndsWith("coordgen", StringComparison.Ordinal))
+        {
+            args.Add(typeof(BenchGraphs).Assembly.Location);
+        }
+
+        args.AddRange(["bench", "graphs", "--run-strategy", strategy, "--model", model, "--prompt-tokens", $"{p}", "--wide", $"{g1}", "--narrow", $"{g2}", "--blocks", $"{nb}", "--capacity", $"{cap}"]);
+        var psi = new ProcessStartInfo(exe, args) { RedirectStandardOutput = true, RedirectStandardError = true };
+        using var proc = Process.Start(psi)!;
+        string stdout = proc.StandardOutput.ReadToEnd();
+        string stderr = proc.StandardError.ReadToEnd();
+        proc.WaitForExit();
+        string? line = stdout.Split('\n').LastOrDefault(l => l.TrimStart().StartsWith('{'));
+        if (proc.ExitCode != 0 || line is null)
+        {
+            throw new InvalidOperationException($"strategy {strategy} failed: {stderr.Trim()}");
+        }
+
+        return JsonSerializer.Deserialize<GraphsRow>(line)!;
+    }
+
+    /// <summary>One strategy, in this process: setup (graphs for prefill resident), prefill, first verification step.</summary>
+    private static GraphsRow Measure(string strategy, string dir, int p, int g1, int g2, int nb, int cap)
+    {
+        var bundle = ModelBundle.Load(dir);
+        using var model = new BlockModel(bundle.Weights, cap, nb);
+        var rng = new Random(7);
+        int[] prompt = [.. Enumerable.Range(0, p).Select(_ => rng.Next(bundle.Config.VocabSize))];
+        int[] step = [.. Enumerable.Range(0, g2).Select(_ => rng.Next(bundle.Config.VocabSize))];
+        int chunks = (p + g1 - 1) / g1;
+        var width = new int[nb];
+        string? planText = null;
+
+        // Setup, outside the timed region: what a server does at start.
+        var setup = Stopwatch.StartNew();
+        SwitchPlan? plan = null;
+        if (strategy == "progressive")
+        {
+            plan = Profile(model, g1, g2, chunks);
+            planText = string.Join(" ", plan.Steps.Select(s => $"P{s.Block + 1}@{s.StartSlot}"));
+        }
+
+        for (int b = 0; b < nb; b++)
+        {
+            model.Load(b, g1);
+            width[b] = g1;
+            if (strategy == "resident")
+            {
+                model.Load(b, g2);
+            }
+        }
+
+        double setupMs = setup.Elapsed.TotalMilliseconds;
+        using var cache = model.CreateCache();
+        var sw = Stopwatch.StartNew();
+        double ttft, firstStep;
+        switch (strategy)
+        {
+            case "single":
+            case "resident":
+            case "sync":
+                for (int s = 0; s < p; s += g1)
+                {
+                    model.Run(cache, prompt.AsSpan(s, Math.Min(g1, p - s)), b => width[b]);
+                }
+
+                ttft = sw.Elapsed.TotalMilliseconds;
+                if (strategy == "sync")
+                {
+                    for (int b = nb - 1; b >= 0; b--)
+                    {
+                        model.Unload(b, g1);
+                        model.Load(b, g2);
+                    }
+                }
+
+                int w = strategy == "single" ? g1 : g2;
+                model.Run(cache, step, _ => w);
+                firstStep = sw.Elapsed.TotalMilliseconds - ttft;
+                break;
+            case "progressive":
+                (ttft, firstStep) = RunProgressive(model, cache, prompt, step, plan!, g1, g2, width, sw);
+                break;
+            default:
+                throw new ArgumentException($"unknown strategy '{strategy}'; use {string.Join(", ", Strategies)}.");
+        }
+
+        return new GraphsRow
+        {
+            Strategy = strategy,
+            TtftMs = Math.Round(ttft, 1),
+            FirstStepMs = Math.Round(firstStep, 1),
+            PeakMb = Math.Round(PeakRssMb(), 1),
+            SetupMs = Math.Round(setupMs, 1),
+            Plan = planText,
+        };
+    }
+
+    /// <summary>Warm-up profiling: each block's G2 load time and its compute time per chunk on G1 and on G2.</summary>
+    private static SwitchPlan Profile(BlockModel model, int g1, int g2, int chunks)
+    {
+        int nb = model.Blocks;
+        var load = new double[nb];
+        var c1 = new double[nb];
+        var c2 = new double[nb];
+        var rng = new Random(3);
+        int[] chunk = [.. Enumerable.Range(0, g1).Select(_ => rng.Next(model.Config.VocabSize))];
+        for (int b = 0; b < nb; b++)
+        {
+            model.Load(b, g1);
+            load[b] = model.Load(b, g2);
+        }
+
+        // Per-block compute: run one chunk with every block on one width, timing each block.
+        foreach (var (w, into) in new[] { (g1, c1), (g2, c2) })
+        {
+            using var cache = model.CreateCache();
+            var sw = Stopwatch.StartNew();
+            double mark = 0;
+            model.Run(cache, chunk, _ => w, b =>
+            {
+                if (b > 0)
+                {
+                    into[b - 1] = sw.Elapsed.TotalMilliseconds - mark;
+                }
+
+                mark = sw.Elapsed.TotalMilliseconds;
+            });
+            into[nb - 1] = sw.Elapsed.TotalMilliseconds - mark;
+        }
+
+        for (int b = 0; b < nb; b++)
+        {
+            model.Unload(b, g1);
+            model.Unload(b, g2);
+        }
+
+        return ProgressivePlanner.Plan(new BlockCosts(load, c1, c2), chunks);
+    }
+
+    private static (double Ttft, double FirstStep) RunProgressive(BlockModel model, KvCache cache, int[] prompt, int[] step, SwitchPlan plan, int g1, int g2, int[] width, Stopwatch sw)
+    {
+        int nb = model.Blocks, p = prompt.Length;
+        var loads = new Dictionary<int, Task>();
+        Task loader = Task.CompletedTask;
+        int next = 0, slot = 0;
+        void StartLoads(int s)
+        {
+            while (next < plan.Steps.Count && plan.Steps[next].StartSlot <= s)
+            {
+                int b = plan.Steps[next++].Block;
+                // One loader: each load starts when the previous one is done.
+                loader = loads[b] = loader.ContinueWith(_ => model.Load(b, g2), TaskScheduler.Default);
+            }
+        }
+
+        void Switch(int b)
+        {
+            if (width[b] != g2 && loads.TryGetValue(b, out var t))
+            {
+                t.Wait();
+                model.Unload(b, g1);
+                width[b] = g2;
+            }
+        }
+
+        for (int s = 0; s < p; s += g1)
+        {
+            model.Run(cache, prompt.AsSpan(s, Math.Min(g1, p - s)), b => width[b], b =>
+            {
+                StartLoads(slot++);
+                Switch(b);
+            });
+        }
+
+        double ttft = sw.Elapsed.TotalMilliseconds;
+        StartLoads(int.MaxValue);
+        for (int b = 0; b < nb; b++)
+        {
+            Switch(b);
+        }
+
+        model.Run(cache, step, _ => g2);
+        return (ttft, sw.Elapsed.TotalMilliseconds - ttft);
+    }
+
+    private static double PeakRssMb()
+    {
+        const string key = "VmHWM:";
+        if (File.Exists("/proc/self/status"))
+        {
+            string? line = File.ReadLines("/proc/self/status").FirstOrDefault(l => l.StartsWith(key, StringComparison.Ordinal));
+            if (line is not null && long.TryParse(line[key.Length..].Trim().Split(' ')[0], out long kb))
+            {
+                return kb / 1024.0;
+            }
+        }
+
+        return Process.GetCurrentProcess().PeakWorkingSet64 / 1048576.0;
+    }
+
+    private static void Write(List<GraphsRow> rows, BenchStamp stamp, string model, int p, int g1, int g2, int nb, string dir, FileInfo? json)
+    {
+        Directory.CreateDirectory(dir);
+        string text = JsonSerializer.Serialize(rows, new JsonSerializerOptions { WriteIndented = true });
+        File.WriteAllText(Path.Combine(dir, "graphs.json"), text);
+        if (json is not null)
+        {
+            File.WriteAllText(json.FullName, text);
+        }
+
+        Plots.Graphs(rows, Path.Combine(dir, "graphs.png"));
+        var a = rows.First(r => r.Strategy == "single");
+        var d = rows.First(r => r.Strategy == "resident");
+        var c = rows.First(r => r.Strategy == "progressive");
+        var md = new StringBuilder();
+        md.AppendLine("# Graph switching strategies (`coordgen bench graphs`)").AppendLine();
+        md.AppendLine(stamp.ToMarkdown()).AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Model `{Path.GetFileName(Path.TrimEndingDirectorySeparator(model))}` split into {nb} blocks; prompt {p} tokens prefilled in chunks of G1 = {g1}; the first verification step has G2 = {g2} tokens. CPU execution provider; a graph load is a real ONNX Runtime session creation with its own pre-packed weights. Each strategy runs in its own process (peak = VmHWM); median of the runs.").AppendLine();
+        md.AppendLine("| strategy | ttft_ms | first_step_ms | ttft + first step | peak_mb | setup_ms |").AppendLine("|---|---|---|---|---|---|");
+        foreach (var r in rows)
+        {
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Strategy} | {r.TtftMs} | {r.FirstStepMs} | {r.ReadyMs} | {r.PeakMb} | {r.SetupMs} |");
+        }
+
+        md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"Progressive vs resident (latency to the end of the first step): {c.ReadyMs / d.ReadyMs:F3}x (bar: at most 1.10x). Progressive vs single (peak memory): {c.PeakMb / a.PeakMb:F3}x (bar: at most 1.15x).").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Progressive plan (block@slot, slot = chunk x blocks + block): {c.Plan}.").AppendLine();
+        md.AppendLine("![strategies](graphs.png)");
+        File.WriteAllText(Path.Combine(dir, "graphs.md"), md.ToString());
+        ConsoleUi.Err.MarkupLineInterpolated($"[green]progressive/resident latency {c.ReadyMs / d.ReadyMs:F3}x, progressive/single memory {c.PeakMb / a.PeakMb:F3}x[/] -> {dir}/graphs.md");
+    }
+}
