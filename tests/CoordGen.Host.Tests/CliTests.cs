@@ -99,4 +99,21 @@ public class CliTests
         Assert.Equal(0, report["duplicated_tokens"]!.GetValue<long>());
         Assert.True(File.Exists(Path.Combine(dir, "faults.png")));
     }
+
+    [Fact]
+    public void Bench_graphs_should_measure_all_four_strategies_with_the_reported_keys()
+    {
+        string dir = Directory.CreateTempSubdirectory("coordgen-graphs-").FullName;
+        var (code, _, stderr) = Run("bench", "graphs", "--prompt-tokens", "96", "--wide", "32", "--narrow", "8", "--blocks", "3", "--capacity", "128", "--repeat", "1", "--out", dir);
+        Assert.True(code == 0, stderr);
+        var rows = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "graphs.json")))!.AsArray();
+        Assert.Equal(["single", "sync", "progressive", "resident"], rows.Select(r => r!["strategy"]!.GetValue<string>()));
+        Assert.All(rows, r =>
+        {
+            Assert.True(r!["ttft_ms"]!.GetValue<double>() > 0);
+            Assert.True(r["first_step_ms"]!.GetValue<double>() > 0);
+            Assert.True(r["peak_mb"]!.GetValue<double>() > 0);
+        });
+        Assert.True(File.Exists(Path.Combine(dir, "graphs.png")));
+    }
 }

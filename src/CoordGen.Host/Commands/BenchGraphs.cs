@@ -33,21 +33,25 @@ internal static class BenchGraphs
 {
     public static readonly string[] Strategies = ["single", "sync", "progressive", "resident"];
 
+    private static int Threads { get; set; } = 1;
+
     public static Command Create()
     {
         var model = CommonOptions.Model();
         var promptTokens = new Option<int>("--prompt-tokens") { Description = "Prompt length (random token ids; only timing matters).", DefaultValueFactory = _ => 1024 };
         var wide = new Option<int>("--wide") { Description = "Prefill graph width G1 (the chunk size).", DefaultValueFactory = _ => 256 };
         var narrow = new Option<int>("--narrow") { Description = "Verification graph width G2.", DefaultValueFactory = _ => 32 };
-        var blocks = new Option<int>("--blocks") { Description = "Blocks the model is split into.", DefaultValueFactory = _ => 4 };
+        var blocks = new Option<int>("--blocks") { Description = "Blocks the model is split into (more blocks: less memory held twice while one switches).", DefaultValueFactory = _ => 6 };
         var capacity = new Option<int>("--capacity") { Description = "KV slots (static C of every graph).", DefaultValueFactory = _ => 1536 };
+        var threads = new Option<int>("--threads") { Description = "Intra-op threads for compute. Default 1: one core plays the accelerator and the other stays free for graph loads, as an NPU's loads do not take its compute (with every core computing, a load on the CPU steals from the prefill it should hide behind).", DefaultValueFactory = _ => 1 };
         var repeat = new Option<int>("--repeat") { Description = "Runs per strategy (the median is reported).", DefaultValueFactory = _ => 3 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var only = new Option<string?>("--run-strategy") { Description = "Internal: measure one strategy in this process and print its row as JSON.", Hidden = true };
+        var costsOpt = new Option<string?>("--costs") { Description = "Internal: profiled block costs (JSON) for the progressive strategy.", Hidden = true };
         var cmd = new Command("graphs", "Graph switching strategies on a block-split model with real graph loads: (a) single = the wide graph for both phases, (b) sync = switch every block after prefill, (c) progressive = the planner's schedule overlapping loads with chunked prefill, (d) resident = both variants loaded. Reports ttft_ms, first_step_ms and peak_mb per strategy.")
         {
-            model, promptTokens, wide, narrow, blocks, capacity, repeat, json, outDir, only,
+            model, promptTokens, wide, narrow, blocks, capacity, threads, repeat, json, outDir, only, costsOpt,
         };
         cmd.SetAction(parse =>
         {
@@ -63,15 +67,25 @@ internal static class BenchGraphs
             }
 
             string dir = ModelLocator.Resolve(parse.GetValue(model));
+            Threads = parse.GetValue(threads);
             if (parse.GetValue(only) is { } strategy)
             {
-                var row = Measure(strategy, dir, p, g1, g2, nb, cap);
+                if (strategy == "profile")
+                {
+                    Console.Out.WriteLine(JsonSerializer.Serialize(ProfileCosts(dir, p, g1, g2, nb, cap)));
+                    return 0;
+                }
+
+                var costs = parse.GetValue(costsOpt) is { } cj ? JsonSerializer.Deserialize<BlockCosts>(cj) : null;
+                var row = Measure(strategy, dir, p, g1, g2, nb, cap, costs);
                 Console.Out.WriteLine(JsonSerializer.Serialize(row));
                 return 0;
             }
 
             var stamp = BenchStamp.Capture();
             var rows = new List<GraphsRow>();
+            // Warm-up profiling in its own process, so its memory does not count against any strategy.
+            string profiled = RunChildRaw("profile", dir, p, g1, g2, nb, cap, null);
             int reps = Math.Max(1, parse.GetValue(repeat));
             AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).Start(progress =>
             {
@@ -81,7 +95,7 @@ internal static class BenchGraphs
                     var runs = new List<GraphsRow>();
                     for (int r = 0; r < reps; r++)
                     {
-                        runs.Add(RunChild(s, dir, p, g1, g2, nb, cap));
+                        runs.Add(JsonSerializer.Deserialize<GraphsRow>(RunChildRaw(s, dir, p, g1, g2, nb, cap, s == "progressive" ? profiled : null))!);
                         bar.Increment(1);
                     }
 
@@ -95,7 +109,7 @@ internal static class BenchGraphs
         return cmd;
     }
 
-    private static GraphsRow RunChild(string strategy, string model, int p, int g1, int g2, int nb, int cap)
+    private static string RunChildRaw(string strategy, string model, int p, int g1, int g2, int nb, int cap, string? costs)
     {
         string exe = Environment.ProcessPath!;
         var args = new List<string>();
@@ -104,7 +118,12 @@ internal static class BenchGraphs
             args.Add(typeof(BenchGraphs).Assembly.Location);
         }
 
-        args.AddRange(["bench", "graphs", "--run-strategy", strategy, "--model", model, "--prompt-tokens", $"{p}", "--wide", $"{g1}", "--narrow", $"{g2}", "--blocks", $"{nb}", "--capacity", $"{cap}"]);
+        args.AddRange(["bench", "graphs", "--run-strategy", strategy, "--model", model, "--prompt-tokens", $"{p}", "--wide", $"{g1}", "--narrow", $"{g2}", "--blocks", $"{nb}", "--capacity", $"{cap}", "--threads", $"{Threads}"]);
+        if (costs is not null)
+        {
+            args.AddRange(["--costs", costs]);
+        }
+
         var psi = new ProcessStartInfo(exe, args) { RedirectStandardOutput = true, RedirectStandardError = true };
         using var proc = Process.Start(psi)!;
         string stdout = proc.StandardOutput.ReadToEnd();
@@ -116,14 +135,14 @@ internal static class BenchGraphs
             throw new InvalidOperationException($"strategy {strategy} failed: {stderr.Trim()}");
         }
 
-        return JsonSerializer.Deserialize<GraphsRow>(line)!;
+        return line;
     }
 
     /// <summary>One strategy, in this process: setup (graphs for prefill resident), prefill, first verification step.</summary>
-    private static GraphsRow Measure(string strategy, string dir, int p, int g1, int g2, int nb, int cap)
+    private static GraphsRow Measure(string strategy, string dir, int p, int g1, int g2, int nb, int cap, BlockCosts? costs)
     {
         var bundle = ModelBundle.Load(dir);
-        using var model = new BlockModel(bundle.Weights, cap, nb);
+        using var model = new BlockModel(bundle.Weights, cap, nb, new RuntimeOptions { IntraOpThreads = Threads });
         var rng = new Random(7);
         int[] prompt = [.. Enumerable.Range(0, p).Select(_ => rng.Next(bundle.Config.VocabSize))];
         int[] step = [.. Enumerable.Range(0, g2).Select(_ => rng.Next(bundle.Config.VocabSize))];
@@ -136,8 +155,8 @@ internal static class BenchGraphs
         SwitchPlan? plan = null;
         if (strategy == "progressive")
         {
-            plan = Profile(model, g1, g2, chunks);
-            planText = string.Join(" ", plan.Steps.Select(s => $"P{s.Block + 1}@{s.StartSlot}"));
+            plan = ProgressivePlanner.Plan(costs ?? throw new ArgumentException("the progressive strategy needs --costs"), chunks);
+            planText = string.Join(" ", plan.Steps.Select(s => $"P{s.Block + 1}@{s.StartSlot}")) + $" (predicted ready {plan.ReadyMs:F0} ms)";
         }
 
         for (int b = 0; b < nb; b++)
@@ -197,45 +216,51 @@ internal static class BenchGraphs
     }
 
     /// <summary>Warm-up profiling: each block's G2 load time and its compute time per chunk on G1 and on G2.</summary>
-    private static SwitchPlan Profile(BlockModel model, int g1, int g2, int chunks)
+    private static BlockCosts ProfileCosts(string dir, int p, int g1, int g2, int nb, int cap)
     {
-        int nb = model.Blocks;
+        var bundle = ModelBundle.Load(dir);
+        using var model = new BlockModel(bundle.Weights, cap, nb, new RuntimeOptions { IntraOpThreads = Threads });
         var load = new double[nb];
         var c1 = new double[nb];
         var c2 = new double[nb];
         var rng = new Random(3);
         int[] chunk = [.. Enumerable.Range(0, g1).Select(_ => rng.Next(model.Config.VocabSize))];
-        for (int b = 0; b < nb; b++)
-        {
-            model.Load(b, g1);
-            load[b] = model.Load(b, g2);
-        }
-
-        // Per-block compute: run one chunk with every block on one width, timing each block.
+        // One variant set at a time, so profiling never holds both (it would set the peak).
         foreach (var (w, into) in new[] { (g1, c1), (g2, c2) })
         {
-            using var cache = model.CreateCache();
-            var sw = Stopwatch.StartNew();
-            double mark = 0;
-            model.Run(cache, chunk, _ => w, b =>
+            for (int b = 0; b < nb; b++)
             {
-                if (b > 0)
+                double ms = model.Load(b, w);
+                if (w == g2)
                 {
-                    into[b - 1] = sw.Elapsed.TotalMilliseconds - mark;
+                    load[b] = ms;
                 }
+            }
 
-                mark = sw.Elapsed.TotalMilliseconds;
-            });
-            into[nb - 1] = sw.Elapsed.TotalMilliseconds - mark;
+            // Per-block compute: one chunk with every block on this width, timing each block.
+            using (var cache = model.CreateCache())
+            {
+                var sw = Stopwatch.StartNew();
+                double mark = 0;
+                model.Run(cache, chunk, _ => w, b =>
+                {
+                    if (b > 0)
+                    {
+                        into[b - 1] = sw.Elapsed.TotalMilliseconds - mark;
+                    }
+
+                    mark = sw.Elapsed.TotalMilliseconds;
+                });
+                into[nb - 1] = sw.Elapsed.TotalMilliseconds - mark;
+            }
+
+            for (int b = 0; b < nb; b++)
+            {
+                model.Unload(b, w);
+            }
         }
 
-        for (int b = 0; b < nb; b++)
-        {
-            model.Unload(b, g1);
-            model.Unload(b, g2);
-        }
-
-        return ProgressivePlanner.Plan(new BlockCosts(load, c1, c2), chunks);
+        return new BlockCosts(load, c1, c2);
     }
 
     private static (double Ttft, double FirstStep) RunProgressive(BlockModel model, KvCache cache, int[] prompt, int[] step, SwitchPlan plan, int g1, int g2, int[] width, Stopwatch sw)
@@ -316,7 +341,7 @@ internal static class BenchGraphs
         var md = new StringBuilder();
         md.AppendLine("# Graph switching strategies (`coordgen bench graphs`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
-        md.AppendLine(CultureInfo.InvariantCulture, $"Model `{Path.GetFileName(Path.TrimEndingDirectorySeparator(model))}` split into {nb} blocks; prompt {p} tokens prefilled in chunks of G1 = {g1}; the first verification step has G2 = {g2} tokens. CPU execution provider; a graph load is a real ONNX Runtime session creation with its own pre-packed weights. Each strategy runs in its own process (peak = VmHWM); median of the runs.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Model `{Path.GetFileName(Path.TrimEndingDirectorySeparator(model))}` split into {nb} blocks; prompt {p} tokens prefilled in chunks of G1 = {g1}; the first verification step has G2 = {g2} tokens. CPU execution provider with {Threads} compute thread(s) (the other core is free for loads); a graph load is a real ONNX Runtime session creation with its own pre-packed weights. Each strategy runs in its own process (peak = VmHWM); median of the runs.").AppendLine();
         md.AppendLine("| strategy | ttft_ms | first_step_ms | ttft + first step | peak_mb | setup_ms |").AppendLine("|---|---|---|---|---|---|");
         foreach (var r in rows)
         {
