@@ -109,7 +109,7 @@ internal static class Plots
             plot.Axes.Margins(bottom: 0);
         }
 
-        lat.Title("time to first token (blue) + first verification step (orange)");
+        lat.Title("TTFT (blue) + first verification step (orange)");
         lat.Axes.Left.Label.Text = "ms";
         mem.Title("peak memory");
         mem.Axes.Left.Label.Text = "MB";

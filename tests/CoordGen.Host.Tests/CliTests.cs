@@ -63,6 +63,8 @@ public class CliTests
     [InlineData(new[] { "generate", "--context", "/nonexistent.txt" }, "does not exist")]
     [InlineData(new[] { "generate", "--capacity", "64", "-n", "8" }, "Shorten the prompt")]
     [InlineData(new[] { "model", "synth", "--shape", "gpt-5", "--out", "/tmp/x" }, "unknown --shape")]
+    [InlineData(new[] { "generate", "--provider", "qnn", "-n", "4" }, "QNN execution provider is not available in this build")]
+    [InlineData(new[] { "generate", "--provider", "qnn", "--qnn-perf-mode", "turbo" }, "unknown QNN performance mode")]
     [InlineData(new[] { "serve", "--port", "99999" }, "Port must be between 0 and 65535")]
     [InlineData(new[] { "serve", "--method", "magic" }, "unknown method")]
     [InlineData(new[] { "serve", "--host", "not-an-ip" }, "Host must be an IP address")]

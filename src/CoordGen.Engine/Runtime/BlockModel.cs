@@ -233,6 +233,7 @@ public sealed class BlockModel : IDisposable
                 IntraOpNumThreads = owner._options.IntraOpThreads,
                 LogSeverityLevel = OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR,
             };
+            owner._options.ApplyProvider(_so, $"b{block}_w{width}");
             foreach (var (name, value) in owner._weightValues)
             {
                 if (Uses(name, c, lmHead))

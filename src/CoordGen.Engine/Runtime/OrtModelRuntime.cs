@@ -21,6 +21,64 @@ public sealed record RuntimeOptions
 
     /// <summary>QNN backend library (libQnnHtp.so) when <see cref="Provider"/> is QNN.</summary>
     public string? QnnBackendPath { get; init; }
+
+    /// <summary>QNN HTP performance mode: burst (default), balanced, high_performance, sustained_high_performance, power_saver, ...</summary>
+    public string QnnPerformanceMode { get; init; } = "burst";
+
+    /// <summary>
+    /// Folder for QNN EP context binaries: compiled graphs are saved there on first use and loaded from
+    /// there afterwards (graph loads in seconds instead of a full compile). Null disables the cache.
+    /// </summary>
+    public string? QnnContextCache { get; init; }
+
+    public static readonly string[] QnnPerformanceModes =
+        ["default", "burst", "balanced", "high_performance", "high_power_saver", "low_balanced", "low_power_saver", "power_saver", "extreme_power_saver", "sustained_high_performance"];
+
+    public void Validate()
+    {
+        if (IntraOpThreads is < 0 or > 256)
+        {
+            throw new ArgumentException($"intra-op threads must be between 0 (one per core) and 256 (got {IntraOpThreads}).");
+        }
+
+        if (!QnnPerformanceModes.Contains(QnnPerformanceMode))
+        {
+            throw new ArgumentException($"unknown QNN performance mode '{QnnPerformanceMode}'; use one of {string.Join(", ", QnnPerformanceModes)}.");
+        }
+    }
+
+    /// <summary>
+    /// Applies the provider to session options: nothing for the CPU; for QNN the backend, performance
+    /// mode and EP context cache (<paramref name="graphName"/> names the cached binary).
+    /// </summary>
+    public void ApplyProvider(SessionOptions so, string graphName)
+    {
+        if (Provider != ExecutionProviderKind.Qnn)
+        {
+            return;
+        }
+
+        var qnn = new Dictionary<string, string>
+        {
+            ["backend_path"] = QnnBackendPath ?? "libQnnHtp.so",
+            ["htp_performance_mode"] = QnnPerformanceMode,
+        };
+        if (QnnContextCache is { } dir)
+        {
+            Directory.CreateDirectory(dir);
+            so.AddSessionConfigEntry("ep.context_enable", "1");
+            so.AddSessionConfigEntry("ep.context_file_path", Path.Combine(dir, graphName + "_ctx.onnx"));
+        }
+
+        try
+        {
+            so.AppendExecutionProvider("QNN", qnn);
+        }
+        catch (Exception ex)
+        {
+            throw new InvalidOperationException($"The QNN execution provider is not available in this build ({ex.Message}). Build with -p:CoordGenQnn=true on a Snapdragon device (docs/snapdragon.md), or use --provider cpu.", ex);
+        }
+    }
 }
 
 /// <summary>
@@ -50,6 +108,7 @@ public sealed class OrtModelRuntime : IDisposable
         Capacity = capacity;
         Buckets = CapacityBuckets(capacity);
         _options = options ?? new RuntimeOptions();
+        _options.Validate();
         _widths = widths.Distinct().Order().ToArray();
         foreach (var t in weights.Tensors)
         {
@@ -227,7 +286,7 @@ public sealed class OrtModelRuntime : IDisposable
         return path;
     }
 
-    private SessionOptions CreateSessionOptions()
+    private SessionOptions CreateSessionOptions(string graphName)
     {
         var so = new SessionOptions
         {
@@ -240,18 +299,7 @@ public sealed class OrtModelRuntime : IDisposable
         {
             so.DisablePerSessionThreads();
         }
-        if (_options.Provider == ExecutionProviderKind.Qnn)
-        {
-            var qnn = new Dictionary<string, string> { ["backend_path"] = _options.QnnBackendPath ?? "libQnnHtp.so" };
-            try
-            {
-                so.AppendExecutionProvider("QNN", qnn);
-            }
-            catch (Exception ex)
-            {
-                throw new InvalidOperationException($"The QNN execution provider is not available in this build ({ex.Message}). Build with -p:CoordGenQnn=true on a Snapdragon device, or use --provider cpu.", ex);
-            }
-        }
+        _options.ApplyProvider(so, graphName);
 
         // The graphs declare every weight as an external initializer; these OrtValues (over the pinned
         // arrays of ModelWeights) replace them in every session, so all widths read one copy.
@@ -302,7 +350,7 @@ public sealed class OrtModelRuntime : IDisposable
         {
             var c = owner.Config;
             _layers = c.NumLayers;
-            _so = owner.CreateSessionOptions();
+            _so = owner.CreateSessionOptions($"w{shape.Width}_c{shape.Capacity}");
             string path = owner.WriteGraph(shape);
             _session = new InferenceSession(path, _so, owner._prepacked);
             Buffers = new StepBuffers(shape.Width, shape.Capacity, c);

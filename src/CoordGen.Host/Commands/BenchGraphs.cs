@@ -350,6 +350,8 @@ internal static class BenchGraphs
 
         md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"Progressive vs resident (latency to the end of the first step): {c.ReadyMs / d.ReadyMs:F3}x (bar: at most 1.10x). Progressive vs single (peak memory): {c.PeakMb / a.PeakMb:F3}x (bar: at most 1.15x).").AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"Progressive plan (block@slot, slot = chunk x blocks + block): {c.Plan}.").AppendLine();
+        md.AppendLine("Strategies: **single** = the wide graph for both phases; **sync** = after prefill, unload each block's wide graph and load its narrow one; **progressive** = `ProgressivePlanner` over warm-up profiles (measured in a separate process), loads on a background thread during chunked prefill, a switched block's wide graph freed at once; **resident** = both variants loaded at start. Setup (loading what prefill needs) is outside the timed region for all.").AppendLine();
+        md.AppendLine("Reproduce: `coordgen model synth --shape smollm2-135m --out /tmp/smol && coordgen bench graphs --model /tmp/smol` (random weights with SmolLM2-135M's shape: the demo model is too small for loads to matter).").AppendLine();
         md.AppendLine("![strategies](graphs.png)");
         File.WriteAllText(Path.Combine(dir, "graphs.md"), md.ToString());
         ConsoleUi.Err.MarkupLineInterpolated($"[green]progressive/resident latency {c.ReadyMs / d.ReadyMs:F3}x, progressive/single memory {c.PeakMb / a.PeakMb:F3}x[/] -> {dir}/graphs.md");

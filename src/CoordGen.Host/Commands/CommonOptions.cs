@@ -36,6 +36,24 @@ internal static class CommonOptions
         DefaultValueFactory = _ => ExecutionProviderKind.Cpu,
     };
 
+    public static Option<string?> QnnBackend() => new("--qnn-backend")
+    {
+        Description = "QNN backend library for --provider qnn (default libQnnHtp.so, the Hexagon NPU).",
+        HelpName = "PATH",
+    };
+
+    public static Option<string> QnnPerformanceMode() => new("--qnn-perf-mode")
+    {
+        Description = $"QNN HTP performance mode: {string.Join(", ", RuntimeOptions.QnnPerformanceModes)}.",
+        DefaultValueFactory = _ => "burst",
+    };
+
+    public static Option<DirectoryInfo?> QnnContextCache() => new("--qnn-context-cache")
+    {
+        Description = "Folder where QNN saves compiled graphs (EP context binaries) and loads them from on later runs.",
+        HelpName = "DIR",
+    };
+
     public static void Validate(int capacity, int prefillWidth)
     {
         if (capacity < 16 || capacity > 65536)

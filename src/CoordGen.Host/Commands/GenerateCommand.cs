@@ -26,6 +26,9 @@ internal static class GenerateCommand
         var prefillWidth = CommonOptions.PrefillWidth();
         var threads = CommonOptions.Threads();
         var provider = CommonOptions.Provider();
+        var qnnBackend = CommonOptions.QnnBackend();
+        var qnnPerf = CommonOptions.QnnPerformanceMode();
+        var qnnCache = CommonOptions.QnnContextCache();
         var method = new Option<string>("--method")
         {
             Description = "Decoding method: ar (plain), pld, sam, sam+history, pld+ours, sam+ours (ours = calibration + draft reuse + token trees). All give the same greedy text; speculative methods are faster.",
@@ -36,7 +39,7 @@ internal static class GenerateCommand
 
         var cmd = new Command("generate", "Generate text for a prompt (and optional context file), streaming tokens as they are produced. Prints prefill and decode tokens/s at the end.")
         {
-            model, prompt, context, raw, maxTokens, temperature, topK, topP, seed, capacity, prefillWidth, threads, provider, method, width, history,
+            model, prompt, context, raw, maxTokens, temperature, topK, topP, seed, capacity, prefillWidth, threads, provider, qnnBackend, qnnPerf, qnnCache, method, width, history,
         };
         cmd.SetAction((parse, ct) =>
         {
@@ -92,7 +95,14 @@ internal static class GenerateCommand
             int[] widths = spec is null ? [1, pw] : [1, pw, w];
             using var runtime = ConsoleUi.Status("compiling graphs", () =>
             {
-                var rt = new OrtModelRuntime(bundle.Weights, cap, widths, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Provider = parse.GetValue(provider) });
+                var rt = new OrtModelRuntime(bundle.Weights, cap, widths, new RuntimeOptions
+                {
+                    IntraOpThreads = parse.GetValue(threads),
+                    Provider = parse.GetValue(provider),
+                    QnnBackendPath = parse.GetValue(qnnBackend),
+                    QnnPerformanceMode = parse.GetValue(qnnPerf)!,
+                    QnnContextCache = parse.GetValue(qnnCache)?.FullName,
+                });
                 rt.Prepare(Math.Min(cap, ids.Length + n + w));
                 return rt;
             });
