@@ -116,4 +116,34 @@ internal static class Plots
         multi.Layout = new ScottPlot.MultiplotLayouts.Columns();
         multi.SavePng(path, 1100, 450);
     }
+
+    /// <summary>Grouped bars: one group per task, one bar per setting.</summary>
+    public static void PaperTable(IReadOnlyList<PaperRow> rows, IReadOnlyList<string> settings, string[] tasks, Func<PaperRow, double> value, string yLabel, string title, string path)
+    {
+        var plot = new Plot();
+        var palette = new ScottPlot.Palettes.Category10();
+        double groupWidth = settings.Count + 1;
+        for (int si = 0; si < settings.Count; si++)
+        {
+            var bars = new List<Bar>();
+            for (int ti = 0; ti < tasks.Length; ti++)
+            {
+                if (rows.FirstOrDefault(r => r.Setting == settings[si] && r.Task == tasks[ti]) is { } r)
+                {
+                    bars.Add(new Bar { Position = (ti * groupWidth) + si, Value = value(r), FillColor = palette.GetColor(si) });
+                }
+            }
+
+            var series = plot.Add.Bars(bars);
+            series.LegendText = settings[si];
+        }
+
+        plot.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericManual(
+            [.. tasks.Select((t, i) => new Tick((i * groupWidth) + ((settings.Count - 1) / 2.0), t))]);
+        plot.Axes.Margins(bottom: 0);
+        plot.Title(title);
+        plot.Axes.Left.Label.Text = yLabel;
+        plot.ShowLegend(Alignment.UpperRight);
+        plot.SavePng(path, 1000, 500);
+    }
 }

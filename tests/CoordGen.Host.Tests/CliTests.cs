@@ -118,4 +118,18 @@ public class CliTests
         });
         Assert.True(File.Exists(Path.Combine(dir, "graphs.png")));
     }
+
+    [Fact]
+    public void Bench_paper_should_write_both_tables_with_outputs_identical_to_plain_decoding()
+    {
+        string dir = Directory.CreateTempSubdirectory("coordgen-paper-").FullName;
+        var (code, _, stderr) = Run("bench", "paper", "--limit", "1", "--out", dir);
+        Assert.True(code == 0, stderr);
+        var rows = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "paper.json")))!.AsArray();
+        Assert.Equal(5 * 4, rows.Count(r => r!["table"]!.GetValue<int>() == 3));
+        Assert.Equal(4 * 4, rows.Count(r => r!["table"]!.GetValue<int>() == 4));
+        Assert.All(rows, r => Assert.True(r!["identical_to_plain"]!.GetValue<bool>()));
+        Assert.True(File.Exists(Path.Combine(dir, "paper-table3.png")));
+        Assert.True(File.Exists(Path.Combine(dir, "paper-table4.png")));
+    }
 }

@@ -24,8 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=os.path.join(HERE, "work"))
+    ap.add_argument("--checkpoint", default="checkpoint.pt", help="file name in --work (checkpoint-copy.pt for the copy stage)")
     args = ap.parse_args()
-    ck = torch.load(os.path.join(args.work, "checkpoint.pt"))
+    ck = torch.load(os.path.join(args.work, args.checkpoint))
     state = ck["model"]
     hidden = state["embed_tokens.weight"].shape[1]
     layers = sum(1 for k in state if k.endswith("input_layernorm.weight"))

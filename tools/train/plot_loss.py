@@ -1,6 +1,8 @@
-"""Draw the train/validation loss curve of the last run into models/coordgen-demo/loss.png."""
+"""Draw a run's train/validation loss curve: plot_loss.py [LOG.jsonl OUT.png TITLE]
+(default: work/log.jsonl into models/coordgen-demo/loss.png)."""
 import json
 import os
+import sys
 
 import matplotlib
 
@@ -9,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 by_step = {}
-for line in open(os.path.join(HERE, "work", "log.jsonl")):
+log_file = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "work", "log.jsonl")
+for line in open(log_file):
     r = json.loads(line)
     by_step[r["step"]] = r  # a resumed run re-logs steps after its checkpoint: the last entry wins
 rows = [by_step[k] for k in sorted(by_step)]
@@ -32,11 +35,11 @@ if switch:
     ax.text(switch, ax.get_ylim()[1] * 0.95, " 2048-token phase", fontsize=8, color="#555555")
 ax.set_xlabel("tokens seen (millions)")
 ax.set_ylabel("cross-entropy (nats/token)")
-ax.set_title("coordgen-demo training loss")
+ax.set_title(sys.argv[3] if len(sys.argv) > 3 else "coordgen-demo training loss")
 ax.set_ylim(bottom=0)
 ax.grid(alpha=0.3)
 ax.legend()
 fig.tight_layout()
-out = os.path.join(HERE, "..", "..", "models", "coordgen-demo", "loss.png")
+out = sys.argv[2] if len(sys.argv) > 2 else os.path.join(HERE, "..", "..", "models", "coordgen-demo", "loss.png")
 fig.savefig(out)
 print(f"wrote {out}")

@@ -254,6 +254,10 @@ def main() -> None:
                     help="share of each short batch replaced by synthetic copy rows made on the fly (spans of "
                          "random tokens or of corpus text, then repeated): the signal that forms induction heads")
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit (no export) at this step; a later "
+                    "run with other --steps-* resumes from it")
+    ap.add_argument("--run-name", default="", help="suffix of this run's checkpoint and log files in --work "
+                    "(checkpoint-NAME.pt, log-NAME.jsonl), so a second stage does not resume the first")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -287,13 +291,14 @@ def main() -> None:
             print(f"{name}: {dt:.2f}s/step, {bs * rows.shape[1] / dt:.0f} tokens/s", flush=True)
         return
 
-    ckpt_path = os.path.join(args.work, "checkpoint.pt")
+    suffix = f"-{args.run_name}" if args.run_name else ""
+    ckpt_path = os.path.join(args.work, f"checkpoint{suffix}.pt")
     if args.export_only:
         ck = torch.load(ckpt_path)
         model.load_state_dict(ck["model"])
         export(model, cfg, args, n_params, ck["tokens_seen"], ck["step"])
         return
-    log_path = os.path.join(args.work, "log.jsonl")
+    log_path = os.path.join(args.work, f"log{suffix}.jsonl")
     step, tokens_seen = 0, 0
     if os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path)
@@ -358,10 +363,13 @@ def main() -> None:
             el = time.time() - t0
             print(f"step {step}/{total} loss {loss.item():.3f} {rec.get('val_512', '')} {rec.get('val_2048', '')} "
                   f"tokens {tokens_seen:,} {el / 60:.1f} min", flush=True)
-        if step % args.ckpt_every == 0 or step == total:
+        if step % args.ckpt_every == 0 or step == total or step == args.stop_at:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                         "tokens_seen": tokens_seen, "rng": torch.get_rng_state()}, ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)
+        if step == args.stop_at:
+            print(f"stopped at step {step} (--stop-at); resume with other --steps-* to finish", flush=True)
+            return
 
     export(model, cfg, args, n_params, tokens_seen, step)
 
@@ -378,7 +386,7 @@ def export(model, cfg, args, n_params, tokens_seen, step):
     save_safetensors(os.path.join(args.out, "model.safetensors"), model.hf_state())
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump({"parameters": n_params, "tokens_seen": tokens_seen, "steps": step, "seed": args.seed,
-                   "args": {k: v for k, v in vars(args).items() if k not in ("work", "out")}}, f, indent=2)
+                   "args": {k: v for k, v in vars(args).items() if k not in ("work", "out", "init_from")}}, f, indent=2)
     print(f"exported step {step} to {args.out}", flush=True)
 
 

@@ -12,6 +12,7 @@ internal static class BenchCommands
         cmd.Add(BenchFaults.Create());
         cmd.Add(BenchSoak.Create());
         cmd.Add(BenchGraphs.Create());
+        cmd.Add(BenchPaper.Create());
         return cmd;
     }
 }
