@@ -126,259 +126,20 @@ public sealed class SpeculativeDecoder
     public SpeculativeResult Generate(Prefilled pre, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
         SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null, CancellationToken cancellation = default)
     {
-        if (maxTokens < 1)
+        using var session = Start(pre, maxTokens, sampling, stopTokens, spec, history, onToken);
+        while (!session.Step(cancellation))
         {
-            throw new ArgumentOutOfRangeException(nameof(maxTokens), $"max tokens must be at least 1 (got {maxTokens}).");
         }
 
-        if (spec.UseCalibration && pre.TopK is null && !pre.CalibrationFailed)
-        {
-            throw new ArgumentException("calibration needs a prefill with top-k: call Prefill with calibration options.");
-        }
-
-        int width = spec.Width;
-        var sampler = new Sampler(sampling);
-        using var cache = _runtime.CreateCache();
-        cache.CopyFrom(pre.Cache);
-        var acct = new DraftAccounting();
-        ReadOnlySpan<int> prompt = pre.Prompt;
-        PrefillTopK? topK = spec.UseCalibration ? pre.TopK : null;
-        float[] first = pre.LastLogits;
-        double prefillMs = pre.PrefillMs;
-        double calMs = topK is null ? 0 : pre.TopKMs;
-
-        var sw = Stopwatch.StartNew();
-        long tc = Stopwatch.GetTimestamp();
-        var sequence = new List<int>(prompt.Length + maxTokens + width);
-        sequence.AddRange(prompt.ToArray());
-        var sam = new SuffixAutomaton();
-        var samCursor = default(MatchCursor);
-        if (spec.Drafter == DrafterKind.Sam || spec.UseTree)
-        {
-            foreach (int t in prompt)
-            {
-                samCursor = sam.Advance(samCursor, t);
-                sam.Extend(t);
-            }
-        }
-
-        var ngrams = spec.UseTree ? new NgramIndex() : null;
-        if (ngrams is not null)
-        {
-            foreach (int t in prompt)
-            {
-                ngrams.Add(t);
-            }
-        }
-
-        var branches = new List<int[]>();
-        CalibratedIndex? calibrated = null;
-        try
-        {
-            calibrated = topK is null ? null : CalibratedIndex.Build(sequence, topK, spec.Calibration);
-        }
-        catch (Exception ex) when (ex is not OperationCanceledException)
-        {
-            acct.Degrade();
-        }
-
-        var calCursor = calibrated is null ? default : calibrated.Automaton.Match(prompt[Math.Max(0, prompt.Length - 4)..]);
-        calMs += Stopwatch.GetElapsedTime(tc).TotalMilliseconds;
-        var histCursor = history is not null && spec.UseHistory ? history.Automaton.Match(prompt[Math.Max(0, prompt.Length - 8)..]) : default;
-        var reuse = spec.UseReuse ? new DraftReuse(width - 1) : null;
-
-        var tree = new DraftTree(width - 1);
-        var output = new List<int>();
-        Span<int> draft = stackalloc int[Math.Max(width, PromptLookup.DraftLength)];
-        Span<int> rowParents = stackalloc int[width];
-        Span<int> commitRows = stackalloc int[width];
-        var emitted = new List<int>(width);
-        var chainNodes = new List<int>(width);
-        double draftMs = 0, deviceMs = 0;
-        string reason = "length";
-        // The main chain earns the whole width while it keeps being accepted in full; after a miss,
-        // other sources get a share of the width first.
-        bool chainTrusted = false;
-
-        int root = sampler.Next(first);
-        bool done = false;
-        if (!Emit(root))
-        {
-            done = true;
-        }
-
-        while (!done)
-        {
-            cancellation.ThrowIfCancellationRequested();
-            if (cache.Length + width + 1 >= cache.Capacity)
-            {
-                // Too close to capacity for a tree step: finish with plain steps, exactly like the baseline.
-                while (!done)
-                {
-                    if (cache.Length + 1 >= cache.Capacity)
-                    {
-                        reason = "capacity";
-                        break;
-                    }
-
-                    var row = _plain.Step(cache, root);
-                    root = sampler.Next(row);
-                    done = !Emit(root);
-                }
-
-                break;
-            }
-
-            long t0 = Stopwatch.GetTimestamp();
-            var buf = _runtime.Buffers(width, cache);
-            tree.Clear();
-            chainNodes.Clear();
-            try
-            {
-                _runtime.Faults?.OnDraft();
-                BuildTree(spec, sequence, sam, samCursor, calibrated, calCursor, history, histCursor, reuse, ngrams, branches, tree, draft, chainNodes, chainTrusted);
-            }
-            catch (Exception ex) when (ex is not OperationCanceledException)
-            {
-                // A failed drafter degrades this step to plain verification (the root alone).
-                tree.Clear();
-                chainNodes.Clear();
-                acct.Degrade();
-            }
-
-            tree.RowParents(rowParents);
-            buf.TokenIds[0] = root;
-            buf.Positions[0] = cache.Length;
-            for (int i = 0; i < tree.Count; i++)
-            {
-                buf.TokenIds[i + 1] = tree.Token(i);
-                buf.Positions[i + 1] = cache.Length + tree.Depth(i);
-            }
-
-            for (int i = tree.Count + 1; i < width; i++)
-            {
-                buf.TokenIds[i] = 0;
-                buf.Positions[i] = cache.Length;
-            }
-
-            AttentionMask.FillTree(buf.Mask, width, buf.Capacity, cache.Length, rowParents[..(tree.Count + 1)]);
-            for (int i = 0; i < tree.Count; i++)
-            {
-                acct.Propose(tree.Source(i));
-            }
-
-            draftMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
-
-            long t1 = Stopwatch.GetTimestamp();
-            _runtime.Run(width, cache);
-            deviceMs += Stopwatch.GetElapsedTime(t1).TotalMilliseconds;
-
-            // Walk the tree with the model's own choices.
-            emitted.Clear();
-            int at = -1, rowIdx = 0, nCommit = 0;
-            commitRows[nCommit++] = 0;
-            while (true)
-            {
-                int y = sampler.Next(buf.LogitsRow(rowIdx));
-                emitted.Add(y);
-                int child = tree.Child(at, y);
-                if (child < 0)
-                {
-                    break;
-                }
-
-                acct.Accept(tree.Source(child));
-                at = child;
-                rowIdx = child + 1;
-                commitRows[nCommit++] = rowIdx;
-            }
-
-            acct.Step(width, tree.Count, emitted.Count - 1, emitted.Count);
-            int chainAccepted = 0;
-            while (chainAccepted < chainNodes.Count && chainAccepted < nCommit - 1 && commitRows[chainAccepted + 1] == chainNodes[chainAccepted] + 1)
-            {
-                chainAccepted++;
-            }
-
-            chainTrusted = chainNodes.Count >= 3 && chainAccepted == chainNodes.Count;
-            cache.Commit(buf.NewKeys, buf.NewValues, width, commitRows[..nCommit]);
-
-            long t2 = Stopwatch.GetTimestamp();
-            if (reuse is not null)
-            {
-                ObserveReuse(reuse, tree, chainNodes, buf, draft);
-                reuse.EndStep(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(emitted), tree.Count);
-            }
-
-            draftMs += Stopwatch.GetElapsedTime(t2).TotalMilliseconds;
-            foreach (int y in emitted)
-            {
-                root = y;
-                if (!Emit(y))
-                {
-                    done = true;
-                    break;
-                }
-            }
-        }
-
-        double decodeMs = sw.Elapsed.TotalMilliseconds;
-        var stats = new GenerationStats
-        {
-            PromptTokens = prompt.Length,
-            GeneratedTokens = output.Count,
-            PrefillMs = prefillMs,
-            DecodeMs = decodeMs,
-            DecodeRunMs = deviceMs,
-            StopReason = reason,
-        };
-        return new SpeculativeResult(output, stats, acct, draftMs, calMs, deviceMs);
-
-        // Appends a chosen token: stop tokens end generation; otherwise it joins the output and the indexes.
-        bool Emit(int token)
-        {
-            if (stopTokens.Contains(token))
-            {
-                reason = "stop";
-                return false;
-            }
-
-            output.Add(token);
-            sequence.Add(token);
-            if (spec.Drafter == DrafterKind.Sam || spec.UseTree)
-            {
-                samCursor = sam.Advance(samCursor, token);
-                sam.Extend(token);
-            }
-
-            ngrams?.Add(token);
-            if (calibrated is not null)
-            {
-                calCursor = calibrated.Automaton.Advance(calCursor, token);
-            }
-
-            if (history is not null && spec.UseHistory)
-            {
-                histCursor = history.Automaton.Advance(histCursor, token);
-            }
-
-            if (onToken is not null && !onToken(token))
-            {
-                reason = "stop";
-                return false;
-            }
-
-            if (output.Count >= maxTokens)
-            {
-                reason = "length";
-                return false;
-            }
-
-            return true;
-        }
+        return session.Result();
     }
 
-    private static void BuildTree(SpeculationOptions spec, List<int> sequence, SuffixAutomaton sam, MatchCursor samCursor,
+    /// <summary>A generation from a prefilled prompt as steps, for schedulers that interleave sessions.</summary>
+    public SpeculativeSession Start(Prefilled pre, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
+        SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null) =>
+        new(_runtime, _plain, pre, maxTokens, sampling, stopTokens, spec, history, onToken);
+
+    internal static void BuildTree(SpeculationOptions spec, List<int> sequence, SuffixAutomaton sam, MatchCursor samCursor,
         CalibratedIndex? calibrated, MatchCursor calCursor, HistoryStore? history, MatchCursor histCursor, DraftReuse? reuse,
         NgramIndex? ngrams, List<int[]> branches, DraftTree tree, Span<int> draft, List<int> chainNodes, bool chainTrusted)
     {
@@ -496,7 +257,7 @@ public sealed class SpeculativeDecoder
     }
 
     // Eq. 3 on the main chain: predictions at each chain row, the first mismatch, the longest agreeing run after it.
-    private static void ObserveReuse(DraftReuse reuse, DraftTree tree, List<int> chainNodes, StepBuffers buf, Span<int> scratch)
+    internal static void ObserveReuse(DraftReuse reuse, DraftTree tree, List<int> chainNodes, StepBuffers buf, Span<int> scratch)
     {
         int n = chainNodes.Count;
         if (n == 0)

@@ -1,0 +1,314 @@
+using System.Diagnostics;
+using CoordGen.Engine.Generation;
+using CoordGen.Engine.Runtime;
+
+namespace CoordGen.Engine.Speculative;
+
+/// <summary>
+/// One speculative generation as a sequence of steps, so a scheduler can interleave many sessions on one
+/// device: each <see cref="Step"/> drafts a token tree, verifies it in one device pass, commits the
+/// accepted path and emits its tokens. <see cref="SpeculativeDecoder.Generate(Prefilled, int, SamplingOptions, IReadOnlySet{int}, SpeculationOptions, HistoryStore?, Func{int, bool}?, CancellationToken)"/>
+/// is this loop run to the end. Owns its KV cache (a copy of the prefill's).
+/// </summary>
+public sealed class SpeculativeSession : IDisposable
+{
+    private readonly OrtModelRuntime _runtime;
+    private readonly Generator _plain;
+    private readonly SpeculationOptions _spec;
+    private readonly HistoryStore? _history;
+    private readonly IReadOnlySet<int> _stops;
+    private readonly Func<int, bool>? _onToken;
+    private readonly int _maxTokens;
+    private readonly int _width;
+    private readonly Sampler _sampler;
+    private readonly KvCache _cache;
+    private readonly DraftAccounting _acct = new();
+    private readonly List<int> _sequence;
+    private readonly SuffixAutomaton _sam = new();
+    private readonly NgramIndex? _ngrams;
+    private readonly CalibratedIndex? _calibrated;
+    private readonly DraftReuse? _reuse;
+    private readonly DraftTree _tree;
+    private readonly List<int[]> _branches = [];
+    private readonly List<int> _output = [];
+    private readonly List<int> _emitted;
+    private readonly List<int> _chainNodes;
+    private readonly int[] _draft;
+    private readonly int[] _rowParents;
+    private readonly int[] _commitRows;
+    private readonly int _promptLength;
+    private readonly double _prefillMs;
+    private readonly Stopwatch _clock = Stopwatch.StartNew();
+    private MatchCursor _samCursor;
+    private MatchCursor _calCursor;
+    private MatchCursor _histCursor;
+    private int _root;
+    private bool _chainTrusted;
+    private double _draftMs;
+    private double _deviceMs;
+    private double _calMs;
+    private string _reason = "length";
+
+    internal SpeculativeSession(OrtModelRuntime runtime, Generator plain, Prefilled pre, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
+        SpeculationOptions spec, HistoryStore? history, Func<int, bool>? onToken)
+    {
+        if (maxTokens < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(maxTokens), $"max tokens must be at least 1 (got {maxTokens}).");
+        }
+
+        if (spec.UseCalibration && pre.TopK is null && !pre.CalibrationFailed)
+        {
+            throw new ArgumentException("calibration needs a prefill with top-k: call Prefill with calibration options.");
+        }
+
+        _runtime = runtime;
+        _plain = plain;
+        _spec = spec;
+        _history = history;
+        _stops = stopTokens;
+        _onToken = onToken;
+        _maxTokens = maxTokens;
+        _width = spec.Width;
+        _sampler = new Sampler(sampling);
+        _cache = runtime.CreateCache();
+        _cache.CopyFrom(pre.Cache);
+        ReadOnlySpan<int> prompt = pre.Prompt;
+        _promptLength = prompt.Length;
+        _prefillMs = pre.PrefillMs;
+        PrefillTopK? topK = spec.UseCalibration ? pre.TopK : null;
+        _calMs = topK is null ? 0 : pre.TopKMs;
+
+        long tc = Stopwatch.GetTimestamp();
+        _sequence = new List<int>(prompt.Length + maxTokens + _width);
+        _sequence.AddRange(prompt.ToArray());
+        if (spec.Drafter == DrafterKind.Sam || spec.UseTree)
+        {
+            foreach (int t in prompt)
+            {
+                _samCursor = _sam.Advance(_samCursor, t);
+                _sam.Extend(t);
+            }
+        }
+
+        _ngrams = spec.UseTree ? new NgramIndex() : null;
+        if (_ngrams is not null)
+        {
+            foreach (int t in prompt)
+            {
+                _ngrams.Add(t);
+            }
+        }
+
+        try
+        {
+            _calibrated = topK is null ? null : CalibratedIndex.Build(_sequence, topK, spec.Calibration);
+        }
+        catch (Exception ex) when (ex is not OperationCanceledException)
+        {
+            _acct.Degrade();
+        }
+
+        _calCursor = _calibrated is null ? default : _calibrated.Automaton.Match(prompt[Math.Max(0, prompt.Length - 4)..]);
+        _calMs += Stopwatch.GetElapsedTime(tc).TotalMilliseconds;
+        _histCursor = history is not null && spec.UseHistory ? history.Automaton.Match(prompt[Math.Max(0, prompt.Length - 8)..]) : default;
+        _reuse = spec.UseReuse ? new DraftReuse(_width - 1) : null;
+        _tree = new DraftTree(_width - 1);
+        _draft = new int[Math.Max(_width, PromptLookup.DraftLength)];
+        _rowParents = new int[_width];
+        _commitRows = new int[_width];
+        _emitted = new List<int>(_width);
+        _chainNodes = new List<int>(_width);
+
+        _root = _sampler.Next(pre.LastLogits);
+        Done = !Emit(_root);
+    }
+
+    /// <summary>Generation has ended (a stop token, max tokens, capacity, or the consumer declined a token).</summary>
+    public bool Done { get; private set; }
+
+    /// <summary>Tokens emitted so far.</summary>
+    public IReadOnlyList<int> Output => _output;
+
+    public DraftAccounting Accounting => _acct;
+
+    /// <summary>One draft-verify-commit step. Returns <see cref="Done"/>.</summary>
+    public bool Step(CancellationToken cancellation = default)
+    {
+        if (Done)
+        {
+            return true;
+        }
+
+        cancellation.ThrowIfCancellationRequested();
+        if (_cache.Length + _width + 1 >= _cache.Capacity)
+        {
+            // Too close to capacity for a tree step: finish with a plain step, exactly like the baseline.
+            if (_cache.Length + 1 >= _cache.Capacity)
+            {
+                _reason = "capacity";
+                Done = true;
+                return true;
+            }
+
+            var row = _plain.Step(_cache, _root);
+            _root = _sampler.Next(row);
+            Done = !Emit(_root);
+            return Done;
+        }
+
+        long t0 = Stopwatch.GetTimestamp();
+        var buf = _runtime.Buffers(_width, _cache);
+        _tree.Clear();
+        _chainNodes.Clear();
+        try
+        {
+            _runtime.Faults?.OnDraft();
+            SpeculativeDecoder.BuildTree(_spec, _sequence, _sam, _samCursor, _calibrated, _calCursor, _history, _histCursor, _reuse, _ngrams, _branches, _tree, _draft, _chainNodes, _chainTrusted);
+        }
+        catch (Exception ex) when (ex is not OperationCanceledException)
+        {
+            // A failed drafter degrades this step to plain verification (the root alone).
+            _tree.Clear();
+            _chainNodes.Clear();
+            _acct.Degrade();
+        }
+
+        _tree.RowParents(_rowParents);
+        buf.TokenIds[0] = _root;
+        buf.Positions[0] = _cache.Length;
+        for (int i = 0; i < _tree.Count; i++)
+        {
+            buf.TokenIds[i + 1] = _tree.Token(i);
+            buf.Positions[i + 1] = _cache.Length + _tree.Depth(i);
+        }
+
+        for (int i = _tree.Count + 1; i < _width; i++)
+        {
+            buf.TokenIds[i] = 0;
+            buf.Positions[i] = _cache.Length;
+        }
+
+        AttentionMask.FillTree(buf.Mask, _width, buf.Capacity, _cache.Length, _rowParents.AsSpan(0, _tree.Count + 1));
+        for (int i = 0; i < _tree.Count; i++)
+        {
+            _acct.Propose(_tree.Source(i));
+        }
+
+        _draftMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+
+        long t1 = Stopwatch.GetTimestamp();
+        _runtime.Run(_width, _cache);
+        _deviceMs += Stopwatch.GetElapsedTime(t1).TotalMilliseconds;
+
+        // Walk the tree with the model's own choices.
+        _emitted.Clear();
+        int at = -1, rowIdx = 0, nCommit = 0;
+        _commitRows[nCommit++] = 0;
+        while (true)
+        {
+            int y = _sampler.Next(buf.LogitsRow(rowIdx));
+            _emitted.Add(y);
+            int child = _tree.Child(at, y);
+            if (child < 0)
+            {
+                break;
+            }
+
+            _acct.Accept(_tree.Source(child));
+            at = child;
+            rowIdx = child + 1;
+            _commitRows[nCommit++] = rowIdx;
+        }
+
+        _acct.Step(_width, _tree.Count, _emitted.Count - 1, _emitted.Count);
+        int chainAccepted = 0;
+        while (chainAccepted < _chainNodes.Count && chainAccepted < nCommit - 1 && _commitRows[chainAccepted + 1] == _chainNodes[chainAccepted] + 1)
+        {
+            chainAccepted++;
+        }
+
+        _chainTrusted = _chainNodes.Count >= 3 && chainAccepted == _chainNodes.Count;
+        _cache.Commit(buf.NewKeys, buf.NewValues, _width, _commitRows.AsSpan(0, nCommit));
+
+        long t2 = Stopwatch.GetTimestamp();
+        if (_reuse is not null)
+        {
+            SpeculativeDecoder.ObserveReuse(_reuse, _tree, _chainNodes, buf, _draft);
+            _reuse.EndStep(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(_emitted), _tree.Count);
+        }
+
+        _draftMs += Stopwatch.GetElapsedTime(t2).TotalMilliseconds;
+        foreach (int y in _emitted)
+        {
+            _root = y;
+            if (!Emit(y))
+            {
+                Done = true;
+                break;
+            }
+        }
+
+        return Done;
+    }
+
+    /// <summary>The outcome so far (complete once <see cref="Done"/>).</summary>
+    public SpeculativeResult Result()
+    {
+        var stats = new GenerationStats
+        {
+            PromptTokens = _promptLength,
+            GeneratedTokens = _output.Count,
+            PrefillMs = _prefillMs,
+            DecodeMs = _clock.Elapsed.TotalMilliseconds,
+            DecodeRunMs = _deviceMs,
+            StopReason = _reason,
+        };
+        return new SpeculativeResult(_output, stats, _acct, _draftMs, _calMs, _deviceMs);
+    }
+
+    public void Dispose() => _cache.Dispose();
+
+    // Appends a chosen token: stop tokens end generation; otherwise it joins the output and the indexes.
+    private bool Emit(int token)
+    {
+        if (_stops.Contains(token))
+        {
+            _reason = "stop";
+            return false;
+        }
+
+        _output.Add(token);
+        _sequence.Add(token);
+        if (_spec.Drafter == DrafterKind.Sam || _spec.UseTree)
+        {
+            _samCursor = _sam.Advance(_samCursor, token);
+            _sam.Extend(token);
+        }
+
+        _ngrams?.Add(token);
+        if (_calibrated is not null)
+        {
+            _calCursor = _calibrated.Automaton.Advance(_calCursor, token);
+        }
+
+        if (_history is not null && _spec.UseHistory)
+        {
+            _histCursor = _history.Automaton.Advance(_histCursor, token);
+        }
+
+        if (_onToken is not null && !_onToken(token))
+        {
+            _reason = "stop";
+            return false;
+        }
+
+        if (_output.Count >= _maxTokens)
+        {
+            _reason = "length";
+            return false;
+        }
+
+        return true;
+    }
+}
