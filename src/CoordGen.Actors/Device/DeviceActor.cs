@@ -1,3 +1,4 @@
+using System.Collections.Concurrent;
 using System.Collections.Immutable;
 using Akka.Actor;
 using CoordGen.Engine.Generation;
@@ -10,154 +11,351 @@ namespace CoordGen.Actors.Device;
 
 /// <summary>
 /// Owns the accelerator: the compiled graphs (an <see cref="OrtModelRuntime"/>) and every running
-/// request's KV cache. Runs one request at a time off the mailbox thread (stashing the rest) and pipes
-/// the outcome back, so the mailbox stays responsive. A request's failure is a reply, not a crash.
-/// Plain requests decode token by token; speculative ones draft from the context (and an optional
-/// context store) and verify token trees, with the same greedy output.
+/// request's KV cache. Requests are interleaved step by step: each device step is one prefill chunk or
+/// one decode step (a verified token tree, or one plain token) of one session, chosen by
+/// <see cref="StepPolicy"/> (round-robin among decoding sessions, prefill chunks by queue depth).
+/// Steps run off the mailbox thread, one at a time. Tokens are queued per session and written to its
+/// channel from the mailbox; a session whose reader lags is skipped until its channel has room
+/// (backpressure that pauses only that stream). A failure is a reply for that request, not a crash.
 /// </summary>
-public sealed class DeviceActor : ReceiveActor
+public sealed class DeviceActor : ReceiveActor, IWithTimers
 {
-    // Waiting runs: resumed ones (recovering from a fault, their callers already waiting) go first.
-    private readonly Queue<(DeviceRun Run, IActorRef ReplyTo)> _resumed = new();
-    private readonly Queue<(DeviceRun Run, IActorRef ReplyTo)> _fresh = new();
     private readonly Func<OrtModelRuntime> _createRuntime;
     private readonly IReadOnlySet<int> _stopTokens;
+    private readonly List<Active> _prefilling = [];
+    private readonly List<Active> _decoding = [];
     private OrtModelRuntime? _runtime;
+    private Generator? _plain;
+    private SpeculativeDecoder? _spec;
+    private bool _busy;
+    private bool _retryScheduled;
+    private int _next;
+    private int _sinceChunk;
 
     public DeviceActor(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens)
     {
         _createRuntime = createRuntime;
         _stopTokens = stopTokens;
-        Become(Idle);
+        Receive<Generate>(g => Admit(new DeviceRun(g, null), Sender));
+        Receive<DeviceRun>(r => Admit(r, Sender));
+        Receive<StepDone>(OnStepDone);
+        Receive<Kick>(_ =>
+        {
+            _retryScheduled = false;
+            Schedule();
+        });
+        Receive<GetQueues>(_ => Sender.Tell(new Queues(_prefilling.Count, _decoding.Count)));
     }
+
+    public ITimerScheduler Timers { get; set; } = null!;
 
     public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens)
         => Akka.Actor.Props.Create(() => new DeviceActor(createRuntime, stopTokens));
 
-    protected override void PreStart() => _runtime = _createRuntime();
-
-    protected override void PostStop() => _runtime?.Dispose();
-
-    private void Idle()
+    protected override void PreStart()
     {
-        Receive<Generate>(g => Start(new DeviceRun(g, null), Sender));
-        Receive<DeviceRun>(r => Start(r, Sender));
+        _runtime = _createRuntime();
+        _plain = new Generator(_runtime);
+        _spec = new SpeculativeDecoder(_runtime);
     }
 
-    private void Busy()
+    protected override void PostStop()
     {
-        Receive<Generate>(g => _fresh.Enqueue((new DeviceRun(g, null), Sender)));
-        Receive<DeviceRun>(r => (r.Resumed ? _resumed : _fresh).Enqueue((r, Sender)));
-        Receive<Finished>(HandleFinished);
+        foreach (var a in _prefilling.Concat(_decoding))
+        {
+            a.Dispose();
+        }
+
+        _runtime?.Dispose();
     }
 
-    private void Start(DeviceRun run, IActorRef replyTo)
+    private void Admit(DeviceRun run, IActorRef replyTo)
     {
+        var active = new Active(run, replyTo);
+        // Runs resuming a session after a fault go first: their callers have waited already.
+        if (run.Resumed)
+        {
+            _prefilling.Insert(_prefilling.Count(a => a.Run.Resumed), active);
+        }
+        else
+        {
+            _prefilling.Add(active);
+        }
+
+        Schedule();
+    }
+
+    private void Schedule()
+    {
+        if (_busy)
+        {
+            return;
+        }
+
+        Retire();
+        Active? pick = null;
+        bool prefill = false;
+        if (StepPolicy.PrefillNext(_prefilling.Count, _decoding.Count(Ready), _sinceChunk) && _prefilling.Count > 0)
+        {
+            pick = _prefilling[0];
+            prefill = true;
+        }
+        else
+        {
+            for (int i = 0; i < _decoding.Count && pick is null; i++)
+            {
+                var a = _decoding[(_next + i) % _decoding.Count];
+                if (Ready(a))
+                {
+                    pick = a;
+                    _next = (_next + i + 1) % Math.Max(1, _decoding.Count);
+                }
+            }
+
+            if (pick is null && _prefilling.Count > 0)
+            {
+                pick = _prefilling[0];
+                prefill = true;
+            }
+        }
+
+        if (pick is null)
+        {
+            if (_decoding.Count > 0 && !_retryScheduled)
+            {
+                // Every decoding stream waits for its reader: look again shortly.
+                _retryScheduled = true;
+                Timers.StartSingleTimer("kick", Kick.Instance, TimeSpan.FromMilliseconds(2));
+            }
+
+            return;
+        }
+
+        _sinceChunk = prefill ? 0 : _sinceChunk + 1;
+        _busy = true;
         var self = Self;
         var runtime = _runtime!;
+        var plain = _plain!;
+        var spec = _spec!;
         var stops = _stopTokens;
-        Become(Busy);
-        Task.Run(() => Run(runtime, stops, run))
-            .PipeTo(self, success: reply => new Finished(replyTo, reply), failure: ex => new Finished(replyTo, Fail(run.Request, ex)));
+        var target = pick;
+        Task.Run(() => target.StepOnce(runtime, plain, spec, stops))
+            .PipeTo(self, success: () => new StepDone(target, null), failure: ex => new StepDone(target, ex));
     }
 
-    private void HandleFinished(Finished f)
+    private void OnStepDone(StepDone done)
     {
-        f.ReplyTo.Tell(f.Reply);
-        Become(Idle);
-        if (_resumed.TryDequeue(out var next) || _fresh.TryDequeue(out next))
+        _busy = false;
+        var a = done.Active;
+        if (done.Error is { } ex)
         {
-            Start(next.Run, next.ReplyTo);
+            var cause = ex is AggregateException { InnerException: { } inner } ? inner : ex;
+            Finish(a, Failure(a.Run.Request, cause), cause);
+        }
+        else if (a.Decoding && _prefilling.Remove(a))
+        {
+            _decoding.Add(a);
+        }
+
+        Schedule();
+    }
+
+    /// <summary>Flushes queued tokens; finishes sessions that are done (and flushed) or cancelled.</summary>
+    private void Retire()
+    {
+        foreach (var a in _decoding.ToList())
+        {
+            a.Flush();
+            if (a.Run.Request.Cancellation.IsCancellationRequested)
+            {
+                Finish(a, new GenerationFailed(a.Run.Request.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"));
+            }
+            else if (a.Finished && a.PendingCount == 0)
+            {
+                Finish(a, a.Completed());
+            }
+        }
+
+        foreach (var a in _prefilling.Where(a => a.Run.Request.Cancellation.IsCancellationRequested).ToList())
+        {
+            Finish(a, new GenerationFailed(a.Run.Request.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"));
         }
     }
 
-    private static GenerationFailed Fail(Generate r, Exception ex)
+    private static bool Ready(Active a) => !a.Finished && a.PendingCount == 0;
+
+    private void Finish(Active a, object reply, Exception? cause = null)
     {
-        r.Output.TryComplete(ex);
-        return new GenerationFailed(r.SessionId, FailureKind.DeviceFault, $"the device failed: {ex.Message}. The request can be retried.");
+        _prefilling.Remove(a);
+        _decoding.Remove(a);
+        a.Dispose();
+        if (reply is GenerationFailed f)
+        {
+            a.Run.Request.Output.TryComplete(cause ?? (f.Kind == FailureKind.Cancelled ? new OperationCanceledException(f.Detail) : new InvalidOperationException(f.Detail)));
+        }
+        else
+        {
+            a.Run.Request.Output.TryComplete();
+        }
+
+        a.ReplyTo.Tell(reply);
     }
 
-    private static object Run(OrtModelRuntime runtime, IReadOnlySet<int> stops, DeviceRun run)
+    private static GenerationFailed Failure(Generate r, Exception ex) => ex switch
     {
-        var r = run.Request;
-        try
-        {
-            var sampling = new SamplingOptions { Temperature = r.Sampling.Temperature, TopK = r.Sampling.TopK, TopP = r.Sampling.TopP, Seed = r.Sampling.Seed, Offset = r.Sampling.Offset };
-            sampling.Validate();
-            bool Emit(int id)
-            {
-                // Bounded channels are written with WaitToWrite so a slow reader pauses only this request.
-                while (!r.Output.TryWrite(id))
-                {
-                    if (!r.Output.WaitToWriteAsync(r.Cancellation).AsTask().GetAwaiter().GetResult())
-                    {
-                        return false;
-                    }
-                }
+        OperationCanceledException => new GenerationFailed(r.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"),
+        PromptTooLongException => new GenerationFailed(r.SessionId, FailureKind.CapacityExceeded, ex.Message),
+        ArgumentException => new GenerationFailed(r.SessionId, FailureKind.InvalidRequest, ex.Message),
+        _ => new GenerationFailed(r.SessionId, FailureKind.DeviceFault, $"the device failed: {ex.Message}. The request can be retried."),
+    };
 
-                return true;
+    /// <summary>Ask for the queue depths. Reply: <see cref="Queues"/>.</summary>
+    public sealed record GetQueues;
+
+    public sealed record Queues(int Prefilling, int Decoding);
+
+    private sealed record StepDone(Active Active, Exception? Error);
+
+    private sealed class Kick
+    {
+        public static readonly Kick Instance = new();
+    }
+
+    /// <summary>One request on the device: its prefill, then its decode session, and the tokens not yet in its channel.</summary>
+    private sealed class Active(DeviceRun run, IActorRef replyTo) : IDisposable
+    {
+        private readonly ConcurrentQueue<int> _pending = new();
+        private PrefillSession? _prefill;
+        private Func<Prefilled>? _finishPrefill;
+        private KvCache? _plainCache;
+        private SpeculativeSession? _specSession;
+        private PlainSession? _plainSession;
+        private SpeculationOptions? _options;
+
+        public DeviceRun Run { get; } = run;
+
+        public IActorRef ReplyTo { get; } = replyTo;
+
+        public bool Decoding => _specSession is not null || _plainSession is not null;
+
+        public bool Finished => (_specSession?.Done ?? false) || (_plainSession?.Done ?? false);
+
+        public int PendingCount => _pending.Count;
+
+        /// <summary>One device step: the next prefill chunk (starting decoding after the last) or one decode step.</summary>
+        public void StepOnce(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)
+        {
+            var r = Run.Request;
+            r.Cancellation.ThrowIfCancellationRequested();
+            if (_specSession is not null)
+            {
+                _specSession.Step(r.Cancellation);
+                return;
             }
 
-            object reply;
-            if (r.Method == "ar")
+            if (_plainSession is not null)
             {
-                var result = new Generator(runtime).Generate(r.Prompt.Tokens.AsSpan(), r.MaxTokens, sampling, stops, Emit, r.Cancellation);
-                reply = new GenerationCompleted(r.SessionId, TokenSequence.From(result.Tokens), result.Stats.StopReason, result.Stats.PrefillMs, result.Stats.DecodeMs, null);
+                _plainSession.Step();
+                return;
+            }
+
+            var sampling = new SamplingOptions { Temperature = r.Sampling.Temperature, TopK = r.Sampling.TopK, TopP = r.Sampling.TopP, Seed = r.Sampling.Seed, Offset = r.Sampling.Offset };
+            if (_prefill is null)
+            {
+                sampling.Validate();
+                if (r.MaxTokens < 1)
+                {
+                    throw new ArgumentException($"max tokens must be at least 1 (got {r.MaxTokens}).");
+                }
+
+                int[] prompt = [.. r.Prompt.Tokens];
+                if (r.Method == "ar")
+                {
+                    _plainCache = runtime.CreateCache();
+                    _prefill = plain.BeginPrefill(_plainCache, prompt);
+                }
+                else
+                {
+                    _options = SpeculationOptions.ForMethod(r.Method, r.Width);
+                    if (Run.Store is not null)
+                    {
+                        _options = _options with { UseHistory = true };
+                    }
+
+                    (_prefill, _finishPrefill) = spec.BeginPrefill(prompt, _options.UseCalibration ? _options.Calibration : null);
+                }
+            }
+
+            if (!_prefill.Step())
+            {
+                return;
+            }
+
+            if (_plainCache is not null)
+            {
+                var cache = _plainCache;
+                _plainCache = null;
+                _plainSession = plain.StartDecode(cache, _prefill.LastLogits, r.Prompt.Count, _prefill.ElapsedMs, r.MaxTokens, sampling, stops, Enqueue);
             }
             else
             {
-                var spec = SpeculationOptions.ForMethod(r.Method, r.Width);
-                if (run.Store is not null)
-                {
-                    spec = spec with { UseHistory = true };
-                }
+                using var pre = _finishPrefill!();
+                _specSession = spec.Start(pre, r.MaxTokens, sampling, stops, _options!, Run.Store, Enqueue);
+            }
+        }
 
-                var result = new SpeculativeDecoder(runtime).Generate(r.Prompt.Tokens.AsSpan(), r.MaxTokens, sampling, stops, spec, run.Store, Emit, r.Cancellation);
-                reply = new GenerationCompleted(r.SessionId, TokenSequence.From(result.Tokens), result.Stats.StopReason, result.Stats.PrefillMs, result.Stats.DecodeMs,
-                    Report(r, result));
+        private bool Enqueue(int token)
+        {
+            _pending.Enqueue(token);
+            return !Run.Request.Cancellation.IsCancellationRequested;
+        }
+
+        /// <summary>Moves queued tokens into the channel while it has room (mailbox thread only).</summary>
+        public void Flush()
+        {
+            while (_pending.TryPeek(out int t) && Run.Request.Output.TryWrite(t))
+            {
+                _pending.TryDequeue(out _);
+            }
+        }
+
+        public object Completed()
+        {
+            var r = Run.Request;
+            if (_plainSession is not null)
+            {
+                var p = _plainSession.Result();
+                return new GenerationCompleted(r.SessionId, TokenSequence.From(p.Tokens), p.Stats.StopReason, p.Stats.PrefillMs, p.Stats.DecodeMs, null);
             }
 
-            r.Output.TryComplete();
-            return reply;
+            var s = _specSession!.Result();
+            var a = s.Accounting;
+            var sources = Enum.GetValues<DraftSource>();
+            var report = new SpeculationReport(r.Method, r.Width, a.Steps, a.MeanAccepted,
+                sources.ToImmutableDictionary(x => x.ToString().ToLowerInvariant(), a.Proposed),
+                sources.ToImmutableDictionary(x => x.ToString().ToLowerInvariant(), a.Accepted),
+                s.DraftMs);
+            return new GenerationCompleted(r.SessionId, TokenSequence.From(s.Tokens), s.Stats.StopReason, s.Stats.PrefillMs, s.Stats.DecodeMs, report);
         }
-        catch (OperationCanceledException)
+
+        public void Dispose()
         {
-            r.Output.TryComplete(new OperationCanceledException("the request was cancelled"));
-            return new GenerationFailed(r.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller");
-        }
-        catch (PromptTooLongException ex)
-        {
-            r.Output.TryComplete(ex);
-            return new GenerationFailed(r.SessionId, FailureKind.CapacityExceeded, ex.Message);
-        }
-        catch (ArgumentException ex)
-        {
-            r.Output.TryComplete(ex);
-            return new GenerationFailed(r.SessionId, FailureKind.InvalidRequest, ex.Message);
+            _plainCache?.Dispose();
+            _plainSession?.Dispose();
+            _specSession?.Dispose();
+            if (_specSession is null && _finishPrefill is not null && _prefill is { Done: false })
+            {
+                // A prefill abandoned half way: release its cache.
+                _finishPrefill().Dispose();
+            }
         }
     }
-
-    private static SpeculationReport Report(Generate r, SpeculativeResult result)
-    {
-        var a = result.Accounting;
-        var sources = Enum.GetValues<DraftSource>();
-        return new SpeculationReport(
-            r.Method,
-            r.Width,
-            a.Steps,
-            a.MeanAccepted,
-            sources.ToImmutableDictionary(s => s.ToString().ToLowerInvariant(), a.Proposed),
-            sources.ToImmutableDictionary(s => s.ToString().ToLowerInvariant(), a.Accepted),
-            result.DraftMs);
-    }
-
-    private sealed record Finished(IActorRef ReplyTo, object Reply);
 }
 
 /// <summary>
 /// Supervisor → device: run <paramref name="Request"/>, drafting also from <paramref name="Store"/> (a
 /// snapshot never mutated after it is published, so the device may read it while the store actor
-/// builds the next one).
+/// builds the next one). <paramref name="Resumed"/> marks a run that continues a session after a fault:
+/// it is served first.
 /// </summary>
-/// <paramref name="Resumed"/> marks a run that continues a session after a fault: it is served first.
 public sealed record DeviceRun(Generate Request, HistoryStore? Store, bool Resumed = false);

@@ -111,6 +111,29 @@ public sealed class Generator
         return Decode(cache, logits, prompt.Length, sw.Elapsed.TotalMilliseconds, maxTokens, sampling, stopTokens, onToken, cancellation);
     }
 
+    /// <summary>
+    /// Chunked prefill as steps: each <see cref="PrefillSession.Step"/> runs one chunk, so a scheduler can
+    /// interleave prefill chunks with other sessions' decode steps. <paramref name="onChunk"/> as in <see cref="Prefill"/>.
+    /// </summary>
+    public PrefillSession BeginPrefill(KvCache cache, int[] tokens, Action<StepBuffers, int, int>? onChunk = null)
+    {
+        if (tokens.Length == 0)
+        {
+            throw new ArgumentException("the prompt is empty: give at least one token.");
+        }
+
+        if (cache.Length + tokens.Length >= cache.Capacity)
+        {
+            throw new PromptTooLongException(tokens.Length, cache.Capacity - cache.Length - 1);
+        }
+
+        return new PrefillSession(this, _runtime, cache, tokens, onChunk);
+    }
+
+    /// <summary>Plain decoding as steps (one token per <see cref="PlainSession.Step"/>); owns <paramref name="cache"/>.</summary>
+    public PlainSession StartDecode(KvCache cache, float[] logits, int promptTokens, double prefillMs, int maxTokens, SamplingOptions sampling,
+        IReadOnlySet<int> stopTokens, Func<int, bool>? onToken = null) => new(this, cache, logits, promptTokens, prefillMs, maxTokens, sampling, stopTokens, onToken);
+
     /// <summary>Decodes from a prefilled cache (consumed) whose last prompt logits are <paramref name="logits"/>.</summary>
     public GenerationResult Decode(KvCache cache, float[] logits, int promptTokens, double prefillMs, int maxTokens, SamplingOptions sampling,
         IReadOnlySet<int> stopTokens, Func<int, bool>? onToken = null, CancellationToken cancellation = default)
@@ -165,6 +188,169 @@ public sealed class Generator
             DecodeRunMs = runMs,
             StopReason = reason,
         });
+    }
+}
+
+/// <summary>One prompt's chunked prefill, a chunk per step.</summary>
+public sealed class PrefillSession
+{
+    private readonly Generator _gen;
+    private readonly OrtModelRuntime _runtime;
+    private readonly KvCache _cache;
+    private readonly int[] _tokens;
+    private readonly Action<StepBuffers, int, int>? _onChunk;
+    private readonly Stopwatch _clock = new();
+    private int _next;
+
+    internal PrefillSession(Generator gen, OrtModelRuntime runtime, KvCache cache, int[] tokens, Action<StepBuffers, int, int>? onChunk)
+    {
+        _gen = gen;
+        _runtime = runtime;
+        _cache = cache;
+        _tokens = tokens;
+        _onChunk = onChunk;
+        LastLogits = new float[runtime.Config.VocabSize];
+    }
+
+    public bool Done => _next >= _tokens.Length;
+
+    public int Remaining => _tokens.Length - _next;
+
+    /// <summary>Logits after the last prompt token (valid once <see cref="Done"/>).</summary>
+    public float[] LastLogits { get; }
+
+    /// <summary>Device time spent so far.</summary>
+    public double ElapsedMs => _clock.Elapsed.TotalMilliseconds;
+
+    /// <summary>Runs the next chunk; returns <see cref="Done"/>.</summary>
+    public bool Step()
+    {
+        if (Done)
+        {
+            return true;
+        }
+
+        _clock.Start();
+        int w = _gen.PrefillWidth, n = Math.Min(w, _tokens.Length - _next);
+        var buf = _runtime.Buffers(w, _cache);
+        buf.SetLinear(_tokens.AsSpan(_next, n), _cache.Length, _cache.Length);
+        _runtime.Run(w, _cache);
+        _onChunk?.Invoke(buf, _next, n);
+        Span<int> rows = stackalloc int[n];
+        for (int i = 0; i < n; i++)
+        {
+            rows[i] = i;
+        }
+
+        _cache.Commit(buf.NewKeys, buf.NewValues, w, rows);
+        _next += n;
+        if (Done)
+        {
+            buf.LogitsRow(n - 1).CopyTo(LastLogits);
+        }
+
+        _clock.Stop();
+        return Done;
+    }
+}
+
+/// <summary>Plain decoding, one token per step; disposes its cache.</summary>
+public sealed class PlainSession : IDisposable
+{
+    private readonly Generator _gen;
+    private readonly KvCache _cache;
+    private readonly float[] _logits;
+    private readonly Sampler _sampler;
+    private readonly IReadOnlySet<int> _stops;
+    private readonly Func<int, bool>? _onToken;
+    private readonly int _maxTokens;
+    private readonly int _promptTokens;
+    private readonly double _prefillMs;
+    private readonly List<int> _output = [];
+    private readonly Stopwatch _clock = Stopwatch.StartNew();
+    private double _runMs;
+    private string _reason = "length";
+
+    internal PlainSession(Generator gen, KvCache cache, float[] logits, int promptTokens, double prefillMs, int maxTokens, SamplingOptions sampling,
+        IReadOnlySet<int> stopTokens, Func<int, bool>? onToken)
+    {
+        if (maxTokens < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(maxTokens), $"max tokens must be at least 1 (got {maxTokens}).");
+        }
+
+        _gen = gen;
+        _cache = cache;
+        _logits = (float[])logits.Clone();
+        _sampler = new Sampler(sampling);
+        _stops = stopTokens;
+        _onToken = onToken;
+        _maxTokens = maxTokens;
+        _promptTokens = promptTokens;
+        _prefillMs = prefillMs;
+        Done = Choose();
+    }
+
+    public bool Done { get; private set; }
+
+    public IReadOnlyList<int> Output => _output;
+
+    /// <summary>Feeds the last chosen token, then chooses the next. Returns <see cref="Done"/>.</summary>
+    public bool Step()
+    {
+        if (Done)
+        {
+            return true;
+        }
+
+        long t0 = Stopwatch.GetTimestamp();
+        _gen.Step(_cache, _output[^1]).CopyTo(_logits);
+        _runMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+        Done = Choose();
+        return Done;
+    }
+
+    public GenerationResult Result() => new(_output, new GenerationStats
+    {
+        PromptTokens = _promptTokens,
+        GeneratedTokens = _output.Count,
+        PrefillMs = _prefillMs,
+        DecodeMs = _clock.Elapsed.TotalMilliseconds,
+        DecodeRunMs = _runMs,
+        StopReason = _reason,
+    });
+
+    public void Dispose() => _cache.Dispose();
+
+    // Chooses and emits the next token; true when generation ends here.
+    private bool Choose()
+    {
+        int next = _sampler.Next(_logits);
+        if (_stops.Contains(next))
+        {
+            _reason = "stop";
+            return true;
+        }
+
+        _output.Add(next);
+        if (_onToken is not null && !_onToken(next))
+        {
+            _reason = "stop";
+            return true;
+        }
+
+        if (_output.Count >= _maxTokens)
+        {
+            return true;
+        }
+
+        if (_cache.Length + 1 >= _cache.Capacity)
+        {
+            _reason = "capacity";
+            return true;
+        }
+
+        return false;
     }
 }
 

@@ -116,6 +116,49 @@ public sealed class SpeculativeDecoder
         return new Prefilled(prompt.ToArray(), cache, first, calibrationFailed ? null : topK, sw.Elapsed.TotalMilliseconds, topKMs) { CalibrationFailed = calibrationFailed };
     }
 
+    /// <summary>
+    /// Chunked prefill as steps (with the per-position top-k calibration needs): run <see cref="PrefillSession.Step"/>
+    /// until done, then call Finish for the <see cref="Prefilled"/> (which owns the cache).
+    /// </summary>
+    public (PrefillSession Session, Func<Prefilled> Finish) BeginPrefill(int[] prompt, CalibrationOptions? calibration)
+    {
+        var cache = _runtime.CreateCache();
+        PrefillTopK? topK = calibration is null ? null : new PrefillTopK(calibration.TopK);
+        double topKMs = 0;
+        bool failed = false;
+        PrefillSession session;
+        try
+        {
+            session = _plain.BeginPrefill(cache, prompt, topK is null ? null : (b, _, n) =>
+            {
+                if (failed)
+                {
+                    return;
+                }
+
+                long t0 = Stopwatch.GetTimestamp();
+                try
+                {
+                    _runtime.Faults?.OnCalibrate();
+                    topK.AddChunk(b, n);
+                }
+                catch (Exception ex) when (ex is not OperationCanceledException)
+                {
+                    failed = true;
+                }
+
+                topKMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+            });
+        }
+        catch
+        {
+            cache.Dispose();
+            throw;
+        }
+
+        return (session, () => new Prefilled(prompt, cache, session.LastLogits, failed ? null : topK, session.ElapsedMs, topKMs) { CalibrationFailed = failed });
+    }
+
     public SpeculativeResult Generate(ReadOnlySpan<int> prompt, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
         SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null, CancellationToken cancellation = default)
     {

@@ -1,0 +1,118 @@
+using System.Threading.Channels;
+using Akka.TestKit.Xunit2;
+using CoordGen.Actors.Device;
+using CoordGen.Engine.Generation;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Speculative;
+using CoordGen.Messages;
+using static CoordGen.Messages.GenerationProtocol;
+
+namespace CoordGen.Actors.Tests;
+
+/// <summary>Several sessions on one device actor, interleaved step by step.</summary>
+public class InterleavingSpecs : TestKit
+{
+    private static readonly ModelConfig Tiny = new()
+    {
+        Architecture = "LlamaForCausalLM",
+        HiddenSize = 32,
+        IntermediateSize = 48,
+        NumLayers = 2,
+        NumHeads = 4,
+        NumKvHeads = 2,
+        HeadDim = 8,
+        RmsNormEps = 1e-5f,
+        RopeTheta = 10000f,
+        VocabSize = 64,
+        MaxPositionEmbeddings = 256,
+        TieWordEmbeddings = true,
+        AttentionBias = false,
+    };
+
+    private static readonly ModelWeights Weights = ModelWeights.Random(Tiny, seed: 21, scale: 0.5f);
+
+    private static OrtModelRuntime NewRuntime() => new(Weights, 128, [1, 8]);
+
+    private static int[] Prompt(int i) => [.. Enumerable.Range(0, 12 + i).Select(k => ((k * (i + 3)) + 5) % 64)];
+
+    private static int[] Alone(int i, string method, int n)
+    {
+        using var rt = NewRuntime();
+        return method == "ar"
+            ? [.. new Generator(rt).Generate(Prompt(i), n, new SamplingOptions(), new HashSet<int>()).Tokens]
+            : [.. new SpeculativeDecoder(rt).Generate(Prompt(i), n, new SamplingOptions(), new HashSet<int>(), SpeculationOptions.ForMethod(method, 8)).Tokens];
+    }
+
+    [Fact]
+    public async Task Concurrent_sessions_should_produce_exactly_what_each_produces_alone()
+    {
+        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        string[] methods = ["ar", "sam+ours", "pld", "sam+ours", "ar", "sam"];
+        var channels = methods.Select(_ => Channel.CreateBounded<int>(2)).ToArray();
+        for (int i = 0; i < methods.Length; i++)
+        {
+            device.Tell(new Generate($"s{i}", TokenSequence.From(Prompt(i)), 30, new Sampling(), methods[i], 8, null, channels[i].Writer, CancellationToken.None), TestActor);
+        }
+
+        var streams = await Task.WhenAll(channels.Select(async c =>
+        {
+            var got = new List<int>();
+            await foreach (int t in c.Reader.ReadAllAsync())
+            {
+                got.Add(t);
+            }
+
+            return got;
+        }));
+        for (int i = 0; i < methods.Length; i++)
+        {
+            Assert.Equal(Alone(i, methods[i], 30), streams[i]);
+        }
+    }
+
+    [Fact]
+    public async Task Short_request_should_finish_before_a_long_one_started_earlier()
+    {
+        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var longOut = Channel.CreateUnbounded<int>();
+        var shortOut = Channel.CreateUnbounded<int>();
+        device.Tell(new Generate("long", TokenSequence.From(Prompt(0)), 100, new Sampling(), "ar", 8, null, longOut.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate("short", TokenSequence.From(Prompt(1)), 3, new Sampling(), "ar", 8, null, shortOut.Writer, CancellationToken.None), TestActor);
+
+        Assert.Equal("short", (await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30))).SessionId);
+        Assert.Equal("long", (await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30))).SessionId);
+    }
+
+    [Fact]
+    public async Task Stalled_reader_should_pause_only_its_own_stream()
+    {
+        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var stalled = Channel.CreateBounded<int>(1);
+        var other = Channel.CreateUnbounded<int>();
+        device.Tell(new Generate("stalled", TokenSequence.From(Prompt(0)), 20, new Sampling(), "sam+ours", 8, null, stalled.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate("other", TokenSequence.From(Prompt(1)), 20, new Sampling(), "sam+ours", 8, null, other.Writer, CancellationToken.None), TestActor);
+
+        var first = await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30));
+        Assert.Equal("other", first.SessionId);
+        var got = new List<int>();
+        await foreach (int t in stalled.Reader.ReadAllAsync())
+        {
+            got.Add(t);
+        }
+
+        Assert.Equal(Alone(0, "sam+ours", 20), got);
+        Assert.Equal("stalled", (await ExpectMsgAsync<GenerationCompleted>()).SessionId);
+    }
+
+    [Theory]
+    [InlineData(0, 5, 0, false)]
+    [InlineData(1, 0, 0, true)]
+    [InlineData(1, 4, 3, false)]
+    [InlineData(1, 4, 4, true)]
+    [InlineData(4, 4, 1, true)]
+    public void Policy_should_give_prefill_a_chunk_after_every_decoding_over_prefilling_decode_steps(int prefilling, int decoding, int since, bool prefillNext)
+    {
+        Assert.Equal(prefillNext, StepPolicy.PrefillNext(prefilling, decoding, since));
+    }
+}
