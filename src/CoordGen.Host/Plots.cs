@@ -146,4 +146,25 @@ internal static class Plots
         plot.ShowLegend(Alignment.UpperRight);
         plot.SavePng(path, 1000, 500);
     }
+
+    /// <summary>Aggregate tokens/s against concurrent sessions, per mode.</summary>
+    public static void Sessions(IReadOnlyList<SessionsRow> rows, string path)
+    {
+        var plot = new Plot();
+        foreach (string mode in rows.Select(r => r.Mode).Distinct())
+        {
+            var pts = rows.Where(r => r.Mode == mode).OrderBy(r => r.Sessions).ToList();
+            var sc = plot.Add.Scatter(pts.Select(p => (double)p.Sessions).ToArray(), pts.Select(p => p.AggregateTokensPerS).ToArray());
+            sc.LegendText = mode;
+            sc.LineWidth = 2;
+            sc.MarkerSize = 7;
+        }
+
+        plot.Title("aggregate decode throughput under concurrent sessions");
+        plot.Axes.Bottom.Label.Text = "concurrent sessions";
+        plot.Axes.Left.Label.Text = "tokens/s (all sessions)";
+        plot.Axes.Margins(bottom: 0);
+        plot.ShowLegend(Alignment.LowerRight);
+        plot.SavePng(path, 900, 500);
+    }
 }

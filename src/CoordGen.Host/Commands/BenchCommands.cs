@@ -13,6 +13,7 @@ internal static class BenchCommands
         cmd.Add(BenchSoak.Create());
         cmd.Add(BenchGraphs.Create());
         cmd.Add(BenchPaper.Create());
+        cmd.Add(BenchSessions.Create());
         return cmd;
     }
 }

@@ -1,0 +1,205 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using System.Threading.Channels;
+using Akka.Actor;
+using CoordGen.Engine;
+using CoordGen.Engine.Workloads;
+using CoordGen.Host.Serving;
+using CoordGen.Messages;
+using Spectre.Console;
+using static CoordGen.Messages.GenerationProtocol;
+
+namespace CoordGen.Host.Commands;
+
+/// <summary>One (sessions, mode) point of <c>coordgen bench sessions</c>.</summary>
+internal sealed record SessionsRow
+{
+    [JsonPropertyName("sessions")] public int Sessions { get; init; }
+    [JsonPropertyName("mode")] public required string Mode { get; init; }
+    [JsonPropertyName("aggregate_tokens_per_s")] public double AggregateTokensPerS { get; init; }
+    [JsonPropertyName("per_session_tokens_per_s")] public double PerSessionTokensPerS { get; init; }
+    [JsonPropertyName("p50_intertoken_ms")] public double P50IntertokenMs { get; init; }
+    [JsonPropertyName("p99_intertoken_ms")] public double P99IntertokenMs { get; init; }
+    [JsonPropertyName("tokens")] public long Tokens { get; init; }
+    [JsonPropertyName("identical_to_alone")] public bool IdenticalToAlone { get; init; }
+}
+
+/// <summary>
+/// <c>coordgen bench sessions</c>: N concurrent sessions on one loaded model through the actor runtime
+/// (the device interleaves their steps), plain (ar) and speculative (spec) side by side in one run;
+/// aggregate and per-session tokens/s, inter-token latency, and a check that every stream equals the
+/// same prompt generated alone.
+/// </summary>
+internal static class BenchSessions
+{
+    public static Command Create()
+    {
+        var model = CommonOptions.Model();
+        var workload = new Option<FileInfo[]>("--workload", "-w") { Description = "Workload JSONL file(s). Default: workloads/{summary,rag,ui,reply}.jsonl.", AllowMultipleArgumentsPerToken = true };
+        var sessions = new Option<string>("--sessions") { Description = "Comma-separated concurrent session counts.", DefaultValueFactory = _ => "1,2,4,8" };
+        var requests = new Option<int>("--requests") { Description = "Requests per session at each point.", DefaultValueFactory = _ => 2 };
+        var method = new Option<string>("--method") { Description = "Speculative method of the spec mode.", DefaultValueFactory = _ => "sam+ours" };
+        var width = new Option<int>("--width") { Description = "Verification width of the spec mode.", DefaultValueFactory = _ => 8 };
+        var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
+        var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
+        var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
+        {
+            model, workload, sessions, requests, method, width, json, outDir,
+        };
+        cmd.SetAction(async (parse, ct) =>
+        {
+            var counts = parse.GetValue(sessions)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(int.Parse).ToList();
+            int perSession = parse.GetValue(requests), w = parse.GetValue(width);
+            string m = parse.GetValue(method)!;
+            if (counts.Any(c => c < 1 || c > 256) || perSession < 1)
+            {
+                throw new ArgumentException("--sessions values must be between 1 and 256, --requests at least 1.");
+            }
+
+            var stamp = BenchStamp.Capture();
+            var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
+            string root = ModelLocator.RepoRoot();
+            var files = parse.GetValue(workload) is { Length: > 0 } given ? given.Select(f => f.FullName).ToList()
+                : new[] { "summary", "rag", "ui", "reply" }.Select(t => Path.Combine(root, "workloads", t + ".jsonl")).ToList();
+            var items = files.SelectMany(f => WorkloadItem.Load(f).Take(4)).ToList();
+            var prompts = items.Select(i => (Tokens: bundle.Tokenizer.Encode(PromptTemplate.Render(i.Context, i.Prompt, bundle.HasRoleTokens)), i.MaxTokens)).ToList();
+            int maxSessions = counts.Max();
+            await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = maxSessions * 2, Width = w, Method = m });
+
+            // Each prompt alone first: the reference every concurrent stream must equal.
+            var alone = new Dictionary<int, int[]>();
+            await ConsoleUi.Err.Status().StartAsync("reference outputs (each prompt alone)", async _ =>
+            {
+                for (int i = 0; i < Math.Min(prompts.Count, maxSessions * perSession); i++)
+                {
+                    alone[i] = (await Stream(service.Supervisor, prompts[i].Tokens, prompts[i].MaxTokens, "ar", w, ct)).Tokens;
+
+                    // The speculative run alone too: it compiles its graphs before anything is timed.
+                    if (!(await Stream(service.Supervisor, prompts[i].Tokens, prompts[i].MaxTokens, m, w, ct)).Tokens.AsSpan().SequenceEqual(alone[i]))
+                    {
+                        throw new InvalidOperationException($"prompt {i}: {m} differs from plain greedy decoding; please report this.");
+                    }
+                }
+            });
+
+            var rows = new List<SessionsRow>();
+            await AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).StartAsync(async progress =>
+            {
+                var bar = progress.AddTask("sessions x mode", maxValue: counts.Count * 2);
+                foreach (int n in counts)
+                {
+                    foreach (string mode in new[] { "ar", "spec" })
+                    {
+                        var sw = Stopwatch.StartNew();
+                        var results = await Task.WhenAll(Enumerable.Range(0, n).Select(async s =>
+                        {
+                            var list = new List<(int Index, StreamResult R)>();
+                            for (int k = 0; k < perSession; k++)
+                            {
+                                int idx = ((s * perSession) + k) % prompts.Count;
+                                list.Add((idx, await Stream(service.Supervisor, prompts[idx].Tokens, prompts[idx].MaxTokens, mode == "ar" ? "ar" : m, w, ct)));
+                            }
+
+                            return list;
+                        }));
+                        double seconds = sw.Elapsed.TotalSeconds;
+                        var all = results.SelectMany(x => x).ToList();
+                        var gaps = all.SelectMany(x => x.R.GapsMs).Order().ToList();
+                        long tokens = all.Sum(x => (long)x.R.Tokens.Length);
+                        rows.Add(new SessionsRow
+                        {
+                            Sessions = n,
+                            Mode = mode,
+                            AggregateTokensPerS = Math.Round(tokens / seconds, 1),
+                            PerSessionTokensPerS = Math.Round(tokens / seconds / n, 1),
+                            P50IntertokenMs = gaps.Count == 0 ? 0 : Math.Round(gaps[gaps.Count / 2], 2),
+                            P99IntertokenMs = gaps.Count == 0 ? 0 : Math.Round(gaps[Math.Min(gaps.Count - 1, (int)(gaps.Count * 0.99))], 2),
+                            Tokens = tokens,
+                            IdenticalToAlone = all.All(x => x.R.Tokens.AsSpan().SequenceEqual(alone[x.Index])),
+                        });
+                        bar.Increment(1);
+                    }
+                }
+            });
+            Write(rows, stamp, m, w, perSession, parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json));
+            return rows.All(r => r.IdenticalToAlone) ? 0 : 1;
+        });
+        return cmd;
+    }
+
+    private sealed record StreamResult(int[] Tokens, List<double> GapsMs);
+
+    private static async Task<StreamResult> Stream(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct)
+    {
+        var channel = Channel.CreateBounded<int>(64);
+        var reply = supervisor.Ask<object>(new Generate("bench", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, channel.Writer, ct), Timeout.InfiniteTimeSpan);
+        var tokens = new List<int>();
+        var arrivals = new List<long>();
+        await foreach (int t in channel.Reader.ReadAllAsync(ct))
+        {
+            arrivals.Add(Stopwatch.GetTimestamp());
+            tokens.Add(t);
+        }
+
+        // Tokens arrive in bursts (a verified tree commits several at once): a burst of k tokens after a
+        // gap g counts as k inter-token gaps of g / k each.
+        var gaps = new List<double>();
+        for (int i = 1; i < arrivals.Count;)
+        {
+            double g = Stopwatch.GetElapsedTime(arrivals[i - 1], arrivals[i]).TotalMilliseconds;
+            int k = 1;
+            while (i + k < arrivals.Count && Stopwatch.GetElapsedTime(arrivals[i + k - 1], arrivals[i + k]).TotalMilliseconds < 0.05)
+            {
+                k++;
+            }
+
+            gaps.AddRange(Enumerable.Repeat(g / k, k));
+            i += k;
+        }
+
+        if (await reply is GenerationFailed f)
+        {
+            throw new InvalidOperationException($"a benchmark stream failed: {f.Detail}");
+        }
+
+        return new StreamResult([.. tokens], gaps);
+    }
+
+    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, string dir, FileInfo? json)
+    {
+        Directory.CreateDirectory(dir);
+        string text = JsonSerializer.Serialize(rows, new JsonSerializerOptions { WriteIndented = true });
+        File.WriteAllText(Path.Combine(dir, "sessions.json"), text);
+        if (json is not null)
+        {
+            File.WriteAllText(json.FullName, text);
+        }
+
+        Plots.Sessions(rows, Path.Combine(dir, "sessions.png"));
+        var md = new StringBuilder();
+        md.AppendLine("# Concurrent sessions (`coordgen bench sessions`)").AppendLine();
+        md.AppendLine(stamp.ToMarkdown()).AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding, `spec` = `{method}` at W = {width}. {perSession} requests per session at each point, greedy.").AppendLine();
+        md.AppendLine("| sessions | mode | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | identical to alone |").AppendLine("|---|---|---|---|---|---|---|");
+        foreach (var r in rows)
+        {
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
+        }
+
+        md.AppendLine();
+        foreach (int n in rows.Select(r => r.Sessions).Distinct())
+        {
+            var ar = rows.First(r => r.Sessions == n && r.Mode == "ar");
+            var sp = rows.First(r => r.Sessions == n && r.Mode == "spec");
+            md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s): spec / ar aggregate = {sp.AggregateTokensPerS / ar.AggregateTokensPerS:F2}x");
+        }
+
+        md.AppendLine().AppendLine("![sessions](sessions.png)");
+        File.WriteAllText(Path.Combine(dir, "sessions.md"), md.ToString());
+        ConsoleUi.Err.MarkupLineInterpolated($"[green]wrote {dir}/sessions.md[/]");
+    }
+}
