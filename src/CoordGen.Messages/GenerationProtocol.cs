@@ -38,7 +38,11 @@ public static class GenerationProtocol
         int Width,
         string? ContextStore,
         ChannelWriter<int> Output,
-        CancellationToken Cancellation);
+        CancellationToken Cancellation)
+    {
+        /// <summary>The caller's trace context: device spans for this request are its children.</summary>
+        public System.Diagnostics.ActivityContext Trace { get; init; }
+    }
 
     /// <summary>Sampling settings: temperature 0 is greedy. Offset skips random draws (for resuming).</summary>
     public sealed record Sampling(float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0, int Offset = 0);

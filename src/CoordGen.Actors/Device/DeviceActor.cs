@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Collections.Immutable;
+using System.Diagnostics;
 using Akka.Actor;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Runtime;
@@ -72,6 +73,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private void Admit(DeviceRun run, IActorRef replyTo)
     {
         var active = new Active(run, replyTo);
+        Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "prefill"));
         // Runs resuming a session after a fault go first: their callers have waited already.
         if (run.Resumed)
         {
@@ -155,6 +157,8 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         else if (a.Decoding && _prefilling.Remove(a))
         {
             _decoding.Add(a);
+            Telemetry.QueueDepth.Add(-1, new KeyValuePair<string, object?>("phase", "prefill"));
+            Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "decode"));
         }
 
         Schedule();
@@ -186,8 +190,16 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     private void Finish(Active a, object reply, Exception? cause = null)
     {
-        _prefilling.Remove(a);
-        _decoding.Remove(a);
+        if (_prefilling.Remove(a))
+        {
+            Telemetry.QueueDepth.Add(-1, new KeyValuePair<string, object?>("phase", "prefill"));
+        }
+
+        if (_decoding.Remove(a))
+        {
+            Telemetry.QueueDepth.Add(-1, new KeyValuePair<string, object?>("phase", "decode"));
+        }
+
         a.Dispose();
         if (reply is GenerationFailed f)
         {
@@ -242,8 +254,42 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         public int PendingCount => _pending.Count;
 
-        /// <summary>One device step: the next prefill chunk (starting decoding after the last) or one decode step.</summary>
+        /// <summary>One device step, traced: a span per step (child of the caller's trace) and busy-time metrics.</summary>
         public void StepOnce(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)
+        {
+            string kind = Decoding ? (_specSession is not null ? "verify" : "decode") : "prefill_chunk";
+            using var span = Telemetry.Source.StartActivity($"coordgen.{kind}", ActivityKind.Internal, Run.Request.Trace);
+            span?.SetTag("coordgen.session", Run.Request.SessionId);
+            span?.SetTag("coordgen.method", Run.Request.Method);
+            long t0 = System.Diagnostics.Stopwatch.GetTimestamp();
+            int before = (_specSession?.Output.Count ?? 0) + (_plainSession?.Output.Count ?? 0);
+            try
+            {
+                StepCore(runtime, plain, spec, stops);
+            }
+            catch (Exception ex)
+            {
+                span?.SetStatus(ActivityStatusCode.Error, ex.Message);
+                throw;
+            }
+            finally
+            {
+                double ms = System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+                Telemetry.DeviceBusy.Add(ms, new KeyValuePair<string, object?>("step", kind));
+                int emitted = (_specSession?.Output.Count ?? 0) + (_plainSession?.Output.Count ?? 0) - before;
+                if (emitted > 0)
+                {
+                    Telemetry.Tokens.Add(emitted, new KeyValuePair<string, object?>("method", Run.Request.Method));
+                    span?.SetTag("coordgen.tokens", emitted);
+                    if (kind == "verify")
+                    {
+                        Telemetry.AcceptedLength.Record(emitted);
+                    }
+                }
+            }
+        }
+
+        private void StepCore(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)
         {
             var r = Run.Request;
             r.Cancellation.ThrowIfCancellationRequested();

@@ -116,8 +116,17 @@ public sealed class InferenceService : IAsyncDisposable
         string id = $"req-{Interlocked.Increment(ref _next)}";
         var channel = Channel.CreateBounded<int>(new BoundedChannelOptions(64) { SingleReader = true, SingleWriter = true });
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(cancellation);
+        // A GenAI-convention span for the whole request; device step spans are its children.
+        using var span = Actors.Telemetry.Source.StartActivity($"text_completion {ModelName}", System.Diagnostics.ActivityKind.Internal);
+        span?.SetTag("gen_ai.operation.name", "text_completion");
+        span?.SetTag("gen_ai.request.model", ModelName);
+        span?.SetTag("gen_ai.request.max_tokens", request.MaxTokens);
+        span?.SetTag("gen_ai.request.temperature", request.Sampling.Temperature);
         var message = new Generate(id, TokenSequence.From(request.Prompt), request.MaxTokens, request.Sampling,
-            request.Method ?? Settings.Method, request.Width ?? Settings.Width, request.ContextStore, channel.Writer, cts.Token);
+            request.Method ?? Settings.Method, request.Width ?? Settings.Width, request.ContextStore, channel.Writer, cts.Token)
+        {
+            Trace = span?.Context ?? default,
+        };
         var started = Stopwatch.GetTimestamp();
         var replyTask = Supervisor.Ask<object>(message, Timeout.InfiniteTimeSpan);
         var decoder = new StreamingDecoder(Bundle.Tokenizer);
@@ -169,6 +178,8 @@ public sealed class InferenceService : IAsyncDisposable
         {
             case GenerationCompleted done:
                 ServerMetrics.Record(done, request.Prompt.Length);
+                span?.SetTag("gen_ai.usage.input_tokens", request.Prompt.Length);
+                span?.SetTag("gen_ai.usage.output_tokens", done.Tokens.Count);
                 return new InferenceOutcome(text.ToString(), filter.Stopped || done.StopReason == "stop" ? "stop" : "length",
                     request.Prompt.Length, done.Tokens.Count, done.PrefillMs, done.DecodeMs, done.Speculation);
             case GenerationFailed { Kind: FailureKind.Cancelled } when filter.Stopped:

@@ -11,7 +11,9 @@ using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
+using OpenTelemetry;
 using OpenTelemetry.Metrics;
+using OpenTelemetry.Trace;
 
 namespace CoordGen.Host.Serving;
 
@@ -32,11 +34,12 @@ internal static class ServeCommand
         var maxPending = new Option<int?>("--max-pending") { Description = "Requests running or queued at once; more get 429 with Retry-After. Default 16.", HelpName = "N" };
         var maxBody = new Option<long?>("--max-body-bytes") { Description = "Largest request body accepted; larger gets 413. Default 1048576.", HelpName = "BYTES" };
         var apiKey = new Option<string?>("--api-key") { Description = "Require 'Authorization: Bearer KEY' on /v1 endpoints. Default: none (fine on loopback). Also COORDGEN_Server__ApiKey.", HelpName = "KEY" };
+        var otlp = new Option<string?>("--otlp-endpoint") { Description = "Also export traces and metrics over OTLP to this collector (e.g. http://localhost:4317). Default: off; /metrics always serves Prometheus.", HelpName = "URL" };
         var rpm = new Option<int?>("--requests-per-minute") { Description = "Rate limit per client address; 0 (default) = unlimited.", HelpName = "N" };
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, threads, method, width, maxPending, maxBody, apiKey, rpm,
+            config, model, host, port, capacity, prefillWidth, threads, method, width, maxPending, maxBody, apiKey, rpm, otlp,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -61,6 +64,7 @@ internal static class ServeCommand
             Put(maxBody, "MaxBodyBytes");
             Put(apiKey, "ApiKey");
             Put(rpm, "RequestsPerMinute");
+            Put(otlp, "OtlpEndpoint");
             var settings = LoadSettings(parse.GetValue(config), overrides);
             await RunAsync(settings, ct);
             return 0;
@@ -122,10 +126,18 @@ internal static class ServeCommand
             var ip = settings.Host == "localhost" ? IPAddress.Loopback : IPAddress.Parse(settings.Host);
             k.Listen(ip, settings.Port);
         });
-        builder.Services.AddOpenTelemetry().WithMetrics(m => m
-            .AddMeter(ServerMetrics.MeterName)
-            .AddAspNetCoreInstrumentation()
-            .AddPrometheusExporter());
+        var otel = builder.Services.AddOpenTelemetry().WithMetrics(m =>
+        {
+            m.AddMeter(ServerMetrics.MeterName, Actors.Telemetry.Name).AddAspNetCoreInstrumentation().AddPrometheusExporter();
+            if (settings.OtlpEndpoint is { Length: > 0 } url)
+            {
+                m.AddOtlpExporter(o => o.Endpoint = new Uri(url));
+            }
+        });
+        if (settings.OtlpEndpoint is { Length: > 0 } traceUrl)
+        {
+            otel.WithTracing(t => t.AddSource(Actors.Telemetry.Name).AddAspNetCoreInstrumentation().AddOtlpExporter(o => o.Endpoint = new Uri(traceUrl)));
+        }
         if (settings.RequestsPerMinute > 0)
         {
             builder.Services.AddRateLimiter(o =>

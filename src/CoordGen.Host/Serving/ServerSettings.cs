@@ -44,6 +44,9 @@ public sealed class ServerSettings
     /// <summary>Requests per minute per client address; 0 = unlimited.</summary>
     public int RequestsPerMinute { get; set; }
 
+    /// <summary>OTLP collector (for example http://localhost:4317): traces and metrics are also exported there. Empty = off.</summary>
+    public string? OtlpEndpoint { get; set; }
+
     /// <summary>Every problem with these settings, each saying what to change; empty when valid.</summary>
     public IReadOnlyList<string> Problems()
     {
@@ -108,6 +111,11 @@ public sealed class ServerSettings
         if (RequestsPerMinute is < 0 or > 1_000_000)
         {
             p.Add($"RequestsPerMinute must be between 0 (unlimited) and 1000000 (got {RequestsPerMinute}).");
+        }
+
+        if (OtlpEndpoint is { Length: > 0 } otlp && !Uri.TryCreate(otlp, UriKind.Absolute, out _))
+        {
+            p.Add($"OtlpEndpoint must be an absolute URL such as http://localhost:4317 (got '{otlp}').");
         }
 
         return p;

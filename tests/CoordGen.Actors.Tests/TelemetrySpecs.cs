@@ -1,0 +1,76 @@
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using System.Diagnostics.Metrics;
+using System.Threading.Channels;
+using Akka.TestKit.Xunit2;
+using CoordGen.Actors.Device;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
+using CoordGen.Messages;
+using static CoordGen.Messages.GenerationProtocol;
+
+namespace CoordGen.Actors.Tests;
+
+public class TelemetrySpecs : TestKit
+{
+    private static readonly ModelConfig Tiny = new()
+    {
+        Architecture = "LlamaForCausalLM",
+        HiddenSize = 32,
+        IntermediateSize = 48,
+        NumLayers = 2,
+        NumHeads = 4,
+        NumKvHeads = 2,
+        HeadDim = 8,
+        RmsNormEps = 1e-5f,
+        RopeTheta = 10000f,
+        VocabSize = 64,
+        MaxPositionEmbeddings = 256,
+        TieWordEmbeddings = true,
+        AttentionBias = false,
+    };
+
+    [Fact]
+    public async Task Device_steps_should_emit_child_spans_of_the_callers_trace_and_metrics()
+    {
+        var spans = new ConcurrentBag<Activity>();
+        using var listener = new ActivityListener
+        {
+            ShouldListenTo = s => s.Name == Telemetry.Name,
+            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
+            ActivityStopped = spans.Add,
+        };
+        ActivitySource.AddActivityListener(listener);
+        var measured = new ConcurrentDictionary<string, int>();
+        using var meters = new MeterListener();
+        meters.InstrumentPublished = (i, l) =>
+        {
+            if (i.Meter.Name == Telemetry.Name)
+            {
+                l.EnableMeasurementEvents(i);
+            }
+        };
+        meters.SetMeasurementEventCallback<double>((i, _, _, _) => measured.AddOrUpdate(i.Name, 1, (_, n) => n + 1));
+        meters.SetMeasurementEventCallback<int>((i, _, _, _) => measured.AddOrUpdate(i.Name, 1, (_, n) => n + 1));
+        meters.SetMeasurementEventCallback<long>((i, _, _, _) => measured.AddOrUpdate(i.Name, 1, (_, n) => n + 1));
+        meters.Start();
+
+        var weights = ModelWeights.Random(Tiny, seed: 4, scale: 0.5f);
+        var device = Sys.ActorOf(DeviceActor.Props(() => new OrtModelRuntime(weights, 128, [1, 8]), new HashSet<int>()));
+        using var root = new Activity("test-request").Start();
+        var channel = Channel.CreateUnbounded<int>();
+        int[] prompt = [.. Enumerable.Range(0, 20).Select(i => (i * 5) % 64)];
+        device.Tell(new Generate("traced", TokenSequence.From(prompt), 16, new Sampling(), "sam+ours", 8, null, channel.Writer, CancellationToken.None) { Trace = root.Context }, TestActor);
+        await ExpectMsgAsync<GenerationCompleted>();
+
+        var mine = spans.Where(s => s.TraceId == root.TraceId).ToList();
+        Assert.Contains(mine, s => s.OperationName == "coordgen.prefill_chunk");
+        Assert.Contains(mine, s => s.OperationName == "coordgen.verify");
+        Assert.All(mine, s => Assert.Equal(root.SpanId, s.ParentSpanId));
+        Assert.All(mine, s => Assert.Equal("traced", s.GetTagItem("coordgen.session")));
+        Assert.True(measured.GetValueOrDefault("coordgen.device.busy_time") > 0);
+        Assert.True(measured.GetValueOrDefault("coordgen.speculation.accepted_length") > 0);
+        Assert.True(measured.GetValueOrDefault("coordgen.device.queue_depth") > 0);
+        Assert.True(measured.GetValueOrDefault("coordgen.device.tokens") > 0);
+    }
+}
