@@ -167,4 +167,35 @@ internal static class Plots
         plot.ShowLegend(Alignment.LowerRight);
         plot.SavePng(path, 900, 500);
     }
+
+    /// <summary>Per-actor timeline: device steps and prepared drafts as bars over time (a window of the run).</summary>
+    public static void Timeline(IReadOnlyList<(double Start, double End)> device, IReadOnlyList<(double Start, double End)> drafts, string path)
+    {
+        var plot = new Plot();
+        // A readable window: 60 ms from the middle of the run.
+        double mid = device.Count == 0 ? 0 : device[device.Count / 2].Start, from = mid, to = mid + 60;
+        var palette = new ScottPlot.Palettes.Category10();
+        foreach (var (row, spans, color, label) in new[] { (1.0, device, palette.GetColor(0), "device actor: step"), (0.0, drafts, palette.GetColor(1), "drafter actor: draft") })
+        {
+            bool first = true;
+            foreach (var (s, e) in spans.Where(x => x.End >= from && x.Start <= to))
+            {
+                var r = plot.Add.Rectangle(Math.Max(s, from), Math.Min(e, to), row - 0.35, row + 0.35);
+                r.FillColor = color;
+                r.LineWidth = 0;
+                if (first)
+                {
+                    r.LegendText = label;
+                    first = false;
+                }
+            }
+        }
+
+        plot.Axes.SetLimits(from, to, -0.8, 2.0);
+        plot.Axes.Left.TickGenerator = new ScottPlot.TickGenerators.NumericManual([new Tick(1, "device"), new Tick(0, "drafter")]);
+        plot.Title("per-actor timeline (60 ms window)");
+        plot.Axes.Bottom.Label.Text = "ms since start";
+        plot.ShowLegend(Alignment.UpperRight);
+        plot.SavePng(path, 1100, 320);
+    }
 }

@@ -1,4 +1,5 @@
 using System.Threading.Channels;
+using Akka.Actor;
 using Akka.TestKit.Xunit2;
 using CoordGen.Actors.Device;
 using CoordGen.Engine.Generation;
@@ -103,6 +104,37 @@ public class InterleavingSpecs : TestKit
 
         Assert.Equal(Alone(0, "sam+ours", 20), got);
         Assert.Equal("stalled", (await ExpectMsgAsync<GenerationCompleted>()).SessionId);
+    }
+
+    [Fact]
+    public async Task Drafter_should_prepare_trees_while_the_device_steps_other_sessions()
+    {
+        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var channels = Enumerable.Range(0, 4).Select(_ => Channel.CreateUnbounded<int>()).ToArray();
+        for (int i = 0; i < 4; i++)
+        {
+            device.Tell(new Generate($"s{i}", TokenSequence.From(Prompt(i)), 30, new Sampling(), "sam+ours", 8, null, channels[i].Writer, CancellationToken.None), TestActor);
+        }
+
+        for (int i = 0; i < 4; i++)
+        {
+            await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30));
+        }
+
+        for (int i = 0; i < 4; i++)
+        {
+            var got = new List<int>();
+            await foreach (int t in channels[i].Reader.ReadAllAsync())
+            {
+                got.Add(t);
+            }
+
+            Assert.Equal(Alone(i, "sam+ours", 30), got);
+        }
+
+        var overlap = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+        Assert.NotEmpty(overlap.Device);
+        Assert.NotEmpty(overlap.Drafts);
     }
 
     [Theory]

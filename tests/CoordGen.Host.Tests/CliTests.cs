@@ -149,4 +149,16 @@ public class CliTests
             Assert.True(r["identical_to_alone"]!.GetValue<bool>());
         });
     }
+
+    [Fact]
+    public void Bench_overlap_should_report_drafts_prepared_by_the_drafter_and_a_timeline()
+    {
+        string dir = Directory.CreateTempSubdirectory("coordgen-overlap-").FullName;
+        var (code, _, stderr) = Run("bench", "overlap", "--sessions", "3", "--requests", "1", "--out", dir);
+        Assert.True(code == 0, stderr);
+        var report = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "overlap.json")))!;
+        Assert.True(report["drafts_prepared"]!.GetValue<int>() > 0);
+        Assert.InRange(report["hidden_share"]!.GetValue<double>(), 0, 1);
+        Assert.True(File.Exists(Path.Combine(dir, "overlap.png")));
+    }
 }

@@ -32,6 +32,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private bool _retryScheduled;
     private int _next;
     private int _sinceChunk;
+    private IActorRef _drafter = ActorRefs.Nobody;
+    private Active? _lastStepped;
+    private readonly List<(long Start, long End)> _deviceIntervals = [];
+    private readonly List<(long Start, long End)> _draftIntervals = [];
+    private double _inlineDraftMs;
+    private const int MaxIntervals = 200_000;
 
     public DeviceActor(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens)
     {
@@ -46,6 +52,8 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             Schedule();
         });
         Receive<GetQueues>(_ => Sender.Tell(new Queues(_prefilling.Count, _decoding.Count)));
+        Receive<Drafted>(OnDrafted);
+        Receive<GetOverlap>(_ => Sender.Tell(new Overlap([.. _deviceIntervals], [.. _draftIntervals], _inlineDraftMs)));
     }
 
     public ITimerScheduler Timers { get; set; } = null!;
@@ -55,6 +63,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     protected override void PreStart()
     {
+        _drafter = Context.ActorOf(DrafterActor.Props(), "drafter");
         _runtime = _createRuntime();
         _plain = new Generator(_runtime);
         _spec = new SpeculativeDecoder(_runtime);
@@ -141,14 +150,77 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         var spec = _spec!;
         var stops = _stopTokens;
         var target = pick;
-        Task.Run(() => target.StepOnce(runtime, plain, spec, stops))
-            .PipeTo(self, success: () => new StepDone(target, null), failure: ex => new StepDone(target, ex));
+        var draftJob = DraftJobFor(target);
+        var drafter = _drafter;
+        Task.Run(() =>
+            {
+                long start = System.Diagnostics.Stopwatch.GetTimestamp();
+
+                // The drafter starts once the device step is under way, so the draft runs during it.
+                if (draftJob is not null)
+                {
+                    drafter.Tell(draftJob, self);
+                }
+
+                double inline = target.StepOnce(runtime, plain, spec, stops);
+                return (start, System.Diagnostics.Stopwatch.GetTimestamp(), inline);
+            })
+            .PipeTo(self, success: t => new StepDone(target, null, t.Item1, t.Item2, t.Item3), failure: ex => new StepDone(target, ex, 0, 0, 0));
+    }
+
+    /// <summary>
+    /// While the device steps <paramref name="busy"/>, the drafter prepares the session that stepped just
+    /// before it: in round-robin order that session's turn is furthest away, so its tree is ready long
+    /// before it is needed and no one waits for the drafter.
+    /// </summary>
+    private DraftJob? DraftJobFor(Active busy)
+    {
+        var candidate = _lastStepped is { CanDraft: true } last && last != busy ? last : null;
+        for (int i = _decoding.Count - 1; candidate is null && i >= 1; i--)
+        {
+            var a = _decoding[(_next + i) % _decoding.Count];
+            if (a != busy && a.CanDraft)
+            {
+                candidate = a;
+            }
+        }
+
+        if (candidate is null)
+        {
+            return null;
+        }
+
+        candidate.DraftPending = true;
+        return new DraftJob(candidate, candidate.PrepareDraft);
+    }
+
+    private void OnDrafted(Drafted d)
+    {
+        if (d.Key is Active a)
+        {
+            a.DraftPending = false;
+            a.DraftReady = d.Prepared;
+            if (d.Prepared && _draftIntervals.Count < MaxIntervals)
+            {
+                _draftIntervals.Add((d.Start, d.End));
+            }
+        }
+
+        Schedule();
     }
 
     private void OnStepDone(StepDone done)
     {
         _busy = false;
         var a = done.Active;
+        a.DraftReady = false;
+        _lastStepped = a;
+        _inlineDraftMs += done.InlineDraftMs;
+        if (done.End != 0 && _deviceIntervals.Count < MaxIntervals)
+        {
+            _deviceIntervals.Add((done.Start, done.End));
+        }
+
         if (done.Error is { } ex)
         {
             var cause = ex is AggregateException { InnerException: { } inner } ? inner : ex;
@@ -186,7 +258,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         }
     }
 
-    private static bool Ready(Active a) => !a.Finished && a.PendingCount == 0;
+    private static bool Ready(Active a) => !a.Finished && a.PendingCount == 0 && !a.DraftPending;
 
     private void Finish(Active a, object reply, Exception? cause = null)
     {
@@ -226,7 +298,13 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     public sealed record Queues(int Prefilling, int Decoding);
 
-    private sealed record StepDone(Active Active, Exception? Error);
+    private sealed record StepDone(Active Active, Exception? Error, long Start, long End, double InlineDraftMs);
+
+    /// <summary>Ask for the timeline of device steps and prepared drafts (Stopwatch timestamps). Reply: <see cref="Overlap"/>.</summary>
+    public sealed record GetOverlap;
+
+    /// <summary>Device step and drafter intervals, and drafting done inline in device steps (not hidden).</summary>
+    public sealed record Overlap(IReadOnlyList<(long Start, long End)> Device, IReadOnlyList<(long Start, long End)> Drafts, double InlineDraftMs);
 
     private sealed class Kick
     {
@@ -254,9 +332,20 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         public int PendingCount => _pending.Count;
 
+        /// <summary>Handed to the drafter and not back yet: the device must not step it meanwhile (mailbox thread only).</summary>
+        public bool DraftPending { get; set; }
+
+        /// <summary>Its next tree is prepared (mailbox thread only).</summary>
+        public bool DraftReady { get; set; }
+
+        public bool CanDraft => _specSession is { Done: false } && !DraftReady && !DraftPending && _pending.IsEmpty;
+
+        public bool PrepareDraft() => _specSession?.PrepareDraft() ?? false;
+
         /// <summary>One device step, traced: a span per step (child of the caller's trace) and busy-time metrics.</summary>
-        public void StepOnce(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)
+        public double StepOnce(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)
         {
+            double inlineBefore = _specSession?.InlineDraftMs ?? 0;
             string kind = Decoding ? (_specSession is not null ? "verify" : "decode") : "prefill_chunk";
             using var span = Telemetry.Source.StartActivity($"coordgen.{kind}", ActivityKind.Internal, Run.Request.Trace);
             span?.SetTag("coordgen.session", Run.Request.SessionId);
@@ -287,6 +376,8 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                     }
                 }
             }
+
+            return kind == "verify" ? (_specSession?.InlineDraftMs ?? 0) - inlineBefore : 0;
         }
 
         private void StepCore(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)

@@ -44,6 +44,7 @@ public sealed class SpeculativeSession : IDisposable
     private MatchCursor _histCursor;
     private int _root;
     private bool _chainTrusted;
+    private bool _prepared;
     private double _draftMs;
     private double _deviceMs;
     private double _calMs;
@@ -157,24 +158,15 @@ public sealed class SpeculativeSession : IDisposable
             return Done;
         }
 
-        long t0 = Stopwatch.GetTimestamp();
-        var buf = _runtime.Buffers(_width, _cache);
-        _tree.Clear();
-        _chainNodes.Clear();
-        try
+        if (!_prepared)
         {
-            _runtime.Faults?.OnDraft();
-            SpeculativeDecoder.BuildTree(_spec, _sequence, _sam, _samCursor, _calibrated, _calCursor, _history, _histCursor, _reuse, _ngrams, _branches, _tree, _draft, _chainNodes, _chainTrusted);
-        }
-        catch (Exception ex) when (ex is not OperationCanceledException)
-        {
-            // A failed drafter degrades this step to plain verification (the root alone).
-            _tree.Clear();
-            _chainNodes.Clear();
-            _acct.Degrade();
+            long ti = Stopwatch.GetTimestamp();
+            Draft();
+            InlineDraftMs += Stopwatch.GetElapsedTime(ti).TotalMilliseconds;
         }
 
-        _tree.RowParents(_rowParents);
+        _prepared = false;
+        var buf = _runtime.Buffers(_width, _cache);
         buf.TokenIds[0] = _root;
         buf.Positions[0] = _cache.Length;
         for (int i = 0; i < _tree.Count; i++)
@@ -190,12 +182,6 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         AttentionMask.FillTree(buf.Mask, _width, buf.Capacity, _cache.Length, _rowParents.AsSpan(0, _tree.Count + 1));
-        for (int i = 0; i < _tree.Count; i++)
-        {
-            _acct.Propose(_tree.Source(i));
-        }
-
-        _draftMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
 
         long t1 = Stopwatch.GetTimestamp();
         _runtime.Run(_width, _cache);
@@ -250,6 +236,53 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         return Done;
+    }
+
+    /// <summary>
+    /// Drafts the next step's token tree now (CPU only: no device buffers are touched), so a drafter can
+    /// prepare this session while the device verifies another; the next <see cref="Step"/> uses it.
+    /// Returns false when there is nothing to draft (done, or a plain step comes next).
+    /// </summary>
+    public bool PrepareDraft()
+    {
+        if (Done || _prepared || _cache.Length + _width + 1 >= _cache.Capacity)
+        {
+            return false;
+        }
+
+        Draft();
+        _prepared = true;
+        return true;
+    }
+
+    /// <summary>Milliseconds spent drafting inside <see cref="Step"/> because no prepared draft was waiting.</summary>
+    public double InlineDraftMs { get; private set; }
+
+    private void Draft()
+    {
+        long t0 = Stopwatch.GetTimestamp();
+        _tree.Clear();
+        _chainNodes.Clear();
+        try
+        {
+            _runtime.Faults?.OnDraft();
+            SpeculativeDecoder.BuildTree(_spec, _sequence, _sam, _samCursor, _calibrated, _calCursor, _history, _histCursor, _reuse, _ngrams, _branches, _tree, _draft, _chainNodes, _chainTrusted);
+        }
+        catch (Exception ex) when (ex is not OperationCanceledException)
+        {
+            // A failed drafter degrades this step to plain verification (the root alone).
+            _tree.Clear();
+            _chainNodes.Clear();
+            _acct.Degrade();
+        }
+
+        _tree.RowParents(_rowParents);
+        for (int i = 0; i < _tree.Count; i++)
+        {
+            _acct.Propose(_tree.Source(i));
+        }
+
+        _draftMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
     }
 
     /// <summary>The outcome so far (complete once <see cref="Done"/>).</summary>

@@ -14,6 +14,7 @@ internal static class BenchCommands
         cmd.Add(BenchGraphs.Create());
         cmd.Add(BenchPaper.Create());
         cmd.Add(BenchSessions.Create());
+        cmd.Add(BenchOverlap.Create());
         return cmd;
     }
 }

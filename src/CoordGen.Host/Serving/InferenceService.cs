@@ -202,6 +202,9 @@ public sealed class InferenceService : IAsyncDisposable
         _ => new ApiException(500, f.Detail, code: "device_fault"),
     };
 
+    /// <summary>The device actor (for benchmarks that read its timeline).</summary>
+    public Task<IActorRef> SelectDevice() => _system.ActorSelection(Supervisor.Path / "device").ResolveOne(TimeSpan.FromSeconds(10));
+
     public Task<object> AskAsync(object message) => Supervisor.Ask<object>(message, TimeSpan.FromSeconds(30));
 
     public async ValueTask DisposeAsync()

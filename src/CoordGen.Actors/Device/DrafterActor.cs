@@ -1,0 +1,39 @@
+using Akka.Actor;
+
+namespace CoordGen.Actors.Device;
+
+/// <summary>
+/// The CPU drafter: prepares a session's next token tree while the device verifies another session's
+/// step, so drafting time hides behind device time. Jobs run one at a time on this actor's own thread
+/// (the device never hands over a session it is stepping, so a job owns its session while it runs).
+/// </summary>
+public sealed class DrafterActor : ReceiveActor
+{
+    public DrafterActor()
+    {
+        Receive<DraftJob>(job =>
+        {
+            long start = System.Diagnostics.Stopwatch.GetTimestamp();
+            bool prepared;
+            try
+            {
+                prepared = job.Prepare();
+            }
+            catch (Exception ex) when (ex is not OutOfMemoryException)
+            {
+                // The step will draft inline (and degrade to plain verification if drafting keeps failing).
+                prepared = false;
+            }
+
+            Sender.Tell(new Drafted(job.Key, start, System.Diagnostics.Stopwatch.GetTimestamp(), prepared));
+        });
+    }
+
+    public static Props Props() => Akka.Actor.Props.Create(() => new DrafterActor());
+}
+
+/// <summary>Device → drafter: prepare the draft of the session identified by <paramref name="Key"/>.</summary>
+public sealed record DraftJob(object Key, Func<bool> Prepare);
+
+/// <summary>Drafter → device: the draft is ready (or there was nothing to draft); timestamps for the overlap report.</summary>
+public sealed record Drafted(object Key, long Start, long End, bool Prepared);
