@@ -11,24 +11,7 @@ namespace CoordGen.Actors.Tests;
 
 public class DeviceActorSpecs : TestKit
 {
-    private static readonly ModelConfig Tiny = new()
-    {
-        Architecture = "LlamaForCausalLM",
-        HiddenSize = 32,
-        IntermediateSize = 48,
-        NumLayers = 2,
-        NumHeads = 4,
-        NumKvHeads = 2,
-        HeadDim = 8,
-        RmsNormEps = 1e-5f,
-        RopeTheta = 10000f,
-        VocabSize = 64,
-        MaxPositionEmbeddings = 128,
-        TieWordEmbeddings = true,
-        AttentionBias = false,
-    };
-
-    private static readonly ModelWeights Weights = ModelWeights.Random(Tiny, seed: 5, scale: 0.3f);
+    private static readonly ModelWeights Weights = TinyModel.Weights(5, 0.3f);
 
     private static OrtModelRuntime NewRuntime() => new(Weights, capacity: 64, widths: [1, 8]);
 

@@ -12,24 +12,7 @@ namespace CoordGen.Actors.Tests;
 /// <summary>Faults injected into a real (tiny, random-weight) runtime: every stream must come out exactly as without faults.</summary>
 public class FaultRecoverySpecs : TestKit
 {
-    private static readonly ModelConfig Tiny = new()
-    {
-        Architecture = "LlamaForCausalLM",
-        HiddenSize = 32,
-        IntermediateSize = 48,
-        NumLayers = 2,
-        NumHeads = 4,
-        NumKvHeads = 2,
-        HeadDim = 8,
-        RmsNormEps = 1e-5f,
-        RopeTheta = 10000f,
-        VocabSize = 64,
-        MaxPositionEmbeddings = 256,
-        TieWordEmbeddings = true,
-        AttentionBias = false,
-    };
-
-    private static readonly ModelWeights Weights = ModelWeights.Random(Tiny, seed: 11, scale: 0.5f);
+    private static readonly ModelWeights Weights = TinyModel.Weights(11, 0.5f);
 
     private static readonly int[] Prompt = [3, 9, 27, 17, 51, 2, 3, 9, 27, 17, 40, 8, 3, 9];
 

@@ -14,24 +14,7 @@ namespace CoordGen.Actors.Tests;
 /// <summary>Several sessions on one device actor, interleaved step by step.</summary>
 public class InterleavingSpecs : TestKit
 {
-    private static readonly ModelConfig Tiny = new()
-    {
-        Architecture = "LlamaForCausalLM",
-        HiddenSize = 32,
-        IntermediateSize = 48,
-        NumLayers = 2,
-        NumHeads = 4,
-        NumKvHeads = 2,
-        HeadDim = 8,
-        RmsNormEps = 1e-5f,
-        RopeTheta = 10000f,
-        VocabSize = 64,
-        MaxPositionEmbeddings = 256,
-        TieWordEmbeddings = true,
-        AttentionBias = false,
-    };
-
-    private static readonly ModelWeights Weights = ModelWeights.Random(Tiny, seed: 21, scale: 0.5f);
+    private static readonly ModelWeights Weights = TinyModel.Weights(21, 0.5f);
 
     private static OrtModelRuntime NewRuntime() => new(Weights, 128, [1, 8]);
 

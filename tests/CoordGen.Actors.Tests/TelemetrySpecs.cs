@@ -13,23 +13,6 @@ namespace CoordGen.Actors.Tests;
 
 public class TelemetrySpecs : TestKit
 {
-    private static readonly ModelConfig Tiny = new()
-    {
-        Architecture = "LlamaForCausalLM",
-        HiddenSize = 32,
-        IntermediateSize = 48,
-        NumLayers = 2,
-        NumHeads = 4,
-        NumKvHeads = 2,
-        HeadDim = 8,
-        RmsNormEps = 1e-5f,
-        RopeTheta = 10000f,
-        VocabSize = 64,
-        MaxPositionEmbeddings = 256,
-        TieWordEmbeddings = true,
-        AttentionBias = false,
-    };
-
     [Fact]
     public async Task Device_steps_should_emit_child_spans_of_the_callers_trace_and_metrics()
     {
@@ -55,7 +38,7 @@ public class TelemetrySpecs : TestKit
         meters.SetMeasurementEventCallback<long>((i, _, _, _) => measured.AddOrUpdate(i.Name, 1, (_, n) => n + 1));
         meters.Start();
 
-        var weights = ModelWeights.Random(Tiny, seed: 4, scale: 0.5f);
+        var weights = TinyModel.Weights(4, 0.5f);
         var device = Sys.ActorOf(DeviceActor.Props(() => new OrtModelRuntime(weights, 128, [1, 8]), new HashSet<int>()));
         using var root = new Activity("test-request").Start();
         var channel = Channel.CreateUnbounded<int>();

@@ -59,9 +59,7 @@ internal static class BenchOverlap
             var stamp = BenchStamp.Capture();
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             string root = ModelLocator.RepoRoot();
-            var prompts = new[] { "summary", "rag", "ui", "reply" }
-                .SelectMany(t => WorkloadItem.Load(Path.Combine(root, "workloads", t + ".jsonl")).Take(4))
-                .Select(i => (Tokens: bundle.Tokenizer.Encode(PromptTemplate.Render(i.Context, i.Prompt, bundle.HasRoleTokens)), i.MaxTokens)).ToList();
+            var prompts = BenchStreams.Prompts(bundle, 4);
             await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = n * 2, Width = w, Method = m });
 
             // Warm-up: one request compiles the graphs; the timeline starts after it.
@@ -127,17 +125,6 @@ internal static class BenchOverlap
 
     private static double Ms(long a, long b) => (b - a) * 1000.0 / Stopwatch.Frequency;
 
-    private static async Task Run(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct)
-    {
-        var channel = Channel.CreateUnbounded<int>();
-        var reply = supervisor.Ask<object>(new Generate("overlap", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, channel.Writer, ct), Timeout.InfiniteTimeSpan);
-        await foreach (int _ in channel.Reader.ReadAllAsync(ct))
-        {
-        }
-
-        if (await reply is GenerationFailed f)
-        {
-            throw new InvalidOperationException($"a benchmark stream failed: {f.Detail}");
-        }
-    }
+    private static Task Run(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct) =>
+        BenchStreams.RunAsync(supervisor, prompt, maxTokens, method, width, ct);
 }

@@ -65,8 +65,7 @@ internal static class BenchSessions
             string root = ModelLocator.RepoRoot();
             var files = parse.GetValue(workload) is { Length: > 0 } given ? given.Select(f => f.FullName).ToList()
                 : new[] { "summary", "rag", "ui", "reply" }.Select(t => Path.Combine(root, "workloads", t + ".jsonl")).ToList();
-            var items = files.SelectMany(f => WorkloadItem.Load(f).Take(4)).ToList();
-            var prompts = items.Select(i => (Tokens: bundle.Tokenizer.Encode(PromptTemplate.Render(i.Context, i.Prompt, bundle.HasRoleTokens)), i.MaxTokens)).ToList();
+            var prompts = BenchStreams.Prompts(bundle, 4, files);
             int maxSessions = counts.Max();
             await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = maxSessions * 2, Width = w, Method = m });
 
@@ -135,24 +134,16 @@ internal static class BenchSessions
 
     private static async Task<StreamResult> Stream(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct)
     {
-        var channel = Channel.CreateBounded<int>(64);
-        var reply = supervisor.Ask<object>(new Generate("bench", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, channel.Writer, ct), Timeout.InfiniteTimeSpan);
-        var tokens = new List<int>();
-        var arrivals = new List<long>();
-        await foreach (int t in channel.Reader.ReadAllAsync(ct))
-        {
-            arrivals.Add(Stopwatch.GetTimestamp());
-            tokens.Add(t);
-        }
+        var (tokens, arrivals) = await BenchStreams.RunAsync(supervisor, prompt, maxTokens, method, width, ct);
 
         // Tokens arrive in bursts (a verified tree commits several at once): a burst of k tokens after a
         // gap g counts as k inter-token gaps of g / k each.
         var gaps = new List<double>();
-        for (int i = 1; i < arrivals.Count;)
+        for (int i = 1; i < arrivals.Length;)
         {
             double g = Stopwatch.GetElapsedTime(arrivals[i - 1], arrivals[i]).TotalMilliseconds;
             int k = 1;
-            while (i + k < arrivals.Count && Stopwatch.GetElapsedTime(arrivals[i + k - 1], arrivals[i + k]).TotalMilliseconds < 0.05)
+            while (i + k < arrivals.Length && Stopwatch.GetElapsedTime(arrivals[i + k - 1], arrivals[i + k]).TotalMilliseconds < 0.05)
             {
                 k++;
             }
@@ -161,12 +152,7 @@ internal static class BenchSessions
             i += k;
         }
 
-        if (await reply is GenerationFailed f)
-        {
-            throw new InvalidOperationException($"a benchmark stream failed: {f.Detail}");
-        }
-
-        return new StreamResult([.. tokens], gaps);
+        return new StreamResult(tokens, gaps);
     }
 
     private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, string dir, FileInfo? json)

@@ -1,0 +1,44 @@
+using System.Diagnostics;
+using System.Threading.Channels;
+using Akka.Actor;
+using CoordGen.Engine;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Workloads;
+using CoordGen.Messages;
+using static CoordGen.Messages.GenerationProtocol;
+
+namespace CoordGen.Host.Commands;
+
+/// <summary>What the benchmarks that drive the actor runtime share: workload prompts and one greedy stream.</summary>
+internal static class BenchStreams
+{
+    /// <summary>The first <paramref name="perTask"/> prompts of each held-out task family, rendered and tokenized.</summary>
+    public static List<(int[] Tokens, int MaxTokens)> Prompts(ModelBundle bundle, int perTask, IEnumerable<string>? files = null)
+    {
+        string root = ModelLocator.RepoRoot();
+        files ??= new[] { "summary", "rag", "ui", "reply" }.Select(t => Path.Combine(root, "workloads", t + ".jsonl"));
+        return [.. files.SelectMany(f => WorkloadItem.Load(f).Take(perTask))
+            .Select(i => (bundle.Tokenizer.Encode(PromptTemplate.Render(i.Context, i.Prompt, bundle.HasRoleTokens)), i.MaxTokens))];
+    }
+
+    /// <summary>One greedy request through the supervisor: its tokens and their arrival times (Stopwatch timestamps).</summary>
+    public static async Task<(int[] Tokens, long[] Arrivals)> RunAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct)
+    {
+        var channel = Channel.CreateBounded<int>(64);
+        var reply = supervisor.Ask<object>(new Generate("bench", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, channel.Writer, ct), Timeout.InfiniteTimeSpan);
+        var tokens = new List<int>();
+        var arrivals = new List<long>();
+        await foreach (int t in channel.Reader.ReadAllAsync(ct))
+        {
+            arrivals.Add(Stopwatch.GetTimestamp());
+            tokens.Add(t);
+        }
+
+        if (await reply is GenerationFailed f)
+        {
+            throw new InvalidOperationException($"a benchmark stream failed: {f.Detail}");
+        }
+
+        return ([.. tokens], [.. arrivals]);
+    }
+}
