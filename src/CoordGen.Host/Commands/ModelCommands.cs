@@ -226,6 +226,12 @@ internal static class ModelCommands
         var logits = gen.Prefill(engineCache, prompt);
         gen.Prefill(bareCache, prompt);
         int token = sampler.Next(logits);
+
+        // Both caches in the bucket the engine ends in, from the first step: otherwise the engine's cache
+        // grows into the next bucket (a larger graph) half way while the bare one stays, and the ratio
+        // measures the bucket change, not the engine.
+        engineCache.EnsureRoom(engineCache.Length + steps + 1);
+        bareCache.EnsureRoom(engineCache.Length + steps + 1);
         var engine = new double[steps];
         var bare = new double[steps];
         for (int i = 0; i < steps; i++)
