@@ -239,8 +239,10 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     /// <summary>Flushes queued tokens; finishes sessions that are done (and flushed) or cancelled.</summary>
     private void Retire()
     {
-        foreach (var a in _decoding.ToList())
+        // Backwards, so Finish can remove the current entry; no list is allocated per step.
+        for (int i = _decoding.Count - 1; i >= 0; i--)
         {
+            var a = _decoding[i];
             a.Flush();
             if (a.Run.Request.Cancellation.IsCancellationRequested)
             {
@@ -252,9 +254,13 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             }
         }
 
-        foreach (var a in _prefilling.Where(a => a.Run.Request.Cancellation.IsCancellationRequested).ToList())
+        for (int i = _prefilling.Count - 1; i >= 0; i--)
         {
-            Finish(a, new GenerationFailed(a.Run.Request.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"));
+            var a = _prefilling[i];
+            if (a.Run.Request.Cancellation.IsCancellationRequested)
+            {
+                Finish(a, new GenerationFailed(a.Run.Request.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"));
+            }
         }
     }
 

@@ -52,38 +52,12 @@ public sealed class Generator
     /// </summary>
     public float[] Prefill(KvCache cache, ReadOnlySpan<int> tokens, Action<StepBuffers, int, int>? onChunk = null)
     {
-        if (tokens.Length == 0)
+        var session = BeginPrefill(cache, tokens.ToArray(), onChunk);
+        while (!session.Step())
         {
-            throw new ArgumentException("the prompt is empty: give at least one token.");
         }
 
-        if (cache.Length + tokens.Length >= cache.Capacity)
-        {
-            throw new PromptTooLongException(tokens.Length, cache.Capacity - cache.Length - 1);
-        }
-
-        Span<int> rows = stackalloc int[PrefillWidth];
-        float[] last = new float[_runtime.Config.VocabSize];
-        for (int start = 0; start < tokens.Length; start += PrefillWidth)
-        {
-            int n = Math.Min(PrefillWidth, tokens.Length - start);
-            var buf = _runtime.Buffers(PrefillWidth, cache);
-            buf.SetLinear(tokens.Slice(start, n), cache.Length, cache.Length);
-            _runtime.Run(PrefillWidth, cache);
-            onChunk?.Invoke(buf, start, n);
-            for (int i = 0; i < n; i++)
-            {
-                rows[i] = i;
-            }
-
-            cache.Commit(buf.NewKeys, buf.NewValues, PrefillWidth, rows[..n]);
-            if (start + n == tokens.Length)
-            {
-                buf.LogitsRow(n - 1).CopyTo(last);
-            }
-        }
-
-        return last;
+        return session.LastLogits;
     }
 
     /// <summary>One width-1 step: feeds <paramref name="token"/>, commits it, returns the next-token logits.</summary>

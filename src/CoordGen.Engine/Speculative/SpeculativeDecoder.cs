@@ -87,33 +87,12 @@ public sealed class SpeculativeDecoder
     /// </summary>
     public Prefilled Prefill(ReadOnlySpan<int> prompt, CalibrationOptions? calibration)
     {
-        var cache = _runtime.CreateCache();
-        var sw = Stopwatch.StartNew();
-        PrefillTopK? topK = calibration is null ? null : new PrefillTopK(calibration.TopK);
-        double topKMs = 0;
-        bool calibrationFailed = false;
-        float[] first = _plain.Prefill(cache, prompt, topK is null ? null : (b, _, n) =>
+        var (session, finish) = BeginPrefill(prompt.ToArray(), calibration);
+        while (!session.Step())
         {
-            if (calibrationFailed)
-            {
-                return;
-            }
+        }
 
-            long t0 = Stopwatch.GetTimestamp();
-            try
-            {
-                _runtime.Faults?.OnCalibrate();
-                topK.AddChunk(b, n);
-            }
-            catch (Exception ex) when (ex is not OperationCanceledException)
-            {
-                // Calibration only adds drafts: without it the request is slower, never wrong.
-                calibrationFailed = true;
-            }
-
-            topKMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
-        });
-        return new Prefilled(prompt.ToArray(), cache, first, calibrationFailed ? null : topK, sw.Elapsed.TotalMilliseconds, topKMs) { CalibrationFailed = calibrationFailed };
+        return finish();
     }
 
     /// <summary>
