@@ -86,12 +86,14 @@ internal static class Plots
     }
 
     /// <summary>Graph strategies: stacked ttft and first step (left), peak memory (right).</summary>
-    public static void Graphs(IReadOnlyList<GraphsRow> rows, string path)
+    public static void Graphs(IReadOnlyList<GraphsRow> rows, string path, string? banner = null)
     {
+        bool second = rows.Any(r => r.SecondTtftMs is not null);
         var multi = new Multiplot();
-        multi.AddPlots(2);
+        multi.AddPlots(second ? 3 : 2);
         var lat = multi.GetPlot(0);
         var mem = multi.GetPlot(1);
+        var next = second ? multi.GetPlot(2) : null;
         var palette = new ScottPlot.Palettes.Category10();
         var ticks = new List<Tick>();
         for (int i = 0; i < rows.Count; i++)
@@ -100,21 +102,30 @@ internal static class Plots
             lat.Add.Bar(new Bar { Position = i, ValueBase = 0, Value = r.TtftMs, FillColor = palette.GetColor(0) });
             lat.Add.Bar(new Bar { Position = i, ValueBase = r.TtftMs, Value = r.TtftMs + r.FirstStepMs, FillColor = palette.GetColor(1) });
             mem.Add.Bar(new Bar { Position = i, Value = r.PeakMb, FillColor = palette.GetColor(2) });
+            if (next is not null)
+            {
+                double t2 = r.SecondTtftMs ?? 0;
+                next.Add.Bar(new Bar { Position = i, ValueBase = 0, Value = t2, FillColor = palette.GetColor(0) });
+                next.Add.Bar(new Bar { Position = i, ValueBase = t2, Value = t2 + (r.SecondFirstStepMs ?? 0), FillColor = palette.GetColor(1) });
+            }
+
             ticks.Add(new Tick(i, r.Strategy));
         }
 
-        foreach (var plot in new[] { lat, mem })
+        foreach (var plot in next is null ? new[] { lat, mem } : new[] { lat, mem, next })
         {
             plot.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericManual([.. ticks]);
             plot.Axes.Margins(bottom: 0);
         }
 
-        lat.Title("TTFT (blue) + first verification step (orange)");
+        lat.Title(banner is null ? "TTFT (blue) + first verification step (orange)" : $"{banner}: TTFT + first step");
+        next?.Title("next request (wide graph back): TTFT + first step");
+        next?.Axes.Left.Label.Text = "ms";
         lat.Axes.Left.Label.Text = "ms";
         mem.Title("peak memory");
         mem.Axes.Left.Label.Text = "MB";
         multi.Layout = new ScottPlot.MultiplotLayouts.Columns();
-        multi.SavePng(path, 1100, 450);
+        multi.SavePng(path, second ? 1500 : 1100, 450);
     }
 
     /// <summary>Grouped bars: one group per task, one bar per setting.</summary>

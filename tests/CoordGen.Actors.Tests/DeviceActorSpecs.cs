@@ -1,9 +1,11 @@
 using System.Threading.Channels;
+using Akka.Actor;
 using Akka.TestKit.Xunit2;
 using CoordGen.Actors.Device;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Model;
 using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Scheduling;
 using CoordGen.Messages;
 using static CoordGen.Messages.GenerationProtocol;
 
@@ -55,5 +57,31 @@ public class DeviceActorSpecs : TestKit
         var completed = await ExpectMsgAsync<GenerationCompleted>();
         Assert.Equal("small", completed.SessionId);
         Assert.Equal(5, completed.Tokens.Count);
+    }
+
+    [Fact]
+    public async Task Device_paced_by_a_profile_should_hold_every_step_to_the_profiles_time_and_keep_the_tokens()
+    {
+        int[] prompt = [3, 9, 27, 17, 51, 2];
+        IReadOnlyList<int> expected;
+        using (var rt = NewRuntime())
+        {
+            expected = new Generator(rt).Generate(prompt, 6, new SamplingOptions(), new HashSet<int>()).Tokens;
+        }
+
+        // Width 1 (plain decode) takes 40 ms, the 8-wide prefill graph 60 ms: far above the tiny model's CPU time.
+        var profile = new DeviceProfile { Name = "fake-npu", Steps = [new(1, 40), new(8, 60)] };
+        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>(), profile));
+        var channel = Channel.CreateUnbounded<int>();
+        device.Tell(new Generate("s1", TokenSequence.From(prompt), 6, new Sampling(), "ar", 1, null, channel.Writer, CancellationToken.None), TestActor);
+        var done = await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(10));
+        Assert.Equal(TokenSequence.From(expected), done.Tokens);
+
+        var overlap = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap(), TimeSpan.FromSeconds(3));
+        Assert.Equal(overlap.Device.Count, overlap.Paced);
+        Assert.Equal(0, overlap.Overran);
+        var stepsMs = overlap.Device.Select(d => (d.End - d.Start) * 1000.0 / System.Diagnostics.Stopwatch.Frequency).ToList();
+        Assert.Equal(60, stepsMs[0], 0.1 * 60 + 15); // the prefill chunk on the 8-wide graph
+        Assert.All(stepsMs, ms => Assert.True(ms >= 39, $"a paced step took {ms:F1} ms, under the profile's 40"));
     }
 }

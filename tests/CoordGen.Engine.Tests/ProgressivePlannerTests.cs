@@ -56,6 +56,23 @@ public class ProgressivePlannerTests
     }
 
     [Fact]
+    public void A_memory_cap_should_trade_latency_for_fewer_blocks_holding_both_variants()
+    {
+        // The paper's figures (docs/bench/graphs-paper-qwen2.5-1.5b-htp.md): loads queued back to back are
+        // fastest but leave several blocks holding both variants until they next compute.
+        var costs = DeviceProfile.Load("paper-qwen2.5-1.5b-htp").Costs(6, 256, 32);
+        var fast = ProgressivePlanner.Plan(costs, 4);
+        var capped = ProgressivePlanner.Plan(costs, 4, maxBothBlocks: 1);
+        var sync = ProgressivePlanner.Synchronous(costs, 4);
+
+        Assert.True(fast.PeakBothBlocks > 1, $"uncapped plan holds {fast.PeakBothBlocks}");
+        Assert.True(capped.PeakBothBlocks <= 1);
+        Assert.True(capped.ReadyMs >= fast.ReadyMs - 1e-9);
+        Assert.True(capped.ReadyMs < sync.ReadyMs, "the capped plan should still beat switching after prefill");
+        Assert.Equal(0, sync.PeakBothBlocks); // after its last wide compute a block frees G1 before loading G2
+    }
+
+    [Fact]
     public void Simulation_should_stall_a_block_whose_own_load_is_still_running()
     {
         // One block, one chunk: loading it first makes its compute wait for the load, then run on G2.

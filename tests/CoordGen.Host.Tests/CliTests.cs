@@ -115,8 +115,29 @@ public class CliTests
             Assert.True(r!["ttft_ms"]!.GetValue<double>() > 0);
             Assert.True(r["first_step_ms"]!.GetValue<double>() > 0);
             Assert.True(r["peak_mb"]!.GetValue<double>() > 0);
+            Assert.True(r["second_ttft_ms"]!.GetValue<double>() > 0); // the next request, after switching back
+            Assert.True(r["second_first_step_ms"]!.GetValue<double>() > 0);
+            Assert.False(r["simulated"]!.GetValue<bool>());
         });
         Assert.True(File.Exists(Path.Combine(dir, "graphs.png")));
+    }
+
+    [Fact]
+    public void Bench_graphs_on_a_device_profile_should_simulate_and_say_it_is_a_what_if()
+    {
+        string dir = Directory.CreateTempSubdirectory("coordgen-graphs-profile-").FullName;
+        var (code, _, stderr) = Run("bench", "graphs", "--device-profile", "paper-qwen2.5-1.5b-htp", "--out", dir);
+        Assert.True(code == 0, stderr);
+        Assert.Contains("what-if", stderr);
+        var rows = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "graphs-paper-qwen2.5-1.5b-htp.json")))!.AsArray();
+        Assert.Equal(["single", "sync", "progressive", "progressive-1", "resident"], rows.Select(r => r!["strategy"]!.GetValue<string>()));
+        Assert.All(rows, r => Assert.True(r!["simulated"]!.GetValue<bool>()));
+        Assert.Equal(182.4, rows.First(r => r!["strategy"]!.GetValue<string>() == "resident")!["first_step_ms"]!.GetValue<double>(), 1);
+        Assert.Contains("not measured", File.ReadAllText(Path.Combine(dir, "graphs-paper-qwen2.5-1.5b-htp.md")));
+
+        var (bad, _, err) = Run("bench", "graphs", "--device-profile", "no-such-npu", "--out", dir);
+        Assert.NotEqual(0, bad);
+        Assert.Contains("paper-qwen2.5-1.5b-htp", err);
     }
 
     [Fact]

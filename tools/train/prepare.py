@@ -28,6 +28,9 @@ MIX_B = [("summary", 0.22), ("rag", 0.22), ("ui", 0.11), ("reply", 0.11), ("quot
 MIX_C = [("summary", 0.18), ("rag", 0.18), ("ui", 0.08), ("reply", 0.08), ("quote", 0.20), ("repeat", 0.20), ("plain", 0.08)]
 # Mix D: mostly repeats, to push the copy mechanism over its phase change.
 MIX_D = [("summary", 0.12), ("rag", 0.12), ("ui", 0.04), ("reply", 0.04), ("quote", 0.20), ("repeat", 0.45), ("plain", 0.03)]
+# Mix E (stage 4): rag prompts answered with the key-anchored span (tasks.rag_span_example), the other
+# families kept so they are not forgotten. Stage 3's rag answers located the passage but rarely copied.
+MIX_E = [("summary", 0.22), ("rag_span", 0.38), ("ui", 0.08), ("reply", 0.08), ("quote", 0.12), ("plain", 0.12)]
 RESPONSE_WEIGHT = 2  # response tokens count twice in the loss: copying is what the model is for
 
 
@@ -78,6 +81,8 @@ def main() -> None:
     ap.add_argument("--short-b-tokens", type=int, default=5_000_000, help="tokens of 512-token rows with mix B (phase 1b)")
     ap.add_argument("--short-c-tokens", type=int, default=6_000_000, help="tokens of 512-token rows with mix C (phase 1c)")
     ap.add_argument("--short-d-tokens", type=int, default=2_000_000, help="tokens of 512-token rows with mix D")
+    ap.add_argument("--short-e-tokens", type=int, default=1_300_000, help="tokens of 512-token rows with mix E (stage 4)")
+    ap.add_argument("--long-e-tokens", type=int, default=160_000, help="tokens of 2048-token rows with mix E (stage 4)")
     ap.add_argument("--only", default="", help="comma-separated row sets to (re)build, keeping work/tokenizer.json")
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -120,14 +125,16 @@ def build_sets(args, factory, enc, docs, wn, rng) -> None:
              ("val_2048", val_factory, 200_000, 2048, 1200, 6000, MIX),
              ("train_512b", factory, args.short_b_tokens, 512, 300, 1400, MIX_B),
              ("train_512c", factory, args.short_c_tokens, 512, 300, 1400, MIX_C),
-             ("train_512d", factory, args.short_d_tokens, 512, 300, 1400, MIX_D)]
+             ("train_512d", factory, args.short_d_tokens, 512, 300, 1400, MIX_D),
+             ("train_512e", factory, args.short_e_tokens, 512, 300, 1400, MIX_E),
+             ("train_2048e", factory, args.long_e_tokens, 2048, 1200, 6000, MIX_E)]
     for name, fac, n, seq, lo, hi, mix in plans:
         if args.only and name not in args.only.split(","):
             continue
         set_rng = rng
-        if name in ("train_512b", "train_512c", "train_512d"):
+        if name in ("train_512b", "train_512c", "train_512d", "train_512e", "train_2048e"):
             # Own seeded streams, so rebuilding only this set (--only) gives the same rows as a full run.
-            offset = {"train_512b": 7, "train_512c": 11, "train_512d": 13}[name]
+            offset = {"train_512b": 7, "train_512c": 11, "train_512d": 13, "train_512e": 17, "train_2048e": 19}[name]
             fac = tasks.TaskFactory(fac.docs, wn, args.seed + offset)
             set_rng = random.Random(args.seed + offset)
         arr, warr = build_rows(fac, enc, n, seq, lo, hi, set_rng, name, mix)

@@ -253,6 +253,7 @@ def main() -> None:
     ap.add_argument("--synthetic", type=float, default=0.0,
                     help="share of each short batch replaced by synthetic copy rows made on the fly (spans of "
                          "random tokens or of corpus text, then repeated): the signal that forms induction heads")
+    ap.add_argument("--long-set", default="train_2048", help="row set of the 2048-token steps")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--stop-at", type=int, default=0, help="checkpoint and exit (no export) at this step; a later "
                     "run with other --steps-* resumes from it")
@@ -274,7 +275,7 @@ def main() -> None:
 
     phases = [(int(a), b) for a, b in (p.split(":") for p in args.phases.split(","))]
     sets = {name: load_rows(args.work, name, 512) for _, name in phases}
-    long, long_w = load_rows(args.work, "train_2048", 2048)
+    long, long_w = load_rows(args.work, args.long_set, 2048)
     vshort, vshort_w = load_rows(args.work, "val_512", 512)
     vlong, vlong_w = load_rows(args.work, "val_2048", 2048)
     total = args.steps_short + args.steps_long

@@ -4,6 +4,7 @@ using System.Diagnostics;
 using Akka.Actor;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Scheduling;
 using CoordGen.Engine.Speculative;
 using CoordGen.Messages;
 using static CoordGen.Messages.GenerationProtocol;
@@ -39,10 +40,18 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private double _inlineDraftMs;
     private const int MaxIntervals = 200_000;
 
-    public DeviceActor(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens)
+    private readonly DeviceProfile? _emulate;
+    private int _paced;
+    private int _overran;
+
+    /// <param name="emulate">What-if pacing: every device step lasts at least what this accelerator
+    /// profile gives for the step's graph width (the real step runs, then the device waits out the
+    /// rest), so overlap and scheduling experiments see an NPU's step times. Null: real timings.</param>
+    public DeviceActor(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null)
     {
         _createRuntime = createRuntime;
         _stopTokens = stopTokens;
+        _emulate = emulate;
         Receive<Generate>(g => Admit(new DeviceRun(g, null), Sender));
         Receive<DeviceRun>(r => Admit(r, Sender));
         Receive<StepDone>(OnStepDone);
@@ -53,13 +62,13 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         });
         Receive<GetQueues>(_ => Sender.Tell(new Queues(_prefilling.Count, _decoding.Count)));
         Receive<Drafted>(OnDrafted);
-        Receive<GetOverlap>(_ => Sender.Tell(new Overlap([.. _deviceIntervals], [.. _draftIntervals], _inlineDraftMs)));
+        Receive<GetOverlap>(_ => Sender.Tell(new Overlap([.. _deviceIntervals], [.. _draftIntervals], _inlineDraftMs) { Paced = _paced, Overran = _overran }));
     }
 
     public ITimerScheduler Timers { get; set; } = null!;
 
-    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens)
-        => Akka.Actor.Props.Create(() => new DeviceActor(createRuntime, stopTokens));
+    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null)
+        => Akka.Actor.Props.Create(() => new DeviceActor(createRuntime, stopTokens, emulate));
 
     protected override void PreStart()
     {
@@ -152,6 +161,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         var target = pick;
         var draftJob = DraftJobFor(target);
         var drafter = _drafter;
+        double paceMs = _emulate?.StepMs(target.StepWidth(runtime)) ?? 0;
         Task.Run(() =>
             {
                 long start = System.Diagnostics.Stopwatch.GetTimestamp();
@@ -163,9 +173,20 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 }
 
                 double inline = target.StepOnce(runtime, plain, spec, stops);
-                return (start, System.Diagnostics.Stopwatch.GetTimestamp(), inline);
+                bool overran = false;
+                if (paceMs > 0)
+                {
+                    double left = paceMs - System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+                    overran = left < 0;
+                    if (left > 0)
+                    {
+                        Thread.Sleep(TimeSpan.FromMilliseconds(left));
+                    }
+                }
+
+                return (start, System.Diagnostics.Stopwatch.GetTimestamp(), inline, overran);
             })
-            .PipeTo(self, success: t => new StepDone(target, null, t.Item1, t.Item2, t.Item3), failure: ex => new StepDone(target, ex, 0, 0, 0));
+            .PipeTo(self, success: t => new StepDone(target, null, t.Item1, t.Item2, t.Item3) { Overran = t.Item4 }, failure: ex => new StepDone(target, ex, 0, 0, 0));
     }
 
     /// <summary>
@@ -212,6 +233,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private void OnStepDone(StepDone done)
     {
         _busy = false;
+        if (_emulate is not null && done.Error is null)
+        {
+            _paced++;
+            _overran += done.Overran ? 1 : 0;
+        }
+
         var a = done.Active;
         a.DraftReady = false;
         _lastStepped = a;
@@ -304,13 +331,23 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     public sealed record Queues(int Prefilling, int Decoding);
 
-    private sealed record StepDone(Active Active, Exception? Error, long Start, long End, double InlineDraftMs);
+    private sealed record StepDone(Active Active, Exception? Error, long Start, long End, double InlineDraftMs)
+    {
+        /// <summary>Paced by a device profile, and the real step took longer than the profile's time.</summary>
+        public bool Overran { get; init; }
+    }
 
     /// <summary>Ask for the timeline of device steps and prepared drafts (Stopwatch timestamps). Reply: <see cref="Overlap"/>.</summary>
     public sealed record GetOverlap;
 
     /// <summary>Device step and drafter intervals, and drafting done inline in device steps (not hidden).</summary>
-    public sealed record Overlap(IReadOnlyList<(long Start, long End)> Device, IReadOnlyList<(long Start, long End)> Drafts, double InlineDraftMs);
+    /// <remarks><see cref="Paced"/>: steps paced by a device profile; <see cref="Overran"/>: those whose real compute took longer than the profile allowed.</remarks>
+    public sealed record Overlap(IReadOnlyList<(long Start, long End)> Device, IReadOnlyList<(long Start, long End)> Drafts, double InlineDraftMs)
+    {
+        public int Paced { get; init; }
+
+        public int Overran { get; init; }
+    }
 
     private sealed class Kick
     {
@@ -347,6 +384,10 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         public bool CanDraft => _specSession is { Done: false } && !DraftReady && !DraftPending && _pending.IsEmpty;
 
         public bool PrepareDraft() => _specSession?.PrepareDraft() ?? false;
+
+        /// <summary>The graph width the next step runs on: the verification width, one plain token, or the wide prefill graph.</summary>
+        public int StepWidth(OrtModelRuntime runtime) =>
+            _specSession is not null ? _options!.Width : _plainSession is not null ? 1 : runtime.Widths.Max();
 
         /// <summary>One device step, traced: a span per step (child of the caller's trace) and busy-time metrics.</summary>
         public double StepOnce(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)

@@ -134,6 +134,9 @@ public sealed class OrtModelRuntime : IDisposable
 
     public IReadOnlyCollection<int> Widths => _widths;
 
+    /// <summary>The execution provider the graphs run on.</summary>
+    public ExecutionProviderKind Provider => _options.Provider;
+
     /// <summary>Wall time to compile and load each (width, bucket) graph.</summary>
     public Dictionary<(int Width, int Bucket), double> GraphLoadMs { get; } = new();
 

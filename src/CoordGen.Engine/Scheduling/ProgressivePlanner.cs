@@ -27,7 +27,8 @@ public sealed record BlockCosts(IReadOnlyList<double> LoadG2, IReadOnlyList<doub
 public readonly record struct SwitchStep(int Block, int StartSlot);
 
 /// <summary>A switching plan and its simulated timeline.</summary>
-public sealed record SwitchPlan(IReadOnlyList<SwitchStep> Steps, double PrefillEndMs, double SwitchEndMs, double StallMs)
+/// <remarks><paramref name="PeakBothBlocks"/>: the most blocks holding both variants at once (from a load's start until the block first computes on G2, or until decoding starts).</remarks>
+public sealed record SwitchPlan(IReadOnlyList<SwitchStep> Steps, double PrefillEndMs, double SwitchEndMs, double StallMs, int PeakBothBlocks = 0)
 {
     /// <summary>When decoding can start: prefill done and every block on G2.</summary>
     public double ReadyMs => Math.Max(PrefillEndMs, SwitchEndMs);
@@ -52,7 +53,10 @@ public static class ProgressivePlanner
     /// <see cref="Improve"/> polishes it by local search. Starting later
     /// matters when G2 is much slower than G1 and many chunks remain.
     /// </summary>
-    public static SwitchPlan Plan(BlockCosts costs, int chunks)
+    /// <param name="maxBothBlocks">Memory cap: prefer plans in which at most this many blocks hold both
+    /// variants at once (<see cref="SwitchPlan.PeakBothBlocks"/>); the fastest plan wins among those.
+    /// When no plan meets the cap, the one closest to it.</param>
+    public static SwitchPlan Plan(BlockCosts costs, int chunks, int maxBothBlocks = int.MaxValue)
     {
         costs.Validate();
         if (chunks < 1)
@@ -68,7 +72,7 @@ public static class ProgressivePlanner
                 for (int startSlot = 0; startSlot <= chunks * costs.Blocks; startSlot++)
                 {
                     var plan = Greedy(costs, chunks, startSlot, lastFirst, otherBlocksOnly);
-                    if (best is null || plan.ReadyMs < best.ReadyMs - 1e-9)
+                    if (best is null || Better(plan, best, maxBothBlocks))
                     {
                         best = plan;
                     }
@@ -91,14 +95,20 @@ public static class ProgressivePlanner
             foreach (var order in orders)
             {
                 var plan = Simulate(costs, chunks, [.. order.Select(b => new SwitchStep(b, startSlot))]);
-                if (plan.ReadyMs < best!.ReadyMs - 1e-9)
+                if (Better(plan, best!, maxBothBlocks))
                 {
                     best = plan;
                 }
             }
         }
 
-        return Improve(costs, chunks, best!);
+        return Improve(costs, chunks, best!, maxBothBlocks);
+    }
+
+    private static bool Better(SwitchPlan a, SwitchPlan b, int maxBothBlocks)
+    {
+        int overA = Math.Max(0, a.PeakBothBlocks - maxBothBlocks), overB = Math.Max(0, b.PeakBothBlocks - maxBothBlocks);
+        return overA != overB ? overA < overB : a.ReadyMs < b.ReadyMs - 1e-9;
     }
 
     /// <summary>
@@ -106,7 +116,7 @@ public static class ProgressivePlanner
     /// back to its predecessor's slot (back to back), or swap two adjacent loads; keep any change that
     /// lowers the ready time, until none does.
     /// </summary>
-    public static SwitchPlan Improve(BlockCosts costs, int chunks, SwitchPlan plan)
+    public static SwitchPlan Improve(BlockCosts costs, int chunks, SwitchPlan plan, int maxBothBlocks = int.MaxValue)
     {
         int slots = costs.Blocks * chunks;
         var best = plan;
@@ -117,7 +127,7 @@ public static class ProgressivePlanner
             void Try(SwitchStep[] candidate)
             {
                 var p = Simulate(costs, chunks, candidate);
-                if (p.ReadyMs < (better ?? best).ReadyMs - 1e-9)
+                if (Better(p, better ?? best, maxBothBlocks))
                 {
                     better = p;
                 }
@@ -229,6 +239,8 @@ public static class ProgressivePlanner
         var loadEnd = new double[n];
         Array.Fill(loadStart, double.PositiveInfinity);
         Array.Fill(loadEnd, double.PositiveInfinity);
+        var switchedAt = new double[n];
+        Array.Fill(switchedAt, double.NaN);
         double t = 0, loaderFree = 0, stall = 0;
         int next = 0;
         for (int s = 0; s < slots; s++)
@@ -250,6 +262,11 @@ public static class ProgressivePlanner
                     t = loadEnd[blk];
                 }
 
+                if (double.IsNaN(switchedAt[blk]))
+                {
+                    switchedAt[blk] = t;
+                }
+
                 t += costs.ComputeG2[blk];
             }
             else
@@ -265,7 +282,17 @@ public static class ProgressivePlanner
             loadEnd[b] = loaderFree = loadStart[b] + costs.LoadG2[b];
         }
 
-        return new SwitchPlan(steps, t, steps.Count == 0 ? 0 : loaderFree, stall);
+        // A block whose load starts after its last wide computation frees G1 first (it needs it no more).
+        var events = steps.SelectMany(st => new[] { (T: loadStart[st.Block], D: 1), (T: double.IsNaN(switchedAt[st.Block]) ? loadStart[st.Block] : switchedAt[st.Block], D: -1) })
+            .OrderBy(e => e.T).ThenBy(e => e.D);
+        int both = 0, peak = 0;
+        foreach (var e in events)
+        {
+            both += e.D;
+            peak = Math.Max(peak, both);
+        }
+
+        return new SwitchPlan(steps, t, steps.Count == 0 ? 0 : loaderFree, stall, peak);
     }
 
     /// <summary>Loading every G2 after prefill, one after another: the synchronous baseline.</summary>

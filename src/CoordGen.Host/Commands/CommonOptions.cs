@@ -54,6 +54,12 @@ internal static class CommonOptions
         HelpName = "DIR",
     };
 
+    public static Option<string?> DeviceProfile(string purpose) => new("--device-profile")
+    {
+        Description = $"{purpose} A shipped profile ({string.Join(", ", CoordGen.Engine.Scheduling.DeviceProfile.Shipped)}) or a JSON file in that format (docs/snapdragon.md).",
+        HelpName = "NAME|FILE",
+    };
+
     public static void Validate(int capacity, int prefillWidth)
     {
         if (capacity < 16 || capacity > 65536)

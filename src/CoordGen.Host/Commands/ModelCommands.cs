@@ -311,6 +311,24 @@ internal static class ModelCommands
             cells = cells.Select(c => new { width = c.Width, fill = c.Fill, median_ms = c.MedianMs }),
             overhead = new { fill = overhead.Fill, generate_ms_per_token = overhead.GenerateMsPerToken, bare_run_ms = overhead.BareRunMs, ratio = overhead.Ratio },
         }, new JsonSerializerOptions { WriteIndented = true }));
-        ConsoleUi.Err.MarkupLineInterpolated($"[grey]wrote {Path.Combine(dir, name)}.md and .json[/]");
+        // The same widths as a device profile (docs/snapdragon.md), at the middle KV fill: run this on a
+        // device and pass the file to --device-profile for what-if runs elsewhere.
+        int mid = cells.Select(c => c.Fill).Distinct().Order().ElementAt(cells.Select(c => c.Fill).Distinct().Count() / 2);
+        var device = new CoordGen.Engine.Scheduling.DeviceProfile
+        {
+            Name = $"measured-{bundle.Name}",
+            Device = $"{stamp.Machine} ({stamp.Cores} cores), ONNX Runtime {rt.Provider}",
+            Model = bundle.Name,
+            Measured = true,
+            Source = $"coordgen model profile at commit {stamp.Commit}, {stamp.When:yyyy-MM-dd HH:mm} UTC; median of {reps} runs per width at KV fill {mid} of {cap}",
+            Steps = [.. widths.Select(w => new CoordGen.Engine.Scheduling.StepPoint(w, cells.Where(c => c.Width == w).OrderBy(c => Math.Abs(c.Fill - mid)).First().MedianMs))],
+            Blocks = 1,
+            LoadMsPerBlock = 0,
+            LoadSource = "not measured by model profile (bench graphs measures block loads)",
+            WeightsMb = Math.Round(memory.WeightBytes / 1048576.0, 1),
+            WeightsSource = "float32 weights as loaded",
+        };
+        File.WriteAllText(Path.Combine(dir, $"device-profile-{bundle.Name}.json"), JsonSerializer.Serialize(device, new JsonSerializerOptions { WriteIndented = true }));
+        ConsoleUi.Err.MarkupLineInterpolated($"[grey]wrote {Path.Combine(dir, name)}.md and .json, and {Path.Combine(dir, $"device-profile-{bundle.Name}.json")} (a --device-profile file)[/]");
     }
 }

@@ -71,7 +71,8 @@ public sealed class InferenceService : IAsyncDisposable
             return rt;
         }
 
-        var device = DeviceActor.Props(NewRuntime, bundle.StopTokens);
+        var emulate = string.IsNullOrEmpty(settings.DeviceProfile) ? null : CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
+        var device = DeviceActor.Props(NewRuntime, bundle.StopTokens, emulate);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         return new InferenceService(bundle, settings, system, supervisor);
     }

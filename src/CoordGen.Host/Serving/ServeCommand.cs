@@ -35,11 +35,12 @@ internal static class ServeCommand
         var maxBody = new Option<long?>("--max-body-bytes") { Description = "Largest request body accepted; larger gets 413. Default 1048576.", HelpName = "BYTES" };
         var apiKey = new Option<string?>("--api-key") { Description = "Require 'Authorization: Bearer KEY' on /v1 endpoints. Default: none (fine on loopback). Also COORDGEN_Server__ApiKey.", HelpName = "KEY" };
         var otlp = new Option<string?>("--otlp-endpoint") { Description = "Also export traces and metrics over OTLP to this collector (e.g. http://localhost:4317). Default: off; /metrics always serves Prometheus.", HelpName = "URL" };
+        var deviceProfile = new Option<string?>("--device-profile") { Description = $"What-if: pace every device step to an accelerator latency profile ({string.Join(", ", CoordGen.Engine.Scheduling.DeviceProfile.Shipped)}, or a JSON file), so clients see an NPU's step times. Default: off (real timings).", HelpName = "NAME|FILE" };
         var rpm = new Option<int?>("--requests-per-minute") { Description = "Rate limit per client address; 0 (default) = unlimited.", HelpName = "N" };
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, threads, method, width, maxPending, maxBody, apiKey, rpm, otlp,
+            config, model, host, port, capacity, prefillWidth, threads, method, width, maxPending, maxBody, apiKey, rpm, otlp, deviceProfile,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -65,6 +66,7 @@ internal static class ServeCommand
             Put(apiKey, "ApiKey");
             Put(rpm, "RequestsPerMinute");
             Put(otlp, "OtlpEndpoint");
+            Put(deviceProfile, "DeviceProfile");
             var settings = LoadSettings(parse.GetValue(config), overrides);
             await RunAsync(settings, ct);
             return 0;
@@ -175,6 +177,10 @@ internal static class ServeCommand
         await app.StartAsync(ct);
         string address = app.Services.GetRequiredService<Microsoft.AspNetCore.Hosting.Server.IServer>().Features.Get<IServerAddressesFeature>()?.Addresses.FirstOrDefault() ?? "?";
         Console.Out.WriteLine($"coordgen serving {service.ModelName} on {address} (OpenAI API at {address}/v1; Ctrl+C stops)");
+        if (!string.IsNullOrEmpty(settings.DeviceProfile))
+        {
+            Console.Out.WriteLine($"device steps paced: {CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile).Label}");
+        }
         Console.Out.Flush();
         try
         {

@@ -47,6 +47,9 @@ public sealed class ServerSettings
     /// <summary>OTLP collector (for example http://localhost:4317): traces and metrics are also exported there. Empty = off.</summary>
     public string? OtlpEndpoint { get; set; }
 
+    /// <summary>What-if: pace every device step to this accelerator latency profile (a shipped name or a JSON file), so the server behaves with an NPU's step times. Empty = real timings.</summary>
+    public string? DeviceProfile { get; set; }
+
     /// <summary>Every problem with these settings, each saying what to change; empty when valid.</summary>
     public IReadOnlyList<string> Problems()
     {
@@ -74,6 +77,18 @@ public sealed class ServerSettings
         if (Threads is < 0 or > 256)
         {
             p.Add($"Threads must be between 0 (one per core) and 256 (got {Threads}).");
+        }
+
+        if (!string.IsNullOrEmpty(DeviceProfile))
+        {
+            try
+            {
+                CoordGen.Engine.Scheduling.DeviceProfile.Load(DeviceProfile);
+            }
+            catch (Exception ex) when (ex is ArgumentException or FileNotFoundException)
+            {
+                p.Add($"DeviceProfile: {ex.Message}");
+            }
         }
 
         if (Method != "ar")
