@@ -30,19 +30,22 @@ public sealed record DeviceProfile
 
     [JsonPropertyName("step_ms")] public required IReadOnlyList<StepPoint> Steps { get; init; }
 
-    [JsonPropertyName("step_ms_note")] [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    [JsonPropertyName("step_ms_note")]
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
     public string? StepNote { get; init; }
 
     [JsonPropertyName("blocks")] public int Blocks { get; init; } = 1;
 
     [JsonPropertyName("load_ms_per_block")] public double LoadMsPerBlock { get; init; }
 
-    [JsonPropertyName("load_source")] [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    [JsonPropertyName("load_source")]
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
     public string? LoadSource { get; init; }
 
     [JsonPropertyName("weights_mb")] public double WeightsMb { get; init; }
 
-    [JsonPropertyName("weights_source")] [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    [JsonPropertyName("weights_source")]
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
     public string? WeightsSource { get; init; }
 
     /// <summary>The names of the profiles built into CoordGen.</summary>
