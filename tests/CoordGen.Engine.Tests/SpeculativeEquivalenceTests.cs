@@ -66,4 +66,41 @@ public class SpeculativeEquivalenceTests
             }
         }
     }
+
+    [Fact]
+    public void Calibration_built_elsewhere_and_attached_midway_should_keep_the_output_and_add_calibrated_drafts()
+    {
+        var demo = ModelBundle.Load(Paths.DemoModel);
+        using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 64, 8]);
+        var plain = new Generator(rt);
+        var spec = new SpeculativeDecoder(rt);
+        var item = WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", "summary.jsonl")).First();
+        int[] prompt = demo.Tokenizer.Encode(PromptTemplate.Render(item.Context, item.Prompt));
+        var expected = plain.Generate(prompt, 48, new SamplingOptions(), demo.StopTokens).Tokens;
+        var opts = SpeculationOptions.ForMethod("sam+ours", 8);
+
+        // The calibrator's side: the chunks' logits arrive as copies; the index is built after prefill.
+        var topK = new PrefillTopK(opts.Calibration.TopK);
+        var (prefill, finish) = spec.BeginPrefill(prompt, opts.Calibration, logits => topK.AddRows(logits, demo.Config.VocabSize));
+        while (!prefill.Step())
+        {
+        }
+
+        using var pre = finish();
+        Assert.True(pre.CalibrationDeferred);
+        using var session = spec.Start(pre, 48, new SamplingOptions(), demo.StopTokens, opts);
+        for (int i = 0; i < 3 && !session.Done; i++)
+        {
+            session.Step();
+        }
+
+        session.AttachCalibration(CalibratedIndex.Build(prompt, topK, opts.Calibration), 1.0);
+        while (!session.Step())
+        {
+        }
+
+        var result = session.Result();
+        Assert.Equal(expected, result.Tokens);
+        Assert.True(result.Accounting.Proposed(DraftSource.Calibrated) > 0, "calibrated drafts should join after the index is attached");
+    }
 }

@@ -34,6 +34,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private int _next;
     private int _sinceChunk;
     private IActorRef _drafter = ActorRefs.Nobody;
+    private IActorRef _calibrator = ActorRefs.Nobody;
     private Active? _lastStepped;
     private readonly List<(long Start, long End)> _deviceIntervals = [];
     private readonly List<(long Start, long End)> _draftIntervals = [];
@@ -62,6 +63,13 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         });
         Receive<GetQueues>(_ => Sender.Tell(new Queues(_prefilling.Count, _decoding.Count)));
         Receive<Drafted>(OnDrafted);
+        Receive<Calibrated>(c =>
+        {
+            if (c.Key is Active a && (_decoding.Contains(a) || _prefilling.Contains(a)))
+            {
+                a.OfferCalibration(c);
+            }
+        });
         Receive<GetOverlap>(_ => Sender.Tell(new Overlap([.. _deviceIntervals], [.. _draftIntervals], _inlineDraftMs) { Paced = _paced, Overran = _overran }));
     }
 
@@ -73,6 +81,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     protected override void PreStart()
     {
         _drafter = Context.ActorOf(DrafterActor.Props(), "drafter");
+        _calibrator = Context.ActorOf(CalibratorActor.Props(), "calibrator");
         _runtime = _createRuntime();
         _plain = new Generator(_runtime);
         _spec = new SpeculativeDecoder(_runtime);
@@ -90,7 +99,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     private void Admit(DeviceRun run, IActorRef replyTo)
     {
-        var active = new Active(run, replyTo);
+        var active = new Active(run, replyTo, _calibrator, Self);
         Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "prefill"));
         // Runs resuming a session after a fault go first: their callers have waited already.
         if (run.Resumed)
@@ -355,9 +364,11 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     }
 
     /// <summary>One request on the device: its prefill, then its decode session, and the tokens not yet in its channel.</summary>
-    private sealed class Active(DeviceRun run, IActorRef replyTo) : IDisposable
+    private sealed class Active(DeviceRun run, IActorRef replyTo, IActorRef calibrator, IActorRef device) : IDisposable
     {
         private readonly ConcurrentQueue<int> _pending = new();
+        private Calibrated? _calibration;
+        private bool _calibrating;
         private PrefillSession? _prefill;
         private Func<Prefilled>? _finishPrefill;
         private KvCache? _plainCache;
@@ -383,7 +394,24 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         public bool CanDraft => _specSession is { Done: false } && !DraftReady && !DraftPending && _pending.IsEmpty;
 
-        public bool PrepareDraft() => _specSession?.PrepareDraft() ?? false;
+        public bool PrepareDraft()
+        {
+            AttachCalibration();
+            return _specSession?.PrepareDraft() ?? false;
+        }
+
+        /// <summary>The calibrator's index arrived (mailbox thread): it joins at this session's next step or draft.</summary>
+        public void OfferCalibration(Calibrated c) => Interlocked.Exchange(ref _calibration, c);
+
+        /// <summary>On the thread that owns the session now (a device step or a draft job).</summary>
+        private void AttachCalibration()
+        {
+            if (_specSession is not null && Interlocked.Exchange(ref _calibration, null) is { } c)
+            {
+                _calibrating = false;
+                _specSession.AttachCalibration(c.Index, c.Ms);
+            }
+        }
 
         /// <summary>The graph width the next step runs on: the verification width, one plain token, or the wide prefill graph.</summary>
         public int StepWidth(OrtModelRuntime runtime) =>
@@ -433,6 +461,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             r.Cancellation.ThrowIfCancellationRequested();
             if (_specSession is not null)
             {
+                AttachCalibration();
                 _specSession.Step(r.Cancellation);
                 return;
             }
@@ -466,7 +495,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                         _options = _options with { UseHistory = true };
                     }
 
-                    (_prefill, _finishPrefill) = spec.BeginPrefill(prompt, _options.UseCalibration ? _options.Calibration : null);
+                    // Calibration runs on the calibrator actor: each chunk's logits go there as the device moves on.
+                    var cal = _options.Calibration;
+                    int vocab = runtime.Config.VocabSize;
+                    var self = this;
+                    (_prefill, _finishPrefill) = spec.BeginPrefill(prompt, _options.UseCalibration ? cal : null,
+                        logits => calibrator.Tell(new CalibrateChunk(self, logits, vocab, cal), device));
                 }
             }
 
@@ -485,6 +519,15 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             {
                 using var pre = _finishPrefill!();
                 _specSession = spec.Start(pre, r.MaxTokens, sampling, stops, _options!, Run.Store, Enqueue);
+                if (pre.CalibrationDeferred)
+                {
+                    _calibrating = true;
+                    calibrator.Tell(new CalibrateFinish(this, r.SessionId, pre.Prompt, _options!.Calibration, r.Trace), device);
+                }
+                else if (pre.CalibrationFailed)
+                {
+                    calibrator.Tell(new CalibrateCancel(this), device);
+                }
             }
         }
 
@@ -524,6 +567,11 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         public void Dispose()
         {
+            if (_calibrating || (_prefill is { Done: false } && _options is { UseCalibration: true }))
+            {
+                calibrator.Tell(new CalibrateCancel(this), device);
+            }
+
             _plainCache?.Dispose();
             _plainSession?.Dispose();
             _specSession?.Dispose();

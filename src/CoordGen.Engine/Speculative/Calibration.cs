@@ -41,13 +41,17 @@ public sealed class PrefillTopK
     public float Probability(int pos, int rank) => _probs[(pos * _k) + rank];
 
     /// <summary>Reads rows 0..n-1 of a prefill chunk (call from Generator.Prefill's onChunk).</summary>
-    public void AddChunk(StepBuffers buf, int n)
+    public void AddChunk(StepBuffers buf, int n) => AddRows(buf.Logits.AsSpan(0, n * buf.VocabSize), buf.VocabSize);
+
+    /// <summary>Reads consecutive logits rows of <paramref name="vocab"/> entries each (a copy of a chunk's, for a calibrator off the device thread).</summary>
+    public void AddRows(ReadOnlySpan<float> logits, int vocab)
     {
         Span<int> best = stackalloc int[_k];
         Span<float> bestVal = stackalloc float[_k];
+        int n = logits.Length / vocab;
         for (int r = 0; r < n; r++)
         {
-            var row = buf.LogitsRow(r);
+            var row = logits.Slice(r * vocab, vocab);
             float max = TensorPrimitives.Max(row);
             if (_scratch.Length != row.Length)
             {

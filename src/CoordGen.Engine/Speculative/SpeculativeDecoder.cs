@@ -55,6 +55,9 @@ public sealed record Prefilled(int[] Prompt, KvCache Cache, float[] LastLogits, 
     /// <summary>The calibrator failed during this prefill; generation goes on without calibrated drafts.</summary>
     public bool CalibrationFailed { get; init; }
 
+    /// <summary>The chunks' logits went to a calibrator elsewhere (a calibrator actor); its index joins the session later (<see cref="SpeculativeSession.AttachCalibration"/>).</summary>
+    public bool CalibrationDeferred { get; init; }
+
     public void Dispose() => Cache.Dispose();
 }
 
@@ -99,9 +102,17 @@ public sealed class SpeculativeDecoder
     /// Chunked prefill as steps (with the per-position top-k calibration needs): run <see cref="PrefillSession.Step"/>
     /// until done, then call Finish for the <see cref="Prefilled"/> (which owns the cache).
     /// </summary>
-    public (PrefillSession Session, Func<Prefilled> Finish) BeginPrefill(int[] prompt, CalibrationOptions? calibration)
+    /// <param name="offload">With calibration: instead of reading the top-k here, hand each chunk's
+    /// logits rows (a copy the receiver owns) to this calibrator; the result is marked
+    /// <see cref="Prefilled.CalibrationDeferred"/>.</param>
+    public (PrefillSession Session, Func<Prefilled> Finish) BeginPrefill(int[] prompt, CalibrationOptions? calibration, Action<float[]>? offload = null)
     {
         var cache = _runtime.CreateCache();
+        if (calibration is not null && offload is not null)
+        {
+            return BeginOffloadedPrefill(cache, prompt, offload);
+        }
+
         PrefillTopK? topK = calibration is null ? null : new PrefillTopK(calibration.TopK);
         double topKMs = 0;
         bool failed = false;
@@ -136,6 +147,43 @@ public sealed class SpeculativeDecoder
         }
 
         return (session, () => new Prefilled(prompt, cache, session.LastLogits, failed ? null : topK, session.ElapsedMs, topKMs) { CalibrationFailed = failed });
+    }
+
+    private (PrefillSession Session, Func<Prefilled> Finish) BeginOffloadedPrefill(KvCache cache, int[] prompt, Action<float[]> offload)
+    {
+        double copyMs = 0;
+        bool failed = false;
+        PrefillSession session;
+        try
+        {
+            session = _plain.BeginPrefill(cache, prompt, (b, _, n) =>
+            {
+                if (failed)
+                {
+                    return;
+                }
+
+                long t0 = Stopwatch.GetTimestamp();
+                try
+                {
+                    _runtime.Faults?.OnCalibrate();
+                    offload(b.Logits.AsSpan(0, n * b.VocabSize).ToArray());
+                }
+                catch (Exception ex) when (ex is not OperationCanceledException)
+                {
+                    failed = true;
+                }
+
+                copyMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+            });
+        }
+        catch
+        {
+            cache.Dispose();
+            throw;
+        }
+
+        return (session, () => new Prefilled(prompt, cache, session.LastLogits, null, session.ElapsedMs, copyMs) { CalibrationFailed = failed, CalibrationDeferred = !failed });
     }
 
     public SpeculativeResult Generate(ReadOnlySpan<int> prompt, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,

@@ -26,7 +26,7 @@ public sealed class SpeculativeSession : IDisposable
     private readonly List<int> _sequence;
     private readonly SuffixAutomaton _sam = new();
     private readonly NgramIndex? _ngrams;
-    private readonly CalibratedIndex? _calibrated;
+    private CalibratedIndex? _calibrated;
     private readonly DraftReuse? _reuse;
     private readonly DraftTree _tree;
     private readonly List<int[]> _branches = [];
@@ -58,7 +58,7 @@ public sealed class SpeculativeSession : IDisposable
             throw new ArgumentOutOfRangeException(nameof(maxTokens), $"max tokens must be at least 1 (got {maxTokens}).");
         }
 
-        if (spec.UseCalibration && pre.TopK is null && !pre.CalibrationFailed)
+        if (spec.UseCalibration && pre.TopK is null && !pre.CalibrationFailed && !pre.CalibrationDeferred)
         {
             throw new ArgumentException("calibration needs a prefill with top-k: call Prefill with calibration options.");
         }
@@ -123,6 +123,26 @@ public sealed class SpeculativeSession : IDisposable
 
         _root = _sampler.Next(pre.LastLogits);
         Done = !Emit(_root);
+    }
+
+    /// <summary>
+    /// Joins a calibrated index built elsewhere (a calibrator actor, from a prefill with
+    /// <see cref="Prefilled.CalibrationDeferred"/>) to the draft sources from the next draft on; null
+    /// records a failed calibration (the session goes on without it). Call between steps, never while
+    /// <see cref="Step"/> or <see cref="PrepareDraft"/> runs.
+    /// </summary>
+    public void AttachCalibration(CalibratedIndex? index, double calibrationMs)
+    {
+        _calMs += calibrationMs;
+        if (index is null || !_spec.UseCalibration)
+        {
+            _acct.Degrade();
+            return;
+        }
+
+        _calibrated = index;
+        var tail = System.Runtime.InteropServices.CollectionsMarshal.AsSpan(_sequence);
+        _calCursor = index.Automaton.Match(tail[Math.Max(0, tail.Length - 4)..]);
     }
 
     /// <summary>Generation has ended (a stop token, max tokens, capacity, or the consumer declined a token).</summary>

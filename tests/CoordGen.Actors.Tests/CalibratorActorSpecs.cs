@@ -1,0 +1,77 @@
+using Akka.TestKit.Xunit2;
+using CoordGen.Actors.Device;
+using CoordGen.Engine.Speculative;
+
+namespace CoordGen.Actors.Tests;
+
+public class CalibratorActorSpecs : TestKit
+{
+    private const int Vocab = 16;
+
+    /// <summary>Peaked logits: position p strongly predicts the context token at p + 1 (so calibrated paths form).</summary>
+    private static float[] Rows(int[] context, int from, int count, Random rng)
+    {
+        var rows = new float[count * Vocab];
+        for (int r = 0; r < count; r++)
+        {
+            for (int v = 0; v < Vocab; v++)
+            {
+                rows[(r * Vocab) + v] = (float)rng.NextDouble();
+            }
+
+            int pos = from + r;
+            int next = pos + 1 < context.Length ? context[pos + 1] : 0;
+            rows[(r * Vocab) + ((next + (pos % 3 == 0 ? 1 : 0)) % Vocab)] += 6; // every third position drifts
+        }
+
+        return rows;
+    }
+
+    [Fact]
+    public void Calibrator_should_build_from_chunks_in_order_the_index_the_engine_builds_in_place()
+    {
+        var rng = new Random(3);
+        int[] context = [.. Enumerable.Range(0, 40).Select(_ => rng.Next(Vocab))];
+        var options = new CalibrationOptions();
+        var chunks = new[] { Rows(context, 0, 16, rng), Rows(context, 16, 16, rng), Rows(context, 32, 8, rng) };
+        var inPlace = new PrefillTopK(options.TopK);
+        foreach (var c in chunks)
+        {
+            inPlace.AddRows(c, Vocab);
+        }
+
+        var expected = CalibratedIndex.Build(context, inPlace, options);
+
+        var calibrator = Sys.ActorOf(CalibratorActor.Props());
+        var key = new object();
+        foreach (var c in chunks)
+        {
+            calibrator.Tell(new CalibrateChunk(key, c, Vocab, options), TestActor);
+        }
+
+        calibrator.Tell(new CalibrateFinish(key, "s", context, options), TestActor);
+        var done = ExpectMsg<Calibrated>();
+        Assert.Same(key, done.Key);
+        Assert.NotNull(done.Index);
+        Assert.True(expected.Paths > 0, "the test's logits should make calibrated paths");
+        Assert.Equal(expected.Paths, done.Index!.Paths);
+    }
+
+    [Fact]
+    public void A_cancelled_or_unknown_session_should_get_no_index_and_leave_others_alone()
+    {
+        var rng = new Random(5);
+        int[] context = [.. Enumerable.Range(0, 20).Select(_ => rng.Next(Vocab))];
+        var options = new CalibrationOptions();
+        var calibrator = Sys.ActorOf(CalibratorActor.Props());
+        object gone = new(), kept = new();
+        calibrator.Tell(new CalibrateChunk(gone, Rows(context, 0, 20, rng), Vocab, options), TestActor);
+        calibrator.Tell(new CalibrateChunk(kept, Rows(context, 0, 20, rng), Vocab, options), TestActor);
+        calibrator.Tell(new CalibrateCancel(gone), TestActor);
+        calibrator.Tell(new CalibrateFinish(gone, "gone", context, options), TestActor);
+        calibrator.Tell(new CalibrateFinish(kept, "kept", context, options), TestActor);
+
+        Assert.Null(ExpectMsg<Calibrated>().Index);
+        Assert.NotNull(ExpectMsg<Calibrated>().Index);
+    }
+}
