@@ -30,6 +30,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private Generator? _plain;
     private SpeculativeDecoder? _spec;
     private bool _busy;
+    private Task? _inflight;
     private bool _retryScheduled;
     private int _next;
     private int _sinceChunk;
@@ -89,12 +90,28 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     protected override void PostStop()
     {
-        foreach (var a in _prefilling.Concat(_decoding))
+        var actives = _prefilling.Concat(_decoding).ToList();
+        var runtime = _runtime;
+        void Release()
         {
-            a.Dispose();
+            foreach (var a in actives)
+            {
+                a.Dispose();
+            }
+
+            runtime?.Dispose();
         }
 
-        _runtime?.Dispose();
+        // A step still running off the mailbox thread (the actor stopped or restarts mid-step) uses the
+        // runtime and its session's cache: free them when it ends, never under it.
+        if (_inflight is { IsCompleted: false } step)
+        {
+            step.ContinueWith(_ => Release(), TaskScheduler.Default);
+        }
+        else
+        {
+            Release();
+        }
     }
 
     private void Admit(DeviceRun run, IActorRef replyTo)
@@ -171,7 +188,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         var draftJob = DraftJobFor(target);
         var drafter = _drafter;
         double paceMs = _emulate?.StepMs(target.StepWidth(runtime)) ?? 0;
-        Task.Run(() =>
+        var step = Task.Run(() =>
             {
                 long start = System.Diagnostics.Stopwatch.GetTimestamp();
 
@@ -194,8 +211,9 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 }
 
                 return (start, System.Diagnostics.Stopwatch.GetTimestamp(), inline, overran);
-            })
-            .PipeTo(self, success: t => new StepDone(target, null, t.Item1, t.Item2, t.Item3) { Overran = t.Item4 }, failure: ex => new StepDone(target, ex, 0, 0, 0));
+            });
+        _inflight = step;
+        step.PipeTo(self, success: t => new StepDone(target, null, t.Item1, t.Item2, t.Item3) { Overran = t.Item4 }, failure: ex => new StepDone(target, ex, 0, 0, 0));
     }
 
     /// <summary>
