@@ -7,6 +7,7 @@ using CoordGen.Engine;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Model;
 using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Scheduling;
 using CoordGen.Engine.Speculative;
 using CoordGen.Engine.Workloads;
 using Spectre.Console;
@@ -30,6 +31,9 @@ internal sealed record AcceptRow
     [JsonPropertyName("calibration_ms_per_context_token")] public double CalibrationMsPerContextToken { get; init; }
     [JsonPropertyName("accepted_by_source")] public Dictionary<string, long> AcceptedBySource { get; init; } = new();
     [JsonPropertyName("proposed_by_source")] public Dictionary<string, long> ProposedBySource { get; init; } = new();
+
+    /// <summary>What-if (with --device-profile): speedup over ar if the profile's step times applied to these acceptance counts and drafting times. Not measured.</summary>
+    [JsonPropertyName("profile_speedup")][JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public double? ProfileSpeedup { get; init; }
 }
 
 /// <summary>
@@ -58,9 +62,10 @@ internal static class BenchAccept
         var calibK = new Option<int>("--calib-k") { Description = "Calibration: next-token candidates per context position.", DefaultValueFactory = _ => new CalibrationOptions().TopK };
         var calibDepth = new Option<int>("--calib-depth") { Description = "Calibration: tokens per calibrated path.", DefaultValueFactory = _ => new CalibrationOptions().Depth };
         var calibMinP = new Option<float>("--calib-min-p") { Description = "Calibration: smallest probability followed.", DefaultValueFactory = _ => new CalibrationOptions().MinProbability };
+        var deviceProfile = CommonOptions.DeviceProfile("What-if: also report the speedup these acceptance counts would give at this accelerator profile's step times (profile_speedup; not measured, labelled as such).");
         var cmd = new Command("accept", "Acceptance ratio, decode tokens/s and speedup over plain greedy for each drafting method, task and verification width, with a check that greedy outputs match plain greedy token for token. Writes Markdown, JSON and a PNG plot.")
         {
-            model, workloads, widths, methods, limit, json, outDir, capacity, calibK, calibDepth, calibMinP,
+            model, workloads, widths, methods, limit, json, outDir, capacity, calibK, calibDepth, calibMinP, deviceProfile,
         };
         cmd.SetAction(parse =>
         {
@@ -92,8 +97,15 @@ internal static class BenchAccept
                 return r;
             });
             var calib = new CalibrationOptions { TopK = parse.GetValue(calibK), Depth = parse.GetValue(calibDepth), MinProbability = parse.GetValue(calibMinP) };
+            var profile = parse.GetValue(deviceProfile) is { } pn ? DeviceProfile.Load(pn) : null;
             var rows = Run(bundle, rt, files, ws, ms, parse.GetValue(limit), calib);
-            Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files);
+            if (profile is not null)
+            {
+                // Per token: (the profile's step at this width + our measured drafting) / tokens per step.
+                rows = [.. rows.Select(r => r with { ProfileSpeedup = r.MeanAccepted <= 0 ? null : profile.StepMs(1) / ((r.Method == "ar" ? profile.StepMs(1) : profile.StepMs(r.Width) + r.DraftMsPerStep) / r.MeanAccepted) })];
+            }
+
+            Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files, profile);
             return 0;
         });
         return cmd;
@@ -233,7 +245,7 @@ internal static class BenchAccept
         }
     }
 
-    private static void Report(List<AcceptRow> rows, ModelBundle bundle, FileInfo? json, DirectoryInfo? outDir, List<int> widths, List<string> methods, int limit, List<string> files)
+    private static void Report(List<AcceptRow> rows, ModelBundle bundle, FileInfo? json, DirectoryInfo? outDir, List<int> widths, List<string> methods, int limit, List<string> files, DeviceProfile? profile)
     {
         var opts = new JsonSerializerOptions { WriteIndented = true };
         string dir = outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench");
@@ -264,6 +276,25 @@ internal static class BenchAccept
             foreach (var r in rows.Where(r => r.Task == task).OrderBy(r => Array.IndexOf(AllMethods, r.Method)).ThenBy(r => r.Width))
             {
                 md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Method} | {r.Width} | {r.MeanAccepted:F2} | {r.TokensPerS:F0} | {r.Speedup:F2}x | {(r.IdenticalToAr ? "yes" : "**NO**")} | {r.DraftMsPerStep:F3} |");
+            }
+        }
+
+        if (profile is not null)
+        {
+            md.AppendLine();
+            md.AppendLine(CultureInfo.InvariantCulture, $"## What-if: the same acceptance at `{profile.Name}` step times");
+            md.AppendLine();
+            md.AppendLine(CultureInfo.InvariantCulture, $"**{profile.Label}.** `profile_speedup` = the profile's width-1 step / ((the profile's width-W step + our measured drafting per step) / mean_accepted): what these acceptance counts would give where a W-token step costs what the profile says (width 1: {profile.StepMs(1):F1} ms; {string.Join("; ", widths.Select(w => $"width {w}: {profile.StepMs(w):F1} ms"))}). Projected from the measured acceptance, not measured on a device.");
+            md.AppendLine();
+            md.AppendLine("| task | method | " + string.Join(" | ", widths.Select(w => $"W={w}")) + " |");
+            md.AppendLine("|---|---|" + string.Concat(widths.Select(_ => "---|")));
+            foreach (var task in tasks)
+            {
+                foreach (var m in methods.Where(m => m != "ar"))
+                {
+                    var cells = widths.Select(w => rows.FirstOrDefault(r => r.Task == task && r.Method == m && r.Width == w)?.ProfileSpeedup is { } x ? x.ToString("F2", CultureInfo.InvariantCulture) + "x" : "");
+                    md.AppendLine("| " + task + " | " + m + " | " + string.Join(" | ", cells) + " |");
+                }
             }
         }
 
