@@ -42,6 +42,9 @@ public static class GenerationProtocol
     {
         /// <summary>The caller's trace context: device spans for this request are its children.</summary>
         public System.Diagnostics.ActivityContext Trace { get; init; }
+
+        /// <summary>Speculative methods: verify each step on the compiled width (up to <paramref name="Width"/>, 1 = plain) that gives the most tokens per millisecond for this session. Greedy output is the same either way.</summary>
+        public bool AdaptiveWidth { get; init; }
     }
 
     /// <summary>Sampling settings: temperature 0 is greedy. Offset skips random draws (for resuming).</summary>

@@ -30,7 +30,8 @@ public class SpeculativeEquivalenceTests
                 var prompt = Enumerable.Repeat(phrase, repeats).SelectMany(p => p).Concat(noise).Concat(phrase).ToArray();
                 int width = new[] { 4, 8, 16 }[wi];
                 var expected = plain.Generate(prompt, 24, new SamplingOptions(), new HashSet<int>()).Tokens;
-                var opts = SpeculationOptions.ForMethod(Methods[mi], width);
+                // Half the cases choose their width per step (1, 4, 8 or 16 up to the width).
+                var opts = SpeculationOptions.ForMethod(Methods[mi], width) with { AdaptiveWidth = noise.Length % 2 == 0 };
                 var got = spec.Generate(prompt, 24, new SamplingOptions(), new HashSet<int>(), opts, history).Tokens;
                 Assert.Equal(expected, got);
                 history.Add(expected.ToArray());
@@ -59,6 +60,8 @@ public class SpeculativeEquivalenceTests
                     {
                         var got = spec.Generate(prompt, max, new SamplingOptions(), demo.StopTokens, SpeculationOptions.ForMethod(m, w), history).Tokens;
                         Assert.True(expected.SequenceEqual(got), $"{task}/{item.Id} {m} W={w}: speculative output differs from plain greedy");
+                        var adaptive = spec.Generate(prompt, max, new SamplingOptions(), demo.StopTokens, SpeculationOptions.ForMethod(m, w) with { AdaptiveWidth = true }, history).Tokens;
+                        Assert.True(expected.SequenceEqual(adaptive), $"{task}/{item.Id} {m} W={w} adaptive: speculative output differs from plain greedy");
                     }
                 }
 

@@ -155,16 +155,16 @@ public class CliTests
     }
 
     [Fact]
-    public void Bench_sessions_should_report_both_modes_with_streams_identical_to_solo_runs()
+    public void Bench_sessions_should_report_every_mode_with_streams_identical_to_solo_runs()
     {
         string dir = Directory.CreateTempSubdirectory("coordgen-sessions-").FullName;
         var (code, _, stderr) = Run("bench", "sessions", "--sessions", "1,2", "--requests", "1", "--out", dir);
         Assert.True(code == 0, stderr);
         var rows = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "sessions.json")))!.AsArray();
-        Assert.Equal(4, rows.Count);
+        Assert.Equal(6, rows.Count);
         Assert.All(rows, r =>
         {
-            Assert.Contains(r!["mode"]!.GetValue<string>(), new[] { "ar", "spec" });
+            Assert.Contains(r!["mode"]!.GetValue<string>(), new[] { "ar", "spec", "spec-fixed" });
             Assert.True(r["aggregate_tokens_per_s"]!.GetValue<double>() > 0);
             Assert.True(r["p99_intertoken_ms"]!.GetValue<double>() >= r["p50_intertoken_ms"]!.GetValue<double>());
             Assert.True(r["identical_to_alone"]!.GetValue<bool>());

@@ -21,9 +21,7 @@ SPECIAL_TOKENS = ["<|end|>", "<|context|>", "<|user|>", "<|assistant|>", "<|pad|
 TASKS = ("summary", "rag", "ui", "reply")
 # Training-only family: quote a located span verbatim. It teaches the copy mechanism (induction) fast;
 # the four task families above then teach when and how to drift.
-# "rag_span" (stage 4) answers the rag prompts with the span that starts at the asked-about word, which
-# the model finds by copying the word from the question and continuing where it occurs in the context.
-TRAIN_ONLY_TASKS = ("quote", "rag_span")
+TRAIN_ONLY_TASKS = ("quote",)
 
 
 def render(context: str, prompt: str, response: str | None = None) -> str:
@@ -134,45 +132,6 @@ def rag_example(docs: list[Document], d: Drifter, rng: random.Random, lo: int, h
     return context, prompt, answer
 
 
-def rag_span_example(docs: list[Document], d: Drifter, rng: random.Random, lo: int, hi: int):
-    """The rag family with a key-anchored answer: the passage number, then the target sentence from the
-    asked-about word on (from its start when the word is near it), often followed by the next sentence.
-    Same context and prompt distribution as rag_example; light drift, no clause swaps (they would move
-    the anchor)."""
-    n = rng.randint(3, 6)
-    chosen = rng.sample(docs, n)
-    per = max(120, rng.randint(lo, hi) // n)
-    passages = []
-    for doc in chosen:
-        s = _take_sentences(doc, rng, per // 2, per)
-        if s:
-            passages.append((doc.title, s))
-    if len(passages) < 2:
-        return None
-    which = rng.randrange(len(passages))
-    title, sents = passages[which]
-    ti = rng.randrange(len(sents))
-    target = sents[ti]
-    others = " ".join(" ".join(s) for i, (_, s) in enumerate(passages) if i != which).lower()
-    cands = [w for w in re.findall(r"[A-Za-z]{5,}", target) if w.lower() not in _STOP and w.lower() not in others]
-    if not cands:
-        return None
-    key = rng.choice(cands)
-    at = re.search(r"\b" + re.escape(key) + r"\b", target)
-    if at is None:
-        return None
-    # The asked-about word stays verbatim (the anchor); drift applies around it.
-    head = target[:at.start()] if len(target[:at.start()].split()) <= 4 else ""
-    tail = d.reword(target[at.end():], 0.08, 0.25, 0.0)
-    span = (d.reword(head, 0.08, 0.0, 0.0) + " " if head.strip() else "") + key + ("" if tail[:1] in ".,;:!?" else " ") + tail
-    if ti + 1 < len(sents) and rng.random() < 0.6:
-        span += " " + d.reword(sents[ti + 1], 0.08, 0.25, 0.1)
-    context = "\n".join(f"[{i + 1}] {t}: {' '.join(s)}" for i, (t, s) in enumerate(passages))
-    prompt = rng.choice([f"What does the text say about {key}?", f"Which passage mentions {key}, and what does it say?",
-                         f"Find the part about {key}."])
-    return context, prompt, f"Passage [{which + 1}] says: " + span
-
-
 _APPS = ["Messages", "Mail", "Settings", "Calendar", "Notes", "Music", "Photos", "Maps", "Shop", "Bank", "Weather", "Files"]
 _ROLES = ["button", "text_field", "switch", "label", "list_item", "tab", "checkbox", "link"]
 
@@ -272,8 +231,6 @@ class TaskFactory:
                 r = rag_example(self.docs, self.drift, rng, lo, hi)
             elif task == "ui":
                 r = ui_example(self.words, self.sentences, rng, lo, hi)
-            elif task == "rag_span":
-                r = rag_span_example(self.docs, self.drift, rng, lo, hi)
             elif task == "quote":
                 r = quote_example(rng.choice(self.docs), rng, lo, hi)
             else:

@@ -507,7 +507,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 }
                 else
                 {
-                    _options = SpeculationOptions.ForMethod(r.Method, r.Width);
+                    _options = SpeculationOptions.ForMethod(r.Method, r.Width) with { AdaptiveWidth = r.AdaptiveWidth };
                     if (Run.Store is not null)
                     {
                         _options = _options with { UseHistory = true };

@@ -237,7 +237,10 @@ public sealed class OrtModelRuntime : IDisposable
     {
         Faults?.OnDeviceStep();
         var g = Graph(width, cache.Bucket);
+        long t0 = System.Diagnostics.Stopwatch.GetTimestamp();
         g.Run(cache);
+        double ms = System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+        _runMs.AddOrUpdate(width, ms, (_, old) => (0.8 * old) + (0.2 * ms));
         var logits = g.Buffers.Logits.AsSpan(0, width * Config.VocabSize);
         Faults?.OnLogits(logits);
         if (!System.Numerics.Tensors.TensorPrimitives.IsFiniteAll<float>(logits))
@@ -247,6 +250,11 @@ public sealed class OrtModelRuntime : IDisposable
             throw new DeviceFaultException("the device returned non-finite logits (NaN or Inf); the step was discarded. Retry the request; if it keeps happening, check the model's dtype and the execution provider.");
         }
     }
+
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<int, double> _runMs = new();
+
+    /// <summary>Recent time of one run of the width-<paramref name="width"/> graph (a moving average over all sessions), or null before its first run.</summary>
+    public double? RecentRunMs(int width) => _runMs.TryGetValue(width, out double ms) ? ms : null;
 
     /// <summary>Fault hooks (tests and <c>bench faults</c> only); null in production.</summary>
     public IFaultInjector? Faults { get; set; }

@@ -72,6 +72,29 @@ public sealed class DraftTree
         return added;
     }
 
+    /// <summary>
+    /// Keeps the first <paramref name="count"/> nodes (a node's parent always comes before it, so the
+    /// rest is still a tree; the main chain, added first, keeps its first tokens).
+    /// </summary>
+    public void Truncate(int count)
+    {
+        if (count >= Count)
+        {
+            return;
+        }
+
+        for (int i = Count - 1; i >= count; i--)
+        {
+            _children.Remove(Key(_parents[i], _tokens[i]));
+        }
+
+        int drop = Count - count;
+        _tokens.RemoveRange(count, drop);
+        _parents.RemoveRange(count, drop);
+        _depths.RemoveRange(count, drop);
+        _sources.RemoveRange(count, drop);
+    }
+
     /// <summary>Row parents for the graph: row 0 is the root (-1), node i is row i + 1.</summary>
     public void RowParents(Span<int> dest)
     {

@@ -28,6 +28,14 @@ public sealed record SpeculationOptions
 
     public bool UseReuse { get; init; }
 
+    /// <summary>
+    /// Per step, verify on the compiled width (1 = a plain step, up to <see cref="Width"/>) that gives the
+    /// most tokens per millisecond, from this session's recent acceptance and the runtime's recent run
+    /// times; an empty draft always takes a plain step. Off: every step runs the full width (the
+    /// benchmarks of fixed widths).
+    /// </summary>
+    public bool AdaptiveWidth { get; init; }
+
     /// <summary>Add alternate branches (other occurrences, other next tokens) to fill the width.</summary>
     public bool UseTree { get; init; }
 

@@ -186,7 +186,26 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         _prepared = false;
-        var buf = _runtime.Buffers(_width, _cache);
+        int width = _spec.AdaptiveWidth ? ChooseWidth() : _width;
+        if (width == 1)
+        {
+            // Nothing worth verifying: the root alone on the width-1 graph, exactly a plain step.
+            var plainRow = _plain.Step(_cache, _root);
+            _acct.Step(1, 0, 0, 1);
+            Observe(0);
+            _reuse?.EndStep([], 0);
+            _root = _sampler.Next(plainRow);
+            Done = !Emit(_root);
+            return Done;
+        }
+
+        if (width < _width)
+        {
+            _tree.Truncate(width - 1);
+            _chainNodes.RemoveAll(n => n >= width - 1);
+        }
+
+        var buf = _runtime.Buffers(width, _cache);
         buf.TokenIds[0] = _root;
         buf.Positions[0] = _cache.Length;
         for (int i = 0; i < _tree.Count; i++)
@@ -195,16 +214,16 @@ public sealed class SpeculativeSession : IDisposable
             buf.Positions[i + 1] = _cache.Length + _tree.Depth(i);
         }
 
-        for (int i = _tree.Count + 1; i < _width; i++)
+        for (int i = _tree.Count + 1; i < width; i++)
         {
             buf.TokenIds[i] = 0;
             buf.Positions[i] = _cache.Length;
         }
 
-        AttentionMask.FillTree(buf.Mask, _width, buf.Capacity, _cache.Length, _rowParents.AsSpan(0, _tree.Count + 1));
+        AttentionMask.FillTree(buf.Mask, width, buf.Capacity, _cache.Length, _rowParents.AsSpan(0, _tree.Count + 1));
 
         long t1 = Stopwatch.GetTimestamp();
-        _runtime.Run(_width, _cache);
+        _runtime.Run(width, _cache);
         _deviceMs += Stopwatch.GetElapsedTime(t1).TotalMilliseconds;
 
         // Walk the tree with the model's own choices.
@@ -227,7 +246,8 @@ public sealed class SpeculativeSession : IDisposable
             _commitRows[nCommit++] = rowIdx;
         }
 
-        _acct.Step(_width, _tree.Count, _emitted.Count - 1, _emitted.Count);
+        _acct.Step(width, _tree.Count, _emitted.Count - 1, _emitted.Count);
+        Observe(_emitted.Count - 1);
         int chainAccepted = 0;
         while (chainAccepted < _chainNodes.Count && chainAccepted < nCommit - 1 && _commitRows[chainAccepted + 1] == _chainNodes[chainAccepted] + 1)
         {
@@ -235,7 +255,7 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         _chainTrusted = _chainNodes.Count >= 3 && chainAccepted == _chainNodes.Count;
-        _cache.Commit(buf.NewKeys, buf.NewValues, _width, _commitRows.AsSpan(0, nCommit));
+        _cache.Commit(buf.NewKeys, buf.NewValues, width, _commitRows.AsSpan(0, nCommit));
 
         long t2 = Stopwatch.GetTimestamp();
         if (_reuse is not null)
@@ -273,6 +293,81 @@ public sealed class SpeculativeSession : IDisposable
         Draft();
         _prepared = true;
         return true;
+    }
+
+    private readonly int[] _recent = new int[16];
+    private int _recentCount;
+    private int _adaptiveSteps;
+
+    /// <summary>Steps verified on each width so far (adaptive width; the full width otherwise).</summary>
+    public IReadOnlyDictionary<int, int> StepsByWidth => _stepsByWidth;
+
+    private readonly Dictionary<int, int> _stepsByWidth = [];
+
+    private void Observe(int acceptedDraftTokens)
+    {
+        _recent[_recentCount++ % _recent.Length] = acceptedDraftTokens;
+    }
+
+    /// <summary>
+    /// The compiled width (1 = plain) with the most expected tokens per millisecond: expected tokens at
+    /// width w = 1 + the mean over recent steps of min(accepted, w - 1, this tree's size), cost = the
+    /// runtime's recent run time of that graph plus this session's drafting per step. A width never
+    /// run yet is tried once; every 16th step runs the full width, so acceptance beyond a narrow
+    /// width keeps being seen.
+    /// </summary>
+    private int ChooseWidth()
+    {
+        _adaptiveSteps++;
+        int nodes = _tree.Count;
+        int chosen;
+        if (nodes == 0)
+        {
+            chosen = 1;
+        }
+        else if (_recentCount < 4 || _adaptiveSteps % 16 == 0)
+        {
+            chosen = _width;
+        }
+        else
+        {
+            chosen = _width;
+            double best = -1;
+            int n = Math.Min(_recentCount, _recent.Length);
+            double draftMs = _acct.Steps == 0 ? 0 : _draftMs / _acct.Steps;
+            foreach (int w in _runtime.Widths.Where(w => w <= _width).Order())
+            {
+                if (_runtime.RecentRunMs(w) is not { } ms)
+                {
+                    chosen = w; // never measured: measure it now
+                    break;
+                }
+
+                double tokens = 1;
+                if (w > 1)
+                {
+                    int cap = Math.Min(w - 1, nodes);
+                    double sum = 0;
+                    for (int i = 0; i < n; i++)
+                    {
+                        sum += Math.Min(_recent[i], cap);
+                    }
+
+                    tokens += sum / n;
+                    ms += draftMs;
+                }
+
+                double rate = tokens / Math.Max(1e-6, ms);
+                if (rate > best)
+                {
+                    best = rate;
+                    chosen = w;
+                }
+            }
+        }
+
+        _stepsByWidth[chosen] = _stepsByWidth.GetValueOrDefault(chosen) + 1;
+        return chosen;
     }
 
     /// <summary>Milliseconds spent drafting inside <see cref="Step"/> because no prepared draft was waiting.</summary>

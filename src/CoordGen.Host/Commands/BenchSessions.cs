@@ -44,17 +44,23 @@ internal static class BenchSessions
         var requests = new Option<int>("--requests") { Description = "Requests per session at each point.", DefaultValueFactory = _ => 2 };
         var method = new Option<string>("--method") { Description = "Speculative method of the spec mode.", DefaultValueFactory = _ => "sam+ours" };
         var width = new Option<int>("--width") { Description = "Verification width of the spec mode.", DefaultValueFactory = _ => 8 };
+        var modesOpt = new Option<string>("--modes") { Description = "Comma-separated modes: ar (plain), spec (the method, width chosen per step: adaptive), spec-fixed (the method, always --width).", DefaultValueFactory = _ => "ar,spec,spec-fixed" };
         var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
         {
-            model, workload, sessions, requests, method, width, json, outDir,
+            model, workload, sessions, requests, method, width, modesOpt, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
             var counts = parse.GetValue(sessions)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(int.Parse).ToList();
             int perSession = parse.GetValue(requests), w = parse.GetValue(width);
             string m = parse.GetValue(method)!;
+            var modes = parse.GetValue(modesOpt)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();
+            if (modes.Count == 0 || modes.Any(x => x is not ("ar" or "spec" or "spec-fixed")) || !modes.Contains("ar"))
+            {
+                throw new ArgumentException("--modes takes ar, spec and spec-fixed, and needs ar (every ratio is over it).");
+            }
             if (counts.Any(c => c < 1 || c > 256) || perSession < 1)
             {
                 throw new ArgumentException("--sessions values must be between 1 and 256, --requests at least 1.");
@@ -88,10 +94,10 @@ internal static class BenchSessions
             var rows = new List<SessionsRow>();
             await AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).StartAsync(async progress =>
             {
-                var bar = progress.AddTask("sessions x mode", maxValue: counts.Count * 2);
+                var bar = progress.AddTask("sessions x mode", maxValue: counts.Count * modes.Count);
                 foreach (int n in counts)
                 {
-                    foreach (string mode in new[] { "ar", "spec" })
+                    foreach (string mode in modes)
                     {
                         var sw = Stopwatch.StartNew();
                         var results = await Task.WhenAll(Enumerable.Range(0, n).Select(async s =>
@@ -100,7 +106,7 @@ internal static class BenchSessions
                             for (int k = 0; k < perSession; k++)
                             {
                                 int idx = ((s * perSession) + k) % prompts.Count;
-                                list.Add((idx, await Stream(service.Supervisor, prompts[idx].Tokens, prompts[idx].MaxTokens, mode == "ar" ? "ar" : m, w, ct)));
+                                list.Add((idx, await Stream(service.Supervisor, prompts[idx].Tokens, prompts[idx].MaxTokens, mode == "ar" ? "ar" : m, w, ct, adaptive: mode == "spec")));
                             }
 
                             return list;
@@ -132,9 +138,9 @@ internal static class BenchSessions
 
     private sealed record StreamResult(int[] Tokens, List<double> GapsMs);
 
-    private static async Task<StreamResult> Stream(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct)
+    private static async Task<StreamResult> Stream(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct, bool adaptive = true)
     {
-        var (tokens, arrivals) = await BenchStreams.RunAsync(supervisor, prompt, maxTokens, method, width, ct);
+        var (tokens, arrivals) = await BenchStreams.RunAsync(supervisor, prompt, maxTokens, method, width, ct, adaptive);
 
         // Tokens arrive in bursts (a verified tree commits several at once): a burst of k tokens after a
         // gap g counts as k inter-token gaps of g / k each.
@@ -169,7 +175,7 @@ internal static class BenchSessions
         var md = new StringBuilder();
         md.AppendLine("# Concurrent sessions (`coordgen bench sessions`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
-        md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding, `spec` = `{method}` at W = {width}. {perSession} requests per session at each point, greedy.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding; `spec` = `{method}` with adaptive width (each step verifies on width 1, 4 or {width}, whichever gives the session the most tokens per millisecond); `spec-fixed` = `{method}` always at W = {width}. {perSession} requests per session at each point, greedy.").AppendLine();
         md.AppendLine("| sessions | mode | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | identical to alone |").AppendLine("|---|---|---|---|---|---|---|");
         foreach (var r in rows)
         {
@@ -180,8 +186,8 @@ internal static class BenchSessions
         foreach (int n in rows.Select(r => r.Sessions).Distinct())
         {
             var ar = rows.First(r => r.Sessions == n && r.Mode == "ar");
-            var sp = rows.First(r => r.Sessions == n && r.Mode == "spec");
-            md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s): spec / ar aggregate = {sp.AggregateTokensPerS / ar.AggregateTokensPerS:F2}x");
+            var parts = rows.Where(r => r.Sessions == n && r.Mode != "ar").Select(r => string.Create(CultureInfo.InvariantCulture, $"{r.Mode} / ar aggregate = {r.AggregateTokensPerS / ar.AggregateTokensPerS:F2}x"));
+            md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s): {string.Join("; ", parts)}");
         }
 
         md.AppendLine().AppendLine("![sessions](sessions.png)");

@@ -22,10 +22,10 @@ internal static class BenchStreams
     }
 
     /// <summary>One greedy request through the supervisor: its tokens and their arrival times (Stopwatch timestamps).</summary>
-    public static async Task<(int[] Tokens, long[] Arrivals)> RunAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct)
+    public static async Task<(int[] Tokens, long[] Arrivals)> RunAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct, bool adaptive = true)
     {
         var channel = Channel.CreateBounded<int>(64);
-        var reply = supervisor.Ask<object>(new Generate("bench", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, channel.Writer, ct), Timeout.InfiniteTimeSpan);
+        var reply = supervisor.Ask<object>(new Generate("bench", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, channel.Writer, ct) { AdaptiveWidth = adaptive }, Timeout.InfiniteTimeSpan);
         var tokens = new List<int>();
         var arrivals = new List<long>();
         await foreach (int t in channel.Reader.ReadAllAsync(ct))

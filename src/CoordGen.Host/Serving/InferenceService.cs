@@ -63,7 +63,8 @@ public sealed class InferenceService : IAsyncDisposable
 
         var config = ConfigurationFactory.ParseString($"akka {{ loglevel = {actorLogLevel}, stdout-loglevel = {actorLogLevel}, log-dead-letters = off, log-dead-letters-during-shutdown = off }}");
         var system = ActorSystem.Create("coordgen", config);
-        int[] widths = [1, settings.PrefillWidth, settings.Width];
+        // Width 4 as well, for adaptive width: a session whose drafts are rarely long verifies on it.
+        int[] widths = [.. new[] { 1, 4, settings.PrefillWidth, settings.Width }.Where(w => w <= settings.Width || w == settings.PrefillWidth || w == 1).Distinct()];
         OrtModelRuntime NewRuntime()
         {
             var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.Threads }) { Faults = faults };
@@ -127,6 +128,7 @@ public sealed class InferenceService : IAsyncDisposable
             request.Method ?? Settings.Method, request.Width ?? Settings.Width, request.ContextStore, channel.Writer, cts.Token)
         {
             Trace = span?.Context ?? default,
+            AdaptiveWidth = Settings.AdaptiveWidth,
         };
         var started = Stopwatch.GetTimestamp();
         var replyTask = Supervisor.Ask<object>(message, Timeout.InfiniteTimeSpan);

@@ -36,11 +36,12 @@ internal static class ServeCommand
         var apiKey = new Option<string?>("--api-key") { Description = "Require 'Authorization: Bearer KEY' on /v1 endpoints. Default: none (fine on loopback). Also COORDGEN_Server__ApiKey.", HelpName = "KEY" };
         var otlp = new Option<string?>("--otlp-endpoint") { Description = "Also export traces and metrics over OTLP to this collector (e.g. http://localhost:4317). Default: off; /metrics always serves Prometheus.", HelpName = "URL" };
         var deviceProfile = new Option<string?>("--device-profile") { Description = $"What-if: pace every device step to an accelerator latency profile ({string.Join(", ", CoordGen.Engine.Scheduling.DeviceProfile.Shipped)}, or a JSON file), so clients see an NPU's step times. Default: off (real timings).", HelpName = "NAME|FILE" };
+        var adaptive = new Option<bool?>("--adaptive-width") { Description = "true (default): each speculative step verifies on the compiled width (1, 4 or --width) that gives the most tokens per millisecond for that session; false: always --width.", HelpName = "true|false" };
         var rpm = new Option<int?>("--requests-per-minute") { Description = "Rate limit per client address; 0 (default) = unlimited.", HelpName = "N" };
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, threads, method, width, maxPending, maxBody, apiKey, rpm, otlp, deviceProfile,
+            config, model, host, port, capacity, prefillWidth, threads, method, width, maxPending, maxBody, apiKey, rpm, otlp, deviceProfile, adaptive,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -67,6 +68,7 @@ internal static class ServeCommand
             Put(rpm, "RequestsPerMinute");
             Put(otlp, "OtlpEndpoint");
             Put(deviceProfile, "DeviceProfile");
+            Put(adaptive, "AdaptiveWidth");
             var settings = LoadSettings(parse.GetValue(config), overrides);
             await RunAsync(settings, ct);
             return 0;

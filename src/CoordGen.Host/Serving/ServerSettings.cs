@@ -32,6 +32,9 @@ public sealed class ServerSettings
 
     public int Width { get; set; } = 8;
 
+    /// <summary>Speculative requests verify each step on the compiled width (1, 4 or Width) that gives the most tokens per millisecond for that session; false = always Width.</summary>
+    public bool AdaptiveWidth { get; set; } = true;
+
     /// <summary>Requests running or queued at once; more are refused with 429 and Retry-After.</summary>
     public int MaxPending { get; set; } = 16;
 
