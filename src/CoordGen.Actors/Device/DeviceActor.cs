@@ -116,7 +116,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     private void Admit(DeviceRun run, IActorRef replyTo)
     {
-        var active = new Active(run, replyTo, _calibrator, Self);
+        var active = new Active(run, replyTo, _calibrator, Self, _emulate);
         Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "prefill"));
         // Runs resuming a session after a fault go first: their callers have waited already.
         if (run.Resumed)
@@ -382,7 +382,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     }
 
     /// <summary>One request on the device: its prefill, then its decode session, and the tokens not yet in its channel.</summary>
-    private sealed class Active(DeviceRun run, IActorRef replyTo, IActorRef calibrator, IActorRef device) : IDisposable
+    private sealed class Active(DeviceRun run, IActorRef replyTo, IActorRef calibrator, IActorRef device, DeviceProfile? emulate) : IDisposable
     {
         private readonly ConcurrentQueue<int> _pending = new();
         private Calibrated? _calibration;
@@ -507,7 +507,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 }
                 else
                 {
-                    _options = SpeculationOptions.ForMethod(r.Method, r.Width) with { AdaptiveWidth = r.AdaptiveWidth };
+                    _options = SpeculationOptions.ForMethod(r.Method, r.Width) with { AdaptiveWidth = r.AdaptiveWidth, WidthCostMs = emulate is null ? null : emulate.StepMs };
                     if (Run.Store is not null)
                     {
                         _options = _options with { UseHistory = true };

@@ -36,6 +36,9 @@ public sealed record SpeculationOptions
     /// </summary>
     public bool AdaptiveWidth { get; init; }
 
+    /// <summary>Adaptive width's cost of one run per width, in ms, when it should not come from the runtime's own timings (a device profile in what-if runs). Null: measured.</summary>
+    public Func<int, double>? WidthCostMs { get; init; }
+
     /// <summary>Add alternate branches (other occurrences, other next tokens) to fill the width.</summary>
     public bool UseTree { get; init; }
 

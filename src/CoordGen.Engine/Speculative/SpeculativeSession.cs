@@ -337,7 +337,7 @@ public sealed class SpeculativeSession : IDisposable
             double draftMs = _acct.Steps == 0 ? 0 : _draftMs / _acct.Steps;
             foreach (int w in _runtime.Widths.Where(w => w <= _width).Order())
             {
-                if (_runtime.RecentRunMs(w) is not { } ms)
+                if ((_spec.WidthCostMs is { } cost ? cost(w) : _runtime.RecentRunMs(w)) is not { } ms)
                 {
                     chosen = w; // never measured: measure it now
                     break;
