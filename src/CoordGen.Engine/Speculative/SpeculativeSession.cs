@@ -191,8 +191,7 @@ public sealed class SpeculativeSession : IDisposable
         {
             // Nothing worth verifying: the root alone on the width-1 graph, exactly a plain step.
             var plainRow = _plain.Step(_cache, _root);
-            _acct.Step(1, 0, 0, 1);
-            Observe(0);
+            _acct.Step(1, 0, 0, 1); // no tree verified: nothing learned about acceptance
             _reuse?.EndStep([], 0);
             _root = _sampler.Next(plainRow);
             Done = !Emit(_root);
