@@ -164,7 +164,7 @@ public class CliTests
         Assert.Equal(6, rows.Count);
         Assert.All(rows, r =>
         {
-            Assert.Contains(r!["mode"]!.GetValue<string>(), new[] { "ar", "spec", "spec-fixed" });
+            Assert.Contains(r!["mode"]!.GetValue<string>(), new[] { "ar", "spec", "spec-adaptive" });
             Assert.True(r["aggregate_tokens_per_s"]!.GetValue<double>() > 0);
             Assert.True(r["p99_intertoken_ms"]!.GetValue<double>() >= r["p50_intertoken_ms"]!.GetValue<double>());
             Assert.True(r["identical_to_alone"]!.GetValue<bool>());

@@ -46,7 +46,7 @@ $PY plot_loss.py work/copy/log-polish.jsonl ../../models/coordgen-demo/loss-poli
 LONG_STEPS=320
 mkdir -p work/long
 cp work/tokenizer.json work/long/
-cp work/copy/val_512.bin work/copy/val_512.w.bin work/copy/val_2048.bin work/copy/val_2048.w.bin work/long/
+cp work/val_512.bin work/val_512.w.bin work/val_2048.bin work/val_2048.w.bin work/long/   # stage 1's validation rows
 [ -f work/long/train_2048e.bin ] || $PY prepare.py --work work/long --only train_512e,train_2048e
 $PY train.py --work work/long --init-from ../../models/coordgen-demo --run-name long --phases 0:train_512e --long-set train_2048e \
   --steps-short 20 --steps-long "$LONG_STEPS" --synthetic 0 --lr 5e-4 --warmup 20 --eval-every 1000

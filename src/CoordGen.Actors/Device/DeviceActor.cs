@@ -224,7 +224,10 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private DraftJob? DraftJobFor(Active busy)
     {
         var candidate = _lastStepped is { CanDraft: true } last && last != busy ? last : null;
-        for (int i = _decoding.Count - 1; candidate is null && i >= 1; i--)
+
+        // Any decoding session but the one stepping: while a prefill chunk runs, that includes the
+        // session whose decode step comes next.
+        for (int i = _decoding.Count - 1; candidate is null && i >= (busy.Decoding ? 1 : 0); i--)
         {
             var a = _decoding[(_next + i) % _decoding.Count];
             if (a != busy && a.CanDraft)

@@ -240,7 +240,15 @@ public sealed class OrtModelRuntime : IDisposable
         long t0 = System.Diagnostics.Stopwatch.GetTimestamp();
         g.Run(cache);
         double ms = System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
-        _runMs.AddOrUpdate(width, ms, (_, old) => (0.8 * old) + (0.2 * ms));
+        var ring = _runMs.GetOrAdd((width, cache.Bucket), _ => new RunTimes());
+        lock (ring)
+        {
+            // A graph's first run carries ONNX Runtime's first-run allocations: not a step time.
+            if (ring.Runs++ > 0)
+            {
+                ring.Samples[ring.Count++ % ring.Samples.Length] = ms;
+            }
+        }
         var logits = g.Buffers.Logits.AsSpan(0, width * Config.VocabSize);
         Faults?.OnLogits(logits);
         if (!System.Numerics.Tensors.TensorPrimitives.IsFiniteAll<float>(logits))
@@ -251,10 +259,39 @@ public sealed class OrtModelRuntime : IDisposable
         }
     }
 
-    private readonly System.Collections.Concurrent.ConcurrentDictionary<int, double> _runMs = new();
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Width, int Bucket), RunTimes> _runMs = new();
 
-    /// <summary>Recent time of one run of the width-<paramref name="width"/> graph (a moving average over all sessions), or null before its first run.</summary>
-    public double? RecentRunMs(int width) => _runMs.TryGetValue(width, out double ms) ? ms : null;
+    private sealed class RunTimes
+    {
+        public readonly double[] Samples = new double[15];
+        public int Count;
+        public int Runs;
+    }
+
+    /// <summary>
+    /// Recent time of one run of the width-<paramref name="width"/> graph in KV bucket
+    /// <paramref name="bucket"/>, over all sessions: the median of its last 15 runs (a shared, noisy
+    /// machine makes single runs jump), or null before it has a steady run.
+    /// </summary>
+    public double? RecentRunMs(int width, int bucket)
+    {
+        if (!_runMs.TryGetValue((width, bucket), out var ring) || ring.Count == 0)
+        {
+            return null;
+        }
+
+        Span<double> s = stackalloc double[15];
+        int n;
+        lock (ring)
+        {
+            n = Math.Min(ring.Count, ring.Samples.Length);
+            ring.Samples.AsSpan(0, n).CopyTo(s);
+        }
+
+        s = s[..n];
+        s.Sort();
+        return s[n / 2];
+    }
 
     /// <summary>Fault hooks (tests and <c>bench faults</c> only); null in production.</summary>
     public IFaultInjector? Faults { get; set; }

@@ -218,7 +218,9 @@ public sealed class SpeculativeDecoder
     /// <summary>A generation from a prefilled prompt as steps, for schedulers that interleave sessions.</summary>
     public SpeculativeSession Start(Prefilled pre, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
         SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null) =>
-        new(_runtime, _plain, pre, maxTokens, sampling, stopTokens, spec, history, onToken);
+        new(_runtime, _plain, pre, maxTokens, sampling, stopTokens, spec, history, onToken) { SharedAcceptance = _acceptance };
+
+    private readonly AcceptanceMemory _acceptance = new();
 
     internal static void BuildTree(SpeculationOptions spec, List<int> sequence, SuffixAutomaton sam, MatchCursor samCursor,
         CalibratedIndex? calibrated, MatchCursor calCursor, HistoryStore? history, MatchCursor histCursor, DraftReuse? reuse,
@@ -364,6 +366,40 @@ public sealed class SpeculativeDecoder
         if (e < n)
         {
             reuse.Observe(chain, predicted, e);
+        }
+    }
+}
+
+/// <summary>
+/// Accepted draft tokens of the last verification steps of every session of one decoder: the prior an
+/// adaptive-width session uses before it has seen enough steps of its own (short answers would
+/// otherwise spend their whole life warming up at the full width). Thread-safe.
+/// </summary>
+public sealed class AcceptanceMemory
+{
+    private readonly int[] _ring = new int[64];
+    private int _count;
+
+    public void Add(int accepted)
+    {
+        lock (_ring)
+        {
+            _ring[_count++ % _ring.Length] = accepted;
+        }
+    }
+
+    /// <summary>Copies up to <paramref name="dest"/>.Length recent observations; returns how many.</summary>
+    public int Recent(Span<int> dest)
+    {
+        lock (_ring)
+        {
+            int n = Math.Min(Math.Min(_count, _ring.Length), dest.Length);
+            for (int i = 0; i < n; i++)
+            {
+                dest[i] = _ring[(_count - 1 - i + (_ring.Length * 4)) % _ring.Length];
+            }
+
+            return n;
         }
     }
 }

@@ -246,7 +246,7 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         _acct.Step(width, _tree.Count, _emitted.Count - 1, _emitted.Count);
-        Observe(_emitted.Count - 1);
+        Observe(_emitted.Count - 1, width);
         int chainAccepted = 0;
         while (chainAccepted < _chainNodes.Count && chainAccepted < nCommit - 1 && _commitRows[chainAccepted + 1] == _chainNodes[chainAccepted] + 1)
         {
@@ -294,6 +294,7 @@ public sealed class SpeculativeSession : IDisposable
         return true;
     }
 
+    private const int Saturated = 1 << 16;
     private readonly int[] _recent = new int[16];
     private int _recentCount;
     private int _adaptiveSteps;
@@ -303,9 +304,23 @@ public sealed class SpeculativeSession : IDisposable
 
     private readonly Dictionary<int, int> _stepsByWidth = [];
 
-    private void Observe(int acceptedDraftTokens)
+    /// <summary>The decoder's memory of recent steps across sessions (the prior before this session has its own).</summary>
+    internal AcceptanceMemory? SharedAcceptance { get; init; }
+
+    private void Observe(int acceptedDraftTokens, int width)
     {
+        // A step that accepted everything its width allowed says "at least": count it as full acceptance
+        // at any width, or narrow steps would keep the estimate narrow.
+        if (acceptedDraftTokens >= width - 1)
+        {
+            acceptedDraftTokens = Saturated;
+        }
+
         _recent[_recentCount++ % _recent.Length] = acceptedDraftTokens;
+        if (_spec.AdaptiveWidth)
+        {
+            SharedAcceptance?.Add(acceptedDraftTokens);
+        }
     }
 
     /// <summary>
@@ -324,19 +339,30 @@ public sealed class SpeculativeSession : IDisposable
         {
             chosen = 1;
         }
-        else if (_recentCount < 4 || _adaptiveSteps % 16 == 0)
+        else if (_adaptiveSteps % 16 == 0)
         {
             chosen = _width;
         }
         else
         {
-            chosen = _width;
-            double best = -1;
+            // This session's own recent steps, or (for its first 4) the decoder's recent steps.
+            Span<int> seen = stackalloc int[_recent.Length];
             int n = Math.Min(_recentCount, _recent.Length);
+            if (n >= 4)
+            {
+                _recent.AsSpan(0, n).CopyTo(seen);
+            }
+            else
+            {
+                n = SharedAcceptance?.Recent(seen) ?? 0;
+            }
+
+            chosen = _width;
+            double best = n < 4 ? double.MaxValue : -1; // nothing to go on yet: the full width
             double draftMs = _acct.Steps == 0 ? 0 : _draftMs / _acct.Steps;
             foreach (int w in _runtime.Widths.Where(w => w <= _width).Order())
             {
-                if ((_spec.WidthCostMs is { } cost ? cost(w) : _runtime.RecentRunMs(w)) is not { } ms)
+                if ((_spec.WidthCostMs is { } cost ? cost(w) : _runtime.RecentRunMs(w, _cache.Bucket)) is not { } ms)
                 {
                     chosen = w; // never measured: measure it now
                     break;
@@ -349,7 +375,7 @@ public sealed class SpeculativeSession : IDisposable
                     double sum = 0;
                     for (int i = 0; i < n; i++)
                     {
-                        sum += Math.Min(_recent[i], cap);
+                        sum += Math.Min(seen[i], cap);
                     }
 
                     tokens += sum / n;

@@ -62,10 +62,11 @@ internal static class BenchAccept
         var calibK = new Option<int>("--calib-k") { Description = "Calibration: next-token candidates per context position.", DefaultValueFactory = _ => new CalibrationOptions().TopK };
         var calibDepth = new Option<int>("--calib-depth") { Description = "Calibration: tokens per calibrated path.", DefaultValueFactory = _ => new CalibrationOptions().Depth };
         var calibMinP = new Option<float>("--calib-min-p") { Description = "Calibration: smallest probability followed.", DefaultValueFactory = _ => new CalibrationOptions().MinProbability };
+        var adaptive = new Option<bool>("--adaptive-width") { Description = "Speculative methods choose their width per step (1, 4 or up to --width) as the runtime does (docs/decisions/0006-adaptive-width.md); mean_accepted then counts plain steps too." };
         var deviceProfile = CommonOptions.DeviceProfile("What-if: also report the speedup these acceptance counts would give at this accelerator profile's step times (profile_speedup; not measured, labelled as such).");
         var cmd = new Command("accept", "Acceptance ratio, decode tokens/s and speedup over plain greedy for each drafting method, task and verification width, with a check that greedy outputs match plain greedy token for token. Writes Markdown, JSON and a PNG plot.")
         {
-            model, workloads, widths, methods, limit, json, outDir, capacity, calibK, calibDepth, calibMinP, deviceProfile,
+            model, workloads, widths, methods, limit, json, outDir, capacity, calibK, calibDepth, calibMinP, deviceProfile, adaptive,
         };
         cmd.SetAction(parse =>
         {
@@ -92,7 +93,8 @@ internal static class BenchAccept
             int cap = parse.GetValue(capacity);
             using var rt = ConsoleUi.Status("compiling graphs", () =>
             {
-                var r = new OrtModelRuntime(bundle.Weights, cap, [1, 64, .. ws]);
+                Adaptive = parse.GetValue(adaptive);
+                var r = new OrtModelRuntime(bundle.Weights, cap, [.. new[] { 1, 64 }.Concat(ws).Concat(Adaptive ? [4] : []).Distinct()]);
                 r.CompileAll();
                 return r;
             });
@@ -110,6 +112,8 @@ internal static class BenchAccept
         });
         return cmd;
     }
+
+    private static bool Adaptive { get; set; }
 
     internal static List<AcceptRow> Run(ModelBundle bundle, OrtModelRuntime rt, List<string> files, List<int> widths, List<string> methods, int limit, CalibrationOptions calib)
     {
@@ -151,7 +155,7 @@ internal static class BenchAccept
                     {
                         foreach (int w in widths)
                         {
-                            var opts = SpeculationOptions.ForMethod(m, w) with { Calibration = calib };
+                            var opts = SpeculationOptions.ForMethod(m, w) with { Calibration = calib, AdaptiveWidth = Adaptive };
                             HistoryStore? history = null;
                             if (opts.UseHistory && !histories.TryGetValue(w, out history))
                             {

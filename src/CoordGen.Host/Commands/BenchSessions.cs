@@ -44,7 +44,7 @@ internal static class BenchSessions
         var requests = new Option<int>("--requests") { Description = "Requests per session at each point.", DefaultValueFactory = _ => 2 };
         var method = new Option<string>("--method") { Description = "Speculative method of the spec mode.", DefaultValueFactory = _ => "sam+ours" };
         var width = new Option<int>("--width") { Description = "Verification width of the spec mode.", DefaultValueFactory = _ => 8 };
-        var modesOpt = new Option<string>("--modes") { Description = "Comma-separated modes: ar (plain), spec (the method, width chosen per step: adaptive), spec-fixed (the method, always --width).", DefaultValueFactory = _ => "ar,spec,spec-fixed" };
+        var modesOpt = new Option<string>("--modes") { Description = "Comma-separated modes: ar (plain), spec (the method at --width, the runtime's default), spec-adaptive (the method, width chosen per step).", DefaultValueFactory = _ => "ar,spec,spec-adaptive" };
         var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
@@ -57,9 +57,9 @@ internal static class BenchSessions
             int perSession = parse.GetValue(requests), w = parse.GetValue(width);
             string m = parse.GetValue(method)!;
             var modes = parse.GetValue(modesOpt)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();
-            if (modes.Count == 0 || modes.Any(x => x is not ("ar" or "spec" or "spec-fixed")) || !modes.Contains("ar"))
+            if (modes.Count == 0 || modes.Any(x => x is not ("ar" or "spec" or "spec-adaptive")) || !modes.Contains("ar"))
             {
-                throw new ArgumentException("--modes takes ar, spec and spec-fixed, and needs ar (every ratio is over it).");
+                throw new ArgumentException("--modes takes ar, spec and spec-adaptive, and needs ar (every ratio is over it).");
             }
             if (counts.Any(c => c < 1 || c > 256) || perSession < 1)
             {
@@ -73,7 +73,7 @@ internal static class BenchSessions
                 : new[] { "summary", "rag", "ui", "reply" }.Select(t => Path.Combine(root, "workloads", t + ".jsonl")).ToList();
             var prompts = BenchStreams.Prompts(bundle, 4, files);
             int maxSessions = counts.Max();
-            await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = maxSessions * 2, Width = w, Method = m });
+            await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true });
 
             // Each prompt alone first: the reference every concurrent stream must equal.
             var alone = new Dictionary<int, int[]>();
@@ -106,7 +106,7 @@ internal static class BenchSessions
                             for (int k = 0; k < perSession; k++)
                             {
                                 int idx = ((s * perSession) + k) % prompts.Count;
-                                list.Add((idx, await Stream(service.Supervisor, prompts[idx].Tokens, prompts[idx].MaxTokens, mode == "ar" ? "ar" : m, w, ct, adaptive: mode == "spec")));
+                                list.Add((idx, await Stream(service.Supervisor, prompts[idx].Tokens, prompts[idx].MaxTokens, mode == "ar" ? "ar" : m, w, ct, adaptive: mode == "spec-adaptive")));
                             }
 
                             return list;
@@ -138,7 +138,7 @@ internal static class BenchSessions
 
     private sealed record StreamResult(int[] Tokens, List<double> GapsMs);
 
-    private static async Task<StreamResult> Stream(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct, bool adaptive = true)
+    private static async Task<StreamResult> Stream(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct, bool adaptive = false)
     {
         var (tokens, arrivals) = await BenchStreams.RunAsync(supervisor, prompt, maxTokens, method, width, ct, adaptive);
 
@@ -175,7 +175,7 @@ internal static class BenchSessions
         var md = new StringBuilder();
         md.AppendLine("# Concurrent sessions (`coordgen bench sessions`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
-        md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding; `spec` = `{method}` with adaptive width (each step verifies on width 1, 4 or {width}, whichever gives the session the most tokens per millisecond); `spec-fixed` = `{method}` always at W = {width}. {perSession} requests per session at each point, greedy.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding; `spec` = `{method}` at W = {width} (the runtime's default); `spec-adaptive` = `{method}` with adaptive width (each step verifies on width 1, 4 or {width}, whichever gives the session the most tokens per millisecond; docs/decisions/0006-adaptive-width.md). Prompts alternate task families (summary, rag, ui, reply, ...); aggregate tokens/s counts generated tokens over wall time, prefill included. {perSession} requests per session at each point, greedy.").AppendLine();
         md.AppendLine("| sessions | mode | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | identical to alone |").AppendLine("|---|---|---|---|---|---|---|");
         foreach (var r in rows)
         {

@@ -12,17 +12,22 @@ namespace CoordGen.Host.Commands;
 /// <summary>What the benchmarks that drive the actor runtime share: workload prompts and one greedy stream.</summary>
 internal static class BenchStreams
 {
-    /// <summary>The first <paramref name="perTask"/> prompts of each held-out task family, rendered and tokenized.</summary>
+    /// <summary>
+    /// The first <paramref name="perTask"/> prompts of each held-out task family, rendered and tokenized,
+    /// interleaved (summary 0, rag 0, ui 0, reply 0, summary 1, ...), so any first N prompts mix the
+    /// families evenly and points of a sweep that use fewer prompts see the same mix.
+    /// </summary>
     public static List<(int[] Tokens, int MaxTokens)> Prompts(ModelBundle bundle, int perTask, IEnumerable<string>? files = null)
     {
         string root = ModelLocator.RepoRoot();
         files ??= new[] { "summary", "rag", "ui", "reply" }.Select(t => Path.Combine(root, "workloads", t + ".jsonl"));
-        return [.. files.SelectMany(f => WorkloadItem.Load(f).Take(perTask))
-            .Select(i => (bundle.Tokenizer.Encode(PromptTemplate.Render(i.Context, i.Prompt, bundle.HasRoleTokens)), i.MaxTokens))];
+        var perFile = files.Select(f => WorkloadItem.Load(f).Take(perTask).ToList()).ToList();
+        var items = Enumerable.Range(0, perTask).SelectMany(k => perFile.Where(l => k < l.Count).Select(l => l[k]));
+        return [.. items.Select(i => (bundle.Tokenizer.Encode(PromptTemplate.Render(i.Context, i.Prompt, bundle.HasRoleTokens)), i.MaxTokens))];
     }
 
     /// <summary>One greedy request through the supervisor: its tokens and their arrival times (Stopwatch timestamps).</summary>
-    public static async Task<(int[] Tokens, long[] Arrivals)> RunAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct, bool adaptive = true)
+    public static async Task<(int[] Tokens, long[] Arrivals)> RunAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct, bool adaptive = false)
     {
         var channel = Channel.CreateBounded<int>(64);
         var reply = supervisor.Ask<object>(new Generate("bench", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, channel.Writer, ct) { AdaptiveWidth = adaptive }, Timeout.InfiniteTimeSpan);

@@ -68,7 +68,7 @@ public sealed class InferenceService : IAsyncDisposable
         OrtModelRuntime NewRuntime()
         {
             var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.Threads }) { Faults = faults };
-            rt.Prepare(Math.Min(settings.Capacity, OrtModelRuntime.SmallestBucket));
+            rt.Prepare(settings.PrecompileAll ? settings.Capacity : Math.Min(settings.Capacity, OrtModelRuntime.SmallestBucket));
             return rt;
         }
 
