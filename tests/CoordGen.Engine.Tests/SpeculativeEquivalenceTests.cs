@@ -106,4 +106,38 @@ public class SpeculativeEquivalenceTests
         Assert.Equal(expected, result.Tokens);
         Assert.True(result.Accounting.Proposed(DraftSource.Calibrated) > 0, "calibrated drafts should join after the index is attached");
     }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Drafting_the_next_step_during_verification_should_keep_the_output_and_be_used_when_the_guess_holds(bool onAnotherThread)
+    {
+        var demo = ModelBundle.Load(Paths.DemoModel);
+        using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 64, 8]);
+        var plain = new Generator(rt);
+        var spec = new SpeculativeDecoder(rt);
+        int used = 0;
+        foreach (var item in WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", "summary.jsonl")).Take(3))
+        {
+            int[] prompt = demo.Tokenizer.Encode(PromptTemplate.Render(item.Context, item.Prompt));
+            var expected = plain.Generate(prompt, 64, new SamplingOptions(), demo.StopTokens).Tokens;
+            using var pre = spec.Prefill(prompt, new CalibrationOptions());
+            using var session = spec.Start(pre, 64, new SamplingOptions(), demo.StopTokens, SpeculationOptions.ForMethod("sam+ours", 8));
+
+            // On another thread the job races the device run (as the drafter actor's does) and may come
+            // too late; inline it always runs, so whether its tree is used depends only on the outcome.
+            session.DuringVerify = onAnotherThread ? job => Task.Run(job) : job => job();
+            while (!session.Step())
+            {
+            }
+
+            Assert.Equal(expected, session.Result().Tokens);
+            used += session.PreDraftsUsed;
+        }
+
+        if (!onAnotherThread)
+        {
+            Assert.True(used > 0, "no step used the tree drafted during the previous verification");
+        }
+    }
 }

@@ -116,7 +116,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     private void Admit(DeviceRun run, IActorRef replyTo)
     {
-        var active = new Active(run, replyTo, _calibrator, Self, _emulate);
+        var active = new Active(run, replyTo, _calibrator, _drafter, Self, _emulate);
         Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "prefill"));
         // Runs resuming a session after a fault go first: their callers have waited already.
         if (run.Resumed)
@@ -247,17 +247,17 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     private void OnDrafted(Drafted d)
     {
+        if (d.Prepared && _draftIntervals.Count < MaxIntervals)
+        {
+            _draftIntervals.Add((d.Start, d.End));
+        }
+
         if (d.Key is Active a)
         {
             a.DraftPending = false;
             a.DraftReady = d.Prepared;
-            if (d.Prepared && _draftIntervals.Count < MaxIntervals)
-            {
-                _draftIntervals.Add((d.Start, d.End));
-            }
+            Schedule();
         }
-
-        Schedule();
     }
 
     private void OnStepDone(StepDone done)
@@ -385,7 +385,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     }
 
     /// <summary>One request on the device: its prefill, then its decode session, and the tokens not yet in its channel.</summary>
-    private sealed class Active(DeviceRun run, IActorRef replyTo, IActorRef calibrator, IActorRef device, DeviceProfile? emulate) : IDisposable
+    private sealed class Active(DeviceRun run, IActorRef replyTo, IActorRef calibrator, IActorRef drafter, IActorRef device, DeviceProfile? emulate) : IDisposable
     {
         private readonly ConcurrentQueue<int> _pending = new();
         private Calibrated? _calibration;
@@ -540,6 +540,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             {
                 using var pre = _finishPrefill!();
                 _specSession = spec.Start(pre, r.MaxTokens, sampling, stops, _options!, Run.Store, Enqueue);
+                _specSession.DuringVerify = work => drafter.Tell(new PreDraftJob(work), device);
                 if (pre.CalibrationDeferred)
                 {
                     _calibrating = true;

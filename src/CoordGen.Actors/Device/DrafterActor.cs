@@ -27,13 +27,37 @@ public sealed class DrafterActor : ReceiveActor
 
             Sender.Tell(new Drafted(job.Key, start, System.Diagnostics.Stopwatch.GetTimestamp(), prepared));
         });
+        Receive<PreDraftJob>(PreDraft);
     }
 
     public static Props Props() => Akka.Actor.Props.Create(() => new DrafterActor());
+
+    private void PreDraft(PreDraftJob job)
+    {
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        bool prepared;
+        try
+        {
+            prepared = job.Work();
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            prepared = false;
+        }
+
+        Sender.Tell(new Drafted(null, start, System.Diagnostics.Stopwatch.GetTimestamp(), prepared));
+    }
 }
 
 /// <summary>Device → drafter: prepare the draft of the session identified by <paramref name="Key"/>.</summary>
 public sealed record DraftJob(object Key, Func<bool> Prepare);
 
-/// <summary>Drafter → device: the draft is ready (or there was nothing to draft); timestamps for the overlap report.</summary>
-public sealed record Drafted(object Key, long Start, long End, bool Prepared);
+/// <summary>
+/// Device → drafter, sent when a session's verification starts: draft that session's next step for
+/// the likely outcome of this one (<see cref="CoordGen.Engine.Speculative.SpeculativeSession.DuringVerify"/>);
+/// the session uses it only if that outcome happens, and ignores a job that starts too late.
+/// </summary>
+public sealed record PreDraftJob(Func<bool> Work);
+
+/// <summary>Drafter → device: the draft is ready (or there was nothing to draft); timestamps for the overlap report. <paramref name="Key"/> is null for a <see cref="PreDraftJob"/>.</summary>
+public sealed record Drafted(object? Key, long Start, long End, bool Prepared);

@@ -28,12 +28,12 @@ public sealed class SpeculativeSession : IDisposable
     private readonly NgramIndex? _ngrams;
     private CalibratedIndex? _calibrated;
     private readonly DraftReuse? _reuse;
-    private readonly DraftTree _tree;
+    private DraftTree _tree;
     private readonly List<int[]> _branches = [];
     private readonly List<int> _output = [];
     private readonly List<int> _emitted;
-    private readonly List<int> _chainNodes;
-    private readonly int[] _draft;
+    private List<int> _chainNodes;
+    private int[] _draft;
     private readonly int[] _rowParents;
     private readonly int[] _commitRows;
     private readonly int _promptLength;
@@ -221,8 +221,29 @@ public sealed class SpeculativeSession : IDisposable
 
         AttentionMask.FillTree(buf.Mask, width, buf.Capacity, _cache.Length, _rowParents.AsSpan(0, _tree.Count + 1));
 
+        // The drafter may prepare the next step from the likely outcome while the device runs this one.
+        bool predrafting = DuringVerify is not null && width == _width;
+        if (predrafting)
+        {
+            Volatile.Write(ref _preState, PreIdle);
+            DuringVerify!(RunPreDraft);
+        }
+
         long t1 = Stopwatch.GetTimestamp();
-        _runtime.Run(width, _cache);
+        try
+        {
+            _runtime.Run(width, _cache);
+        }
+        finally
+        {
+            // Nothing below may run while the pre-draft reads this session's state: call it off if it
+            // has not started, else wait for it (microseconds of CPU work).
+            if (predrafting && Interlocked.CompareExchange(ref _preState, PreAbandoned, PreIdle) == PreRunning)
+            {
+                SpinWait.SpinUntil(() => Volatile.Read(ref _preState) == PreDone);
+            }
+        }
+
         _deviceMs += Stopwatch.GetElapsedTime(t1).TotalMilliseconds;
 
         // Walk the tree with the model's own choices.
@@ -274,7 +295,122 @@ public sealed class SpeculativeSession : IDisposable
             }
         }
 
+        if (predrafting && !Done && Volatile.Read(ref _preState) == PreDone && _preReady && System.Runtime.InteropServices.CollectionsMarshal.AsSpan(_emitted).SequenceEqual(_preHyp.AsSpan(0, _preHypLength)))
+        {
+            // The likely outcome happened: the tree drafted during verification is this state's tree.
+            (_tree, _preTree) = (_preTree!, _tree);
+            (_chainNodes, _preChain) = (_preChain!, _chainNodes);
+            (_draft, _preDraft) = (_preDraft!, _draft);
+            _tree.RowParents(_rowParents);
+            _chainTrusted = false;
+            _prepared = true;
+            PreDraftsUsed++;
+        }
+
         return Done;
+    }
+
+    private const int PreIdle = 0, PreRunning = 1, PreDone = 2, PreAbandoned = 3;
+    private int _preState = PreAbandoned;
+    private bool _preReady;
+    private DraftTree? _preTree;
+    private List<int>? _preChain;
+    private int[]? _preDraft;
+    private int[] _preHyp = [];
+    private int _preHypLength;
+
+    /// <summary>
+    /// Set by a scheduler with a drafter of its own (the device actor): called with a job when this
+    /// session's verification starts; run the job elsewhere while the device computes. The job drafts
+    /// the next step for the most likely outcome (the main chain fully accepted and the model's next
+    /// token being the chain's own continuation); the step uses it only if exactly that happened, and
+    /// drafts inline otherwise. The job may run at most once, during the device run (later it does
+    /// nothing); the step waits for a job that started.
+    /// </summary>
+    public Action<Func<bool>>? DuringVerify { get; set; }
+
+    /// <summary>Steps whose tree came from a draft prepared during the previous step's verification.</summary>
+    public int PreDraftsUsed { get; private set; }
+
+    private bool RunPreDraft()
+    {
+        if (Interlocked.CompareExchange(ref _preState, PreRunning, PreIdle) != PreIdle)
+        {
+            return false; // the step is past its device run: too late
+        }
+
+        try
+        {
+            _preReady = false;
+            _preReady = PreDraft();
+            return _preReady;
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            return false;
+        }
+        finally
+        {
+            Volatile.Write(ref _preState, PreDone);
+        }
+    }
+
+    /// <summary>Reads this session's state, never writes it: runs while the device runs the step.</summary>
+    private bool PreDraft()
+    {
+        int n = _chainNodes.Count;
+        if (n == 0)
+        {
+            return false;
+        }
+
+        var seq = new List<int>(_sequence.Count + n + 1);
+        seq.AddRange(_sequence);
+        MatchCursor sc = _samCursor, cc = _calCursor, hc = _histCursor;
+        bool useSam = _spec.Drafter == DrafterKind.Sam || _spec.UseTree;
+        bool useHistory = _history is not null && _spec.UseHistory;
+        void Push(int t)
+        {
+            seq.Add(t);
+            sc = useSam ? _sam.Advance(sc, t) : sc;
+            cc = _calibrated is null ? cc : _calibrated.Automaton.Advance(cc, t);
+            hc = useHistory ? _history!.Automaton.Advance(hc, t) : hc;
+        }
+
+        if (_preHyp.Length < n + 1)
+        {
+            _preHyp = new int[_width + 1];
+        }
+
+        for (int i = 0; i < n; i++)
+        {
+            _preHyp[i] = _tree.Token(_chainNodes[i]);
+            Push(_preHyp[i]);
+        }
+
+        _preTree ??= new DraftTree(_width - 1);
+        _preChain ??= new List<int>(_width);
+        _preDraft ??= new int[_draft.Length];
+        var branches = new List<int[]>();
+
+        // The model's next token after the chain, guessed as the drafters' own continuation.
+        _preTree.Clear();
+        _preChain.Clear();
+        SpeculativeDecoder.BuildTree(_spec, seq, _sam, sc, _calibrated, cc, _history, hc, null, null, branches, _preTree, _preDraft, _preChain, false);
+        if (_preChain.Count == 0)
+        {
+            return false;
+        }
+
+        int guess = _preTree.Token(_preChain[0]);
+        _preHyp[n] = guess;
+        _preHypLength = n + 1;
+        Push(guess);
+        _preTree.Clear();
+        _preChain.Clear();
+        branches.Clear();
+        SpeculativeDecoder.BuildTree(_spec, seq, _sam, sc, _calibrated, cc, _history, hc, null, null, branches, _preTree, _preDraft, _preChain, false);
+        return _preTree.Count > 0;
     }
 
     /// <summary>

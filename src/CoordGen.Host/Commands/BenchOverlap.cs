@@ -118,7 +118,7 @@ internal static class BenchOverlap
             }
 
             md.AppendLine(stamp.ToMarkdown()).AppendLine();
-            md.AppendLine(CultureInfo.InvariantCulture, $"{n} concurrent `{m}` sessions at W = {w}, {per} requests each, through the actor runtime. While the device actor runs one session's step, the drafter actor prepares the next session's token tree; a session whose tree was not prepared in time drafts inline, inside its device step (not hidden).").AppendLine();
+            md.AppendLine(CultureInfo.InvariantCulture, $"{n} concurrent `{m}` sessions at W = {w}, {per} requests each (prompts alternate task families), through the actor runtime. While the device actor runs one session's step, the drafter actor prepares another session's token tree and this session's next tree for the likely outcome; a session whose tree was not prepared in time drafts inline, inside its device step (not hidden).").AppendLine();
             md.AppendLine("| metric | value |").AppendLine("|---|---|");
             md.AppendLine(CultureInfo.InvariantCulture, $"| drafting in all (ms) | {report.DraftMsTotal} |");
             md.AppendLine(CultureInfo.InvariantCulture, $"| hidden behind device steps (ms) | {report.DraftMsHidden} |");
@@ -126,7 +126,7 @@ internal static class BenchOverlap
             md.AppendLine(CultureInfo.InvariantCulture, $"| **hidden share** | **{report.HiddenShare:P1}** (goal: at least 90%) |");
             md.AppendLine(CultureInfo.InvariantCulture, $"| device steps / time (ms) | {report.DeviceSteps} / {report.DeviceMs} |");
             md.AppendLine(CultureInfo.InvariantCulture, $"| drafts prepared by the drafter | {report.DraftsPrepared} |");
-            md.AppendLine().AppendLine("With one session there is nothing to overlap across sessions: its next tree depends on the step being verified, so it drafts inline. Drafting the same session's next step from the most likely outcome (the issue's second mode) is not built.").AppendLine();
+            md.AppendLine().AppendLine("Two kinds of drafter work overlap device steps: another session's next tree (prepared while the device runs this one), and this session's own next tree for the likely outcome of the step being verified (the main chain fully accepted and the model's next token being the chain's continuation; `SpeculativeSession.DuringVerify`), used only when exactly that happens. Drafting that stays inline: a session's first step after its prefill when no other session ran in between, and steps after a guess that missed while no other step ran.").AppendLine();
             md.AppendLine(CultureInfo.InvariantCulture, $"![timeline]({stem}.png)");
             File.WriteAllText(Path.Combine(dir, stem + ".md"), md.ToString());
             ConsoleUi.Err.MarkupLineInterpolated($"[green]hidden share {report.HiddenShare:P1} of {report.DraftMsTotal} ms drafting[/] -> {dir}/{stem}.md");
