@@ -142,22 +142,7 @@ internal static class BenchSessions
     {
         var (tokens, arrivals) = await BenchStreams.RunAsync(supervisor, prompt, maxTokens, method, width, ct, adaptive);
 
-        // Tokens arrive in bursts (a verified tree commits several at once): a burst of k tokens after a
-        // gap g counts as k inter-token gaps of g / k each.
-        var gaps = new List<double>();
-        for (int i = 1; i < arrivals.Length;)
-        {
-            double g = Stopwatch.GetElapsedTime(arrivals[i - 1], arrivals[i]).TotalMilliseconds;
-            int k = 1;
-            while (i + k < arrivals.Length && Stopwatch.GetElapsedTime(arrivals[i + k - 1], arrivals[i + k]).TotalMilliseconds < 0.05)
-            {
-                k++;
-            }
-
-            gaps.AddRange(Enumerable.Repeat(g / k, k));
-            i += k;
-        }
-
+        var gaps = BenchStreams.Gaps(arrivals).Select(g => g.Ms).ToList();
         return new StreamResult(tokens, gaps);
     }
 

@@ -46,4 +46,32 @@ internal static class BenchStreams
 
         return ([.. tokens], [.. arrivals]);
     }
+
+    /// <summary>
+    /// Inter-token gaps of one stream, each with the arrival it ends at. Tokens arrive in bursts (a
+    /// verified tree commits several at once): a burst of k tokens after a gap g counts as k gaps of
+    /// g / k each; tokens less than <paramref name="burstMs"/> apart are one burst.
+    /// </summary>
+    public static List<(long At, double Ms)> Gaps(long[] arrivals, double burstMs = 0.05)
+    {
+        var gaps = new List<(long, double)>();
+        for (int i = 1; i < arrivals.Length;)
+        {
+            double g = Stopwatch.GetElapsedTime(arrivals[i - 1], arrivals[i]).TotalMilliseconds;
+            int k = 1;
+            while (i + k < arrivals.Length && Stopwatch.GetElapsedTime(arrivals[i + k - 1], arrivals[i + k]).TotalMilliseconds < burstMs)
+            {
+                k++;
+            }
+
+            for (int j = 0; j < k; j++)
+            {
+                gaps.Add((arrivals[i + j], g / k));
+            }
+
+            i += k;
+        }
+
+        return gaps;
+    }
 }
