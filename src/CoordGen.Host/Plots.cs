@@ -209,4 +209,28 @@ internal static class Plots
         plot.ShowLegend(Alignment.UpperRight);
         plot.SavePng(path, 1100, 320);
     }
+
+    /// <summary>Each stream's inter-token gaps over time, with the newcomer's prefill (time 0 to its first token) shaded.</summary>
+    public static void Rebalance(IReadOnlyList<List<(double At, double Ms)>> streams, double prefillEndMs, string path)
+    {
+        var plot = new Plot();
+        var shade = plot.Add.HorizontalSpan(0, prefillEndMs);
+        shade.FillColor = Colors.Orange.WithAlpha(0.2);
+        shade.LegendText = "newcomer prefilling";
+        var palette = new ScottPlot.Palettes.Category10();
+        for (int i = 0; i < streams.Count; i++)
+        {
+            var sc = plot.Add.Scatter(streams[i].Select(g => g.At).ToArray(), streams[i].Select(g => g.Ms).ToArray());
+            sc.Color = palette.GetColor(i);
+            sc.LineWidth = 1;
+            sc.MarkerSize = 3;
+            sc.LegendText = $"stream {i}";
+        }
+
+        plot.Title("inter-token gaps of the running streams");
+        plot.Axes.Bottom.Label.Text = "ms since the long prompt arrived";
+        plot.Axes.Left.Label.Text = "gap (ms)";
+        plot.ShowLegend(Alignment.UpperRight);
+        plot.SavePng(path, 1100, 420);
+    }
 }

@@ -172,6 +172,21 @@ public class CliTests
     }
 
     [Fact]
+    public void Bench_rebalance_should_report_each_streams_gaps_around_the_newcomers_prefill_and_its_ttft()
+    {
+        string dir = Directory.CreateTempSubdirectory("coordgen-rebalance-").FullName;
+        var (code, _, stderr) = Run("bench", "rebalance", "--sessions", "2", "--prompt-tokens", "400", "--out", dir);
+        Assert.True(code == 0, stderr);
+        var report = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "rebalance.json")))!;
+        Assert.Equal(400, report["newcomer_prompt_tokens"]!.GetValue<int>());
+        Assert.True(report["newcomer_ttft_ms"]!.GetValue<double>() > 0);
+        var sessions = report["sessions"]!.AsArray();
+        Assert.Equal(2, sessions.Count);
+        Assert.All(sessions, s => Assert.True(s!["tokens"]!.GetValue<int>() >= 8));
+        Assert.True(File.Exists(Path.Combine(dir, "rebalance.png")));
+    }
+
+    [Fact]
     public void Bench_overlap_should_report_drafts_prepared_by_the_drafter_and_a_timeline()
     {
         string dir = Directory.CreateTempSubdirectory("coordgen-overlap-").FullName;

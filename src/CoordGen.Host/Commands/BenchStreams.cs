@@ -74,4 +74,20 @@ internal static class BenchStreams
 
         return gaps;
     }
+
+    /// <summary>Gaps between deliveries: a burst (tokens less than <paramref name="burstMs"/> apart, one step's commit) is one delivery; each gap ends at a burst's first token.</summary>
+    public static List<(long At, double Ms)> DeliveryGaps(long[] arrivals, double burstMs = 0.05)
+    {
+        var gaps = new List<(long, double)>();
+        for (int i = 1; i < arrivals.Length; i++)
+        {
+            double g = Stopwatch.GetElapsedTime(arrivals[i - 1], arrivals[i]).TotalMilliseconds;
+            if (g >= burstMs)
+            {
+                gaps.Add((arrivals[i], g));
+            }
+        }
+
+        return gaps;
+    }
 }

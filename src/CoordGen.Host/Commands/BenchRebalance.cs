@@ -1,0 +1,232 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using System.Threading.Channels;
+using Akka.Actor;
+using CoordGen.Host.Serving;
+using CoordGen.Messages;
+using Spectre.Console;
+using static CoordGen.Messages.GenerationProtocol;
+
+namespace CoordGen.Host.Commands;
+
+internal sealed record RebalanceSession
+{
+    [JsonPropertyName("session")] public int Session { get; init; }
+    [JsonPropertyName("median_gap_ms")] public double MedianGapMs { get; init; }
+    [JsonPropertyName("worst_gap_during_prefill_ms")] public double WorstGapDuringPrefillMs { get; init; }
+    [JsonPropertyName("ratio")] public double Ratio { get; init; }
+    [JsonPropertyName("tokens_during_prefill")] public int TokensDuringPrefill { get; init; }
+    [JsonPropertyName("tokens")] public int Tokens { get; init; }
+}
+
+internal sealed record RebalanceReport
+{
+    [JsonPropertyName("running_sessions")] public int RunningSessions { get; init; }
+    [JsonPropertyName("method")] public required string Method { get; init; }
+    [JsonPropertyName("newcomer_prompt_tokens")] public int NewcomerPromptTokens { get; init; }
+    [JsonPropertyName("newcomer_ttft_ms")] public double NewcomerTtftMs { get; init; }
+    [JsonPropertyName("worst_ratio")] public double WorstRatio { get; init; }
+    [JsonPropertyName("sessions")] public required IReadOnlyList<RebalanceSession> Sessions { get; init; }
+}
+
+/// <summary>
+/// <c>coordgen bench rebalance</c>: sessions stream while a long prompt arrives; the device actor
+/// interleaves its prefill chunks with their decode steps. Reports each running session's worst
+/// inter-token gap while the newcomer prefills against its median gap outside that window, and the
+/// newcomer's time to first token. Token times are taken when the device hands a token to its stream
+/// (a timestamping channel writer), not when a reader gets to it, so a busy machine's thread pool
+/// does not blur them.
+/// </summary>
+internal static class BenchRebalance
+{
+    public static Command Create()
+    {
+        var model = CommonOptions.Model();
+        var sessions = new Option<int>("--sessions") { Description = "Sessions streaming when the long prompt arrives.", DefaultValueFactory = _ => 4 };
+        var promptTokens = new Option<int>("--prompt-tokens") { Description = "Length of the newcomer's prompt.", DefaultValueFactory = _ => 1500 };
+        var method = new Option<string>("--method") { Description = "Decoding method of every request (ar or a speculative method).", DefaultValueFactory = _ => "sam+ours" };
+        var width = new Option<int>("--width") { Description = "Verification width of speculative methods.", DefaultValueFactory = _ => 8 };
+        var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
+        var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
+        var cmd = new Command("rebalance", "Prefill against decode: N sessions stream while a long prompt arrives; the device interleaves its prefill chunks with their decode steps. Reports their worst inter-token gap during the newcomer's prefill against their median gap (goal: at most 2x) and the newcomer's time to first token. Writes a report and a plot of the gaps.")
+        {
+            model, sessions, promptTokens, method, width, json, outDir,
+        };
+        cmd.SetAction(async (parse, ct) =>
+        {
+            int n = parse.GetValue(sessions), p = parse.GetValue(promptTokens), w = parse.GetValue(width);
+            string m = parse.GetValue(method)!;
+            if (n < 1 || p < 1)
+            {
+                throw new ArgumentException("--sessions and --prompt-tokens must be at least 1.");
+            }
+
+            var stamp = BenchStamp.Capture();
+            var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
+            var settings = new ServerSettings { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true };
+            if (p + 16 > settings.Capacity)
+            {
+                throw new ArgumentException($"--prompt-tokens {p} plus 16 output tokens must fit the capacity {settings.Capacity}.");
+            }
+
+            var text = new StringBuilder();
+            foreach (var f in new[] { "rag", "summary", "reply" })
+            {
+                foreach (var item in Engine.Workloads.WorkloadItem.Load(Path.Combine(ModelLocator.RepoRoot(), "workloads", f + ".jsonl")))
+                {
+                    text.Append(item.Context).Append('\n');
+                }
+            }
+
+            int[] newcomer = [.. bundle.Tokenizer.Encode(text.ToString()).Take(p)];
+            await using var service = InferenceService.Start(bundle, settings);
+
+            // The streams: of the summary prompts (the longest answers), those whose answers run longest
+            // alone, so they are still streaming while the newcomer prefills. This also warms the graphs.
+            var candidates = BenchStreams.Prompts(bundle, 12, [Path.Combine(ModelLocator.RepoRoot(), "workloads", "summary.jsonl")]);
+            var lengths = new List<(int Index, int Tokens)>();
+            await ConsoleUi.Err.Status().StartAsync("choosing long-running streams", async _ =>
+            {
+                for (int i = 0; i < candidates.Count; i++)
+                {
+                    lengths.Add((i, (await BenchStreams.RunAsync(service.Supervisor, candidates[i].Tokens, candidates[i].MaxTokens, m, w, ct)).Tokens.Length));
+                }
+
+                await BenchStreams.RunAsync(service.Supervisor, newcomer, 2, m, w, ct);
+            });
+            var running = lengths.OrderByDescending(x => x.Tokens).Take(n).Select(x => candidates[x.Index]).ToList();
+
+            var writers = running.Select(_ => new TimestampingWriter()).ToArray();
+            var newcomerWriter = new TimestampingWriter();
+            long newcomerSent = 0;
+            await ConsoleUi.Err.Status().StartAsync($"{n} streams, then a {newcomer.Length}-token prompt", async _ =>
+            {
+                var streams = running.Select((r, s) => Send(service.Supervisor, r.Tokens, r.MaxTokens, m, w, writers[s], ct)).ToList();
+                while (writers.Any(x => x.Count < 8) && !streams.All(t => t.IsCompleted))
+                {
+                    await Task.Delay(1, ct);
+                }
+
+                newcomerSent = Stopwatch.GetTimestamp();
+                await Send(service.Supervisor, newcomer, 16, m, w, newcomerWriter, ct);
+                await Task.WhenAll(streams);
+            });
+
+            long newcomerFirst = newcomerWriter.Times.Count > 0 ? newcomerWriter.Times[0] : Stopwatch.GetTimestamp();
+            var rows = new List<RebalanceSession>();
+            for (int s = 0; s < n; s++)
+            {
+                var gaps = BenchStreams.DeliveryGaps([.. writers[s].Times]);
+                var during = gaps.Where(g => g.At > newcomerSent && g.At <= newcomerFirst).ToList();
+                var outside = gaps.Where(g => g.At <= newcomerSent || g.At > newcomerFirst).Select(g => g.Ms).Order().ToList();
+                double median = outside.Count == 0 ? 0 : outside[outside.Count / 2];
+                double worst = during.Count == 0 ? 0 : during.Max(g => g.Ms);
+                rows.Add(new RebalanceSession
+                {
+                    Session = s,
+                    MedianGapMs = Math.Round(median, 2),
+                    WorstGapDuringPrefillMs = Math.Round(worst, 2),
+                    Ratio = Math.Round(median > 0 ? worst / median : 0, 2),
+                    TokensDuringPrefill = during.Count,
+                    Tokens = writers[s].Times.Count,
+                });
+            }
+
+            var report = new RebalanceReport
+            {
+                RunningSessions = n,
+                Method = m,
+                NewcomerPromptTokens = newcomer.Length,
+                NewcomerTtftMs = Math.Round(Stopwatch.GetElapsedTime(newcomerSent, newcomerFirst).TotalMilliseconds, 1),
+                WorstRatio = rows.Where(r => r.TokensDuringPrefill > 0).Select(r => r.Ratio).DefaultIfEmpty(0).Max(),
+                Sessions = rows,
+            };
+            Write(report, writers, newcomerSent, newcomerFirst, settings.PrefillWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json));
+            return 0;
+        });
+        return cmd;
+    }
+
+    private static async Task Send(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, TimestampingWriter writer, CancellationToken ct)
+    {
+        var reply = await supervisor.Ask<object>(new Generate("bench", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, writer, ct), Timeout.InfiniteTimeSpan);
+        if (reply is GenerationFailed f)
+        {
+            throw new InvalidOperationException($"a benchmark stream failed: {f.Detail}");
+        }
+    }
+
+    private static void Write(RebalanceReport report, TimestampingWriter[] writers, long sent, long first, int chunk, int width, BenchStamp stamp, string dir, FileInfo? json)
+    {
+        Directory.CreateDirectory(dir);
+        string jsonText = JsonSerializer.Serialize(report, new JsonSerializerOptions { WriteIndented = true });
+        File.WriteAllText(Path.Combine(dir, "rebalance.json"), jsonText);
+        if (json is not null)
+        {
+            File.WriteAllText(json.FullName, jsonText);
+        }
+
+        double Ms(long t) => Stopwatch.GetElapsedTime(sent, t).TotalMilliseconds;
+        Plots.Rebalance([.. writers.Select(x => BenchStreams.DeliveryGaps([.. x.Times]).Select(g => (Ms(g.At), g.Ms)).ToList())], Ms(first), Path.Combine(dir, "rebalance.png"));
+        var md = new StringBuilder();
+        md.AppendLine("# Prefill against decode (`coordgen bench rebalance`)").AppendLine();
+        md.AppendLine(stamp.ToMarkdown()).AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, W = {width}; the summary prompts whose answers run longest); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps (`StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The median is over each stream's gaps outside the newcomer's prefill.").AppendLine();
+        md.AppendLine("| session | median gap (ms) | worst gap while the newcomer prefills (ms) | worst / median | tokens during the prefill | tokens in all |").AppendLine("|---|---|---|---|---|---|");
+        foreach (var r in report.Sessions)
+        {
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Session} | {r.MedianGapMs} | {r.WorstGapDuringPrefillMs} | {r.Ratio}x | {r.TokensDuringPrefill} | {r.Tokens} |");
+        }
+
+        md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"Worst / median over the streams that produced tokens during the prefill: **{report.WorstRatio}x** (goal: at most 2x). Newcomer's time to first token: **{report.NewcomerTtftMs} ms** for {report.NewcomerPromptTokens} tokens.").AppendLine();
+        md.AppendLine("![gaps](rebalance.png)");
+        File.WriteAllText(Path.Combine(dir, "rebalance.md"), md.ToString());
+        ConsoleUi.Err.MarkupLineInterpolated($"[green]worst/median gap {report.WorstRatio}x, newcomer TTFT {report.NewcomerTtftMs} ms[/] -> {dir}/rebalance.md");
+    }
+
+    /// <summary>A stream that records when each token was handed to it (the device's hand-off time) and keeps nothing else.</summary>
+    private sealed class TimestampingWriter : ChannelWriter<int>
+    {
+        private readonly List<long> _times = [];
+
+        public int Count
+        {
+            get
+            {
+                lock (_times)
+                {
+                    return _times.Count;
+                }
+            }
+        }
+
+        public IReadOnlyList<long> Times
+        {
+            get
+            {
+                lock (_times)
+                {
+                    return [.. _times];
+                }
+            }
+        }
+
+        public override bool TryWrite(int item)
+        {
+            lock (_times)
+            {
+                _times.Add(Stopwatch.GetTimestamp());
+            }
+
+            return true;
+        }
+
+        public override ValueTask<bool> WaitToWriteAsync(CancellationToken cancellationToken = default) => ValueTask.FromResult(true);
+
+        public override bool TryComplete(Exception? error = null) => true;
+    }
+}
