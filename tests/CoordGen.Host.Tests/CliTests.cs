@@ -172,6 +172,14 @@ public class CliTests
     }
 
     [Fact]
+    public void Model_profile_should_explain_widths_that_do_not_fit_the_capacity()
+    {
+        var (code, _, stderr) = Run("model", "profile", "--capacity", "16", "--out", Directory.CreateTempSubdirectory("coordgen-profile-").FullName);
+        Assert.NotEqual(0, code);
+        Assert.Contains("lower --widths or raise --capacity", stderr);
+    }
+
+    [Fact]
     public void Bench_rebalance_should_report_each_streams_gaps_around_the_newcomers_prefill_and_its_ttft()
     {
         string dir = Directory.CreateTempSubdirectory("coordgen-rebalance-").FullName;

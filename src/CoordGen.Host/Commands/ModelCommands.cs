@@ -107,6 +107,11 @@ internal static class ModelCommands
             int cap = parse.GetValue(capacity);
             CommonOptions.Validate(cap, 1);
             var ws = ParseList(parse.GetValue(widths)!, int.Parse);
+            if (ws.Any(w => w < 1 || w * 2 > cap))
+            {
+                throw new ArgumentException($"--widths must be between 1 and half of --capacity {cap} (got {string.Join(",", ws)}): lower --widths or raise --capacity.");
+            }
+
             var fs = ParseList(parse.GetValue(fills)!, s => double.Parse(s, CultureInfo.InvariantCulture));
             int reps = Math.Max(3, parse.GetValue(repeats));
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
@@ -219,7 +224,9 @@ internal static class ModelCommands
         string text = string.Concat(Enumerable.Repeat("The keeper lit the lamp every evening so that ships could find the harbour. ", 20));
         int[] prompt = bundle.Tokenizer.Encode(PromptTemplate.Render(text, "Summarize the document.", bundle.HasRoleTokens));
         prompt = prompt.Length > cap / 2 ? prompt[..(cap / 2)] : prompt;
-        int steps = Math.Max(128, reps * 16);
+
+        // As many steps as asked for, but prompt + steps must fit the cache (small --capacity values).
+        int steps = Math.Min(Math.Max(128, reps * 16), cap - prompt.Length - 1);
         var sampler = new Sampler(new SamplingOptions());
         using var engineCache = rt.CreateCache();
         using var bareCache = rt.CreateCache();
