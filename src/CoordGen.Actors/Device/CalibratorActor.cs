@@ -13,7 +13,8 @@ namespace CoordGen.Actors.Device;
 /// </summary>
 public sealed class CalibratorActor : ReceiveActor
 {
-    private readonly Dictionary<object, (PrefillTopK TopK, double Ms)> _open = [];
+    /// <summary>Per session being calibrated: the top-k read so far (null once a chunk failed) and the time spent.</summary>
+    private readonly Dictionary<object, (PrefillTopK? TopK, double Ms)> _open = [];
 
     public CalibratorActor()
     {
@@ -27,14 +28,14 @@ public sealed class CalibratorActor : ReceiveActor
 
             try
             {
-                state.TopK.AddRows(c.Logits, c.Vocab);
-                _open[c.Key] = (state.TopK, state.Ms + Stopwatch.GetElapsedTime(t0).TotalMilliseconds);
+                state.TopK?.AddRows(c.Logits, c.Vocab);
             }
             catch (Exception ex) when (ex is not OutOfMemoryException)
             {
-                // Remember the failure as a missing entry plus a poisoned marker: Finish reports it.
-                _open[c.Key] = (new PrefillTopK(c.Options.TopK), double.NaN);
+                state.TopK = null; // Finish reports the failure; the session drafts without calibration
             }
+
+            _open[c.Key] = (state.TopK, state.Ms + Stopwatch.GetElapsedTime(t0).TotalMilliseconds);
         });
         Receive<CalibrateFinish>(f =>
         {
@@ -42,12 +43,12 @@ public sealed class CalibratorActor : ReceiveActor
             long t0 = Stopwatch.GetTimestamp();
             CalibratedIndex? index = null;
             double ms = 0;
-            if (_open.Remove(f.Key, out var state) && !double.IsNaN(state.Ms))
+            if (_open.Remove(f.Key, out var state) && state.TopK is { } topK)
             {
                 ms = state.Ms;
                 try
                 {
-                    index = CalibratedIndex.Build(f.Prompt, state.TopK, f.Options);
+                    index = CalibratedIndex.Build(f.Prompt, topK, f.Options);
                 }
                 catch (Exception ex) when (ex is not OutOfMemoryException)
                 {

@@ -34,9 +34,6 @@ public sealed class GraphSwitcher : IDisposable
         _worker = Task.Factory.StartNew(Work, TaskCreationOptions.LongRunning);
     }
 
-    /// <summary>Milliseconds the loader spent loading so far.</summary>
-    public double LoadMs { get; private set; }
-
     /// <summary>The variant block <paramref name="block"/> computes on now.</summary>
     public int WidthOf(int block) => _width[block];
 
@@ -147,7 +144,7 @@ public sealed class GraphSwitcher : IDisposable
             {
                 if (!job.Cancelled && !_model.IsLoaded(job.Block, job.Width))
                 {
-                    LoadMs += _model.Load(job.Block, job.Width);
+                    _model.Load(job.Block, job.Width);
                     job.Loaded = true;
                 }
             }

@@ -396,7 +396,7 @@ public sealed class AcceptanceMemory
             int n = Math.Min(Math.Min(_count, _ring.Length), dest.Length);
             for (int i = 0; i < n; i++)
             {
-                dest[i] = _ring[(_count - 1 - i + (_ring.Length * 4)) % _ring.Length];
+                dest[i] = _ring[(_count - 1 - i) % _ring.Length]; // newest first; i < n <= _count
             }
 
             return n;

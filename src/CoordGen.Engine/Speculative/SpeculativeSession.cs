@@ -317,6 +317,8 @@ public sealed class SpeculativeSession : IDisposable
     private List<int>? _preChain;
     private int[]? _preDraft;
     private int[] _preHyp = [];
+    private List<int>? _preSequence;
+    private readonly List<int[]> _preBranches = [];
     private int _preHypLength;
 
     /// <summary>
@@ -364,7 +366,8 @@ public sealed class SpeculativeSession : IDisposable
             return false;
         }
 
-        var seq = new List<int>(_sequence.Count + n + 1);
+        var seq = _preSequence ??= new List<int>(_sequence.Capacity);
+        seq.Clear();
         seq.AddRange(_sequence);
         MatchCursor sc = _samCursor, cc = _calCursor, hc = _histCursor;
         bool useSam = _spec.Drafter == DrafterKind.Sam || _spec.UseTree;
@@ -391,7 +394,8 @@ public sealed class SpeculativeSession : IDisposable
         _preTree ??= new DraftTree(_width - 1);
         _preChain ??= new List<int>(_width);
         _preDraft ??= new int[_draft.Length];
-        var branches = new List<int[]>();
+        var branches = _preBranches;
+        branches.Clear();
 
         // The model's next token after the chain, guessed as the drafters' own continuation.
         _preTree.Clear();
@@ -435,10 +439,8 @@ public sealed class SpeculativeSession : IDisposable
     private int _recentCount;
     private int _adaptiveSteps;
 
-    /// <summary>Steps verified on each width so far (adaptive width; the full width otherwise).</summary>
-    public IReadOnlyDictionary<int, int> StepsByWidth => _stepsByWidth;
-
-    private readonly Dictionary<int, int> _stepsByWidth = [];
+    /// <summary>The compiled widths adaptive width chooses from (1 = plain up to the full width), ascending.</summary>
+    private int[]? _candidateWidths;
 
     /// <summary>The decoder's memory of recent steps across sessions (the prior before this session has its own).</summary>
     internal AcceptanceMemory? SharedAcceptance { get; init; }
@@ -496,7 +498,8 @@ public sealed class SpeculativeSession : IDisposable
             chosen = _width;
             double best = n < 4 ? double.MaxValue : -1; // nothing to go on yet: the full width
             double draftMs = _acct.Steps == 0 ? 0 : _draftMs / _acct.Steps;
-            foreach (int w in _runtime.Widths.Where(w => w <= _width).Order())
+            _candidateWidths ??= [.. _runtime.Widths.Where(w => w <= _width).Order()];
+            foreach (int w in _candidateWidths)
             {
                 if ((_spec.WidthCostMs is { } cost ? cost(w) : _runtime.RecentRunMs(w, _cache.Bucket)) is not { } ms)
                 {
@@ -527,7 +530,6 @@ public sealed class SpeculativeSession : IDisposable
             }
         }
 
-        _stepsByWidth[chosen] = _stepsByWidth.GetValueOrDefault(chosen) + 1;
         return chosen;
     }
 

@@ -93,14 +93,13 @@ internal static class BenchAccept
             int cap = parse.GetValue(capacity);
             using var rt = ConsoleUi.Status("compiling graphs", () =>
             {
-                Adaptive = parse.GetValue(adaptive);
-                var r = new OrtModelRuntime(bundle.Weights, cap, [.. new[] { 1, 64 }.Concat(ws).Concat(Adaptive ? [4] : []).Distinct()]);
+                var r = new OrtModelRuntime(bundle.Weights, cap, [.. new[] { 1, 64 }.Concat(ws).Concat(parse.GetValue(adaptive) ? [4] : []).Distinct()]);
                 r.CompileAll();
                 return r;
             });
             var calib = new CalibrationOptions { TopK = parse.GetValue(calibK), Depth = parse.GetValue(calibDepth), MinProbability = parse.GetValue(calibMinP) };
             var profile = parse.GetValue(deviceProfile) is { } pn ? DeviceProfile.Load(pn) : null;
-            var rows = Run(bundle, rt, files, ws, ms, parse.GetValue(limit), calib);
+            var rows = Run(bundle, rt, files, ws, ms, parse.GetValue(limit), calib, parse.GetValue(adaptive));
             if (profile is not null)
             {
                 // Per token: (the profile's step at this width + our measured drafting) / tokens per step.
@@ -113,9 +112,7 @@ internal static class BenchAccept
         return cmd;
     }
 
-    private static bool Adaptive { get; set; }
-
-    internal static List<AcceptRow> Run(ModelBundle bundle, OrtModelRuntime rt, List<string> files, List<int> widths, List<string> methods, int limit, CalibrationOptions calib)
+    internal static List<AcceptRow> Run(ModelBundle bundle, OrtModelRuntime rt, List<string> files, List<int> widths, List<string> methods, int limit, CalibrationOptions calib, bool adaptive = false)
     {
         var rows = new List<AcceptRow>();
         var plain = new Generator(rt);
@@ -155,7 +152,7 @@ internal static class BenchAccept
                     {
                         foreach (int w in widths)
                         {
-                            var opts = SpeculationOptions.ForMethod(m, w) with { Calibration = calib, AdaptiveWidth = Adaptive };
+                            var opts = SpeculationOptions.ForMethod(m, w) with { Calibration = calib, AdaptiveWidth = adaptive };
                             HistoryStore? history = null;
                             if (opts.UseHistory && !histories.TryGetValue(w, out history))
                             {

@@ -5,11 +5,8 @@ using System.Text;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 using System.Threading.Channels;
-using Akka.Actor;
 using CoordGen.Host.Serving;
-using CoordGen.Messages;
 using Spectre.Console;
-using static CoordGen.Messages.GenerationProtocol;
 
 namespace CoordGen.Host.Commands;
 
@@ -105,14 +102,14 @@ internal static class BenchRebalance
             long newcomerSent = 0;
             await ConsoleUi.Err.Status().StartAsync($"{n} streams, then a {newcomer.Length}-token prompt", async _ =>
             {
-                var streams = running.Select((r, s) => Send(service.Supervisor, r.Tokens, r.MaxTokens, m, w, writers[s], ct)).ToList();
+                var streams = running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, writers[s], ct)).ToList();
                 while (writers.Any(x => x.Count < 8) && !streams.All(t => t.IsCompleted))
                 {
                     await Task.Delay(1, ct);
                 }
 
                 newcomerSent = Stopwatch.GetTimestamp();
-                await Send(service.Supervisor, newcomer, 16, m, w, newcomerWriter, ct);
+                await BenchStreams.SendAsync(service.Supervisor, newcomer, 16, m, w, newcomerWriter, ct);
                 await Task.WhenAll(streams);
             });
 
@@ -149,15 +146,6 @@ internal static class BenchRebalance
             return 0;
         });
         return cmd;
-    }
-
-    private static async Task Send(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, TimestampingWriter writer, CancellationToken ct)
-    {
-        var reply = await supervisor.Ask<object>(new Generate("bench", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, writer, ct), Timeout.InfiniteTimeSpan);
-        if (reply is GenerationFailed f)
-        {
-            throw new InvalidOperationException($"a benchmark stream failed: {f.Detail}");
-        }
     }
 
     private static void Write(RebalanceReport report, TimestampingWriter[] writers, long sent, long first, int chunk, int width, BenchStamp stamp, string dir, FileInfo? json)

@@ -30,7 +30,7 @@ internal static class BenchStreams
     public static async Task<(int[] Tokens, long[] Arrivals)> RunAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct, bool adaptive = false)
     {
         var channel = Channel.CreateBounded<int>(64);
-        var reply = supervisor.Ask<object>(new Generate("bench", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, channel.Writer, ct) { AdaptiveWidth = adaptive }, Timeout.InfiniteTimeSpan);
+        var reply = SendAsync(supervisor, prompt, maxTokens, method, width, channel.Writer, ct, adaptive);
         var tokens = new List<int>();
         var arrivals = new List<long>();
         await foreach (int t in channel.Reader.ReadAllAsync(ct))
@@ -39,12 +39,18 @@ internal static class BenchStreams
             tokens.Add(t);
         }
 
-        if (await reply is GenerationFailed f)
+        await reply;
+        return ([.. tokens], [.. arrivals]);
+    }
+
+    /// <summary>One greedy request through the supervisor, its tokens written to <paramref name="output"/>; throws if it fails.</summary>
+    public static async Task SendAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, ChannelWriter<int> output, CancellationToken ct, bool adaptive = false)
+    {
+        var reply = await supervisor.Ask<object>(new Generate("bench", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, output, ct) { AdaptiveWidth = adaptive }, Timeout.InfiniteTimeSpan);
+        if (reply is GenerationFailed f)
         {
             throw new InvalidOperationException($"a benchmark stream failed: {f.Detail}");
         }
-
-        return ([.. tokens], [.. arrivals]);
     }
 
     /// <summary>
