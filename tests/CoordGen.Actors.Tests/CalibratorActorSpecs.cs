@@ -8,8 +8,18 @@ public class CalibratorActorSpecs : TestKit
 {
     private const int Vocab = 16;
 
+    /// <summary>The top-k rows (what the device sends) of <see cref="Logits"/>.</summary>
+    private static TopRows Rows(int[] context, int from, int count, Random rng) => Top(Logits(context, from, count, rng), new CalibrationOptions().TopK);
+
+    private static TopRows Top(float[] logits, int k)
+    {
+        var scan = new PrefillTopK(k);
+        scan.AddRows(logits, Vocab);
+        return scan.ToRows();
+    }
+
     /// <summary>Peaked logits: position p strongly predicts the context token at p + 1 (so calibrated paths form).</summary>
-    private static float[] Rows(int[] context, int from, int count, Random rng)
+    private static float[] Logits(int[] context, int from, int count, Random rng)
     {
         var rows = new float[count * Vocab];
         for (int r = 0; r < count; r++)
@@ -33,7 +43,7 @@ public class CalibratorActorSpecs : TestKit
         var rng = new Random(3);
         int[] context = [.. Enumerable.Range(0, 40).Select(_ => rng.Next(Vocab))];
         var options = new CalibrationOptions();
-        var chunks = new[] { Rows(context, 0, 16, rng), Rows(context, 16, 16, rng), Rows(context, 32, 8, rng) };
+        var chunks = new[] { Logits(context, 0, 16, rng), Logits(context, 16, 16, rng), Logits(context, 32, 8, rng) };
         var inPlace = new PrefillTopK(options.TopK);
         foreach (var c in chunks)
         {
@@ -46,7 +56,7 @@ public class CalibratorActorSpecs : TestKit
         var key = new object();
         foreach (var c in chunks)
         {
-            calibrator.Tell(new CalibrateChunk(key, c, Vocab, options), TestActor);
+            calibrator.Tell(new CalibrateChunk(key, Top(c, options.TopK), options), TestActor);
         }
 
         calibrator.Tell(new CalibrateFinish(key, "s", context, options), TestActor);
@@ -65,8 +75,8 @@ public class CalibratorActorSpecs : TestKit
         var options = new CalibrationOptions();
         var calibrator = Sys.ActorOf(CalibratorActor.Props());
         object gone = new(), kept = new();
-        calibrator.Tell(new CalibrateChunk(gone, Rows(context, 0, 20, rng), Vocab, options), TestActor);
-        calibrator.Tell(new CalibrateChunk(kept, Rows(context, 0, 20, rng), Vocab, options), TestActor);
+        calibrator.Tell(new CalibrateChunk(gone, Rows(context, 0, 20, rng), options), TestActor);
+        calibrator.Tell(new CalibrateChunk(kept, Rows(context, 0, 20, rng), options), TestActor);
         calibrator.Tell(new CalibrateCancel(gone), TestActor);
         calibrator.Tell(new CalibrateFinish(gone, "gone", context, options), TestActor);
         calibrator.Tell(new CalibrateFinish(kept, "kept", context, options), TestActor);

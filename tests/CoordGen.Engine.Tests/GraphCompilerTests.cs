@@ -1,6 +1,8 @@
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Model;
+using CoordGen.Engine.Onnx;
 using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Speculative;
 
 namespace CoordGen.Engine.Tests;
 
@@ -39,6 +41,42 @@ public class GraphCompilerTests
             var row = gen.Step(narrow, tokens[i]);
             TestModels.AssertClose(wideLogits.AsSpan(i * 50, 50).ToArray(), row, what: $"step {i}");
         }
+    }
+
+    [Fact]
+    public void Top_k_head_should_give_each_rows_argmax_first_and_its_softmax_probabilities()
+    {
+        var weights = ModelWeights.Random(TestModels.Tiny(), seed: 5, scale: 0.3f);
+        int[] tokens = [4, 8, 15, 16, 23, 42, 7, 1];
+        using var rt = new OrtModelRuntime(weights, capacity: 16, widths: [1, 8]);
+        using var cache = rt.CreateCache();
+        var buf = rt.Buffers(8, cache);
+        Assert.Equal(LlamaGraphCompiler.TopCandidates, buf.TopK);
+        Assert.Equal(0, rt.Buffers(1, cache).TopK); // plain decoding's graph keeps only logits
+        buf.SetLinear(tokens, 0, 0);
+        rt.Run(8, cache);
+
+        // Where the host scan and the head agree on a row, the head is right; the scan is the reference.
+        var scan = new PrefillTopK(buf.TopK);
+        scan.AddRows(buf.Logits, buf.VocabSize);
+        var fromHead = new PrefillTopK(buf.TopK);
+        fromHead.AddChunk(buf, tokens.Length);
+        for (int r = 0; r < tokens.Length; r++)
+        {
+            Assert.Equal(System.Numerics.Tensors.TensorPrimitives.IndexOfMax(buf.LogitsRow(r)), buf.Argmax(r));
+            for (int j = 0; j < buf.TopK; j++)
+            {
+                Assert.Equal(scan.Token(r, j), fromHead.Token(r, j));
+                Assert.Equal(scan.Probability(r, j), fromHead.Probability(r, j), 1e-5f);
+            }
+        }
+
+        // A chunk handed to a calibrator elsewhere carries the same rows.
+        var rows = TopRows.From(buf, tokens.Length, 2);
+        var remote = new PrefillTopK(2);
+        remote.Add(rows);
+        Assert.Equal(tokens.Length, remote.Positions);
+        Assert.Equal(scan.Token(3, 1), remote.Token(3, 1));
     }
 
     [Fact]

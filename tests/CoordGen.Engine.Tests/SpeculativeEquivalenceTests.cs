@@ -82,9 +82,9 @@ public class SpeculativeEquivalenceTests
         var expected = plain.Generate(prompt, 48, new SamplingOptions(), demo.StopTokens).Tokens;
         var opts = SpeculationOptions.ForMethod("sam+ours", 8);
 
-        // The calibrator's side: the chunks' logits arrive as copies; the index is built after prefill.
+        // The calibrator's side: the chunks' top-k rows arrive as copies; the index is built after prefill.
         var topK = new PrefillTopK(opts.Calibration.TopK);
-        var (prefill, finish) = spec.BeginPrefill(prompt, opts.Calibration, logits => topK.AddRows(logits, demo.Config.VocabSize));
+        var (prefill, finish) = spec.BeginPrefill(prompt, opts.Calibration, rows => topK.Add(rows));
         while (!prefill.Step())
         {
         }

@@ -5,8 +5,8 @@ using CoordGen.Engine.Speculative;
 namespace CoordGen.Actors.Device;
 
 /// <summary>
-/// The calibrator (paper §3.3) on its own thread: it reads the top-k next tokens of every prompt
-/// position from copies of the prefill chunks' logits while the device computes the next chunks (or
+/// The calibrator (paper §3.3) on its own thread: it gathers the top-k next tokens of every prompt
+/// position from copies of the prefill chunks' top-k rows while the device computes the next chunks (or
 /// other sessions' steps), and at the end of the prefill builds the calibrated index and hands it
 /// back. The session starts decoding without waiting for it; calibrated drafts join from the next
 /// step after the index arrives. A failure here degrades that session to the other draft sources.
@@ -28,7 +28,7 @@ public sealed class CalibratorActor : ReceiveActor
 
             try
             {
-                state.TopK?.AddRows(c.Logits, c.Vocab);
+                state.TopK?.Add(c.Rows);
             }
             catch (Exception ex) when (ex is not OutOfMemoryException)
             {
@@ -68,8 +68,8 @@ public sealed class CalibratorActor : ReceiveActor
     public static Props Props() => Akka.Actor.Props.Create(() => new CalibratorActor());
 }
 
-/// <summary>Device → calibrator: the logits rows of one prefill chunk (a copy the calibrator owns), in order.</summary>
-public sealed record CalibrateChunk(object Key, float[] Logits, int Vocab, CalibrationOptions Options);
+/// <summary>Device → calibrator: the top-k rows of one prefill chunk (a copy the calibrator owns), in order.</summary>
+public sealed record CalibrateChunk(object Key, TopRows Rows, CalibrationOptions Options);
 
 /// <summary>Device → calibrator: the prefill of <paramref name="Prompt"/> is done; build its calibrated index.</summary>
 public sealed record CalibrateFinish(object Key, string SessionId, int[] Prompt, CalibrationOptions Options, ActivityContext Trace = default);

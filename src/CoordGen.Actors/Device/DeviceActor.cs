@@ -516,12 +516,11 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                         _options = _options with { UseHistory = true };
                     }
 
-                    // Calibration runs on the calibrator actor: each chunk's logits go there as the device moves on.
+                    // Calibration runs on the calibrator actor: each chunk's top-k rows go there as the device moves on.
                     var cal = _options.Calibration;
-                    int vocab = runtime.Config.VocabSize;
                     var self = this;
                     (_prefill, _finishPrefill) = spec.BeginPrefill(prompt, _options.UseCalibration ? cal : null,
-                        logits => calibrator.Tell(new CalibrateChunk(self, logits, vocab, cal), device));
+                        rows => calibrator.Tell(new CalibrateChunk(self, rows, cal), device));
                 }
             }
 

@@ -18,7 +18,10 @@ public readonly record struct GraphShape(int Width, int Capacity)
 /// <c>attention_mask</c> float [1,1,W,C+W], additive (0 = visible, -1e9 = hidden), columns 0..C-1 are
 /// cache slots and C..C+W-1 the new tokens, so a token tree is verified by giving each row its
 /// ancestors; <c>past_key_i</c>/<c>past_value_i</c> float [1,Hkv,C,D] per layer.</para>
-/// <para>Outputs: <c>logits</c> float [1,W,V]; <c>present_key_i</c>/<c>present_value_i</c> float
+/// <para>Outputs: <c>logits</c> float [1,W,V]; with <c>topCandidates</c> K &gt; 0 also <c>top_ids</c> int64
+/// [1,W,K] and <c>top_probs</c> float [1,W,K]: each row's K most likely next tokens (ties: lower id first,
+/// as argmax) and their softmax probabilities, so greedy verification and calibration read K numbers a row
+/// instead of scanning V logits on the host; <c>present_key_i</c>/<c>present_value_i</c> float
 /// [1,Hkv,W,D]: the keys (after RoPE) and values of the W new tokens only. The graph never copies
 /// the cache: attention scores against the cache and against the new tokens are computed
 /// separately and joined, so the caller's cache buffers are read in place.</para>
@@ -42,7 +45,15 @@ public static class LlamaGraphCompiler
     /// <summary>Weight names the graph expects as shared initializers.</summary>
     public static IEnumerable<string> WeightNames(ModelConfig c) => ModelWeights.ExpectedTensors(c).Select(e => e.Name);
 
-    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false) => Compile(c, shape, hasLmHead).ToByteArray();
+    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0) =>
+        Compile(c, shape, hasLmHead, topCandidates: topCandidates).ToByteArray();
+
+    /// <summary>Candidates per row in the <c>top_ids</c>/<c>top_probs</c> outputs of the runtime's verification and prefill graphs.</summary>
+    public const int TopCandidates = 4;
+
+    public const string TopIds = "top_ids";
+
+    public const string TopProbs = "top_probs";
 
     /// <summary>Hidden state between blocks of a split model: [W, hidden].</summary>
     public const string HiddenIn = "hidden_in";
@@ -58,8 +69,13 @@ public static class LlamaGraphCompiler
     public static byte[] CompileBlockBytes(ModelConfig c, GraphShape shape, int firstLayer, int endLayer, bool hasLmHead = false) =>
         Compile(c, shape, hasLmHead, firstLayer, endLayer).ToByteArray();
 
-    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1)
+    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0)
     {
+        if (topCandidates < 0 || topCandidates > c.VocabSize)
+        {
+            throw new ArgumentException($"top candidates must be between 0 and the vocabulary size {c.VocabSize} (got {topCandidates}).");
+        }
+
         if (endLayer < 0)
         {
             endLayer = c.NumLayers;
@@ -184,8 +200,20 @@ public static class LlamaGraphCompiler
         {
             string final = RmsNorm(x, W("model.norm.weight", c.HiddenSize));
             string head = hasLmHead ? W("lm_head.weight", c.VocabSize, c.HiddenSize) : embed!;
-            b.Node("Reshape", [Linear(final, head), b.ConstInt64([1, w, c.VocabSize])], "logits");
+            string logits = b.Node("Reshape", [Linear(final, head), b.ConstInt64([1, w, c.VocabSize])], "logits");
             b.Output("logits", DT.Float, 1, w, c.VocabSize);
+            if (topCandidates > 0)
+            {
+                // Top-K of the logits (not of the probabilities, so ties break as argmax over the logits does),
+                // then p = exp(l - max) / sum(exp(l - max)) for the K kept; the max is the first of the K.
+                var top = b.NodeMulti("TopK", [logits, b.ConstInt64([topCandidates])], 2, GraphBuilder.Int("axis", -1), GraphBuilder.Int("largest", 1), GraphBuilder.Int("sorted", 1));
+                b.Node("Identity", [top[1]], TopIds);
+                string max = b.Node("Slice", [top[0], sliceStart0, b.ConstInt64([1]), axisLast]);
+                string sum = b.Node("ReduceSum", [b.Node("Exp", [b.Node("Sub", [logits, max])]), axisLast], attrs: GraphBuilder.Int("keepdims", 1));
+                b.Node("Div", [b.Node("Exp", [b.Node("Sub", [top[0], max])]), sum], TopProbs);
+                b.Output(TopIds, DT.Int64, 1, w, topCandidates);
+                b.Output(TopProbs, DT.Float, 1, w, topCandidates);
+            }
         }
         else
         {

@@ -186,6 +186,13 @@ public sealed class OrtModelRuntime : IDisposable
         }
     }
 
+    /// <summary>
+    /// Width-1 graphs (plain decoding) keep only logits: the sampler reads one row and the extra head
+    /// would cost every plain step. Wider graphs (verification, prefill) also give each row's top
+    /// candidates (<see cref="LlamaGraphCompiler.TopCandidates"/>).
+    /// </summary>
+    public static int TopCandidatesFor(int width) => width >= 2 ? LlamaGraphCompiler.TopCandidates : 0;
+
     public static int[] CapacityBuckets(int capacity)
     {
         var b = new List<int>();
@@ -330,7 +337,7 @@ public sealed class OrtModelRuntime : IDisposable
         }
 
         string path = Path.Combine(GraphDirectory, $"w{shape.Width}_c{shape.Capacity}.onnx");
-        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight"));
+        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width)));
         return path;
     }
 
@@ -401,10 +408,11 @@ public sealed class OrtModelRuntime : IDisposable
             _so = owner.CreateSessionOptions($"w{shape.Width}_c{shape.Capacity}");
             string path = owner.WriteGraph(shape);
             _session = new InferenceSession(path, _so, owner._prepacked);
-            Buffers = new StepBuffers(shape.Width, shape.Capacity, c);
+            Buffers = new StepBuffers(shape.Width, shape.Capacity, c, TopCandidatesFor(shape.Width));
 
             _inputNames = ["input_ids", "position_ids", "attention_mask", .. Enumerable.Range(0, _layers).SelectMany(l => new[] { LlamaGraphCompiler.PastKey(l), LlamaGraphCompiler.PastValue(l) })];
-            _outputNames = ["logits", .. Enumerable.Range(0, _layers).SelectMany(l => new[] { LlamaGraphCompiler.PresentKey(l), LlamaGraphCompiler.PresentValue(l) })];
+            string[] top = Buffers.TopK > 0 ? [LlamaGraphCompiler.TopIds, LlamaGraphCompiler.TopProbs] : [];
+            _outputNames = ["logits", .. Enumerable.Range(0, _layers).SelectMany(l => new[] { LlamaGraphCompiler.PresentKey(l), LlamaGraphCompiler.PresentValue(l) }), .. top];
             _inputs = new OrtValue[_inputNames.Length];
             _inputs[0] = OrtValue.CreateTensorValueFromMemory(Buffers.TokenIds, [1, shape.Width]);
             _inputs[1] = OrtValue.CreateTensorValueFromMemory(Buffers.Positions, [1, shape.Width]);
@@ -416,6 +424,13 @@ public sealed class OrtModelRuntime : IDisposable
             {
                 _outputs[1 + (2 * l)] = OrtValue.CreateTensorValueFromMemory(Buffers.NewKeys[l], kvShape);
                 _outputs[2 + (2 * l)] = OrtValue.CreateTensorValueFromMemory(Buffers.NewValues[l], kvShape);
+            }
+
+            if (Buffers.TopK > 0)
+            {
+                long[] topShape = [1, shape.Width, Buffers.TopK];
+                _outputs[1 + (2 * _layers)] = OrtValue.CreateTensorValueFromMemory(Buffers.TopIds, topShape);
+                _outputs[2 + (2 * _layers)] = OrtValue.CreateTensorValueFromMemory(Buffers.TopProbs, topShape);
             }
         }
 
@@ -461,8 +476,11 @@ public sealed class OrtModelRuntime : IDisposable
 /// </summary>
 public sealed class StepBuffers
 {
-    internal StepBuffers(int width, int capacity, ModelConfig c)
+    internal StepBuffers(int width, int capacity, ModelConfig c, int topK = 0)
     {
+        TopK = topK;
+        TopIds = GC.AllocateArray<long>(width * topK, pinned: true);
+        TopProbs = GC.AllocateArray<float>(width * topK, pinned: true);
         Width = width;
         Capacity = capacity;
         VocabSize = c.VocabSize;
@@ -493,6 +511,18 @@ public sealed class StepBuffers
     public float[][] NewValues { get; }
 
     public ReadOnlySpan<float> LogitsRow(int row) => Logits.AsSpan(row * VocabSize, VocabSize);
+
+    /// <summary>Candidates per row in <see cref="TopIds"/>/<see cref="TopProbs"/>; 0 when the graph has no top-K head.</summary>
+    public int TopK { get; }
+
+    /// <summary>Each row's <see cref="TopK"/> most likely next tokens, best first (ties: lower id first).</summary>
+    public long[] TopIds { get; }
+
+    /// <summary>Softmax probabilities of <see cref="TopIds"/>.</summary>
+    public float[] TopProbs { get; }
+
+    /// <summary>The greedy next token of a row: from the graph's top-K head when it has one, else the argmax of the logits.</summary>
+    public int Argmax(int row) => TopK > 0 ? (int)TopIds[row * TopK] : System.Numerics.Tensors.TensorPrimitives.IndexOfMax(LogitsRow(row));
 
     /// <summary>Fills a causal chunk: tokens at positions start.., rows past <paramref name="tokens"/> padded.</summary>
     public void SetLinear(ReadOnlySpan<int> tokens, int startPosition, int cacheLength)

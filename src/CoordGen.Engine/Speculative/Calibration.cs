@@ -20,8 +20,45 @@ public sealed record CalibrationOptions
 }
 
 /// <summary>
-/// Per-position top-k next tokens from prefill logits, gathered chunk by chunk during prefill in one
-/// vectorized pass per row (max, log-sum-exp, k-best scan).
+/// The top-k next tokens (best first) and their probabilities for consecutive rows: a copy of one
+/// prefill chunk's, small enough to hand to a calibrator on another thread.
+/// </summary>
+public sealed record TopRows(int K, int[] Ids, float[] Probs)
+{
+    public int Rows => Ids.Length / K;
+
+    /// <summary>
+    /// Rows 0..n-1 of a step's output, k candidates each: read from the graph's top-K head when it has
+    /// at least k (k numbers a row), else scanned from the logits here.
+    /// </summary>
+    public static TopRows From(StepBuffers buf, int n, int k)
+    {
+        if (buf.TopK >= k)
+        {
+            var ids = new int[n * k];
+            var probs = new float[n * k];
+            for (int r = 0; r < n; r++)
+            {
+                for (int j = 0; j < k; j++)
+                {
+                    ids[(r * k) + j] = (int)buf.TopIds[(r * buf.TopK) + j];
+                    probs[(r * k) + j] = buf.TopProbs[(r * buf.TopK) + j];
+                }
+            }
+
+            return new TopRows(k, ids, probs);
+        }
+
+        var scan = new PrefillTopK(k);
+        scan.AddRows(buf.Logits.AsSpan(0, n * buf.VocabSize), buf.VocabSize);
+        return scan.ToRows();
+    }
+}
+
+/// <summary>
+/// Per-position top-k next tokens from the prefill, gathered chunk by chunk: from the graphs' top-K
+/// head (<see cref="StepBuffers.TopIds"/>), or, for graphs without one, in one vectorized pass per
+/// logits row (max, log-sum-exp, k-best scan).
 /// </summary>
 public sealed class PrefillTopK
 {
@@ -41,7 +78,45 @@ public sealed class PrefillTopK
     public float Probability(int pos, int rank) => _probs[(pos * _k) + rank];
 
     /// <summary>Reads rows 0..n-1 of a prefill chunk (call from Generator.Prefill's onChunk).</summary>
-    public void AddChunk(StepBuffers buf, int n) => AddRows(buf.Logits.AsSpan(0, n * buf.VocabSize), buf.VocabSize);
+    public void AddChunk(StepBuffers buf, int n)
+    {
+        if (buf.TopK >= _k)
+        {
+            for (int r = 0; r < n; r++)
+            {
+                for (int j = 0; j < _k; j++)
+                {
+                    _tokens.Add((int)buf.TopIds[(r * buf.TopK) + j]);
+                    _probs.Add(buf.TopProbs[(r * buf.TopK) + j]);
+                }
+            }
+        }
+        else
+        {
+            AddRows(buf.Logits.AsSpan(0, n * buf.VocabSize), buf.VocabSize);
+        }
+    }
+
+    /// <summary>Appends rows read elsewhere (a calibrator's copy of a chunk); they must have at least k candidates each.</summary>
+    public void Add(TopRows rows)
+    {
+        if (rows.K < _k)
+        {
+            throw new ArgumentException($"rows carry {rows.K} candidates each; this calibration keeps {_k}.");
+        }
+
+        for (int r = 0; r < rows.Rows; r++)
+        {
+            for (int j = 0; j < _k; j++)
+            {
+                _tokens.Add(rows.Ids[(r * rows.K) + j]);
+                _probs.Add(rows.Probs[(r * rows.K) + j]);
+            }
+        }
+    }
+
+    /// <summary>What was read so far, as rows.</summary>
+    public TopRows ToRows() => new(_k, [.. _tokens], [.. _probs]);
 
     /// <summary>Reads consecutive logits rows of <paramref name="vocab"/> entries each (a copy of a chunk's, for a calibrator off the device thread).</summary>
     public void AddRows(ReadOnlySpan<float> logits, int vocab)

@@ -113,15 +113,15 @@ public sealed class SpeculativeDecoder
     /// Chunked prefill as steps (with the per-position top-k calibration needs): run <see cref="PrefillSession.Step"/>
     /// until done, then call Finish for the <see cref="Prefilled"/> (which owns the cache).
     /// </summary>
-    /// <param name="offload">With calibration: instead of reading the top-k here, hand each chunk's
-    /// logits rows (a copy the receiver owns) to this calibrator; the result is marked
+    /// <param name="offload">With calibration: instead of gathering the top-k here, hand each chunk's
+    /// top-k rows (a copy the receiver owns) to this calibrator; the result is marked
     /// <see cref="Prefilled.CalibrationDeferred"/>.</param>
-    public (PrefillSession Session, Func<Prefilled> Finish) BeginPrefill(int[] prompt, CalibrationOptions? calibration, Action<float[]>? offload = null)
+    public (PrefillSession Session, Func<Prefilled> Finish) BeginPrefill(int[] prompt, CalibrationOptions? calibration, Action<TopRows>? offload = null)
     {
         var cache = _runtime.CreateCache();
         if (calibration is not null && offload is not null)
         {
-            return BeginOffloadedPrefill(cache, prompt, offload);
+            return BeginOffloadedPrefill(cache, prompt, calibration.TopK, offload);
         }
 
         PrefillTopK? topK = calibration is null ? null : new PrefillTopK(calibration.TopK);
@@ -160,7 +160,7 @@ public sealed class SpeculativeDecoder
         return (session, () => new Prefilled(prompt, cache, session.LastLogits, failed ? null : topK, session.ElapsedMs, topKMs) { CalibrationFailed = failed });
     }
 
-    private (PrefillSession Session, Func<Prefilled> Finish) BeginOffloadedPrefill(KvCache cache, int[] prompt, Action<float[]> offload)
+    private (PrefillSession Session, Func<Prefilled> Finish) BeginOffloadedPrefill(KvCache cache, int[] prompt, int k, Action<TopRows> offload)
     {
         double copyMs = 0;
         bool failed = false;
@@ -178,7 +178,7 @@ public sealed class SpeculativeDecoder
                 try
                 {
                     _runtime.Faults?.OnCalibrate();
-                    offload(b.Logits.AsSpan(0, n * b.VocabSize).ToArray());
+                    offload(TopRows.From(b, n, k));
                 }
                 catch (Exception ex) when (ex is not OperationCanceledException)
                 {
@@ -354,7 +354,7 @@ public sealed class SpeculativeDecoder
         {
             chain[i] = tree.Token(chainNodes[i]);
             int row = i == 0 ? 0 : chainNodes[i - 1] + 1;
-            predicted[i] = Sampler.Argmax(buf.LogitsRow(row));
+            predicted[i] = buf.Argmax(row);
         }
 
         int e = 0;

@@ -21,6 +21,7 @@ public sealed class SpeculativeSession : IDisposable
     private readonly int _maxTokens;
     private readonly int _width;
     private readonly Sampler _sampler;
+    private readonly bool _greedy;
     private readonly KvCache _cache;
     private readonly DraftAccounting _acct = new();
     private readonly List<int> _sequence;
@@ -72,6 +73,7 @@ public sealed class SpeculativeSession : IDisposable
         _maxTokens = maxTokens;
         _width = spec.Width;
         _sampler = new Sampler(sampling);
+        _greedy = sampling.IsGreedy;
         _cache = runtime.CreateCache();
         _cache.CopyFrom(pre.Cache);
         ReadOnlySpan<int> prompt = pre.Prompt;
@@ -252,7 +254,7 @@ public sealed class SpeculativeSession : IDisposable
         _commitRows[nCommit++] = 0;
         while (true)
         {
-            int y = _sampler.Next(buf.LogitsRow(rowIdx));
+            int y = _greedy ? buf.Argmax(rowIdx) : _sampler.Next(buf.LogitsRow(rowIdx));
             _emitted.Add(y);
             int child = _tree.Child(at, y);
             if (child < 0)
