@@ -40,6 +40,8 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private readonly List<(long Start, long End)> _deviceIntervals = [];
     private readonly List<(long Start, long End)> _draftIntervals = [];
     private double _inlineDraftMs;
+    private double _prefillMs;
+    private double _decodeMs;
     private const int MaxIntervals = 200_000;
 
     private readonly DeviceProfile? _emulate;
@@ -71,7 +73,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 a.OfferCalibration(c);
             }
         });
-        Receive<GetOverlap>(_ => Sender.Tell(new Overlap([.. _deviceIntervals], [.. _draftIntervals], _inlineDraftMs) { Paced = _paced, Overran = _overran }));
+        Receive<GetOverlap>(_ => Sender.Tell(new Overlap([.. _deviceIntervals], [.. _draftIntervals], _inlineDraftMs) { Paced = _paced, Overran = _overran, PrefillMs = _prefillMs, DecodeMs = _decodeMs }));
     }
 
     public ITimerScheduler Timers { get; set; } = null!;
@@ -213,7 +215,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 return (start, System.Diagnostics.Stopwatch.GetTimestamp(), inline, overran);
             });
         _inflight = step;
-        step.PipeTo(self, success: t => new StepDone(target, null, t.Item1, t.Item2, t.Item3) { Overran = t.Item4 }, failure: ex => new StepDone(target, ex, 0, 0, 0));
+        step.PipeTo(self, success: t => new StepDone(target, null, t.Item1, t.Item2, t.Item3) { Overran = t.Item4, Prefill = prefill }, failure: ex => new StepDone(target, ex, 0, 0, 0));
     }
 
     /// <summary>
@@ -273,6 +275,19 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         a.DraftReady = false;
         _lastStepped = a;
         _inlineDraftMs += done.InlineDraftMs;
+        if (done.End != 0)
+        {
+            double ms = System.Diagnostics.Stopwatch.GetElapsedTime(done.Start, done.End).TotalMilliseconds;
+            if (done.Prefill)
+            {
+                _prefillMs += ms;
+            }
+            else
+            {
+                _decodeMs += ms;
+            }
+        }
+
         if (done.End != 0 && _deviceIntervals.Count < MaxIntervals)
         {
             _deviceIntervals.Add((done.Start, done.End));
@@ -365,6 +380,9 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     {
         /// <summary>Paced by a device profile, and the real step took longer than the profile's time.</summary>
         public bool Overran { get; init; }
+
+        /// <summary>A prefill chunk (else a decode step).</summary>
+        public bool Prefill { get; init; }
     }
 
     /// <summary>Ask for the timeline of device steps and prepared drafts (Stopwatch timestamps). Reply: <see cref="Overlap"/>.</summary>
@@ -377,6 +395,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         public int Paced { get; init; }
 
         public int Overran { get; init; }
+
+        /// <summary>Device time in prefill chunks since the device started (ms).</summary>
+        public double PrefillMs { get; init; }
+
+        /// <summary>Device time in decode steps since the device started (ms).</summary>
+        public double DecodeMs { get; init; }
     }
 
     private sealed class Kick

@@ -6,6 +6,7 @@ using System.Text.Json;
 using System.Text.Json.Serialization;
 using System.Threading.Channels;
 using Akka.Actor;
+using CoordGen.Actors.Device;
 using CoordGen.Engine;
 using CoordGen.Engine.Workloads;
 using CoordGen.Host.Serving;
@@ -26,6 +27,12 @@ internal sealed record SessionsRow
     [JsonPropertyName("p99_intertoken_ms")] public double P99IntertokenMs { get; init; }
     [JsonPropertyName("tokens")] public long Tokens { get; init; }
     [JsonPropertyName("identical_to_alone")] public bool IdenticalToAlone { get; init; }
+
+    /// <summary>Share of the device's busy time spent in prefill chunks (the same prompts in every mode).</summary>
+    [JsonPropertyName("prefill_share")] public double PrefillShare { get; init; }
+
+    /// <summary>Generated tokens per second of device time in decode steps: the decode phase's throughput alone.</summary>
+    [JsonPropertyName("decode_tokens_per_device_s")] public double DecodeTokensPerDeviceS { get; init; }
 }
 
 /// <summary>
@@ -91,6 +98,7 @@ internal static class BenchSessions
                 }
             });
 
+            var device = await service.SelectDevice();
             var rows = new List<SessionsRow>();
             await AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).StartAsync(async progress =>
             {
@@ -99,6 +107,7 @@ internal static class BenchSessions
                 {
                     foreach (string mode in modes)
                     {
+                        var before = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
                         var sw = Stopwatch.StartNew();
                         var results = await Task.WhenAll(Enumerable.Range(0, n).Select(async s =>
                         {
@@ -112,6 +121,8 @@ internal static class BenchSessions
                             return list;
                         }));
                         double seconds = sw.Elapsed.TotalSeconds;
+                        var after = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+                        double prefillMs = after.PrefillMs - before.PrefillMs, decodeMs = after.DecodeMs - before.DecodeMs;
                         var all = results.SelectMany(x => x).ToList();
                         var gaps = all.SelectMany(x => x.R.GapsMs).Order().ToList();
                         long tokens = all.Sum(x => (long)x.R.Tokens.Length);
@@ -125,6 +136,8 @@ internal static class BenchSessions
                             P99IntertokenMs = gaps.Count == 0 ? 0 : Math.Round(gaps[Math.Min(gaps.Count - 1, (int)(gaps.Count * 0.99))], 2),
                             Tokens = tokens,
                             IdenticalToAlone = all.All(x => x.R.Tokens.AsSpan().SequenceEqual(alone[x.Index])),
+                            PrefillShare = Math.Round(prefillMs / Math.Max(1e-9, prefillMs + decodeMs), 3),
+                            DecodeTokensPerDeviceS = Math.Round(tokens / Math.Max(1e-9, decodeMs / 1000), 1),
                         });
                         bar.Increment(1);
                     }
@@ -161,18 +174,22 @@ internal static class BenchSessions
         md.AppendLine("# Concurrent sessions (`coordgen bench sessions`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding; `spec` = `{method}` at W = {width} (the runtime's default); `spec-adaptive` = `{method}` with adaptive width (each step verifies on width 1, 4 or {width}, whichever gives the session the most tokens per millisecond; docs/decisions/0006-adaptive-width.md). Prompts alternate task families (summary, rag, ui, reply, ...); aggregate tokens/s counts generated tokens over wall time, prefill included. {perSession} requests per session at each point, greedy.").AppendLine();
-        md.AppendLine("| sessions | mode | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | identical to alone |").AppendLine("|---|---|---|---|---|---|---|");
+        md.AppendLine("`prefill share` is the device's busy time in prefill chunks over its busy time; `decode tok/s (device)` counts generated tokens over device time in decode steps only, the decode phase's throughput without the prefill every mode pays alike.").AppendLine();
+        md.AppendLine("| sessions | mode | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|");
         foreach (var r in rows)
         {
-            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {r.PrefillShare:P0} | {r.DecodeTokensPerDeviceS} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
         }
 
         md.AppendLine();
         foreach (int n in rows.Select(r => r.Sessions).Distinct())
         {
             var ar = rows.First(r => r.Sessions == n && r.Mode == "ar");
-            var parts = rows.Where(r => r.Sessions == n && r.Mode != "ar").Select(r => string.Create(CultureInfo.InvariantCulture, $"{r.Mode} / ar aggregate = {r.AggregateTokensPerS / ar.AggregateTokensPerS:F2}x"));
-            md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s): {string.Join("; ", parts)}");
+            var parts = rows.Where(r => r.Sessions == n && r.Mode != "ar").Select(r => string.Create(CultureInfo.InvariantCulture,
+                $"{r.Mode} / ar aggregate = {r.AggregateTokensPerS / ar.AggregateTokensPerS:F2}x (decode phase {r.DecodeTokensPerDeviceS / Math.Max(1e-9, ar.DecodeTokensPerDeviceS):F2}x)"));
+
+            // Amdahl: prefill costs every mode the same, so even a free decode phase lifts the aggregate by at most 1 / prefill share.
+            md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s): {string.Join("; ", parts)}; ceiling for any decode speedup at ar's prefill share {ar.PrefillShare:P0}: {1 / Math.Max(1e-9, ar.PrefillShare):F2}x");
         }
 
         md.AppendLine().AppendLine("![sessions](sessions.png)");
