@@ -130,4 +130,15 @@ public class InterleavingSpecs : TestKit
     {
         Assert.Equal(prefillNext, StepPolicy.PrefillNext(prefilling, decoding, since));
     }
+
+    [Theory]
+    [InlineData(0, 64, 32, 64)]
+    [InlineData(1, 64, 32, 32)]
+    [InlineData(8, 64, 32, 32)]
+    [InlineData(3, 64, 64, 64)]
+    [InlineData(2, 32, 64, 32)]
+    public void Policy_should_prefill_full_width_when_no_one_decodes_and_narrower_chunks_between_decode_steps(int decoding, int prefillWidth, int interleaved, int chunk)
+    {
+        Assert.Equal(chunk, StepPolicy.ChunkWidth(decoding, prefillWidth, interleaved));
+    }
 }

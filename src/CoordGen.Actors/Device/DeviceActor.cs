@@ -41,6 +41,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private readonly List<(long Start, long End)> _draftIntervals = [];
     private double _inlineDraftMs;
     private double _prefillMs;
+    private readonly int _interleavedChunkWidth;
     private double _decodeMs;
     private const int MaxIntervals = 200_000;
 
@@ -51,8 +52,9 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     /// <param name="emulate">What-if pacing: every device step lasts at least what this accelerator
     /// profile gives for the step's graph width (the real step runs, then the device waits out the
     /// rest), so overlap and scheduling experiments see an NPU's step times. Null: real timings.</param>
-    public DeviceActor(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null)
+    public DeviceActor(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0)
     {
+        _interleavedChunkWidth = interleavedChunkWidth;
         _createRuntime = createRuntime;
         _stopTokens = stopTokens;
         _emulate = emulate;
@@ -78,8 +80,10 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     public ITimerScheduler Timers { get; set; } = null!;
 
-    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null)
-        => Akka.Actor.Props.Create(() => new DeviceActor(createRuntime, stopTokens, emulate));
+    /// <param name="interleavedChunkWidth">Tokens per prefill chunk while other sessions decode
+    /// (<see cref="StepPolicy.ChunkWidth"/>); 0 = always the runtime's widest graph.</param>
+    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0)
+        => Akka.Actor.Props.Create(() => new DeviceActor(createRuntime, stopTokens, emulate, interleavedChunkWidth));
 
     protected override void PreStart()
     {
@@ -180,6 +184,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         }
 
         _sinceChunk = prefill ? 0 : _sinceChunk + 1;
+        if (prefill)
+        {
+            int wide = _runtime!.Widths.Max();
+            pick.ChunkWidth = StepPolicy.ChunkWidth(_decoding.Count(Ready), wide, _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide);
+        }
+
         _busy = true;
         var self = Self;
         var runtime = _runtime!;
@@ -460,7 +470,10 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         /// <summary>The graph width the next step runs on: the verification width, one plain token, or the wide prefill graph.</summary>
         public int StepWidth(OrtModelRuntime runtime) =>
-            _specSession is not null ? _options!.Width : _plainSession is not null ? 1 : runtime.Widths.Max();
+            _specSession is not null ? _options!.Width : _plainSession is not null ? 1 : ChunkWidth > 0 ? ChunkWidth : runtime.Widths.Max();
+
+        /// <summary>Tokens in this session's next prefill chunk, set by the scheduler (0 = the prefill width).</summary>
+        public int ChunkWidth { get; set; }
 
         /// <summary>One device step, traced: a span per step (child of the caller's trace) and busy-time metrics.</summary>
         public double StepOnce(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)
@@ -548,7 +561,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 }
             }
 
-            if (!_prefill.Step())
+            if (!_prefill.Step(ChunkWidth))
             {
                 return;
             }

@@ -196,16 +196,24 @@ public sealed class PrefillSession
     /// <summary>Device time spent so far.</summary>
     public double ElapsedMs => _clock.Elapsed.TotalMilliseconds;
 
-    /// <summary>Runs the next chunk; returns <see cref="Done"/>.</summary>
-    public bool Step()
+    /// <summary>
+    /// Runs the next chunk, <paramref name="width"/> tokens wide (0 = the generator's prefill width; a
+    /// scheduler narrows it while other sessions decode); returns <see cref="Done"/>.
+    /// </summary>
+    public bool Step(int width = 0)
     {
         if (Done)
         {
             return true;
         }
 
+        if (width < 0)
+        {
+            throw new ArgumentOutOfRangeException(nameof(width), width, "a prefill chunk's width must be positive (or 0 for the prefill width).");
+        }
+
         _clock.Start();
-        int w = _gen.PrefillWidth, n = Math.Min(w, _tokens.Length - _next);
+        int w = width > 0 ? width : _gen.PrefillWidth, n = Math.Min(w, _tokens.Length - _next);
         var buf = _runtime.Buffers(w, _cache);
         buf.SetLinear(_tokens.AsSpan(_next, n), _cache.Length, _cache.Length);
         _runtime.Run(w, _cache);

@@ -207,21 +207,36 @@ public sealed class OrtModelRuntime : IDisposable
 
     public KvCache CreateCache() => new(Config.NumLayers, Config.NumKvHeads, Config.HeadDim, Buckets);
 
-    /// <summary>Compiles every (width, bucket) graph now instead of on first use.</summary>
+    /// <summary>Compiles (and runs once) every (width, bucket) graph now instead of on first use.</summary>
     public void CompileAll() => Prepare(Capacity);
 
-    /// <summary>Compiles every width's graphs for the buckets a session of up to <paramref name="slots"/> slots passes through.</summary>
+    /// <summary>
+    /// Compiles every width's graphs for the buckets a session of up to <paramref name="slots"/> slots
+    /// passes through, and runs each new one once on a scratch cache: a graph's first run carries ONNX
+    /// Runtime's allocations (several times a step), which would otherwise land in a user's request.
+    /// </summary>
     public void Prepare(int slots)
     {
-        foreach (int w in _widths)
+        using var scratch = CreateCache();
+        foreach (int b in Buckets)
         {
-            foreach (int b in Buckets)
+            scratch.EnsureRoom(b);
+            foreach (int w in _widths)
             {
-                _ = Graph(w, b);
-                if (b >= slots)
+                if (_graphs.ContainsKey((w, b)) && _runMs.ContainsKey((w, b)))
                 {
-                    break;
+                    continue;
                 }
+
+                var g = Graph(w, b);
+                g.Buffers.SetLinear(new int[Math.Min(w, b)], 0, 0);
+                g.Run(scratch);
+                _runMs.GetOrAdd((w, b), _ => new RunTimes()).Runs++;
+            }
+
+            if (b >= slots)
+            {
+                break;
             }
         }
     }

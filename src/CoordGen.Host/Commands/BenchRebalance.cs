@@ -26,6 +26,7 @@ internal sealed record RebalanceReport
     [JsonPropertyName("method")] public required string Method { get; init; }
     [JsonPropertyName("newcomer_prompt_tokens")] public int NewcomerPromptTokens { get; init; }
     [JsonPropertyName("newcomer_ttft_ms")] public double NewcomerTtftMs { get; init; }
+    [JsonPropertyName("chunk_width")] public int ChunkWidth { get; init; }
     [JsonPropertyName("worst_ratio")] public double WorstRatio { get; init; }
     [JsonPropertyName("sessions")] public required IReadOnlyList<RebalanceSession> Sessions { get; init; }
 }
@@ -47,11 +48,12 @@ internal static class BenchRebalance
         var promptTokens = new Option<int>("--prompt-tokens") { Description = "Length of the newcomer's prompt.", DefaultValueFactory = _ => 1500 };
         var method = new Option<string>("--method") { Description = "Decoding method of every request (ar or a speculative method).", DefaultValueFactory = _ => "sam+ours" };
         var width = new Option<int>("--width") { Description = "Verification width of speculative methods.", DefaultValueFactory = _ => 8 };
+        var chunkWidth = new Option<int>("--chunk-width") { Description = "Tokens per prefill chunk while the streams decode (the server's InterleavedChunkWidth); 64 = the full prefill width, no narrowing.", DefaultValueFactory = _ => new ServerSettings().InterleavedChunkWidth };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("rebalance", "Prefill against decode: N sessions stream while a long prompt arrives; the device interleaves its prefill chunks with their decode steps. Reports their worst inter-token gap during the newcomer's prefill against their median gap (goal: at most 2x) and the newcomer's time to first token. Writes a report and a plot of the gaps.")
         {
-            model, sessions, promptTokens, method, width, json, outDir,
+            model, sessions, promptTokens, method, width, chunkWidth, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -64,7 +66,12 @@ internal static class BenchRebalance
 
             var stamp = BenchStamp.Capture();
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
-            var settings = new ServerSettings { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true };
+            var settings = new ServerSettings { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true, InterleavedChunkWidth = parse.GetValue(chunkWidth) };
+            if (settings.Problems() is { Count: > 0 } problems)
+            {
+                throw new ArgumentException(string.Join(" ", problems));
+            }
+
             if (p + 16 > settings.Capacity)
             {
                 throw new ArgumentException($"--prompt-tokens {p} plus 16 output tokens must fit the capacity {settings.Capacity}.");
@@ -138,17 +145,18 @@ internal static class BenchRebalance
                 RunningSessions = n,
                 Method = m,
                 NewcomerPromptTokens = newcomer.Length,
+                ChunkWidth = settings.EffectiveChunkWidth,
                 NewcomerTtftMs = Math.Round(Stopwatch.GetElapsedTime(newcomerSent, newcomerFirst).TotalMilliseconds, 1),
                 WorstRatio = rows.Where(r => r.TokensDuringPrefill > 0).Select(r => r.Ratio).DefaultIfEmpty(0).Max(),
                 Sessions = rows,
             };
-            Write(report, writers, newcomerSent, newcomerFirst, settings.PrefillWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json));
+            Write(report, writers, newcomerSent, newcomerFirst, settings.PrefillWidth, settings.EffectiveChunkWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json));
             return 0;
         });
         return cmd;
     }
 
-    private static void Write(RebalanceReport report, TimestampingWriter[] writers, long sent, long first, int chunk, int width, BenchStamp stamp, string dir, FileInfo? json)
+    private static void Write(RebalanceReport report, TimestampingWriter[] writers, long sent, long first, int prefillWidth, int chunk, int width, BenchStamp stamp, string dir, FileInfo? json)
     {
         Directory.CreateDirectory(dir);
         string jsonText = JsonSerializer.Serialize(report, new JsonSerializerOptions { WriteIndented = true });
@@ -163,7 +171,7 @@ internal static class BenchRebalance
         var md = new StringBuilder();
         md.AppendLine("# Prefill against decode (`coordgen bench rebalance`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
-        md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, W = {width}; the summary prompts whose answers run longest); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps (`StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The median is over each stream's gaps outside the newcomer's prefill.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, W = {width}; the summary prompts whose answers run longest); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps ({prefillWidth} when no one decodes; `StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps, `StepPolicy.ChunkWidth` for its width; `--chunk-width`). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The median is over each stream's gaps outside the newcomer's prefill.").AppendLine();
         md.AppendLine("| session | median gap (ms) | worst gap while the newcomer prefills (ms) | worst / median | tokens during the prefill | tokens in all |").AppendLine("|---|---|---|---|---|---|");
         foreach (var r in report.Sessions)
         {

@@ -64,7 +64,8 @@ public sealed class InferenceService : IAsyncDisposable
         var config = ConfigurationFactory.ParseString($"akka {{ loglevel = {actorLogLevel}, stdout-loglevel = {actorLogLevel}, log-dead-letters = off, log-dead-letters-during-shutdown = off }}");
         var system = ActorSystem.Create("coordgen", config);
         // Width 4 as well, for adaptive width: a session whose drafts are rarely long verifies on it.
-        int[] widths = [.. new[] { 1, 4, settings.PrefillWidth, settings.Width }.Where(w => w <= settings.Width || w == settings.PrefillWidth || w == 1).Distinct()];
+        // And the interleaved chunk width: prefill chunks between other sessions' decode steps run on it.
+        int[] widths = [.. new[] { 1, 4, settings.PrefillWidth, settings.Width }.Where(w => w <= settings.Width || w == settings.PrefillWidth || w == 1).Append(settings.EffectiveChunkWidth).Distinct()];
         OrtModelRuntime NewRuntime()
         {
             var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.Threads }) { Faults = faults };
@@ -73,7 +74,7 @@ public sealed class InferenceService : IAsyncDisposable
         }
 
         var emulate = string.IsNullOrEmpty(settings.DeviceProfile) ? null : CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
-        var device = DeviceActor.Props(NewRuntime, bundle.StopTokens, emulate);
+        var device = DeviceActor.Props(NewRuntime, bundle.StopTokens, emulate, settings.EffectiveChunkWidth);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         return new InferenceService(bundle, settings, system, supervisor);
     }

@@ -25,6 +25,16 @@ public sealed class ServerSettings
 
     public int PrefillWidth { get; set; } = 64;
 
+    /// <summary>
+    /// Tokens per prefill chunk while other sessions are decoding: a narrower chunk between their steps
+    /// keeps their inter-token gaps short (a prompt with no one else decoding goes PrefillWidth at a
+    /// time). At PrefillWidth or above = off.
+    /// </summary>
+    public int InterleavedChunkWidth { get; set; } = 32;
+
+    /// <summary>The interleaved chunk width in effect: never wider than the prefill width.</summary>
+    public int EffectiveChunkWidth => Math.Min(InterleavedChunkWidth, PrefillWidth);
+
     public int Threads { get; set; }
 
     /// <summary>Default decoding method for requests that do not choose one.</summary>
@@ -78,6 +88,11 @@ public sealed class ServerSettings
         if (PrefillWidth is < 1 or > 1024)
         {
             p.Add($"PrefillWidth must be between 1 and 1024 (got {PrefillWidth}).");
+        }
+
+        if (InterleavedChunkWidth is < 1 or > 1024)
+        {
+            p.Add($"InterleavedChunkWidth must be between 1 and 1024 (got {InterleavedChunkWidth}); at PrefillWidth or above, chunks are always full width.");
         }
 
         if (Threads is < 0 or > 256)
