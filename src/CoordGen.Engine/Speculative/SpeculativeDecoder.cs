@@ -308,6 +308,14 @@ public sealed class SpeculativeDecoder
         // 7. Alternates: continuations of shorter matches (other occurrences) fill the remaining width.
         if (spec.UseTree && samCursor.Length > 0)
         {
+            // With prompt lookup as the main chain, the automaton's longest-match continuation is a branch too.
+            if (spec.Drafter == DrafterKind.Pld)
+            {
+                int len = Math.Min(spec.MaxDraft, 1 + (int)(samCursor.Length * spec.Alpha));
+                int m = sam.Continuation(samCursor, Math.Min(len, tree.Capacity), draft);
+                tree.AddPath(draft[..m], DraftSource.Prompt);
+            }
+
             var c = samCursor;
             for (int k = 0; k < 4 && tree.Count < tree.Capacity; k++)
             {
@@ -335,6 +343,53 @@ public sealed class SpeculativeDecoder
                     int m = sam.Continuation(new MatchCursor(s, samCursor.Length + 1), Math.Min(5, tree.Capacity), draft[1..]);
                     tree.AddPath(draft[..(m + 1)], DraftSource.Prompt);
                 }
+            }
+
+            // 8. Branches at the chain's likely rejection points: where the context went on from a prefix of
+            // the chain with another token, that continuation, hanging from the chain node it follows.
+            int state = samCursor.State, length = samCursor.Length;
+            for (int i = 0; i + 1 < chainNodes.Count && tree.Count < tree.Capacity; i++)
+            {
+                if (!sam.TryNext(state, tree.Token(chainNodes[i]), out state))
+                {
+                    break;
+                }
+
+                length++;
+                int onChain = tree.Token(chainNodes[i + 1]);
+                foreach (int t in sam.OutTokens(state))
+                {
+                    if (tree.Count >= tree.Capacity)
+                    {
+                        break;
+                    }
+
+                    if (t >= 0 && t != onChain && sam.TryNext(state, t, out int s))
+                    {
+                        draft[0] = t;
+                        int m = sam.Continuation(new MatchCursor(s, length + 1), Math.Min(4, tree.Capacity), draft[1..]);
+                        tree.AddPath(draft[..(m + 1)], DraftSource.Prompt, chainNodes[i]);
+                    }
+                }
+            }
+        }
+
+        // 9. Width left over: the calibrated index's continuations of shorter matches too.
+        if (spec.UseTree && calibrated is not null && calCursor.Length > 0)
+        {
+            var sa = calibrated.Automaton;
+            var c = calCursor;
+            for (int k = 0; k < 4 && tree.Count < tree.Capacity; k++)
+            {
+                int link = sa.Link(c.State);
+                if (link <= 0)
+                {
+                    break;
+                }
+
+                c = new MatchCursor(link, sa.StateLength(link));
+                int m = sa.Continuation(c, Math.Min(6, tree.Capacity), draft);
+                tree.AddPath(draft[..m], DraftSource.Calibrated);
             }
         }
     }
