@@ -35,7 +35,16 @@ public sealed class ServerSettings
     /// <summary>The interleaved chunk width in effect: never wider than the prefill width.</summary>
     public int EffectiveChunkWidth => Math.Min(InterleavedChunkWidth, PrefillWidth);
 
+    /// <summary>
+    /// ONNX Runtime intra-op threads of the device; 0 (default) = one per core but one, which the drafter,
+    /// calibrator and actors keep. A device step that shares every core with them stalls whenever the OS
+    /// parks one of its threads: on this 2-core machine one thread gave 1.4-1.6x the aggregate tokens/s
+    /// of two in `coordgen bench sessions`, and steadier streams (docs/bench/README.md).
+    /// </summary>
     public int Threads { get; set; }
+
+    /// <summary>The intra-op thread count in effect (<see cref="Threads"/>, or the cores but one).</summary>
+    public int EffectiveThreads => Threads > 0 ? Threads : Math.Max(1, Environment.ProcessorCount - 1);
 
     /// <summary>Default decoding method for requests that do not choose one.</summary>
     public string Method { get; set; } = "sam+ours";
