@@ -40,6 +40,27 @@ public class SpeculativeEquivalenceTests
     }
 
     [Fact]
+    public void A_session_that_adopts_the_prefill_cache_should_generate_what_a_copying_one_does_and_own_the_cache()
+    {
+        var weights = ModelWeights.Random(TestModels.Tiny(), seed: 9, scale: 0.25f);
+        using var rt = new OrtModelRuntime(weights, capacity: 96, widths: [1, 8, 16]);
+        var spec = new SpeculativeDecoder(rt);
+        int[] prompt = [.. Enumerable.Repeat(new[] { 5, 9, 14, 3 }, 4).SelectMany(p => p), 7, 5, 9];
+        var opts = SpeculationOptions.ForMethod("sam+ours", 8);
+        var copied = spec.Generate(prompt, 20, new SamplingOptions(), new HashSet<int>(), opts).Tokens;
+
+        var pre = spec.Prefill(prompt, opts.Calibration);
+        using var session = spec.Start(pre, 20, new SamplingOptions(), new HashSet<int>(), opts, adoptCache: true);
+        Assert.Throws<InvalidOperationException>(() => spec.Start(pre, 20, new SamplingOptions(), new HashSet<int>(), opts, adoptCache: true));
+        pre.Dispose(); // leaves the adopted cache to the session
+        while (!session.Step())
+        {
+        }
+
+        Assert.Equal(copied, session.Output);
+    }
+
+    [Fact]
     public void Speculative_greedy_should_equal_plain_greedy_on_the_demo_model_for_every_task_and_method()
     {
         var demo = ModelBundle.Load(Paths.DemoModel);

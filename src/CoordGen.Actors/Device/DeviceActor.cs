@@ -147,7 +147,9 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         Retire();
         Active? pick = null;
         bool prefill = false;
-        if (StepPolicy.PrefillNext(_prefilling.Count, _decoding.Count(Ready), _sinceChunk) && _prefilling.Count > 0)
+        // Every decoding session counts, ready or not: one stream briefly waiting (for its drafter or its
+        // reader) must not bring the next chunk a step early, or another stream's gap holds two chunks.
+        if (StepPolicy.PrefillNext(_prefilling.Count, _decoding.Count, _sinceChunk) && _prefilling.Count > 0)
         {
             pick = _prefilling[0];
             prefill = true;
@@ -187,7 +189,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         if (prefill)
         {
             int wide = _runtime!.Widths.Max();
-            pick.ChunkWidth = StepPolicy.ChunkWidth(_decoding.Count(Ready), wide, _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide);
+            pick.ChunkWidth = StepPolicy.ChunkWidth(_decoding.Count, wide, _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide);
         }
 
         _busy = true;
@@ -575,7 +577,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             else
             {
                 using var pre = _finishPrefill!();
-                _specSession = spec.Start(pre, r.MaxTokens, sampling, stops, _options!, Run.Store, Enqueue);
+                _specSession = spec.Start(pre, r.MaxTokens, sampling, stops, _options!, Run.Store, Enqueue, adoptCache: true);
                 _specSession.DuringVerify = work => drafter.Tell(new PreDraftJob(work), device);
                 if (pre.CalibrationDeferred)
                 {

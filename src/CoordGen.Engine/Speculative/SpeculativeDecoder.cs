@@ -69,7 +69,27 @@ public sealed record Prefilled(int[] Prompt, KvCache Cache, float[] LastLogits, 
     /// <summary>The chunks' logits went to a calibrator elsewhere (a calibrator actor); its index joins the session later (<see cref="SpeculativeSession.AttachCalibration"/>).</summary>
     public bool CalibrationDeferred { get; init; }
 
-    public void Dispose() => Cache.Dispose();
+    private bool _adopted;
+
+    /// <summary>Hands the cache to a session that will own it (the caller uses this prefill once); Dispose then leaves it alone.</summary>
+    internal KvCache Adopt()
+    {
+        if (_adopted)
+        {
+            throw new InvalidOperationException("this prefill's cache was already handed to a session.");
+        }
+
+        _adopted = true;
+        return Cache;
+    }
+
+    public void Dispose()
+    {
+        if (!_adopted)
+        {
+            Cache.Dispose();
+        }
+    }
 }
 
 /// <summary>Outcome of one speculative generation.</summary>
@@ -216,9 +236,11 @@ public sealed class SpeculativeDecoder
     }
 
     /// <summary>A generation from a prefilled prompt as steps, for schedulers that interleave sessions.</summary>
+    /// <param name="adoptCache">The session takes <paramref name="pre"/>'s cache instead of copying it (a few
+    /// milliseconds for a long prompt, on the device's critical path); only for a prefill started once.</param>
     public SpeculativeSession Start(Prefilled pre, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
-        SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null) =>
-        new(_runtime, _plain, pre, maxTokens, sampling, stopTokens, spec, history, onToken) { SharedAcceptance = _acceptance };
+        SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null, bool adoptCache = false) =>
+        new(_runtime, _plain, pre, maxTokens, sampling, stopTokens, spec, history, onToken, adoptCache) { SharedAcceptance = _acceptance };
 
     private readonly AcceptanceMemory _acceptance = new();
 

@@ -52,7 +52,7 @@ public sealed class SpeculativeSession : IDisposable
     private string _reason = "length";
 
     internal SpeculativeSession(OrtModelRuntime runtime, Generator plain, Prefilled pre, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
-        SpeculationOptions spec, HistoryStore? history, Func<int, bool>? onToken)
+        SpeculationOptions spec, HistoryStore? history, Func<int, bool>? onToken, bool adoptCache = false)
     {
         if (maxTokens < 1)
         {
@@ -74,8 +74,16 @@ public sealed class SpeculativeSession : IDisposable
         _width = spec.Width;
         _sampler = new Sampler(sampling);
         _greedy = sampling.IsGreedy;
-        _cache = runtime.CreateCache();
-        _cache.CopyFrom(pre.Cache);
+        if (adoptCache)
+        {
+            _cache = pre.Adopt();
+        }
+        else
+        {
+            _cache = runtime.CreateCache();
+            _cache.CopyFrom(pre.Cache);
+        }
+
         ReadOnlySpan<int> prompt = pre.Prompt;
         _promptLength = prompt.Length;
         _prefillMs = pre.PrefillMs;

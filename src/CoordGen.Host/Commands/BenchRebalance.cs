@@ -15,6 +15,7 @@ internal sealed record RebalanceSession
     [JsonPropertyName("session")] public int Session { get; init; }
     [JsonPropertyName("median_gap_ms")] public double MedianGapMs { get; init; }
     [JsonPropertyName("worst_gap_during_prefill_ms")] public double WorstGapDuringPrefillMs { get; init; }
+    [JsonPropertyName("median_gap_during_prefill_ms")] public double MedianGapDuringPrefillMs { get; init; }
     [JsonPropertyName("ratio")] public double Ratio { get; init; }
     [JsonPropertyName("tokens_during_prefill")] public int TokensDuringPrefill { get; init; }
     [JsonPropertyName("tokens")] public int Tokens { get; init; }
@@ -27,6 +28,8 @@ internal sealed record RebalanceReport
     [JsonPropertyName("newcomer_prompt_tokens")] public int NewcomerPromptTokens { get; init; }
     [JsonPropertyName("newcomer_ttft_ms")] public double NewcomerTtftMs { get; init; }
     [JsonPropertyName("chunk_width")] public int ChunkWidth { get; init; }
+    [JsonPropertyName("stream_tokens")] public int StreamTokens { get; init; }
+    [JsonPropertyName("settle_ms")] public int SettleMs { get; init; }
     [JsonPropertyName("worst_ratio")] public double WorstRatio { get; init; }
     [JsonPropertyName("sessions")] public required IReadOnlyList<RebalanceSession> Sessions { get; init; }
 }
@@ -34,7 +37,7 @@ internal sealed record RebalanceReport
 /// <summary>
 /// <c>coordgen bench rebalance</c>: sessions stream while a long prompt arrives; the device actor
 /// interleaves its prefill chunks with their decode steps. Reports each running session's worst
-/// inter-token gap while the newcomer prefills against its median gap outside that window, and the
+/// inter-token gap while the newcomer prefills against its median gap over the same tokens in a control run without it, and the
 /// newcomer's time to first token. Token times are taken when the device hands a token to its stream
 /// (a timestamping channel writer), not when a reader gets to it, so a busy machine's thread pool
 /// does not blur them.
@@ -48,12 +51,14 @@ internal static class BenchRebalance
         var promptTokens = new Option<int>("--prompt-tokens") { Description = "Length of the newcomer's prompt.", DefaultValueFactory = _ => 1500 };
         var method = new Option<string>("--method") { Description = "Decoding method of every request (ar or a speculative method).", DefaultValueFactory = _ => "sam+ours" };
         var width = new Option<int>("--width") { Description = "Verification width of speculative methods.", DefaultValueFactory = _ => 8 };
+        var streamTokens = new Option<int>("--stream-tokens") { Description = "Most tokens each running stream generates: enough that every stream still runs while the newcomer prefills.", DefaultValueFactory = _ => 1024 };
+        var settleMs = new Option<int>("--settle-ms") { Description = "Once every stream has 8 tokens, how long they stream before the long prompt arrives.", DefaultValueFactory = _ => 200 };
         var chunkWidth = new Option<int>("--chunk-width") { Description = "Tokens per prefill chunk while the streams decode (the server's InterleavedChunkWidth); 64 = the full prefill width, no narrowing.", DefaultValueFactory = _ => new ServerSettings().InterleavedChunkWidth };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("rebalance", "Prefill against decode: N sessions stream while a long prompt arrives; the device interleaves its prefill chunks with their decode steps. Reports their worst inter-token gap during the newcomer's prefill against their median gap (goal: at most 2x) and the newcomer's time to first token. Writes a report and a plot of the gaps.")
         {
-            model, sessions, promptTokens, method, width, chunkWidth, json, outDir,
+            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -89,9 +94,21 @@ internal static class BenchRebalance
             int[] newcomer = [.. bundle.Tokenizer.Encode(text.ToString()).Take(p)];
             await using var service = InferenceService.Start(bundle, settings);
 
-            // The streams: of the summary prompts (the longest answers), those whose answers run longest
+            // The streams: of the summary and reply prompts (the longest answers), those whose answers run longest
             // alone, so they are still streaming while the newcomer prefills. This also warms the graphs.
-            var candidates = BenchStreams.Prompts(bundle, 12, [Path.Combine(ModelLocator.RepoRoot(), "workloads", "summary.jsonl")]);
+            int cap = parse.GetValue(streamTokens);
+            if (cap < 16)
+            {
+                throw new ArgumentException("--stream-tokens must be at least 16.");
+            }
+
+            var candidates = BenchStreams.Prompts(bundle, 12, new[] { "summary", "reply" }.Select(t => Path.Combine(ModelLocator.RepoRoot(), "workloads", t + ".jsonl")))
+                .Where(c => c.Tokens.Length + cap <= settings.Capacity).Select(c => (c.Tokens, MaxTokens: cap)).ToList();
+            if (candidates.Count < n)
+            {
+                throw new ArgumentException($"only {candidates.Count} summary and reply prompts leave room for --stream-tokens {cap} in the capacity {settings.Capacity}; lower --stream-tokens.");
+            }
+
             var lengths = new List<(int Index, int Tokens)>();
             await ConsoleUi.Err.Status().StartAsync("choosing long-running streams", async _ =>
             {
@@ -115,24 +132,39 @@ internal static class BenchRebalance
                     await Task.Delay(1, ct);
                 }
 
+                // A moment of steady streaming before the arrival.
+                await Task.Delay(Math.Max(0, parse.GetValue(settleMs)), ct);
                 newcomerSent = Stopwatch.GetTimestamp();
                 await BenchStreams.SendAsync(service.Supervisor, newcomer, 16, m, w, newcomerWriter, ct);
                 await Task.WhenAll(streams);
             });
 
+            // Control: the same streams again with no newcomer. Each stream's baseline is its median gap over
+            // the same stretch of its tokens (same KV fill, same drafts), so only the newcomer differs.
+            var control = running.Select(_ => new TimestampingWriter()).ToArray();
+            await ConsoleUi.Err.Status().StartAsync($"{n} streams alone (control)", async _ =>
+                await Task.WhenAll(running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, control[s], ct))));
+
             long newcomerFirst = newcomerWriter.Times.Count > 0 ? newcomerWriter.Times[0] : Stopwatch.GetTimestamp();
             var rows = new List<RebalanceSession>();
             for (int s = 0; s < n; s++)
             {
-                var gaps = BenchStreams.DeliveryGaps([.. writers[s].Times]);
+                var times = writers[s].Times;
+                var gaps = BenchStreams.DeliveryGaps([.. times]);
                 var during = gaps.Where(g => g.At > newcomerSent && g.At <= newcomerFirst).ToList();
-                var outside = gaps.Where(g => g.At <= newcomerSent || g.At > newcomerFirst).Select(g => g.Ms).Order().ToList();
-                double median = outside.Count == 0 ? 0 : outside[outside.Count / 2];
+
+                // Token indices [from, to) this stream delivered during the prefill; the control's gaps there.
+                int from = times.Count(t => t <= newcomerSent), to = times.Count(t => t <= newcomerFirst);
+                var ctl = control[s].Times;
+                var baseline = Enumerable.Range(Math.Max(1, from), Math.Max(0, Math.Min(to, ctl.Count) - Math.Max(1, from)))
+                    .Select(i => Stopwatch.GetElapsedTime(ctl[i - 1], ctl[i]).TotalMilliseconds).Where(g => g >= 0.05).Order().ToList();
+                double median = baseline.Count == 0 ? 0 : baseline[baseline.Count / 2];
                 double worst = during.Count == 0 ? 0 : during.Max(g => g.Ms);
                 rows.Add(new RebalanceSession
                 {
                     Session = s,
                     MedianGapMs = Math.Round(median, 2),
+                    MedianGapDuringPrefillMs = during.Count == 0 ? 0 : Math.Round(during.Select(g => g.Ms).Order().ElementAt(during.Count / 2), 2),
                     WorstGapDuringPrefillMs = Math.Round(worst, 2),
                     Ratio = Math.Round(median > 0 ? worst / median : 0, 2),
                     TokensDuringPrefill = during.Count,
@@ -146,6 +178,8 @@ internal static class BenchRebalance
                 Method = m,
                 NewcomerPromptTokens = newcomer.Length,
                 ChunkWidth = settings.EffectiveChunkWidth,
+                StreamTokens = cap,
+                SettleMs = parse.GetValue(settleMs),
                 NewcomerTtftMs = Math.Round(Stopwatch.GetElapsedTime(newcomerSent, newcomerFirst).TotalMilliseconds, 1),
                 WorstRatio = rows.Where(r => r.TokensDuringPrefill > 0).Select(r => r.Ratio).DefaultIfEmpty(0).Max(),
                 Sessions = rows,
@@ -171,11 +205,11 @@ internal static class BenchRebalance
         var md = new StringBuilder();
         md.AppendLine("# Prefill against decode (`coordgen bench rebalance`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
-        md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, W = {width}; the summary prompts whose answers run longest); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps ({prefillWidth} when no one decodes; `StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps, `StepPolicy.ChunkWidth` for its width; `--chunk-width`). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The median is over each stream's gaps outside the newcomer's prefill.").AppendLine();
-        md.AppendLine("| session | median gap (ms) | worst gap while the newcomer prefills (ms) | worst / median | tokens during the prefill | tokens in all |").AppendLine("|---|---|---|---|---|---|");
+        md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, W = {width}; the summary and reply prompts whose answers run longest, up to {report.StreamTokens} tokens each); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps ({prefillWidth} when no one decodes; `StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps, `StepPolicy.ChunkWidth` for its width; `--chunk-width`). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The long prompt arrives {report.SettleMs} ms after every stream has 8 tokens. Each stream's baseline is its median gap over the same tokens in a control run of the same streams without the newcomer (same KV fill, same drafts; only the newcomer differs).").AppendLine();
+        md.AppendLine("| session | median gap, control (ms) | median gap while the newcomer prefills (ms) | worst gap while it prefills (ms) | worst / control median | tokens during the prefill | tokens in all |").AppendLine("|---|---|---|---|---|---|---|");
         foreach (var r in report.Sessions)
         {
-            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Session} | {r.MedianGapMs} | {r.WorstGapDuringPrefillMs} | {r.Ratio}x | {r.TokensDuringPrefill} | {r.Tokens} |");
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Session} | {r.MedianGapMs} | {r.MedianGapDuringPrefillMs} | {r.WorstGapDuringPrefillMs} | {r.Ratio}x | {r.TokensDuringPrefill} | {r.Tokens} |");
         }
 
         md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"Worst / median over the streams that produced tokens during the prefill: **{report.WorstRatio}x** (goal: at most 2x). Newcomer's time to first token: **{report.NewcomerTtftMs} ms** for {report.NewcomerPromptTokens} tokens.").AppendLine();
