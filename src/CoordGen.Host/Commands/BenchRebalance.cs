@@ -212,7 +212,7 @@ internal static class BenchRebalance
             md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Session} | {r.MedianGapMs} | {r.MedianGapDuringPrefillMs} | {r.WorstGapDuringPrefillMs} | {r.Ratio}x | {r.TokensDuringPrefill} | {r.Tokens} |");
         }
 
-        md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"Worst / median over the streams that produced tokens during the prefill: **{report.WorstRatio}x** (goal: at most 2x). Newcomer's time to first token: **{report.NewcomerTtftMs} ms** for {report.NewcomerPromptTokens} tokens.").AppendLine();
+        md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"Worst gap / control median over the streams that produced tokens during the prefill: **{report.WorstRatio}x** (goal: at most 2x). Newcomer's time to first token: **{report.NewcomerTtftMs} ms** for {report.NewcomerPromptTokens} tokens.").AppendLine();
         md.AppendLine("![gaps](rebalance.png)");
         File.WriteAllText(Path.Combine(dir, "rebalance.md"), md.ToString());
         ConsoleUi.Err.MarkupLineInterpolated($"[green]worst/median gap {report.WorstRatio}x, newcomer TTFT {report.NewcomerTtftMs} ms[/] -> {dir}/rebalance.md");
