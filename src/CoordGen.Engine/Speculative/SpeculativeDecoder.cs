@@ -338,34 +338,8 @@ public sealed class SpeculativeDecoder
                 tree.AddPath(draft[..m], DraftSource.Prompt);
             }
 
-            var c = samCursor;
-            for (int k = 0; k < 4 && tree.Count < tree.Capacity; k++)
-            {
-                int link = sam.Link(c.State);
-                if (link <= 0)
-                {
-                    break;
-                }
-
-                c = new MatchCursor(link, sam.StateLength(link));
-                int m = sam.Continuation(c, Math.Min(6, tree.Capacity), draft);
-                tree.AddPath(draft[..m], DraftSource.Prompt);
-            }
-
-            foreach (int t in sam.OutTokens(samCursor.State))
-            {
-                if (tree.Count >= tree.Capacity)
-                {
-                    break;
-                }
-
-                if (t >= 0 && sam.TryNext(samCursor.State, t, out int s))
-                {
-                    draft[0] = t;
-                    int m = sam.Continuation(new MatchCursor(s, samCursor.Length + 1), Math.Min(5, tree.Capacity), draft[1..]);
-                    tree.AddPath(draft[..(m + 1)], DraftSource.Prompt);
-                }
-            }
+            AddShorterMatches(sam, samCursor, tree, draft, DraftSource.Prompt);
+            AddOtherContinuations(sam, samCursor.State, samCursor.Length, except: -1, from: -1, maxLength: 6, tree, draft);
 
             // 8. Branches at the chain's likely rejection points: where the context went on from a prefix of
             // the chain with another token, that continuation, hanging from the chain node it follows.
@@ -378,40 +352,50 @@ public sealed class SpeculativeDecoder
                 }
 
                 length++;
-                int onChain = tree.Token(chainNodes[i + 1]);
-                foreach (int t in sam.OutTokens(state))
-                {
-                    if (tree.Count >= tree.Capacity)
-                    {
-                        break;
-                    }
-
-                    if (t >= 0 && t != onChain && sam.TryNext(state, t, out int s))
-                    {
-                        draft[0] = t;
-                        int m = sam.Continuation(new MatchCursor(s, length + 1), Math.Min(4, tree.Capacity), draft[1..]);
-                        tree.AddPath(draft[..(m + 1)], DraftSource.Prompt, chainNodes[i]);
-                    }
-                }
+                AddOtherContinuations(sam, state, length, except: tree.Token(chainNodes[i + 1]), from: chainNodes[i], maxLength: 5, tree, draft);
             }
         }
 
         // 9. Width left over: the calibrated index's continuations of shorter matches too.
         if (spec.UseTree && calibrated is not null && calCursor.Length > 0)
         {
-            var sa = calibrated.Automaton;
-            var c = calCursor;
-            for (int k = 0; k < 4 && tree.Count < tree.Capacity; k++)
-            {
-                int link = sa.Link(c.State);
-                if (link <= 0)
-                {
-                    break;
-                }
+            AddShorterMatches(calibrated.Automaton, calCursor, tree, draft, DraftSource.Calibrated);
+        }
+    }
 
-                c = new MatchCursor(link, sa.StateLength(link));
-                int m = sa.Continuation(c, Math.Min(6, tree.Capacity), draft);
-                tree.AddPath(draft[..m], DraftSource.Calibrated);
+    // Continuations (up to 6 tokens) of the cursor's shorter matches, i.e. other occurrences of its suffixes: at most 4.
+    private static void AddShorterMatches(SuffixAutomaton sa, MatchCursor cursor, DraftTree tree, Span<int> draft, DraftSource source)
+    {
+        var c = cursor;
+        for (int k = 0; k < 4 && tree.Count < tree.Capacity; k++)
+        {
+            int link = sa.Link(c.State);
+            if (link <= 0)
+            {
+                break;
+            }
+
+            c = new MatchCursor(link, sa.StateLength(link));
+            int m = sa.Continuation(c, Math.Min(6, tree.Capacity), draft);
+            tree.AddPath(draft[..m], source);
+        }
+    }
+
+    // Every token the context followed this state with (but except), each with its continuation, up to maxLength tokens, under node from.
+    private static void AddOtherContinuations(SuffixAutomaton sam, int state, int length, int except, int from, int maxLength, DraftTree tree, Span<int> draft)
+    {
+        foreach (int t in sam.OutTokens(state))
+        {
+            if (tree.Count >= tree.Capacity)
+            {
+                break;
+            }
+
+            if (t >= 0 && t != except && sam.TryNext(state, t, out int s))
+            {
+                draft[0] = t;
+                int m = sam.Continuation(new MatchCursor(s, length + 1), Math.Min(maxLength - 1, tree.Capacity), draft[1..]);
+                tree.AddPath(draft[..(m + 1)], DraftSource.Prompt, from);
             }
         }
     }
