@@ -128,8 +128,13 @@ public class ServerTests(ServerProcess server) : IClassFixture<ServerProcess>
         var bytes = new ByteArrayContent([.. "{\"prompt\": \""u8.ToArray(), 0xff, 0xfe, .. "\"}"u8.ToArray()]);
         await AssertError(await server.Http.PostAsync(new Uri(server.BaseUrl, "/v1/completions"), bytes), 400, "not valid UTF-8");
 
+        // As curl does for large bodies: ask before sending, so the refusal arrives instead of a broken pipe
+        // (the server answers 413 from Content-Length without reading 2 MiB it would throw away).
         string huge = JsonSerializer.Serialize(new { prompt = new string('a', 2 << 20) });
-        await AssertError(await server.Http.PostAsync(new Uri(server.BaseUrl, "/v1/completions"), new StringContent(huge)), 413, "larger than this server accepts");
+        using var patient = new HttpClient(new SocketsHttpHandler { Expect100ContinueTimeout = TimeSpan.FromSeconds(30) });
+        var upload = new HttpRequestMessage(HttpMethod.Post, new Uri(server.BaseUrl, "/v1/completions")) { Content = new StringContent(huge) };
+        upload.Headers.ExpectContinue = true;
+        await AssertError(await patient.SendAsync(upload), 413, "larger than this server accepts");
 
         string longPrompt = JsonSerializer.Serialize(new { prompt = string.Concat(Enumerable.Repeat("word ", 3000)) });
         await AssertError(await server.Http.PostAsync(new Uri(server.BaseUrl, "/v1/completions"), new StringContent(longPrompt)), 400, "shorten the prompt");
