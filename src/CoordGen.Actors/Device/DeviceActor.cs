@@ -41,8 +41,8 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private readonly List<(long Start, long End)> _draftIntervals = [];
     private double _inlineDraftMs;
     private double _prefillMs;
-    private readonly int _interleavedChunkWidth;
     private double _decodeMs;
+    private readonly int _interleavedChunkWidth;
     private const int MaxIntervals = 200_000;
 
     private readonly DeviceProfile? _emulate;

@@ -78,24 +78,7 @@ public sealed class PrefillTopK
     public float Probability(int pos, int rank) => _probs[(pos * _k) + rank];
 
     /// <summary>Reads rows 0..n-1 of a prefill chunk (call from Generator.Prefill's onChunk).</summary>
-    public void AddChunk(StepBuffers buf, int n)
-    {
-        if (buf.TopK >= _k)
-        {
-            for (int r = 0; r < n; r++)
-            {
-                for (int j = 0; j < _k; j++)
-                {
-                    _tokens.Add((int)buf.TopIds[(r * buf.TopK) + j]);
-                    _probs.Add(buf.TopProbs[(r * buf.TopK) + j]);
-                }
-            }
-        }
-        else
-        {
-            AddRows(buf.Logits.AsSpan(0, n * buf.VocabSize), buf.VocabSize);
-        }
-    }
+    public void AddChunk(StepBuffers buf, int n) => Add(TopRows.From(buf, n, _k));
 
     /// <summary>Appends rows read elsewhere (a calibrator's copy of a chunk); they must have at least k candidates each.</summary>
     public void Add(TopRows rows)

@@ -256,8 +256,7 @@ public sealed class SpeculativeDecoder
         }
         else
         {
-            int len = Math.Min(spec.MaxDraft, 1 + (int)(samCursor.Length * spec.Alpha));
-            n = samCursor.Length == 0 ? 0 : sam.Continuation(samCursor, Math.Min(len, tree.Capacity), draft);
+            n = samCursor.Length == 0 ? 0 : sam.Continuation(samCursor, Math.Min(AdaptiveLength(spec, samCursor), tree.Capacity), draft);
         }
 
         // With other sources on, the main chain first takes at most ~60% of the width; it gets the rest
@@ -333,8 +332,7 @@ public sealed class SpeculativeDecoder
             // With prompt lookup as the main chain, the automaton's longest-match continuation is a branch too.
             if (spec.Drafter == DrafterKind.Pld)
             {
-                int len = Math.Min(spec.MaxDraft, 1 + (int)(samCursor.Length * spec.Alpha));
-                int m = sam.Continuation(samCursor, Math.Min(len, tree.Capacity), draft);
+                int m = sam.Continuation(samCursor, Math.Min(AdaptiveLength(spec, samCursor), tree.Capacity), draft);
                 tree.AddPath(draft[..m], DraftSource.Prompt);
             }
 
@@ -362,6 +360,9 @@ public sealed class SpeculativeDecoder
             AddShorterMatches(calibrated.Automaton, calCursor, tree, draft, DraftSource.Calibrated);
         }
     }
+
+    // The paper's adaptive draft length: n = min(max, 1 + floor(match length * alpha)).
+    private static int AdaptiveLength(SpeculationOptions spec, MatchCursor cursor) => Math.Min(spec.MaxDraft, 1 + (int)(cursor.Length * spec.Alpha));
 
     // Continuations (up to 6 tokens) of the cursor's shorter matches, i.e. other occurrences of its suffixes: at most 4.
     private static void AddShorterMatches(SuffixAutomaton sa, MatchCursor cursor, DraftTree tree, Span<int> draft, DraftSource source)

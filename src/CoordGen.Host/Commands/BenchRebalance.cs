@@ -154,9 +154,9 @@ internal static class BenchRebalance
                 var during = gaps.Where(g => g.At > newcomerSent && g.At <= newcomerFirst).ToList();
 
                 // Token indices [from, to) this stream delivered during the prefill; the control's gaps there.
-                int from = times.Count(t => t <= newcomerSent), to = times.Count(t => t <= newcomerFirst);
+                int from = Math.Max(1, times.Count(t => t <= newcomerSent)), to = times.Count(t => t <= newcomerFirst);
                 var ctl = control[s].Times;
-                var baseline = Enumerable.Range(Math.Max(1, from), Math.Max(0, Math.Min(to, ctl.Count) - Math.Max(1, from)))
+                var baseline = Enumerable.Range(from, Math.Max(0, Math.Min(to, ctl.Count) - from))
                     .Select(i => Stopwatch.GetElapsedTime(ctl[i - 1], ctl[i]).TotalMilliseconds).Where(g => g >= 0.05).Order().ToList();
                 double median = baseline.Count == 0 ? 0 : baseline[baseline.Count / 2];
                 double worst = during.Count == 0 ? 0 : during.Max(g => g.Ms);

@@ -39,7 +39,7 @@ public sealed class ServerSettings
     /// ONNX Runtime intra-op threads of the device; 0 (default) = one per core but one, which the drafter,
     /// calibrator and actors keep. A device step that shares every core with them stalls whenever the OS
     /// parks one of its threads: on this 2-core machine one thread gave 1.4-1.6x the aggregate tokens/s
-    /// of two in `coordgen bench sessions`, and steadier streams (docs/bench/README.md).
+    /// of two in `coordgen bench sessions`, and steadier streams (docs/serving.md).
     /// </summary>
     public int Threads { get; set; }
 
