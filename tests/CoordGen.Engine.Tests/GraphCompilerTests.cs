@@ -126,6 +126,16 @@ public class GraphCompilerTests
 
 public class CapacityBucketTests
 {
+    [Theory]
+    [InlineData(2048, 4, new[] { 256, 512, 768, 1024, 1280, 1536, 1792, 2048 })]
+    [InlineData(2048, 1, new[] { 256, 512, 1024, 2048 })]
+    [InlineData(4096, 2, new[] { 256, 512, 768, 1024, 1536, 2048, 3072, 4096 })]
+    [InlineData(3000, 4, new[] { 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2560, 3000 })]
+    [InlineData(600, 4, new[] { 256, 512, 600 })]
+    [InlineData(100, 4, new[] { 100 })]
+    public void Buckets_should_split_each_doubling_evenly_and_end_at_the_capacity(int capacity, int perOctave, int[] expected) =>
+        Assert.Equal(expected, OrtModelRuntime.CapacityBuckets(capacity, perOctave));
+
     [Fact]
     public void Logits_should_match_the_reference_when_the_cache_grows_across_capacity_buckets()
     {

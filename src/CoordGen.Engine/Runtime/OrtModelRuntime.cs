@@ -31,6 +31,13 @@ public sealed record RuntimeOptions
     /// </summary>
     public string? QnnContextCache { get; init; }
 
+    /// <summary>
+    /// KV-cache buckets per doubling of the context above 256 slots (<see cref="OrtModelRuntime.CapacityBuckets"/>).
+    /// A graph attends over its whole bucket, so finer buckets waste less work on empty slots (4: at most
+    /// a quarter above 1,024 slots) at the price of more graphs (a few MiB each) and more cache moves.
+    /// </summary>
+    public int BucketsPerOctave { get; init; } = 4;
+
     public static readonly string[] QnnPerformanceModes =
         ["default", "burst", "balanced", "high_performance", "high_power_saver", "low_balanced", "low_power_saver", "power_saver", "extreme_power_saver", "sustained_high_performance"];
 
@@ -39,6 +46,11 @@ public sealed record RuntimeOptions
         if (IntraOpThreads is < 0 or > 256)
         {
             throw new ArgumentException($"intra-op threads must be between 0 (one per core) and 256 (got {IntraOpThreads}).");
+        }
+
+        if (BucketsPerOctave is < 1 or > 16)
+        {
+            throw new ArgumentException($"KV buckets per octave must be between 1 (powers of two) and 16 (got {BucketsPerOctave}).");
         }
 
         if (!QnnPerformanceModes.Contains(QnnPerformanceMode))
@@ -106,9 +118,9 @@ public sealed class OrtModelRuntime : IDisposable
         Weights = weights;
         Config = weights.Config;
         Capacity = capacity;
-        Buckets = CapacityBuckets(capacity);
         _options = options ?? new RuntimeOptions();
         _options.Validate();
+        Buckets = CapacityBuckets(capacity, _options.BucketsPerOctave);
         _widths = widths.Distinct().Order().ToArray();
         foreach (var t in weights.Tensors)
         {
@@ -193,12 +205,21 @@ public sealed class OrtModelRuntime : IDisposable
     /// </summary>
     public static int TopCandidatesFor(int width) => width >= 2 ? LlamaGraphCompiler.TopCandidates : 0;
 
-    public static int[] CapacityBuckets(int capacity)
+    /// <summary>
+    /// The KV capacities graphs are compiled for: 256, then <paramref name="perOctave"/> evenly spaced
+    /// buckets per doubling (never closer than 256 slots), and <paramref name="capacity"/> itself last.
+    /// With 4 per octave and C = 2048: 256, 512, 768, 1024, 1280, 1536, 1792, 2048.
+    /// </summary>
+    public static int[] CapacityBuckets(int capacity, int perOctave = 4)
     {
         var b = new List<int>();
-        for (int c = SmallestBucket; c < capacity; c *= 2)
+        for (int octave = SmallestBucket; octave < capacity; octave *= 2)
         {
-            b.Add(c);
+            int step = Math.Max(SmallestBucket, octave / perOctave);
+            for (int c = octave; c < 2 * octave && c < capacity; c += step)
+            {
+                b.Add(c);
+            }
         }
 
         b.Add(capacity);
@@ -259,9 +280,22 @@ public sealed class OrtModelRuntime : IDisposable
     {
         Faults?.OnDeviceStep();
         var g = Graph(width, cache.Bucket);
-        long t0 = System.Diagnostics.Stopwatch.GetTimestamp();
+        RunTimed(g, width, cache);
+        var logits = g.Buffers.Logits.AsSpan(0, width * Config.VocabSize);
+        Faults?.OnLogits(logits);
+        if (!System.Numerics.Tensors.TensorPrimitives.IsFiniteAll<float>(logits))
+        {
+            // A real accelerator can return garbage (overflow in low precision, a driver fault); sampling
+            // from it would silently corrupt the output, so the step fails and the caller recovers.
+            throw new DeviceFaultException("the device returned non-finite logits (NaN or Inf); the step was discarded. Retry the request; if it keeps happening, check the model's dtype and the execution provider.");
+        }
+    }
+
+    private void RunTimed(WidthGraph g, int width, KvCache cache)
+    {
+        long t0 = Stopwatch.GetTimestamp();
         g.Run(cache);
-        double ms = System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+        double ms = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
         var ring = _runMs.GetOrAdd((width, cache.Bucket), _ => new RunTimes());
         lock (ring)
         {
@@ -270,14 +304,6 @@ public sealed class OrtModelRuntime : IDisposable
             {
                 ring.Samples[ring.Count++ % ring.Samples.Length] = ms;
             }
-        }
-        var logits = g.Buffers.Logits.AsSpan(0, width * Config.VocabSize);
-        Faults?.OnLogits(logits);
-        if (!System.Numerics.Tensors.TensorPrimitives.IsFiniteAll<float>(logits))
-        {
-            // A real accelerator can return garbage (overflow in low precision, a driver fault); sampling
-            // from it would silently corrupt the output, so the step fails and the caller recovers.
-            throw new DeviceFaultException("the device returned non-finite logits (NaN or Inf); the step was discarded. Retry the request; if it keeps happening, check the model's dtype and the execution provider.");
         }
     }
 
