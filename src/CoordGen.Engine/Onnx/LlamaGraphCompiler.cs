@@ -140,11 +140,14 @@ public static class LlamaGraphCompiler
         string sliceEnd = b.ConstInt64([cap + w]);
         string axisLast = b.ConstInt64([-1]);
 
+        string two = b.ConstFloat([2f], [1], "two");
+
+        // x / sqrt(mean(x^2) + eps) * w, written as Pow, ReduceMean, Add, Sqrt, Div, Mul: the pattern ONNX
+        // Runtime fuses into one SimplifiedLayerNormalization kernel (a Mul(x, x) and Reciprocal form is not).
         string RmsNorm(string input, string weight)
         {
-            string ms = b.Node("ReduceMean", [b.Node("Mul", [input, input])], attrs: [GraphBuilder.Ints("axes", -1), GraphBuilder.Int("keepdims", 1)]);
-            string inv = b.Node("Reciprocal", [b.Node("Sqrt", [b.Node("Add", [ms, eps])])]);
-            return b.Node("Mul", [b.Node("Mul", [input, inv]), weight]);
+            string ms = b.Node("ReduceMean", [b.Node("Pow", [input, two])], attrs: [GraphBuilder.Ints("axes", -1), GraphBuilder.Int("keepdims", 1)]);
+            return b.Node("Mul", [b.Node("Div", [input, b.Node("Sqrt", [b.Node("Add", [ms, eps])])]), weight]);
         }
 
         string Linear(string input, string weight, string? bias = null)
