@@ -168,3 +168,66 @@ public class NgramIndexTests
         Assert.Equal(0, idx.Continuations(4, 3, firsts, result));
     }
 }
+
+public class CopyCeilingTests
+{
+    [Theory]
+    // Output "3 4 5 6" is a copy of the prompt after an earlier 2 (its last token): one step.
+    [InlineData(new[] { 1, 2, 3, 4, 5, 6, 2 }, new[] { 3, 4, 5, 6 }, 12, true, 4.0)]
+    // The same with drafts capped at 2 tokens: steps take 3 tokens, then 1.
+    [InlineData(new[] { 1, 2, 3, 4, 5, 6, 2 }, new[] { 3, 4, 5, 6 }, 2, true, 2.0)]
+    // Nothing to copy: one token per step.
+    [InlineData(new[] { 1, 2 }, new[] { 7, 8, 9 }, 12, true, 1.0)]
+    // "5 6" follows 4, not the last token 9: after last tokens, step 1 gets only the model's 5, step 2
+    // copies 6 (after the earlier 5) and adds 7: 3 tokens in 2 steps. From anywhere: "5 6" then 7, one step.
+    [InlineData(new[] { 4, 5, 6, 9 }, new[] { 5, 6, 7 }, 12, true, 1.5)]
+    [InlineData(new[] { 4, 5, 6, 9 }, new[] { 5, 6, 7 }, 12, false, 3.0)]
+    // Copies come from the output so far, never from tokens not yet generated: 1, 2, then "1 2" + 1, then 2.
+    [InlineData(new[] { 0 }, new[] { 1, 2, 1, 2, 1, 2 }, 12, false, 1.5)]
+    public void Ceiling_should_take_the_longest_copy_at_every_step(int[] prompt, int[] output, int maxDraft, bool afterLastToken, double expected) =>
+        Assert.Equal(expected, CopyCeiling.TokensPerStep(prompt, output, maxDraft, afterLastToken), 6);
+}
+
+public class ConsensusIndexTests
+{
+    private static int[] Draft(int[] indexed, int[] sequence, int maxLength)
+    {
+        var index = new ConsensusIndex();
+        foreach (int t in indexed)
+        {
+            index.Add(t);
+        }
+
+        var dest = new int[maxLength];
+        return dest[..index.Draft(sequence, maxLength, dest)];
+    }
+
+    [Fact]
+    public void Among_equally_long_matches_the_chain_should_follow_the_recurring_and_recent_continuation()
+    {
+        // 5 is followed by "1 2", "1 3" and "1 3 9": a first-occurrence continuation would say 1 2.
+        int[] s = [5, 1, 2, 5, 1, 3, 5, 1, 3, 9, 5];
+        Assert.Equal([1, 3, 9, 5], Draft(s, s, 12));
+    }
+
+    [Fact]
+    public void A_longer_suffix_match_should_outvote_several_short_ones()
+    {
+        // "7 8 1" occurred once (then 2); "0 1" three times (then 3): the longer match wins.
+        int[] s = [7, 8, 1, 2, 0, 1, 3, 0, 1, 3, 0, 1, 3, 7, 8, 1];
+        Assert.Equal([2, 0, 1], Draft(s, s, 3));
+    }
+
+    [Fact]
+    public void Tokens_past_the_index_should_be_searched_too()
+    {
+        // Drafting ahead for a hypothetical outcome: the index holds 4 5 6, the sequence goes on.
+        Assert.Equal([5, 6, 4, 5, 6], Draft([4, 5, 6], [4, 5, 6, 4, 5, 6, 4], 5));
+    }
+
+    [Fact]
+    public void No_earlier_occurrence_should_give_no_draft()
+    {
+        Assert.Empty(Draft([1, 2, 3], [1, 2, 3], 8));
+    }
+}

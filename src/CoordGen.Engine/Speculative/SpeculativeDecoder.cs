@@ -246,13 +246,18 @@ public sealed class SpeculativeDecoder
 
     internal static void BuildTree(SpeculationOptions spec, List<int> sequence, SuffixAutomaton sam, MatchCursor samCursor,
         CalibratedIndex? calibrated, MatchCursor calCursor, HistoryStore? history, MatchCursor histCursor, DraftReuse? reuse,
-        NgramIndex? ngrams, List<int[]> branches, DraftTree tree, Span<int> draft, List<int> chainNodes, bool chainTrusted)
+        NgramIndex? ngrams, ConsensusIndex? consensus, List<int[]> branches, DraftTree tree, Span<int> draft, List<int> chainNodes, bool chainTrusted)
     {
         // 1. The main chain from the chosen drafter.
         int n;
         if (spec.Drafter == DrafterKind.Pld)
         {
             n = PromptLookup.Draft(sequence, draft);
+        }
+        else if (consensus is not null)
+        {
+            // Trees: what the occurrences of the sequence's end agree on, as long as the width allows.
+            n = samCursor.Length == 0 ? 0 : consensus.Draft(sequence, Math.Min(spec.MaxDraft, tree.Capacity), draft);
         }
         else
         {
@@ -274,6 +279,13 @@ public sealed class SpeculativeDecoder
             }
 
             chainNodes.Add(at);
+        }
+
+        // 1b. With prompt lookup as the main chain, the consensus chain comes right after it.
+        if (spec.Drafter == DrafterKind.Pld && consensus is not null && samCursor.Length > 0)
+        {
+            int m = consensus.Draft(sequence, Math.Min(spec.MaxDraft, tree.Capacity), draft);
+            tree.AddPath(draft[..m], DraftSource.Prompt);
         }
 
         // 2. The reused segment from earlier rejections.

@@ -27,6 +27,7 @@ public sealed class SpeculativeSession : IDisposable
     private readonly List<int> _sequence;
     private readonly SuffixAutomaton _sam = new();
     private readonly NgramIndex? _ngrams;
+    private readonly ConsensusIndex? _consensus;
     private CalibratedIndex? _calibrated;
     private readonly DraftReuse? _reuse;
     private DraftTree _tree;
@@ -103,11 +104,13 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         _ngrams = spec.UseTree ? new NgramIndex() : null;
+        _consensus = spec.UseTree ? new ConsensusIndex() : null;
         if (_ngrams is not null)
         {
             foreach (int t in prompt)
             {
                 _ngrams.Add(t);
+                _consensus!.Add(t);
             }
         }
 
@@ -410,7 +413,7 @@ public sealed class SpeculativeSession : IDisposable
         // The model's next token after the chain, guessed as the drafters' own continuation.
         _preTree.Clear();
         _preChain.Clear();
-        SpeculativeDecoder.BuildTree(_spec, seq, _sam, sc, _calibrated, cc, _history, hc, null, null, branches, _preTree, _preDraft, _preChain, false);
+        SpeculativeDecoder.BuildTree(_spec, seq, _sam, sc, _calibrated, cc, _history, hc, null, null, _consensus, branches, _preTree, _preDraft, _preChain, false);
         if (_preChain.Count == 0)
         {
             return false;
@@ -423,7 +426,7 @@ public sealed class SpeculativeSession : IDisposable
         _preTree.Clear();
         _preChain.Clear();
         branches.Clear();
-        SpeculativeDecoder.BuildTree(_spec, seq, _sam, sc, _calibrated, cc, _history, hc, null, null, branches, _preTree, _preDraft, _preChain, false);
+        SpeculativeDecoder.BuildTree(_spec, seq, _sam, sc, _calibrated, cc, _history, hc, null, null, _consensus, branches, _preTree, _preDraft, _preChain, false);
         return _preTree.Count > 0;
     }
 
@@ -554,7 +557,7 @@ public sealed class SpeculativeSession : IDisposable
         try
         {
             _runtime.Faults?.OnDraft();
-            SpeculativeDecoder.BuildTree(_spec, _sequence, _sam, _samCursor, _calibrated, _calCursor, _history, _histCursor, _reuse, _ngrams, _branches, _tree, _draft, _chainNodes, _chainTrusted);
+            SpeculativeDecoder.BuildTree(_spec, _sequence, _sam, _samCursor, _calibrated, _calCursor, _history, _histCursor, _reuse, _ngrams, _consensus, _branches, _tree, _draft, _chainNodes, _chainTrusted);
         }
         catch (Exception ex) when (ex is not OperationCanceledException)
         {
@@ -608,6 +611,7 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         _ngrams?.Add(token);
+        _consensus?.Add(token);
         if (_calibrated is not null)
         {
             _calCursor = _calibrated.Automaton.Advance(_calCursor, token);

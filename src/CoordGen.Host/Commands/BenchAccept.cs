@@ -32,6 +32,16 @@ internal sealed record AcceptRow
     [JsonPropertyName("accepted_by_source")] public Dictionary<string, long> AcceptedBySource { get; init; } = new();
     [JsonPropertyName("proposed_by_source")] public Dictionary<string, long> ProposedBySource { get; init; } = new();
 
+    /// <summary>
+    /// Tokens per step of the best copy from the text after an earlier occurrence of the last token, at
+    /// every step of this task's greedy outputs (<see cref="Engine.Speculative.CopyCeiling"/>): the most
+    /// any suffix-matching drafter could reach. The same for every method and width of a task.
+    /// </summary>
+    [JsonPropertyName("copy_ceiling")] public double CopyCeiling { get; init; }
+
+    /// <summary>As <see cref="CopyCeiling"/>, but a copy may start anywhere (knowing the output in advance; no drafter can).</summary>
+    [JsonPropertyName("any_copy_ceiling")] public double AnyCopyCeiling { get; init; }
+
     /// <summary>What-if (with --device-profile): speedup over ar if the profile's step times applied to these acceptance counts and drafting times. Not measured.</summary>
     [JsonPropertyName("profile_speedup")][JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public double? ProfileSpeedup { get; init; }
 }
@@ -133,6 +143,7 @@ internal static class BenchAccept
                 var progress = ctx.AddTask($"{task} ({items.Count} prompts)", maxValue: items.Count);
                 var acc = new Dictionary<(string, int), Accum>();
                 var histories = new Dictionary<int, HistoryStore>();
+                long ceilTokens = 0, ceilSteps = 0, anyCeilSteps = 0;
                 foreach (var item in items)
                 {
                     int[] prompt = bundle.Tokenizer.Encode(PromptTemplate.Render(item.Context, item.Prompt, bundle.HasRoleTokens));
@@ -140,6 +151,10 @@ internal static class BenchAccept
                     using var arCache = rt.CreateCache();
                     arCache.CopyFrom(pre.Cache);
                     var ar = plain.Decode(arCache, pre.LastLogits, prompt.Length, pre.PrefillMs, item.MaxTokens, greedy, stops);
+                    int[] arTokens = [.. ar.Tokens];
+                    ceilTokens += arTokens.Length;
+                    ceilSteps += CopyCeiling.Steps(prompt, arTokens, new SpeculationOptions().MaxDraft, afterLastToken: true);
+                    anyCeilSteps += CopyCeiling.Steps(prompt, arTokens, new SpeculationOptions().MaxDraft, afterLastToken: false);
                     if (methods.Contains("ar"))
                     {
                         foreach (int w in widths)
@@ -201,6 +216,8 @@ internal static class BenchAccept
                         CalibrationMsPerContextToken = a.ContextTokens == 0 ? 0 : a.CalibrationMs / a.ContextTokens,
                         AcceptedBySource = Enum.GetValues<DraftSource>().ToDictionary(s => s.ToString().ToLowerInvariant(), s => a.Accepted[(int)s]),
                         ProposedBySource = Enum.GetValues<DraftSource>().ToDictionary(s => s.ToString().ToLowerInvariant(), s => a.Proposed[(int)s]),
+                        CopyCeiling = ceilSteps == 0 ? 0 : (double)ceilTokens / ceilSteps,
+                        AnyCopyCeiling = anyCeilSteps == 0 ? 0 : (double)ceilTokens / anyCeilSteps,
                     });
                 }
             }
@@ -293,6 +310,11 @@ internal static class BenchAccept
             {
                 md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Method} | {r.Width} | {r.MeanAccepted:F2} | {r.TokensPerS:F0} | {r.Speedup:F2}x | {(r.IdenticalToAr ? "yes" : "**NO**")} | {r.DraftMsPerStep:F3} |");
             }
+
+            var first = rows.First(r => r.Task == task);
+            var baselines = new[] { "pld", "sam" }.Select(m => (m, best: rows.Where(r => r.Task == task && r.Method == m).Select(r => r.MeanAccepted).DefaultIfEmpty(0).Max())).Where(x => x.best > 0).ToList();
+            md.AppendLine();
+            md.AppendLine(CultureInfo.InvariantCulture, $"Copy ceiling: **{first.CopyCeiling:F2}** tokens per step (`copy_ceiling`) if every step copied the best continuation (up to {new SpeculationOptions().MaxDraft} tokens) following an earlier occurrence of the last token in prompt + output: no suffix-matching drafter (pld, sam, the copy part of ours) gets more; only drafts the model predicts (calibrated, reused) can. {first.AnyCopyCeiling:F2} (`any_copy_ceiling`) if a copy could start anywhere, knowing the output in advance.{string.Concat(baselines.Select(b => $" Over {b.m}'s best ({b.best:F2}): {first.CopyCeiling / b.best:F2}x."))}");
         }
 
         if (profile is not null)
