@@ -52,11 +52,12 @@ internal static class BenchSessions
         var method = new Option<string>("--method") { Description = "Speculative method of the spec mode.", DefaultValueFactory = _ => "sam+ours" };
         var width = new Option<int>("--width") { Description = "Verification width of the spec mode.", DefaultValueFactory = _ => 8 };
         var modesOpt = new Option<string>("--modes") { Description = "Comma-separated modes: ar (plain), spec (the method at --width, the runtime's default), spec-adaptive (the method, width chosen per step).", DefaultValueFactory = _ => "ar,spec,spec-adaptive" };
+        var rounds = new Option<int>("--rounds") { Description = "Times each (sessions, mode) point runs, the modes taking turns; the report sums the rounds (this shared machine drifts in speed).", DefaultValueFactory = _ => 1 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
         {
-            model, workload, sessions, requests, method, width, modesOpt, json, outDir,
+            model, workload, sessions, requests, method, width, modesOpt, rounds, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -68,9 +69,9 @@ internal static class BenchSessions
             {
                 throw new ArgumentException("--modes takes ar, spec and spec-adaptive, and needs ar (every ratio is over it).");
             }
-            if (counts.Any(c => c < 1 || c > 256) || perSession < 1)
+            if (counts.Any(c => c < 1 || c > 256) || perSession < 1 || parse.GetValue(rounds) < 1)
             {
-                throw new ArgumentException("--sessions values must be between 1 and 256, --requests at least 1.");
+                throw new ArgumentException("--sessions values must be between 1 and 256, --requests and --rounds at least 1.");
             }
 
             var stamp = BenchStamp.Capture();
@@ -100,56 +101,87 @@ internal static class BenchSessions
 
             var device = await service.SelectDevice();
             var rows = new List<SessionsRow>();
+            int roundCount = parse.GetValue(rounds);
             await AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).StartAsync(async progress =>
             {
-                var bar = progress.AddTask("sessions x mode", maxValue: counts.Count * modes.Count);
+                var bar = progress.AddTask("sessions x mode x round", maxValue: counts.Count * modes.Count * roundCount);
                 foreach (int n in counts)
                 {
-                    foreach (string mode in modes)
+                    var points = modes.ToDictionary(x => x, _ => new Point());
+                    for (int round = 0; round < roundCount; round++)
                     {
-                        var before = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
-                        var sw = Stopwatch.StartNew();
-                        var results = await Task.WhenAll(Enumerable.Range(0, n).Select(async s =>
+                        // Modes take turns, starting with a different one each round: a drift in the machine's
+                        // speed lands on every mode alike.
+                        foreach (string mode in modes.Skip(round % modes.Count).Concat(modes.Take(round % modes.Count)))
                         {
-                            var list = new List<(int Index, StreamResult R)>();
-                            for (int k = 0; k < perSession; k++)
+                            var before = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+                            var sw = Stopwatch.StartNew();
+                            var results = await Task.WhenAll(Enumerable.Range(0, n).Select(async s =>
                             {
-                                int idx = ((s * perSession) + k) % prompts.Count;
-                                list.Add((idx, await Stream(service.Supervisor, prompts[idx].Tokens, prompts[idx].MaxTokens, mode == "ar" ? "ar" : m, w, ct, adaptive: mode == "spec-adaptive")));
+                                var list = new List<(int Index, StreamResult R)>();
+                                for (int k = 0; k < perSession; k++)
+                                {
+                                    int idx = ((s * perSession) + k) % prompts.Count;
+                                    list.Add((idx, await Stream(service.Supervisor, prompts[idx].Tokens, prompts[idx].MaxTokens, mode == "ar" ? "ar" : m, w, ct, adaptive: mode == "spec-adaptive")));
+                                }
+
+                                return list;
+                            }));
+                            var pt = points[mode];
+                            pt.Seconds += sw.Elapsed.TotalSeconds;
+                            var after = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+                            pt.PrefillMs += after.PrefillMs - before.PrefillMs;
+                            pt.DecodeMs += after.DecodeMs - before.DecodeMs;
+                            foreach (var (index, r) in results.SelectMany(x => x))
+                            {
+                                pt.Gaps.AddRange(r.GapsMs);
+                                pt.Tokens += r.Tokens.Length;
+                                pt.Identical &= r.Tokens.AsSpan().SequenceEqual(alone[index]);
                             }
 
-                            return list;
-                        }));
-                        double seconds = sw.Elapsed.TotalSeconds;
-                        var after = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
-                        double prefillMs = after.PrefillMs - before.PrefillMs, decodeMs = after.DecodeMs - before.DecodeMs;
-                        var all = results.SelectMany(x => x).ToList();
-                        var gaps = all.SelectMany(x => x.R.GapsMs).Order().ToList();
-                        long tokens = all.Sum(x => (long)x.R.Tokens.Length);
+                            bar.Increment(1);
+                        }
+                    }
+
+                    foreach (string mode in modes)
+                    {
+                        var pt = points[mode];
+                        pt.Gaps.Sort();
+                        var gaps = pt.Gaps;
                         rows.Add(new SessionsRow
                         {
                             Sessions = n,
                             Mode = mode,
-                            AggregateTokensPerS = Math.Round(tokens / seconds, 1),
-                            PerSessionTokensPerS = Math.Round(tokens / seconds / n, 1),
+                            AggregateTokensPerS = Math.Round(pt.Tokens / pt.Seconds, 1),
+                            PerSessionTokensPerS = Math.Round(pt.Tokens / pt.Seconds / n, 1),
                             P50IntertokenMs = gaps.Count == 0 ? 0 : Math.Round(gaps[gaps.Count / 2], 2),
                             P99IntertokenMs = gaps.Count == 0 ? 0 : Math.Round(gaps[Math.Min(gaps.Count - 1, (int)(gaps.Count * 0.99))], 2),
-                            Tokens = tokens,
-                            IdenticalToAlone = all.All(x => x.R.Tokens.AsSpan().SequenceEqual(alone[x.Index])),
-                            PrefillShare = Math.Round(prefillMs / Math.Max(1e-9, prefillMs + decodeMs), 3),
-                            DecodeTokensPerDeviceS = Math.Round(tokens / Math.Max(1e-9, decodeMs / 1000), 1),
+                            Tokens = pt.Tokens,
+                            IdenticalToAlone = pt.Identical,
+                            PrefillShare = Math.Round(pt.PrefillMs / Math.Max(1e-9, pt.PrefillMs + pt.DecodeMs), 3),
+                            DecodeTokensPerDeviceS = Math.Round(pt.Tokens / Math.Max(1e-9, pt.DecodeMs / 1000), 1),
                         });
-                        bar.Increment(1);
                     }
                 }
             });
-            Write(rows, stamp, m, w, perSession, parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json));
+            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json));
             return rows.All(r => r.IdenticalToAlone) ? 0 : 1;
         });
         return cmd;
     }
 
     private sealed record StreamResult(int[] Tokens, List<double> GapsMs);
+
+    /// <summary>One (sessions, mode) point summed over its rounds.</summary>
+    private sealed class Point
+    {
+        public double Seconds;
+        public double PrefillMs;
+        public double DecodeMs;
+        public long Tokens;
+        public bool Identical = true;
+        public readonly List<double> Gaps = [];
+    }
 
     private static async Task<StreamResult> Stream(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct, bool adaptive = false)
     {
@@ -159,7 +191,7 @@ internal static class BenchSessions
         return new StreamResult(tokens, gaps);
     }
 
-    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, string dir, FileInfo? json)
+    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json)
     {
         Directory.CreateDirectory(dir);
         string text = JsonSerializer.Serialize(rows, new JsonSerializerOptions { WriteIndented = true });
@@ -173,7 +205,7 @@ internal static class BenchSessions
         var md = new StringBuilder();
         md.AppendLine("# Concurrent sessions (`coordgen bench sessions`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
-        md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding; `spec` = `{method}` at W = {width} (the runtime's default); `spec-adaptive` = `{method}` with adaptive width (each step verifies on width 1, 4 or {width}, whichever gives the session the most tokens per millisecond; docs/decisions/0006-adaptive-width.md). Prompts alternate task families (summary, rag, ui, reply, ...); aggregate tokens/s counts generated tokens over wall time, prefill included. {perSession} requests per session at each point, greedy.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding; `spec` = `{method}` at W = {width} (the runtime's default); `spec-adaptive` = `{method}` with adaptive width (each step verifies on width 1, 4 or {width}, whichever gives the session the most tokens per millisecond; docs/decisions/0006-adaptive-width.md). Prompts alternate task families (summary, rag, ui, reply, ...); aggregate tokens/s counts generated tokens over wall time, prefill included. {perSession} requests per session at each point, greedy; each point ran {rounds} time(s), the modes taking turns and starting with a different one each round, and the rows sum the rounds.").AppendLine();
         md.AppendLine("`prefill share` is the device's busy time in prefill chunks over its busy time; `decode tok/s (device)` counts generated tokens over device time in decode steps only, the decode phase's throughput without the prefill every mode pays alike.").AppendLine();
         md.AppendLine("| sessions | mode | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|");
         foreach (var r in rows)
