@@ -296,7 +296,7 @@ internal static class BenchAccept
         md.AppendLine(CultureInfo.InvariantCulture, $"# Acceptance and decode speed by method: {bundle.Name}");
         md.AppendLine();
         md.AppendLine(stamp.ToMarkdown());
-        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen bench accept --width {string.Join(",", widths)} --methods {string.Join(",", methods)}{(limit > 0 ? $" --limit {limit}" : "")}` over {string.Join(", ", files.Select(Path.GetFileName))}. Greedy decoding; every method decodes from a copy of the same prefilled cache, in one process, prompt by prompt.");
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen bench accept --width {string.Join(",", widths)} --methods {string.Join(",", methods)}{(limit > 0 ? $" --limit {limit}" : "")}{(profile is null ? "" : $" --device-profile {profile.Name}")}` over {string.Join(", ", files.Select(Path.GetFileName))}. Greedy decoding; every method decodes from a copy of the same prefilled cache, in one process, prompt by prompt.");
         md.AppendLine();
         md.AppendLine("`mean_accepted` is tokens committed per verification step (accepted draft tokens plus the model's own next token; 1.0 for plain decoding). `speedup` is decode tokens/s over plain greedy decoding of the same prompts, each speculative run paired with a plain run right before it (this shared machine drifts in speed; a pair sees the same drift). `ar`'s own row is its first run of each prompt. `identical` is whether every greedy output equalled plain greedy token for token.");
         foreach (var task in tasks)
