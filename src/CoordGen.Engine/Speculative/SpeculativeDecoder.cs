@@ -244,10 +244,12 @@ public sealed class SpeculativeDecoder
 
     private readonly AcceptanceMemory _acceptance = new();
 
-    internal static void BuildTree(SpeculationOptions spec, List<int> sequence, SuffixAutomaton sam, MatchCursor samCursor,
-        CalibratedIndex? calibrated, MatchCursor calCursor, HistoryStore? history, MatchCursor histCursor, DraftReuse? reuse,
-        NgramIndex? ngrams, ConsensusIndex? consensus, List<int[]> branches, DraftTree tree, Span<int> draft, List<int> chainNodes, bool chainTrusted)
+    internal static void BuildTree(SpeculationOptions spec, List<int> sequence, DraftSources sources, DraftCursors cursors,
+        List<int[]> branches, DraftTree tree, Span<int> draft, List<int> chainNodes, bool chainTrusted)
     {
+        var (sam, calibrated, history, reuse, ngrams, consensus) = sources;
+        var (samCursor, calCursor, histCursor) = cursors;
+
         // 1. The main chain from the chosen drafter.
         int n;
         if (spec.Drafter == DrafterKind.Pld)

@@ -413,7 +413,7 @@ public sealed class SpeculativeSession : IDisposable
         // The model's next token after the chain, guessed as the drafters' own continuation.
         _preTree.Clear();
         _preChain.Clear();
-        SpeculativeDecoder.BuildTree(_spec, seq, _sam, sc, _calibrated, cc, _history, hc, null, null, _consensus, branches, _preTree, _preDraft, _preChain, false);
+        SpeculativeDecoder.BuildTree(_spec, seq, new(_sam, _calibrated, _history, null, null, _consensus), new(sc, cc, hc), branches, _preTree, _preDraft, _preChain, false);
         if (_preChain.Count == 0)
         {
             return false;
@@ -426,7 +426,7 @@ public sealed class SpeculativeSession : IDisposable
         _preTree.Clear();
         _preChain.Clear();
         branches.Clear();
-        SpeculativeDecoder.BuildTree(_spec, seq, _sam, sc, _calibrated, cc, _history, hc, null, null, _consensus, branches, _preTree, _preDraft, _preChain, false);
+        SpeculativeDecoder.BuildTree(_spec, seq, new(_sam, _calibrated, _history, null, null, _consensus), new(sc, cc, hc), branches, _preTree, _preDraft, _preChain, false);
         return _preTree.Count > 0;
     }
 
@@ -557,7 +557,7 @@ public sealed class SpeculativeSession : IDisposable
         try
         {
             _runtime.Faults?.OnDraft();
-            SpeculativeDecoder.BuildTree(_spec, _sequence, _sam, _samCursor, _calibrated, _calCursor, _history, _histCursor, _reuse, _ngrams, _consensus, _branches, _tree, _draft, _chainNodes, _chainTrusted);
+            SpeculativeDecoder.BuildTree(_spec, _sequence, new(_sam, _calibrated, _history, _reuse, _ngrams, _consensus), new(_samCursor, _calCursor, _histCursor), _branches, _tree, _draft, _chainNodes, _chainTrusted);
         }
         catch (Exception ex) when (ex is not OperationCanceledException)
         {
