@@ -32,12 +32,21 @@ internal sealed record RebalanceReport
     [JsonPropertyName("settle_ms")] public int SettleMs { get; init; }
     [JsonPropertyName("worst_ratio")] public double WorstRatio { get; init; }
     [JsonPropertyName("sessions")] public required IReadOnlyList<RebalanceSession> Sessions { get; init; }
+
+    /// <summary>Every run's worst ratio and TTFT; the top-level values and the sessions are the median run's.</summary>
+    [JsonPropertyName("runs")] public IReadOnlyList<RebalanceRun> Runs { get; init; } = [];
+}
+
+internal sealed record RebalanceRun
+{
+    [JsonPropertyName("worst_ratio")] public double WorstRatio { get; init; }
+    [JsonPropertyName("newcomer_ttft_ms")] public double NewcomerTtftMs { get; init; }
 }
 
 /// <summary>
 /// <c>coordgen bench rebalance</c>: sessions stream while a long prompt arrives; the device actor
 /// interleaves its prefill chunks with their decode steps. Reports each running session's worst
-/// inter-token gap while the newcomer prefills against its median gap over the same tokens in a control run without it, and the
+/// inter-token gap while the newcomer prefills against its median gap over the same tokens in control runs without it (one before, one after), and the
 /// newcomer's time to first token. Token times are taken when the device hands a token to its stream
 /// (a timestamping channel writer), not when a reader gets to it, so a busy machine's thread pool
 /// does not blur them.
@@ -54,19 +63,20 @@ internal static class BenchRebalance
         var streamTokens = new Option<int>("--stream-tokens") { Description = "Most tokens each running stream generates: enough that every stream still runs while the newcomer prefills.", DefaultValueFactory = _ => 1024 };
         var settleMs = new Option<int>("--settle-ms") { Description = "Once every stream has 8 tokens, how long they stream before the long prompt arrives.", DefaultValueFactory = _ => 200 };
         var chunkWidth = new Option<int>("--chunk-width") { Description = "Tokens per prefill chunk while the streams decode (the server's InterleavedChunkWidth); 64 = the full prefill width, no narrowing.", DefaultValueFactory = _ => new ServerSettings().InterleavedChunkWidth };
+        var runs = new Option<int>("--runs") { Description = "Times the whole test runs (controls, newcomer); the report shows the run with the median worst ratio and lists all (this shared machine is noisy).", DefaultValueFactory = _ => 3 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("rebalance", "Prefill against decode: N sessions stream while a long prompt arrives; the device interleaves its prefill chunks with their decode steps. Reports their worst inter-token gap during the newcomer's prefill against their median gap (goal: at most 2x) and the newcomer's time to first token. Writes a report and a plot of the gaps.")
         {
-            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, json, outDir,
+            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, runs, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
             int n = parse.GetValue(sessions), p = parse.GetValue(promptTokens), w = parse.GetValue(width);
             string m = parse.GetValue(method)!;
-            if (n < 1 || p < 1)
+            if (n < 1 || p < 1 || parse.GetValue(runs) < 1)
             {
-                throw new ArgumentException("--sessions and --prompt-tokens must be at least 1.");
+                throw new ArgumentException("--sessions, --prompt-tokens and --runs must be at least 1.");
             }
 
             var stamp = BenchStamp.Capture();
@@ -121,69 +131,90 @@ internal static class BenchRebalance
             });
             var running = lengths.OrderByDescending(x => x.Tokens).Take(n).Select(x => candidates[x.Index]).ToList();
 
-            var writers = running.Select(_ => new TimestampingWriter()).ToArray();
-            var newcomerWriter = new TimestampingWriter();
-            long newcomerSent = 0;
-            await ConsoleUi.Err.Status().StartAsync($"{n} streams, then a {newcomer.Length}-token prompt", async _ =>
+            // Control runs: the same streams with no newcomer, one before and one after the run with it, so a
+            // drift in the machine's speed lands on both sides. Each stream's baseline is its median gap over
+            // the same stretch of its tokens in both (same KV fill, same drafts): only the newcomer differs.
+            async Task<TimestampingWriter[]> Control(string when)
             {
-                var streams = running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, writers[s], ct)).ToList();
-                while (writers.Any(x => x.Count < 8) && !streams.All(t => t.IsCompleted))
-                {
-                    await Task.Delay(1, ct);
-                }
-
-                // A moment of steady streaming before the arrival.
-                await Task.Delay(Math.Max(0, parse.GetValue(settleMs)), ct);
-                newcomerSent = Stopwatch.GetTimestamp();
-                await BenchStreams.SendAsync(service.Supervisor, newcomer, 16, m, w, newcomerWriter, ct);
-                await Task.WhenAll(streams);
-            });
-
-            // Control: the same streams again with no newcomer. Each stream's baseline is its median gap over
-            // the same stretch of its tokens (same KV fill, same drafts), so only the newcomer differs.
-            var control = running.Select(_ => new TimestampingWriter()).ToArray();
-            await ConsoleUi.Err.Status().StartAsync($"{n} streams alone (control)", async _ =>
-                await Task.WhenAll(running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, control[s], ct))));
-
-            long newcomerFirst = newcomerWriter.Times.Count > 0 ? newcomerWriter.Times[0] : Stopwatch.GetTimestamp();
-            var rows = new List<RebalanceSession>();
-            for (int s = 0; s < n; s++)
-            {
-                var times = writers[s].Times;
-                var gaps = BenchStreams.DeliveryGaps([.. times]);
-                var during = gaps.Where(g => g.At > newcomerSent && g.At <= newcomerFirst).ToList();
-
-                // Token indices [from, to) this stream delivered during the prefill; the control's gaps there.
-                int from = Math.Max(1, times.Count(t => t <= newcomerSent)), to = times.Count(t => t <= newcomerFirst);
-                var ctl = control[s].Times;
-                var baseline = Enumerable.Range(from, Math.Max(0, Math.Min(to, ctl.Count) - from))
-                    .Select(i => Stopwatch.GetElapsedTime(ctl[i - 1], ctl[i]).TotalMilliseconds).Where(g => g >= 0.05).Order().ToList();
-                double median = baseline.Count == 0 ? 0 : baseline[baseline.Count / 2];
-                double worst = during.Count == 0 ? 0 : during.Max(g => g.Ms);
-                rows.Add(new RebalanceSession
-                {
-                    Session = s,
-                    MedianGapMs = Math.Round(median, 2),
-                    MedianGapDuringPrefillMs = during.Count == 0 ? 0 : Math.Round(during.Select(g => g.Ms).Order().ElementAt(during.Count / 2), 2),
-                    WorstGapDuringPrefillMs = Math.Round(worst, 2),
-                    Ratio = Math.Round(median > 0 ? worst / median : 0, 2),
-                    TokensDuringPrefill = during.Count,
-                    Tokens = writers[s].Times.Count,
-                });
+                var c = running.Select(_ => new TimestampingWriter()).ToArray();
+                await ConsoleUi.Err.Status().StartAsync($"{n} streams alone (control, {when})", async _ =>
+                    await Task.WhenAll(running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, c[s], ct))));
+                return c;
             }
 
-            var report = new RebalanceReport
+            async Task<(RebalanceReport Report, TimestampingWriter[] Writers, long Sent, long First)> RunOnce(int index)
             {
-                RunningSessions = n,
-                Method = m,
-                NewcomerPromptTokens = newcomer.Length,
-                ChunkWidth = settings.EffectiveChunkWidth,
-                StreamTokens = cap,
-                SettleMs = parse.GetValue(settleMs),
-                NewcomerTtftMs = Math.Round(Stopwatch.GetElapsedTime(newcomerSent, newcomerFirst).TotalMilliseconds, 1),
-                WorstRatio = rows.Where(r => r.TokensDuringPrefill > 0).Select(r => r.Ratio).DefaultIfEmpty(0).Max(),
-                Sessions = rows,
-            };
+                var controlBefore = await Control($"run {index + 1}, before");
+                var writers = running.Select(_ => new TimestampingWriter()).ToArray();
+                long newcomerSent = 0;
+                var newcomerWriter = new TimestampingWriter();
+                await ConsoleUi.Err.Status().StartAsync($"run {index + 1}: {n} streams, then a {newcomer.Length}-token prompt", async _ =>
+                {
+                    var streams = running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, writers[s], ct)).ToList();
+                    while (writers.Any(x => x.Count < 8) && !streams.All(t => t.IsCompleted))
+                    {
+                        await Task.Delay(1, ct);
+                    }
+
+                    // A moment of steady streaming before the arrival.
+                    await Task.Delay(Math.Max(0, parse.GetValue(settleMs)), ct);
+                    newcomerSent = Stopwatch.GetTimestamp();
+                    await BenchStreams.SendAsync(service.Supervisor, newcomer, 16, m, w, newcomerWriter, ct);
+                    await Task.WhenAll(streams);
+                });
+
+                var controlAfter = await Control($"run {index + 1}, after");
+
+                long newcomerFirst = newcomerWriter.Times.Count > 0 ? newcomerWriter.Times[0] : Stopwatch.GetTimestamp();
+                var rows = new List<RebalanceSession>();
+                for (int s = 0; s < n; s++)
+                {
+                    var times = writers[s].Times;
+                    var gaps = BenchStreams.DeliveryGaps([.. times]);
+                    var during = gaps.Where(g => g.At > newcomerSent && g.At <= newcomerFirst).ToList();
+
+                    // Token indices [from, to) this stream delivered during the prefill; the control's gaps there.
+                    int from = Math.Max(1, times.Count(t => t <= newcomerSent)), to = times.Count(t => t <= newcomerFirst);
+                    var baseline = new[] { controlBefore[s].Times, controlAfter[s].Times }
+                        .SelectMany(ctl => Enumerable.Range(from, Math.Max(0, Math.Min(to, ctl.Count) - from)).Select(i => Stopwatch.GetElapsedTime(ctl[i - 1], ctl[i]).TotalMilliseconds))
+                        .Where(g => g >= 0.05).Order().ToList();
+                    double median = baseline.Count == 0 ? 0 : baseline[baseline.Count / 2];
+                    double worst = during.Count == 0 ? 0 : during.Max(g => g.Ms);
+                    rows.Add(new RebalanceSession
+                    {
+                        Session = s,
+                        MedianGapMs = Math.Round(median, 2),
+                        MedianGapDuringPrefillMs = during.Count == 0 ? 0 : Math.Round(during.Select(g => g.Ms).Order().ElementAt(during.Count / 2), 2),
+                        WorstGapDuringPrefillMs = Math.Round(worst, 2),
+                        Ratio = Math.Round(median > 0 ? worst / median : 0, 2),
+                        TokensDuringPrefill = during.Count,
+                        Tokens = writers[s].Times.Count,
+                    });
+                }
+
+                var report = new RebalanceReport
+                {
+                    RunningSessions = n,
+                    Method = m,
+                    NewcomerPromptTokens = newcomer.Length,
+                    ChunkWidth = settings.EffectiveChunkWidth,
+                    StreamTokens = cap,
+                    SettleMs = parse.GetValue(settleMs),
+                    NewcomerTtftMs = Math.Round(Stopwatch.GetElapsedTime(newcomerSent, newcomerFirst).TotalMilliseconds, 1),
+                    WorstRatio = rows.Where(r => r.TokensDuringPrefill > 0).Select(r => r.Ratio).DefaultIfEmpty(0).Max(),
+                    Sessions = rows,
+                };
+                return (report, writers, newcomerSent, newcomerFirst);
+            }
+
+            var results = new List<(RebalanceReport Report, TimestampingWriter[] Writers, long Sent, long First)>();
+            for (int r = 0; r < parse.GetValue(runs); r++)
+            {
+                results.Add(await RunOnce(r));
+            }
+
+            var (median, writers, newcomerSent, newcomerFirst) = results.OrderBy(x => x.Report.WorstRatio).ElementAt(results.Count / 2);
+            var report = median with { Runs = [.. results.Select(x => new RebalanceRun { WorstRatio = x.Report.WorstRatio, NewcomerTtftMs = x.Report.NewcomerTtftMs })] };
             Write(report, writers, newcomerSent, newcomerFirst, settings.PrefillWidth, settings.EffectiveChunkWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json));
             return 0;
         });
@@ -205,7 +236,7 @@ internal static class BenchRebalance
         var md = new StringBuilder();
         md.AppendLine("# Prefill against decode (`coordgen bench rebalance`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
-        md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, W = {width}; the summary and reply prompts whose answers run longest, up to {report.StreamTokens} tokens each); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps ({prefillWidth} when no one decodes; `StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps, `StepPolicy.ChunkWidth` for its width; `--chunk-width`). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The long prompt arrives {report.SettleMs} ms after every stream has 8 tokens. Each stream's baseline is its median gap over the same tokens in a control run of the same streams without the newcomer (same KV fill, same drafts; only the newcomer differs).").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, W = {width}; the summary and reply prompts whose answers run longest, up to {report.StreamTokens} tokens each); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps ({prefillWidth} when no one decodes; `StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps, `StepPolicy.ChunkWidth` for its width; `--chunk-width`). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The long prompt arrives {report.SettleMs} ms after every stream has 8 tokens. Each stream's baseline is its median gap over the same tokens in two control runs of the same streams without the newcomer, one before and one after (same KV fill, same drafts; only the newcomer differs).").AppendLine();
         md.AppendLine("| session | median gap, control (ms) | median gap while the newcomer prefills (ms) | worst gap while it prefills (ms) | worst / control median | tokens during the prefill | tokens in all |").AppendLine("|---|---|---|---|---|---|---|");
         foreach (var r in report.Sessions)
         {
@@ -213,6 +244,11 @@ internal static class BenchRebalance
         }
 
         md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"Worst gap / control median over the streams that produced tokens during the prefill: **{report.WorstRatio}x** (goal: at most 2x). Newcomer's time to first token: **{report.NewcomerTtftMs} ms** for {report.NewcomerPromptTokens} tokens.").AppendLine();
+        if (report.Runs.Count > 1)
+        {
+            md.AppendLine(CultureInfo.InvariantCulture, $"The table and the plot are the run with the median worst ratio of {report.Runs.Count} (`--runs`); all runs, worst ratio (TTFT): {string.Join(", ", report.Runs.Select(r => string.Create(CultureInfo.InvariantCulture, $"{r.WorstRatio}x ({r.NewcomerTtftMs:F0} ms)")))}; within 2x in {report.Runs.Count(r => r.WorstRatio <= 2)} of {report.Runs.Count}.").AppendLine();
+        }
+
         md.AppendLine("![gaps](rebalance.png)");
         File.WriteAllText(Path.Combine(dir, "rebalance.md"), md.ToString());
         ConsoleUi.Err.MarkupLineInterpolated($"[green]worst/median gap {report.WorstRatio}x, newcomer TTFT {report.NewcomerTtftMs} ms[/] -> {dir}/rebalance.md");
