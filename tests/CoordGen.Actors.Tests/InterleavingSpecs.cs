@@ -141,4 +141,27 @@ public class InterleavingSpecs : TestKit
     {
         Assert.Equal(chunk, StepPolicy.ChunkWidth(decoding, prefillWidth, interleaved));
     }
+
+    [Theory]
+    // All ready: plain round-robin.
+    [InlineData("ABCD", 0, "", "A", "ABCD", 1)]
+    [InlineData("ABCD", 3, "", "D", "ABCD", 0)]
+    // A not ready at its turn: B steps in A's slot, A is next.
+    [InlineData("ABCD", 0, "A", "B", "BACD", 1)]
+    // Two not ready: C takes the head's slot, A and B move back one.
+    [InlineData("ABCD", 0, "AB", "C", "CABD", 1)]
+    // Wrapping around the end of the list.
+    [InlineData("ABCD", 3, "D", "A", "DBCA", 0)]
+    [InlineData("ABCD", 2, "CD", "A", "DBAC", 3)]
+    // None ready.
+    [InlineData("ABCD", 1, "ABCD", "", "ABCD", 1)]
+    public void Policy_should_step_the_first_ready_session_and_keep_the_late_ones_next_in_line(string order, int next, string notReady, string picked, string after, int nextAfter)
+    {
+        var rotation = order.Select(c => c.ToString()).ToList();
+        int n = next;
+        var pick = StepPolicy.NextDecode(rotation, ref n, s => !notReady.Contains(s, StringComparison.Ordinal));
+        Assert.Equal(picked, pick ?? "");
+        Assert.Equal(after, string.Concat(rotation));
+        Assert.Equal(nextAfter, n);
+    }
 }

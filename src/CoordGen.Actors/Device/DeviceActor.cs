@@ -156,16 +156,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         }
         else
         {
-            for (int i = 0; i < _decoding.Count && pick is null; i++)
-            {
-                var a = _decoding[(_next + i) % _decoding.Count];
-                if (Ready(a))
-                {
-                    pick = a;
-                    _next = (_next + i + 1) % Math.Max(1, _decoding.Count);
-                }
-            }
-
+            pick = StepPolicy.NextDecode(_decoding, ref _next, Ready);
             if (pick is null && _prefilling.Count > 0)
             {
                 pick = _prefilling[0];

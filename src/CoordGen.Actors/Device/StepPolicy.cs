@@ -18,4 +18,36 @@ public static class StepPolicy
     /// </summary>
     public static int ChunkWidth(int decoding, int prefillWidth, int interleavedWidth) =>
         decoding > 0 ? Math.Min(interleavedWidth, prefillWidth) : prefillWidth;
+
+    /// <summary>
+    /// The next decoding session, round-robin from <paramref name="next"/>: the first ready one. Sessions
+    /// not ready at their turn (a draft still on the drafter, a reader behind) move back one place instead
+    /// of waiting a whole round: the one picked takes the head's slot in <paramref name="rotation"/> and
+    /// <paramref name="next"/> moves past it, so a stream whose draft was late by a moment steps right
+    /// after, not a round later. Null when none is ready.
+    /// </summary>
+    public static T? NextDecode<T>(List<T> rotation, ref int next, Func<T, bool> ready)
+        where T : class
+    {
+        int count = rotation.Count;
+        for (int i = 0; i < count; i++)
+        {
+            var a = rotation[(next + i) % count];
+            if (!ready(a))
+            {
+                continue;
+            }
+
+            for (int j = i; j > 0; j--)
+            {
+                int at = (next + j) % count, before = (next + j - 1) % count;
+                (rotation[at], rotation[before]) = (rotation[before], rotation[at]);
+            }
+
+            next = (next + 1) % count;
+            return a;
+        }
+
+        return null;
+    }
 }
