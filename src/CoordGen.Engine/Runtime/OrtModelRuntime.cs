@@ -109,8 +109,9 @@ public sealed class OrtModelRuntime : IDisposable
 
     private readonly Dictionary<(int Width, int Bucket), WidthGraph> _graphs = new();
     private readonly List<OrtValue> _weightValues = new();
-    private readonly PrePackedWeightsContainer _prepacked = new();
+    private readonly PrePackedWeightsContainer _prepacked;
     private readonly RuntimeOptions _options;
+    private readonly bool _sharedEnv;
     private readonly int[] _widths;
 
     public OrtModelRuntime(ModelWeights weights, int capacity, IEnumerable<int> widths, RuntimeOptions? options = null)
@@ -120,6 +121,11 @@ public sealed class OrtModelRuntime : IDisposable
         Capacity = capacity;
         _options = options ?? new RuntimeOptions();
         _options.Validate();
+
+        // Before any other ONNX Runtime object: the first one (an OrtValue, session options, a prepacked
+        // weights container) creates the environment, after which it can no longer get global pools.
+        _sharedEnv = GlobalThreadPools(_options.IntraOpThreads);
+        _prepacked = new PrePackedWeightsContainer();
         Buckets = CapacityBuckets(capacity, _options.BucketsPerOctave);
         _widths = widths.Distinct().Order().ToArray();
         foreach (var t in weights.Tensors)
@@ -164,7 +170,8 @@ public sealed class OrtModelRuntime : IDisposable
     /// One intra-op thread pool for every session of the process, created with the ONNX Runtime
     /// environment. With a pool per session, dozens of (width, bucket) graphs each keep a worker
     /// spinning after its last run and steal the cores from the graph that runs now. The thread count
-    /// of the first runtime created wins. False when the environment already existed without global pools.
+    /// of the first runtime created wins. False when the environment already existed without global pools
+    /// (something made an ONNX Runtime object first); the constructor calls it before making any.
     /// </summary>
     private static bool GlobalThreadPools(int threads)
     {
@@ -190,6 +197,13 @@ public sealed class OrtModelRuntime : IDisposable
                         },
                     };
                     OrtEnv.CreateInstanceWithOptions(ref options);
+
+                    // One CPU arena for every session too: each (width, bucket) graph otherwise keeps an arena
+                    // sized for its own largest run, and dozens of graphs hold hundreds of MiB that only one
+                    // run at a time uses (sessions opt in with session.use_env_allocators).
+                    using var cpu = new OrtMemoryInfo(OrtMemoryInfo.allocatorCPU, OrtAllocatorType.ArenaAllocator, 0, OrtMemType.Default);
+                    using var arena = new OrtArenaCfg(0, -1, -1, -1);
+                    OrtEnv.Instance().CreateAndRegisterAllocator(cpu, arena);
                     _globalPools = true;
                 }
             }
@@ -391,10 +405,12 @@ public sealed class OrtModelRuntime : IDisposable
             IntraOpNumThreads = _options.IntraOpThreads,
             LogSeverityLevel = OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR,
         };
-        if (GlobalThreadPools(_options.IntraOpThreads))
+        if (_sharedEnv)
         {
             so.DisablePerSessionThreads();
+            so.AddSessionConfigEntry("session.use_env_allocators", "1");
         }
+
         _options.ApplyProvider(so, graphName);
 
         // The graphs declare every weight as an external initializer; these OrtValues (over the pinned
