@@ -52,12 +52,13 @@ internal static class BenchSessions
         var method = new Option<string>("--method") { Description = "Speculative method of the spec mode.", DefaultValueFactory = _ => "sam+ours" };
         var width = new Option<int>("--width") { Description = "Verification width of the spec mode.", DefaultValueFactory = _ => 8 };
         var modesOpt = new Option<string>("--modes") { Description = "Comma-separated modes: ar (plain), spec (the method at --width, the runtime's default), spec-adaptive (the method, width chosen per step).", DefaultValueFactory = _ => "ar,spec,spec-adaptive" };
+        var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
         var rounds = new Option<int>("--rounds") { Description = "Times each (sessions, mode) point runs, the modes taking turns; the report sums the rounds (this shared machine drifts in speed).", DefaultValueFactory = _ => 1 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
         {
-            model, workload, sessions, requests, method, width, modesOpt, rounds, json, outDir,
+            model, workload, sessions, requests, method, width, modesOpt, threads, rounds, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -81,7 +82,7 @@ internal static class BenchSessions
                 : new[] { "summary", "rag", "ui", "reply" }.Select(t => Path.Combine(root, "workloads", t + ".jsonl")).ToList();
             var prompts = BenchStreams.Prompts(bundle, 4, files);
             int maxSessions = counts.Max();
-            await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true });
+            await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, Threads = parse.GetValue(threads) });
 
             // Each prompt alone first: the reference every concurrent stream must equal.
             var alone = new Dictionary<int, int[]>();

@@ -29,7 +29,7 @@ internal static class ServeCommand
         var capacity = new Option<int?>("--capacity") { Description = "KV cache slots per request (prompt plus output). Default 2048.", HelpName = "N" };
         var prefillWidth = new Option<int?>("--prefill-width") { Description = "Width of the prefill graph. Default 64.", HelpName = "N" };
         var chunkWidth = new Option<int?>("--interleaved-chunk-width") { Description = "Tokens per prefill chunk while other requests are decoding (narrower chunks keep their streams smooth; a prompt with no one else decoding goes --prefill-width at a time). Default 32; at --prefill-width or above = off.", HelpName = "N" };
-        var threads = new Option<int?>("--threads") { Description = "ONNX Runtime intra-op threads of the device; 0 (default) = one per core but one, left to the drafter and calibrator.", HelpName = "N" };
+        var threads = new Option<int?>("--threads") { Description = "ONNX Runtime intra-op threads of the device; 0 (default) = one per core.", HelpName = "N" };
         var method = new Option<string?>("--method") { Description = "Default decoding method: ar, pld, sam, sam+history, pld+ours, sam+ours (default). Requests may choose their own with \"speculation\": {\"method\": ...}.", HelpName = "METHOD" };
         var width = new Option<int?>("--width") { Description = "Default verification width for speculative methods. Default 8.", HelpName = "N" };
         var maxPending = new Option<int?>("--max-pending") { Description = "Requests running or queued at once; more get 429 with Retry-After. Default 16.", HelpName = "N" };

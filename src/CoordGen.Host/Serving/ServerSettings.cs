@@ -36,15 +36,16 @@ public sealed class ServerSettings
     public int EffectiveChunkWidth => Math.Min(InterleavedChunkWidth, PrefillWidth);
 
     /// <summary>
-    /// ONNX Runtime intra-op threads of the device; 0 (default) = one per core but one, which the drafter,
-    /// calibrator and actors keep. A device step that shares every core with them stalls whenever the OS
-    /// parks one of its threads: on this 2-core machine one thread gave 1.4-1.6x the aggregate tokens/s
-    /// of two in `coordgen bench sessions`, and steadier streams (docs/serving.md).
+    /// ONNX Runtime intra-op threads of the device; 0 (default) = one per core. The drafter, calibrator and
+    /// actors share the cores with it. On this 2-core machine two threads gave 1.10x (plain) and 1.19-1.24x
+    /// (speculative) the aggregate tokens/s of one in `coordgen bench sessions --sessions 8 --threads N`,
+    /// once all graphs shared one thread pool (docs/serving.md). (Before that fix, idle per-graph pools
+    /// spun on the cores and one thread was faster.)
     /// </summary>
     public int Threads { get; set; }
 
-    /// <summary>The intra-op thread count in effect (<see cref="Threads"/>, or the cores but one).</summary>
-    public int EffectiveThreads => Threads > 0 ? Threads : Math.Max(1, Environment.ProcessorCount - 1);
+    /// <summary>The intra-op thread count in effect (<see cref="Threads"/>, or one per core).</summary>
+    public int EffectiveThreads => Threads > 0 ? Threads : Math.Max(1, Environment.ProcessorCount);
 
     /// <summary>Default decoding method for requests that do not choose one.</summary>
     public string Method { get; set; } = "sam+ours";
