@@ -52,8 +52,8 @@ public sealed class ServerSettings
 
     public int Width { get; set; } = 8;
 
-    /// <summary>Speculative requests verify each step on the compiled width (1, 4 or Width) that gives the most tokens per millisecond for that session; false (default) = always Width. Off by default: in the actor runtime it has not beaten the fixed width yet (docs/decisions/0006-adaptive-width.md).</summary>
-    public bool AdaptiveWidth { get; set; }
+    /// <summary>Speculative requests verify each step on the compiled width (1, 4 or Width) that gives the most tokens per millisecond for that session (default); false = always Width. In `coordgen bench sessions` it beat the fixed width at 2 or more sessions (docs/decisions/0006-adaptive-width.md).</summary>
+    public bool AdaptiveWidth { get; set; } = true;
 
     /// <summary>Compile every (width, KV bucket) graph when the device starts instead of on first use (slower start and device restarts; benchmarks use it so no compile lands in a timed region).</summary>
     public bool PrecompileAll { get; set; }
