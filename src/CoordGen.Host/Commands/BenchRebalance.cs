@@ -63,12 +63,13 @@ internal static class BenchRebalance
         var streamTokens = new Option<int>("--stream-tokens") { Description = "Most tokens each running stream generates: enough that every stream still runs while the newcomer prefills.", DefaultValueFactory = _ => 1024 };
         var settleMs = new Option<int>("--settle-ms") { Description = "Once every stream has 8 tokens, how long they stream before the long prompt arrives.", DefaultValueFactory = _ => 200 };
         var chunkWidth = new Option<int>("--chunk-width") { Description = "Tokens per prefill chunk while the streams decode (the server's InterleavedChunkWidth); 64 = the full prefill width, no narrowing.", DefaultValueFactory = _ => new ServerSettings().InterleavedChunkWidth };
+        var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
         var runs = new Option<int>("--runs") { Description = "Times the whole test runs (controls, newcomer); the report shows the run with the median worst ratio and lists all (this shared machine is noisy).", DefaultValueFactory = _ => 3 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("rebalance", "Prefill against decode: N sessions stream while a long prompt arrives; the device interleaves its prefill chunks with their decode steps. Reports their worst inter-token gap during the newcomer's prefill against their median gap (goal: at most 2x) and the newcomer's time to first token. Writes a report and a plot of the gaps.")
         {
-            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, runs, json, outDir,
+            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, threads, runs, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -81,7 +82,7 @@ internal static class BenchRebalance
 
             var stamp = BenchStamp.Capture();
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
-            var settings = new ServerSettings { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true, InterleavedChunkWidth = parse.GetValue(chunkWidth) };
+            var settings = new ServerSettings { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true, InterleavedChunkWidth = parse.GetValue(chunkWidth), Threads = parse.GetValue(threads) };
             if (settings.Problems() is { Count: > 0 } problems)
             {
                 throw new ArgumentException(string.Join(" ", problems));
