@@ -28,7 +28,7 @@ public static class CopyCeiling
             int at = prompt.Length + j, best = 0;
             for (int s = afterLastToken ? 1 : 0; s < at && best < maxDraft; s++)
             {
-                if (afterLastToken && (at == 0 || text[s - 1] != text[at - 1]))
+                if (afterLastToken && text[s - 1] != text[at - 1])
                 {
                     continue;
                 }

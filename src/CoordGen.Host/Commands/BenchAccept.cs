@@ -144,6 +144,7 @@ internal static class BenchAccept
                 var acc = new Dictionary<(string, int), Accum>();
                 var histories = new Dictionary<int, HistoryStore>();
                 long ceilTokens = 0, ceilSteps = 0, anyCeilSteps = 0;
+                int maxDraft = new SpeculationOptions().MaxDraft;
                 foreach (var item in items)
                 {
                     int[] prompt = bundle.Tokenizer.Encode(PromptTemplate.Render(item.Context, item.Prompt, bundle.HasRoleTokens));
@@ -153,8 +154,8 @@ internal static class BenchAccept
                     var ar = plain.Decode(arCache, pre.LastLogits, prompt.Length, pre.PrefillMs, item.MaxTokens, greedy, stops);
                     int[] arTokens = [.. ar.Tokens];
                     ceilTokens += arTokens.Length;
-                    ceilSteps += CopyCeiling.Steps(prompt, arTokens, new SpeculationOptions().MaxDraft, afterLastToken: true);
-                    anyCeilSteps += CopyCeiling.Steps(prompt, arTokens, new SpeculationOptions().MaxDraft, afterLastToken: false);
+                    ceilSteps += CopyCeiling.Steps(prompt, arTokens, maxDraft, afterLastToken: true);
+                    anyCeilSteps += CopyCeiling.Steps(prompt, arTokens, maxDraft, afterLastToken: false);
                     if (methods.Contains("ar"))
                     {
                         foreach (int w in widths)
