@@ -42,6 +42,29 @@ public class DeviceActorSpecs : TestKit
     }
 
     [Fact]
+    public async Task Device_should_sample_through_its_verifier_exactly_what_the_engine_samples_inline_and_ignore_stale_verdicts()
+    {
+        int[] prompt = [.. Enumerable.Repeat(new[] { 3, 9, 27, 17 }, 4).SelectMany(p => p), 51, 3, 9];
+        var sampling = new SamplingOptions { Temperature = 0.9f, Seed = 17 };
+        IReadOnlyList<int> expected;
+        using (var rt = NewRuntime())
+        {
+            var opts = CoordGen.Engine.Speculative.SpeculationOptions.ForMethod("sam+ours", 8);
+            expected = new CoordGen.Engine.Speculative.SpeculativeDecoder(rt).Generate(prompt, 24, sampling, new HashSet<int>(), opts).Tokens;
+        }
+
+        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+
+        // A verdict for no session on the device (one that ended, or a late answer) is dropped.
+        device.Tell(new Verified(new object(), new CoordGen.Engine.Speculative.TreeVerdict(1, [5], [0], 0)), TestActor);
+        var channel = Channel.CreateUnbounded<int>();
+        device.Tell(new Generate("s1", TokenSequence.From(prompt), 24, new Sampling(Temperature: 0.9f, Seed: 17), "sam+ours", 8, null, channel.Writer, CancellationToken.None), TestActor);
+        var done = await ExpectMsgAsync<GenerationCompleted>();
+        Assert.Equal(TokenSequence.From(expected), done.Tokens);
+        Assert.True(done.Speculation!.Steps > 0);
+    }
+
+    [Fact]
     public async Task Device_should_reply_failed_and_keep_serving_when_a_prompt_exceeds_capacity()
     {
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));

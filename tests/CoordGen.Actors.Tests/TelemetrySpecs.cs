@@ -50,6 +50,7 @@ public class TelemetrySpecs : TestKit
         await AwaitConditionAsync(() => Task.FromResult(spans.Any(s => s.TraceId == root.TraceId && s.OperationName == "coordgen.calibrate")), TimeSpan.FromSeconds(5));
         var mine = spans.Where(s => s.TraceId == root.TraceId).ToList();
         Assert.Contains(mine, s => s.OperationName == "coordgen.prefill_chunk");
+        Assert.Contains(mine, s => s.OperationName == "coordgen.device_run");
         Assert.Contains(mine, s => s.OperationName == "coordgen.verify");
         Assert.All(mine, s => Assert.Equal(root.SpanId, s.ParentSpanId));
         Assert.All(mine, s => Assert.Equal("traced", s.GetTagItem("coordgen.session")));

@@ -36,6 +36,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private int _sinceChunk;
     private IActorRef _drafter = ActorRefs.Nobody;
     private IActorRef _calibrator = ActorRefs.Nobody;
+    private IActorRef _verifier = ActorRefs.Nobody;
     private Active? _lastStepped;
     private readonly List<(long Start, long End)> _deviceIntervals = [];
     private readonly List<(long Start, long End)> _draftIntervals = [];
@@ -68,6 +69,8 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         });
         Receive<GetQueues>(_ => Sender.Tell(new Queues(_prefilling.Count, _decoding.Count)));
         Receive<Drafted>(OnDrafted);
+        Receive<Verified>(OnVerified);
+        Receive<VerifyFailed>(OnVerifyFailed);
         Receive<Calibrated>(c =>
         {
             if (c.Key is Active a && (_decoding.Contains(a) || _prefilling.Contains(a)))
@@ -89,6 +92,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     {
         _drafter = Context.ActorOf(DrafterActor.Props(), "drafter");
         _calibrator = Context.ActorOf(CalibratorActor.Props(), "calibrator");
+        _verifier = Context.ActorOf(VerifierActor.Props(), "verifier");
         _runtime = _createRuntime();
         _plain = new Generator(_runtime);
         _spec = new SpeculativeDecoder(_runtime);
@@ -122,7 +126,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     private void Admit(DeviceRun run, IActorRef replyTo)
     {
-        var active = new Active(run, replyTo, _calibrator, _drafter, Self, _emulate);
+        var active = new Active(run, replyTo, _calibrator, _drafter, _verifier, Self, _emulate);
         Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "prefill"));
         // Runs resuming a session after a fault go first: their callers have waited already.
         if (run.Resumed)
@@ -184,6 +188,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         }
 
         _busy = true;
+        pick.Stepping = true;
         var self = Self;
         var runtime = _runtime!;
         var plain = _plain!;
@@ -247,7 +252,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         }
 
         candidate.DraftPending = true;
-        return new DraftJob(candidate, candidate.PrepareDraft);
+        return new DraftJob(candidate, candidate.PrepareDraft) { Trace = candidate.Run.Request.Trace, Session = candidate.Run.Request.SessionId };
     }
 
     private void OnDrafted(Drafted d)
@@ -275,6 +280,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         }
 
         var a = done.Active;
+        a.Stepping = false;
         a.DraftReady = false;
         _lastStepped = a;
         _inlineDraftMs += done.InlineDraftMs;
@@ -301,6 +307,11 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             var cause = ex is AggregateException { InnerException: { } inner } ? inner : ex;
             Finish(a, Failure(a.Run.Request, cause), cause);
         }
+        else if (a.Verdict is not null)
+        {
+            // The verifier answered before the step's own completion arrived.
+            ApplyVerdict(a);
+        }
         else if (a.Decoding && _prefilling.Remove(a))
         {
             _decoding.Add(a);
@@ -309,6 +320,43 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         }
 
         Schedule();
+    }
+
+    private void OnVerified(Verified v)
+    {
+        if (v.Key is not Active a || !_decoding.Contains(a) || a.AwaitingStep != v.Verdict.Step)
+        {
+            return; // stale: the session ended (cancelled, failed) or the verdict is for another step
+        }
+
+        a.Verdict = v.Verdict;
+        if (!a.Stepping)
+        {
+            ApplyVerdict(a);
+            Schedule();
+        }
+    }
+
+    private void ApplyVerdict(Active a)
+    {
+        try
+        {
+            a.ApplyVerdict();
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            Finish(a, Failure(a.Run.Request, ex), ex);
+        }
+    }
+
+    private void OnVerifyFailed(VerifyFailed f)
+    {
+        if (f.Key is Active a && _decoding.Contains(a) && a.AwaitingStep == f.Step)
+        {
+            var ex = new InvalidOperationException($"the verifier could not verify step {f.Step}: {f.Reason}");
+            Finish(a, Failure(a.Run.Request, ex), ex);
+            Schedule();
+        }
     }
 
     /// <summary>Flushes queued tokens; finishes sessions that are done (and flushed) or cancelled.</summary>
@@ -339,7 +387,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         }
     }
 
-    private static bool Ready(Active a) => !a.Finished && a.PendingCount == 0 && !a.DraftPending;
+    private static bool Ready(Active a) => !a.Finished && a.PendingCount == 0 && !a.DraftPending && a.AwaitingStep is null;
 
     private void Finish(Active a, object reply, Exception? cause = null)
     {
@@ -354,6 +402,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         }
 
         a.Dispose();
+        _verifier.Tell(new ForgetSession(a));
         if (reply is GenerationFailed f)
         {
             a.Run.Request.Output.TryComplete(cause ?? (f.Kind == FailureKind.Cancelled ? new OperationCanceledException(f.Detail) : new InvalidOperationException(f.Detail)));
@@ -371,6 +420,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         OperationCanceledException => new GenerationFailed(r.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"),
         PromptTooLongException => new GenerationFailed(r.SessionId, FailureKind.CapacityExceeded, ex.Message),
         ArgumentException => new GenerationFailed(r.SessionId, FailureKind.InvalidRequest, ex.Message),
+        InvalidOperationException when ex.Message.StartsWith("the verifier", StringComparison.Ordinal) => new GenerationFailed(r.SessionId, FailureKind.DeviceFault, $"{ex.Message}. The request can be retried."),
         _ => new GenerationFailed(r.SessionId, FailureKind.DeviceFault, $"the device failed: {ex.Message}. The request can be retried."),
     };
 
@@ -412,7 +462,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     }
 
     /// <summary>One request on the device: its prefill, then its decode session, and the tokens not yet in its channel.</summary>
-    private sealed class Active(DeviceRun run, IActorRef replyTo, IActorRef calibrator, IActorRef drafter, IActorRef device, DeviceProfile? emulate) : IDisposable
+    private sealed class Active(DeviceRun run, IActorRef replyTo, IActorRef calibrator, IActorRef drafter, IActorRef verifier, IActorRef device, DeviceProfile? emulate) : IDisposable
     {
         private readonly ConcurrentQueue<int> _pending = new();
         private Calibrated? _calibration;
@@ -423,6 +473,8 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         private SpeculativeSession? _specSession;
         private PlainSession? _plainSession;
         private SpeculationOptions? _options;
+        private SamplingOptions? _sampling;
+        private bool _treeStep;
 
         public DeviceRun Run { get; } = run;
 
@@ -440,7 +492,35 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         /// <summary>Its next tree is prepared (mailbox thread only).</summary>
         public bool DraftReady { get; set; }
 
-        public bool CanDraft => _specSession is { Done: false } && !DraftReady && !DraftPending && _pending.IsEmpty;
+        public bool CanDraft => _specSession is { Done: false, AwaitingStep: null } && !Stepping && !DraftReady && !DraftPending && _pending.IsEmpty;
+
+        /// <summary>A device step of this session is running (mailbox thread only).</summary>
+        public bool Stepping { get; set; }
+
+        /// <summary>The step whose verdict the session waits for; null when none (read only while it is not stepping).</summary>
+        public int? AwaitingStep => _specSession?.AwaitingStep;
+
+        /// <summary>A verdict that arrived while the step's device run was still finishing (mailbox thread only).</summary>
+        public TreeVerdict? Verdict { get; set; }
+
+        /// <summary>Ends the session's step with its verdict: keeps the accepted keys/values, emits the tokens (mailbox thread).</summary>
+        public void ApplyVerdict()
+        {
+            var v = Verdict!;
+            Verdict = null;
+            int before = _specSession!.Output.Count;
+            _specSession.Apply(v);
+            int emitted = _specSession.Output.Count - before;
+            if (emitted > 0)
+            {
+                Telemetry.Tokens.Add(emitted, new KeyValuePair<string, object?>("method", Run.Request.Method));
+            }
+
+            if (_treeStep)
+            {
+                Telemetry.AcceptedLength.Record(v.Emitted.Length);
+            }
+        }
 
         public bool PrepareDraft()
         {
@@ -472,7 +552,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         public double StepOnce(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)
         {
             double inlineBefore = _specSession?.InlineDraftMs ?? 0;
-            string kind = Decoding ? (_specSession is not null ? "verify" : "decode") : "prefill_chunk";
+            string kind = Decoding ? (_specSession is not null ? "device_run" : "decode") : "prefill_chunk";
             using var span = Telemetry.Source.StartActivity($"coordgen.{kind}", ActivityKind.Internal, Run.Request.Trace);
             span?.SetTag("coordgen.session", Run.Request.SessionId);
             span?.SetTag("coordgen.method", Run.Request.Method);
@@ -496,14 +576,10 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 {
                     Telemetry.Tokens.Add(emitted, new KeyValuePair<string, object?>("method", Run.Request.Method));
                     span?.SetTag("coordgen.tokens", emitted);
-                    if (kind == "verify")
-                    {
-                        Telemetry.AcceptedLength.Record(emitted);
-                    }
                 }
             }
 
-            return kind == "verify" ? (_specSession?.InlineDraftMs ?? 0) - inlineBefore : 0;
+            return kind == "device_run" ? (_specSession?.InlineDraftMs ?? 0) - inlineBefore : 0;
         }
 
         private void StepCore(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)
@@ -513,7 +589,14 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             if (_specSession is not null)
             {
                 AttachCalibration();
-                _specSession.Step(r.Cancellation);
+                var tree = _specSession.BeginStep(r.Cancellation, ownRows: true);
+                _treeStep = tree is { Tokens.Length: > 0 };
+                if (tree is not null)
+                {
+                    // Acceptance runs on the verifier while the device moves on to other sessions.
+                    verifier.Tell(new VerifyTree(this, tree, _sampling!, r.Trace) { Session = r.SessionId }, device);
+                }
+
                 return;
             }
 
@@ -523,7 +606,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 return;
             }
 
-            var sampling = new SamplingOptions { Temperature = r.Sampling.Temperature, TopK = r.Sampling.TopK, TopP = r.Sampling.TopP, Seed = r.Sampling.Seed, Offset = r.Sampling.Offset };
+            var sampling = _sampling ??= new SamplingOptions { Temperature = r.Sampling.Temperature, TopK = r.Sampling.TopK, TopP = r.Sampling.TopP, Seed = r.Sampling.Seed, Offset = r.Sampling.Offset };
             if (_prefill is null)
             {
                 sampling.Validate();

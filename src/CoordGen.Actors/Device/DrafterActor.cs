@@ -13,6 +13,8 @@ public sealed class DrafterActor : ReceiveActor
     {
         Receive<DraftJob>(job =>
         {
+            using var span = Telemetry.Source.StartActivity("coordgen.draft", System.Diagnostics.ActivityKind.Internal, job.Trace);
+            span?.SetTag("coordgen.session", job.Session);
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
             bool prepared;
             try
@@ -50,7 +52,14 @@ public sealed class DrafterActor : ReceiveActor
 }
 
 /// <summary>Device → drafter: prepare the draft of the session identified by <paramref name="Key"/>.</summary>
-public sealed record DraftJob(object Key, Func<bool> Prepare);
+public sealed record DraftJob(object Key, Func<bool> Prepare)
+{
+    /// <summary>The request's trace context (the draft span's parent).</summary>
+    public System.Diagnostics.ActivityContext Trace { get; init; }
+
+    /// <summary>The request's session id (a span attribute).</summary>
+    public string? Session { get; init; }
+}
 
 /// <summary>
 /// Device → drafter, sent when a session's verification starts: draft that session's next step for

@@ -57,8 +57,15 @@ public sealed class Sampler
             {
                 _rng.NextDouble();
             }
+
+            Draws = options.Offset;
         }
     }
+
+    public SamplingOptions Options => _options;
+
+    /// <summary>Random numbers drawn so far, counting <see cref="SamplingOptions.Offset"/>: the stream's position.</summary>
+    public long Draws { get; private set; }
 
     /// <summary>Index of the largest logit; the lowest index wins ties (vectorized).</summary>
     public static int Argmax(ReadOnlySpan<float> logits) => System.Numerics.Tensors.TensorPrimitives.IndexOfMax(logits);
@@ -141,6 +148,7 @@ public sealed class Sampler
     public int Draw(ReadOnlySpan<float> probs)
     {
         double u = _rng.NextDouble();
+        Draws++;
         double cum = 0;
         int last = 0;
         for (int i = 0; i < probs.Length; i++)

@@ -151,6 +151,46 @@ public sealed class KvCache : IDisposable
         }
     }
 
+    /// <summary>
+    /// Commits a verified path out of slots staged with <see cref="WriteLayers"/> at <see cref="Length"/>
+    /// (a tree step's rows, written before its verdict was known): staged row <c>rows[i]</c> moves to
+    /// slot <c>Length + i</c>. <paramref name="rows"/> ascends from 0 (the root), so every row moves
+    /// down or stays and no row is overwritten before it moves.
+    /// </summary>
+    public void Keep(ReadOnlySpan<int> rows)
+    {
+        if (Length + rows.Length > Bucket)
+        {
+            throw new InvalidOperationException($"cannot commit {rows.Length} slots: bucket {Bucket} holds {Bucket - Length} more");
+        }
+
+        int d = HeadDim;
+        for (int i = 0; i < rows.Length; i++)
+        {
+            if (rows[i] < i || (i > 0 && rows[i] <= rows[i - 1]))
+            {
+                throw new ArgumentException("kept rows must ascend from the root", nameof(rows));
+            }
+
+            if (rows[i] == i)
+            {
+                continue;
+            }
+
+            for (int l = 0; l < Layers; l++)
+            {
+                for (int h = 0; h < KvHeads; h++)
+                {
+                    int head = ((h * Bucket) + Length) * d;
+                    Array.Copy(_keys[l], head + (rows[i] * d), _keys[l], head + (i * d), d);
+                    Array.Copy(_values[l], head + (rows[i] * d), _values[l], head + (i * d), d);
+                }
+            }
+        }
+
+        Length += rows.Length;
+    }
+
     /// <summary>Commits <paramref name="count"/> slots written with <see cref="WriteLayers"/>.</summary>
     public void Advance(int count)
     {

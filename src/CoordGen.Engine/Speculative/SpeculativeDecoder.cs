@@ -416,7 +416,7 @@ public sealed class SpeculativeDecoder
     }
 
     // Eq. 3 on the main chain: predictions at each chain row, the first mismatch, the longest agreeing run after it.
-    internal static void ObserveReuse(DraftReuse reuse, DraftTree tree, List<int> chainNodes, StepBuffers buf, Span<int> scratch)
+    internal static void ObserveReuse(DraftReuse reuse, DraftTree tree, List<int> chainNodes, ReadOnlySpan<int> rowArgmax, Span<int> scratch)
     {
         int n = chainNodes.Count;
         if (n == 0)
@@ -430,7 +430,7 @@ public sealed class SpeculativeDecoder
         {
             chain[i] = tree.Token(chainNodes[i]);
             int row = i == 0 ? 0 : chainNodes[i - 1] + 1;
-            predicted[i] = buf.Argmax(row);
+            predicted[i] = rowArgmax[row];
         }
 
         int e = 0;

@@ -33,11 +33,9 @@ public sealed class SpeculativeSession : IDisposable
     private DraftTree _tree;
     private readonly List<int[]> _branches = [];
     private readonly List<int> _output = [];
-    private readonly List<int> _emitted;
     private List<int> _chainNodes;
     private int[] _draft;
     private readonly int[] _rowParents;
-    private readonly int[] _commitRows;
     private readonly int _promptLength;
     private readonly double _prefillMs;
     private readonly Stopwatch _clock = Stopwatch.StartNew();
@@ -135,11 +133,10 @@ public sealed class SpeculativeSession : IDisposable
         _tree = new DraftTree(_width - 1);
         _draft = new int[Math.Max(_width, PromptLookup.DraftLength)];
         _rowParents = new int[_width];
-        _commitRows = new int[_width];
-        _emitted = new List<int>(_width);
         _chainNodes = new List<int>(_width);
 
         _root = _sampler.Next(pre.LastLogits);
+        _draws = _sampler.Draws;
         Done = !Emit(_root);
     }
 
@@ -171,29 +168,75 @@ public sealed class SpeculativeSession : IDisposable
 
     public DraftAccounting Accounting => _acct;
 
-    /// <summary>One draft-verify-commit step. Returns <see cref="Done"/>.</summary>
+    /// <summary>One draft-verify-commit step, acceptance inline. Returns <see cref="Done"/>.</summary>
     public bool Step(CancellationToken cancellation = default)
+    {
+        if (BeginStep(cancellation) is not { } verify)
+        {
+            return Done;
+        }
+
+        return Apply(TreeVerifier.Verify(verify, _greedy ? null : _sampler));
+    }
+
+    private enum Pending
+    {
+        None,
+
+        /// <summary>A plain step near the cache's capacity.</summary>
+        Capacity,
+
+        /// <summary>Adaptive width chose width 1: a plain step that counts as a verification step.</summary>
+        Narrow,
+
+        /// <summary>A token tree: its rows are staged in the cache until the verdict keeps the accepted path.</summary>
+        Tree,
+    }
+
+    private Pending _pending;
+    private int _stepNumber;
+    private int _pendingWidth;
+    private bool _pendingPredraft;
+    private int[] _pendingArgmax = [];
+    private long _draws;
+
+    /// <summary>The step whose verdict this session waits for (<see cref="Apply"/>); null when none.</summary>
+    public int? AwaitingStep => _pending == Pending.None ? null : _stepNumber;
+
+    /// <summary>
+    /// The device half of a step: drafts (unless a draft is prepared), runs the token tree (or one plain
+    /// token) on the device, writes every row's keys/values after the committed slots, and returns what
+    /// acceptance needs; null when the session is done. <see cref="Apply"/> with the verdict
+    /// (<see cref="TreeVerifier.Verify"/>, inline or on a verifier actor) ends the step; until then
+    /// the session must not be stepped or drafted.
+    /// </summary>
+    /// <param name="ownRows">Copy the logits rows into the result (sampling only), so it outlives the
+    /// device's buffers (a verifier actor reads it while the device runs other steps); otherwise the
+    /// result reads the buffers and must be verified before the next device run.</param>
+    public TreeToVerify? BeginStep(CancellationToken cancellation = default, bool ownRows = false)
     {
         if (Done)
         {
-            return true;
+            return null;
+        }
+
+        if (_pending != Pending.None)
+        {
+            throw new InvalidOperationException($"step {_stepNumber} waits for its verdict: apply it before the next step.");
         }
 
         cancellation.ThrowIfCancellationRequested();
         if (_cache.Length + _width + 1 >= _cache.Capacity)
         {
-            // Too close to capacity for a tree step: finish with a plain step, exactly like the baseline.
+            // Too close to capacity for a tree step: finish with plain steps, exactly like the baseline.
             if (_cache.Length + 1 >= _cache.Capacity)
             {
                 _reason = "capacity";
                 Done = true;
-                return true;
+                return null;
             }
 
-            var row = _plain.Step(_cache, _root);
-            _root = _sampler.Next(row);
-            Done = !Emit(_root);
-            return Done;
+            return Single(_plain.Step(_cache, _root), Pending.Capacity);
         }
 
         if (!_prepared)
@@ -208,12 +251,7 @@ public sealed class SpeculativeSession : IDisposable
         if (width == 1)
         {
             // Nothing worth verifying: the root alone on the width-1 graph, exactly a plain step.
-            var plainRow = _plain.Step(_cache, _root);
-            _acct.Step(1, 0, 0, 1); // no tree verified: nothing learned about acceptance
-            _reuse?.EndStep([], 0);
-            _root = _sampler.Next(plainRow);
-            Done = !Emit(_root);
-            return Done;
+            return Single(_plain.Step(_cache, _root), Pending.Narrow);
         }
 
         if (width < _width)
@@ -264,46 +302,97 @@ public sealed class SpeculativeSession : IDisposable
 
         _deviceMs += Stopwatch.GetElapsedTime(t1).TotalMilliseconds;
 
-        // Walk the tree with the model's own choices.
-        _emitted.Clear();
-        int at = -1, rowIdx = 0, nCommit = 0;
-        _commitRows[nCommit++] = 0;
-        while (true)
+        // Every row's keys/values go after the committed slots now (the device's buffers are reused by
+        // the next run); the verdict keeps the accepted path's rows.
+        _cache.WriteLayers(0, _cache.Layers, buf.NewKeys, buf.NewValues, width, width, _cache.Length);
+        int rows = _tree.Count + 1;
+        var tokens = new int[_tree.Count];
+        var parents = new int[_tree.Count];
+        for (int i = 0; i < tokens.Length; i++)
         {
-            int y = _greedy ? buf.Argmax(rowIdx) : _sampler.Next(buf.LogitsRow(rowIdx));
-            _emitted.Add(y);
-            int child = _tree.Child(at, y);
-            if (child < 0)
-            {
-                break;
-            }
-
-            _acct.Accept(_tree.Source(child));
-            at = child;
-            rowIdx = child + 1;
-            _commitRows[nCommit++] = rowIdx;
+            tokens[i] = _tree.Token(i);
+            parents[i] = _tree.Parent(i);
         }
 
-        _acct.Step(width, _tree.Count, _emitted.Count - 1, _emitted.Count);
-        Observe(_emitted.Count - 1, width);
+        _pendingArgmax = new int[rows];
+        for (int r = 0; r < rows; r++)
+        {
+            _pendingArgmax[r] = buf.Argmax(r);
+        }
+
+        ReadOnlyMemory<float> logits = _greedy ? default : ownRows ? buf.Logits.AsSpan(0, rows * buf.VocabSize).ToArray() : buf.Logits.AsMemory(0, rows * buf.VocabSize);
+        _pending = Pending.Tree;
+        _pendingWidth = width;
+        _pendingPredraft = predrafting;
+        return new TreeToVerify(++_stepNumber, tokens, parents, _pendingArgmax, logits, buf.VocabSize, _draws);
+    }
+
+    /// <summary>A plain step's row as a tree with no nodes (its key/value slot is committed already).</summary>
+    private TreeToVerify Single(ReadOnlySpan<float> row, Pending kind)
+    {
+        _pending = kind;
+        _pendingArgmax = [Sampler.Argmax(row)];
+        ReadOnlyMemory<float> logits = _greedy ? default : row.ToArray();
+        return new TreeToVerify(++_stepNumber, [], [], _pendingArgmax, logits, row.Length, _draws);
+    }
+
+    /// <summary>
+    /// Ends the step <see cref="BeginStep"/> began with its verdict: commits the accepted path's keys
+    /// and values, updates acceptance statistics and draft reuse, and emits the tokens. Returns
+    /// <see cref="Done"/>. A verdict for another step than <see cref="AwaitingStep"/> is refused.
+    /// </summary>
+    public bool Apply(TreeVerdict verdict)
+    {
+        ArgumentNullException.ThrowIfNull(verdict);
+        if (AwaitingStep != verdict.Step)
+        {
+            throw new InvalidOperationException($"verdict for step {verdict.Step}, but the session waits for {(AwaitingStep is { } s ? $"step {s}" : "none")}: a stale verdict must be dropped.");
+        }
+
+        var kind = _pending;
+        _pending = Pending.None;
+        _draws = verdict.Draws;
+        var emitted = verdict.Emitted;
+        if (kind != Pending.Tree)
+        {
+            if (kind == Pending.Narrow)
+            {
+                _acct.Step(1, 0, 0, 1); // no tree verified: nothing learned about acceptance
+                _reuse?.EndStep([], 0);
+            }
+
+            _root = emitted[0];
+            Done = !Emit(_root);
+            return Done;
+        }
+
+        int width = _pendingWidth;
+        var kept = verdict.Rows;
+        for (int i = 1; i < kept.Length; i++)
+        {
+            _acct.Accept(_tree.Source(kept[i] - 1));
+        }
+
+        _acct.Step(width, _tree.Count, verdict.Accepted, emitted.Length);
+        Observe(verdict.Accepted, width);
         int chainAccepted = 0;
-        while (chainAccepted < _chainNodes.Count && chainAccepted < nCommit - 1 && _commitRows[chainAccepted + 1] == _chainNodes[chainAccepted] + 1)
+        while (chainAccepted < _chainNodes.Count && chainAccepted < kept.Length - 1 && kept[chainAccepted + 1] == _chainNodes[chainAccepted] + 1)
         {
             chainAccepted++;
         }
 
         _chainTrusted = _chainNodes.Count >= 3 && chainAccepted == _chainNodes.Count;
-        _cache.Commit(buf.NewKeys, buf.NewValues, width, _commitRows.AsSpan(0, nCommit));
+        _cache.Keep(kept);
 
         long t2 = Stopwatch.GetTimestamp();
         if (_reuse is not null)
         {
-            SpeculativeDecoder.ObserveReuse(_reuse, _tree, _chainNodes, buf, _draft);
-            _reuse.EndStep(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(_emitted), _tree.Count);
+            SpeculativeDecoder.ObserveReuse(_reuse, _tree, _chainNodes, _pendingArgmax, _draft);
+            _reuse.EndStep(emitted, _tree.Count);
         }
 
         _draftMs += Stopwatch.GetElapsedTime(t2).TotalMilliseconds;
-        foreach (int y in _emitted)
+        foreach (int y in emitted)
         {
             _root = y;
             if (!Emit(y))
@@ -313,7 +402,7 @@ public sealed class SpeculativeSession : IDisposable
             }
         }
 
-        if (predrafting && !Done && Volatile.Read(ref _preState) == PreDone && _preReady && System.Runtime.InteropServices.CollectionsMarshal.AsSpan(_emitted).SequenceEqual(_preHyp.AsSpan(0, _preHypLength)))
+        if (_pendingPredraft && !Done && Volatile.Read(ref _preState) == PreDone && _preReady && emitted.AsSpan().SequenceEqual(_preHyp.AsSpan(0, _preHypLength)))
         {
             // The likely outcome happened: the tree drafted during verification is this state's tree.
             (_tree, _preTree) = (_preTree!, _tree);
@@ -442,7 +531,7 @@ public sealed class SpeculativeSession : IDisposable
     /// </summary>
     public bool PrepareDraft()
     {
-        if (Done || _prepared || _cache.Length + _width + 1 >= _cache.Capacity)
+        if (Done || _prepared || _pending != Pending.None || _cache.Length + _width + 1 >= _cache.Capacity)
         {
             return false;
         }

@@ -1,0 +1,82 @@
+using CoordGen.Engine.Generation;
+
+namespace CoordGen.Engine.Speculative;
+
+/// <summary>
+/// What acceptance needs from one verification step, detached from the device's buffers: the draft
+/// tree (node i is logits row i + 1; row 0 is the root) and, per row, the model's greedy token, plus the
+/// rows' logits when sampling. <paramref name="Step"/> numbers the session's steps, so a verdict that
+/// arrives for another step is recognised as stale. A step with no nodes is a plain one-token step.
+/// </summary>
+/// <param name="Draws">Random draws the session made before this step (the sampler's position).</param>
+/// <param name="Logits">Rows x <paramref name="VocabSize"/> logits; empty when greedy.</param>
+public sealed record TreeToVerify(int Step, int[] Tokens, int[] Parents, int[] RowArgmax, ReadOnlyMemory<float> Logits, int VocabSize, long Draws)
+{
+    /// <summary>Rows the device computed that acceptance can read: the root and every node.</summary>
+    public int Rows => Tokens.Length + 1;
+}
+
+/// <summary>
+/// The outcome of one verification step: the tokens to emit (the accepted drafts, then the model's own
+/// token after them) and the logits rows of the accepted path (row 0 first), which are the KV rows to keep.
+/// </summary>
+/// <param name="Draws">The sampler's position after this step.</param>
+public sealed record TreeVerdict(int Step, int[] Emitted, int[] Rows, long Draws)
+{
+    /// <summary>Draft tokens accepted (the model's own last token is not one).</summary>
+    public int Accepted => Emitted.Length - 1;
+}
+
+/// <summary>
+/// Acceptance for tree verification: walk from the root, at each row take the model's token (argmax when
+/// greedy, one draw from the row's distribution when sampling) and descend into the child with that
+/// token; stop at the first row whose token no child has. Greedy output equals plain greedy decoding;
+/// sampled tokens come from the model's own distribution at every emitted position, as plain sampling's
+/// do. A pure function of its input and the sampler's stream: it runs inline in a step or on a verifier actor.
+/// </summary>
+public static class TreeVerifier
+{
+    /// <param name="sampler">The session's sampler positioned at <see cref="TreeToVerify.Draws"/>; null when greedy.</param>
+    public static TreeVerdict Verify(TreeToVerify step, Sampler? sampler)
+    {
+        ArgumentNullException.ThrowIfNull(step);
+        bool greedy = sampler is null || sampler.Options.IsGreedy;
+        if (!greedy && step.Logits.Length < step.Rows * step.VocabSize)
+        {
+            throw new ArgumentException($"sampling needs every row's logits: got {step.Logits.Length} floats for {step.Rows} rows of {step.VocabSize}.");
+        }
+
+        Span<int> emitted = stackalloc int[step.Rows];
+        Span<int> rows = stackalloc int[step.Rows];
+        int n = 0, at = -1, row = 0;
+        while (true)
+        {
+            int y = greedy ? step.RowArgmax[row] : sampler!.Next(step.Logits.Span.Slice(row * step.VocabSize, step.VocabSize));
+            emitted[n] = y;
+            rows[n++] = row;
+            int child = ChildOf(step, at, y);
+            if (child < 0)
+            {
+                break;
+            }
+
+            at = child;
+            row = child + 1;
+        }
+
+        return new TreeVerdict(step.Step, emitted[..n].ToArray(), rows[..n].ToArray(), sampler?.Draws ?? step.Draws);
+    }
+
+    private static int ChildOf(TreeToVerify step, int parent, int token)
+    {
+        for (int i = 0; i < step.Tokens.Length; i++)
+        {
+            if (step.Parents[i] == parent && step.Tokens[i] == token)
+            {
+                return i;
+            }
+        }
+
+        return -1;
+    }
+}
