@@ -71,4 +71,23 @@ public class FaultRecoverySpecs : TestKit
         Assert.True(kills >= 3);
         Assert.Equal(clean, resumed);
     }
+
+    [Theory]
+    [InlineData(0f)]
+    [InlineData(0.9f)]
+    public async Task Streams_should_resume_exactly_when_the_device_actor_crashes_and_its_backoff_supervisor_restarts_it(float temperature)
+    {
+        var sampling = new Sampling(temperature, Seed: 7);
+        int[] clean = await Stream(Supervisor(null), "sam+ours", sampling);
+        var supervisor = Sys.ActorOf(GenerationSupervisor.Props(DeviceActor.Props(() => new OrtModelRuntime(Weights, 128, [1, 8]), new HashSet<int>()), maxPending: 4, maxAttempts: 10));
+        int crashes = 0;
+        int[] resumed = await Stream(supervisor, "sam+ours", sampling, () =>
+        {
+            supervisor.Tell(new GenerationSupervisor.CrashDevice(), Akka.Actor.ActorRefs.NoSender);
+            crashes++;
+        });
+
+        Assert.True(crashes >= 2);
+        Assert.Equal(clean, resumed);
+    }
 }

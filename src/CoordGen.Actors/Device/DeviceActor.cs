@@ -78,6 +78,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 a.OfferCalibration(c);
             }
         });
+        Receive<Crash>(_ => throw new InjectedFaultException(FaultKind.DeviceException, "injected: the device actor crashed"));
         Receive<GetOverlap>(_ => Sender.Tell(new Overlap([.. _deviceIntervals], [.. _draftIntervals], _inlineDraftMs) { Paced = _paced, Overran = _overran, PrefillMs = _prefillMs, DecodeMs = _decodeMs }));
     }
 
@@ -98,9 +99,24 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         _spec = new SpeculativeDecoder(_runtime);
     }
 
+    // The drafter, verifier and calibrator answer every job, failures included; an exception that escapes
+    // one of them loses the job it was on (a session would wait for it forever). So it escalates: the
+    // device fails, its back-off supervisor starts a new one, and every request resumes from its
+    // committed tokens.
+    protected override SupervisorStrategy SupervisorStrategy() => new OneForOneStrategy(_ => Directive.Escalate);
+
     protected override void PostStop()
     {
         var actives = _prefilling.Concat(_decoding).ToList();
+
+        // Stopped or crashed with requests on it: each is told the device is restarting, and its session
+        // actor resumes it from the tokens it has committed after a pause (by then the back-off
+        // supervisor knows this device is gone, so the retry is not forwarded to it).
+        foreach (var a in actives)
+        {
+            a.ReplyTo.Tell(DeviceRestarting.Instance);
+        }
+
         var runtime = _runtime;
         void Release()
         {
@@ -424,6 +440,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         _ => new GenerationFailed(r.SessionId, FailureKind.DeviceFault, $"the device failed: {ex.Message}. The request can be retried."),
     };
 
+    /// <summary>Fault injection: the device actor throws while handling this (a crash its supervisor handles).</summary>
+    public sealed class Crash
+    {
+        public static readonly Crash Instance = new();
+    }
+
     /// <summary>Ask for the queue depths. Reply: <see cref="Queues"/>.</summary>
     public sealed record GetQueues;
 
@@ -716,6 +738,15 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             }
         }
     }
+}
+
+/// <summary>
+/// The device's back-off supervisor → requester, instead of a reply, while the device is down between a
+/// crash and its restart: try again shortly.
+/// </summary>
+public sealed class DeviceRestarting
+{
+    public static readonly DeviceRestarting Instance = new();
 }
 
 /// <summary>

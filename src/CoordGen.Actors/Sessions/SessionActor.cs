@@ -17,7 +17,7 @@ namespace CoordGen.Actors.Sessions;
 /// the sampler advanced past the committed draws, so the stream neither loses nor repeats a token.
 /// Each attempt writes through an epoch-fenced writer; a superseded attempt can no longer write.
 /// </summary>
-public sealed class SessionActor : ReceiveActor
+public sealed class SessionActor : ReceiveActor, IWithTimers
 {
     private readonly Generate _request;
     private readonly IActorRef _replyTo;
@@ -35,7 +35,16 @@ public sealed class SessionActor : ReceiveActor
         _log = log;
         _maxAttempts = maxAttempts;
         Receive<AttemptEnded>(OnAttemptEnded);
+        Receive<Resubmit>(r =>
+        {
+            if (r.Epoch == _log.Epoch)
+            {
+                Submit();
+            }
+        });
     }
+
+    public ITimerScheduler Timers { get; set; } = null!;
 
     public static Props Props(Generate request, IActorRef replyTo, IActorRef device, HistoryStore? store, SessionLog log, int maxAttempts) =>
         Akka.Actor.Props.Create(() => new SessionActor(request, replyTo, device, store, log, maxAttempts));
@@ -91,6 +100,15 @@ public sealed class SessionActor : ReceiveActor
                 _log.MarkFault();
                 Submit();
                 break;
+            case DeviceRestarting when _log.Epoch < _maxAttempts && !_request.Cancellation.IsCancellationRequested:
+                // The device is down between a crash and its restart: try again after a growing pause.
+                _log.MarkFault();
+                var pause = TimeSpan.FromMilliseconds(Math.Min(2000, 100 << Math.Min(_log.Epoch, 5)));
+                Timers.StartSingleTimer("resubmit", new Resubmit(_log.Epoch), pause);
+                break;
+            case DeviceRestarting:
+                Finish(new GenerationFailed(_request.SessionId, FailureKind.DeviceFault, $"the device did not come back after {_log.Epoch} attempts; retry the request later."));
+                break;
             case GenerationFailed f:
                 Finish(f);
                 break;
@@ -115,6 +133,8 @@ public sealed class SessionActor : ReceiveActor
     }
 
     private sealed record AttemptEnded(int Epoch, object Reply);
+
+    private sealed record Resubmit(int Epoch);
 }
 
 /// <summary>Session → supervisor: the session ended (its place in the admission count is free).</summary>

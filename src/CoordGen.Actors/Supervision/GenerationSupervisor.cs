@@ -1,4 +1,5 @@
 using Akka.Actor;
+using Akka.Pattern;
 using CoordGen.Actors.Contexts;
 using CoordGen.Actors.Device;
 using CoordGen.Actors.Sessions;
@@ -11,7 +12,10 @@ namespace CoordGen.Actors.Supervision;
 /// The front door of the runtime: admits requests up to a bound (running plus queued) and refuses the
 /// rest with a retry hint, resolves named context stores to snapshots, and supervises the device and
 /// store actors and one <see cref="SessionActor"/> per admitted request (restart on failure; a restarted
-/// session resumes from its committed tokens). Replies go straight to the requester.
+/// session resumes from its committed tokens). The device actor runs behind a back-off supervisor: a
+/// device that crashes is stopped and started again after a growing pause (100 ms doubling to 5 s), its
+/// requests fail with a retryable fault that their sessions resume from, and requests that reach it
+/// while it is down are answered <see cref="DeviceRestarting"/>. Replies go straight to the requester.
 /// </summary>
 public sealed class GenerationSupervisor : ReceiveActor
 {
@@ -28,7 +32,9 @@ public sealed class GenerationSupervisor : ReceiveActor
     {
         _maxPending = maxPending;
         _maxAttempts = maxAttempts;
-        _device = Context.ActorOf(device, "device");
+        // The back-off supervisor takes the device's name, so "supervisor/device" reaches the device
+        // through it (messages are forwarded; the device replies to their senders directly).
+        _device = Context.ActorOf(DeviceBackoff(device), "device");
         _stores = Context.ActorOf(ContextStoreActor.Props(), "context-stores");
         Receive<Generate>(Admit);
         Receive<Resolved>(r => Dispatch(r.Request, r.ReplyTo, r.Snapshot));
@@ -54,6 +60,7 @@ public sealed class GenerationSupervisor : ReceiveActor
             Sender.Tell(live.Count > 0);
         });
         Receive<GetLoad>(_ => Sender.Tell(new Load(_pending, _maxPending)));
+        Receive<CrashDevice>(_ => _device.Tell(DeviceActor.Crash.Instance));
         Receive<ContextStoreProtocol.CreateStore>(m => _stores.Forward(m));
         Receive<ContextStoreProtocol.AddDocument>(m => _stores.Forward(m));
         Receive<ContextStoreProtocol.ListStores>(m => _stores.Forward(m));
@@ -61,6 +68,11 @@ public sealed class GenerationSupervisor : ReceiveActor
 
     /// <param name="maxAttempts">Device attempts per request: a request resumes after a device fault until this many.</param>
     public static Props Props(Props device, int maxPending, int maxAttempts = 5) => Akka.Actor.Props.Create(() => new GenerationSupervisor(device, maxPending, maxAttempts));
+
+    /// <summary>The device under a back-off supervisor that restarts it on failure (never gives up).</summary>
+    internal static Props DeviceBackoff(Props device) => BackoffSupervisor.Props(
+        Backoff.OnFailure(device, "device", TimeSpan.FromMilliseconds(100), TimeSpan.FromSeconds(5), 0.2, -1)
+            .WithReplyWhileStopped(DeviceRestarting.Instance));
 
     // Sessions resume from their log when restarted, and a killed one (ActorKilledException) is
     // restarted too, not stopped. A child failing more than 100 times a minute is stopped.
@@ -111,6 +123,9 @@ public sealed class GenerationSupervisor : ReceiveActor
 
     /// <summary>Fault injection: kill one live session actor (it is restarted and resumes). Reply: bool, whether one was live.</summary>
     public sealed record KillRandomSession;
+
+    /// <summary>Fault injection: crash the device actor (its back-off supervisor starts a new one; its requests resume).</summary>
+    public sealed record CrashDevice;
 
     /// <summary>Ask for the current load. Reply: <see cref="Load"/>.</summary>
     public sealed record GetLoad;
