@@ -180,13 +180,13 @@ internal static class Plots
     }
 
     /// <summary>Per-actor timeline: device steps and prepared drafts as bars over time (a window of the run).</summary>
-    public static void Timeline(IReadOnlyList<(double Start, double End)> device, IReadOnlyList<(double Start, double End)> drafts, string path)
+    public static void Timeline(IReadOnlyList<(double Start, double End)> device, IReadOnlyList<(double Start, double End)> drafts, IReadOnlyList<(double Start, double End)> verifies, string path)
     {
         var plot = new Plot();
         // A readable window: 60 ms from the middle of the run.
         double mid = device.Count == 0 ? 0 : device[device.Count / 2].Start, from = mid, to = mid + 60;
         var palette = new ScottPlot.Palettes.Category10();
-        foreach (var (row, spans, color, label) in new[] { (1.0, device, palette.GetColor(0), "device actor: step"), (0.0, drafts, palette.GetColor(1), "drafter actor: draft") })
+        foreach (var (row, spans, color, label) in new[] { (2.0, device, palette.GetColor(0), "device actor: step"), (1.0, verifies, palette.GetColor(2), "verifier actor: acceptance"), (0.0, drafts, palette.GetColor(1), "drafter actor: draft") })
         {
             bool first = true;
             foreach (var (s, e) in spans.Where(x => x.End >= from && x.Start <= to))
@@ -202,12 +202,12 @@ internal static class Plots
             }
         }
 
-        plot.Axes.SetLimits(from, to, -0.8, 2.0);
-        plot.Axes.Left.TickGenerator = new ScottPlot.TickGenerators.NumericManual([new Tick(1, "device"), new Tick(0, "drafter")]);
+        plot.Axes.SetLimits(from, to, -0.8, 3.0);
+        plot.Axes.Left.TickGenerator = new ScottPlot.TickGenerators.NumericManual([new Tick(2, "device"), new Tick(1, "verifier"), new Tick(0, "drafter")]);
         plot.Title("per-actor timeline (60 ms window)");
         plot.Axes.Bottom.Label.Text = "ms since start";
         plot.ShowLegend(Alignment.UpperRight);
-        plot.SavePng(path, 1100, 320);
+        plot.SavePng(path, 1100, 380);
     }
 
     /// <summary>Each stream's inter-token gaps over time, with the newcomer's prefill (time 0 to its first token) shaded.</summary>

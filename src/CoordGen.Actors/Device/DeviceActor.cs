@@ -40,6 +40,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private Active? _lastStepped;
     private readonly List<(long Start, long End)> _deviceIntervals = [];
     private readonly List<(long Start, long End)> _draftIntervals = [];
+    private readonly List<(long Start, long End)> _verifyIntervals = [];
     private double _inlineDraftMs;
     private double _prefillMs;
     private double _decodeMs;
@@ -79,7 +80,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             }
         });
         Receive<Crash>(_ => throw new InjectedFaultException(FaultKind.DeviceException, "injected: the device actor crashed"));
-        Receive<GetOverlap>(_ => Sender.Tell(new Overlap([.. _deviceIntervals], [.. _draftIntervals], _inlineDraftMs) { Paced = _paced, Overran = _overran, PrefillMs = _prefillMs, DecodeMs = _decodeMs }));
+        Receive<GetOverlap>(_ => Sender.Tell(new Overlap([.. _deviceIntervals], [.. _draftIntervals], _inlineDraftMs) { Verifies = [.. _verifyIntervals], Paced = _paced, Overran = _overran, PrefillMs = _prefillMs, DecodeMs = _decodeMs }));
     }
 
     public ITimerScheduler Timers { get; set; } = null!;
@@ -345,10 +346,23 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             return; // stale: the session ended (cancelled, failed) or the verdict is for another step
         }
 
+        if (v.End != 0 && _verifyIntervals.Count < MaxIntervals)
+        {
+            _verifyIntervals.Add((v.Start, v.End));
+        }
+
         a.Verdict = v.Verdict;
         if (!a.Stepping)
         {
             ApplyVerdict(a);
+            if (_busy && a.CanDraft && _decoding.Contains(a))
+            {
+                // The device runs another session's step: draft this one's next tree meanwhile (when the
+                // step that just ended was followed at once by another, no job could take it then).
+                a.DraftPending = true;
+                _drafter.Tell(new DraftJob(a, a.PrepareDraft) { Trace = a.Run.Request.Trace, Session = a.Run.Request.SessionId });
+            }
+
             Schedule();
         }
     }
@@ -358,6 +372,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         try
         {
             a.ApplyVerdict();
+            a.Flush(); // its tokens to its channel now, so it can be drafted (and stepped) again at once
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {
@@ -468,6 +483,9 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     public sealed record Overlap(IReadOnlyList<(long Start, long End)> Device, IReadOnlyList<(long Start, long End)> Drafts, double InlineDraftMs)
     {
         public int Paced { get; init; }
+
+        /// <summary>The verifier actor's steps (acceptance of one verified tree each).</summary>
+        public IReadOnlyList<(long Start, long End)> Verifies { get; init; } = [];
 
         public int Overran { get; init; }
 

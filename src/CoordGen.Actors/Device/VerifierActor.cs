@@ -31,6 +31,7 @@ public sealed class VerifierActor : ReceiveActor
 
     private void Verify(VerifyTree v)
     {
+        long start = Stopwatch.GetTimestamp();
         using var span = Telemetry.Source.StartActivity("coordgen.verify", ActivityKind.Internal, v.Trace);
         span?.SetTag("coordgen.session", v.Session);
         span?.SetTag("coordgen.step", v.Tree.Step);
@@ -50,7 +51,7 @@ public sealed class VerifierActor : ReceiveActor
 
             var verdict = TreeVerifier.Verify(v.Tree, sampler);
             span?.SetTag("coordgen.accepted", verdict.Accepted);
-            Sender.Tell(new Verified(v.Key, verdict));
+            Sender.Tell(new Verified(v.Key, verdict) { Start = start, End = Stopwatch.GetTimestamp() });
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {
@@ -72,7 +73,13 @@ public sealed record VerifyTree(object Key, TreeToVerify Tree, SamplingOptions S
 }
 
 /// <summary>Verifier → device: the verdict for one step (its step number lets the device drop stale ones).</summary>
-public sealed record Verified(object Key, TreeVerdict Verdict);
+public sealed record Verified(object Key, TreeVerdict Verdict)
+{
+    /// <summary>When the verifier started and ended this step (Stopwatch timestamps, for the overlap timeline).</summary>
+    public long Start { get; init; }
+
+    public long End { get; init; }
+}
 
 /// <summary>Verifier → device: the step could not be verified; the request fails with a retryable error.</summary>
 public sealed record VerifyFailed(object Key, int Step, string Reason);

@@ -26,6 +26,13 @@ internal sealed record OverlapReport
     [JsonPropertyName("device_ms")] public double DeviceMs { get; init; }
     [JsonPropertyName("device_steps")] public int DeviceSteps { get; init; }
     [JsonPropertyName("drafts_prepared")] public int DraftsPrepared { get; init; }
+
+    [JsonPropertyName("verify_steps")] public int VerifySteps { get; init; }
+
+    [JsonPropertyName("verify_ms")] public double VerifyMs { get; init; }
+
+    /// <summary>Share of the verifier's time during which the device ran a step (another session's).</summary>
+    [JsonPropertyName("verify_overlap_share")] public double VerifyHiddenShare { get; init; }
     [JsonPropertyName("device_profile")] public string? DeviceProfile { get; init; }
     [JsonPropertyName("steps_over_profile")] public int? StepsOverProfile { get; init; }
 }
@@ -83,6 +90,9 @@ internal static class BenchOverlap
             var after = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
             var dev = after.Device.Skip(before.Device.Count).ToList();
             var drafts = after.Drafts.Skip(before.Drafts.Count).ToList();
+            var verifies = after.Verifies.Skip(before.Verifies.Count).ToList();
+            double verifyMs = verifies.Sum(v => Ms(v.Start, v.End));
+            double verifyHidden = verifies.Sum(v => dev.Sum(x => Math.Max(0, Ms(Math.Max(v.Start, x.Start), Math.Min(v.End, x.End)))));
             double inline = after.InlineDraftMs - before.InlineDraftMs;
             double prepared = drafts.Sum(d => Ms(d.Start, d.End));
             double hidden = drafts.Sum(d => dev.Sum(x => Math.Max(0, Ms(Math.Max(d.Start, x.Start), Math.Min(d.End, x.End)))));
@@ -96,6 +106,9 @@ internal static class BenchOverlap
                 DeviceMs = Math.Round(dev.Sum(x => Ms(x.Start, x.End)), 1),
                 DeviceSteps = dev.Count,
                 DraftsPrepared = drafts.Count,
+                VerifySteps = verifies.Count,
+                VerifyMs = Math.Round(verifyMs, 3),
+                VerifyHiddenShare = Math.Round(verifyHidden / Math.Max(1e-9, verifyMs), 4),
                 DeviceProfile = profile?.Name,
                 StepsOverProfile = profile is null ? null : after.Overran - before.Overran,
             };
@@ -109,7 +122,7 @@ internal static class BenchOverlap
                 File.WriteAllText(j.FullName, text);
             }
 
-            Plots.Timeline(dev.Select(x => (Ms(t0, x.Start), Ms(t0, x.End))).ToList(), drafts.Select(x => (Ms(t0, x.Start), Ms(t0, x.End))).ToList(), Path.Combine(dir, stem + ".png"));
+            Plots.Timeline(dev.Select(x => (Ms(t0, x.Start), Ms(t0, x.End))).ToList(), drafts.Select(x => (Ms(t0, x.Start), Ms(t0, x.End))).ToList(), verifies.Select(x => (Ms(t0, x.Start), Ms(t0, x.End))).ToList(), Path.Combine(dir, stem + ".png"));
             var md = new StringBuilder();
             md.AppendLine(profile is null ? "# Drafting overlapped with verification (`coordgen bench overlap`)" : $"# Drafting overlapped with verification, what-if on `{profile.Name}` (`coordgen bench overlap --device-profile {profile.Name}`)").AppendLine();
             if (profile is not null)
@@ -126,6 +139,8 @@ internal static class BenchOverlap
             md.AppendLine(CultureInfo.InvariantCulture, $"| **hidden share** | **{report.HiddenShare:P1}** (goal: at least 90%) |");
             md.AppendLine(CultureInfo.InvariantCulture, $"| device steps / time (ms) | {report.DeviceSteps} / {report.DeviceMs} |");
             md.AppendLine(CultureInfo.InvariantCulture, $"| drafts prepared by the drafter | {report.DraftsPrepared} |");
+            md.AppendLine(CultureInfo.InvariantCulture, $"| verifier actor: steps / time (ms) | {report.VerifySteps} / {report.VerifyMs} |");
+            md.AppendLine(CultureInfo.InvariantCulture, $"| acceptance overlapping device steps | {report.VerifyHiddenShare:P1} |");
             md.AppendLine().AppendLine("Two kinds of drafter work overlap device steps: another session's next tree (prepared while the device runs this one), and this session's own next tree for the likely outcome of the step being verified (the main chain fully accepted and the model's next token being the chain's continuation; `SpeculativeSession.DuringVerify`), used only when exactly that happens. Drafting that stays inline: a session's first step after its prefill when no other session ran in between, and steps after a guess that missed while no other step ran.").AppendLine();
             md.AppendLine(CultureInfo.InvariantCulture, $"![timeline]({stem}.png)");
             File.WriteAllText(Path.Combine(dir, stem + ".md"), md.ToString());
