@@ -66,6 +66,24 @@ public class GenerationSupervisorSpecs : TestKit
         Assert.Equal(1, run.Store!.Responses);
     }
 
+    [Fact]
+    public async Task A_run_lost_to_a_dead_device_should_be_answered_device_restarting_so_its_session_retries()
+    {
+        var device = CreateTestProbe();
+        var supervisor = Sys.ActorOf(GenerationSupervisor.Props(Props.Create(() => new FakeForwardingDevice(device.Ref)), maxPending: 2));
+        var mine = await supervisor.Ask<IActorRef>(new GenerationSupervisor.GetDevice(), TimeSpan.FromSeconds(5));
+        var run = new DeviceRun(Request("lost"), null);
+
+        // Dead-lettered on its way to this supervisor's device: answered.
+        Sys.EventStream.Publish(new Akka.Event.DeadLetter(run, TestActor, mine));
+        await ExpectMsgAsync<DeviceRestarting>();
+
+        // Addressed elsewhere, or not a run: not this supervisor's business.
+        Sys.EventStream.Publish(new Akka.Event.DeadLetter(run, TestActor, device.Ref));
+        Sys.EventStream.Publish(new Akka.Event.DeadLetter("hello", TestActor, mine));
+        await ExpectNoMsgAsync(TimeSpan.FromMilliseconds(300));
+    }
+
     /// <summary>Fake device for scheduling tests: hands every run to a probe, which answers for it.</summary>
     private sealed class FakeForwardingDevice : ReceiveActor
     {

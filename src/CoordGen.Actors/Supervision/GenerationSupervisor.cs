@@ -1,4 +1,5 @@
 using Akka.Actor;
+using Akka.Event;
 using Akka.Pattern;
 using CoordGen.Actors.Contexts;
 using CoordGen.Actors.Device;
@@ -61,6 +62,9 @@ public sealed class GenerationSupervisor : ReceiveActor
         });
         Receive<GetLoad>(_ => Sender.Tell(new Load(_pending, _maxPending)));
         Receive<CrashDevice>(_ => _device.Tell(DeviceActor.Crash.Instance));
+        Receive<DeadLetter>(OnDeadLetter);
+        Receive<GetDevice>(_ => Sender.Tell(_device));
+        Context.System.EventStream.Subscribe(Self, typeof(DeadLetter));
         Receive<ContextStoreProtocol.CreateStore>(m => _stores.Forward(m));
         Receive<ContextStoreProtocol.AddDocument>(m => _stores.Forward(m));
         Receive<ContextStoreProtocol.ListStores>(m => _stores.Forward(m));
@@ -68,6 +72,19 @@ public sealed class GenerationSupervisor : ReceiveActor
 
     /// <param name="maxAttempts">Device attempts per request: a request resumes after a device fault until this many.</param>
     public static Props Props(Props device, int maxPending, int maxAttempts = 5) => Akka.Actor.Props.Create(() => new GenerationSupervisor(device, maxPending, maxAttempts));
+
+    protected override void PostStop() => Context.System.EventStream.Unsubscribe(Self);
+
+    // A run forwarded to this supervisor's device in the instant between a crash and the back-off
+    // supervisor seeing it gone is a dead letter: answer it as the back-off supervisor would, so the
+    // session retries instead of waiting for a reply that cannot come.
+    private void OnDeadLetter(DeadLetter d)
+    {
+        if (d.Message is DeviceRun && d.Recipient.Path.ToString().StartsWith(Self.Path.ToString() + "/", StringComparison.Ordinal))
+        {
+            d.Sender.Tell(DeviceRestarting.Instance);
+        }
+    }
 
     /// <summary>The device under a back-off supervisor that restarts it on failure (never gives up).</summary>
     internal static Props DeviceBackoff(Props device) => BackoffSupervisor.Props(
@@ -126,6 +143,9 @@ public sealed class GenerationSupervisor : ReceiveActor
 
     /// <summary>Fault injection: crash the device actor (its back-off supervisor starts a new one; its requests resume).</summary>
     public sealed record CrashDevice;
+
+    /// <summary>Ask for the device (its back-off supervisor, which forwards to it). Reply: <see cref="IActorRef"/>.</summary>
+    public sealed record GetDevice;
 
     /// <summary>Ask for the current load. Reply: <see cref="Load"/>.</summary>
     public sealed record GetLoad;

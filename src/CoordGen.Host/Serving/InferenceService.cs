@@ -207,7 +207,7 @@ public sealed class InferenceService : IAsyncDisposable
     };
 
     /// <summary>The device actor (for benchmarks that read its timeline).</summary>
-    public Task<IActorRef> SelectDevice() => _system.ActorSelection(Supervisor.Path / "device").ResolveOne(TimeSpan.FromSeconds(10));
+    public Task<IActorRef> SelectDevice() => Supervisor.Ask<IActorRef>(new GenerationSupervisor.GetDevice(), TimeSpan.FromSeconds(10));
 
     public Task<object> AskAsync(object message) => Supervisor.Ask<object>(message, TimeSpan.FromSeconds(30));
 
