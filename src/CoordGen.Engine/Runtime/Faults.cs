@@ -20,6 +20,9 @@ public enum FaultKind
 
     /// <summary>A session actor is killed; its supervisor restarts it and it resumes (actor layer).</summary>
     SessionKill,
+
+    /// <summary>The device actor crashes; its back-off supervisor starts a new one (graphs compiled again) and every request on it resumes (actor layer).</summary>
+    DeviceActorCrash,
 }
 
 /// <summary>
@@ -168,11 +171,16 @@ public sealed class FaultPlan : IFaultInjector
     public void OnCalibrate() => FireIf(FaultKind.CalibratorCrash, "injected: the calibrator crashed");
 
     /// <summary>True once per armed session kill: the actor layer then kills a live session actor.</summary>
-    public bool TryTakeSessionKill()
+    public bool TryTakeSessionKill() => TryTake(FaultKind.SessionKill);
+
+    /// <summary>True once per armed device-actor crash: the actor layer then crashes the device actor.</summary>
+    public bool TryTakeDeviceActorCrash() => TryTake(FaultKind.DeviceActorCrash);
+
+    private bool TryTake(FaultKind kind)
     {
         lock (_gate)
         {
-            if (_armed != FaultKind.SessionKill)
+            if (_armed != kind)
             {
                 return false;
             }
