@@ -179,19 +179,22 @@ internal static class Plots
         plot.SavePng(path, 900, 500);
     }
 
-    /// <summary>Per-actor timeline: device steps and prepared drafts as bars over time (a window of the run).</summary>
+    /// <summary>Per-actor timeline: device steps, verifier steps and prepared drafts as bars over time (a window of the run).</summary>
     public static void Timeline(IReadOnlyList<(double Start, double End)> device, IReadOnlyList<(double Start, double End)> drafts, IReadOnlyList<(double Start, double End)> verifies, string path)
     {
         var plot = new Plot();
-        // A readable window: 60 ms from the middle of the run.
-        double mid = device.Count == 0 ? 0 : device[device.Count / 2].Start, from = mid, to = mid + 60;
+        // A readable window: 20 ms around the middle verification (decode steps; the middle device step
+        // may fall in a run of prefill chunks).
+        var anchor = verifies.Count > 0 ? verifies : device;
+        double mid = anchor.Count == 0 ? 0 : anchor[anchor.Count / 2].Start, from = mid - 10, to = mid + 10;
         var palette = new ScottPlot.Palettes.Category10();
         foreach (var (row, spans, color, label) in new[] { (2.0, device, palette.GetColor(0), "device actor: step"), (1.0, verifies, palette.GetColor(2), "verifier actor: acceptance"), (0.0, drafts, palette.GetColor(1), "drafter actor: draft") })
         {
             bool first = true;
             foreach (var (s, e) in spans.Where(x => x.End >= from && x.Start <= to))
             {
-                var r = plot.Add.Rectangle(Math.Max(s, from), Math.Min(e, to), row - 0.35, row + 0.35);
+                // Acceptance takes microseconds: drawn at least 0.1 ms wide, or it would not show.
+                var r = plot.Add.Rectangle(Math.Max(s, from), Math.Min(Math.Max(e, s + 0.1), to), row - 0.35, row + 0.35);
                 r.FillColor = color;
                 r.LineWidth = 0;
                 if (first)
@@ -204,7 +207,7 @@ internal static class Plots
 
         plot.Axes.SetLimits(from, to, -0.8, 3.0);
         plot.Axes.Left.TickGenerator = new ScottPlot.TickGenerators.NumericManual([new Tick(2, "device"), new Tick(1, "verifier"), new Tick(0, "drafter")]);
-        plot.Title("per-actor timeline (60 ms window)");
+        plot.Title("per-actor timeline (20 ms window; bars at least 0.1 ms wide)");
         plot.Axes.Bottom.Label.Text = "ms since start";
         plot.ShowLegend(Alignment.UpperRight);
         plot.SavePng(path, 1100, 380);
