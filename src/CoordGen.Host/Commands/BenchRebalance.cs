@@ -27,6 +27,9 @@ internal sealed record RebalanceReport
     [JsonPropertyName("method")] public required string Method { get; init; }
     [JsonPropertyName("newcomer_prompt_tokens")] public int NewcomerPromptTokens { get; init; }
     [JsonPropertyName("newcomer_ttft_ms")] public double NewcomerTtftMs { get; init; }
+
+    /// <summary>The accelerator profile device steps were paced to (what-if); null: real CPU timings.</summary>
+    [JsonPropertyName("device_profile")] public string? DeviceProfile { get; init; }
     [JsonPropertyName("chunk_width")] public int ChunkWidth { get; init; }
     [JsonPropertyName("stream_tokens")] public int StreamTokens { get; init; }
     [JsonPropertyName("settle_ms")] public int SettleMs { get; init; }
@@ -65,11 +68,12 @@ internal static class BenchRebalance
         var chunkWidth = new Option<int>("--chunk-width") { Description = "Tokens per prefill chunk while the streams decode (the server's InterleavedChunkWidth); 64 = the full prefill width, no narrowing.", DefaultValueFactory = _ => new ServerSettings().InterleavedChunkWidth };
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
         var runs = new Option<int>("--runs") { Description = "Times the whole test runs (controls, newcomer); the report shows the run with the median worst ratio and lists all (this shared machine is noisy).", DefaultValueFactory = _ => 3 };
+        var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest), so the policy meets an NPU's step times instead of this CPU's noise; the report is then rebalance-PROFILE.md and says so. Lower --stream-tokens with it (steps last tens of ms).");
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("rebalance", "Prefill against decode: N sessions stream while a long prompt arrives; the device interleaves its prefill chunks with their decode steps. Reports their worst inter-token gap during the newcomer's prefill against their median gap (goal: at most 2x) and the newcomer's time to first token. Writes a report and a plot of the gaps.")
         {
-            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, threads, runs, json, outDir,
+            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, threads, runs, deviceProfile, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -82,7 +86,8 @@ internal static class BenchRebalance
 
             var stamp = BenchStamp.Capture();
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
-            var settings = new ServerSettings { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true, InterleavedChunkWidth = parse.GetValue(chunkWidth), Threads = parse.GetValue(threads) };
+            var settings = new ServerSettings { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true, InterleavedChunkWidth = parse.GetValue(chunkWidth), Threads = parse.GetValue(threads), DeviceProfile = parse.GetValue(deviceProfile) };
+            var profile = string.IsNullOrEmpty(settings.DeviceProfile) ? null : Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
             if (settings.Problems() is { Count: > 0 } problems)
             {
                 throw new ArgumentException(string.Join(" ", problems));
@@ -216,27 +221,33 @@ internal static class BenchRebalance
 
             var (median, writers, newcomerSent, newcomerFirst) = results.OrderBy(x => x.Report.WorstRatio).ElementAt(results.Count / 2);
             var report = median with { Runs = [.. results.Select(x => new RebalanceRun { WorstRatio = x.Report.WorstRatio, NewcomerTtftMs = x.Report.NewcomerTtftMs })] };
-            Write(report, writers, newcomerSent, newcomerFirst, settings.PrefillWidth, settings.EffectiveChunkWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json));
+            Write(report, writers, newcomerSent, newcomerFirst, settings.PrefillWidth, settings.EffectiveChunkWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json), profile);
             return 0;
         });
         return cmd;
     }
 
-    private static void Write(RebalanceReport report, TimestampingWriter[] writers, long sent, long first, int prefillWidth, int chunk, int width, BenchStamp stamp, string dir, FileInfo? json)
+    private static void Write(RebalanceReport report, TimestampingWriter[] writers, long sent, long first, int prefillWidth, int chunk, int width, BenchStamp stamp, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile)
     {
         Directory.CreateDirectory(dir);
-        string jsonText = JsonSerializer.Serialize(report, new JsonSerializerOptions { WriteIndented = true });
-        File.WriteAllText(Path.Combine(dir, "rebalance.json"), jsonText);
+        string stem = profile is null ? "rebalance" : $"rebalance-{profile.Name}";
+        string jsonText = JsonSerializer.Serialize(report with { DeviceProfile = profile?.Name }, new JsonSerializerOptions { WriteIndented = true });
+        File.WriteAllText(Path.Combine(dir, stem + ".json"), jsonText);
         if (json is not null)
         {
             File.WriteAllText(json.FullName, jsonText);
         }
 
         double Ms(long t) => Stopwatch.GetElapsedTime(sent, t).TotalMilliseconds;
-        Plots.Rebalance([.. writers.Select(x => BenchStreams.DeliveryGaps([.. x.Times]).Select(g => (Ms(g.At), g.Ms)).ToList())], Ms(first), Path.Combine(dir, "rebalance.png"));
+        Plots.Rebalance([.. writers.Select(x => BenchStreams.DeliveryGaps([.. x.Times]).Select(g => (Ms(g.At), g.Ms)).ToList())], Ms(first), Path.Combine(dir, stem + ".png"));
         var md = new StringBuilder();
-        md.AppendLine("# Prefill against decode (`coordgen bench rebalance`)").AppendLine();
+        md.AppendLine(profile is null ? "# Prefill against decode (`coordgen bench rebalance`)" : $"# Prefill against decode, what-if on `{profile.Name}` (`coordgen bench rebalance --device-profile {profile.Name}`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
+        if (profile is not null)
+        {
+            md.AppendLine(CultureInfo.InvariantCulture, $"**{profile.Label}.** Every device step ran for real on the CPU and was then held until the profile's time for its graph width had passed (verification W = {width}: {profile.StepMs(width):F1} ms; a {chunk}-token chunk: {profile.StepMs(chunk):F1} ms), so gaps and time to first token are the policy at the profile's step times (not measured on an NPU). Drafting and the actors' own work are real.").AppendLine();
+        }
+
         md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, W = {width}; the summary and reply prompts whose answers run longest, up to {report.StreamTokens} tokens each); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps ({prefillWidth} when no one decodes; `StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps, `StepPolicy.ChunkWidth` for its width; `--chunk-width`). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The long prompt arrives {report.SettleMs} ms after every stream has 8 tokens. Each stream's baseline is its median gap over the same tokens in two control runs of the same streams without the newcomer, one before and one after (same KV fill, same drafts; only the newcomer differs).").AppendLine();
         md.AppendLine("| session | median gap, control (ms) | median gap while the newcomer prefills (ms) | worst gap while it prefills (ms) | worst / control median | tokens during the prefill | tokens in all |").AppendLine("|---|---|---|---|---|---|---|");
         foreach (var r in report.Sessions)
@@ -250,9 +261,9 @@ internal static class BenchRebalance
             md.AppendLine(CultureInfo.InvariantCulture, $"The table and the plot are the run with the median worst ratio of {report.Runs.Count} (`--runs`); all runs, worst ratio (TTFT): {string.Join(", ", report.Runs.Select(r => string.Create(CultureInfo.InvariantCulture, $"{r.WorstRatio}x ({r.NewcomerTtftMs:F0} ms)")))}; within 2x in {report.Runs.Count(r => r.WorstRatio <= 2)} of {report.Runs.Count}.").AppendLine();
         }
 
-        md.AppendLine("![gaps](rebalance.png)");
-        File.WriteAllText(Path.Combine(dir, "rebalance.md"), md.ToString());
-        ConsoleUi.Err.MarkupLineInterpolated($"[green]worst/median gap {report.WorstRatio}x, newcomer TTFT {report.NewcomerTtftMs} ms[/] -> {dir}/rebalance.md");
+        md.AppendLine(CultureInfo.InvariantCulture, $"![gaps]({stem}.png)");
+        File.WriteAllText(Path.Combine(dir, stem + ".md"), md.ToString());
+        ConsoleUi.Err.MarkupLineInterpolated($"[green]worst/median gap {report.WorstRatio}x, newcomer TTFT {report.NewcomerTtftMs} ms[/] -> {dir}/{stem}.md");
     }
 
     /// <summary>A stream that records when each token was handed to it (the device's hand-off time) and keeps nothing else.</summary>
