@@ -384,7 +384,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     {
         if (f.Key is Active a && _decoding.Contains(a) && a.AwaitingStep == f.Step)
         {
-            var ex = new InvalidOperationException($"the verifier could not verify step {f.Step}: {f.Reason}");
+            var ex = new VerifierFailedException($"the verifier could not verify step {f.Step}: {f.Reason}");
             Finish(a, Failure(a.Run.Request, ex), ex);
             Schedule();
         }
@@ -451,9 +451,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         OperationCanceledException => new GenerationFailed(r.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"),
         PromptTooLongException => new GenerationFailed(r.SessionId, FailureKind.CapacityExceeded, ex.Message),
         ArgumentException => new GenerationFailed(r.SessionId, FailureKind.InvalidRequest, ex.Message),
-        InvalidOperationException when ex.Message.StartsWith("the verifier", StringComparison.Ordinal) => new GenerationFailed(r.SessionId, FailureKind.DeviceFault, $"{ex.Message}. The request can be retried."),
+        VerifierFailedException => new GenerationFailed(r.SessionId, FailureKind.DeviceFault, $"{ex.Message}. The request can be retried."),
         _ => new GenerationFailed(r.SessionId, FailureKind.DeviceFault, $"the device failed: {ex.Message}. The request can be retried."),
     };
+
+    /// <summary>The verifier answered <see cref="VerifyFailed"/> for a session's step.</summary>
+    private sealed class VerifierFailedException(string message) : Exception(message);
 
     /// <summary>Fault injection: the device actor throws while handling this (a crash its supervisor handles).</summary>
     public sealed class Crash
