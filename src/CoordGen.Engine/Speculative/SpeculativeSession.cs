@@ -7,7 +7,9 @@ namespace CoordGen.Engine.Speculative;
 /// <summary>
 /// One speculative generation as a sequence of steps, so a scheduler can interleave many sessions on one
 /// device: each <see cref="Step"/> drafts a token tree, verifies it in one device pass, commits the
-/// accepted path and emits its tokens. <see cref="SpeculativeDecoder.Generate(Prefilled, int, SamplingOptions, IReadOnlySet{int}, SpeculationOptions, HistoryStore?, Func{int, bool}?, CancellationToken)"/>
+/// accepted path and emits its tokens. A step can also run in halves, with acceptance elsewhere
+/// (a verifier actor): <see cref="BeginStep"/> (draft, device run, keys/values staged), then
+/// <see cref="TreeVerifier.Verify"/>, then <see cref="Apply"/> (commit, emit). <see cref="SpeculativeDecoder.Generate(Prefilled, int, SamplingOptions, IReadOnlySet{int}, SpeculationOptions, HistoryStore?, Func{int, bool}?, CancellationToken)"/>
 /// is this loop run to the end. Owns its KV cache (a copy of the prefill's).
 /// </summary>
 public sealed class SpeculativeSession : IDisposable
