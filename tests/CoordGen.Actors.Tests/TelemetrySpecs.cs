@@ -16,14 +16,7 @@ public class TelemetrySpecs : TestKit
     [Fact]
     public async Task Device_steps_should_emit_child_spans_of_the_callers_trace_and_metrics()
     {
-        var spans = new ConcurrentBag<Activity>();
-        using var listener = new ActivityListener
-        {
-            ShouldListenTo = s => s.Name == Telemetry.Name,
-            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
-            ActivityStopped = spans.Add,
-        };
-        ActivitySource.AddActivityListener(listener);
+        using var spans = new SpanRecorder();
         var measured = new ConcurrentDictionary<string, int>();
         using var meters = new MeterListener();
         meters.InstrumentPublished = (i, l) =>
@@ -47,8 +40,8 @@ public class TelemetrySpecs : TestKit
         await ExpectMsgAsync<GenerationCompleted>();
 
         // The calibrator actor's span may end after the last token (the session does not wait for it).
-        await AwaitConditionAsync(() => Task.FromResult(spans.Any(s => s.TraceId == root.TraceId && s.OperationName == "coordgen.calibrate")), TimeSpan.FromSeconds(5));
-        var mine = spans.Where(s => s.TraceId == root.TraceId).ToList();
+        await AwaitConditionAsync(() => Task.FromResult(spans.Spans.Any(s => s.TraceId == root.TraceId && s.OperationName == "coordgen.calibrate")), TimeSpan.FromSeconds(5));
+        var mine = spans.Spans.Where(s => s.TraceId == root.TraceId).ToList();
         Assert.Contains(mine, s => s.OperationName == "coordgen.prefill_chunk");
         Assert.Contains(mine, s => s.OperationName == "coordgen.device_run");
         Assert.Contains(mine, s => s.OperationName == "coordgen.verify");

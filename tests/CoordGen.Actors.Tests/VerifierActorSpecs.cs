@@ -81,26 +81,13 @@ public class VerifierActorSpecs : TestKit
     [Fact]
     public async Task Its_span_should_be_a_child_of_the_requests_trace()
     {
-        var spans = new List<Activity>();
-        using var listener = new ActivityListener
-        {
-            ShouldListenTo = s => s.Name == Telemetry.Name,
-            Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllDataAndRecorded,
-            ActivityStopped = a =>
-            {
-                lock (spans)
-                {
-                    spans.Add(a);
-                }
-            },
-        };
-        ActivitySource.AddActivityListener(listener);
+        using var spans = new SpanRecorder();
         using var root = new Activity("request").Start();
         var verifier = Sys.ActorOf(VerifierActor.Props());
         verifier.Tell(new VerifyTree(new object(), new TreeToVerify(1, Tokens, Parents, [3, 1, 0, 0], default, Vocab, 0), new SamplingOptions(), root.Context) { Session = "s1" });
         await ExpectMsgAsync<Verified>();
-        await AwaitConditionAsync(() => Task.FromResult(spans.ToArray().Any(s => s.OperationName == "coordgen.verify" && s.ParentSpanId == root.SpanId)));
-        var span = spans.ToArray().First(s => s.OperationName == "coordgen.verify" && s.ParentSpanId == root.SpanId);
+        await AwaitConditionAsync(() => Task.FromResult(spans.Spans.Any(s => s.OperationName == "coordgen.verify" && s.ParentSpanId == root.SpanId)));
+        var span = spans.Spans.First(s => s.OperationName == "coordgen.verify" && s.ParentSpanId == root.SpanId);
         Assert.Equal("s1", span.GetTagItem("coordgen.session"));
         Assert.Equal(1, span.GetTagItem("coordgen.accepted"));
     }

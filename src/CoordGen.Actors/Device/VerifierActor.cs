@@ -26,9 +26,6 @@ public sealed class VerifierActor : ReceiveActor
 
     public static Props Props() => Akka.Actor.Props.Create(() => new VerifierActor());
 
-    /// <summary>Sessions whose sampling stream this verifier holds.</summary>
-    internal int Streams => _samplers.Count;
-
     private void Verify(VerifyTree v)
     {
         long start = Stopwatch.GetTimestamp();
