@@ -73,13 +73,15 @@ public class FaultRecoverySpecs : TestKit
     }
 
     [Theory]
-    [InlineData(0f)]
-    [InlineData(0.9f)]
-    public async Task Streams_should_resume_exactly_when_the_device_actor_crashes_and_its_backoff_supervisor_restarts_it(float temperature)
+    [InlineData(0f, true)]
+    [InlineData(0.9f, true)]
+    [InlineData(0f, false)]
+    public async Task Streams_should_resume_exactly_when_the_device_actor_crashes_and_its_backoff_supervisor_restarts_it(float temperature, bool keepRuntime)
     {
         var sampling = new Sampling(temperature, Seed: 7);
         int[] clean = await Stream(Supervisor(null), "sam+ours", sampling);
-        var supervisor = Sys.ActorOf(GenerationSupervisor.Props(DeviceActor.Props(() => new OrtModelRuntime(Weights, 128, [1, 8]), new HashSet<int>()), maxPending: 4, maxAttempts: 10));
+        using var runtimes = new RuntimeKeeper(() => new OrtModelRuntime(Weights, 128, [1, 8]), reuse: keepRuntime);
+        var supervisor = Sys.ActorOf(GenerationSupervisor.Props(DeviceActor.Props(runtimes, new HashSet<int>()), maxPending: 4, maxAttempts: 10));
         int crashes = 0;
         int[] resumed = await Stream(supervisor, "sam+ours", sampling, () =>
         {
@@ -89,5 +91,10 @@ public class FaultRecoverySpecs : TestKit
 
         Assert.True(crashes >= 2);
         Assert.Equal(clean, resumed);
+
+        // Kept: every restarted device took the first device's compiled graphs. Not kept: each built its own.
+        Assert.True(runtimes.Built + runtimes.Reused >= 2, $"the device never restarted ({runtimes.Built} built, {runtimes.Reused} reused)");
+        Assert.Equal(keepRuntime ? 1 : runtimes.Built, runtimes.Built);
+        Assert.Equal(keepRuntime ? runtimes.Built + runtimes.Reused - 1 : 0, runtimes.Reused);
     }
 }

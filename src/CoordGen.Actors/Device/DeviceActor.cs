@@ -22,7 +22,7 @@ namespace CoordGen.Actors.Device;
 /// </summary>
 public sealed class DeviceActor : ReceiveActor, IWithTimers
 {
-    private readonly Func<OrtModelRuntime> _createRuntime;
+    private readonly RuntimeKeeper _runtimes;
     private readonly IReadOnlySet<int> _stopTokens;
     private readonly List<Active> _prefilling = [];
     private readonly List<Active> _decoding = [];
@@ -54,10 +54,11 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     /// <param name="emulate">What-if pacing: every device step lasts at least what this accelerator
     /// profile gives for the step's graph width (the real step runs, then the device waits out the
     /// rest), so overlap and scheduling experiments see an NPU's step times. Null: real timings.</param>
-    public DeviceActor(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0)
+    /// <param name="runtimes">Where the device borrows its runtime and gives it back when it stops, so a restarted device can take the same compiled graphs.</param>
+    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0)
     {
         _interleavedChunkWidth = interleavedChunkWidth;
-        _createRuntime = createRuntime;
+        _runtimes = runtimes;
         _stopTokens = stopTokens;
         _emulate = emulate;
         Receive<Generate>(g => Admit(new DeviceRun(g, null), Sender));
@@ -87,15 +88,20 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     /// <param name="interleavedChunkWidth">Tokens per prefill chunk while other sessions decode
     /// (<see cref="StepPolicy.ChunkWidth"/>); 0 = always the runtime's widest graph.</param>
+    /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
+    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0)
+        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth));
+
+    /// <summary>A device that builds its own runtime and disposes it when it stops (each restart compiles again).</summary>
     public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0)
-        => Akka.Actor.Props.Create(() => new DeviceActor(createRuntime, stopTokens, emulate, interleavedChunkWidth));
+        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth);
 
     protected override void PreStart()
     {
         _drafter = Context.ActorOf(DrafterActor.Props(), "drafter");
         _calibrator = Context.ActorOf(CalibratorActor.Props(), "calibrator");
         _verifier = Context.ActorOf(VerifierActor.Props(), "verifier");
-        _runtime = _createRuntime();
+        _runtime = _runtimes.Borrow();
         _plain = new Generator(_runtime);
         _spec = new SpeculativeDecoder(_runtime);
     }
@@ -118,19 +124,17 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             a.ReplyTo.Tell(DeviceRestarting.Instance);
         }
 
-        var runtime = _runtime;
         void Release()
         {
             foreach (var a in actives)
             {
                 a.Dispose();
             }
-
-            runtime?.Dispose();
         }
 
         // A step still running off the mailbox thread (the actor stopped or restarts mid-step) uses the
-        // runtime and its session's cache: free them when it ends, never under it.
+        // runtime and its session's cache: free them when it ends, never under it. The runtime goes back
+        // to the keeper then too, for the next device (unless that step failed).
         if (_inflight is { IsCompleted: false } step)
         {
             step.ContinueWith(_ => Release(), TaskScheduler.Default);
@@ -138,6 +142,11 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         else
         {
             Release();
+        }
+
+        if (_runtime is { } runtime)
+        {
+            _runtimes.GiveBack(runtime, _inflight);
         }
     }
 
@@ -290,6 +299,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private void OnStepDone(StepDone done)
     {
         _busy = false;
+        _inflight = null;
         if (_emulate is not null && done.Error is null)
         {
             _paced++;

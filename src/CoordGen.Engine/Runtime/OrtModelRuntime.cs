@@ -360,6 +360,7 @@ public sealed class OrtModelRuntime : IDisposable
 
     private WidthGraph Graph(int width, int bucket)
     {
+        ObjectDisposedException.ThrowIf(IsDisposed, this);
         if (!_graphs.TryGetValue((width, bucket), out var g))
         {
             if (!_widths.Contains(width))
@@ -424,8 +425,17 @@ public sealed class OrtModelRuntime : IDisposable
         return so;
     }
 
+    /// <summary>True once disposed; every later use throws <see cref="ObjectDisposedException"/>.</summary>
+    public bool IsDisposed { get; private set; }
+
     public void Dispose()
     {
+        if (IsDisposed)
+        {
+            return;
+        }
+
+        IsDisposed = true;
         foreach (var g in _graphs.Values)
         {
             g.Dispose();

@@ -33,6 +33,12 @@ internal sealed record FaultsReport
     [JsonPropertyName("recovery_p50_ms")] public double RecoveryP50Ms { get; init; }
     [JsonPropertyName("recovery_max_ms")] public double RecoveryMaxMs { get; init; }
     [JsonPropertyName("recoveries")] public int Recoveries { get; init; }
+
+    /// <summary>Runtimes (compiled graph sets) the faulty service built: 1 plus one per device restart that could not reuse the previous one.</summary>
+    [JsonPropertyName("runtimes_built")] public int RuntimesBuilt { get; init; }
+
+    /// <summary>Device restarts that took the previous device's runtime.</summary>
+    [JsonPropertyName("runtime_reuses")] public int RuntimeReuses { get; init; }
     [JsonPropertyName("method")] public string Method { get; init; } = "";
     [JsonPropertyName("seed")] public int Seed { get; init; }
     [JsonPropertyName("wall_s")] public double WallS { get; init; }
@@ -57,9 +63,10 @@ internal static class BenchFaults
         var seed = new Option<int>("--seed") { Description = "Seed of the fault plan.", DefaultValueFactory = _ => 1 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
+        var rebuild = new Option<bool>("--rebuild-runtime") { Description = "Each device-actor restart builds (compiles) a new runtime instead of taking the previous device's: the behaviour before runtimes were kept, for comparison." };
         var cmd = new Command("faults", "Fault injection under load: concurrent streams while device exceptions, hangs, NaN logits, drafter/calibrator crashes and session kills strike; reports divergent streams, lost and duplicated tokens and recovery times against fault-free runs.")
         {
-            model, faults, streams, maxTokens, method, gap, kinds, seed, json, outDir,
+            model, faults, streams, maxTokens, method, gap, kinds, seed, rebuild, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -74,7 +81,7 @@ internal static class BenchFaults
             string m = parse.GetValue(method)!;
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             var prompts = Prompts(bundle, nStreams);
-            var settings = new ServerSettings { MaxPending = nStreams, Method = m };
+            var settings = new ServerSettings { MaxPending = nStreams, Method = m, KeepRuntimeAcrossRestarts = !parse.GetValue(rebuild) };
             var stamp = BenchStamp.Capture();
 
             // 1. Fault-free reference outputs.
@@ -158,6 +165,8 @@ internal static class BenchFaults
                 RecoveryP50Ms = recoveries.Count == 0 ? 0 : Math.Round(recoveries[recoveries.Count / 2], 2),
                 RecoveryMaxMs = recoveries.Count == 0 ? 0 : Math.Round(recoveries[^1], 2),
                 Recoveries = recoveries.Count,
+                RuntimesBuilt = faulty.RuntimeStarts.Built,
+                RuntimeReuses = faulty.RuntimeStarts.Reused,
                 Method = m,
                 Seed = parse.GetValue(seed),
                 WallS = Math.Round(sw.Elapsed.TotalSeconds, 1),
@@ -231,7 +240,7 @@ internal static class BenchFaults
         {
             ("faults_injected", r.FaultsInjected), ("divergent_streams", r.DivergentStreams), ("failed_streams", r.FailedStreams),
             ("lost_tokens", r.LostTokens), ("duplicated_tokens", r.DuplicatedTokens), ("recovery_p50_ms", r.RecoveryP50Ms),
-            ("recovery_max_ms", r.RecoveryMaxMs), ("wall_s", r.WallS),
+            ("recovery_max_ms", r.RecoveryMaxMs), ("runtimes_built", r.RuntimesBuilt), ("runtime_reuses", r.RuntimeReuses), ("wall_s", r.WallS),
         })
         {
             md.AppendLine(CultureInfo.InvariantCulture, $"| {k} | {v} |");
@@ -241,6 +250,6 @@ internal static class BenchFaults
         md.AppendLine("Device hangs are simulated: the step stalls for the plan's hang time and then fails as a watchdog would. Recovery is the time from a fault to the stream's next committed token (a resumed session prefills its prompt plus committed tokens again).").AppendLine();
         md.AppendLine("![recovery histogram](faults.png)");
         File.WriteAllText(Path.Combine(dir, "faults.md"), md.ToString());
-        ConsoleUi.Err.MarkupLineInterpolated($"[green]faults {r.FaultsInjected}, streams {r.Streams}, divergent {r.DivergentStreams}, failed {r.FailedStreams}, lost {r.LostTokens}, duplicated {r.DuplicatedTokens}, recovery p50 {r.RecoveryP50Ms} ms, max {r.RecoveryMaxMs} ms[/] -> {dir}/faults.md");
+        ConsoleUi.Err.MarkupLineInterpolated($"[green]faults {r.FaultsInjected}, streams {r.Streams}, divergent {r.DivergentStreams}, failed {r.FailedStreams}, lost {r.LostTokens}, duplicated {r.DuplicatedTokens}, recovery p50 {r.RecoveryP50Ms} ms, max {r.RecoveryMaxMs} ms, runtimes built {r.RuntimesBuilt}, reused {r.RuntimeReuses}[/] -> {dir}/faults.md");
     }
 }

@@ -33,6 +33,11 @@ internal sealed record SessionsRow
 
     /// <summary>Generated tokens per second of device time in decode steps: the decode phase's throughput alone.</summary>
     [JsonPropertyName("decode_tokens_per_device_s")] public double DecodeTokensPerDeviceS { get; init; }
+
+    /// <summary>The accelerator profile device steps were paced to (what-if); null: real CPU timings.</summary>
+    [JsonPropertyName("device_profile")]
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    public string? DeviceProfile { get; init; }
 }
 
 /// <summary>
@@ -56,9 +61,10 @@ internal static class BenchSessions
         var rounds = new Option<int>("--rounds") { Description = "Times each (sessions, mode) point runs, the modes taking turns; the report sums the rounds (this shared machine drifts in speed).", DefaultValueFactory = _ => 1 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
+        var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest; adaptive width costs widths by the profile), so the modes meet an NPU's step times; the report is then sessions-PROFILE.md and says so. Steps last tens of ms: use few points, e.g. --sessions 8 --requests 2.");
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
         {
-            model, workload, sessions, requests, method, width, modesOpt, threads, rounds, json, outDir,
+            model, workload, sessions, requests, method, width, modesOpt, threads, rounds, json, outDir, deviceProfile,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -82,7 +88,8 @@ internal static class BenchSessions
                 : new[] { "summary", "rag", "ui", "reply" }.Select(t => Path.Combine(root, "workloads", t + ".jsonl")).ToList();
             var prompts = BenchStreams.Prompts(bundle, 4, files);
             int maxSessions = counts.Max();
-            await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, Threads = parse.GetValue(threads) });
+            var profile = parse.GetValue(deviceProfile) is { Length: > 0 } pn ? Engine.Scheduling.DeviceProfile.Load(pn) : null;
+            await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, Threads = parse.GetValue(threads), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
 
             // Each prompt alone first: the reference every concurrent stream must equal.
             var alone = new Dictionary<int, int[]>();
@@ -165,7 +172,8 @@ internal static class BenchSessions
                     }
                 }
             });
-            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json));
+            var paced = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), profile, paced);
             return rows.All(r => r.IdenticalToAlone) ? 0 : 1;
         });
         return cmd;
@@ -192,20 +200,27 @@ internal static class BenchSessions
         return new StreamResult(tokens, gaps);
     }
 
-    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json)
+    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, DeviceActor.Overlap paced)
     {
         Directory.CreateDirectory(dir);
+        string stem = profile is null ? "sessions" : $"sessions-{profile.Name}";
+        rows = profile is null ? rows : [.. rows.Select(r => r with { DeviceProfile = profile.Name })];
         string text = JsonSerializer.Serialize(rows, new JsonSerializerOptions { WriteIndented = true });
-        File.WriteAllText(Path.Combine(dir, "sessions.json"), text);
+        File.WriteAllText(Path.Combine(dir, stem + ".json"), text);
         if (json is not null)
         {
             File.WriteAllText(json.FullName, text);
         }
 
-        Plots.Sessions(rows, Path.Combine(dir, "sessions.png"));
+        Plots.Sessions(rows, Path.Combine(dir, stem + ".png"));
         var md = new StringBuilder();
-        md.AppendLine("# Concurrent sessions (`coordgen bench sessions`)").AppendLine();
+        md.AppendLine(profile is null ? "# Concurrent sessions (`coordgen bench sessions`)" : $"# Concurrent sessions, what-if on `{profile.Name}` (`coordgen bench sessions --device-profile {profile.Name}`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
+        if (profile is not null)
+        {
+            md.AppendLine(CultureInfo.InvariantCulture, $"**{profile.Label}.** Every device step ran for real on the CPU and was then held until the profile's time for its graph width had passed (W = 1: {profile.StepMs(1):F1} ms; W = {width}: {profile.StepMs(width):F1} ms; a 32-token chunk: {profile.StepMs(32):F1} ms), and adaptive width costs each width by the profile, so tokens/s are the modes at the profile's step times (not measured on an NPU). Drafting, verification and the actors' own work are real. {paced.Paced} steps paced, {paced.Overran} of them took longer on the CPU than the profile allowed (those count at their real time).").AppendLine();
+        }
+
         md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding; `spec` = `{method}` at the fixed W = {width}; `spec-adaptive` = `{method}` with adaptive width (the server's default) (each step verifies on width 1, 4 or {width}, whichever gives the session the most tokens per millisecond; docs/decisions/0006-adaptive-width.md). Prompts alternate task families (summary, rag, ui, reply, ...); aggregate tokens/s counts generated tokens over wall time, prefill included. {perSession} requests per session at each point, greedy; each point ran {rounds} time(s), the modes taking turns and starting with a different one each round, and the rows sum the rounds.").AppendLine();
         md.AppendLine("`prefill share` is the device's busy time in prefill chunks over its busy time; `decode tok/s (device)` counts generated tokens over device time in decode steps only, the decode phase's throughput without the prefill every mode pays alike.").AppendLine();
         md.AppendLine("| sessions | mode | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|");
@@ -225,8 +240,8 @@ internal static class BenchSessions
             md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s): {string.Join("; ", parts)}; ceiling for any decode speedup at ar's prefill share {ar.PrefillShare:P0}: {1 / Math.Max(1e-9, ar.PrefillShare):F2}x");
         }
 
-        md.AppendLine().AppendLine("![sessions](sessions.png)");
-        File.WriteAllText(Path.Combine(dir, "sessions.md"), md.ToString());
-        ConsoleUi.Err.MarkupLineInterpolated($"[green]wrote {dir}/sessions.md[/]");
+        md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"![sessions]({stem}.png)");
+        File.WriteAllText(Path.Combine(dir, stem + ".md"), md.ToString());
+        ConsoleUi.Err.MarkupLineInterpolated($"[green]wrote {dir}/{stem}.md[/]");
     }
 }

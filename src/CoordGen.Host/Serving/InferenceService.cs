@@ -35,13 +35,19 @@ public sealed class InferenceService : IAsyncDisposable
     private readonly ActorSystem _system;
     private long _next;
 
-    private InferenceService(ModelBundle bundle, ServerSettings settings, ActorSystem system, IActorRef supervisor)
+    private readonly RuntimeKeeper _runtimes;
+
+    private InferenceService(ModelBundle bundle, ServerSettings settings, ActorSystem system, IActorRef supervisor, RuntimeKeeper runtimes)
     {
         Bundle = bundle;
         Settings = settings;
         _system = system;
         Supervisor = supervisor;
+        _runtimes = runtimes;
     }
+
+    /// <summary>Runtimes built so far and device restarts that took the kept one instead (see <see cref="RuntimeKeeper"/>).</summary>
+    public (int Built, int Reused) RuntimeStarts => (_runtimes.Built, _runtimes.Reused);
 
     public ModelBundle Bundle { get; }
 
@@ -74,9 +80,11 @@ public sealed class InferenceService : IAsyncDisposable
         }
 
         var emulate = string.IsNullOrEmpty(settings.DeviceProfile) ? null : CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
-        var device = DeviceActor.Props(NewRuntime, bundle.StopTokens, emulate, settings.EffectiveChunkWidth);
+        // The runtime outlives device-actor restarts: a restarted device takes the same compiled graphs.
+        var runtimes = new RuntimeKeeper(NewRuntime, reuse: settings.KeepRuntimeAcrossRestarts);
+        var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
-        return new InferenceService(bundle, settings, system, supervisor);
+        return new InferenceService(bundle, settings, system, supervisor, runtimes);
     }
 
     public int[] Encode(string text) => Bundle.Tokenizer.Encode(text);
@@ -214,5 +222,6 @@ public sealed class InferenceService : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         await _system.Terminate();
+        _runtimes.Dispose();
     }
 }

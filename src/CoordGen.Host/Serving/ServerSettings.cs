@@ -58,6 +58,9 @@ public sealed class ServerSettings
     /// <summary>Compile every (width, KV bucket) graph when the device starts instead of on first use (slower start and device restarts; benchmarks use it so no compile lands in a timed region).</summary>
     public bool PrecompileAll { get; set; }
 
+    /// <summary>A device actor restarted after a crash takes the runtime (compiled graphs) of the one before it instead of compiling again (default); false = every restart builds a new runtime. A runtime whose step failed as the device stopped is never reused.</summary>
+    public bool KeepRuntimeAcrossRestarts { get; set; } = true;
+
     /// <summary>Requests running or queued at once; more are refused with 429 and Retry-After.</summary>
     public int MaxPending { get; set; } = 16;
 
