@@ -214,12 +214,19 @@ internal static class Plots
     }
 
     /// <summary>Each stream's inter-token gaps over time, with the newcomer's prefill (time 0 to its first token) shaded.</summary>
-    public static void Rebalance(IReadOnlyList<List<(double At, double Ms)>> streams, double prefillEndMs, string path)
+    public static void Rebalance(IReadOnlyList<List<(double At, double Ms)>> streams, double prefillEndMs, double newcomerEndMs, string path)
     {
         var plot = new Plot();
         var shade = plot.Add.HorizontalSpan(0, prefillEndMs);
         shade.FillColor = Colors.Orange.WithAlpha(0.2);
         shade.LegendText = "newcomer prefilling";
+        if (newcomerEndMs > prefillEndMs)
+        {
+            var decoding = plot.Add.HorizontalSpan(prefillEndMs, newcomerEndMs);
+            decoding.FillColor = Colors.Green.WithAlpha(0.15);
+            decoding.LegendText = "newcomer decoding";
+        }
+
         var palette = new ScottPlot.Palettes.Category10();
         for (int i = 0; i < streams.Count; i++)
         {

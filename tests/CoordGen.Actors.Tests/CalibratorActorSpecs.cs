@@ -84,4 +84,49 @@ public class CalibratorActorSpecs : TestKit
         Assert.Null(ExpectMsg<Calibrated>().Index);
         Assert.NotNull(ExpectMsg<Calibrated>().Index);
     }
+
+    /// <summary>A long prompt's top-k rows and context, as one chunk.</summary>
+    private static (int[] Context, TopRows Rows, PrefillTopK InPlace) LongPrompt(int length, int seed)
+    {
+        var rng = new Random(seed);
+        int[] context = [.. Enumerable.Range(0, length).Select(_ => rng.Next(Vocab))];
+        var logits = Logits(context, 0, length, rng);
+        var inPlace = new PrefillTopK(new CalibrationOptions().TopK);
+        inPlace.AddRows(logits, Vocab);
+        return (context, Top(logits, new CalibrationOptions().TopK), inPlace);
+    }
+
+    [Fact]
+    public void Shared_build_should_come_in_slices_to_the_same_index()
+    {
+        var (context, rows, inPlace) = LongPrompt(6000, 9);
+        var options = new CalibrationOptions();
+        var expected = CalibratedIndex.Build(context, inPlace, options);
+        var calibrator = Sys.ActorOf(CalibratorActor.Props());
+        var key = new object();
+        calibrator.Tell(new CalibrateChunk(key, rows, options), TestActor);
+
+        using var spans = new SpanRecorder();
+        calibrator.Tell(new CalibrateFinish(key, "sliced-build", context, options) { Share = true }, TestActor);
+        var done = ExpectMsg<Calibrated>(TimeSpan.FromSeconds(30));
+
+        Assert.Equal(expected.Paths, done.Index!.Paths);
+        Assert.Equal(expected.Automaton.Text, done.Index.Automaton.Text);
+        var span = Assert.Single(spans.Spans, s => s.OperationName == "coordgen.calibrate" && (string?)s.GetTagItem("coordgen.session") == "sliced-build");
+        Assert.True((int)span.GetTagItem("coordgen.calibrate_slices")! > 1, "a 6,000-position build should take more than one 1 ms slice");
+    }
+
+    [Fact]
+    public void A_session_cancelled_during_a_shared_build_should_get_no_answer()
+    {
+        var (context, rows, _) = LongPrompt(20000, 10);
+        var options = new CalibrationOptions();
+        var calibrator = Sys.ActorOf(CalibratorActor.Props());
+        var key = new object();
+        calibrator.Tell(new CalibrateChunk(key, rows, options), TestActor);
+        calibrator.Tell(new CalibrateFinish(key, "s", context, options) { Share = true }, TestActor);
+        calibrator.Tell(new CalibrateCancel(key), TestActor);
+
+        ExpectNoMsg(TimeSpan.FromMilliseconds(500));
+    }
 }

@@ -16,6 +16,9 @@ public sealed class CalibratorActor : ReceiveActor
     /// <summary>Per session being calibrated: the top-k read so far (null once a chunk failed) and the time spent.</summary>
     private readonly Dictionary<object, (PrefillTopK? TopK, double Ms)> _open = [];
 
+    /// <summary>Per session whose index is being built in slices.</summary>
+    private readonly Dictionary<object, Building> _building = [];
+
     public CalibratorActor()
     {
         Receive<CalibrateChunk>(c =>
@@ -39,31 +42,120 @@ public sealed class CalibratorActor : ReceiveActor
         });
         Receive<CalibrateFinish>(f =>
         {
-            using var span = Telemetry.Source.StartActivity("coordgen.calibrate", ActivityKind.Internal, f.Trace);
             long t0 = Stopwatch.GetTimestamp();
-            CalibratedIndex? index = null;
-            double ms = 0;
-            if (_open.Remove(f.Key, out var state) && state.TopK is { } topK)
+            if (!_open.Remove(f.Key, out var state) || state.TopK is not { } topK)
             {
-                ms = state.Ms;
-                try
-                {
-                    index = CalibratedIndex.Build(f.Prompt, topK, f.Options);
-                }
-                catch (Exception ex) when (ex is not OutOfMemoryException)
-                {
-                    span?.SetStatus(ActivityStatusCode.Error, ex.Message);
-                }
+                Reply(new Building(f, Sender, null, state.Ms, DateTimeOffset.UtcNow), null, null);
+                return;
             }
 
-            ms += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
-            span?.SetTag("coordgen.session", f.SessionId);
-            span?.SetTag("coordgen.calibrated_paths", index?.Paths ?? 0);
-            span?.SetTag("coordgen.context_tokens", f.Prompt.Length);
-            Sender.Tell(new Calibrated(f.Key, index, ms));
+            var job = new Building(f, Sender, null, state.Ms, DateTimeOffset.UtcNow);
+            try
+            {
+                job = job with { Builder = new CalibratedIndex.Builder(f.Prompt, topK, f.Options) };
+            }
+            catch (Exception ex) when (ex is not OutOfMemoryException)
+            {
+                Reply(job, null, ex);
+                return;
+            }
+
+            job.Ms += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+            _building[f.Key] = job;
+            Continue(f.Key);
         });
-        Receive<CalibrateCancel>(c => _open.Remove(c.Key));
+        Receive<ContinueBuilding>(c => Continue(c.Key));
+        Receive<CalibrateCancel>(c =>
+        {
+            _open.Remove(c.Key);
+            _building.Remove(c.Key);
+        });
     }
+
+    /// <summary>
+    /// Work on one session's index for a slice, then pause before the next if others' steps are running
+    /// (<see cref="CalibrateFinish.Share"/>): the device's threads use every core, and a long build beside
+    /// them stretched their steps (a 1,500-token prompt's index: about 14 ms of work, which doubled the
+    /// steps it overlapped). Slices keep each step's share of it small.
+    /// </summary>
+    private void Continue(object key)
+    {
+        if (!_building.TryGetValue(key, out var job))
+        {
+            return; // cancelled meanwhile
+        }
+
+        long t0 = Stopwatch.GetTimestamp();
+        bool done;
+        try
+        {
+            // Whole when alone; else slices of about SliceMs, checked every few positions.
+            done = !job.Finish.Share ? job.Builder!.Advance(int.MaxValue) : AdvanceFor(job.Builder!, SliceMs);
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            _building.Remove(key);
+            Reply(job, null, ex);
+            return;
+        }
+
+        job.Ms += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+        job.Slices++;
+        if (done)
+        {
+            _building.Remove(key);
+            Reply(job, job.Builder!.Result(), null);
+            return;
+        }
+
+        var self = Self;
+        Task.Delay(PauseMs).ContinueWith(_ => self.Tell(new ContinueBuilding(key)), TaskScheduler.Default);
+    }
+
+    private static bool AdvanceFor(CalibratedIndex.Builder builder, double ms)
+    {
+        long t0 = Stopwatch.GetTimestamp();
+        while (!builder.Advance(16))
+        {
+            if (Stopwatch.GetElapsedTime(t0).TotalMilliseconds >= ms)
+            {
+                return false;
+            }
+        }
+
+        return true;
+    }
+
+    private static void Reply(Building job, CalibratedIndex? index, Exception? error)
+    {
+        var f = job.Finish;
+        using var span = Telemetry.Source.StartActivity("coordgen.calibrate", ActivityKind.Internal, f.Trace, startTime: job.Started);
+        if (error is not null)
+        {
+            span?.SetStatus(ActivityStatusCode.Error, error.Message);
+        }
+
+        span?.SetTag("coordgen.session", f.SessionId);
+        span?.SetTag("coordgen.calibrated_paths", index?.Paths ?? 0);
+        span?.SetTag("coordgen.context_tokens", f.Prompt.Length);
+        span?.SetTag("coordgen.calibrate_slices", job.Slices);
+        job.ReplyTo.Tell(new Calibrated(f.Key, index, job.Ms));
+    }
+
+    /// <summary>Work per slice of a shared build, and the pause after it.</summary>
+    internal const double SliceMs = 1.0;
+
+    internal const int PauseMs = 2;
+
+    /// <summary>One session's index being built: the request, who to answer, the builder, the calibrator's time so far.</summary>
+    private sealed record Building(CalibrateFinish Finish, IActorRef ReplyTo, CalibratedIndex.Builder? Builder, double InitialMs, DateTimeOffset Started)
+    {
+        public double Ms { get; set; } = InitialMs;
+
+        public int Slices { get; set; }
+    }
+
+    private sealed record ContinueBuilding(object Key);
 
     public static Props Props() => Akka.Actor.Props.Create(() => new CalibratorActor());
 }
@@ -72,7 +164,11 @@ public sealed class CalibratorActor : ReceiveActor
 public sealed record CalibrateChunk(object Key, TopRows Rows, CalibrationOptions Options);
 
 /// <summary>Device → calibrator: the prefill of <paramref name="Prompt"/> is done; build its calibrated index.</summary>
-public sealed record CalibrateFinish(object Key, string SessionId, int[] Prompt, CalibrationOptions Options, ActivityContext Trace = default);
+public sealed record CalibrateFinish(object Key, string SessionId, int[] Prompt, CalibrationOptions Options, ActivityContext Trace = default)
+{
+    /// <summary>Other sessions are decoding: build in short slices with pauses, so their steps keep the cores.</summary>
+    public bool Share { get; init; }
+}
 
 /// <summary>Device → calibrator: the session is gone; drop what was read for it.</summary>
 public sealed record CalibrateCancel(object Key);

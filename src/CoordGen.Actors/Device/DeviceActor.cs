@@ -215,6 +215,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         _busy = true;
         pick.Stepping = true;
+        pick.OthersDecoding = _decoding.Any(a => a != pick);
         var self = Self;
         var runtime = _runtime!;
         var plain = _plain!;
@@ -522,6 +523,9 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         private bool _calibrating;
         private PrefillSession? _prefill;
         private Func<Prefilled>? _finishPrefill;
+
+        /// <summary>Other sessions were decoding when this step was scheduled (the calibrator then builds in slices).</summary>
+        public bool OthersDecoding { get; set; }
         private KvCache? _plainCache;
         private SpeculativeSession? _specSession;
         private PlainSession? _plainSession;
@@ -714,7 +718,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 if (pre.CalibrationDeferred)
                 {
                     _calibrating = true;
-                    calibrator.Tell(new CalibrateFinish(this, r.SessionId, pre.Prompt, _options!.Calibration, r.Trace), device);
+                    calibrator.Tell(new CalibrateFinish(this, r.SessionId, pre.Prompt, _options!.Calibration, r.Trace) { Share = OthersDecoding }, device);
                 }
                 else if (pre.CalibrationFailed)
                 {

@@ -168,23 +168,76 @@ public sealed class CalibratedIndex
 
     public static CalibratedIndex Build(IReadOnlyList<int> context, PrefillTopK topK, CalibrationOptions options)
     {
-        int n = Math.Min(context.Count, topK.Positions);
-        var occurrences = new Dictionary<int, List<int>>();
-        for (int i = 0; i < n; i++)
-        {
-            if (!occurrences.TryGetValue(context[i], out var l))
-            {
-                occurrences[context[i]] = l = [];
-            }
+        var builder = new Builder(context, topK, options);
+        builder.Advance(int.MaxValue);
+        return builder.Result();
+    }
 
-            l.Add(i);
+    /// <summary>
+    /// <see cref="Build"/> in slices: each <see cref="Advance"/> walks the next anchor positions, so a
+    /// caller can spread the work (the calibrator does, while other sessions' steps hold the cores). The
+    /// index is the same however the work is sliced.
+    /// </summary>
+    public sealed class Builder
+    {
+        private readonly IReadOnlyList<int> _context;
+        private readonly PrefillTopK _topK;
+        private readonly CalibrationOptions _options;
+        private readonly Dictionary<int, List<int>> _occurrences = new();
+        private readonly SuffixAutomaton _sam = new();
+        private readonly List<int> _path;
+        private readonly int _n;
+        private int _next;
+        private int _paths;
+
+        public Builder(IReadOnlyList<int> context, PrefillTopK topK, CalibrationOptions options)
+        {
+            _context = context;
+            _topK = topK;
+            _options = options;
+            _path = new List<int>(options.Depth);
+            _n = Math.Min(context.Count, topK.Positions);
+            for (int i = 0; i < _n; i++)
+            {
+                if (!_occurrences.TryGetValue(context[i], out var l))
+                {
+                    _occurrences[context[i]] = l = [];
+                }
+
+                l.Add(i);
+            }
         }
 
-        var sam = new SuffixAutomaton();
-        var path = new List<int>(options.Depth);
-        int paths = 0;
-        for (int i = 0; i < n; i++)
+        /// <summary>Anchor positions walked so far, of <see cref="Positions"/>.</summary>
+        public int Done => _next;
+
+        public int Positions => _n;
+
+        public bool IsComplete => _next >= _n;
+
+        /// <summary>Walks up to <paramref name="positions"/> more anchor positions; true when every position is done.</summary>
+        public bool Advance(int positions)
         {
+            int end = (int)Math.Min(_n, (long)_next + Math.Max(0, positions));
+            for (; _next < end; _next++)
+            {
+                Walk(_next);
+            }
+
+            return IsComplete;
+        }
+
+        public CalibratedIndex Result() => IsComplete
+            ? new CalibratedIndex(_sam, _paths)
+            : throw new InvalidOperationException($"the calibrated index is not built yet ({_next} of {_n} positions); call Advance until it returns true.");
+
+        private void Walk(int i)
+        {
+            var context = _context;
+            var topK = _topK;
+            var options = _options;
+            var path = _path;
+            int n = _n;
             for (int rank = 0; rank < topK.K; rank++)
             {
                 if (topK.Probability(i, rank) < options.MinProbability)
@@ -200,7 +253,7 @@ public sealed class CalibratedIndex
                 {
                     path.Add(y);
                     differs |= pos + 1 >= n || context[pos + 1] != y;
-                    int next = NextOccurrence(context, occurrences, pos, y, n);
+                    int next = NextOccurrence(context, _occurrences, pos, y, n);
                     if (next < 0)
                     {
                         break;
@@ -221,16 +274,14 @@ public sealed class CalibratedIndex
 
                 for (int l = Math.Max(0, i - options.LeftContext); l <= i; l++)
                 {
-                    sam.Extend(context[l]);
+                    _sam.Extend(context[l]);
                 }
 
-                sam.ExtendAll(path);
-                sam.Extend(-1);
-                paths++;
+                _sam.ExtendAll(path);
+                _sam.Extend(-1);
+                _paths++;
             }
         }
-
-        return new CalibratedIndex(sam, paths);
     }
 
     // The verbatim next position if it holds y, else the nearest later occurrence, else the latest earlier one.

@@ -18,6 +18,12 @@ internal sealed record RebalanceSession
     [JsonPropertyName("median_gap_during_prefill_ms")] public double MedianGapDuringPrefillMs { get; init; }
     [JsonPropertyName("ratio")] public double Ratio { get; init; }
     [JsonPropertyName("tokens_during_prefill")] public int TokensDuringPrefill { get; init; }
+
+    /// <summary>Worst gap from the newcomer's first token to its last (it decodes, and its calibrated index is built, beside the streams).</summary>
+    [JsonPropertyName("worst_gap_while_newcomer_decodes_ms")] public double WorstGapWhileNewcomerDecodesMs { get; init; }
+
+    /// <summary>That worst gap over the control median of the same tokens.</summary>
+    [JsonPropertyName("ratio_while_newcomer_decodes")] public double RatioWhileNewcomerDecodes { get; init; }
     [JsonPropertyName("tokens")] public int Tokens { get; init; }
 }
 
@@ -34,6 +40,9 @@ internal sealed record RebalanceReport
     [JsonPropertyName("stream_tokens")] public int StreamTokens { get; init; }
     [JsonPropertyName("settle_ms")] public int SettleMs { get; init; }
     [JsonPropertyName("worst_ratio")] public double WorstRatio { get; init; }
+
+    /// <summary>The same after the prefill: from the newcomer's first token to its last.</summary>
+    [JsonPropertyName("worst_ratio_while_newcomer_decodes")] public double WorstRatioWhileNewcomerDecodes { get; init; }
     [JsonPropertyName("sessions")] public required IReadOnlyList<RebalanceSession> Sessions { get; init; }
 
     /// <summary>Every run's worst ratio and TTFT; the top-level values and the sessions are the median run's.</summary>
@@ -43,6 +52,7 @@ internal sealed record RebalanceReport
 internal sealed record RebalanceRun
 {
     [JsonPropertyName("worst_ratio")] public double WorstRatio { get; init; }
+    [JsonPropertyName("worst_ratio_while_newcomer_decodes")] public double WorstRatioWhileNewcomerDecodes { get; init; }
     [JsonPropertyName("newcomer_ttft_ms")] public double NewcomerTtftMs { get; init; }
 }
 
@@ -148,7 +158,7 @@ internal static class BenchRebalance
                 return c;
             }
 
-            async Task<(RebalanceReport Report, TimestampingWriter[] Writers, long Sent, long First)> RunOnce(int index)
+            async Task<(RebalanceReport Report, TimestampingWriter[] Writers, long Sent, long First, long Last)> RunOnce(int index)
             {
                 var controlBefore = await Control($"run {index + 1}, before");
                 var writers = running.Select(_ => new TimestampingWriter()).ToArray();
@@ -172,20 +182,30 @@ internal static class BenchRebalance
                 var controlAfter = await Control($"run {index + 1}, after");
 
                 long newcomerFirst = newcomerWriter.Times.Count > 0 ? newcomerWriter.Times[0] : Stopwatch.GetTimestamp();
+                long newcomerLast = newcomerWriter.Times.Count > 0 ? newcomerWriter.Times[^1] : newcomerFirst;
                 var rows = new List<RebalanceSession>();
                 for (int s = 0; s < n; s++)
                 {
                     var times = writers[s].Times;
                     var gaps = BenchStreams.DeliveryGaps([.. times]);
                     var during = gaps.Where(g => g.At > newcomerSent && g.At <= newcomerFirst).ToList();
+                    var joining = gaps.Where(g => g.At > newcomerFirst && g.At <= newcomerLast).ToList();
 
-                    // Token indices [from, to) this stream delivered during the prefill; the control's gaps there.
-                    int from = Math.Max(1, times.Count(t => t <= newcomerSent)), to = times.Count(t => t <= newcomerFirst);
-                    var baseline = new[] { controlBefore[s].Times, controlAfter[s].Times }
-                        .SelectMany(ctl => Enumerable.Range(from, Math.Max(0, Math.Min(to, ctl.Count) - from)).Select(i => Stopwatch.GetElapsedTime(ctl[i - 1], ctl[i]).TotalMilliseconds))
-                        .Where(g => g >= 0.05).Order().ToList();
+                    // The control's gaps over the token indices [from, to) this stream delivered in a window.
+                    List<double> Baseline(long start, long end)
+                    {
+                        int from = Math.Max(1, times.Count(t => t <= start)), to = times.Count(t => t <= end);
+                        return [.. new[] { controlBefore[s].Times, controlAfter[s].Times }
+                            .SelectMany(ctl => Enumerable.Range(from, Math.Max(0, Math.Min(to, ctl.Count) - from)).Select(i => Stopwatch.GetElapsedTime(ctl[i - 1], ctl[i]).TotalMilliseconds))
+                            .Where(g => g >= 0.05).Order()];
+                    }
+
+                    var baseline = Baseline(newcomerSent, newcomerFirst);
+                    var joinBaseline = Baseline(newcomerFirst, newcomerLast);
                     double median = baseline.Count == 0 ? 0 : baseline[baseline.Count / 2];
+                    double joinMedian = joinBaseline.Count == 0 ? 0 : joinBaseline[joinBaseline.Count / 2];
                     double worst = during.Count == 0 ? 0 : during.Max(g => g.Ms);
+                    double joinWorst = joining.Count == 0 ? 0 : joining.Max(g => g.Ms);
                     rows.Add(new RebalanceSession
                     {
                         Session = s,
@@ -194,6 +214,8 @@ internal static class BenchRebalance
                         WorstGapDuringPrefillMs = Math.Round(worst, 2),
                         Ratio = Math.Round(median > 0 ? worst / median : 0, 2),
                         TokensDuringPrefill = during.Count,
+                        WorstGapWhileNewcomerDecodesMs = Math.Round(joinWorst, 2),
+                        RatioWhileNewcomerDecodes = Math.Round(joinMedian > 0 ? joinWorst / joinMedian : 0, 2),
                         Tokens = writers[s].Times.Count,
                     });
                 }
@@ -208,26 +230,27 @@ internal static class BenchRebalance
                     SettleMs = parse.GetValue(settleMs),
                     NewcomerTtftMs = Math.Round(Stopwatch.GetElapsedTime(newcomerSent, newcomerFirst).TotalMilliseconds, 1),
                     WorstRatio = rows.Where(r => r.TokensDuringPrefill > 0).Select(r => r.Ratio).DefaultIfEmpty(0).Max(),
+                    WorstRatioWhileNewcomerDecodes = rows.Select(r => r.RatioWhileNewcomerDecodes).DefaultIfEmpty(0).Max(),
                     Sessions = rows,
                 };
-                return (report, writers, newcomerSent, newcomerFirst);
+                return (report, writers, newcomerSent, newcomerFirst, newcomerLast);
             }
 
-            var results = new List<(RebalanceReport Report, TimestampingWriter[] Writers, long Sent, long First)>();
+            var results = new List<(RebalanceReport Report, TimestampingWriter[] Writers, long Sent, long First, long Last)>();
             for (int r = 0; r < parse.GetValue(runs); r++)
             {
                 results.Add(await RunOnce(r));
             }
 
-            var (median, writers, newcomerSent, newcomerFirst) = results.OrderBy(x => x.Report.WorstRatio).ElementAt(results.Count / 2);
-            var report = median with { Runs = [.. results.Select(x => new RebalanceRun { WorstRatio = x.Report.WorstRatio, NewcomerTtftMs = x.Report.NewcomerTtftMs })] };
-            Write(report, writers, newcomerSent, newcomerFirst, settings.PrefillWidth, settings.EffectiveChunkWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json), profile);
+            var (median, writers, newcomerSent, newcomerFirst, newcomerLast) = results.OrderBy(x => x.Report.WorstRatio).ElementAt(results.Count / 2);
+            var report = median with { Runs = [.. results.Select(x => new RebalanceRun { WorstRatio = x.Report.WorstRatio, WorstRatioWhileNewcomerDecodes = x.Report.WorstRatioWhileNewcomerDecodes, NewcomerTtftMs = x.Report.NewcomerTtftMs })] };
+            Write(report, writers, newcomerSent, newcomerFirst, newcomerLast, settings.PrefillWidth, settings.EffectiveChunkWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json), profile);
             return 0;
         });
         return cmd;
     }
 
-    private static void Write(RebalanceReport report, TimestampingWriter[] writers, long sent, long first, int prefillWidth, int chunk, int width, BenchStamp stamp, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile)
+    private static void Write(RebalanceReport report, TimestampingWriter[] writers, long sent, long first, long last, int prefillWidth, int chunk, int width, BenchStamp stamp, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile)
     {
         Directory.CreateDirectory(dir);
         string stem = profile is null ? "rebalance" : $"rebalance-{profile.Name}";
@@ -239,7 +262,7 @@ internal static class BenchRebalance
         }
 
         double Ms(long t) => Stopwatch.GetElapsedTime(sent, t).TotalMilliseconds;
-        Plots.Rebalance([.. writers.Select(x => BenchStreams.DeliveryGaps([.. x.Times]).Select(g => (Ms(g.At), g.Ms)).ToList())], Ms(first), Path.Combine(dir, stem + ".png"));
+        Plots.Rebalance([.. writers.Select(x => BenchStreams.DeliveryGaps([.. x.Times]).Select(g => (Ms(g.At), g.Ms)).ToList())], Ms(first), Ms(last), Path.Combine(dir, stem + ".png"));
         var md = new StringBuilder();
         md.AppendLine(profile is null ? "# Prefill against decode (`coordgen bench rebalance`)" : $"# Prefill against decode, what-if on `{profile.Name}` (`coordgen bench rebalance --device-profile {profile.Name}`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
@@ -249,21 +272,22 @@ internal static class BenchRebalance
         }
 
         md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, W = {width}; the summary and reply prompts whose answers run longest, up to {report.StreamTokens} tokens each); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps ({prefillWidth} when no one decodes; `StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps, `StepPolicy.ChunkWidth` for its width; `--chunk-width`). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The long prompt arrives {report.SettleMs} ms after every stream has 8 tokens. Each stream's baseline is its median gap over the same tokens in two control runs of the same streams without the newcomer, one before and one after (same KV fill, same drafts; only the newcomer differs).").AppendLine();
-        md.AppendLine("| session | median gap, control (ms) | median gap while the newcomer prefills (ms) | worst gap while it prefills (ms) | worst / control median | tokens during the prefill | tokens in all |").AppendLine("|---|---|---|---|---|---|---|");
+        md.AppendLine("| session | median gap, control (ms) | median gap while the newcomer prefills (ms) | worst gap while it prefills (ms) | worst / control median | tokens during the prefill | worst gap while the newcomer decodes (ms) | that / control median | tokens in all |").AppendLine("|---|---|---|---|---|---|---|---|---|");
         foreach (var r in report.Sessions)
         {
-            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Session} | {r.MedianGapMs} | {r.MedianGapDuringPrefillMs} | {r.WorstGapDuringPrefillMs} | {r.Ratio}x | {r.TokensDuringPrefill} | {r.Tokens} |");
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Session} | {r.MedianGapMs} | {r.MedianGapDuringPrefillMs} | {r.WorstGapDuringPrefillMs} | {r.Ratio}x | {r.TokensDuringPrefill} | {r.WorstGapWhileNewcomerDecodesMs} | {r.RatioWhileNewcomerDecodes}x | {r.Tokens} |");
         }
 
         md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"Worst gap / control median over the streams that produced tokens during the prefill: **{report.WorstRatio}x** (goal: at most 2x). Newcomer's time to first token: **{report.NewcomerTtftMs} ms** for {report.NewcomerPromptTokens} tokens.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"After the prefill the newcomer decodes its 16 tokens beside the streams, and its calibrated index is built (on the calibrator, beside the device's threads). Worst gap / control median from its first token to its last: **{report.WorstRatioWhileNewcomerDecodes}x**.").AppendLine();
         if (report.Runs.Count > 1)
         {
-            md.AppendLine(CultureInfo.InvariantCulture, $"The table and the plot are the run with the median worst ratio of {report.Runs.Count} (`--runs`); all runs, worst ratio (TTFT): {string.Join(", ", report.Runs.Select(r => string.Create(CultureInfo.InvariantCulture, $"{r.WorstRatio}x ({r.NewcomerTtftMs:F0} ms)")))}; within 2x in {report.Runs.Count(r => r.WorstRatio <= 2)} of {report.Runs.Count}.").AppendLine();
+            md.AppendLine(CultureInfo.InvariantCulture, $"The table and the plot are the run with the median worst ratio of {report.Runs.Count} (`--runs`); all runs, worst ratio during the prefill / while the newcomer decodes (TTFT): {string.Join(", ", report.Runs.Select(r => string.Create(CultureInfo.InvariantCulture, $"{r.WorstRatio}x / {r.WorstRatioWhileNewcomerDecodes}x ({r.NewcomerTtftMs:F0} ms)")))}; within 2x during the prefill in {report.Runs.Count(r => r.WorstRatio <= 2)} of {report.Runs.Count}, after it in {report.Runs.Count(r => r.WorstRatioWhileNewcomerDecodes <= 2)} of {report.Runs.Count}.").AppendLine();
         }
 
         md.AppendLine(CultureInfo.InvariantCulture, $"![gaps]({stem}.png)");
         File.WriteAllText(Path.Combine(dir, stem + ".md"), md.ToString());
-        ConsoleUi.Err.MarkupLineInterpolated($"[green]worst/median gap {report.WorstRatio}x, newcomer TTFT {report.NewcomerTtftMs} ms[/] -> {dir}/{stem}.md");
+        ConsoleUi.Err.MarkupLineInterpolated($"[green]worst/median gap {report.WorstRatio}x during the prefill, {report.WorstRatioWhileNewcomerDecodes}x while the newcomer decodes, newcomer TTFT {report.NewcomerTtftMs} ms[/] -> {dir}/{stem}.md");
     }
 
     /// <summary>A stream that records when each token was handed to it (the device's hand-off time) and keeps nothing else.</summary>
