@@ -164,4 +164,27 @@ public class InterleavingSpecs : TestKit
         Assert.Equal(after, string.Concat(rotation));
         Assert.Equal(nextAfter, n);
     }
+
+    [Theory]
+    // A session before the one whose turn it is finishes: that one keeps its turn.
+    [InlineData("ABCD", 2, "A", "BCD", "C")]
+    [InlineData("ABCD", 3, "B", "ACD", "D")]
+    // The one whose turn it is finishes: the next one steps.
+    [InlineData("ABCD", 2, "C", "ABD", "D")]
+    // A later one finishes: no change.
+    [InlineData("ABCD", 1, "D", "ABC", "B")]
+    // The last one finishes at its turn: the turn wraps to the first.
+    [InlineData("ABCD", 3, "D", "ABC", "A")]
+    [InlineData("A", 0, "A", "", "")]
+    // Not in the rotation.
+    [InlineData("ABC", 1, "X", "ABC", "B")]
+    public void Policy_should_keep_the_turn_on_the_same_session_when_another_finishes(string order, int next, string finished, string after, string turn)
+    {
+        var rotation = order.Select(c => c.ToString()).ToList();
+        int n = next;
+        bool removed = StepPolicy.Remove(rotation, finished, ref n);
+        Assert.Equal(order.Contains(finished, StringComparison.Ordinal), removed);
+        Assert.Equal(after, string.Concat(rotation));
+        Assert.Equal(turn, rotation.Count == 0 ? "" : rotation[n]);
+    }
 }

@@ -438,7 +438,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             Telemetry.QueueDepth.Add(-1, new KeyValuePair<string, object?>("phase", "prefill"));
         }
 
-        if (_decoding.Remove(a))
+        if (StepPolicy.Remove(_decoding, a, ref _next))
         {
             Telemetry.QueueDepth.Add(-1, new KeyValuePair<string, object?>("phase", "decode"));
         }

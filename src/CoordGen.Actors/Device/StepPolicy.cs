@@ -50,4 +50,33 @@ public static class StepPolicy
 
         return null;
     }
+
+    /// <summary>
+    /// Takes <paramref name="item"/> out of the rotation and keeps <paramref name="next"/> on the session
+    /// whose turn it was: the sessions after a removed one move down a place, so without this the one
+    /// whose turn came next was passed over for a whole round whenever an earlier session finished.
+    /// False when the item was not in the rotation.
+    /// </summary>
+    public static bool Remove<T>(List<T> rotation, T item, ref int next)
+        where T : class
+    {
+        int at = rotation.IndexOf(item);
+        if (at < 0)
+        {
+            return false;
+        }
+
+        rotation.RemoveAt(at);
+        if (at < next)
+        {
+            next--;
+        }
+
+        if (next >= rotation.Count)
+        {
+            next = 0;
+        }
+
+        return true;
+    }
 }
