@@ -173,7 +173,9 @@ internal static class BenchSessions
                 }
             });
             var paced = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
-            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), profile, paced);
+            // One workload file of its own: the report is named after it (sessions-summary.md), so per-family runs sit beside the mixed one.
+            string? family = parse.GetValue(workload) is { Length: 1 } one ? Path.GetFileNameWithoutExtension(one[0].Name) : null;
+            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), profile, paced, family, files);
             return rows.All(r => r.IdenticalToAlone) ? 0 : 1;
         });
         return cmd;
@@ -200,10 +202,10 @@ internal static class BenchSessions
         return new StreamResult(tokens, gaps);
     }
 
-    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, DeviceActor.Overlap paced)
+    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, DeviceActor.Overlap paced, string? family, IReadOnlyList<string> files)
     {
         Directory.CreateDirectory(dir);
-        string stem = profile is null ? "sessions" : $"sessions-{profile.Name}";
+        string stem = "sessions" + (family is null ? "" : $"-{family}") + (profile is null ? "" : $"-{profile.Name}");
         rows = profile is null ? rows : [.. rows.Select(r => r with { DeviceProfile = profile.Name })];
         string text = JsonSerializer.Serialize(rows, new JsonSerializerOptions { WriteIndented = true });
         File.WriteAllText(Path.Combine(dir, stem + ".json"), text);
@@ -222,6 +224,8 @@ internal static class BenchSessions
         }
 
         md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding; `spec` = `{method}` at the fixed W = {width}; `spec-adaptive` = `{method}` with adaptive width (the server's default) (each step verifies on width 1, 4 or {width}, whichever gives the session the most tokens per millisecond; docs/decisions/0006-adaptive-width.md). Prompts alternate task families (summary, rag, ui, reply, ...); aggregate tokens/s counts generated tokens over wall time, prefill included. {perSession} requests per session at each point, greedy; each point ran {rounds} time(s), the modes taking turns and starting with a different one each round, and the rows sum the rounds.").AppendLine();
+        string root = ModelLocator.RepoRoot();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Workload: {string.Join(", ", files.Select(f => Path.GetRelativePath(root, f)))}. Generated tokens per request: {string.Join(", ", rows.Where(r => r.Mode == "ar").Select(r => string.Create(CultureInfo.InvariantCulture, $"{(double)r.Tokens / (r.Sessions * perSession * rounds):F1} at {r.Sessions} session(s)")))} (answers end at the model's end token or the request's max_tokens); the shorter the answers next to the prompts, the larger the prefill share and the less any decode speedup can show.").AppendLine();
         md.AppendLine("`prefill share` is the device's busy time in prefill chunks over its busy time; `decode tok/s (device)` counts generated tokens over device time in decode steps only, the decode phase's throughput without the prefill every mode pays alike.").AppendLine();
         md.AppendLine("| sessions | mode | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|");
         foreach (var r in rows)
