@@ -19,6 +19,9 @@ internal sealed record RebalanceSession
     [JsonPropertyName("ratio")] public double Ratio { get; init; }
     [JsonPropertyName("tokens_during_prefill")] public int TokensDuringPrefill { get; init; }
 
+    /// <summary>The control runs' own worst gap over the same tokens (their mean) over the control median: what the worst-gap statistic reads with no newcomer at all.</summary>
+    [JsonPropertyName("control_worst_ratio")] public double ControlWorstRatio { get; init; }
+
     /// <summary>Worst gap from the newcomer's first token to its last (it decodes, and its calibrated index is built, beside the streams).</summary>
     [JsonPropertyName("worst_gap_while_newcomer_decodes_ms")] public double WorstGapWhileNewcomerDecodesMs { get; init; }
 
@@ -41,6 +44,9 @@ internal sealed record RebalanceReport
     [JsonPropertyName("settle_ms")] public int SettleMs { get; init; }
     [JsonPropertyName("worst_ratio")] public double WorstRatio { get; init; }
 
+    /// <summary>The same statistic over the control runs (no newcomer), the largest over the streams: the floor host noise puts under <see cref="WorstRatio"/>.</summary>
+    [JsonPropertyName("control_worst_ratio")] public double ControlWorstRatio { get; init; }
+
     /// <summary>The same after the prefill: from the newcomer's first token to its last.</summary>
     [JsonPropertyName("worst_ratio_while_newcomer_decodes")] public double WorstRatioWhileNewcomerDecodes { get; init; }
     [JsonPropertyName("sessions")] public required IReadOnlyList<RebalanceSession> Sessions { get; init; }
@@ -53,6 +59,7 @@ internal sealed record RebalanceRun
 {
     [JsonPropertyName("worst_ratio")] public double WorstRatio { get; init; }
     [JsonPropertyName("worst_ratio_while_newcomer_decodes")] public double WorstRatioWhileNewcomerDecodes { get; init; }
+    [JsonPropertyName("control_worst_ratio")] public double ControlWorstRatio { get; init; }
     [JsonPropertyName("newcomer_ttft_ms")] public double NewcomerTtftMs { get; init; }
 }
 
@@ -200,6 +207,16 @@ internal static class BenchRebalance
                             .Where(g => g >= 0.05).Order()];
                     }
 
+                    // Each control run's own worst gap over the prefill's tokens: the noise floor of the worst-gap statistic.
+                    double ControlWorst(long start, long end)
+                    {
+                        int from = Math.Max(1, times.Count(t => t <= start)), to = times.Count(t => t <= end);
+                        var worsts = new[] { controlBefore[s].Times, controlAfter[s].Times }
+                            .Select(ctl => Enumerable.Range(from, Math.Max(0, Math.Min(to, ctl.Count) - from)).Select(i => Stopwatch.GetElapsedTime(ctl[i - 1], ctl[i]).TotalMilliseconds).DefaultIfEmpty(0).Max())
+                            .ToList();
+                        return worsts.Average();
+                    }
+
                     var baseline = Baseline(newcomerSent, newcomerFirst);
                     var joinBaseline = Baseline(newcomerFirst, newcomerLast);
                     double median = baseline.Count == 0 ? 0 : baseline[baseline.Count / 2];
@@ -213,6 +230,7 @@ internal static class BenchRebalance
                         MedianGapDuringPrefillMs = during.Count == 0 ? 0 : Math.Round(during.Select(g => g.Ms).Order().ElementAt(during.Count / 2), 2),
                         WorstGapDuringPrefillMs = Math.Round(worst, 2),
                         Ratio = Math.Round(median > 0 ? worst / median : 0, 2),
+                        ControlWorstRatio = Math.Round(median > 0 ? ControlWorst(newcomerSent, newcomerFirst) / median : 0, 2),
                         TokensDuringPrefill = during.Count,
                         WorstGapWhileNewcomerDecodesMs = Math.Round(joinWorst, 2),
                         RatioWhileNewcomerDecodes = Math.Round(joinMedian > 0 ? joinWorst / joinMedian : 0, 2),
@@ -230,6 +248,7 @@ internal static class BenchRebalance
                     SettleMs = parse.GetValue(settleMs),
                     NewcomerTtftMs = Math.Round(Stopwatch.GetElapsedTime(newcomerSent, newcomerFirst).TotalMilliseconds, 1),
                     WorstRatio = rows.Where(r => r.TokensDuringPrefill > 0).Select(r => r.Ratio).DefaultIfEmpty(0).Max(),
+                    ControlWorstRatio = rows.Where(r => r.TokensDuringPrefill > 0).Select(r => r.ControlWorstRatio).DefaultIfEmpty(0).Max(),
                     WorstRatioWhileNewcomerDecodes = rows.Select(r => r.RatioWhileNewcomerDecodes).DefaultIfEmpty(0).Max(),
                     Sessions = rows,
                 };
@@ -243,7 +262,7 @@ internal static class BenchRebalance
             }
 
             var (median, writers, newcomerSent, newcomerFirst, newcomerLast) = results.OrderBy(x => x.Report.WorstRatio).ElementAt(results.Count / 2);
-            var report = median with { Runs = [.. results.Select(x => new RebalanceRun { WorstRatio = x.Report.WorstRatio, WorstRatioWhileNewcomerDecodes = x.Report.WorstRatioWhileNewcomerDecodes, NewcomerTtftMs = x.Report.NewcomerTtftMs })] };
+            var report = median with { Runs = [.. results.Select(x => new RebalanceRun { WorstRatio = x.Report.WorstRatio, WorstRatioWhileNewcomerDecodes = x.Report.WorstRatioWhileNewcomerDecodes, ControlWorstRatio = x.Report.ControlWorstRatio, NewcomerTtftMs = x.Report.NewcomerTtftMs })] };
             Write(report, writers, newcomerSent, newcomerFirst, newcomerLast, settings.PrefillWidth, settings.EffectiveChunkWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json), profile);
             return 0;
         });
@@ -272,17 +291,17 @@ internal static class BenchRebalance
         }
 
         md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, W = {width}; the summary and reply prompts whose answers run longest, up to {report.StreamTokens} tokens each); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps ({prefillWidth} when no one decodes; `StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps, `StepPolicy.ChunkWidth` for its width; `--chunk-width`). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The long prompt arrives {report.SettleMs} ms after every stream has 8 tokens. Each stream's baseline is its median gap over the same tokens in two control runs of the same streams without the newcomer, one before and one after (same KV fill, same drafts; only the newcomer differs).").AppendLine();
-        md.AppendLine("| session | median gap, control (ms) | median gap while the newcomer prefills (ms) | worst gap while it prefills (ms) | worst / control median | tokens during the prefill | worst gap while the newcomer decodes (ms) | that / control median | tokens in all |").AppendLine("|---|---|---|---|---|---|---|---|---|");
+        md.AppendLine("| session | median gap, control (ms) | median gap while the newcomer prefills (ms) | worst gap while it prefills (ms) | worst / control median | the controls' own worst / median | tokens during the prefill | worst gap while the newcomer decodes (ms) | that / control median | tokens in all |").AppendLine("|---|---|---|---|---|---|---|---|---|---|");
         foreach (var r in report.Sessions)
         {
-            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Session} | {r.MedianGapMs} | {r.MedianGapDuringPrefillMs} | {r.WorstGapDuringPrefillMs} | {r.Ratio}x | {r.TokensDuringPrefill} | {r.WorstGapWhileNewcomerDecodesMs} | {r.RatioWhileNewcomerDecodes}x | {r.Tokens} |");
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Session} | {r.MedianGapMs} | {r.MedianGapDuringPrefillMs} | {r.WorstGapDuringPrefillMs} | {r.Ratio}x | {r.ControlWorstRatio}x | {r.TokensDuringPrefill} | {r.WorstGapWhileNewcomerDecodesMs} | {r.RatioWhileNewcomerDecodes}x | {r.Tokens} |");
         }
 
-        md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"Worst gap / control median over the streams that produced tokens during the prefill: **{report.WorstRatio}x** (goal: at most 2x). Newcomer's time to first token: **{report.NewcomerTtftMs} ms** for {report.NewcomerPromptTokens} tokens.").AppendLine();
+        md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"Worst gap / control median over the streams that produced tokens during the prefill: **{report.WorstRatio}x** (goal: at most 2x). The same statistic over the control runs, with no newcomer at all: {report.ControlWorstRatio}x (host noise alone). Newcomer's time to first token: **{report.NewcomerTtftMs} ms** for {report.NewcomerPromptTokens} tokens.").AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"After the prefill the newcomer decodes its 16 tokens beside the streams, and its calibrated index is built (on the calibrator, beside the device's threads). Worst gap / control median from its first token to its last: **{report.WorstRatioWhileNewcomerDecodes}x**.").AppendLine();
         if (report.Runs.Count > 1)
         {
-            md.AppendLine(CultureInfo.InvariantCulture, $"The table and the plot are the run with the median worst ratio of {report.Runs.Count} (`--runs`); all runs, worst ratio during the prefill / while the newcomer decodes (TTFT): {string.Join(", ", report.Runs.Select(r => string.Create(CultureInfo.InvariantCulture, $"{r.WorstRatio}x / {r.WorstRatioWhileNewcomerDecodes}x ({r.NewcomerTtftMs:F0} ms)")))}; within 2x during the prefill in {report.Runs.Count(r => r.WorstRatio <= 2)} of {report.Runs.Count}, after it in {report.Runs.Count(r => r.WorstRatioWhileNewcomerDecodes <= 2)} of {report.Runs.Count}.").AppendLine();
+            md.AppendLine(CultureInfo.InvariantCulture, $"The table and the plot are the run with the median worst ratio of {report.Runs.Count} (`--runs`); all runs, worst ratio during the prefill / while the newcomer decodes (the controls' own worst ratio; TTFT): {string.Join(", ", report.Runs.Select(r => string.Create(CultureInfo.InvariantCulture, $"{r.WorstRatio}x / {r.WorstRatioWhileNewcomerDecodes}x (controls {r.ControlWorstRatio}x; TTFT {r.NewcomerTtftMs:F0} ms)")))}; within 2x during the prefill in {report.Runs.Count(r => r.WorstRatio <= 2)} of {report.Runs.Count}, after it in {report.Runs.Count(r => r.WorstRatioWhileNewcomerDecodes <= 2)} of {report.Runs.Count}.").AppendLine();
         }
 
         md.AppendLine(CultureInfo.InvariantCulture, $"![gaps]({stem}.png)");
