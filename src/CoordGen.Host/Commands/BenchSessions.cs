@@ -51,7 +51,7 @@ internal static class BenchSessions
     public static Command Create()
     {
         var model = CommonOptions.Model();
-        var workload = new Option<FileInfo[]>("--workload", "-w") { Description = "Workload JSONL file(s). Default: workloads/{summary,rag,ui,reply}.jsonl.", AllowMultipleArgumentsPerToken = true };
+        var workload = new Option<FileInfo[]>("--workload", "-w") { Description = "Workload JSONL file(s). Default: workloads/{summary,rag,ui,reply}.jsonl, taking turns. One file: the report is named after it (sessions-summary.md).", AllowMultipleArgumentsPerToken = true };
         var sessions = new Option<string>("--sessions") { Description = "Comma-separated concurrent session counts.", DefaultValueFactory = _ => "1,2,4,8" };
         var requests = new Option<int>("--requests") { Description = "Requests per session at each point.", DefaultValueFactory = _ => 2 };
         var method = new Option<string>("--method") { Description = "Speculative method of the spec mode.", DefaultValueFactory = _ => "sam+ours" };
