@@ -19,6 +19,11 @@ public sealed class CalibratorActor : ReceiveActor
     /// <summary>Per session whose index is being built in slices.</summary>
     private readonly Dictionary<object, Building> _building = [];
 
+    /// <summary>Work per slice of a shared build, and the pause after it.</summary>
+    private const double SliceMs = 1.0;
+
+    private const int PauseMs = 2;
+
     public CalibratorActor()
     {
         Receive<CalibrateChunk>(c =>
@@ -43,16 +48,17 @@ public sealed class CalibratorActor : ReceiveActor
         Receive<CalibrateFinish>(f =>
         {
             long t0 = Stopwatch.GetTimestamp();
-            if (!_open.Remove(f.Key, out var state) || state.TopK is not { } topK)
+            bool open = _open.Remove(f.Key, out var state);
+            var job = new Building(f, Sender, state.Ms, DateTimeOffset.UtcNow);
+            if (!open || state.TopK is not { } topK)
             {
-                Reply(new Building(f, Sender, null, state.Ms, DateTimeOffset.UtcNow), null, null);
+                Reply(job, null, null);
                 return;
             }
 
-            var job = new Building(f, Sender, null, state.Ms, DateTimeOffset.UtcNow);
             try
             {
-                job = job with { Builder = new CalibratedIndex.Builder(f.Prompt, topK, f.Options) };
+                job.Builder = new CalibratedIndex.Builder(f.Prompt, topK, f.Options);
             }
             catch (Exception ex) when (ex is not OutOfMemoryException)
             {
@@ -142,15 +148,18 @@ public sealed class CalibratorActor : ReceiveActor
         job.ReplyTo.Tell(new Calibrated(f.Key, index, job.Ms));
     }
 
-    /// <summary>Work per slice of a shared build, and the pause after it.</summary>
-    internal const double SliceMs = 1.0;
-
-    internal const int PauseMs = 2;
-
     /// <summary>One session's index being built: the request, who to answer, the builder, the calibrator's time so far.</summary>
-    private sealed record Building(CalibrateFinish Finish, IActorRef ReplyTo, CalibratedIndex.Builder? Builder, double InitialMs, DateTimeOffset Started)
+    private sealed class Building(CalibrateFinish finish, IActorRef replyTo, double ms, DateTimeOffset started)
     {
-        public double Ms { get; set; } = InitialMs;
+        public CalibrateFinish Finish { get; } = finish;
+
+        public IActorRef ReplyTo { get; } = replyTo;
+
+        public DateTimeOffset Started { get; } = started;
+
+        public CalibratedIndex.Builder? Builder { get; set; }
+
+        public double Ms { get; set; } = ms;
 
         public int Slices { get; set; }
     }
