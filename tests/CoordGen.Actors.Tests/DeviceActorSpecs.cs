@@ -65,6 +65,53 @@ public class DeviceActorSpecs : TestKit
     }
 
     [Fact]
+    public async Task Device_should_hold_runs_beyond_its_kv_budget_in_line_and_start_them_as_caches_free()
+    {
+        int[] first = [3, 9, 27, 17, 51, 2], second = [4, 8, 15, 16, 23, 42], third = [7, 7, 1, 2];
+        IReadOnlyList<int> firstAlone, secondAlone;
+        using (var rt = NewRuntime())
+        {
+            firstAlone = new Generator(rt).Generate(first, 12, new SamplingOptions(), new HashSet<int>()).Tokens;
+            secondAlone = new Generator(rt).Generate(second, 12, new SamplingOptions(), new HashSet<int>()).Tokens;
+        }
+
+        // Room for one session's cache: the first runs, the others wait without a cache.
+        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>(), maxActiveSessions: 1));
+        var c1 = Channel.CreateBounded<int>(1); // unread for now: the first session stays on the device
+        var c2 = Channel.CreateUnbounded<int>();
+        var c3 = Channel.CreateUnbounded<int>();
+        using var cancelThird = new CancellationTokenSource();
+        device.Tell(new Generate("s1", TokenSequence.From(first), 12, new Sampling(), "ar", 1, null, c1.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate("s2", TokenSequence.From(second), 12, new Sampling(), "sam+ours", 8, null, c2.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate("s3", TokenSequence.From(third), 12, new Sampling(), "ar", 1, null, c3.Writer, cancelThird.Token), TestActor);
+
+        await AwaitAssertAsync(async () =>
+        {
+            var q = await device.Ask<DeviceActor.Queues>(new DeviceActor.GetQueues());
+            Assert.Equal((1, 2), (q.Prefilling + q.Decoding, q.Waiting));
+        });
+        Assert.False(c2.Reader.TryPeek(out _), "a waiting run produced a token");
+
+        // A waiting run can be cancelled; it never took a cache.
+        await cancelThird.CancelAsync();
+        var cancelled = await ExpectMsgAsync<GenerationFailed>();
+        Assert.Equal(("s3", FailureKind.Cancelled), (cancelled.SessionId, cancelled.Kind));
+
+        // Reading the first stream lets it finish; its cache frees, and the second starts.
+        var got1 = new List<int>();
+        await foreach (int t in c1.Reader.ReadAllAsync())
+        {
+            got1.Add(t);
+        }
+
+        var done1 = await ExpectMsgAsync<GenerationCompleted>();
+        var done2 = await ExpectMsgAsync<GenerationCompleted>();
+        Assert.Equal(("s1", "s2"), (done1.SessionId, done2.SessionId));
+        Assert.Equal(firstAlone, got1);
+        Assert.Equal(TokenSequence.From(secondAlone), done2.Tokens);
+    }
+
+    [Fact]
     public async Task Device_should_reply_failed_and_keep_serving_when_a_prompt_exceeds_capacity()
     {
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));

@@ -69,6 +69,8 @@ public class CliTests
     [InlineData(new[] { "serve", "--method", "magic" }, "unknown method")]
     [InlineData(new[] { "serve", "--host", "not-an-ip" }, "Host must be an IP address")]
     [InlineData(new[] { "serve", "--config", "/nonexistent.json" }, "does not exist")]
+    [InlineData(new[] { "serve", "--kv-budget-mb", "1", "--capacity", "65536" }, "raise --kv-budget-mb or lower --capacity")]
+    [InlineData(new[] { "serve", "--kv-budget-mb", "0" }, "KvBudgetMb must be between")]
     public void Commands_should_fail_with_a_clear_message_when_input_is_bad(string[] args, string message)
     {
         var (code, _, stderr) = Run(args);

@@ -26,6 +26,10 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private readonly IReadOnlySet<int> _stopTokens;
     private readonly List<Active> _prefilling = [];
     private readonly List<Active> _decoding = [];
+
+    // Admitted runs waiting for room under the KV memory budget: they hold no cache until they start.
+    private readonly List<Active> _waiting = [];
+    private readonly int _maxActive;
     private OrtModelRuntime? _runtime;
     private Generator? _plain;
     private SpeculativeDecoder? _spec;
@@ -55,9 +59,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     /// profile gives for the step's graph width (the real step runs, then the device waits out the
     /// rest), so overlap and scheduling experiments see an NPU's step times. Null: real timings.</param>
     /// <param name="runtimes">Where the device borrows its runtime and gives it back when it stops, so a restarted device can take the same compiled graphs.</param>
-    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0)
+    /// <param name="maxActiveSessions">Sessions holding a KV cache at once (the KV memory budget over one
+    /// cache's bytes); later runs wait in admission order, resumed ones first. 0 = no limit.</param>
+    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0)
     {
         _interleavedChunkWidth = interleavedChunkWidth;
+        _maxActive = maxActiveSessions;
         _runtimes = runtimes;
         _stopTokens = stopTokens;
         _emulate = emulate;
@@ -69,7 +76,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             _retryScheduled = false;
             Schedule();
         });
-        Receive<GetQueues>(_ => Sender.Tell(new Queues(_prefilling.Count, _decoding.Count)));
+        Receive<GetQueues>(_ => Sender.Tell(new Queues(_prefilling.Count, _decoding.Count) { Waiting = _waiting.Count }));
         Receive<Drafted>(OnDrafted);
         Receive<Verified>(OnVerified);
         Receive<VerifyFailed>(OnVerifyFailed);
@@ -89,12 +96,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     /// <param name="interleavedChunkWidth">Tokens per prefill chunk while other sessions decode
     /// (<see cref="StepPolicy.ChunkWidth"/>); 0 = always the runtime's widest graph.</param>
     /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
-    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0)
-        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth));
+    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0)
+        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions));
 
     /// <summary>A device that builds its own runtime and disposes it when it stops (each restart compiles again).</summary>
-    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0)
-        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth);
+    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0)
+        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions);
 
     protected override void PreStart()
     {
@@ -114,7 +121,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     protected override void PostStop()
     {
-        var actives = _prefilling.Concat(_decoding).ToList();
+        var actives = _prefilling.Concat(_decoding).Concat(_waiting).ToList();
 
         // Stopped or crashed with requests on it: each is told the device is restarting, and its session
         // actor resumes it from the tokens it has committed after a pause (by then the back-off
@@ -153,18 +160,46 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private void Admit(DeviceRun run, IActorRef replyTo)
     {
         var active = new Active(run, replyTo, _calibrator, _drafter, _verifier, Self, _emulate);
-        Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "prefill"));
-        // Runs resuming a session after a fault go first: their callers have waited already.
-        if (run.Resumed)
+
+        // Runs resuming a session after a fault go first (their callers have waited already), in the
+        // waiting line as in the prefill queue.
+        if (_maxActive > 0 && _prefilling.Count + _decoding.Count >= _maxActive)
         {
-            _prefilling.Insert(_prefilling.Count(a => a.Run.Resumed), active);
+            Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "waiting"));
+            Enqueue(_waiting, active);
         }
         else
         {
-            _prefilling.Add(active);
+            Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "prefill"));
+            Enqueue(_prefilling, active);
         }
 
         Schedule();
+    }
+
+    private static void Enqueue(List<Active> queue, Active active)
+    {
+        if (active.Run.Resumed)
+        {
+            queue.Insert(queue.Count(a => a.Run.Resumed), active);
+        }
+        else
+        {
+            queue.Add(active);
+        }
+    }
+
+    /// <summary>Starts waiting runs while the KV memory budget has room (a finished session frees its cache).</summary>
+    private void StartWaiting()
+    {
+        while (_waiting.Count > 0 && (_maxActive <= 0 || _prefilling.Count + _decoding.Count < _maxActive))
+        {
+            var a = _waiting[0];
+            _waiting.RemoveAt(0);
+            Telemetry.QueueDepth.Add(-1, new KeyValuePair<string, object?>("phase", "waiting"));
+            Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "prefill"));
+            Enqueue(_prefilling, a);
+        }
     }
 
     private void Schedule()
@@ -175,6 +210,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         }
 
         Retire();
+        StartWaiting();
         Active? pick = null;
         bool prefill = false;
         // Every decoding session counts, ready or not: one stream briefly waiting (for its drafter or its
@@ -427,6 +463,15 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 Finish(a, new GenerationFailed(a.Run.Request.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"));
             }
         }
+
+        for (int i = _waiting.Count - 1; i >= 0; i--)
+        {
+            var a = _waiting[i];
+            if (a.Run.Request.Cancellation.IsCancellationRequested)
+            {
+                Finish(a, new GenerationFailed(a.Run.Request.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"));
+            }
+        }
     }
 
     private static bool Ready(Active a) => !a.Finished && a.PendingCount == 0 && !a.DraftPending && a.AwaitingStep is null;
@@ -436,6 +481,11 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         if (_prefilling.Remove(a))
         {
             Telemetry.QueueDepth.Add(-1, new KeyValuePair<string, object?>("phase", "prefill"));
+        }
+
+        if (_waiting.Remove(a))
+        {
+            Telemetry.QueueDepth.Add(-1, new KeyValuePair<string, object?>("phase", "waiting"));
         }
 
         if (StepPolicy.Remove(_decoding, a, ref _next))
@@ -478,7 +528,11 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     /// <summary>Ask for the queue depths. Reply: <see cref="Queues"/>.</summary>
     public sealed record GetQueues;
 
-    public sealed record Queues(int Prefilling, int Decoding);
+    public sealed record Queues(int Prefilling, int Decoding)
+    {
+        /// <summary>Admitted runs waiting for room under the KV memory budget.</summary>
+        public int Waiting { get; init; }
+    }
 
     private sealed record StepDone(Active Active, Exception? Error, long Start, long End, double InlineDraftMs)
     {

@@ -51,7 +51,10 @@ public sealed class KvCache : IDisposable
     /// <summary>Number of committed slots (tokens whose keys/values are in the cache).</summary>
     public int Length { get; private set; }
 
-    public long Bytes => 2L * Layers * KvHeads * Capacity * HeadDim * sizeof(float);
+    public long Bytes => BytesFor(Layers, KvHeads, HeadDim, Capacity);
+
+    /// <summary>Bytes of one session's cache (keys and values, every layer) at <paramref name="capacity"/> slots.</summary>
+    public static long BytesFor(int layers, int kvHeads, int headDim, int capacity) => 2L * layers * kvHeads * capacity * headDim * sizeof(float);
 
     internal OrtValue KeyValue(int layer) => View().Keys[layer];
 

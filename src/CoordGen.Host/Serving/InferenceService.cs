@@ -67,6 +67,8 @@ public sealed class InferenceService : IAsyncDisposable
             throw new ArgumentException("invalid settings: " + string.Join(" ", problems));
         }
 
+        int maxActive = MaxActiveSessions(bundle, settings);
+
         var config = ConfigurationFactory.ParseString($"akka {{ loglevel = {actorLogLevel}, stdout-loglevel = {actorLogLevel}, log-dead-letters = off, log-dead-letters-during-shutdown = off }}");
         var system = ActorSystem.Create("coordgen", config);
         // Width 4 as well, for adaptive width: a session whose drafts are rarely long verifies on it.
@@ -82,9 +84,27 @@ public sealed class InferenceService : IAsyncDisposable
         var emulate = string.IsNullOrEmpty(settings.DeviceProfile) ? null : CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
         // The runtime outlives device-actor restarts: a restarted device takes the same compiled graphs.
         var runtimes = new RuntimeKeeper(NewRuntime, reuse: settings.KeepRuntimeAcrossRestarts);
-        var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth);
+        var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         return new InferenceService(bundle, settings, system, supervisor, runtimes);
+    }
+
+    /// <summary>
+    /// Sessions whose KV caches fit the budget together (each is sized for the full capacity). The device
+    /// runs that many at once; admitted requests beyond them wait in line.
+    /// </summary>
+    public static int MaxActiveSessions(ModelBundle bundle, ServerSettings settings)
+    {
+        var c = bundle.Config;
+        long perSession = KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, settings.Capacity);
+        long budget = settings.KvBudgetMb * 1024L * 1024L;
+        if (perSession > budget)
+        {
+            throw new ArgumentException(string.Create(System.Globalization.CultureInfo.InvariantCulture,
+                $"invalid settings: KvBudgetMb ({settings.KvBudgetMb} MiB) does not hold one session: its KV cache at Capacity {settings.Capacity} takes {perSession / (1024.0 * 1024.0):F1} MiB; raise --kv-budget-mb or lower --capacity."));
+        }
+
+        return (int)Math.Min(int.MaxValue, budget / perSession);
     }
 
     public int[] Encode(string text) => Bundle.Tokenizer.Encode(text);

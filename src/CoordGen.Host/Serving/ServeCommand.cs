@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Globalization;
 using System.Net;
 using System.Threading.RateLimiting;
 using CoordGen.Host.Commands;
@@ -33,6 +34,7 @@ internal static class ServeCommand
         var method = new Option<string?>("--method") { Description = "Default decoding method: ar, pld, sam, sam+history, pld+ours, sam+ours (default). Requests may choose their own with \"speculation\": {\"method\": ...}.", HelpName = "METHOD" };
         var width = new Option<int?>("--width") { Description = "Default verification width for speculative methods. Default 8.", HelpName = "N" };
         var maxPending = new Option<int?>("--max-pending") { Description = "Requests running or queued at once; more get 429 with Retry-After. Default 16.", HelpName = "N" };
+        var kvBudget = new Option<int?>("--kv-budget-mb") { Description = "KV cache memory for all sessions together (MiB). Each running session holds one cache sized for --capacity; requests beyond what fits wait in line (within --max-pending). Default 1024.", HelpName = "MIB" };
         var maxBody = new Option<long?>("--max-body-bytes") { Description = "Largest request body accepted; larger gets 413. Default 1048576.", HelpName = "BYTES" };
         var apiKey = new Option<string?>("--api-key") { Description = "Require 'Authorization: Bearer KEY' on /v1 endpoints. Default: none (fine on loopback). Also COORDGEN_Server__ApiKey.", HelpName = "KEY" };
         var otlp = new Option<string?>("--otlp-endpoint") { Description = "Also export traces and metrics over OTLP to this collector (e.g. http://localhost:4317). Default: off; /metrics always serves Prometheus.", HelpName = "URL" };
@@ -42,7 +44,7 @@ internal static class ServeCommand
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, maxBody, apiKey, rpm, otlp, deviceProfile, adaptive,
+            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, otlp, deviceProfile, adaptive,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -65,6 +67,7 @@ internal static class ServeCommand
             Put(method, "Method");
             Put(width, "Width");
             Put(maxPending, "MaxPending");
+            Put(kvBudget, "KvBudgetMb");
             Put(maxBody, "MaxBodyBytes");
             Put(apiKey, "ApiKey");
             Put(rpm, "RequestsPerMinute");
@@ -185,6 +188,11 @@ internal static class ServeCommand
         {
             Console.Out.WriteLine($"device steps paced: {CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile).Label}");
         }
+
+        var c = bundle.Config;
+        double cacheMb = CoordGen.Engine.Runtime.KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, settings.Capacity) / (1024.0 * 1024.0);
+        int atOnce = InferenceService.MaxActiveSessions(bundle, settings);
+        Console.Out.WriteLine(string.Create(CultureInfo.InvariantCulture, $"KV budget {settings.KvBudgetMb} MiB: {Math.Min(atOnce, settings.MaxPending)} requests at once ({cacheMb:F1} MiB of cache each at capacity {settings.Capacity}); up to {settings.MaxPending} running or waiting, more get 429"));
         Console.Out.Flush();
         try
         {

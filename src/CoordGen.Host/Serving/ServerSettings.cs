@@ -61,6 +61,13 @@ public sealed class ServerSettings
     /// <summary>A device actor restarted after a crash takes the runtime (compiled graphs) of the one before it instead of compiling again (default); false = every restart builds a new runtime. A runtime whose step failed as the device stopped is never reused.</summary>
     public bool KeepRuntimeAcrossRestarts { get; set; } = true;
 
+    /// <summary>
+    /// KV cache memory for all sessions together, in MiB. Each running session holds one cache of fixed size
+    /// (2 x layers x KV heads x Capacity x head dim x 4 bytes); admitted requests beyond what fits wait
+    /// in line (at most MaxPending running and waiting), and the rest get 429.
+    /// </summary>
+    public int KvBudgetMb { get; set; } = 1024;
+
     /// <summary>Requests running or queued at once; more are refused with 429 and Retry-After.</summary>
     public int MaxPending { get; set; } = 16;
 
@@ -140,6 +147,11 @@ public sealed class ServerSettings
         if (Width is < 2 or > 256)
         {
             p.Add($"Width must be between 2 and 256 (got {Width}).");
+        }
+
+        if (KvBudgetMb is < 1 or > 1_048_576)
+        {
+            p.Add($"KvBudgetMb must be between 1 and 1048576 MiB (got {KvBudgetMb}).");
         }
 
         if (MaxPending is < 1 or > 10_000)
