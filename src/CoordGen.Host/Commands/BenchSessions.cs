@@ -109,6 +109,8 @@ internal static class BenchSessions
 
             var device = await service.SelectDevice();
             var rows = new List<SessionsRow>();
+            int[] gcBefore = [GC.CollectionCount(0), GC.CollectionCount(1), GC.CollectionCount(2)];
+            var gcPauseBefore = GC.GetTotalPauseDuration();
             int roundCount = parse.GetValue(rounds);
             await AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).StartAsync(async progress =>
             {
@@ -173,13 +175,16 @@ internal static class BenchSessions
                 }
             });
             var paced = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+            var gc = new GcCounts(GC.CollectionCount(0) - gcBefore[0], GC.CollectionCount(1) - gcBefore[1], GC.CollectionCount(2) - gcBefore[2], (GC.GetTotalPauseDuration() - gcPauseBefore).TotalMilliseconds);
             // One workload file of its own: the report is named after it (sessions-summary.md), so per-family runs sit beside the mixed one.
             string? family = parse.GetValue(workload) is { Length: 1 } one ? Path.GetFileNameWithoutExtension(one[0].Name) : null;
-            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), profile, paced, family, files);
+            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), profile, paced, family, files, gc);
             return rows.All(r => r.IdenticalToAlone) ? 0 : 1;
         });
         return cmd;
     }
+
+    private sealed record GcCounts(int Gen0, int Gen1, int Gen2, double PauseMs);
 
     private sealed record StreamResult(int[] Tokens, List<double> GapsMs);
 
@@ -202,7 +207,7 @@ internal static class BenchSessions
         return new StreamResult(tokens, gaps);
     }
 
-    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, DeviceActor.Overlap paced, string? family, IReadOnlyList<string> files)
+    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, DeviceActor.Overlap paced, string? family, IReadOnlyList<string> files, GcCounts gc)
     {
         Directory.CreateDirectory(dir);
         string stem = "sessions" + (family is null ? "" : $"-{family}") + (profile is null ? "" : $"-{profile.Name}");
@@ -226,6 +231,7 @@ internal static class BenchSessions
         md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding; `spec` = `{method}` at the fixed W = {width}; `spec-adaptive` = `{method}` with adaptive width (the server's default) (each step verifies on width 1, 4 or {width}, whichever gives the session the most tokens per millisecond; docs/decisions/0006-adaptive-width.md). Prompts alternate task families (summary, rag, ui, reply, ...); aggregate tokens/s counts generated tokens over wall time, prefill included. {perSession} requests per session at each point, greedy; each point ran {rounds} time(s), the modes taking turns and starting with a different one each round, and the rows sum the rounds.").AppendLine();
         string root = ModelLocator.RepoRoot();
         md.AppendLine(CultureInfo.InvariantCulture, $"Workload: {string.Join(", ", files.Select(f => Path.GetRelativePath(root, f)))}. Generated tokens per request: {string.Join(", ", rows.Where(r => r.Mode == "ar").Select(r => string.Create(CultureInfo.InvariantCulture, $"{(double)r.Tokens / (r.Sessions * perSession * rounds):F1} at {r.Sessions} session(s)")))} (answers end at the model's end token or the request's max_tokens); the shorter the answers next to the prompts, the larger the prefill share and the less any decode speedup can show.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Garbage collections during the timed runs: {gc.Gen0} gen0, {gc.Gen1} gen1, {gc.Gen2} gen2 (counts include the younger ones: a gen2 is also a gen1 and a gen0), {gc.PauseMs:F0} ms paused in all.").AppendLine();
         md.AppendLine("`prefill share` is the device's busy time in prefill chunks over its busy time; `decode tok/s (device)` counts generated tokens over device time in decode steps only, the decode phase's throughput without the prefill every mode pays alike.").AppendLine();
         md.AppendLine("| sessions | mode | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|");
         foreach (var r in rows)
