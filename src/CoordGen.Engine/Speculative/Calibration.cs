@@ -184,7 +184,7 @@ public sealed class CalibratedIndex
         private readonly PrefillTopK _topK;
         private readonly CalibrationOptions _options;
         private readonly Dictionary<int, List<int>> _occurrences = new();
-        private readonly SuffixAutomaton _sam = new();
+        private readonly SuffixAutomaton _sam;
         private readonly List<int> _path;
         private readonly int _n;
         private int _next;
@@ -206,6 +206,15 @@ public sealed class CalibratedIndex
 
                 l.Add(i);
             }
+
+            // The automaton sized for the symbols the paths will write, counted by a walk that writes nothing.
+            int symbols = 0;
+            for (int i = 0; i < _n; i++)
+            {
+                symbols += Walk(i, write: false);
+            }
+
+            _sam = new SuffixAutomaton(symbols);
         }
 
         /// <summary>Anchor positions walked so far, of <see cref="Positions"/>.</summary>
@@ -221,7 +230,7 @@ public sealed class CalibratedIndex
             int end = (int)Math.Min(_n, (long)_next + Math.Max(0, positions));
             for (; _next < end; _next++)
             {
-                Walk(_next);
+                Walk(_next, write: true);
             }
 
             return IsComplete;
@@ -231,8 +240,10 @@ public sealed class CalibratedIndex
             ? new CalibratedIndex(_sam, _paths)
             : throw new InvalidOperationException($"the calibrated index is not built yet ({_next} of {_n} positions); call Advance until it returns true.");
 
-        private void Walk(int i)
+        // The calibrated paths anchored at position i: written into the automaton, or only counted. Returns the symbols.
+        private int Walk(int i, bool write)
         {
+            int symbols = 0;
             var context = _context;
             var topK = _topK;
             var options = _options;
@@ -272,7 +283,14 @@ public sealed class CalibratedIndex
                     continue;
                 }
 
-                for (int l = Math.Max(0, i - options.LeftContext); l <= i; l++)
+                int left = Math.Max(0, i - options.LeftContext);
+                symbols += i - left + 1 + path.Count + 1;
+                if (!write)
+                {
+                    continue;
+                }
+
+                for (int l = left; l <= i; l++)
                 {
                     _sam.Extend(context[l]);
                 }
@@ -281,6 +299,8 @@ public sealed class CalibratedIndex
                 _sam.Extend(-1);
                 _paths++;
             }
+
+            return symbols;
         }
     }
 

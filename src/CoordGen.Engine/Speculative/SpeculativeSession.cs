@@ -27,7 +27,7 @@ public sealed class SpeculativeSession : IDisposable
     private readonly KvCache _cache;
     private readonly DraftAccounting _acct = new();
     private readonly List<int> _sequence;
-    private readonly SuffixAutomaton _sam = new();
+    private readonly SuffixAutomaton _sam;
     private readonly NgramIndex? _ngrams;
     private readonly ConsensusIndex? _consensus;
     private CalibratedIndex? _calibrated;
@@ -97,6 +97,7 @@ public sealed class SpeculativeSession : IDisposable
         _calMs = topK is null ? 0 : pre.TopKMs;
 
         long tc = Stopwatch.GetTimestamp();
+        _sam = new SuffixAutomaton(spec.Drafter == DrafterKind.Sam || spec.UseTree ? prompt.Length + maxTokens : 0);
         _sequence = new List<int>(prompt.Length + maxTokens + _width);
         _sequence.AddRange(prompt.ToArray());
         if (spec.Drafter == DrafterKind.Sam || spec.UseTree)

@@ -7,12 +7,34 @@ namespace CoordGen.Engine.Speculative;
 /// </summary>
 public sealed class SuffixAutomaton
 {
-    private readonly List<int> _len = [0];
-    private readonly List<int> _link = [-1];
-    private readonly List<int> _firstEnd = [-1];
-    private readonly Dictionary<long, int> _next = new();
-    private readonly List<int> _text = [];
+    private readonly List<int> _len;
+    private readonly List<int> _link;
+    private readonly List<int> _firstEnd;
+    private readonly Dictionary<long, int> _next;
+    private readonly List<int> _text;
+    private readonly List<List<int>?> _outTokens;
     private int _last;
+
+    public SuffixAutomaton()
+        : this(0)
+    {
+    }
+
+    /// <summary>
+    /// An automaton sized for about <paramref name="expectedLength"/> tokens (at most 2n states; about 2n
+    /// transitions for natural text), so its tables do not grow step by step: each growth of a large table
+    /// leaves a large-object-heap array behind, and those drive full garbage collections.
+    /// </summary>
+    public SuffixAutomaton(int expectedLength)
+    {
+        int states = (2 * Math.Max(0, expectedLength)) + 1;
+        _len = new List<int>(states) { 0 };
+        _link = new List<int>(states) { -1 };
+        _firstEnd = new List<int>(states) { -1 };
+        _outTokens = new List<List<int>?>(states) { null };
+        _next = new Dictionary<long, int>(2 * Math.Max(0, expectedLength));
+        _text = new List<int>(Math.Max(0, expectedLength));
+    }
 
     public IReadOnlyList<int> Text => _text;
 
@@ -79,8 +101,7 @@ public sealed class SuffixAutomaton
         }
     }
 
-    // Out-tokens per state, so a clone can copy its original's transitions.
-    private readonly List<List<int>?> _outTokens = [null];
+    // _outTokens: out-tokens per state, so a clone can copy its original's transitions.
 
     private void SetNext(int state, int token, int target)
     {
