@@ -94,7 +94,6 @@ public class FaultRecoverySpecs : TestKit
 
         // Kept: every restarted device took the first device's compiled graphs. Not kept: each built its own.
         Assert.True(runtimes.Built + runtimes.Reused >= 2, $"the device never restarted ({runtimes.Built} built, {runtimes.Reused} reused)");
-        Assert.Equal(keepRuntime ? 1 : runtimes.Built, runtimes.Built);
-        Assert.Equal(keepRuntime ? runtimes.Built + runtimes.Reused - 1 : 0, runtimes.Reused);
+        Assert.Equal(keepRuntime ? 1 : runtimes.Built + runtimes.Reused, runtimes.Built);
     }
 }

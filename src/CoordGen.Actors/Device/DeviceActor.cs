@@ -93,9 +93,9 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
     public ITimerScheduler Timers { get; set; } = null!;
 
+    /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
     /// <param name="interleavedChunkWidth">Tokens per prefill chunk while other sessions decode
     /// (<see cref="StepPolicy.ChunkWidth"/>); 0 = always the runtime's widest graph.</param>
-    /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
     public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0)
         => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions));
 
@@ -163,7 +163,8 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         // Runs resuming a session after a fault go first (their callers have waited already), in the
         // waiting line as in the prefill queue.
-        if (_maxActive > 0 && _prefilling.Count + _decoding.Count >= _maxActive)
+        // While others wait, a newcomer waits behind them even if a cache has just freed.
+        if (_maxActive > 0 && (_waiting.Count > 0 || _prefilling.Count + _decoding.Count >= _maxActive))
         {
             Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "waiting"));
             Enqueue(_waiting, active);
@@ -251,7 +252,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         _busy = true;
         pick.Stepping = true;
-        pick.OthersDecoding = _decoding.Any(a => a != pick);
+        pick.OthersDecoding = _decoding.Count > (prefill ? 0 : 1); // a decode step's session is one of them
         var self = Self;
         var runtime = _runtime!;
         var plain = _plain!;

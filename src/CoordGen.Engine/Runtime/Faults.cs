@@ -21,7 +21,7 @@ public enum FaultKind
     /// <summary>A session actor is killed; its supervisor restarts it and it resumes (actor layer).</summary>
     SessionKill,
 
-    /// <summary>The device actor crashes; its back-off supervisor starts a new one (graphs compiled again) and every request on it resumes (actor layer).</summary>
+    /// <summary>The device actor crashes; its back-off supervisor starts a new one (on the same runtime, unless that is turned off) and every request on it resumes (actor layer).</summary>
     DeviceActorCrash,
 }
 

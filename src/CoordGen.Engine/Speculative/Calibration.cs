@@ -217,10 +217,8 @@ public sealed class CalibratedIndex
             _sam = new SuffixAutomaton(symbols);
         }
 
-        /// <summary>Anchor positions walked so far, of <see cref="Positions"/>.</summary>
+        /// <summary>Anchor positions walked so far.</summary>
         public int Done => _next;
-
-        public int Positions => _n;
 
         public bool IsComplete => _next >= _n;
 

@@ -12,6 +12,8 @@ public sealed class SuffixAutomaton
     private readonly List<int> _firstEnd;
     private readonly Dictionary<long, int> _next;
     private readonly List<int> _text;
+
+    // Out-tokens per state, so a clone can copy its original's transitions.
     private readonly List<List<int>?> _outTokens;
     private int _last;
 
@@ -100,8 +102,6 @@ public sealed class SuffixAutomaton
             Extend(t);
         }
     }
-
-    // _outTokens: out-tokens per state, so a clone can copy its original's transitions.
 
     private void SetNext(int state, int token, int target)
     {

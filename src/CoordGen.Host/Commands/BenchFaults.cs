@@ -59,7 +59,7 @@ internal static class BenchFaults
         var maxTokens = new Option<int>("--max-tokens", "-n") { Description = "Tokens per stream.", DefaultValueFactory = _ => 48 };
         var method = new Option<string>("--method") { Description = "Decoding method of every stream (ar, pld, sam, pld+ours, sam+ours).", DefaultValueFactory = _ => "sam+ours" };
         var gap = new Option<int>("--mean-gap") { Description = "Mean device steps between faults.", DefaultValueFactory = _ => 3 };
-        var kinds = new Option<string>("--kinds") { Description = $"Comma-separated fault kinds: {string.Join(", ", Enum.GetNames<FaultKind>())}. DeviceActorCrash (the device actor crashes and its back-off supervisor restarts it, compiling its graphs again) is opt-in.", DefaultValueFactory = _ => string.Join(",", Enum.GetNames<FaultKind>().Where(k => k != nameof(FaultKind.DeviceActorCrash))) };
+        var kinds = new Option<string>("--kinds") { Description = $"Comma-separated fault kinds: {string.Join(", ", Enum.GetNames<FaultKind>())}. DeviceActorCrash (the device actor crashes and its back-off supervisor starts a new one; the requests on it resume) is opt-in.", DefaultValueFactory = _ => string.Join(",", Enum.GetNames<FaultKind>().Where(k => k != nameof(FaultKind.DeviceActorCrash))) };
         var seed = new Option<int>("--seed") { Description = "Seed of the fault plan.", DefaultValueFactory = _ => 1 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };

@@ -198,24 +198,19 @@ internal static class BenchRebalance
                     var during = gaps.Where(g => g.At > newcomerSent && g.At <= newcomerFirst).ToList();
                     var joining = gaps.Where(g => g.At > newcomerFirst && g.At <= newcomerLast).ToList();
 
-                    // The control's gaps over the token indices [from, to) this stream delivered in a window.
-                    List<double> Baseline(long start, long end)
+                    // Each control run's gaps over the token indices [from, to) this stream delivered in a window.
+                    List<double>[] ControlGaps(long start, long end)
                     {
                         int from = Math.Max(1, times.Count(t => t <= start)), to = times.Count(t => t <= end);
                         return [.. new[] { controlBefore[s].Times, controlAfter[s].Times }
-                            .SelectMany(ctl => Enumerable.Range(from, Math.Max(0, Math.Min(to, ctl.Count) - from)).Select(i => Stopwatch.GetElapsedTime(ctl[i - 1], ctl[i]).TotalMilliseconds))
-                            .Where(g => g >= 0.05).Order()];
+                            .Select(ctl => Enumerable.Range(from, Math.Max(0, Math.Min(to, ctl.Count) - from)).Select(i => Stopwatch.GetElapsedTime(ctl[i - 1], ctl[i]).TotalMilliseconds).ToList())];
                     }
 
-                    // Each control run's own worst gap over the prefill's tokens: the noise floor of the worst-gap statistic.
-                    double ControlWorst(long start, long end)
-                    {
-                        int from = Math.Max(1, times.Count(t => t <= start)), to = times.Count(t => t <= end);
-                        var worsts = new[] { controlBefore[s].Times, controlAfter[s].Times }
-                            .Select(ctl => Enumerable.Range(from, Math.Max(0, Math.Min(to, ctl.Count) - from)).Select(i => Stopwatch.GetElapsedTime(ctl[i - 1], ctl[i]).TotalMilliseconds).DefaultIfEmpty(0).Max())
-                            .ToList();
-                        return worsts.Average();
-                    }
+                    // Both controls' gaps, sorted: the baseline a window's gaps are measured against.
+                    List<double> Baseline(long start, long end) => [.. ControlGaps(start, end).SelectMany(g => g).Where(g => g >= 0.05).Order()];
+
+                    // Each control run's own worst gap (their mean): the noise floor of the worst-gap statistic.
+                    double ControlWorst(long start, long end) => ControlGaps(start, end).Average(g => g.DefaultIfEmpty(0).Max());
 
                     var baseline = Baseline(newcomerSent, newcomerFirst);
                     var joinBaseline = Baseline(newcomerFirst, newcomerLast);
