@@ -5,11 +5,17 @@ internal static class ModelLocator
 {
     public const string DefaultModelRelative = "models/coordgen-demo";
 
+    /// <summary><c>--model twin:smollm2-135m</c>: the demo's function-preserving twin in that shape.</summary>
+    public const string TwinPrefix = "twin:";
+
     public static string Resolve(string? requested)
     {
         if (!string.IsNullOrWhiteSpace(requested))
         {
-            return requested;
+            // twin:NAME is the demo model inflated to a published shape, made on first use (coordgen model inflate).
+            return requested.StartsWith(TwinPrefix, StringComparison.Ordinal)
+                ? Commands.ModelInflate.ResolveTwin(requested[TwinPrefix.Length..])
+                : requested;
         }
 
         foreach (var start in new[] { Directory.GetCurrentDirectory(), AppContext.BaseDirectory })

@@ -186,6 +186,18 @@ public sealed record ModelConfig
             ["bos_token_id"] = BosTokenId,
             ["eos_token_id"] = EosTokenIds.Count == 1 ? EosTokenIds[0] : EosTokenIds,
         };
+        if (RopeScaling is { } rs)
+        {
+            o["rope_scaling"] = new Dictionary<string, object>
+            {
+                ["rope_type"] = rs.Type,
+                ["factor"] = rs.Factor,
+                ["low_freq_factor"] = rs.LowFreqFactor,
+                ["high_freq_factor"] = rs.HighFreqFactor,
+                ["original_max_position_embeddings"] = rs.OriginalMaxPositions,
+            };
+        }
+
         return JsonSerializer.Serialize(o, new JsonSerializerOptions { WriteIndented = true });
     }
 }

@@ -8,7 +8,7 @@ internal static class CommonOptions
 {
     public static Option<string?> Model() => new("--model", "-m")
     {
-        Description = "Model directory in the Hugging Face layout (config.json, model.safetensors, tokenizer.json). Default: the embedded models/coordgen-demo.",
+        Description = "Model directory in the Hugging Face layout (config.json, model.safetensors, tokenizer.json), or twin:SHAPE for the demo model's function-preserving twin in a real model's shape (e.g. twin:smollm2-135m; made under models/twins/ on first use). Default: the embedded models/coordgen-demo.",
         HelpName = "DIR",
     };
 

@@ -16,8 +16,9 @@ internal static class ModelCommands
 {
     public static Command Create()
     {
-        var cmd = new Command("model", "Model tools: make random-weight shape models, inspect a checkpoint, profile latency against graph width.");
+        var cmd = new Command("model", "Model tools: make random-weight shape models and function-preserving twins, inspect a checkpoint, profile latency against graph width.");
         cmd.Add(Synth());
+        cmd.Add(ModelInflate.Create());
         cmd.Add(Inspect());
         cmd.Add(Profile());
         cmd.Add(ModelEvaluate.Create());
@@ -26,7 +27,7 @@ internal static class ModelCommands
 
     private static Command Synth()
     {
-        var shape = new Option<string>("--shape") { Description = $"One of: {string.Join(", ", ShapeModels.Shapes.Keys)}.", Required = true };
+        var shape = new Option<string>("--shape") { Description = $"One of: {string.Join(", ", ShapeCatalog.Shapes.Keys)}.", Required = true };
         var output = new Option<DirectoryInfo>("--out", "-o") { Description = "Directory to write config.json, model.safetensors and tokenizer.json into.", Required = true, HelpName = "DIR" };
         var seed = new Option<int>("--seed") { Description = "Seed for the random weights.", DefaultValueFactory = _ => 1 };
         var cmd = new Command("synth", "Write a random-weight checkpoint with a real model's shape (the weights are random, the file layout is real). The tokenizer is coordgen-demo's.")
@@ -36,9 +37,9 @@ internal static class ModelCommands
         cmd.SetAction(parse =>
         {
             string name = parse.GetValue(shape)!;
-            if (!ShapeModels.Shapes.TryGetValue(name, out var config))
+            if (!ShapeCatalog.Shapes.TryGetValue(name, out var config))
             {
-                throw new ArgumentException($"unknown --shape '{name}'; choose one of {string.Join(", ", ShapeModels.Shapes.Keys)}.");
+                throw new ArgumentException($"unknown --shape '{name}'; choose one of {string.Join(", ", ShapeCatalog.Shapes.Keys)}.");
             }
 
             var dir = parse.GetValue(output)!;
