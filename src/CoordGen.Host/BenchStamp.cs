@@ -39,3 +39,9 @@ internal sealed record BenchStamp(string Commit, string Machine, int Cores, stri
 
     public string ToMarkdown() => $"Commit `{Commit}`, {Machine} ({Cores} cores), {Os}, {Runtime}, {When:yyyy-MM-dd HH:mm} UTC.";
 }
+
+/// <summary>Report file names: the embedded demo's keep their plain names; any other model's carry its name (docs/bench/README.md).</summary>
+internal static class ReportStem
+{
+    public static string For(string stem, string model) => model == "coordgen-demo" ? stem : $"{stem}-{model}";
+}

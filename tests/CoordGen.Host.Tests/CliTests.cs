@@ -207,4 +207,35 @@ public class CliTests
         Assert.InRange(report["hidden_share"]!.GetValue<double>(), 0, 1);
         Assert.True(File.Exists(Path.Combine(dir, "overlap.png")));
     }
+
+    [Fact]
+    public void Model_inflate_should_write_a_twin_that_reproduces_the_demo_models_greedy_output()
+    {
+        string twin = Directory.CreateTempSubdirectory("coordgen-twin-").FullName;
+        string report = Directory.CreateTempSubdirectory("coordgen-fidelity-").FullName;
+        var (code, _, stderr) = Run("model", "inflate", "--hidden", "256", "--layers", "8", "--heads", "8", "--kv-heads", "2", "--head-dim", "64", "--out", twin);
+        Assert.True(code == 0, stderr);
+        Assert.Contains("vocabulary is the source's", stderr);
+        Assert.True(File.Exists(Path.Combine(twin, "README.md")));
+
+        (code, _, stderr) = Run("model", "compare", "--model", twin, "--workload", Path.Combine(RepoRoot, "workloads", "ui.jsonl"), "--limit", "2", "--out", report);
+        Assert.True(code == 0, stderr);
+        var json = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(report, $"fidelity-{Path.GetFileName(twin)}.json")))!;
+        var all = json["summary"]!.AsArray().Single(s => s!["task"]!.GetValue<string>() == "all")!;
+        Assert.Equal(2, all["identical_prompts"]!.GetValue<int>());
+        Assert.True(all["max_relative_logit_diff"]!.GetValue<double>() < 1e-4);
+    }
+
+    [Theory]
+    [InlineData("--hidden", "96", "hidden size 96 is smaller than the source's 192")]
+    [InlineData("--head-dim", "48", "head dim 48 is not a multiple of the source's 32")]
+    [InlineData("--kv-heads", "1", "kv heads are fewer than the source's 2")]
+    public void Model_inflate_should_refuse_an_impossible_target_with_the_reason(string option, string value, string reason)
+    {
+        string dir = Path.Combine(Path.GetTempPath(), "coordgen-twin-refused-" + Guid.NewGuid().ToString("N"));
+        var (code, _, stderr) = Run("model", "inflate", option, value, "--out", dir);
+        Assert.Equal(1, code);
+        Assert.Contains(reason, stderr);
+        Assert.False(Directory.Exists(dir), "a refused target must not leave a folder behind");
+    }
 }

@@ -72,7 +72,7 @@ internal static class BenchAccept
         var calibK = new Option<int>("--calib-k") { Description = "Calibration: next-token candidates per context position.", DefaultValueFactory = _ => new CalibrationOptions().TopK };
         var calibDepth = new Option<int>("--calib-depth") { Description = "Calibration: tokens per calibrated path.", DefaultValueFactory = _ => new CalibrationOptions().Depth };
         var calibMinP = new Option<float>("--calib-min-p") { Description = "Calibration: smallest probability followed.", DefaultValueFactory = _ => new CalibrationOptions().MinProbability };
-        var adaptive = new Option<bool>("--adaptive-width") { Description = "Speculative methods choose their width per step (1, 4 or up to --width) as the runtime does (docs/decisions/0006-adaptive-width.md); mean_accepted then counts plain steps too." };
+        var adaptive = new Option<bool>("--adaptive-width") { Description = "Speculative methods choose their width per step (1, 4 or up to --width) from the model's own measured step costs, as the server does by default (docs/decisions/0006-adaptive-width.md); mean_accepted then counts plain steps too. --adaptive-width false verifies every step at the full width.", DefaultValueFactory = _ => true };
         var deviceProfile = CommonOptions.DeviceProfile("What-if: also report the speedup these acceptance counts would give at this accelerator profile's step times (profile_speedup; not measured, labelled as such).");
         var cmd = new Command("accept", "Acceptance ratio, decode tokens/s and speedup over plain greedy for each drafting method, task and verification width, with a check that greedy outputs match plain greedy token for token. Writes Markdown, JSON and a PNG plot.")
         {
@@ -116,7 +116,7 @@ internal static class BenchAccept
                 rows = [.. rows.Select(r => r with { ProfileSpeedup = r.MeanAccepted <= 0 ? null : profile.StepMs(1) / ((r.Method == "ar" ? profile.StepMs(1) : profile.StepMs(r.Width) + r.DraftMsPerStep) / r.MeanAccepted) })];
             }
 
-            Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files, profile);
+            Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files, profile, parse.GetValue(adaptive));
             return 0;
         });
         return cmd;
@@ -279,8 +279,9 @@ internal static class BenchAccept
         }
     }
 
-    private static void Report(List<AcceptRow> rows, ModelBundle bundle, FileInfo? json, DirectoryInfo? outDir, List<int> widths, List<string> methods, int limit, List<string> files, DeviceProfile? profile)
+    private static void Report(List<AcceptRow> rows, ModelBundle bundle, FileInfo? json, DirectoryInfo? outDir, List<int> widths, List<string> methods, int limit, List<string> files, DeviceProfile? profile, bool adaptive)
     {
+        string stem = ReportStem.For("accept", bundle.Name);
         var opts = new JsonSerializerOptions { WriteIndented = true };
         string dir = outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench");
         Directory.CreateDirectory(dir);
@@ -290,16 +291,20 @@ internal static class BenchAccept
             File.WriteAllText(json.FullName, jsonText);
         }
 
-        File.WriteAllText(Path.Combine(dir, "accept.json"), jsonText);
+        File.WriteAllText(Path.Combine(dir, stem + ".json"), jsonText);
         var stamp = BenchStamp.Capture();
         var tasks = rows.Select(r => r.Task).Distinct().ToList();
         var md = new StringBuilder();
         md.AppendLine(CultureInfo.InvariantCulture, $"# Acceptance and decode speed by method: {bundle.Name}");
         md.AppendLine();
         md.AppendLine(stamp.ToMarkdown());
-        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen bench accept --width {string.Join(",", widths)} --methods {string.Join(",", methods)}{(limit > 0 ? $" --limit {limit}" : "")}{(profile is null ? "" : $" --device-profile {profile.Name}")}` over {string.Join(", ", files.Select(Path.GetFileName))}. Greedy decoding; every method decodes from a copy of the same prefilled cache, in one process, prompt by prompt.");
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen bench accept{(bundle.Name == "coordgen-demo" ? "" : $" --model {bundle.Directory}")} --width {string.Join(",", widths)}{(adaptive ? "" : " --adaptive-width false")} --methods {string.Join(",", methods)}{(limit > 0 ? $" --limit {limit}" : "")}{(profile is null ? "" : $" --device-profile {profile.Name}")}` over {string.Join(", ", files.Select(Path.GetFileName))}. Greedy decoding; every method decodes from a copy of the same prefilled cache, in one process, prompt by prompt.");
         md.AppendLine();
         md.AppendLine("`mean_accepted` is tokens committed per verification step (accepted draft tokens plus the model's own next token; 1.0 for plain decoding). `speedup` is decode tokens/s over plain greedy decoding of the same prompts, each speculative run paired with a plain run right before it (this shared machine drifts in speed; a pair sees the same drift). `ar`'s own row is its first run of each prompt. `identical` is whether every greedy output equalled plain greedy token for token.");
+        md.AppendLine();
+        md.AppendLine(adaptive
+            ? "Adaptive width (the default, as in the server): each step verifies at the width with the most expected tokens per millisecond on this model's own measured step costs (docs/decisions/0006-adaptive-width.md), up to the row's `width`; `mean_accepted` counts its plain steps too."
+            : "Fixed width (`--adaptive-width false`): every step verifies at the row's `width`.");
         foreach (var task in tasks)
         {
             md.AppendLine();
@@ -338,9 +343,9 @@ internal static class BenchAccept
         }
 
         md.AppendLine();
-        md.AppendLine("![acceptance by method](accept.png)");
-        File.WriteAllText(Path.Combine(dir, "accept.md"), md.ToString());
-        Plots.AcceptPlot(rows, Path.Combine(dir, "accept.png"));
+        md.AppendLine(CultureInfo.InvariantCulture, $"![acceptance by method]({stem}.png)");
+        File.WriteAllText(Path.Combine(dir, stem + ".md"), md.ToString());
+        Plots.AcceptPlot(rows, Path.Combine(dir, stem + ".png"));
 
         var t = new Table().AddColumns("task", "method", "width", "mean acc.", "tok/s", "speedup", "identical", "draft ms/step");
         foreach (var r in rows.OrderBy(r => r.Task).ThenBy(r => Array.IndexOf(AllMethods, r.Method)).ThenBy(r => r.Width))
@@ -351,6 +356,6 @@ internal static class BenchAccept
         }
 
         AnsiConsole.Write(t);
-        ConsoleUi.Err.MarkupLineInterpolated($"[grey]wrote {dir}/accept.md, accept.json, accept.png[/]");
+        ConsoleUi.Err.MarkupLineInterpolated($"[grey]wrote {dir}/{stem}.md, .json and .png[/]");
     }
 }

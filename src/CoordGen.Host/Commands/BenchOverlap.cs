@@ -112,7 +112,7 @@ internal static class BenchOverlap
                 DeviceProfile = profile?.Name,
                 StepsOverProfile = profile is null ? null : after.Overran - before.Overran,
             };
-            string stem = profile is null ? "overlap" : $"overlap-{profile.Name}";
+            string stem = ReportStem.For(profile is null ? "overlap" : $"overlap-{profile.Name}", bundle.Name);
             string dir = parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench");
             Directory.CreateDirectory(dir);
             string text = JsonSerializer.Serialize(report, new JsonSerializerOptions { WriteIndented = true });

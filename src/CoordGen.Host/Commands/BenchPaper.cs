@@ -138,38 +138,39 @@ internal static class BenchPaper
                     }
                 }
             });
-            Write(rows, stamp, n, g1, g2, parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json));
+            Write(rows, stamp, n, g1, g2, parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), bundle.Name);
             return rows.All(r => r.IdenticalToPlain) ? 0 : 1;
         });
         return cmd;
     }
 
-    private static void Write(List<PaperRow> rows, BenchStamp stamp, int n, int g1, int g2, string dir, FileInfo? json)
+    private static void Write(List<PaperRow> rows, BenchStamp stamp, int n, int g1, int g2, string dir, FileInfo? json, string model)
     {
         Directory.CreateDirectory(dir);
+        string stem = ReportStem.For("paper", model);
         string text = JsonSerializer.Serialize(rows, new JsonSerializerOptions { WriteIndented = true });
-        File.WriteAllText(Path.Combine(dir, "paper.json"), text);
+        File.WriteAllText(Path.Combine(dir, stem + ".json"), text);
         if (json is not null)
         {
             File.WriteAllText(json.FullName, text);
         }
 
         string[] tasks = ["summary", "rag", "ui", "reply"];
-        Plots.PaperTable(rows.Where(r => r.Table == 3).ToList(), [.. Table3.Select(t => t.Label)], tasks, r => r.MsPerToken, "decode ms per token (lower is better)", "Table 3 layout: ms per token", Path.Combine(dir, "paper-table3.png"));
-        Plots.PaperTable(rows.Where(r => r.Table == 4).ToList(), Table4, tasks, r => r.Acceptance, "tokens per verification step", "Table 4 layout: acceptance ratio", Path.Combine(dir, "paper-table4.png"));
+        Plots.PaperTable(rows.Where(r => r.Table == 3).ToList(), [.. Table3.Select(t => t.Label)], tasks, r => r.MsPerToken, "decode ms per token (lower is better)", "Table 3 layout: ms per token", Path.Combine(dir, stem + "-table3.png"));
+        Plots.PaperTable(rows.Where(r => r.Table == 4).ToList(), Table4, tasks, r => r.Acceptance, "tokens per verification step", "Table 4 layout: acceptance ratio", Path.Combine(dir, stem + "-table4.png"));
         var md = new StringBuilder();
-        md.AppendLine("# The paper's tables on coordgen-demo (`coordgen bench paper`)").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"# The paper's tables on {model} (`coordgen bench paper`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"First {n} held-out prompts per task, greedy, every setting decoding from the same prefill in one process; CPU execution provider. Wide graph W = {g1}, narrow verification graph W = {g2} (plain decoding without G runs its one token per step on the wide graph, as a single NPU graph for both phases would; with G it runs the width-1 graph; the switch itself is the subject of `bench graphs`).").AppendLine();
         md.AppendLine("## Table 3 layout: decode ms per token").AppendLine();
         Table(md, rows.Where(r => r.Table == 3).ToList(), [.. Table3.Select(t => t.Label)], tasks, r => r.MsPerToken.ToString("F3", CultureInfo.InvariantCulture));
-        md.AppendLine().AppendLine("![table 3](paper-table3.png)").AppendLine();
+        md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"![table 3]({stem}-table3.png)").AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"## Table 4 layout: acceptance ratio (tokens per verification step, W = {g2})").AppendLine();
         Table(md, rows.Where(r => r.Table == 4).ToList(), Table4, tasks, r => r.Acceptance.ToString("F2", CultureInfo.InvariantCulture));
-        md.AppendLine().AppendLine("![table 4](paper-table4.png)").AppendLine();
+        md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"![table 4]({stem}-table4.png)").AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"Every setting's greedy output equals plain greedy decoding token for token: {(rows.All(r => r.IdenticalToPlain) ? "yes" : "NO")}.");
-        File.WriteAllText(Path.Combine(dir, "paper.md"), md.ToString());
-        ConsoleUi.Err.MarkupLineInterpolated($"[green]wrote {dir}/paper.md[/]");
+        File.WriteAllText(Path.Combine(dir, stem + ".md"), md.ToString());
+        ConsoleUi.Err.MarkupLineInterpolated($"[green]wrote {dir}/{stem}.md[/]");
     }
 
     private static void Table(StringBuilder md, List<PaperRow> rows, IReadOnlyList<string> settings, string[] tasks, Func<PaperRow, string> cell)

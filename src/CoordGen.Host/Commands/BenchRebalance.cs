@@ -258,16 +258,16 @@ internal static class BenchRebalance
 
             var (median, writers, newcomerSent, newcomerFirst, newcomerLast) = results.OrderBy(x => x.Report.WorstRatio).ElementAt(results.Count / 2);
             var report = median with { Runs = [.. results.Select(x => new RebalanceRun { WorstRatio = x.Report.WorstRatio, WorstRatioWhileNewcomerDecodes = x.Report.WorstRatioWhileNewcomerDecodes, ControlWorstRatio = x.Report.ControlWorstRatio, NewcomerTtftMs = x.Report.NewcomerTtftMs })] };
-            Write(report, writers, newcomerSent, newcomerFirst, newcomerLast, settings.PrefillWidth, settings.EffectiveChunkWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json), profile);
+            Write(report, writers, newcomerSent, newcomerFirst, newcomerLast, settings.PrefillWidth, settings.EffectiveChunkWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json), profile, bundle.Name);
             return 0;
         });
         return cmd;
     }
 
-    private static void Write(RebalanceReport report, TimestampingWriter[] writers, long sent, long first, long last, int prefillWidth, int chunk, int width, BenchStamp stamp, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile)
+    private static void Write(RebalanceReport report, TimestampingWriter[] writers, long sent, long first, long last, int prefillWidth, int chunk, int width, BenchStamp stamp, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, string model)
     {
         Directory.CreateDirectory(dir);
-        string stem = profile is null ? "rebalance" : $"rebalance-{profile.Name}";
+        string stem = ReportStem.For(profile is null ? "rebalance" : $"rebalance-{profile.Name}", model);
         string jsonText = JsonSerializer.Serialize(report with { DeviceProfile = profile?.Name }, new JsonSerializerOptions { WriteIndented = true });
         File.WriteAllText(Path.Combine(dir, stem + ".json"), jsonText);
         if (json is not null)

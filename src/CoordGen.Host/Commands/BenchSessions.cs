@@ -178,7 +178,7 @@ internal static class BenchSessions
             var gc = new GcCounts(GC.CollectionCount(0) - gcBefore[0], GC.CollectionCount(1) - gcBefore[1], GC.CollectionCount(2) - gcBefore[2], (GC.GetTotalPauseDuration() - gcPauseBefore).TotalMilliseconds);
             // One workload file of its own: the report is named after it (sessions-summary.md), so per-family runs sit beside the mixed one.
             string? family = parse.GetValue(workload) is { Length: 1 } one ? Path.GetFileNameWithoutExtension(one[0].Name) : null;
-            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), profile, paced, family, files, gc);
+            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), profile, paced, family, files, gc, bundle.Name);
             return rows.All(r => r.IdenticalToAlone) ? 0 : 1;
         });
         return cmd;
@@ -207,10 +207,10 @@ internal static class BenchSessions
         return new StreamResult(tokens, gaps);
     }
 
-    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, DeviceActor.Overlap paced, string? family, IReadOnlyList<string> files, GcCounts gc)
+    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, DeviceActor.Overlap paced, string? family, IReadOnlyList<string> files, GcCounts gc, string model)
     {
         Directory.CreateDirectory(dir);
-        string stem = "sessions" + (family is null ? "" : $"-{family}") + (profile is null ? "" : $"-{profile.Name}");
+        string stem = ReportStem.For("sessions" + (family is null ? "" : $"-{family}") + (profile is null ? "" : $"-{profile.Name}"), model);
         rows = profile is null ? rows : [.. rows.Select(r => r with { DeviceProfile = profile.Name })];
         string text = JsonSerializer.Serialize(rows, new JsonSerializerOptions { WriteIndented = true });
         File.WriteAllText(Path.Combine(dir, stem + ".json"), text);

@@ -19,6 +19,7 @@ internal static class ModelCommands
         var cmd = new Command("model", "Model tools: make random-weight shape models and function-preserving twins, inspect a checkpoint, profile latency against graph width.");
         cmd.Add(Synth());
         cmd.Add(ModelInflate.Create());
+        cmd.Add(ModelCompare.Create());
         cmd.Add(Inspect());
         cmd.Add(Profile());
         cmd.Add(ModelEvaluate.Create());
@@ -27,20 +28,24 @@ internal static class ModelCommands
 
     private static Command Synth()
     {
-        var shape = new Option<string>("--shape") { Description = $"One of: {string.Join(", ", ShapeCatalog.Shapes.Keys)}.", Required = true };
+        var shape = new Option<string?>("--shape") { Description = $"One of: {string.Join(", ", ShapeCatalog.Shapes.Keys)}." };
+        var like = new Option<string?>("--like") { Description = "Copy the shape (config.json and tokenizer) of this model directory instead, e.g. a twin: random weights of exactly its shape.", HelpName = "DIR" };
         var output = new Option<DirectoryInfo>("--out", "-o") { Description = "Directory to write config.json, model.safetensors and tokenizer.json into.", Required = true, HelpName = "DIR" };
         var seed = new Option<int>("--seed") { Description = "Seed for the random weights.", DefaultValueFactory = _ => 1 };
-        var cmd = new Command("synth", "Write a random-weight checkpoint with a real model's shape (the weights are random, the file layout is real). The tokenizer is coordgen-demo's.")
+        var cmd = new Command("synth", "Write a random-weight checkpoint with a real model's shape, or with exactly the shape of a given model (--like): the weights are random, the file layout is real. The tokenizer is coordgen-demo's (or the --like model's).")
         {
-            shape, output, seed,
+            shape, like, output, seed,
         };
         cmd.SetAction(parse =>
         {
-            string name = parse.GetValue(shape)!;
-            if (!ShapeCatalog.Shapes.TryGetValue(name, out var config))
+            string? likeDir = parse.GetValue(like) is { } l ? ModelLocator.Resolve(l) : null;
+            if ((parse.GetValue(shape) is null) == (likeDir is null))
             {
-                throw new ArgumentException($"unknown --shape '{name}'; choose one of {string.Join(", ", ShapeCatalog.Shapes.Keys)}.");
+                throw new ArgumentException($"give either --shape ({string.Join(", ", ShapeCatalog.Shapes.Keys)}) or --like DIR, not both and not neither.");
             }
+
+            string name = parse.GetValue(shape) ?? $"the shape of {Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(likeDir!)))}";
+            var config = likeDir is null ? ShapeCatalog.Get(parse.GetValue(shape)!) : ModelConfig.Load(Path.Combine(likeDir, "config.json"));
 
             var dir = parse.GetValue(output)!;
             dir.Create();
@@ -51,7 +56,7 @@ internal static class ModelCommands
                 return 0;
             });
             File.WriteAllText(Path.Combine(dir.FullName, "config.json"), config.ToJson());
-            string tok = Path.Combine(ModelLocator.Resolve(null), "tokenizer.json");
+            string tok = Path.Combine(likeDir ?? ModelLocator.Resolve(null), "tokenizer.json");
             File.Copy(tok, Path.Combine(dir.FullName, "tokenizer.json"), overwrite: true);
             ConsoleUi.Err.MarkupLineInterpolated($"wrote {name} shape model ({config.ParameterCount / 1e6:F1}M parameters) to {dir.FullName}");
             return 0;
@@ -99,9 +104,10 @@ internal static class ModelCommands
         var repeats = new Option<int>("--repeats") { Description = "Timed runs per cell; the median is reported.", DefaultValueFactory = _ => 15 };
         var threads = CommonOptions.Threads();
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Where to write the report (default: docs/bench/ of the checkout).", HelpName = "DIR" };
+        var compare = new Option<string?>("--compare") { Description = "A second model timed cell by cell beside --model, runs alternating, for a side-by-side table (e.g. a twin against a random-weight model of its shape: model synth --like).", HelpName = "DIR" };
         var cmd = new Command("profile", "Time one graph step against width and KV fill (median of repeated runs), and compare coordgen generate's per-token decode time with the bare ONNX Runtime run of the width-1 graph in the same process. Writes Markdown and JSON under docs/bench/.")
         {
-            model, capacity, widths, fills, repeats, threads, outDir,
+            model, capacity, widths, fills, repeats, threads, outDir, compare,
         };
         cmd.SetAction(parse =>
         {
@@ -127,6 +133,14 @@ internal static class ModelCommands
                 return r;
             });
             var memory = new MemoryReport(bundle.Weights.TotalBytes, rssWeights, rssOneGraph, CurrentRss(), rt.GraphCount);
+            var other = parse.GetValue(compare) is { } otherDir ? ConsoleUi.LoadModel(ModelLocator.Resolve(otherDir)) : null;
+            using var otherRt = other is null ? null : ConsoleUi.Status($"compiling {other.Name}'s graphs", () =>
+            {
+                var r = new OrtModelRuntime(other.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads) });
+                r.CompileAll();
+                return r;
+            });
+            var otherCells = new List<ProfileCell>();
             AnsiConsole.MarkupLineInterpolated($"memory: weights {memory.WeightBytes / 1048576.0:F1} MiB; process RSS {memory.RssWeights / 1048576.0:F0} MiB with weights loaded, {memory.RssOneGraph / 1048576.0:F0} MiB with 1 graph, {memory.RssAllGraphs / 1048576.0:F0} MiB with all {memory.Graphs} graphs (widths x buckets) sharing them");
             var cells = new List<ProfileCell>();
             AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn()).Start(ctx =>
@@ -137,7 +151,17 @@ internal static class ModelCommands
                     foreach (int w in ws)
                     {
                         int fill = Math.Clamp((int)(f * cap), 0, cap - w);
-                        cells.Add(new ProfileCell(w, fill, TimeStep(rt, w, fill, reps)));
+                        if (otherRt is null)
+                        {
+                            cells.Add(new ProfileCell(w, fill, TimeStep(rt, w, fill, reps)));
+                        }
+                        else
+                        {
+                            var (a, b) = TimeStepPair(rt, otherRt, w, fill, reps);
+                            cells.Add(new ProfileCell(w, fill, a));
+                            otherCells.Add(new ProfileCell(w, fill, b));
+                        }
+
                         task.Increment(1);
                     }
                 }
@@ -163,6 +187,11 @@ internal static class ModelCommands
             AnsiConsole.Write(table);
             AnsiConsole.MarkupLineInterpolated($"engine overhead at fill {overhead.Fill}: generate {overhead.GenerateMsPerToken:F3} ms/token vs bare W=1 run {overhead.BareRunMs:F3} ms → [bold]{overhead.Ratio:F3}x[/] (bar: ≤ 1.10x)");
             WriteReport(parse.GetValue(outDir), bundle, rt, cap, reps, cells, fs, ws, overhead, memory);
+            if (other is not null)
+            {
+                WriteComparison(parse.GetValue(outDir), bundle, other, cap, reps, cells, otherCells);
+            }
+
             return 0;
         });
         return cmd;
@@ -187,29 +216,77 @@ internal static class ModelCommands
 
     private static double TimeStep(OrtModelRuntime rt, int width, int fill, int reps)
     {
-        using var cache = rt.CreateCache();
-        // Pretend `fill` slots are committed: the mask exposes them, their contents are zeros.
-        var c = rt.Config;
-        var zeros = Enumerable.Range(0, c.NumLayers).Select(_ => new float[c.NumKvHeads * c.HeadDim]).ToArray();
-        while (cache.Length < fill)
-        {
-            cache.Commit(zeros, zeros, 1, [0]);
-        }
-
-        var buf = rt.Buffers(width, cache);
-        var tokens = Enumerable.Range(10, width).ToArray();
-        buf.SetLinear(tokens, fill, fill);
-        rt.Run(width, cache);
+        using var step = new StepTimer(rt, width, fill);
         var times = new double[reps];
         for (int r = 0; r < reps; r++)
         {
-            long t0 = Stopwatch.GetTimestamp();
-            rt.Run(width, cache);
-            times[r] = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+            times[r] = step.RunOnce();
         }
 
         Array.Sort(times);
         return times[reps / 2];
+    }
+
+    /// <summary>The same cell on two runtimes, run by run in turn (which goes first alternating), so drift in the machine's speed hits both alike.</summary>
+    private static (double A, double B) TimeStepPair(OrtModelRuntime a, OrtModelRuntime b, int width, int fill, int reps)
+    {
+        using var sa = new StepTimer(a, width, fill);
+        using var sb = new StepTimer(b, width, fill);
+        var ta = new double[reps];
+        var tb = new double[reps];
+        for (int r = 0; r < reps; r++)
+        {
+            if (r % 2 == 0)
+            {
+                ta[r] = sa.RunOnce();
+                tb[r] = sb.RunOnce();
+            }
+            else
+            {
+                tb[r] = sb.RunOnce();
+                ta[r] = sa.RunOnce();
+            }
+        }
+
+        Array.Sort(ta);
+        Array.Sort(tb);
+        return (ta[reps / 2], tb[reps / 2]);
+    }
+
+    /// <summary>One graph step of a width at a KV fill, ready to be timed run after run.</summary>
+    private sealed class StepTimer : IDisposable
+    {
+        private readonly OrtModelRuntime _rt;
+        private readonly KvCache _cache;
+        private readonly int _width;
+
+        public StepTimer(OrtModelRuntime rt, int width, int fill)
+        {
+            _rt = rt;
+            _width = width;
+            _cache = rt.CreateCache();
+
+            // Pretend `fill` slots are committed: the mask exposes them, their contents are zeros.
+            var c = rt.Config;
+            var zeros = Enumerable.Range(0, c.NumLayers).Select(_ => new float[c.NumKvHeads * c.HeadDim]).ToArray();
+            while (_cache.Length < fill)
+            {
+                _cache.Commit(zeros, zeros, 1, [0]);
+            }
+
+            var buf = rt.Buffers(width, _cache);
+            buf.SetLinear(Enumerable.Range(10, width).ToArray(), fill, fill);
+            rt.Run(width, _cache);
+        }
+
+        public double RunOnce()
+        {
+            long t0 = Stopwatch.GetTimestamp();
+            _rt.Run(_width, _cache);
+            return Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+        }
+
+        public void Dispose() => _cache.Dispose();
     }
 
     /// <summary>
@@ -265,6 +342,54 @@ internal static class ModelCommands
         Array.Sort(bare);
         double e = engine[steps / 2], b = bare[steps / 2];
         return new Overhead(prompt.Length + (steps / 2), e, b, e / b);
+    }
+
+    /// <summary>profile-&lt;model&gt;-vs-&lt;other&gt;.md/.json: both models' cells side by side and their ratio.</summary>
+    private static void WriteComparison(DirectoryInfo? outDir, ModelBundle a, ModelBundle b, int cap, int reps, List<ProfileCell> cellsA, List<ProfileCell> cellsB)
+    {
+        string dir = outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench");
+        Directory.CreateDirectory(dir);
+        var stamp = BenchStamp.Capture();
+        string name = $"profile-{a.Name}-vs-{b.Name}";
+        var ratios = cellsA.Zip(cellsB, (x, y) => x.MedianMs / y.MedianMs).ToList();
+        var table = new Table().AddColumns("width", "fill", $"{a.Name} ms", $"{b.Name} ms", "ratio");
+        var md = new StringBuilder();
+        md.AppendLine(CultureInfo.InvariantCulture, $"# Step time side by side: {a.Name} and {b.Name}");
+        md.AppendLine();
+        md.AppendLine(stamp.ToMarkdown());
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen model profile --model {a.Directory} --compare {b.Directory} --capacity {cap} --repeats {reps}`. Each cell runs the two models' graphs in turn, {reps} times each (which goes first alternating); medians.");
+        md.AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Parameters: {a.Config.ParameterCount:N0} and {b.Config.ParameterCount:N0}. Ratio {a.Name} / {b.Name}: median {Median(ratios):F3}, range {ratios.Min():F3}-{ratios.Max():F3}; largest departure from 1: {ratios.Max(r => Math.Abs(r - 1)):P1}.");
+        md.AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"| width | KV fill | {a.Name} ms | {b.Name} ms | ratio |");
+        md.AppendLine("|---|---|---|---|---|");
+        for (int i = 0; i < cellsA.Count; i++)
+        {
+            var (x, y) = (cellsA[i], cellsB[i]);
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {x.Width} | {x.Fill} | {x.MedianMs:F2} | {y.MedianMs:F2} | {ratios[i]:F3} |");
+            table.AddRow($"{x.Width}", $"{x.Fill}", x.MedianMs.ToString("F2", CultureInfo.InvariantCulture), y.MedianMs.ToString("F2", CultureInfo.InvariantCulture), ratios[i].ToString("F3", CultureInfo.InvariantCulture));
+        }
+
+        AnsiConsole.Write(table);
+        File.WriteAllText(Path.Combine(dir, name + ".md"), md.ToString());
+        File.WriteAllText(Path.Combine(dir, name + ".json"), JsonSerializer.Serialize(new
+        {
+            stamp,
+            model = a.Name,
+            compare = b.Name,
+            capacity = cap,
+            repeats = reps,
+            median_ratio = Median(ratios),
+            max_abs_departure = ratios.Max(r => Math.Abs(r - 1)),
+            cells = cellsA.Zip(cellsB, (x, y) => new { width = x.Width, fill = x.Fill, median_ms = x.MedianMs, compare_median_ms = y.MedianMs, ratio = x.MedianMs / y.MedianMs }),
+        }, new JsonSerializerOptions { WriteIndented = true }));
+        ConsoleUi.Err.MarkupLineInterpolated($"[grey]wrote {Path.Combine(dir, name)}.md and .json[/]");
+    }
+
+    private static double Median(List<double> xs)
+    {
+        var s = xs.Order().ToList();
+        return s.Count == 0 ? 0 : s[s.Count / 2];
     }
 
     private static void WriteReport(DirectoryInfo? outDir, ModelBundle bundle, OrtModelRuntime rt, int cap, int reps, List<ProfileCell> cells,
