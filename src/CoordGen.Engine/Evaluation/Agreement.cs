@@ -26,8 +26,10 @@ public sealed record PromptAgreement(int Tokens, int? FirstDivergence, double? R
 public static class Agreement
 {
     /// <summary>Logits rows predicting continuation[0..n-1] after <paramref name="prompt"/>, one per call of <paramref name="row"/>.</summary>
-    public static void TeacherForced(Generator gen, OrtModelRuntime runtime, int[] prompt, IReadOnlyList<int> continuation, Action<int, ReadOnlySpan<float>> row)
+    /// <param name="promptLoss">If given, receives the prompt's own next-token loss: summed negative log-likelihood (nats) of prompt tokens 1..n-1.</param>
+    public static void TeacherForced(Generator gen, OrtModelRuntime runtime, int[] prompt, IReadOnlyList<int> continuation, Action<int, ReadOnlySpan<float>> row, Action<double>? promptLoss = null)
     {
+        double nll = 0;
         // Position p's logits predict token p + 1: rows from the last prompt token to the second-to-last output token.
         int[] all = [.. prompt, .. continuation.Take(Math.Max(0, continuation.Count - 1))];
         int first = prompt.Length - 1;
@@ -41,12 +43,22 @@ public static class Agreement
                 {
                     row(pos - first, buf.LogitsRow(i));
                 }
+
+                if (pos < first)
+                {
+                    nll += NegativeLogLikelihood(buf.LogitsRow(i), all[pos + 1]);
+                }
             }
         });
         while (!prefill.Step())
         {
         }
+
+        promptLoss?.Invoke(nll);
     }
+
+    /// <summary>-log softmax(logits)[token], in double precision.</summary>
+    public static double NegativeLogLikelihood(ReadOnlySpan<float> logits, int token) => LogSumExp(logits) - logits[token];
 
     /// <summary>Compares rows of one prompt; the reference's rows and greedy tokens come first.</summary>
     public static PromptAgreement Compare(IReadOnlyList<float[]> reference, IReadOnlyList<float[]> model, IReadOnlyList<int> tokens)

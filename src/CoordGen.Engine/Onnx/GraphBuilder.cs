@@ -7,8 +7,21 @@ namespace CoordGen.Engine.Onnx;
 /// <summary>Small helper for writing ONNX graphs: unique names, nodes, constants, typed inputs and outputs.</summary>
 internal sealed class GraphBuilder(string name)
 {
+    /// <summary>Domain of ONNX Runtime's contrib operators (MatMulNBits).</summary>
+    public const string MicrosoftDomain = "com.microsoft";
+
     private readonly GraphProto _graph = new() { Name = name };
     private int _counter;
+    private bool _usesMicrosoftDomain;
+
+    /// <summary>A node of ONNX Runtime's com.microsoft contrib domain.</summary>
+    public string ContribNode(string op, IEnumerable<string> inputs, params AttributeProto[] attrs)
+    {
+        string o = Node(op, inputs, null, attrs);
+        _graph.Node[^1].Domain = MicrosoftDomain;
+        _usesMicrosoftDomain = true;
+        return o;
+    }
 
     public string Fresh(string hint) => $"{hint}_{_counter++}";
 
@@ -67,16 +80,16 @@ internal sealed class GraphBuilder(string name)
     /// Declares a weight whose data lives outside the graph. The session is given the tensor through
     /// SessionOptions.AddInitializer, so every graph width shares one copy (see OrtModelRuntime).
     /// </summary>
-    public string SharedWeight(string weightName, long[] dims)
+    public string SharedWeight(string weightName, long[] dims, TensorProto.Types.DataType type = TensorProto.Types.DataType.Float)
     {
         var t = new TensorProto
         {
             Name = weightName,
-            DataType = (int)TensorProto.Types.DataType.Float,
+            DataType = (int)type,
             DataLocation = TensorProto.Types.DataLocation.External,
         };
         t.Dims.AddRange(dims);
-        long bytes = dims.Aggregate(4L, (a, b) => a * b);
+        long bytes = dims.Aggregate(type == TensorProto.Types.DataType.Uint8 ? 1L : 4L, (a, b) => a * b);
         t.ExternalData.Add(new StringStringEntryProto { Key = "location", Value = LlamaGraphCompiler.SharedWeightsFile });
         t.ExternalData.Add(new StringStringEntryProto { Key = "offset", Value = "0" });
         t.ExternalData.Add(new StringStringEntryProto { Key = "length", Value = bytes.ToString(System.Globalization.CultureInfo.InvariantCulture) });
@@ -113,6 +126,11 @@ internal sealed class GraphBuilder(string name)
             Graph = _graph,
         };
         m.OpsetImport.Add(new OperatorSetIdProto { Domain = "", Version = opset });
+        if (_usesMicrosoftDomain)
+        {
+            m.OpsetImport.Add(new OperatorSetIdProto { Domain = MicrosoftDomain, Version = 1 });
+        }
+
         foreach (var kv in metadata)
         {
             m.MetadataProps.Add(new StringStringEntryProto { Key = kv.Key, Value = kv.Value });

@@ -45,8 +45,20 @@ public static class LlamaGraphCompiler
     /// <summary>Weight names the graph expects as shared initializers.</summary>
     public static IEnumerable<string> WeightNames(ModelConfig c) => ModelWeights.ExpectedTensors(c).Select(e => e.Name);
 
-    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0) =>
-        Compile(c, shape, hasLmHead, topCandidates: topCandidates).ToByteArray();
+    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32) =>
+        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights).ToByteArray();
+
+    /// <summary>Shared initializer holding a quantized linear layer's codes ([N, K/block, block·bits/8] uint8).</summary>
+    public static string QuantizedCodes(string weight) => weight + ".q";
+
+    /// <summary>Shared initializer holding a quantized linear layer's scales ([N·K/block] float).</summary>
+    public static string QuantizedScales(string weight) => weight + ".scales";
+
+    /// <summary>
+    /// MatMulNBits' accuracy_level: 4 lets the CPU kernel quantize activations to int8 per block and use the
+    /// int8 dot-product instructions (VNNI); level 0 runs 10-20x slower than float32 here (issue 18).
+    /// </summary>
+    public const int QuantizedAccuracyLevel = 4;
 
     /// <summary>Candidates per row in the <c>top_ids</c>/<c>top_probs</c> outputs of the runtime's verification and prefill graphs.</summary>
     public const int TopCandidates = 4;
@@ -69,7 +81,7 @@ public static class LlamaGraphCompiler
     public static byte[] CompileBlockBytes(ModelConfig c, GraphShape shape, int firstLayer, int endLayer, bool hasLmHead = false) =>
         Compile(c, shape, hasLmHead, firstLayer, endLayer).ToByteArray();
 
-    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0)
+    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32)
     {
         if (topCandidates < 0 || topCandidates > c.VocabSize)
         {
@@ -150,10 +162,22 @@ public static class LlamaGraphCompiler
             return b.Node("Mul", [b.Node("Div", [input, b.Node("Sqrt", [b.Node("Add", [ms, eps])])]), weight]);
         }
 
-        string Linear(string input, string weight, string? bias = null)
+        // A decoder layer's projection [n, k]: float32 Gemm, or MatMulNBits over the shared quantized codes.
+        string Linear(string input, string weight, int n, int k, string? bias = null)
         {
-            string[] inputs = bias is null ? [input, weight] : [input, weight, bias];
-            return b.Node("Gemm", inputs, attrs: GraphBuilder.Int("transB", 1));
+            if (weights == WeightFormat.F32)
+            {
+                string w = W(weight, n, k);
+                return b.Node("Gemm", bias is null ? [input, w] : [input, w, bias], attrs: GraphBuilder.Int("transB", 1));
+            }
+
+            int bits = WeightQuantizer.Bits(weights), bs = WeightQuantizer.BlockSize;
+            string codes = b.SharedWeight(QuantizedCodes(weight), [n, k / bs, bs * bits / 8], DT.Uint8);
+            string scales = b.SharedWeight(QuantizedScales(weight), [n * (k / bs)]);
+            string y = b.ContribNode("MatMulNBits", [input, codes, scales],
+                GraphBuilder.Int("K", k), GraphBuilder.Int("N", n), GraphBuilder.Int("bits", bits), GraphBuilder.Int("block_size", bs),
+                GraphBuilder.Int("accuracy_level", QuantizedAccuracyLevel));
+            return bias is null ? y : b.Node("Add", [y, bias]);
         }
 
         string Rope(string t)
@@ -172,9 +196,9 @@ public static class LlamaGraphCompiler
             string? qb = c.AttentionBias ? W(p + "self_attn.q_proj.bias", c.QDim) : null;
             string? kb = c.AttentionBias ? W(p + "self_attn.k_proj.bias", c.KvDim) : null;
             string? vb = c.AttentionBias ? W(p + "self_attn.v_proj.bias", c.KvDim) : null;
-            string q = ToHeads(Linear(h, W(p + "self_attn.q_proj.weight", c.QDim, c.HiddenSize), qb), shapeQ);
-            string k = ToHeads(Linear(h, W(p + "self_attn.k_proj.weight", c.KvDim, c.HiddenSize), kb), shapeKv);
-            string v = ToHeads(Linear(h, W(p + "self_attn.v_proj.weight", c.KvDim, c.HiddenSize), vb), shapeKv);
+            string q = ToHeads(Linear(h, p + "self_attn.q_proj.weight", c.QDim, c.HiddenSize, qb), shapeQ);
+            string k = ToHeads(Linear(h, p + "self_attn.k_proj.weight", c.KvDim, c.HiddenSize, kb), shapeKv);
+            string v = ToHeads(Linear(h, p + "self_attn.v_proj.weight", c.KvDim, c.HiddenSize, vb), shapeKv);
             q = Rope(q);
             b.Node("Identity", [Rope(k)], PresentKey(i));
             b.Node("Identity", [v], PresentValue(i));
@@ -190,20 +214,20 @@ public static class LlamaGraphCompiler
             string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
             string att = b.Node("Add", [b.Node("MatMul", [pPast, PastValue(i)]), b.Node("MatMul", [pNew, v])]);
             string merged = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);
-            x = b.Node("Add", [x, Linear(merged, W(p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim))]);
+            x = b.Node("Add", [x, Linear(merged, p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim)]);
 
             string h2 = RmsNorm(x, W(p + "post_attention_layernorm.weight", c.HiddenSize));
-            string gate = Linear(h2, W(p + "mlp.gate_proj.weight", c.IntermediateSize, c.HiddenSize));
-            string up = Linear(h2, W(p + "mlp.up_proj.weight", c.IntermediateSize, c.HiddenSize));
+            string gate = Linear(h2, p + "mlp.gate_proj.weight", c.IntermediateSize, c.HiddenSize);
+            string up = Linear(h2, p + "mlp.up_proj.weight", c.IntermediateSize, c.HiddenSize);
             string act = b.Node("Mul", [b.Node("Mul", [gate, b.Node("Sigmoid", [gate])]), up]);
-            x = b.Node("Add", [x, Linear(act, W(p + "mlp.down_proj.weight", c.HiddenSize, c.IntermediateSize))]);
+            x = b.Node("Add", [x, Linear(act, p + "mlp.down_proj.weight", c.HiddenSize, c.IntermediateSize)]);
         }
 
         if (last)
         {
             string final = RmsNorm(x, W("model.norm.weight", c.HiddenSize));
             string head = hasLmHead ? W("lm_head.weight", c.VocabSize, c.HiddenSize) : embed!;
-            string logits = b.Node("Reshape", [Linear(final, head), b.ConstInt64([1, w, c.VocabSize])], "logits");
+            string logits = b.Node("Reshape", [b.Node("Gemm", [final, head], attrs: GraphBuilder.Int("transB", 1)), b.ConstInt64([1, w, c.VocabSize])], "logits");
             b.Output("logits", DT.Float, 1, w, c.VocabSize);
             if (topCandidates > 0)
             {

@@ -38,6 +38,9 @@ public sealed record RuntimeOptions
     /// </summary>
     public int BucketsPerOctave { get; init; } = 4;
 
+    /// <summary>How the linear layers' weights are held and multiplied: float32, or 8/4-bit blocks for MatMulNBits (quantized at load time).</summary>
+    public WeightFormat Weights { get; init; } = WeightFormat.F32;
+
     public static readonly string[] QnnPerformanceModes =
         ["default", "burst", "balanced", "high_performance", "high_power_saver", "low_balanced", "low_power_saver", "power_saver", "extreme_power_saver", "sustained_high_performance"];
 
@@ -108,7 +111,8 @@ public sealed class OrtModelRuntime : IDisposable
     public const int SmallestBucket = 256;
 
     private readonly Dictionary<(int Width, int Bucket), WidthGraph> _graphs = new();
-    private readonly List<OrtValue> _weightValues = new();
+    private readonly List<(string Name, OrtValue Value)> _weightValues = new();
+    private readonly List<QuantizedTensor> _quantized = new();
     private readonly PrePackedWeightsContainer _prepacked;
     private readonly RuntimeOptions _options;
     private readonly bool _sharedEnv;
@@ -130,7 +134,18 @@ public sealed class OrtModelRuntime : IDisposable
         _widths = widths.Distinct().Order().ToArray();
         foreach (var t in weights.Tensors)
         {
-            _weightValues.Add(OrtValue.CreateTensorValueFromMemory(t.Data, t.Shape));
+            if (_options.Weights != WeightFormat.F32 && WeightQuantizer.IsLinear(t.Name))
+            {
+                // Quantized once here, shared by every graph as the float weights are.
+                var q = WeightQuantizer.Quantize(t, _options.Weights);
+                _quantized.Add(q);
+                _weightValues.Add((LlamaGraphCompiler.QuantizedCodes(t.Name), OrtValue.CreateTensorValueFromMemory(q.Packed, [q.N, q.Blocks, q.BlockSize * q.Bits / 8])));
+                _weightValues.Add((LlamaGraphCompiler.QuantizedScales(t.Name), OrtValue.CreateTensorValueFromMemory(q.Scales, [q.Scales.LongLength])));
+            }
+            else
+            {
+                _weightValues.Add((t.Name, OrtValue.CreateTensorValueFromMemory(t.Data, t.Shape)));
+            }
         }
 
         // The smallest bucket of every width is compiled now, so a bad model or provider fails at start.
@@ -159,7 +174,13 @@ public sealed class OrtModelRuntime : IDisposable
     public Dictionary<(int Width, int Bucket), double> GraphLoadMs { get; } = new();
 
     /// <summary>Bytes of weights held once and shared by every graph.</summary>
-    public long SharedWeightBytes => Weights.TotalBytes;
+    public long SharedWeightBytes => Weights.TotalBytes - _quantized.Sum(q => (long)q.N * q.K * sizeof(float)) + _quantized.Sum(q => q.Bytes);
+
+    /// <summary>The format the linear layers run in.</summary>
+    public WeightFormat WeightFormat => _options.Weights;
+
+    /// <summary>The quantized linear layers (empty for float32), e.g. for quality reports.</summary>
+    public IReadOnlyList<QuantizedTensor> QuantizedWeights => _quantized;
 
     public int GraphCount => _graphs.Count;
 
@@ -393,7 +414,7 @@ public sealed class OrtModelRuntime : IDisposable
         }
 
         string path = Path.Combine(GraphDirectory, $"w{shape.Width}_c{shape.Capacity}.onnx");
-        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width)));
+        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights));
         return path;
     }
 
@@ -416,10 +437,9 @@ public sealed class OrtModelRuntime : IDisposable
 
         // The graphs declare every weight as an external initializer; these OrtValues (over the pinned
         // arrays of ModelWeights) replace them in every session, so all widths read one copy.
-        int i = 0;
-        foreach (var t in Weights.Tensors)
+        foreach (var (name, value) in _weightValues)
         {
-            so.AddInitializer(t.Name, _weightValues[i++]);
+            so.AddInitializer(name, value);
         }
 
         return so;
@@ -441,7 +461,7 @@ public sealed class OrtModelRuntime : IDisposable
             g.Dispose();
         }
 
-        foreach (var v in _weightValues)
+        foreach (var (_, v) in _weightValues)
         {
             v.Dispose();
         }

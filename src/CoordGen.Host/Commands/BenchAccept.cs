@@ -39,6 +39,9 @@ internal sealed record AcceptRow
     /// </summary>
     [JsonPropertyName("copy_ceiling")] public double CopyCeiling { get; init; }
 
+    /// <summary>The linear layers' weight format of this run (f32, int8, int4).</summary>
+    [JsonPropertyName("weights")] public string Weights { get; init; } = "f32";
+
     /// <summary>As <see cref="CopyCeiling"/>, but a copy may start anywhere (knowing the output in advance; no drafter can).</summary>
     [JsonPropertyName("any_copy_ceiling")] public double AnyCopyCeiling { get; init; }
 
@@ -72,11 +75,12 @@ internal static class BenchAccept
         var calibK = new Option<int>("--calib-k") { Description = "Calibration: next-token candidates per context position.", DefaultValueFactory = _ => new CalibrationOptions().TopK };
         var calibDepth = new Option<int>("--calib-depth") { Description = "Calibration: tokens per calibrated path.", DefaultValueFactory = _ => new CalibrationOptions().Depth };
         var calibMinP = new Option<float>("--calib-min-p") { Description = "Calibration: smallest probability followed.", DefaultValueFactory = _ => new CalibrationOptions().MinProbability };
+        var weights = CommonOptions.Weights();
         var adaptive = new Option<bool>("--adaptive-width") { Description = "Speculative methods choose their width per step (1, 4 or up to --width) from the model's own measured step costs, as the server does by default (docs/decisions/0006-adaptive-width.md); mean_accepted then counts plain steps too. --adaptive-width false verifies every step at the full width.", DefaultValueFactory = _ => true };
         var deviceProfile = CommonOptions.DeviceProfile("What-if: also report the speedup these acceptance counts would give at this accelerator profile's step times (profile_speedup; not measured, labelled as such).");
         var cmd = new Command("accept", "Acceptance ratio, decode tokens/s and speedup over plain greedy for each drafting method, task and verification width, with a check that greedy outputs match plain greedy token for token. Writes Markdown, JSON and a PNG plot.")
         {
-            model, workloads, widths, methods, limit, json, outDir, capacity, calibK, calibDepth, calibMinP, deviceProfile, adaptive,
+            model, workloads, widths, methods, limit, json, outDir, capacity, calibK, calibDepth, calibMinP, deviceProfile, adaptive, weights,
         };
         cmd.SetAction(parse =>
         {
@@ -103,20 +107,21 @@ internal static class BenchAccept
             int cap = parse.GetValue(capacity);
             using var rt = ConsoleUi.Status("compiling graphs", () =>
             {
-                var r = new OrtModelRuntime(bundle.Weights, cap, [.. new[] { 1, 64 }.Concat(ws).Concat(parse.GetValue(adaptive) ? [4] : []).Distinct()]);
+                var r = new OrtModelRuntime(bundle.Weights, cap, [.. new[] { 1, 64 }.Concat(ws).Concat(parse.GetValue(adaptive) ? [4] : []).Distinct()], new RuntimeOptions { Weights = parse.GetValue(weights) });
                 r.CompileAll();
                 return r;
             });
             var calib = new CalibrationOptions { TopK = parse.GetValue(calibK), Depth = parse.GetValue(calibDepth), MinProbability = parse.GetValue(calibMinP) };
             var profile = parse.GetValue(deviceProfile) is { } pn ? DeviceProfile.Load(pn) : null;
             var rows = Run(bundle, rt, files, ws, ms, parse.GetValue(limit), calib, parse.GetValue(adaptive));
+            rows = [.. rows.Select(r => r with { Weights = WeightQuantizer.Name(parse.GetValue(weights)) })];
             if (profile is not null)
             {
                 // Per token: (the profile's step at this width + our measured drafting) / tokens per step.
                 rows = [.. rows.Select(r => r with { ProfileSpeedup = r.MeanAccepted <= 0 ? null : profile.StepMs(1) / ((r.Method == "ar" ? profile.StepMs(1) : profile.StepMs(r.Width) + r.DraftMsPerStep) / r.MeanAccepted) })];
             }
 
-            Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files, profile, parse.GetValue(adaptive));
+            Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files, profile, parse.GetValue(adaptive), parse.GetValue(weights));
             return 0;
         });
         return cmd;
@@ -279,9 +284,9 @@ internal static class BenchAccept
         }
     }
 
-    private static void Report(List<AcceptRow> rows, ModelBundle bundle, FileInfo? json, DirectoryInfo? outDir, List<int> widths, List<string> methods, int limit, List<string> files, DeviceProfile? profile, bool adaptive)
+    private static void Report(List<AcceptRow> rows, ModelBundle bundle, FileInfo? json, DirectoryInfo? outDir, List<int> widths, List<string> methods, int limit, List<string> files, DeviceProfile? profile, bool adaptive, WeightFormat weights)
     {
-        string stem = ReportStem.For("accept", bundle.Name);
+        string stem = ReportStem.For("accept", bundle.Name) + (weights == WeightFormat.F32 ? "" : "-" + WeightQuantizer.Name(weights));
         var opts = new JsonSerializerOptions { WriteIndented = true };
         string dir = outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench");
         Directory.CreateDirectory(dir);
@@ -298,7 +303,7 @@ internal static class BenchAccept
         md.AppendLine(CultureInfo.InvariantCulture, $"# Acceptance and decode speed by method: {bundle.Name}");
         md.AppendLine();
         md.AppendLine(stamp.ToMarkdown());
-        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen bench accept{(bundle.Name == "coordgen-demo" ? "" : $" --model {bundle.Directory}")} --width {string.Join(",", widths)}{(adaptive ? "" : " --adaptive-width false")} --methods {string.Join(",", methods)}{(limit > 0 ? $" --limit {limit}" : "")}{(profile is null ? "" : $" --device-profile {profile.Name}")}` over {string.Join(", ", files.Select(Path.GetFileName))}. Greedy decoding; every method decodes from a copy of the same prefilled cache, in one process, prompt by prompt.");
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen bench accept{(bundle.Name == "coordgen-demo" ? "" : $" --model {bundle.Directory}")} --width {string.Join(",", widths)}{(adaptive ? "" : " --adaptive-width false")}{(weights == WeightFormat.F32 ? "" : $" --weights {WeightQuantizer.Name(weights)}")} --methods {string.Join(",", methods)}{(limit > 0 ? $" --limit {limit}" : "")}{(profile is null ? "" : $" --device-profile {profile.Name}")}` over {string.Join(", ", files.Select(Path.GetFileName))}. Greedy decoding; every method decodes from a copy of the same prefilled cache, in one process, prompt by prompt.");
         md.AppendLine();
         md.AppendLine("`mean_accepted` is tokens committed per verification step (accepted draft tokens plus the model's own next token; 1.0 for plain decoding). `speedup` is decode tokens/s over plain greedy decoding of the same prompts, each speculative run paired with a plain run right before it (this shared machine drifts in speed; a pair sees the same drift). `ar`'s own row is its first run of each prompt. `identical` is whether every greedy output equalled plain greedy token for token.");
         md.AppendLine();

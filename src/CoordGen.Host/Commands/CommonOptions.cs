@@ -24,6 +24,12 @@ internal static class CommonOptions
         DefaultValueFactory = _ => 64,
     };
 
+    public static Option<Engine.Model.WeightFormat> Weights() => new("--weights")
+    {
+        Description = "How the linear layers' weights are held and multiplied: F32 (as loaded), Int8 or Int4 (per-block symmetric, quantized at load time for ONNX Runtime's MatMulNBits; docs/decisions/0012-quantized-weights.md). Greedy speculative output equals plain greedy output of the same weights.",
+        DefaultValueFactory = _ => Engine.Model.WeightFormat.F32,
+    };
+
     public static Option<int> Threads() => new("--threads")
     {
         Description = "ONNX Runtime intra-op threads; 0 = one per core.",

@@ -37,9 +37,10 @@ internal static class GenerateCommand
         var width = new Option<int>("--width") { Description = "Verification width for speculative methods (tokens checked per step). 8 is the fastest on coordgen-demo (docs/bench/accept.md).", DefaultValueFactory = _ => 8 };
         var history = new Option<FileInfo?>("--history") { Description = "History store of past responses (created if missing, updated after the run); drafts from it with sam+history.", HelpName = "FILE" };
 
+        var weights = CommonOptions.Weights();
         var cmd = new Command("generate", "Generate text for a prompt (and optional context file), streaming tokens as they are produced. Prints prefill and decode tokens/s at the end.")
         {
-            model, prompt, context, raw, maxTokens, temperature, topK, topP, seed, capacity, prefillWidth, threads, provider, qnnBackend, qnnPerf, qnnCache, method, width, history,
+            model, prompt, context, raw, maxTokens, temperature, topK, topP, seed, capacity, prefillWidth, threads, provider, qnnBackend, qnnPerf, qnnCache, method, width, history, weights,
         };
         cmd.SetAction((parse, ct) =>
         {
@@ -102,6 +103,7 @@ internal static class GenerateCommand
                     QnnBackendPath = parse.GetValue(qnnBackend),
                     QnnPerformanceMode = parse.GetValue(qnnPerf)!,
                     QnnContextCache = parse.GetValue(qnnCache)?.FullName,
+                    Weights = parse.GetValue(weights),
                 });
                 rt.Prepare(Math.Min(cap, ids.Length + n + w));
                 return rt;

@@ -44,7 +44,7 @@ internal static class ModelCommands
                 throw new ArgumentException($"give either --shape ({string.Join(", ", ShapeCatalog.Shapes.Keys)}) or --like DIR, not both and not neither.");
             }
 
-            string name = parse.GetValue(shape) ?? $"the shape of {Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(likeDir!)))}";
+            string name = parse.GetValue(shape) ?? $"{Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(likeDir!)))}'s";
             var config = likeDir is null ? ShapeCatalog.Get(parse.GetValue(shape)!) : ModelConfig.Load(Path.Combine(likeDir, "config.json"));
 
             var dir = parse.GetValue(output)!;
@@ -58,7 +58,7 @@ internal static class ModelCommands
             File.WriteAllText(Path.Combine(dir.FullName, "config.json"), config.ToJson());
             string tok = Path.Combine(likeDir ?? ModelLocator.Resolve(null), "tokenizer.json");
             File.Copy(tok, Path.Combine(dir.FullName, "tokenizer.json"), overwrite: true);
-            ConsoleUi.Err.MarkupLineInterpolated($"wrote {name} shape model ({config.ParameterCount / 1e6:F1}M parameters) to {dir.FullName}");
+            ConsoleUi.Err.MarkupLineInterpolated($"wrote a random-weight model of {name} shape ({config.ParameterCount / 1e6:F1}M parameters) to {dir.FullName}");
             return 0;
         });
         return cmd;
@@ -105,9 +105,10 @@ internal static class ModelCommands
         var threads = CommonOptions.Threads();
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Where to write the report (default: docs/bench/ of the checkout).", HelpName = "DIR" };
         var compare = new Option<string?>("--compare") { Description = "A second model timed cell by cell beside --model, runs alternating, for a side-by-side table (e.g. a twin against a random-weight model of its shape: model synth --like).", HelpName = "DIR" };
+        var weights = new Option<string>("--weights") { Description = "Comma-separated weight formats to time side by side, cell by cell (f32, int8, int4): ms per step, bytes read per step and the bandwidth that makes, against the machine's measured read bandwidth.", DefaultValueFactory = _ => "f32" };
         var cmd = new Command("profile", "Time one graph step against width and KV fill (median of repeated runs), and compare coordgen generate's per-token decode time with the bare ONNX Runtime run of the width-1 graph in the same process. Writes Markdown and JSON under docs/bench/.")
         {
-            model, capacity, widths, fills, repeats, threads, outDir, compare,
+            model, capacity, widths, fills, repeats, threads, outDir, compare, weights,
         };
         cmd.SetAction(parse =>
         {
@@ -121,6 +122,7 @@ internal static class ModelCommands
 
             var fs = ParseList(parse.GetValue(fills)!, s => double.Parse(s, CultureInfo.InvariantCulture));
             int reps = Math.Max(3, parse.GetValue(repeats));
+            var formats = ParseList(parse.GetValue(weights)!, WeightQuantizer.Parse).Distinct().ToList();
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             long rssWeights = CurrentRss();
             using var one = new OrtModelRuntime(bundle.Weights, cap, [ws[0]], new RuntimeOptions { IntraOpThreads = parse.GetValue(threads) });
@@ -128,10 +130,17 @@ internal static class ModelCommands
             one.Dispose();
             using var rt = ConsoleUi.Status("compiling graphs", () =>
             {
-                var r = new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads) });
+                var r = new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = formats[0] });
                 r.CompileAll();
                 return r;
             });
+            var extra = formats.Skip(1).Select(f => ConsoleUi.Status($"compiling the {WeightQuantizer.Name(f)} graphs", () =>
+            {
+                var r = new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = f });
+                r.CompileAll();
+                return r;
+            })).ToList();
+            double readGbs = formats.Count > 1 || formats[0] != WeightFormat.F32 ? ConsoleUi.Status("measuring memory read bandwidth", MemoryProbe.ReadGbPerSecond) : 0;
             var memory = new MemoryReport(bundle.Weights.TotalBytes, rssWeights, rssOneGraph, CurrentRss(), rt.GraphCount);
             var other = parse.GetValue(compare) is { } otherDir ? ConsoleUi.LoadModel(ModelLocator.Resolve(otherDir)) : null;
             using var otherRt = other is null ? null : ConsoleUi.Status($"compiling {other.Name}'s graphs", () =>
@@ -143,6 +152,7 @@ internal static class ModelCommands
             var otherCells = new List<ProfileCell>();
             AnsiConsole.MarkupLineInterpolated($"memory: weights {memory.WeightBytes / 1048576.0:F1} MiB; process RSS {memory.RssWeights / 1048576.0:F0} MiB with weights loaded, {memory.RssOneGraph / 1048576.0:F0} MiB with 1 graph, {memory.RssAllGraphs / 1048576.0:F0} MiB with all {memory.Graphs} graphs (widths x buckets) sharing them");
             var cells = new List<ProfileCell>();
+            var formatCells = extra.Select(_ => new List<ProfileCell>()).ToList();
             AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn()).Start(ctx =>
             {
                 var task = ctx.AddTask("profiling widths x fills", maxValue: ws.Count * fs.Count);
@@ -151,15 +161,18 @@ internal static class ModelCommands
                     foreach (int w in ws)
                     {
                         int fill = Math.Clamp((int)(f * cap), 0, cap - w);
-                        if (otherRt is null)
+                        // Every runtime (formats, then the --compare model) times this cell in turn, run by run.
+                        OrtModelRuntime[] all = [rt, .. extra, .. otherRt is null ? Array.Empty<OrtModelRuntime>() : [otherRt]];
+                        var medians = TimeStepMany(all, w, fill, reps);
+                        cells.Add(Cell(rt, w, fill, medians[0]));
+                        for (int i = 0; i < extra.Count; i++)
                         {
-                            cells.Add(new ProfileCell(w, fill, TimeStep(rt, w, fill, reps)));
+                            formatCells[i].Add(Cell(extra[i], w, fill, medians[1 + i]));
                         }
-                        else
+
+                        if (otherRt is not null)
                         {
-                            var (a, b) = TimeStepPair(rt, otherRt, w, fill, reps);
-                            cells.Add(new ProfileCell(w, fill, a));
-                            otherCells.Add(new ProfileCell(w, fill, b));
+                            otherCells.Add(Cell(otherRt, w, fill, medians[^1]));
                         }
 
                         task.Increment(1);
@@ -186,7 +199,25 @@ internal static class ModelCommands
 
             AnsiConsole.Write(table);
             AnsiConsole.MarkupLineInterpolated($"engine overhead at fill {overhead.Fill}: generate {overhead.GenerateMsPerToken:F3} ms/token vs bare W=1 run {overhead.BareRunMs:F3} ms → [bold]{overhead.Ratio:F3}x[/] (bar: ≤ 1.10x)");
-            WriteReport(parse.GetValue(outDir), bundle, rt, cap, reps, cells, fs, ws, overhead, memory);
+            foreach (var r in extra)
+            {
+                r.Dispose();
+            }
+
+            var allCells = cells.Concat(formatCells.SelectMany(c => c)).ToList();
+            if (formats.Count > 1 || formats[0] != WeightFormat.F32)
+            {
+                var ft = new Table().AddColumns("weights", "width", "fill", "ms", "MiB read", "GB/s", "of measured read");
+                foreach (var c in allCells)
+                {
+                    ft.AddRow(c.Weights, $"{c.Width}", $"{c.Fill}", c.MedianMs.ToString("F2", CultureInfo.InvariantCulture), (c.BytesPerStep / 1048576.0).ToString("F0", CultureInfo.InvariantCulture),
+                        c.GbPerSecond.ToString("F1", CultureInfo.InvariantCulture), (c.GbPerSecond / readGbs).ToString("P0", CultureInfo.InvariantCulture));
+                }
+
+                AnsiConsole.Write(ft);
+            }
+
+            WriteReport(parse.GetValue(outDir), bundle, rt, cap, reps, allCells, fs, ws, overhead, memory, formats, readGbs);
             if (other is not null)
             {
                 WriteComparison(parse.GetValue(outDir), bundle, other, cap, reps, cells, otherCells);
@@ -197,7 +228,19 @@ internal static class ModelCommands
         return cmd;
     }
 
-    internal sealed record ProfileCell(int Width, int Fill, double MedianMs);
+    /// <summary>One timed cell: weights read once plus the KV bucket's keys and values, per step.</summary>
+    internal sealed record ProfileCell(int Width, int Fill, double MedianMs, string Weights = "f32", long BytesPerStep = 0)
+    {
+        public double GbPerSecond => MedianMs <= 0 ? 0 : BytesPerStep / (MedianMs / 1000) / 1e9;
+    }
+
+    private static ProfileCell Cell(OrtModelRuntime rt, int width, int fill, double ms)
+    {
+        var c = rt.Config;
+        int bucket = rt.Buckets.First(b => b >= Math.Min(fill + width, rt.Capacity));
+        long kv = 2L * c.NumLayers * c.KvDim * sizeof(float) * bucket;
+        return new ProfileCell(width, fill, ms, WeightQuantizer.Name(rt.WeightFormat), rt.SharedWeightBytes + kv);
+    }
 
     internal sealed record Overhead(int Fill, double GenerateMsPerToken, double BareRunMs, double Ratio);
 
@@ -227,30 +270,28 @@ internal static class ModelCommands
         return times[reps / 2];
     }
 
-    /// <summary>The same cell on two runtimes, run by run in turn (which goes first alternating), so drift in the machine's speed hits both alike.</summary>
-    private static (double A, double B) TimeStepPair(OrtModelRuntime a, OrtModelRuntime b, int width, int fill, int reps)
+    /// <summary>The same cell on several runtimes, run by run in turn (the order rotating), so drift in the machine's speed hits all alike; medians.</summary>
+    private static double[] TimeStepMany(IReadOnlyList<OrtModelRuntime> runtimes, int width, int fill, int reps)
     {
-        using var sa = new StepTimer(a, width, fill);
-        using var sb = new StepTimer(b, width, fill);
-        var ta = new double[reps];
-        var tb = new double[reps];
-        for (int r = 0; r < reps; r++)
+        var timers = runtimes.Select(r => new StepTimer(r, width, fill)).ToList();
+        try
         {
-            if (r % 2 == 0)
+            var times = runtimes.Select(_ => new double[reps]).ToArray();
+            for (int r = 0; r < reps; r++)
             {
-                ta[r] = sa.RunOnce();
-                tb[r] = sb.RunOnce();
+                for (int k = 0; k < timers.Count; k++)
+                {
+                    int i = (k + r) % timers.Count;
+                    times[i][r] = timers[i].RunOnce();
+                }
             }
-            else
-            {
-                tb[r] = sb.RunOnce();
-                ta[r] = sa.RunOnce();
-            }
-        }
 
-        Array.Sort(ta);
-        Array.Sort(tb);
-        return (ta[reps / 2], tb[reps / 2]);
+            return [.. times.Select(t => t.Order().ElementAt(reps / 2))];
+        }
+        finally
+        {
+            timers.ForEach(t => t.Dispose());
+        }
     }
 
     /// <summary>One graph step of a width at a KV fill, ready to be timed run after run.</summary>
@@ -393,17 +434,21 @@ internal static class ModelCommands
     }
 
     private static void WriteReport(DirectoryInfo? outDir, ModelBundle bundle, OrtModelRuntime rt, int cap, int reps, List<ProfileCell> cells,
-        List<double> fills, List<int> widths, Overhead overhead, MemoryReport memory)
+        List<double> fills, List<int> widths, Overhead overhead, MemoryReport memory, List<WeightFormat> formats, double readGbs)
     {
         string dir = outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench");
         Directory.CreateDirectory(dir);
         var stamp = BenchStamp.Capture();
-        string name = $"profile-{bundle.Name}";
+        bool multi = formats.Count > 1 || formats[0] != WeightFormat.F32;
+        string name = $"profile-{bundle.Name}" + (multi ? "-weights" : "");
+        string mainFormat = WeightQuantizer.Name(formats[0]);
+        var allCells = cells;
+        cells = [.. cells.Where(c => c.Weights == mainFormat)];
         var md = new StringBuilder();
         md.AppendLine(CultureInfo.InvariantCulture, $"# Latency against graph width: {bundle.Name}");
         md.AppendLine();
         md.AppendLine(stamp.ToMarkdown());
-        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen model profile --model {bundle.Directory} --capacity {cap} --repeats {reps}`. Capacity C={cap}; median of {reps} runs per cell; ONNX Runtime CPU provider. Graphs: {rt.GraphCount} (widths {string.Join(",", widths)} x KV buckets {string.Join(",", rt.Buckets)}), all sharing one copy of the weights ({rt.SharedWeightBytes / 1048576.0:F1} MiB, float32).");
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen model profile --model {bundle.Directory} --capacity {cap} --repeats {reps}{(multi ? $" --weights {string.Join(",", formats.Select(WeightQuantizer.Name))}" : "")}`. Capacity C={cap}; median of {reps} runs per cell; ONNX Runtime CPU provider. Graphs: {rt.GraphCount} (widths {string.Join(",", widths)} x KV buckets {string.Join(",", rt.Buckets)}), all sharing one copy of the weights ({rt.SharedWeightBytes / 1048576.0:F1} MiB, {mainFormat}). The table below is {mainFormat}.");
         md.AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"Memory (process RSS): {memory.RssWeights / 1048576.0:F0} MiB with the weights loaded, {memory.RssOneGraph / 1048576.0:F0} MiB with one graph, {memory.RssAllGraphs / 1048576.0:F0} MiB with all {memory.Graphs} graphs: {(memory.RssAllGraphs - memory.RssOneGraph) / 1048576.0:F0} MiB for {memory.Graphs - 1} more graphs, against {memory.WeightBytes / 1048576.0:F0} MiB per graph if each held its own weights.");
         md.AppendLine();
@@ -430,6 +475,24 @@ internal static class ModelCommands
         }
 
         md.AppendLine();
+        if (multi)
+        {
+            md.AppendLine();
+            md.AppendLine("## Weight formats side by side");
+            md.AppendLine();
+            md.AppendLine(CultureInfo.InvariantCulture, $"Every cell ran each format's graph in turn, run by run. Bytes per step: the weights as held (quantized linear layers: codes plus one float scale per {WeightQuantizer.BlockSize} weights; norms, embedding and head stay float32) plus the keys and values of the KV bucket the step reads. Measured memory read bandwidth of this machine (all cores summing a 512 MiB array, best of 5): **{readGbs:F1} GB/s**; the last column is each step's bytes over its time against that floor.");
+            md.AppendLine();
+            md.AppendLine("| weights | width | KV fill | ms per step | vs f32 | MiB read | GB/s | of measured read |");
+            md.AppendLine("|---|---|---|---|---|---|---|---|");
+            foreach (var c in allCells.OrderBy(c => c.Fill).ThenBy(c => c.Width).ThenBy(c => formats.FindIndex(f => WeightQuantizer.Name(f) == c.Weights)))
+            {
+                var f32 = allCells.FirstOrDefault(x => x.Weights == "f32" && x.Width == c.Width && x.Fill == c.Fill);
+                md.AppendLine(CultureInfo.InvariantCulture, $"| {c.Weights} | {c.Width} | {c.Fill} | {c.MedianMs:F2} | {(f32 is null ? "" : $"{f32.MedianMs / c.MedianMs:F2}x faster")} | {c.BytesPerStep / 1048576.0:F0} | {c.GbPerSecond:F1} | {c.GbPerSecond / readGbs:P0} |");
+            }
+
+            md.AppendLine();
+        }
+
         md.AppendLine(CultureInfo.InvariantCulture, $"Engine overhead (bar ≤ 1.10x): the decode step `coordgen generate` runs per token (Generator.Step: inputs, width-1 run, KV commit; then the sampler) took a median {overhead.GenerateMsPerToken:F3} ms against {overhead.BareRunMs:F3} ms for the bare ONNX Runtime run of the same graph, alternating step by step (and which goes first) at KV fill ≈{overhead.Fill}: **{overhead.Ratio:F3}x**.");
         File.WriteAllText(Path.Combine(dir, name + ".md"), md.ToString());
         File.WriteAllText(Path.Combine(dir, name + ".json"), JsonSerializer.Serialize(new
@@ -441,7 +504,8 @@ internal static class ModelCommands
             shared_weight_bytes = rt.SharedWeightBytes,
             graphs = rt.GraphCount,
             rss_bytes = new { weights_loaded = memory.RssWeights, one_graph = memory.RssOneGraph, all_graphs = memory.RssAllGraphs },
-            cells = cells.Select(c => new { width = c.Width, fill = c.Fill, median_ms = c.MedianMs }),
+            read_bandwidth_gb_s = multi ? Math.Round(readGbs, 2) : (double?)null,
+            cells = allCells.Select(c => new { width = c.Width, fill = c.Fill, median_ms = c.MedianMs, weights = c.Weights, bytes_per_step = c.BytesPerStep, gb_per_s = Math.Round(c.GbPerSecond, 2) }),
             overhead = new { fill = overhead.Fill, generate_ms_per_token = overhead.GenerateMsPerToken, bare_run_ms = overhead.BareRunMs, ratio = overhead.Ratio },
         }, new JsonSerializerOptions { WriteIndented = true }));
         // The same widths as a device profile (docs/snapdragon.md), at the middle KV fill: run this on a

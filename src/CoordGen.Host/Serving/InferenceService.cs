@@ -76,7 +76,7 @@ public sealed class InferenceService : IAsyncDisposable
         int[] widths = [.. new[] { 1, 4, settings.PrefillWidth, settings.Width }.Where(w => w <= settings.Width || w == settings.PrefillWidth || w == 1).Append(settings.EffectiveChunkWidth).Distinct()];
         OrtModelRuntime NewRuntime()
         {
-            var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.EffectiveThreads }) { Faults = faults };
+            var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.EffectiveThreads, Weights = settings.Weights }) { Faults = faults };
             rt.Prepare(settings.PrecompileAll ? settings.Capacity : Math.Min(settings.Capacity, OrtModelRuntime.SmallestBucket));
             return rt;
         }

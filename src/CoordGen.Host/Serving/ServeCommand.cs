@@ -30,6 +30,7 @@ internal static class ServeCommand
         var capacity = new Option<int?>("--capacity") { Description = "KV cache slots per request (prompt plus output). Default 2048.", HelpName = "N" };
         var prefillWidth = new Option<int?>("--prefill-width") { Description = "Width of the prefill graph. Default 64.", HelpName = "N" };
         var chunkWidth = new Option<int?>("--interleaved-chunk-width") { Description = "Tokens per prefill chunk while other requests are decoding (narrower chunks keep their streams smooth; a prompt with no one else decoding goes --prefill-width at a time). Default 32; at --prefill-width or above = off.", HelpName = "N" };
+        var weights = new Option<Engine.Model.WeightFormat?>("--weights") { Description = "Linear layers' weights: F32 (default), Int8 or Int4, quantized at load time (docs/decisions/0012-quantized-weights.md)." };
         var threads = new Option<int?>("--threads") { Description = "ONNX Runtime intra-op threads of the device; 0 (default) = one per core.", HelpName = "N" };
         var method = new Option<string?>("--method") { Description = "Default decoding method: ar, pld, sam, sam+history, pld+ours, sam+ours (default). Requests may choose their own with \"speculation\": {\"method\": ...}.", HelpName = "METHOD" };
         var width = new Option<int?>("--width") { Description = "Default verification width for speculative methods. Default 8.", HelpName = "N" };
@@ -44,7 +45,7 @@ internal static class ServeCommand
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, otlp, deviceProfile, adaptive,
+            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, otlp, deviceProfile, adaptive, weights,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -64,6 +65,7 @@ internal static class ServeCommand
             Put(prefillWidth, "PrefillWidth");
             Put(chunkWidth, "InterleavedChunkWidth");
             Put(threads, "Threads");
+            Put(weights, "Weights");
             Put(method, "Method");
             Put(width, "Width");
             Put(maxPending, "MaxPending");

@@ -44,6 +44,9 @@ public sealed class ServerSettings
     /// </summary>
     public int Threads { get; set; }
 
+    /// <summary>Linear layers' weight format (F32, Int8, Int4; quantized at load time; docs/decisions/0012-quantized-weights.md).</summary>
+    public Engine.Model.WeightFormat Weights { get; set; } = Engine.Model.WeightFormat.F32;
+
     /// <summary>The intra-op thread count in effect (<see cref="Threads"/>, or one per core).</summary>
     public int EffectiveThreads => Threads > 0 ? Threads : Math.Max(1, Environment.ProcessorCount);
 
