@@ -51,10 +51,15 @@ public class QuantizedWeightTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public void Quantizer_should_refuse_a_layer_whose_inputs_are_not_whole_blocks()
+    public void Quantizer_should_pad_the_last_block_with_zero_codes_when_inputs_are_not_whole_blocks()
     {
-        var ex = Assert.Throws<ArgumentException>(() => WeightQuantizer.Quantize(new WeightTensor("model.layers.0.mlp.up_proj.weight", [2, 40], new float[80]), WeightFormat.Int8));
-        Assert.Contains("--weights f32", ex.Message, StringComparison.Ordinal);
+        var data = Enumerable.Range(0, 80).Select(i => (i % 7) - 3f).ToArray();
+        var q = WeightQuantizer.Quantize(new WeightTensor("model.layers.0.mlp.up_proj.weight", [2, 40], data), WeightFormat.Int8);
+        Assert.Equal(2, q.Blocks);
+        Assert.Equal(2 * 2 * 32, q.Packed.Length);
+        Assert.All(q.Packed.Skip(32 + 8).Take(24), code => Assert.Equal(128, code));
+        var back = q.Dequantize();
+        Assert.All(Enumerable.Range(0, 80), i => Assert.Equal(data[i], back[i], 0.02f));
     }
 
     [Theory]

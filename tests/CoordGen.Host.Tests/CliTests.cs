@@ -62,7 +62,7 @@ public class CliTests
     [InlineData(new[] { "generate", "--top-p", "0" }, "top-p must be in")]
     [InlineData(new[] { "generate", "--context", "/nonexistent.txt" }, "does not exist")]
     [InlineData(new[] { "generate", "--capacity", "64", "-n", "8" }, "Shorten the prompt")]
-    [InlineData(new[] { "model", "synth", "--shape", "gpt-5", "--out", "/tmp/x" }, "unknown --shape")]
+    [InlineData(new[] { "model", "synth", "--shape", "gpt-5", "--out", "/tmp/x" }, "unknown shape 'gpt-5'")]
     [InlineData(new[] { "generate", "--provider", "qnn", "-n", "4" }, "QNN execution provider is not available in this build")]
     [InlineData(new[] { "generate", "--provider", "qnn", "--qnn-perf-mode", "turbo" }, "unknown QNN performance mode")]
     [InlineData(new[] { "serve", "--port", "99999" }, "Port must be between 0 and 65535")]

@@ -18,7 +18,8 @@ public enum WeightFormat
 /// <param name="Scales">[N · K/block] float scales, row-major by output row then block.</param>
 public sealed record QuantizedTensor(string Name, int N, int K, int Bits, int BlockSize, byte[] Packed, float[] Scales)
 {
-    public int Blocks => K / BlockSize;
+    /// <summary>Blocks per row; the last one is padded with zero codes when K is not a multiple of the block.</summary>
+    public int Blocks => (K + BlockSize - 1) / BlockSize;
 
     public long Bytes => Packed.LongLength + (Scales.LongLength * sizeof(float));
 
@@ -33,7 +34,7 @@ public sealed record QuantizedTensor(string Name, int N, int K, int Bits, int Bl
             {
                 float s = Scales[(n * Blocks) + b];
                 int baseByte = ((n * Blocks) + b) * blob;
-                for (int i = 0; i < BlockSize; i++)
+                for (int i = 0; i < Math.Min(BlockSize, K - (b * BlockSize)); i++)
                 {
                     int code = Bits == 8 ? Packed[baseByte + i] : (Packed[baseByte + (i / 2)] >> ((i % 2) * 4)) & 0xF;
                     w[((long)n * K) + (b * BlockSize) + i] = (code - zero) * s;
@@ -52,7 +53,7 @@ public sealed record QuantizedTensor(string Name, int N, int K, int Bits, int Bl
 /// </summary>
 public static class WeightQuantizer
 {
-    /// <summary>Inputs per block: 32 divides every K of the catalog shapes and the demo model.</summary>
+    /// <summary>Inputs per block: 32 is what the QNN HTP accepts for 4-bit MatMulNBits (32 or 64), and on this CPU 32, 64 and 128 ran within noise of each other (decision 0012).</summary>
     public const int BlockSize = 32;
 
     public static int Bits(WeightFormat f) => f switch
@@ -77,6 +78,44 @@ public static class WeightQuantizer
     public static bool IsLinear(string name) => name.StartsWith("model.layers.", StringComparison.Ordinal)
         && name.EndsWith("_proj.weight", StringComparison.Ordinal);
 
+    /// <summary>A layer's q, k and v rows stacked ([QDim + 2·KvDim, hidden]), under the layer's prefix.</summary>
+    public const string QkvProj = "self_attn.qkv_proj.weight";
+
+    /// <summary>A layer's gate and up rows stacked ([2·intermediate, hidden]), under the layer's prefix.</summary>
+    public const string GateUpProj = "mlp.gate_up_proj.weight";
+
+    /// <summary>
+    /// The linear layers as the quantized graphs multiply them: q/k/v and gate/up stacked (one kernel call each,
+    /// one activation quantization), o_proj and down_proj as they are. Stacked tensors are temporary float copies,
+    /// one layer at a time.
+    /// </summary>
+    public static IEnumerable<WeightTensor> QuantizedLinears(ModelWeights w)
+    {
+        var c = w.Config;
+        for (int l = 0; l < c.NumLayers; l++)
+        {
+            string p = $"model.layers.{l}.";
+            yield return Stack(p + QkvProj, w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"], w[p + "self_attn.v_proj.weight"]);
+            yield return w[p + "self_attn.o_proj.weight"];
+            yield return Stack(p + GateUpProj, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]);
+            yield return w[p + "mlp.down_proj.weight"];
+        }
+    }
+
+    private static WeightTensor Stack(string name, params WeightTensor[] parts)
+    {
+        long cols = parts[0].Shape[1];
+        var data = new float[parts.Sum(t => t.Data.LongLength)];
+        long at = 0;
+        foreach (var t in parts)
+        {
+            Array.Copy(t.Data, 0, data, at, t.Data.LongLength);
+            at += t.Data.LongLength;
+        }
+
+        return new WeightTensor(name, [parts.Sum(t => t.Shape[0]), cols], data);
+    }
+
     public static QuantizedTensor Quantize(WeightTensor t, WeightFormat format)
     {
         int bits = Bits(format);
@@ -86,12 +125,7 @@ public static class WeightQuantizer
         }
 
         int n = checked((int)t.Shape[0]), k = checked((int)t.Shape[1]);
-        if (k % BlockSize != 0)
-        {
-            throw new ArgumentException($"'{t.Name}' has {k} inputs, not a multiple of the quantization block of {BlockSize}; use --weights f32 for this model.");
-        }
-
-        int blocks = k / BlockSize, blob = BlockSize * bits / 8, qmax = (1 << (bits - 1)) - 1, zero = 1 << (bits - 1);
+        int blocks = (k + BlockSize - 1) / BlockSize, blob = BlockSize * bits / 8, qmax = (1 << (bits - 1)) - 1, zero = 1 << (bits - 1);
         var packed = GC.AllocateUninitializedArray<byte>(n * blocks * blob, pinned: true);
         var scales = GC.AllocateUninitializedArray<float>(n * blocks, pinned: true);
         Parallel.For(0, n, row =>
@@ -99,7 +133,7 @@ public static class WeightQuantizer
             var w = t.Data.AsSpan(row * k, k);
             for (int b = 0; b < blocks; b++)
             {
-                var block = w.Slice(b * BlockSize, BlockSize);
+                var block = w.Slice(b * BlockSize, Math.Min(BlockSize, k - (b * BlockSize)));
                 float max = System.Numerics.Tensors.TensorPrimitives.MaxMagnitude(block);
                 float scale = max == 0 ? 1f : Math.Abs(max) / qmax;
                 scales[(row * blocks) + b] = scale;
@@ -111,7 +145,8 @@ public static class WeightQuantizer
 
                 for (int i = 0; i < BlockSize; i++)
                 {
-                    int q = Math.Clamp((int)MathF.Round(block[i] / scale, MidpointRounding.ToEven), -qmax, qmax) + zero;
+                    // Padding past K holds the zero point (value 0).
+                    int q = (i < block.Length ? Math.Clamp((int)MathF.Round(block[i] / scale, MidpointRounding.ToEven), -qmax, qmax) : 0) + zero;
                     if (bits == 8)
                     {
                         packed[baseByte + i] = (byte)q;

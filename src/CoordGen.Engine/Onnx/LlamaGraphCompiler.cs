@@ -172,8 +172,9 @@ public static class LlamaGraphCompiler
             }
 
             int bits = WeightQuantizer.Bits(weights), bs = WeightQuantizer.BlockSize;
-            string codes = b.SharedWeight(QuantizedCodes(weight), [n, k / bs, bs * bits / 8], DT.Uint8);
-            string scales = b.SharedWeight(QuantizedScales(weight), [n * (k / bs)]);
+            int blocks = (k + bs - 1) / bs;
+            string codes = b.SharedWeight(QuantizedCodes(weight), [n, blocks, bs * bits / 8], DT.Uint8);
+            string scales = b.SharedWeight(QuantizedScales(weight), [n * blocks]);
             string y = b.ContribNode("MatMulNBits", [input, codes, scales],
                 GraphBuilder.Int("K", k), GraphBuilder.Int("N", n), GraphBuilder.Int("bits", bits), GraphBuilder.Int("block_size", bs),
                 GraphBuilder.Int("accuracy_level", QuantizedAccuracyLevel));
@@ -196,9 +197,24 @@ public static class LlamaGraphCompiler
             string? qb = c.AttentionBias ? W(p + "self_attn.q_proj.bias", c.QDim) : null;
             string? kb = c.AttentionBias ? W(p + "self_attn.k_proj.bias", c.KvDim) : null;
             string? vb = c.AttentionBias ? W(p + "self_attn.v_proj.bias", c.KvDim) : null;
-            string q = ToHeads(Linear(h, p + "self_attn.q_proj.weight", c.QDim, c.HiddenSize, qb), shapeQ);
-            string k = ToHeads(Linear(h, p + "self_attn.k_proj.weight", c.KvDim, c.HiddenSize, kb), shapeKv);
-            string v = ToHeads(Linear(h, p + "self_attn.v_proj.weight", c.KvDim, c.HiddenSize, vb), shapeKv);
+            string q, k, v;
+            if (weights == WeightFormat.F32)
+            {
+                q = ToHeads(Linear(h, p + "self_attn.q_proj.weight", c.QDim, c.HiddenSize, qb), shapeQ);
+                k = ToHeads(Linear(h, p + "self_attn.k_proj.weight", c.KvDim, c.HiddenSize, kb), shapeKv);
+                v = ToHeads(Linear(h, p + "self_attn.v_proj.weight", c.KvDim, c.HiddenSize, vb), shapeKv);
+            }
+            else
+            {
+                // Quantized: q, k and v are one MatMulNBits over the rows stacked (WeightQuantizer.Fuse), split after;
+                // one kernel call and one activation quantization instead of three.
+                string qkv = Linear(h, p + WeightQuantizer.QkvProj, c.QDim + (2 * c.KvDim), c.HiddenSize);
+                var parts = b.NodeMulti("Split", [qkv, b.ConstInt64([c.QDim, c.KvDim, c.KvDim])], 3, GraphBuilder.Int("axis", -1));
+                string Biased(string t, string? bias) => bias is null ? t : b.Node("Add", [t, bias]);
+                q = ToHeads(Biased(parts[0], qb), shapeQ);
+                k = ToHeads(Biased(parts[1], kb), shapeKv);
+                v = ToHeads(Biased(parts[2], vb), shapeKv);
+            }
             q = Rope(q);
             b.Node("Identity", [Rope(k)], PresentKey(i));
             b.Node("Identity", [v], PresentValue(i));
@@ -217,8 +233,17 @@ public static class LlamaGraphCompiler
             x = b.Node("Add", [x, Linear(merged, p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim)]);
 
             string h2 = RmsNorm(x, W(p + "post_attention_layernorm.weight", c.HiddenSize));
-            string gate = Linear(h2, p + "mlp.gate_proj.weight", c.IntermediateSize, c.HiddenSize);
-            string up = Linear(h2, p + "mlp.up_proj.weight", c.IntermediateSize, c.HiddenSize);
+            string gate, up;
+            if (weights == WeightFormat.F32)
+            {
+                gate = Linear(h2, p + "mlp.gate_proj.weight", c.IntermediateSize, c.HiddenSize);
+                up = Linear(h2, p + "mlp.up_proj.weight", c.IntermediateSize, c.HiddenSize);
+            }
+            else
+            {
+                var gu = b.NodeMulti("Split", [Linear(h2, p + WeightQuantizer.GateUpProj, 2 * c.IntermediateSize, c.HiddenSize), b.ConstInt64([c.IntermediateSize, c.IntermediateSize])], 2, GraphBuilder.Int("axis", -1));
+                (gate, up) = (gu[0], gu[1]);
+            }
             string act = b.Node("Mul", [b.Node("Mul", [gate, b.Node("Sigmoid", [gate])]), up]);
             x = b.Node("Add", [x, Linear(act, p + "mlp.down_proj.weight", c.HiddenSize, c.IntermediateSize)]);
         }

@@ -132,19 +132,21 @@ public sealed class OrtModelRuntime : IDisposable
         _prepacked = new PrePackedWeightsContainer();
         Buckets = CapacityBuckets(capacity, _options.BucketsPerOctave);
         _widths = widths.Distinct().Order().ToArray();
-        foreach (var t in weights.Tensors)
+        bool quantized = _options.Weights != WeightFormat.F32;
+        foreach (var t in weights.Tensors.Where(t => !quantized || !WeightQuantizer.IsLinear(t.Name)))
         {
-            if (_options.Weights != WeightFormat.F32 && WeightQuantizer.IsLinear(t.Name))
+            _weightValues.Add((t.Name, OrtValue.CreateTensorValueFromMemory(t.Data, t.Shape)));
+        }
+
+        if (quantized)
+        {
+            // Quantized once here, shared by every graph as the float weights are.
+            foreach (var t in WeightQuantizer.QuantizedLinears(weights))
             {
-                // Quantized once here, shared by every graph as the float weights are.
                 var q = WeightQuantizer.Quantize(t, _options.Weights);
                 _quantized.Add(q);
                 _weightValues.Add((LlamaGraphCompiler.QuantizedCodes(t.Name), OrtValue.CreateTensorValueFromMemory(q.Packed, [q.N, q.Blocks, q.BlockSize * q.Bits / 8])));
                 _weightValues.Add((LlamaGraphCompiler.QuantizedScales(t.Name), OrtValue.CreateTensorValueFromMemory(q.Scales, [q.Scales.LongLength])));
-            }
-            else
-            {
-                _weightValues.Add((t.Name, OrtValue.CreateTensorValueFromMemory(t.Data, t.Shape)));
             }
         }
 

@@ -482,12 +482,12 @@ internal static class ModelCommands
             md.AppendLine();
             md.AppendLine(CultureInfo.InvariantCulture, $"Every cell ran each format's graph in turn, run by run. Bytes per step: the weights as held (quantized linear layers: codes plus one float scale per {WeightQuantizer.BlockSize} weights; norms, embedding and head stay float32) plus the keys and values of the KV bucket the step reads. Measured memory read bandwidth of this machine (all cores summing a 512 MiB array, best of 5): **{readGbs:F1} GB/s**; the last column is each step's bytes over its time against that floor.");
             md.AppendLine();
-            md.AppendLine("| weights | width | KV fill | ms per step | vs f32 | MiB read | GB/s | of measured read |");
+            md.AppendLine("| weights | width | KV fill | ms per step | speed vs f32 | MiB read | GB/s | of measured read |");
             md.AppendLine("|---|---|---|---|---|---|---|---|");
             foreach (var c in allCells.OrderBy(c => c.Fill).ThenBy(c => c.Width).ThenBy(c => formats.FindIndex(f => WeightQuantizer.Name(f) == c.Weights)))
             {
                 var f32 = allCells.FirstOrDefault(x => x.Weights == "f32" && x.Width == c.Width && x.Fill == c.Fill);
-                md.AppendLine(CultureInfo.InvariantCulture, $"| {c.Weights} | {c.Width} | {c.Fill} | {c.MedianMs:F2} | {(f32 is null ? "" : $"{f32.MedianMs / c.MedianMs:F2}x faster")} | {c.BytesPerStep / 1048576.0:F0} | {c.GbPerSecond:F1} | {c.GbPerSecond / readGbs:P0} |");
+                md.AppendLine(CultureInfo.InvariantCulture, $"| {c.Weights} | {c.Width} | {c.Fill} | {c.MedianMs:F2} | {(f32 is null ? "" : $"{f32.MedianMs / c.MedianMs:F2}x")} | {c.BytesPerStep / 1048576.0:F0} | {c.GbPerSecond:F1} | {c.GbPerSecond / readGbs:P0} |");
             }
 
             md.AppendLine();
