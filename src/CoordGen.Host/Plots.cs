@@ -9,7 +9,9 @@ internal static class Plots
     public static void AcceptPlot(List<AcceptRow> rows, string path)
     {
         var tasks = rows.Select(r => r.Task).Distinct().ToList();
-        var methods = BenchAccept.AllMethods.Where(m => rows.Any(r => r.Method == m)).ToList();
+        var formats = rows.Select(r => r.Weights).Distinct().ToList();
+        var methods = BenchAccept.AllMethods.Where(m => rows.Any(r => r.Method == m))
+            .SelectMany(m => formats.Select(f => (Method: m, Weights: f))).ToList();
         var multi = new Multiplot();
         multi.AddPlots(tasks.Count);
         var palette = new ScottPlot.Palettes.Category10();
@@ -19,14 +21,14 @@ internal static class Plots
             string task = tasks[ti];
             for (int mi = 0; mi < methods.Count; mi++)
             {
-                var pts = rows.Where(r => r.Task == task && r.Method == methods[mi]).OrderBy(r => r.Width).ToList();
+                var pts = rows.Where(r => r.Task == task && r.Method == methods[mi].Method && r.Weights == methods[mi].Weights).OrderBy(r => r.Width).ToList();
                 if (pts.Count == 0)
                 {
                     continue;
                 }
 
                 var sc = plot.Add.Scatter(pts.Select(p => Math.Log2(p.Width)).ToArray(), pts.Select(p => p.Speedup).ToArray());
-                sc.LegendText = methods[mi];
+                sc.LegendText = formats.Count > 1 ? $"{methods[mi].Method} ({methods[mi].Weights})" : methods[mi].Method;
                 sc.Color = palette.GetColor(mi);
                 sc.LineWidth = 2;
                 sc.MarkerSize = 6;

@@ -238,4 +238,18 @@ public class CliTests
         Assert.Contains(reason, stderr);
         Assert.False(Directory.Exists(dir), "a refused target must not leave a folder behind");
     }
+
+    [Fact]
+    public void Bench_accept_should_run_weight_formats_side_by_side_with_outputs_identical_to_their_own_plain_decoding()
+    {
+        string dir = Directory.CreateTempSubdirectory("coordgen-accept-").FullName;
+        var (code, _, stderr) = Run("bench", "accept", "--workload", Path.Combine(RepoRoot, "workloads", "reply.jsonl"), "--limit", "2", "--methods", "sam+ours", "--width", "8",
+            "--weights", "f32,int4", "--out", dir);
+        Assert.True(code == 0, stderr);
+        var rows = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "accept-f32-int4.json")))!.AsArray();
+        Assert.Equal(["f32", "int4"], rows.Select(r => r!["weights"]!.GetValue<string>()).Distinct().Order());
+        Assert.All(rows, r => Assert.True(r!["identical_to_ar"]!.GetValue<bool>()));
+        Assert.Contains("Formats side by side", File.ReadAllText(Path.Combine(dir, "accept-f32-int4.md")));
+        Assert.Contains("Adaptive width (the default", File.ReadAllText(Path.Combine(dir, "accept-f32-int4.md")));
+    }
 }

@@ -99,6 +99,46 @@ internal sealed class GraphBuilder(string name)
 
     public void Input(string inputName, TensorProto.Types.DataType type, params long[] dims) => _graph.Input.Add(ValueInfo(inputName, type, dims));
 
+    /// <summary>An input whose dims are numbers or symbolic names (strings), for graphs whose lengths vary per run.</summary>
+    public void InputDynamic(string inputName, TensorProto.Types.DataType type, params object[] dims) => _graph.Input.Add(DynamicValueInfo(inputName, type, dims));
+
+    public void OutputDynamic(string outputName, TensorProto.Types.DataType type, params object[] dims) => _graph.Output.Add(DynamicValueInfo(outputName, type, dims));
+
+    private static ValueInfoProto DynamicValueInfo(string n, TensorProto.Types.DataType type, object[] dims)
+    {
+        var shape = new TensorShapeProto();
+        foreach (var d in dims)
+        {
+            shape.Dim.Add(d is string sym
+                ? new TensorShapeProto.Types.Dimension { DimParam = sym }
+                : new TensorShapeProto.Types.Dimension { DimValue = Convert.ToInt64(d, System.Globalization.CultureInfo.InvariantCulture) });
+        }
+
+        return new ValueInfoProto
+        {
+            Name = n,
+            Type = new TypeProto { TensorType = new TypeProto.Types.Tensor { ElemType = (int)type, Shape = shape } },
+        };
+    }
+
+    /// <summary>A float weight stored in <paramref name="file"/> (beside the graph) at <paramref name="offset"/>: a self-contained model folder.</summary>
+    public string FileWeight(string weightName, long[] dims, string file, long offset)
+    {
+        var t = new TensorProto
+        {
+            Name = weightName,
+            DataType = (int)TensorProto.Types.DataType.Float,
+            DataLocation = TensorProto.Types.DataLocation.External,
+        };
+        t.Dims.AddRange(dims);
+        long bytes = dims.Aggregate(4L, (a, b) => a * b);
+        t.ExternalData.Add(new StringStringEntryProto { Key = "location", Value = file });
+        t.ExternalData.Add(new StringStringEntryProto { Key = "offset", Value = offset.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+        t.ExternalData.Add(new StringStringEntryProto { Key = "length", Value = bytes.ToString(System.Globalization.CultureInfo.InvariantCulture) });
+        _graph.Initializer.Add(t);
+        return weightName;
+    }
+
     public void Output(string outputName, TensorProto.Types.DataType type, params long[] dims) => _graph.Output.Add(ValueInfo(outputName, type, dims));
 
     private static ValueInfoProto ValueInfo(string n, TensorProto.Types.DataType type, long[] dims)

@@ -75,7 +75,7 @@ internal static class BenchAccept
         var calibK = new Option<int>("--calib-k") { Description = "Calibration: next-token candidates per context position.", DefaultValueFactory = _ => new CalibrationOptions().TopK };
         var calibDepth = new Option<int>("--calib-depth") { Description = "Calibration: tokens per calibrated path.", DefaultValueFactory = _ => new CalibrationOptions().Depth };
         var calibMinP = new Option<float>("--calib-min-p") { Description = "Calibration: smallest probability followed.", DefaultValueFactory = _ => new CalibrationOptions().MinProbability };
-        var weights = CommonOptions.Weights();
+        var weights = new Option<string>("--weights") { Description = "Comma-separated weight formats (f32, int8, int4; docs/decisions/0012-quantized-weights.md), run side by side prompt by prompt; each format's speedups are over its own plain decoding, and the report compares the formats' tokens/s.", DefaultValueFactory = _ => "f32" };
         var adaptive = new Option<bool>("--adaptive-width") { Description = "Speculative methods choose their width per step (1, 4 or up to --width) from the model's own measured step costs, as the server does by default (docs/decisions/0006-adaptive-width.md); mean_accepted then counts plain steps too. --adaptive-width false verifies every step at the full width.", DefaultValueFactory = _ => true };
         var deviceProfile = CommonOptions.DeviceProfile("What-if: also report the speedup these acceptance counts would give at this accelerator profile's step times (profile_speedup; not measured, labelled as such).");
         var cmd = new Command("accept", "Acceptance ratio, decode tokens/s and speedup over plain greedy for each drafting method, task and verification width, with a check that greedy outputs match plain greedy token for token. Writes Markdown, JSON and a PNG plot.")
@@ -105,33 +105,45 @@ internal static class BenchAccept
                 : new[] { "summary", "rag", "ui", "reply" }.Select(t => Path.Combine(root, "workloads", t + ".jsonl")).ToList();
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             int cap = parse.GetValue(capacity);
-            using var rt = ConsoleUi.Status("compiling graphs", () =>
+            var formats = parse.GetValue(weights)!.Split(',', StringSplitOptions.RemoveEmptyEntries).Select(WeightQuantizer.Parse).Distinct().ToList();
+            var runtimes = formats.Select(f => ConsoleUi.Status($"compiling the {WeightQuantizer.Name(f)} graphs", () =>
             {
-                var r = new OrtModelRuntime(bundle.Weights, cap, [.. new[] { 1, 64 }.Concat(ws).Concat(parse.GetValue(adaptive) ? [4] : []).Distinct()], new RuntimeOptions { Weights = parse.GetValue(weights) });
+                var r = new OrtModelRuntime(bundle.Weights, cap, [.. new[] { 1, 64 }.Concat(ws).Concat(parse.GetValue(adaptive) ? [4] : []).Distinct()], new RuntimeOptions { Weights = f });
                 r.CompileAll();
                 return r;
-            });
+            })).ToList();
             var calib = new CalibrationOptions { TopK = parse.GetValue(calibK), Depth = parse.GetValue(calibDepth), MinProbability = parse.GetValue(calibMinP) };
             var profile = parse.GetValue(deviceProfile) is { } pn ? DeviceProfile.Load(pn) : null;
-            var rows = Run(bundle, rt, files, ws, ms, parse.GetValue(limit), calib, parse.GetValue(adaptive));
-            rows = [.. rows.Select(r => r with { Weights = WeightQuantizer.Name(parse.GetValue(weights)) })];
+            List<AcceptRow> rows;
+            try
+            {
+                rows = Run(bundle, runtimes, files, ws, ms, parse.GetValue(limit), calib, parse.GetValue(adaptive));
+            }
+            finally
+            {
+                runtimes.ForEach(r => r.Dispose());
+            }
+
             if (profile is not null)
             {
                 // Per token: (the profile's step at this width + our measured drafting) / tokens per step.
                 rows = [.. rows.Select(r => r with { ProfileSpeedup = r.MeanAccepted <= 0 ? null : profile.StepMs(1) / ((r.Method == "ar" ? profile.StepMs(1) : profile.StepMs(r.Width) + r.DraftMsPerStep) / r.MeanAccepted) })];
             }
 
-            Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files, profile, parse.GetValue(adaptive), parse.GetValue(weights));
+            Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files, profile, parse.GetValue(adaptive), formats);
             return 0;
         });
         return cmd;
     }
 
-    internal static List<AcceptRow> Run(ModelBundle bundle, OrtModelRuntime rt, List<string> files, List<int> widths, List<string> methods, int limit, CalibrationOptions calib, bool adaptive = false)
+    internal static List<AcceptRow> Run(ModelBundle bundle, OrtModelRuntime rt, List<string> files, List<int> widths, List<string> methods, int limit, CalibrationOptions calib, bool adaptive = false) =>
+        Run(bundle, [rt], files, widths, methods, limit, calib, adaptive);
+
+    /// <summary>Every runtime (one per weight format) runs every prompt in turn, so formats meet the same drift in the machine's speed.</summary>
+    internal static List<AcceptRow> Run(ModelBundle bundle, IReadOnlyList<OrtModelRuntime> runtimes, List<string> files, List<int> widths, List<string> methods, int limit, CalibrationOptions calib, bool adaptive = false)
     {
         var rows = new List<AcceptRow>();
-        var plain = new Generator(rt);
-        var spec = new SpeculativeDecoder(rt);
+        var engines = runtimes.Select(r => (Runtime: r, Plain: new Generator(r), Spec: new SpeculativeDecoder(r), Name: WeightQuantizer.Name(r.WeightFormat))).ToList();
         var greedy = new SamplingOptions();
         var stops = bundle.StopTokens;
         AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn(), new RemainingTimeColumn()).Start(ctx =>
@@ -146,63 +158,73 @@ internal static class BenchAccept
 
                 string task = items.Count > 0 ? items[0].Task : Path.GetFileNameWithoutExtension(file);
                 var progress = ctx.AddTask($"{task} ({items.Count} prompts)", maxValue: items.Count);
-                var acc = new Dictionary<(string, int), Accum>();
-                var histories = new Dictionary<int, HistoryStore>();
+                var acc = new Dictionary<(string, string, int), Accum>();
+                var histories = new Dictionary<(string, int), HistoryStore>();
                 long ceilTokens = 0, ceilSteps = 0, anyCeilSteps = 0;
                 int maxDraft = new SpeculationOptions().MaxDraft;
                 foreach (var item in items)
                 {
                     int[] prompt = bundle.Tokenizer.Encode(PromptTemplate.Render(item.Context, item.Prompt, bundle.HasRoleTokens));
-                    using var pre = spec.Prefill(prompt, calib);
-                    using var arCache = rt.CreateCache();
-                    arCache.CopyFrom(pre.Cache);
-                    var ar = plain.Decode(arCache, pre.LastLogits, prompt.Length, pre.PrefillMs, item.MaxTokens, greedy, stops);
-                    int[] arTokens = [.. ar.Tokens];
-                    ceilTokens += arTokens.Length;
-                    ceilSteps += CopyCeiling.Steps(prompt, arTokens, maxDraft, afterLastToken: true);
-                    anyCeilSteps += CopyCeiling.Steps(prompt, arTokens, maxDraft, afterLastToken: false);
-                    if (methods.Contains("ar"))
+                    foreach (var (rt, plain, spec, fmt) in engines)
                     {
-                        foreach (int w in widths)
+                        using var pre = spec.Prefill(prompt, calib);
+                        using var arCache = rt.CreateCache();
+                        arCache.CopyFrom(pre.Cache);
+                        var ar = plain.Decode(arCache, pre.LastLogits, prompt.Length, pre.PrefillMs, item.MaxTokens, greedy, stops);
+                        int[] arTokens = [.. ar.Tokens];
+                        if (rt == engines[0].Runtime)
                         {
-                            Get(acc, "ar", w).Add(ar.Tokens.Count, ar.Tokens.Count, ar.Stats.DecodeMs, 0, 0, 0, true, null);
+                            ceilTokens += arTokens.Length;
+                            ceilSteps += CopyCeiling.Steps(prompt, arTokens, maxDraft, afterLastToken: true);
+                            anyCeilSteps += CopyCeiling.Steps(prompt, arTokens, maxDraft, afterLastToken: false);
                         }
-                    }
 
-                    foreach (var m in methods.Where(m => m != "ar"))
-                    {
-                        foreach (int w in widths)
+                        if (methods.Contains("ar"))
                         {
-                            var opts = SpeculationOptions.ForMethod(m, w) with { Calibration = calib, AdaptiveWidth = adaptive };
-                            HistoryStore? history = null;
-                            if (opts.UseHistory && !histories.TryGetValue(w, out history))
+                            foreach (int w in widths)
                             {
-                                histories[w] = history = new HistoryStore();
+                                Get(acc, fmt, "ar", w).Add(ar.Tokens.Count, ar.Tokens.Count, ar.Stats.DecodeMs, 0, 0, 0, true, null);
                             }
-
-                            // A plain decode right before each speculative one: the speedup compares runs moments
-                            // apart, so the machine's drifts in speed land on both sides.
-                            arCache.CopyFrom(pre.Cache);
-                            var pair = plain.Decode(arCache, pre.LastLogits, prompt.Length, pre.PrefillMs, item.MaxTokens, greedy, stops);
-                            var r = spec.Generate(pre, item.MaxTokens, greedy, stops, opts, history);
-                            Get(acc, m, w).AddPairedPlain(pair.Tokens.Count, pair.Stats.DecodeMs);
-                            bool same = r.Tokens.SequenceEqual(ar.Tokens);
-                            Get(acc, m, w).Add(r.Tokens.Count, r.Accounting.Steps, r.Stats.DecodeMs, r.DraftMs, opts.UseCalibration ? r.CalibrationMs : 0,
-                                opts.UseCalibration ? prompt.Length : 0, same, r.Accounting);
                         }
-                    }
 
-                    foreach (var h in histories.Values)
-                    {
-                        h.Add(ar.Tokens.ToArray());
+                        foreach (var m in methods.Where(m => m != "ar"))
+                        {
+                            foreach (int w in widths)
+                            {
+                                var opts = SpeculationOptions.ForMethod(m, w) with { Calibration = calib, AdaptiveWidth = adaptive };
+                                HistoryStore? history = null;
+                                if (opts.UseHistory && !histories.TryGetValue((fmt, w), out history))
+                                {
+                                    histories[(fmt, w)] = history = new HistoryStore();
+                                }
+
+                                // A plain decode right before each speculative one: the speedup compares runs moments
+                                // apart, so the machine's drifts in speed land on both sides.
+                                arCache.CopyFrom(pre.Cache);
+                                var pair = plain.Decode(arCache, pre.LastLogits, prompt.Length, pre.PrefillMs, item.MaxTokens, greedy, stops);
+                                var r = spec.Generate(pre, item.MaxTokens, greedy, stops, opts, history);
+                                Get(acc, fmt, m, w).AddPairedPlain(pair.Tokens.Count, pair.Stats.DecodeMs);
+                                bool same = r.Tokens.SequenceEqual(ar.Tokens);
+                                Get(acc, fmt, m, w).Add(r.Tokens.Count, r.Accounting.Steps, r.Stats.DecodeMs, r.DraftMs, opts.UseCalibration ? r.CalibrationMs : 0,
+                                    opts.UseCalibration ? prompt.Length : 0, same, r.Accounting);
+                            }
+                        }
+
+                        foreach (var ((hf, _), h) in histories)
+                        {
+                            if (hf == fmt)
+                            {
+                                h.Add(ar.Tokens.ToArray());
+                            }
+                        }
                     }
 
                     progress.Increment(1);
                 }
 
-                foreach (var ((m, w), a) in acc)
+                foreach (var ((fmt, m, w), a) in acc)
                 {
-                    var arAcc = acc.GetValueOrDefault(("ar", w));
+                    var arAcc = acc.GetValueOrDefault((fmt, "ar", w));
                     double tps = a.Tokens / (a.DecodeMs / 1000);
                     double arTps = m == "ar" ? tps : a.PairedPlainMs > 0 ? a.PairedPlainTokens / (a.PairedPlainMs / 1000)
                         : arAcc is null ? double.NaN : arAcc.Tokens / (arAcc.DecodeMs / 1000);
@@ -224,6 +246,7 @@ internal static class BenchAccept
                         ProposedBySource = Enum.GetValues<DraftSource>().ToDictionary(s => s.ToString().ToLowerInvariant(), s => a.Proposed[(int)s]),
                         CopyCeiling = ceilSteps == 0 ? 0 : (double)ceilTokens / ceilSteps,
                         AnyCopyCeiling = anyCeilSteps == 0 ? 0 : (double)ceilTokens / anyCeilSteps,
+                        Weights = fmt,
                     });
                 }
             }
@@ -231,11 +254,11 @@ internal static class BenchAccept
         return rows;
     }
 
-    private static Accum Get(Dictionary<(string, int), Accum> d, string m, int w)
+    private static Accum Get(Dictionary<(string, string, int), Accum> d, string fmt, string m, int w)
     {
-        if (!d.TryGetValue((m, w), out var a))
+        if (!d.TryGetValue((fmt, m, w), out var a))
         {
-            d[(m, w)] = a = new Accum();
+            d[(fmt, m, w)] = a = new Accum();
         }
 
         return a;
@@ -284,9 +307,11 @@ internal static class BenchAccept
         }
     }
 
-    private static void Report(List<AcceptRow> rows, ModelBundle bundle, FileInfo? json, DirectoryInfo? outDir, List<int> widths, List<string> methods, int limit, List<string> files, DeviceProfile? profile, bool adaptive, WeightFormat weights)
+    private static void Report(List<AcceptRow> rows, ModelBundle bundle, FileInfo? json, DirectoryInfo? outDir, List<int> widths, List<string> methods, int limit, List<string> files, DeviceProfile? profile, bool adaptive, List<WeightFormat> formats)
     {
-        string stem = ReportStem.For("accept", bundle.Name) + (weights == WeightFormat.F32 ? "" : "-" + WeightQuantizer.Name(weights));
+        bool plainF32 = formats is [WeightFormat.F32];
+        string formatList = string.Join(",", formats.Select(WeightQuantizer.Name));
+        string stem = ReportStem.For("accept", bundle.Name) + (plainF32 ? "" : "-" + string.Join("-", formats.Select(WeightQuantizer.Name)));
         var opts = new JsonSerializerOptions { WriteIndented = true };
         string dir = outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench");
         Directory.CreateDirectory(dir);
@@ -303,7 +328,7 @@ internal static class BenchAccept
         md.AppendLine(CultureInfo.InvariantCulture, $"# Acceptance and decode speed by method: {bundle.Name}");
         md.AppendLine();
         md.AppendLine(stamp.ToMarkdown());
-        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen bench accept{(bundle.Name == "coordgen-demo" ? "" : $" --model {bundle.Directory}")} --width {string.Join(",", widths)}{(adaptive ? "" : " --adaptive-width false")}{(weights == WeightFormat.F32 ? "" : $" --weights {WeightQuantizer.Name(weights)}")} --methods {string.Join(",", methods)}{(limit > 0 ? $" --limit {limit}" : "")}{(profile is null ? "" : $" --device-profile {profile.Name}")}` over {string.Join(", ", files.Select(Path.GetFileName))}. Greedy decoding; every method decodes from a copy of the same prefilled cache, in one process, prompt by prompt.");
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen bench accept{(bundle.Name == "coordgen-demo" ? "" : $" --model {bundle.Directory}")} --width {string.Join(",", widths)}{(adaptive ? "" : " --adaptive-width false")}{(plainF32 ? "" : $" --weights {formatList}")} --methods {string.Join(",", methods)}{(limit > 0 ? $" --limit {limit}" : "")}{(profile is null ? "" : $" --device-profile {profile.Name}")}` over {string.Join(", ", files.Select(Path.GetFileName))}. Greedy decoding; every method decodes from a copy of the same prefilled cache, in one process, prompt by prompt.");
         md.AppendLine();
         md.AppendLine("`mean_accepted` is tokens committed per verification step (accepted draft tokens plus the model's own next token; 1.0 for plain decoding). `speedup` is decode tokens/s over plain greedy decoding of the same prompts, each speculative run paired with a plain run right before it (this shared machine drifts in speed; a pair sees the same drift). `ar`'s own row is its first run of each prompt. `identical` is whether every greedy output equalled plain greedy token for token.");
         md.AppendLine();
@@ -315,11 +340,27 @@ internal static class BenchAccept
             md.AppendLine();
             md.AppendLine(CultureInfo.InvariantCulture, $"## {task}");
             md.AppendLine();
-            md.AppendLine("| method | width | mean_accepted | tokens/s | speedup | identical | draft ms/step |");
-            md.AppendLine("|---|---|---|---|---|---|---|");
-            foreach (var r in rows.Where(r => r.Task == task).OrderBy(r => Array.IndexOf(AllMethods, r.Method)).ThenBy(r => r.Width))
+            md.AppendLine("| weights | method | width | mean_accepted | tokens/s | speedup | identical | draft ms/step |");
+            md.AppendLine("|---|---|---|---|---|---|---|---|");
+            foreach (var r in rows.Where(r => r.Task == task).OrderBy(r => formatList.IndexOf(r.Weights, StringComparison.Ordinal)).ThenBy(r => Array.IndexOf(AllMethods, r.Method)).ThenBy(r => r.Width))
             {
-                md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Method} | {r.Width} | {r.MeanAccepted:F2} | {r.TokensPerS:F0} | {r.Speedup:F2}x | {(r.IdenticalToAr ? "yes" : "**NO**")} | {r.DraftMsPerStep:F3} |");
+                md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Weights} | {r.Method} | {r.Width} | {r.MeanAccepted:F2} | {r.TokensPerS:F0} | {r.Speedup:F2}x | {(r.IdenticalToAr ? "yes" : "**NO**")} | {r.DraftMsPerStep:F3} |");
+            }
+
+            if (formats.Count > 1)
+            {
+                string baseFormat = WeightQuantizer.Name(formats[0]);
+                md.AppendLine();
+                md.AppendLine(CultureInfo.InvariantCulture, $"Formats side by side (each prompt ran every format in turn): decode tokens/s over {baseFormat}'s for the same method and width.");
+                md.AppendLine();
+                md.AppendLine("| method | width | " + string.Join(" | ", formats.Skip(1).Select(f => $"{WeightQuantizer.Name(f)} / {baseFormat}")) + " |");
+                md.AppendLine("|---|---|" + string.Concat(formats.Skip(1).Select(_ => "---|")));
+                foreach (var g in rows.Where(r => r.Task == task && r.Weights == baseFormat).OrderBy(r => Array.IndexOf(AllMethods, r.Method)).ThenBy(r => r.Width))
+                {
+                    var cells = formats.Skip(1).Select(f => rows.FirstOrDefault(r => r.Task == task && r.Weights == WeightQuantizer.Name(f) && r.Method == g.Method && r.Width == g.Width) is { } o
+                        ? (o.TokensPerS / g.TokensPerS).ToString("F2", CultureInfo.InvariantCulture) + "x" : "");
+                    md.AppendLine($"| {g.Method} | {g.Width} | " + string.Join(" | ", cells) + " |");
+                }
             }
 
             var first = rows.First(r => r.Task == task);

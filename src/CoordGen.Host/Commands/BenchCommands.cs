@@ -16,6 +16,7 @@ internal static class BenchCommands
         cmd.Add(BenchSessions.Create());
         cmd.Add(BenchOverlap.Create());
         cmd.Add(BenchRebalance.Create());
+        cmd.Add(BenchPeers.Create());
         return cmd;
     }
 }

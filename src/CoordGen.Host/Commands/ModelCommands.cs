@@ -6,6 +6,7 @@ using System.Text.Json;
 using CoordGen.Engine;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Model;
+using CoordGen.Engine.Onnx;
 using CoordGen.Engine.Runtime;
 using Spectre.Console;
 
@@ -20,6 +21,7 @@ internal static class ModelCommands
         cmd.Add(Synth());
         cmd.Add(ModelInflate.Create());
         cmd.Add(ModelCompare.Create());
+        cmd.Add(Export());
         cmd.Add(Inspect());
         cmd.Add(Profile());
         cmd.Add(ModelEvaluate.Create());
@@ -59,6 +61,39 @@ internal static class ModelCommands
             string tok = Path.Combine(likeDir ?? ModelLocator.Resolve(null), "tokenizer.json");
             File.Copy(tok, Path.Combine(dir.FullName, "tokenizer.json"), overwrite: true);
             ConsoleUi.Err.MarkupLineInterpolated($"wrote a random-weight model of {name} shape ({config.ParameterCount / 1e6:F1}M parameters) to {dir.FullName}");
+            return 0;
+        });
+        return cmd;
+    }
+
+    private static Command Export()
+    {
+        var model = CommonOptions.Model();
+        var format = new Option<string>("--format") { Description = "ort-genai: a folder ONNX Runtime GenAI loads (model.onnx with dynamic lengths, model.onnx.data, genai_config.json).", DefaultValueFactory = _ => "ort-genai" };
+        var output = new Option<DirectoryInfo>("--out", "-o") { Description = "Folder to write.", Required = true, HelpName = "DIR" };
+        var context = new Option<int>("--context-length") { Description = "GenAI's context_length and max_length: prompt plus output.", DefaultValueFactory = _ => 2048 };
+        var threads = CommonOptions.Threads();
+        var cmd = new Command("export", "Write the model for another runtime: --format ort-genai writes a folder ONNX Runtime GenAI loads, with the same arithmetic as our graphs (coordgen bench peers compares the two).")
+        {
+            model, format, output, context, threads,
+        };
+        cmd.SetAction(parse =>
+        {
+            if (parse.GetValue(format) != "ort-genai")
+            {
+                throw new ArgumentException($"unknown --format '{parse.GetValue(format)}'; the one export format is ort-genai.");
+            }
+
+            var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
+            string dir = parse.GetValue(output)!.FullName;
+            int n = parse.GetValue(threads) > 0 ? parse.GetValue(threads) : Environment.ProcessorCount;
+            ConsoleUi.Status("writing model.onnx, model.onnx.data and genai_config.json", () =>
+            {
+                GenAiExport.Write(bundle.Weights, dir, parse.GetValue(context), n, bundle.StopTokens);
+                return 0;
+            });
+            File.Copy(Path.Combine(bundle.Directory, "tokenizer.json"), Path.Combine(dir, "tokenizer.json"), overwrite: true);
+            ConsoleUi.Err.MarkupLineInterpolated($"wrote {bundle.Name} for ONNX Runtime GenAI to {dir}");
             return 0;
         });
         return cmd;
