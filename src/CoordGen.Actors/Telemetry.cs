@@ -20,7 +20,7 @@ public static class Telemetry
     public static readonly UpDownCounter<int> QueueDepth = Meter.CreateUpDownCounter<int>("coordgen.device.queue_depth", description: "Requests on the device by phase (prefill, decode).");
 
     /// <summary>Time the device spent running steps.</summary>
-    public static readonly Counter<double> DeviceBusy = Meter.CreateCounter<double>("coordgen.device.busy_time", "ms", "Time the device spent running steps, by step kind.");
+    public static readonly Counter<double> DeviceBusy = Meter.CreateCounter<double>("coordgen.device.busy_time", "s", "Time the device spent running steps, by step kind.");
 
     /// <summary>Tokens committed per verification step (accepted drafts plus the bonus token).</summary>
     public static readonly Histogram<int> AcceptedLength = Meter.CreateHistogram<int>("coordgen.speculation.accepted_length", "{token}", "Tokens committed per verification step.");

@@ -35,6 +35,28 @@ public class ChatClientTests
     }
 
     [Fact]
+    public async Task Breaking_out_of_a_streamed_response_should_stop_generation()
+    {
+        var bundle = ModelBundle.Load(Path.Combine(ServerProcess.RepoRoot, "models", "coordgen-demo"));
+        await using var service = InferenceService.Start(bundle, new ServerSettings { Method = "ar" });
+        var finished = new TaskCompletionSource<RequestRecord>(TaskCreationOptions.RunContinuationsAsynchronously);
+        service.RequestFinished += r => finished.TrySetResult(r);
+        IChatClient client = new CoordGenChatClient(service);
+        int updates = 0;
+        await foreach (var _ in client.GetStreamingResponseAsync([new(ChatRole.User, "Tell a long story about the keeper.")], new ChatOptions { MaxOutputTokens = 1800, Temperature = 0 }))
+        {
+            if (++updates == 3)
+            {
+                break;
+            }
+        }
+
+        var record = await finished.Task.WaitAsync(TimeSpan.FromSeconds(120));
+        Assert.Equal("cancelled", record.Outcome);
+        Assert.True(record.CompletionTokens < 600, $"generation went on to {record.CompletionTokens} tokens after the caller stopped reading");
+    }
+
+    [Fact]
     public async Task Chat_client_should_refuse_a_conversation_that_does_not_end_with_the_user()
     {
         var bundle = ModelBundle.Load(Path.Combine(ServerProcess.RepoRoot, "models", "coordgen-demo"));

@@ -161,13 +161,116 @@ public class ServerTests(ServerProcess server) : IClassFixture<ServerProcess>
         Assert.Equal(8, after["usage"]!["completion_tokens"]!.GetValue<int>());
     }
 
-    [Fact]
-    public async Task Metrics_should_expose_generation_counters_in_prometheus_format()
+    [Theory]
+    [InlineData("/v1/chat/completions", """{"messages": [{"role": "user", "content": "hi \ud800 x"}], "max_tokens": 4}""")]
+    [InlineData("/v1/completions", """{"prompt": "cut inside an emoji \udc00", "max_tokens": 4}""")]
+    [InlineData("/v1/completions", """{"prompt": "hi", "max_tokens": 4, "user": "\ud83d"}""")]
+    public async Task Lone_surrogate_escape_should_get_400_naming_the_field_not_500(string path, string body)
     {
-        await Post("/v1/completions", new JsonObject { ["prompt"] = "The keeper", ["max_tokens"] = 4 });
+        var response = await server.Http.PostAsync(new Uri(server.BaseUrl, path), new StringContent(body, Encoding.UTF8, "application/json"));
+        await AssertError(response, 400, "lone UTF-16 surrogate");
+    }
+
+    [Theory]
+    [InlineData("/v1/chat/completions", "logprobs", "true")]
+    [InlineData("/v1/chat/completions", "top_logprobs", "3")]
+    [InlineData("/v1/chat/completions", "response_format", """{"type": "json_object"}""")]
+    [InlineData("/v1/chat/completions", "tools", """[{"type": "function", "function": {"name": "f"}}]""")]
+    [InlineData("/v1/chat/completions", "frequency_penalty", "0.5")]
+    [InlineData("/v1/chat/completions", "presence_penalty", "-1")]
+    [InlineData("/v1/chat/completions", "logit_bias", """{"50256": -100}""")]
+    [InlineData("/v1/completions", "echo", "true")]
+    [InlineData("/v1/completions", "suffix", "\"end\"")]
+    [InlineData("/v1/completions", "best_of", "3")]
+    [InlineData("/v1/completions", "logprobs", "2")]
+    public async Task Parameters_we_do_not_implement_should_get_400_naming_the_parameter(string path, string name, string value)
+    {
+        string start = path.Contains("chat", StringComparison.Ordinal) ? """{"messages": [{"role": "user", "content": "hi"}]""" : """{"prompt": "hi" """;
+        var response = await server.Http.PostAsync(new Uri(server.BaseUrl, path), new StringContent($"{start}, \"max_tokens\": 4, \"{name}\": {value}}}", Encoding.UTF8, "application/json"));
+        string text = await response.Content.ReadAsStringAsync();
+        await AssertError(response, 400, $"'{name}'");
+        Assert.Equal(name, JsonNode.Parse(text)!["error"]!["param"]!.GetValue<string>());
+    }
+
+    [Fact]
+    public async Task Parameters_at_their_defaults_should_be_accepted()
+    {
+        var body = JsonNode.Parse("""
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": false, "response_format": {"type": "text"},
+             "tools": [], "tool_choice": "none", "frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "user": "u1"}
+            """)!;
+        await Post("/v1/chat/completions", body);
+    }
+
+    [Fact]
+    public async Task Model_endpoint_should_describe_the_model_with_its_context_length()
+    {
+        var one = JsonNode.Parse(await server.Http.GetStringAsync(new Uri(server.BaseUrl, "/v1/models/coordgen-demo")))!;
+        Assert.Equal("coordgen-demo", one["id"]!.GetValue<string>());
+        Assert.Equal(2048, one["context_length"]!.GetValue<int>());
+        Assert.Equal(2048, one["max_model_len"]!.GetValue<int>());
+        var list = JsonNode.Parse(await server.Http.GetStringAsync(new Uri(server.BaseUrl, "/v1/models")))!;
+        Assert.Equal(2048, list["data"]![0]!["context_length"]!.GetValue<int>());
+        await AssertError(await server.Http.GetAsync(new Uri(server.BaseUrl, "/v1/models/gpt-4o")), 404, "not served here");
+
+        var sdk = new OpenAIClient(new ApiKeyCredential("not-needed"), new OpenAIClientOptions { Endpoint = new Uri(server.BaseUrl, "/v1") }).GetOpenAIModelClient();
+        Assert.Equal("coordgen-demo", (await sdk.GetModelAsync("coordgen-demo")).Value.Id);
+    }
+
+    [Fact]
+    public async Task Unknown_routes_and_wrong_methods_should_get_openai_error_bodies()
+    {
+        await AssertError(await server.Http.GetAsync(new Uri(server.BaseUrl, "/v1/embeddings")), 404, "/v1/chat/completions");
+        await AssertError(await server.Http.GetAsync(new Uri(server.BaseUrl, "/v1/chat/completions")), 405, "POST");
+        await AssertError(await server.Http.DeleteAsync(new Uri(server.BaseUrl, "/health")), 405, "GET");
+    }
+
+    [Fact]
+    public async Task Mutated_requests_should_never_get_a_5xx_or_hang()
+    {
+        // Random mutations of valid requests (bounded in count and time): every answer is a success or a 4xx.
+        var started = System.Diagnostics.Stopwatch.StartNew();
+        int sent = 0;
+        foreach (var (path, body) in RequestFuzzer.Mutations(seed: 7, count: 250))
+        {
+            if (started.Elapsed > TimeSpan.FromSeconds(90))
+            {
+                break;
+            }
+
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+            var response = await server.Http.PostAsync(new Uri(server.BaseUrl, path), new ByteArrayContent(body), cts.Token);
+            string text = await response.Content.ReadAsStringAsync(cts.Token);
+            Assert.True((int)response.StatusCode < 500, $"{(int)response.StatusCode} for {Encoding.UTF8.GetString(body)}: {text}");
+            sent++;
+        }
+
+        Assert.True(sent >= 50, $"only {sent} mutated requests in 90 s");
+        var health = await server.Http.GetFromJsonAsync<JsonObject>(new Uri(server.BaseUrl, "/health"));
+        Assert.Equal("ok", health!["status"]!.GetValue<string>());
+    }
+
+    [Fact]
+    public async Task Metrics_should_expose_every_instrument_listed_in_docs_telemetry()
+    {
+        await Post("/v1/completions", new JsonObject { ["prompt"] = "The keeper lit the lamp. The keeper", ["max_tokens"] = 16, ["speculation"] = new JsonObject { ["method"] = "sam+ours" } });
         string metrics = await server.Http.GetStringAsync(new Uri(server.BaseUrl, "/metrics"));
-        Assert.Contains("coordgen_generated_tokens_total", metrics);
-        Assert.Contains("coordgen_requests_total", metrics);
+        var lines = metrics.Split('\n').Where(l => !l.StartsWith('#')).ToList();
+
+        // Every instrument named in the table's first column, as Prometheus spells it (dots to underscores).
+        string doc = File.ReadAllText(Path.Combine(ServerProcess.RepoRoot, "docs", "telemetry.md"));
+        string table = doc[doc.IndexOf("## Metrics", StringComparison.Ordinal)..doc.IndexOf("## Request log", StringComparison.Ordinal)];
+        var names = table.Split('\n').Where(l => l.StartsWith("| `", StringComparison.Ordinal))
+            .SelectMany(l => System.Text.RegularExpressions.Regex.Matches(l.Split('|')[1], "`([a-z_.]+)`").Select(m => m.Groups[1].Value)).ToList();
+        Assert.True(names.Count >= 15, $"found only {names.Count} instruments in docs/telemetry.md");
+        foreach (string name in names)
+        {
+            string prom = name.Replace('.', '_');
+            Assert.True(lines.Any(l => l.StartsWith(prom, StringComparison.Ordinal)), $"{name} ({prom}) is listed in docs/telemetry.md but not exported at /metrics");
+        }
+
+        Assert.Contains(lines, l => l.StartsWith("gen_ai_server_time_to_first_token_seconds_bucket", StringComparison.Ordinal) && l.Contains("le=\"0.1\"", StringComparison.Ordinal));
+        Assert.Contains(lines, l => l.StartsWith("coordgen_device_busy_time_seconds_total", StringComparison.Ordinal));
     }
 
     private async Task<JsonNode> Post(string path, JsonNode body)
@@ -224,6 +327,59 @@ public class StrictServerTests(StrictServerProcess server) : IClassFixture<Stric
     }
 }
 
+/// <summary>Streamed requests refused by admission, and refusals in the request counter.</summary>
+public class StrictServerStreamingTests(StrictServerProcess server) : IClassFixture<StrictServerProcess>
+{
+    [Fact]
+    public async Task Streamed_requests_beyond_the_admission_limit_should_get_429_before_any_event()
+    {
+        HttpRequestMessage Request(int n = 400)
+        {
+            var r = new HttpRequestMessage(HttpMethod.Post, new Uri(server.BaseUrl, "/v1/completions"))
+            {
+                Content = new StringContent(JsonSerializer.Serialize(new { prompt = "The keeper", max_tokens = n, stream = true, speculation = new { method = "ar" } })),
+            };
+            r.Headers.Authorization = new("Bearer", StrictServerProcess.Key);
+            return r;
+        }
+
+        var responses = await Task.WhenAll(Enumerable.Range(0, 4).Select(_ => server.Http.SendAsync(Request())));
+        Assert.All(responses, r => Assert.True(r.StatusCode is HttpStatusCode.OK or HttpStatusCode.TooManyRequests, r.StatusCode.ToString()));
+        var refused = responses.FirstOrDefault(r => r.StatusCode == HttpStatusCode.TooManyRequests);
+        Assert.NotNull(refused);
+        Assert.NotNull(refused!.Headers.RetryAfter);
+        Assert.Equal("application/json", refused.Content.Headers.ContentType?.MediaType);
+        await ServerTests.AssertError(refused, 429, "retry");
+        foreach (var ok in responses.Where(r => r.StatusCode == HttpStatusCode.OK))
+        {
+            Assert.EndsWith("data: [DONE]\n\n", await ok.Content.ReadAsStringAsync());
+        }
+
+        // The OpenAI SDK sees the 429 as such (its retries would fire on it); here retries are off.
+        var sdk = new ChatClient("coordgen-demo", new ApiKeyCredential(StrictServerProcess.Key),
+            new OpenAIClientOptions { Endpoint = new Uri(server.BaseUrl, "/v1"), RetryPolicy = new System.ClientModel.Primitives.ClientRetryPolicy(0) });
+        var busy = server.Http.SendAsync(Request(1500));
+        await Task.Delay(300);
+        var ex = await Assert.ThrowsAsync<ClientResultException>(async () =>
+        {
+            await foreach (var _ in sdk.CompleteChatStreamingAsync([new UserChatMessage("hi")], new ChatCompletionOptions { MaxOutputTokenCount = 4 }))
+            {
+            }
+        });
+        Assert.Equal(429, ex.Status);
+        Assert.Equal(HttpStatusCode.OK, (await busy).StatusCode);
+    }
+
+    [Fact]
+    public async Task Refusals_should_be_counted_in_the_requests_metric()
+    {
+        var body = JsonSerializer.Serialize(new { prompt = "The keeper", max_tokens = 4 });
+        await ServerTests.AssertError(await server.Http.PostAsync(new Uri(server.BaseUrl, "/v1/completions"), new StringContent(body)), 401, "API key");
+        string metrics = await server.Http.GetStringAsync(new Uri(server.BaseUrl, "/metrics"));
+        Assert.Contains(metrics.Split('\n'), l => l.StartsWith("coordgen_requests_total{", StringComparison.Ordinal) && l.Contains("outcome=\"401\"", StringComparison.Ordinal));
+    }
+}
+
 /// <summary>The per-client rate limit.</summary>
 public class RateLimitTests(RateLimitedServerProcess server) : IClassFixture<RateLimitedServerProcess>
 {
@@ -243,5 +399,24 @@ public class RateLimitTests(RateLimitedServerProcess server) : IClassFixture<Rat
         Assert.NotNull(limited);
         Assert.NotNull(limited!.Headers.RetryAfter);
         await ServerTests.AssertError(limited, 429, "rate limit");
+
+        // Probes and scrapes are not limited, and the refusals are counted.
+        for (int i = 0; i < 5; i++)
+        {
+            Assert.Equal(HttpStatusCode.OK, (await server.Http.GetAsync(new Uri(server.BaseUrl, "/health"))).StatusCode);
+        }
+
+        string metrics = await server.Http.GetStringAsync(new Uri(server.BaseUrl, "/metrics"));
+        Assert.Contains(metrics.Split('\n'), l => l.StartsWith("coordgen_requests_total{", StringComparison.Ordinal) && l.Contains("outcome=\"429\"", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public async Task Health_and_metrics_should_not_use_up_the_rate_limit()
+    {
+        for (int i = 0; i < 8; i++)
+        {
+            Assert.Equal(HttpStatusCode.OK, (await server.Http.GetAsync(new Uri(server.BaseUrl, "/health"))).StatusCode);
+            Assert.Equal(HttpStatusCode.OK, (await server.Http.GetAsync(new Uri(server.BaseUrl, "/metrics"))).StatusCode);
+        }
     }
 }

@@ -682,7 +682,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             finally
             {
                 double ms = System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
-                Telemetry.DeviceBusy.Add(ms, new KeyValuePair<string, object?>("step", kind));
+                Telemetry.DeviceBusy.Add(ms / 1000, new KeyValuePair<string, object?>("step", kind));
                 int emitted = (_specSession?.Output.Count ?? 0) + (_plainSession?.Output.Count ?? 0) - before;
                 if (emitted > 0)
                 {

@@ -28,12 +28,16 @@ public sealed class CoordGenChatClient(InferenceService service) : IChatClient
         [EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
         var request = Request(messages, options);
-        var pieces = Channel.CreateUnbounded<string>();
+
+        // The run stops when the caller stops reading (breaks out, disposes the enumerator) as well as on its
+        // token; pieces wait in a small bounded channel, so an idle reader holds generation back.
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        var pieces = Channel.CreateBounded<string>(new BoundedChannelOptions(16) { SingleReader = true, SingleWriter = true });
         var run = Task.Run(async () =>
         {
             try
             {
-                var outcome = await service.RunAsync(request, p => pieces.Writer.WriteAsync(p, cancellationToken).AsTask(), cancellationToken);
+                var outcome = await service.RunAsync(request, p => pieces.Writer.WriteAsync(p, stop.Token).AsTask(), stop.Token);
                 pieces.Writer.TryComplete();
                 return outcome;
             }
@@ -42,13 +46,34 @@ public sealed class CoordGenChatClient(InferenceService service) : IChatClient
                 pieces.Writer.TryComplete(ex);
                 throw;
             }
-        }, cancellationToken);
-        await foreach (string piece in pieces.Reader.ReadAllAsync(cancellationToken))
+        }, CancellationToken.None);
+
+        InferenceOutcome? done = null;
+        try
         {
-            yield return new ChatResponseUpdate(ChatRole.Assistant, piece) { ModelId = service.ModelName };
+            await foreach (string piece in pieces.Reader.ReadAllAsync(cancellationToken))
+            {
+                yield return new ChatResponseUpdate(ChatRole.Assistant, piece) { ModelId = service.ModelName };
+            }
+
+            done = await run;
+        }
+        finally
+        {
+            if (done is null)
+            {
+                await stop.CancelAsync();
+                try
+                {
+                    await run;
+                }
+                catch (Exception) when (stop.IsCancellationRequested)
+                {
+                    // The caller stopped reading; the run ended because of it.
+                }
+            }
         }
 
-        var done = await run;
         yield return new ChatResponseUpdate
         {
             Role = ChatRole.Assistant,

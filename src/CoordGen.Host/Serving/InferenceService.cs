@@ -23,7 +23,20 @@ public sealed record InferenceRequest(
     string? ContextStore = null);
 
 /// <summary>What came of a request: the text, why it ended, token counts and speculation statistics.</summary>
-public sealed record InferenceOutcome(string Text, string FinishReason, int PromptTokens, int CompletionTokens, double PrefillMs, double DecodeMs, SpeculationReport? Speculation);
+public sealed record InferenceOutcome(string Text, string FinishReason, int PromptTokens, int CompletionTokens, double PrefillMs, double DecodeMs, SpeculationReport? Speculation)
+{
+    /// <summary>From the request reaching the runtime to its first token (null when none came).</summary>
+    public double? TimeToFirstTokenMs { get; init; }
+
+    /// <summary>From the request reaching the runtime to its end.</summary>
+    public double DurationMs { get; init; }
+}
+
+/// <summary>
+/// One request as it ended, whatever the ending: the request log's line and the generation metrics are
+/// made from it. <see cref="Outcome"/>: ok, cancelled, or the failure (overloaded, device_fault, ...).
+/// </summary>
+public sealed record RequestRecord(string Id, string Outcome, int PromptTokens, int CachedTokens, int CompletionTokens, double? TimeToFirstTokenMs, double DurationMs, double? QueueWaitMs, double? TokensPerStep);
 
 /// <summary>
 /// The loaded model behind an actor system: a <see cref="GenerationSupervisor"/> with its device and
@@ -36,6 +49,7 @@ public sealed class InferenceService : IAsyncDisposable
     private long _next;
 
     private readonly RuntimeKeeper _runtimes;
+    private int _running;
 
     private InferenceService(ModelBundle bundle, ServerSettings settings, ActorSystem system, IActorRef supervisor, RuntimeKeeper runtimes)
     {
@@ -44,7 +58,26 @@ public sealed class InferenceService : IAsyncDisposable
         _system = system;
         Supervisor = supervisor;
         _runtimes = runtimes;
+        var c = bundle.Config;
+        SessionCacheBytes = KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, settings.Capacity);
+        MaxActive = MaxActiveSessions(bundle, settings);
+        ServerMetrics.Observe(this);
     }
+
+    /// <summary>Raised once per <see cref="RunAsync"/>, as the request ends (success, refusal, failure or cancellation).</summary>
+    public event Action<RequestRecord>? RequestFinished;
+
+    /// <summary>Bytes of one session's KV cache at the configured capacity.</summary>
+    public long SessionCacheBytes { get; }
+
+    /// <summary>Sessions whose caches fit the KV budget together.</summary>
+    public int MaxActive { get; }
+
+    /// <summary>KV cache bytes held now: one cache per request being generated, at most <see cref="MaxActive"/>.</summary>
+    public long KvBytesInUse => Math.Min(Volatile.Read(ref _running), MaxActive) * SessionCacheBytes;
+
+    /// <summary>The KV budget in bytes.</summary>
+    public long KvBudgetBytes => Settings.KvBudgetMb * 1024L * 1024L;
 
     /// <summary>Runtimes built so far and device restarts that took the kept one instead (see <see cref="RuntimeKeeper"/>).</summary>
     public (int Built, int Reused) RuntimeStarts => (_runtimes.Built, _runtimes.Reused);
@@ -160,16 +193,56 @@ public sealed class InferenceService : IAsyncDisposable
             AdaptiveWidth = Settings.AdaptiveWidth,
         };
         var started = Stopwatch.GetTimestamp();
+        long firstToken = 0;
+        string outcomeName = "ok";
+        GenerationCompleted? completedStats = null;
+        int produced = 0;
+        Interlocked.Increment(ref _running);
+        try
+        {
+            return await Run();
+        }
+        catch (ApiException ex)
+        {
+            outcomeName = ex.Code ?? ex.Status.ToString(System.Globalization.CultureInfo.InvariantCulture);
+            throw;
+        }
+        catch (OperationCanceledException)
+        {
+            outcomeName = "cancelled";
+            throw;
+        }
+        catch (Exception)
+        {
+            outcomeName = "error";
+            throw;
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _running);
+            double duration = Stopwatch.GetElapsedTime(started).TotalMilliseconds;
+            double? ttft = firstToken == 0 ? null : Stopwatch.GetElapsedTime(started, firstToken).TotalMilliseconds;
+            var record = new RequestRecord(id, outcomeName, request.Prompt.Length, 0, produced, ttft, duration,
+                completedStats is { } cs ? Math.Max(0, duration - cs.PrefillMs - cs.DecodeMs) : null, completedStats?.Speculation?.TokensPerStep);
+            ServerMetrics.Record(record, ModelName);
+            RequestFinished?.Invoke(record);
+        }
+
+        async Task<InferenceOutcome> Run()
+        {
         var replyTask = Supervisor.Ask<object>(message, Timeout.InfiniteTimeSpan);
         var decoder = new StreamingDecoder(Bundle.Tokenizer);
         var filter = new StopSequenceFilter(request.Stop);
         var text = new System.Text.StringBuilder();
-        int produced = 0;
         try
         {
             await foreach (int token in channel.Reader.ReadAllAsync(CancellationToken.None))
             {
-                produced++;
+                if (produced++ == 0)
+                {
+                    firstToken = Stopwatch.GetTimestamp();
+                }
+
                 string piece = filter.Push(decoder.Push(token));
                 if (piece.Length > 0)
                 {
@@ -205,22 +278,27 @@ public sealed class InferenceService : IAsyncDisposable
             }
         }
 
-        ServerMetrics.RequestDuration.Record(Stopwatch.GetElapsedTime(started).TotalSeconds);
+        double? Ttft() => firstToken == 0 ? null : Stopwatch.GetElapsedTime(started, firstToken).TotalMilliseconds;
         switch (reply)
         {
             case GenerationCompleted done:
+                completedStats = done;
+                produced = done.Tokens.Count;
                 ServerMetrics.Record(done, request.Prompt.Length);
                 span?.SetTag("gen_ai.usage.input_tokens", request.Prompt.Length);
                 span?.SetTag("gen_ai.usage.output_tokens", done.Tokens.Count);
                 return new InferenceOutcome(text.ToString(), filter.Stopped || done.StopReason == "stop" ? "stop" : "length",
-                    request.Prompt.Length, done.Tokens.Count, done.PrefillMs, done.DecodeMs, done.Speculation);
+                    request.Prompt.Length, done.Tokens.Count, done.PrefillMs, done.DecodeMs, done.Speculation)
+                { TimeToFirstTokenMs = Ttft(), DurationMs = Stopwatch.GetElapsedTime(started).TotalMilliseconds };
             case GenerationFailed { Kind: FailureKind.Cancelled } when filter.Stopped:
                 ServerMetrics.GeneratedTokens.Add(produced);
-                return new InferenceOutcome(text.ToString(), "stop", request.Prompt.Length, produced, 0, 0, null);
+                return new InferenceOutcome(text.ToString(), "stop", request.Prompt.Length, produced, 0, 0, null)
+                { TimeToFirstTokenMs = Ttft(), DurationMs = Stopwatch.GetElapsedTime(started).TotalMilliseconds };
             case GenerationFailed failed:
                 throw ToApi(failed);
             default:
                 throw new ApiException(500, $"unexpected reply {reply.GetType().Name} from the runtime; please report this.");
+        }
         }
     }
 
@@ -239,8 +317,12 @@ public sealed class InferenceService : IAsyncDisposable
 
     public Task<object> AskAsync(object message) => Supervisor.Ask<object>(message, TimeSpan.FromSeconds(30));
 
+    /// <summary>True once <see cref="DisposeAsync"/> has begun.</summary>
+    public bool IsDisposed { get; private set; }
+
     public async ValueTask DisposeAsync()
     {
+        IsDisposed = true;
         await _system.Terminate();
         _runtimes.Dispose();
     }

@@ -5,6 +5,8 @@ using CoordGen.Messages;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Http;
 using Microsoft.AspNetCore.Routing;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 
 namespace CoordGen.Host.Serving;
 
@@ -21,11 +23,13 @@ public static partial class OpenAiApi
     {
         app.MapPost("/v1/chat/completions", ctx => Handle(ctx, "chat", () => Complete(ctx, service, chat: true)));
         app.MapPost("/v1/completions", ctx => Handle(ctx, "completions", () => Complete(ctx, service, chat: false)));
-        app.MapGet("/v1/models", ctx => Handle(ctx, "models", () => Write(ctx, 200, new
+        app.MapGet("/v1/models", ctx => Handle(ctx, "models", () => Write(ctx, 200, new { @object = "list", data = new[] { ModelCard(service) } })));
+        app.MapGet("/v1/models/{id}", ctx => Handle(ctx, "models", () =>
         {
-            @object = "list",
-            data = new[] { new { id = service.ModelName, @object = "model", created = Created, owned_by = "coordgen" } },
-        })));
+            string id = ctx.Request.RouteValues["id"] as string ?? "";
+            return id == service.ModelName ? Write(ctx, 200, ModelCard(service))
+                : throw new ApiException(404, $"model '{id}' is not served here; this server runs '{service.ModelName}' (GET /v1/models lists it).", "model", "model_not_found");
+        }));
         app.MapGet("/health", ctx => Handle(ctx, "health", async () =>
         {
             var load = (GenerationSupervisor.Load)await service.AskAsync(new GenerationSupervisor.GetLoad());
@@ -58,6 +62,46 @@ public static partial class OpenAiApi
 
     private static readonly long Created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
 
+    /// <summary>The model object: OpenAI's fields, plus the context length under the names llama.cpp's server and vLLM use.</summary>
+    private static object ModelCard(InferenceService service) => new
+    {
+        id = service.ModelName,
+        @object = "model",
+        created = Created,
+        owned_by = "coordgen",
+        context_length = service.Settings.Capacity,
+        max_model_len = service.Settings.Capacity,
+    };
+
+    /// <summary>Routes and their methods, for the errors of unknown routes and wrong methods.</summary>
+    public const string RouteList = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET and POST /v1/context_stores, POST /v1/context_stores/{name}/documents, GET /health, GET /metrics";
+
+    /// <summary>The endpoint label of a path in <c>coordgen.requests</c>.</summary>
+    public static string EndpointOf(PathString path) =>
+        path.StartsWithSegments("/v1/chat/completions") ? "chat"
+        : path.StartsWithSegments("/v1/completions") ? "completions"
+        : path.StartsWithSegments("/v1/models") ? "models"
+        : path.StartsWithSegments("/v1/context_stores") ? "context_stores"
+        : path.StartsWithSegments("/health") ? "health"
+        : path.StartsWithSegments("/metrics") ? "metrics"
+        : "other";
+
+    /// <summary>Counts a request refused before it reached an endpoint (API key, rate limit, unknown route).</summary>
+    public static void CountRefusal(HttpContext ctx, int status) =>
+        ServerMetrics.Requests.Add(1, new("endpoint", EndpointOf(ctx.Request.Path)), new("outcome", status.ToString(System.Globalization.CultureInfo.InvariantCulture)));
+
+    /// <summary>An OpenAI-shaped body for a 404 or 405 the router produced with none.</summary>
+    public static Task WriteRoutingError(HttpContext ctx)
+    {
+        int status = ctx.Response.StatusCode;
+        var ex = status == 405
+            ? new ApiException(405, $"{ctx.Request.Method} is not allowed on {ctx.Request.Path}; use {(ctx.Response.Headers.Allow.Count > 0 ? ctx.Response.Headers.Allow.ToString() : "another method")}. Routes: {RouteList}.", code: "method_not_allowed")
+            : new ApiException(status, status == 404 ? $"no route {ctx.Request.Method} {ctx.Request.Path}; CoordGen serves {RouteList}." : $"HTTP {status} on {ctx.Request.Path}.", code: status == 404 ? "not_found" : null);
+        CountRefusal(ctx, status);
+        ctx.Response.StatusCode = status;
+        return ctx.Response.WriteAsJsonAsync(new { error = new { message = ex.Message, type = ex.Type, param = ex.Param, code = ex.Code } }, Json, ctx.RequestAborted);
+    }
+
     private static async Task Complete(HttpContext ctx, InferenceService service, bool chat)
     {
         using var doc = await ReadJson(ctx);
@@ -75,9 +119,11 @@ public static partial class OpenAiApi
         string kind = chat ? "chat.completion" : "text_completion";
         var ct = ctx.RequestAborted;
 
+        LogOf(ctx).Set(id, 0, null);
         if (!req.Stream)
         {
             var outcome = await service.RunAsync(request, _ => Task.CompletedTask, ct);
+            LogOf(ctx).Set(id, 200, outcome);
             object choice = chat
                 ? new { index = 0, message = new { role = "assistant", content = outcome.Text }, finish_reason = outcome.FinishReason, logprobs = (object?)null }
                 : new { index = 0, text = outcome.Text, finish_reason = outcome.FinishReason, logprobs = (object?)null };
@@ -85,29 +131,51 @@ public static partial class OpenAiApi
             return;
         }
 
-        ctx.Response.StatusCode = 200;
-        ctx.Response.ContentType = "text/event-stream";
-        ctx.Response.Headers.CacheControl = "no-cache";
         string chunkKind = chat ? "chat.completion.chunk" : "text_completion";
-        if (chat)
+
+        // The stream starts with the first piece of text, not before: a request refused by admission (or any
+        // error before its first token) still gets its HTTP status (429 with Retry-After, 400, ...), which
+        // clients and their retry policies act on.
+        bool started = false;
+        async Task Start()
         {
-            await Event(ctx, new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, delta = new { role = "assistant", content = "" }, finish_reason = (string?)null } } });
+            if (started)
+            {
+                return;
+            }
+
+            started = true;
+            ctx.Response.StatusCode = 200;
+            ctx.Response.ContentType = "text/event-stream";
+            ctx.Response.Headers.CacheControl = "no-cache";
+            if (chat)
+            {
+                await Event(ctx, new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, delta = new { role = "assistant", content = "" }, finish_reason = (string?)null } } });
+            }
         }
 
         InferenceOutcome done;
         try
         {
-            done = await service.RunAsync(request, piece => Event(ctx, chat
-                ? new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, delta = (object)new { content = piece }, finish_reason = (string?)null } } }
-                : new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, text = piece, finish_reason = (string?)null } } }), ct);
+            done = await service.RunAsync(request, async piece =>
+            {
+                await Start();
+                await Event(ctx, chat
+                    ? new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, delta = (object)new { content = piece }, finish_reason = (string?)null } } }
+                    : new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, text = piece, finish_reason = (string?)null } } });
+            }, ct);
         }
-        catch (ApiException ex)
+        catch (ApiException ex) when (started)
         {
             // Headers are sent: the error travels as an event, then the stream ends.
+            LogOf(ctx).Set(id, ex.Status, null);
             await Event(ctx, new { error = new { message = ex.Message, type = ex.Type, param = ex.Param, code = ex.Code } });
             await ctx.Response.WriteAsync("data: [DONE]\n\n", ct);
             return;
         }
+
+        LogOf(ctx).Set(id, 200, done);
+        await Start();
 
         object last = chat
             ? new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, delta = (object)new { }, finish_reason = (string?)done.FinishReason } }, coordgen = Extra(done) }
@@ -155,17 +223,7 @@ public static partial class OpenAiApi
         {
             using var buffer = new MemoryStream();
             await ctx.Request.Body.CopyToAsync(buffer, ctx.RequestAborted);
-            var bytes = buffer.GetBuffer().AsMemory(0, (int)buffer.Length);
-            if (!System.Text.Unicode.Utf8.IsValid(bytes.Span))
-            {
-                throw ApiException.BadRequest("the request body is not valid UTF-8; encode the JSON (and every string in it) as UTF-8.");
-            }
-
-            return JsonDocument.Parse(bytes.ToArray());
-        }
-        catch (JsonException ex)
-        {
-            throw ApiException.BadRequest($"the request body is not valid JSON ({ex.Message.Split(" Path:")[0].TrimEnd('.')}); send a UTF-8 JSON object.");
+            return RequestParser.ReadDocument(buffer.ToArray());
         }
         catch (BadHttpRequestException ex) when (ex.StatusCode == 413)
         {
@@ -200,33 +258,85 @@ public static partial class OpenAiApi
         return ctx.Response.WriteAsJsonAsync(payload, Json, ctx.RequestAborted);
     }
 
-    /// <summary>Runs an endpoint: refusals become OpenAI-style errors; a vanished client is not an error.</summary>
+    /// <summary>What the request log says of a completion request, filled as it runs.</summary>
+    private sealed class LogEntry
+    {
+        public string? Id { get; private set; }
+
+        public int Status { get; private set; }
+
+        public InferenceOutcome? Outcome { get; private set; }
+
+        public void Set(string id, int status, InferenceOutcome? outcome) => (Id, Status, Outcome) = (id, status, outcome);
+    }
+
+    private static LogEntry LogOf(HttpContext ctx)
+    {
+        if (ctx.Items["coordgen.log"] is not LogEntry e)
+        {
+            ctx.Items["coordgen.log"] = e = new LogEntry();
+        }
+
+        return e;
+    }
+
+    /// <summary>Runs an endpoint: refusals become OpenAI-style errors; a vanished client is not an error. Completion requests get one line in the request log.</summary>
     private static async Task Handle(HttpContext ctx, string endpoint, Func<Task> run)
     {
         string outcome = "ok";
+        int status = 200;
+        long started = System.Diagnostics.Stopwatch.GetTimestamp();
+        var log = ctx.RequestServices.GetService<ILoggerFactory>()?.CreateLogger(RequestLogCategory);
         try
         {
             await run();
         }
         catch (ApiException ex)
         {
+            status = ex.Status;
             outcome = ex.Status.ToString(System.Globalization.CultureInfo.InvariantCulture);
             await WriteError(ctx, ex);
         }
         catch (OperationCanceledException) when (ctx.RequestAborted.IsCancellationRequested)
         {
+            status = 499;
             outcome = "client_closed";
         }
         catch (Exception ex) when (ex is not OperationCanceledException)
         {
+            status = 500;
             outcome = "500";
+            if (log is not null)
+            {
+                log.LogError(ex, "internal error on {Method} {Path}", ctx.Request.Method, ctx.Request.Path.Value);
+            }
+
             await WriteError(ctx, new ApiException(500, $"internal error: {ex.Message}. The server keeps running; please report this."));
         }
         finally
         {
             ServerMetrics.Requests.Add(1, new("endpoint", endpoint), new("outcome", outcome));
+            if (log is not null && endpoint is "chat" or "completions")
+            {
+                var e = LogOf(ctx);
+                var o = e.Outcome;
+                if (e.Status > 0 && status == 200)
+                {
+                    status = e.Status;
+                }
+
+                log.LogInformation(
+                    "request {RequestId} {Endpoint} status={Status} prompt_tokens={PromptTokens} cached_tokens={CachedTokens} generated_tokens={GeneratedTokens} ttft_ms={TtftMs} duration_ms={DurationMs} tokens_per_step={TokensPerStep}",
+                    e.Id ?? ctx.TraceIdentifier, endpoint, status, o?.PromptTokens, 0, o?.CompletionTokens,
+                    o?.TimeToFirstTokenMs is { } t ? Math.Round(t, 1) : null,
+                    Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalMilliseconds, 1),
+                    o?.Speculation is { } sp ? Math.Round(sp.TokensPerStep, 3) : null);
+            }
         }
     }
+
+    /// <summary>Logger category of the request log: one line per completion request.</summary>
+    public const string RequestLogCategory = "CoordGen.Requests";
 
     public static async Task WriteError(HttpContext ctx, ApiException ex)
     {

@@ -20,12 +20,126 @@ public sealed record ParsedRequest(
 
 /// <summary>
 /// Reads OpenAI-style request bodies field by field, so that every mistake gets an error naming the
-/// field and what it should be. Unknown fields are ignored, as OpenAI's clients send many.
+/// field and what it should be. Fields nobody defined are ignored, as OpenAI's clients send many; OpenAI
+/// parameters CoordGen does not implement are refused by name unless they hold their neutral value.
 /// CoordGen's own fields: <c>context_store</c> (a store to draft from), <c>speculation</c>
 /// (<c>{"method": "sam+ours", "width": 8}</c>) and <c>top_k</c>.
 /// </summary>
 public static class RequestParser
 {
+    /// <summary>
+    /// A request body as JSON, refused clearly when it is not UTF-8, not JSON, or holds a string with a lone
+    /// UTF-16 surrogate escape (<c>"\ud800"</c>: JavaScript and Python clients send one when they cut a
+    /// string inside an emoji; JSON parsers accept it, but it is no text).
+    /// </summary>
+    public static JsonDocument ReadDocument(ReadOnlyMemory<byte> body)
+    {
+        if (!System.Text.Unicode.Utf8.IsValid(body.Span))
+        {
+            throw ApiException.BadRequest("the request body is not valid UTF-8; encode the JSON (and every string in it) as UTF-8.");
+        }
+
+        JsonDocument doc;
+        try
+        {
+            doc = JsonDocument.Parse(body);
+        }
+        catch (JsonException ex)
+        {
+            throw ApiException.BadRequest($"the request body is not valid JSON ({ex.Message.Split(" Path:")[0].TrimEnd('.')}); send a UTF-8 JSON object.");
+        }
+
+        try
+        {
+            CheckStrings(doc.RootElement, "$");
+            return doc;
+        }
+        catch
+        {
+            doc.Dispose();
+            throw;
+        }
+    }
+
+    private static void CheckStrings(JsonElement e, string path)
+    {
+        switch (e.ValueKind)
+        {
+            case JsonValueKind.String:
+                try
+                {
+                    _ = e.GetString();
+                }
+                catch (InvalidOperationException)
+                {
+                    throw ApiException.BadRequest($"'{path}' holds a lone UTF-16 surrogate escape (such as \\ud800 without its pair), which is not text: send whole characters (a string cut inside an emoji leaves one).", path.TrimStart('$', '.'));
+                }
+
+                break;
+            case JsonValueKind.Object:
+                foreach (var p in e.EnumerateObject())
+                {
+                    string name;
+                    try
+                    {
+                        name = p.Name;
+                    }
+                    catch (InvalidOperationException)
+                    {
+                        throw ApiException.BadRequest($"a field name in '{path}' holds a lone UTF-16 surrogate escape, which is not text: send whole characters.", path.TrimStart('$', '.'));
+                    }
+
+                    CheckStrings(p.Value, path + "." + name);
+                }
+
+                break;
+            case JsonValueKind.Array:
+                int i = 0;
+                foreach (var item in e.EnumerateArray())
+                {
+                    CheckStrings(item, $"{path}[{i++}]");
+                }
+
+                break;
+        }
+    }
+
+    /// <summary>
+    /// OpenAI parameters CoordGen does not implement: accepted at their neutral value (what a client sends
+    /// when it does not mean to use them), refused otherwise with a 400 naming the parameter, never ignored.
+    /// </summary>
+    private static readonly (string Name, Func<JsonElement, bool> Neutral, string Why)[] Unsupported =
+    [
+        ("logprobs", v => v.ValueKind == JsonValueKind.False, "log probabilities are not returned yet"),
+        ("top_logprobs", v => v.ValueKind == JsonValueKind.Number && v.TryGetInt32(out int n) && n == 0, "log probabilities are not returned yet"),
+        ("response_format", v => v.ValueKind == JsonValueKind.Object && v.TryGetProperty("type", out var t) && t.ValueKind == JsonValueKind.String && t.ValueEquals("text"), "only {\"type\": \"text\"} is served: no JSON mode or schemas"),
+        ("tools", v => v.ValueKind == JsonValueKind.Array && v.GetArrayLength() == 0, "the models here do not call tools"),
+        ("tool_choice", v => v.ValueKind == JsonValueKind.String && v.ValueEquals("none"), "the models here do not call tools"),
+        ("functions", v => v.ValueKind == JsonValueKind.Array && v.GetArrayLength() == 0, "the models here do not call functions"),
+        ("function_call", v => v.ValueKind == JsonValueKind.String && v.ValueEquals("none"), "the models here do not call functions"),
+        ("frequency_penalty", v => v.ValueKind == JsonValueKind.Number && v.GetDouble() == 0, "penalties would change the model's distribution, which speculation keeps exactly"),
+        ("presence_penalty", v => v.ValueKind == JsonValueKind.Number && v.GetDouble() == 0, "penalties would change the model's distribution, which speculation keeps exactly"),
+        ("repetition_penalty", v => v.ValueKind == JsonValueKind.Number && v.GetDouble() == 1, "penalties would change the model's distribution, which speculation keeps exactly"),
+        ("logit_bias", v => v.ValueKind == JsonValueKind.Object && !v.EnumerateObject().Any(), "biasing logits is not implemented"),
+        ("echo", v => v.ValueKind == JsonValueKind.False, "the prompt is not echoed"),
+        ("suffix", v => v.ValueKind == JsonValueKind.String && v.GetString()!.Length == 0, "insertion (text after the completion) is not implemented"),
+        ("best_of", v => v.ValueKind == JsonValueKind.Number && v.TryGetInt32(out int n) && n == 1, "one sequence is generated per request"),
+        ("prediction", _ => false, "predicted outputs are not taken; put the expected text in a context store (\"context_store\") and speculation drafts from it"),
+        ("audio", _ => false, "the models here read and write text only"),
+        ("modalities", v => v.ValueKind == JsonValueKind.Array && v.EnumerateArray().All(m => m.ValueKind == JsonValueKind.String && m.ValueEquals("text")), "the models here read and write text only"),
+    ];
+
+    private static void RefuseUnsupported(JsonElement body)
+    {
+        foreach (var (name, neutral, why) in Unsupported)
+        {
+            if (body.TryGetProperty(name, out var v) && v.ValueKind != JsonValueKind.Null && !neutral(v))
+            {
+                throw new ApiException(400, $"'{name}' is not supported by CoordGen ({why}); remove it from the request.", name, "unsupported_parameter");
+            }
+        }
+    }
+
     public static ParsedRequest ParseChat(JsonElement body, bool hasRoleTokens)
     {
         RequireObject(body);
@@ -122,6 +236,7 @@ public static class RequestParser
 
     private static ParsedRequest Common(JsonElement body, string prompt)
     {
+        RefuseUnsupported(body);
         if (body.TryGetProperty("n", out var n) && n.ValueKind != JsonValueKind.Null && (n.ValueKind != JsonValueKind.Number || !n.TryGetInt32(out int nv) || nv != 1))
         {
             throw ApiException.BadRequest("'n' must be 1: CoordGen returns one choice per request.", "n");

@@ -41,11 +41,12 @@ internal static class ServeCommand
         var otlp = new Option<string?>("--otlp-endpoint") { Description = "Also export traces and metrics over OTLP to this collector (e.g. http://localhost:4317). Default: off; /metrics always serves Prometheus.", HelpName = "URL" };
         var deviceProfile = new Option<string?>("--device-profile") { Description = $"What-if: pace every device step to an accelerator latency profile ({string.Join(", ", CoordGen.Engine.Scheduling.DeviceProfile.Shipped)}, or a JSON file), so clients see an NPU's step times. Default: off (real timings).", HelpName = "NAME|FILE" };
         var adaptive = new Option<bool?>("--adaptive-width") { Description = "true (default): each speculative step verifies on the compiled width (1, 4 or --width) that gives the most tokens per millisecond for that session; false: always --width.", HelpName = "true|false" };
-        var rpm = new Option<int?>("--requests-per-minute") { Description = "Rate limit per client address; 0 (default) = unlimited.", HelpName = "N" };
+        var rpm = new Option<int?>("--requests-per-minute") { Description = "Rate limit per client address on /v1 (/health and /metrics are not limited); 0 (default) = unlimited.", HelpName = "N" };
+        var cors = new Option<string[]>("--cors-origin") { Description = "Allow browser pages from this origin to call the API (CORS); repeat for more, * for any. Default: none.", HelpName = "ORIGIN", AllowMultipleArgumentsPerToken = false };
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, otlp, deviceProfile, adaptive, weights,
+            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, weights,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -73,6 +74,14 @@ internal static class ServeCommand
             Put(maxBody, "MaxBodyBytes");
             Put(apiKey, "ApiKey");
             Put(rpm, "RequestsPerMinute");
+            if (parse.GetValue(cors) is { Length: > 0 } origins)
+            {
+                for (int i = 0; i < origins.Length; i++)
+                {
+                    overrides[$"{ServerSettings.Section}:CorsOrigins:{i}"] = origins[i];
+                }
+            }
+
             Put(otlp, "OtlpEndpoint");
             Put(deviceProfile, "DeviceProfile");
             Put(adaptive, "AdaptiveWidth");
@@ -130,6 +139,25 @@ internal static class ServeCommand
         var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [], ContentRootPath = Directory.GetCurrentDirectory() });
         builder.Logging.ClearProviders();
         builder.Logging.AddSimpleConsole(o => o.SingleLine = true).SetMinimumLevel(LogLevel.Warning);
+        // The request log: one line per completion request (Logging:LogLevel:CoordGen.Requests=Warning silences it).
+        builder.Logging.AddFilter(OpenAiApi.RequestLogCategory, LogLevel.Information);
+        if (settings.CorsOrigins.Length > 0)
+        {
+            builder.Services.AddCors(o => o.AddDefaultPolicy(p =>
+            {
+                if (settings.CorsOrigins.Contains("*"))
+                {
+                    p.AllowAnyOrigin();
+                }
+                else
+                {
+                    p.WithOrigins(settings.CorsOrigins);
+                }
+
+                p.AllowAnyHeader().WithMethods("GET", "POST").WithExposedHeaders("Retry-After");
+            }));
+        }
+
         builder.WebHost.ConfigureKestrel(k =>
         {
             k.Limits.MaxRequestBodySize = settings.MaxBodyBytes;
@@ -153,15 +181,30 @@ internal static class ServeCommand
         {
             builder.Services.AddRateLimiter(o =>
             {
-                o.GlobalLimiter = PartitionedRateLimiter.Create<HttpContext, string>(ctx => RateLimitPartition.GetFixedWindowLimiter(
-                    ctx.Connection.RemoteIpAddress?.ToString() ?? "unknown",
-                    _ => new FixedWindowRateLimiterOptions { PermitLimit = settings.RequestsPerMinute, Window = TimeSpan.FromMinutes(1), QueueLimit = 0 }));
-                o.OnRejected = (r, _) => new ValueTask(OpenAiApi.WriteError(r.HttpContext,
-                    new ApiException(429, $"rate limit: at most {settings.RequestsPerMinute} requests per minute per client; retry later.", code: "rate_limit_exceeded", retryAfterSeconds: 60)));
+                // Only the API is limited: a health probe or a Prometheus scraper must not use up a client's quota.
+                o.GlobalLimiter = PartitionedRateLimiter.Create<HttpContext, string>(ctx => !ctx.Request.Path.StartsWithSegments("/v1")
+                    ? RateLimitPartition.GetNoLimiter("unlimited")
+                    : RateLimitPartition.GetFixedWindowLimiter(
+                        ctx.Connection.RemoteIpAddress?.ToString() ?? "unknown",
+                        _ => new FixedWindowRateLimiterOptions { PermitLimit = settings.RequestsPerMinute, Window = TimeSpan.FromMinutes(1), QueueLimit = 0 }));
+                o.OnRejected = (r, _) =>
+                {
+                    OpenAiApi.CountRefusal(r.HttpContext, 429);
+                    return new ValueTask(OpenAiApi.WriteError(r.HttpContext,
+                        new ApiException(429, $"rate limit: at most {settings.RequestsPerMinute} requests per minute per client; retry later.", code: "rate_limit_exceeded", retryAfterSeconds: 60)));
+                };
             });
         }
 
         var app = builder.Build();
+
+        // 404 and 405 from the router carry no body: give them an OpenAI-shaped one that lists the routes.
+        app.UseStatusCodePages(new StatusCodePagesOptions { HandleAsync = c => OpenAiApi.WriteRoutingError(c.HttpContext) });
+        if (settings.CorsOrigins.Length > 0)
+        {
+            app.UseCors();
+        }
+
         if (settings.RequestsPerMinute > 0)
         {
             app.UseRateLimiter();
@@ -171,8 +214,9 @@ internal static class ServeCommand
         {
             app.Use(async (ctx, next) =>
             {
-                if (ctx.Request.Path.StartsWithSegments("/v1") && ctx.Request.Headers.Authorization.ToString() != "Bearer " + key)
+                if (ctx.Request.Path.StartsWithSegments("/v1") && !HttpMethods.IsOptions(ctx.Request.Method) && ctx.Request.Headers.Authorization.ToString() != "Bearer " + key)
                 {
+                    OpenAiApi.CountRefusal(ctx, 401);
                     await OpenAiApi.WriteError(ctx, new ApiException(401, "missing or wrong API key: send 'Authorization: Bearer KEY' with the key the server was started with.", code: "invalid_api_key"));
                     return;
                 }

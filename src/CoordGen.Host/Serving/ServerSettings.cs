@@ -80,7 +80,10 @@ public sealed class ServerSettings
     /// <summary>When set, /v1 endpoints need <c>Authorization: Bearer KEY</c>.</summary>
     public string? ApiKey { get; set; }
 
-    /// <summary>Requests per minute per client address; 0 = unlimited.</summary>
+    /// <summary>Browser origins allowed to call the API (CORS), such as https://app.example.com; empty (default) = no cross-origin access.</summary>
+    public string[] CorsOrigins { get; set; } = [];
+
+    /// <summary>Requests per minute per client address on /v1 (not /health or /metrics); 0 = unlimited.</summary>
     public int RequestsPerMinute { get; set; }
 
     /// <summary>OTLP collector (for example http://localhost:4317): traces and metrics are also exported there. Empty = off.</summary>
@@ -175,6 +178,14 @@ public sealed class ServerSettings
         if (RequestsPerMinute is < 0 or > 1_000_000)
         {
             p.Add($"RequestsPerMinute must be between 0 (unlimited) and 1000000 (got {RequestsPerMinute}).");
+        }
+
+        foreach (string origin in CorsOrigins)
+        {
+            if (origin != "*" && (!Uri.TryCreate(origin, UriKind.Absolute, out var o) || o.Scheme is not ("http" or "https") || o.AbsolutePath != "/"))
+            {
+                p.Add($"CorsOrigins: '{origin}' is not an origin; give scheme, host and port only, such as https://app.example.com or http://localhost:3000 (or * for any).");
+            }
         }
 
         if (OtlpEndpoint is { Length: > 0 } otlp && !Uri.TryCreate(otlp, UriKind.Absolute, out _))
