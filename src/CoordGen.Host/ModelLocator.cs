@@ -3,7 +3,7 @@ namespace CoordGen.Host;
 /// <summary>Finds the embedded default model (models/coordgen-demo) from the working directory or the program's folder.</summary>
 internal static class ModelLocator
 {
-    public const string DefaultModelRelative = "models/coordgen-demo";
+    public const string DefaultModelRelative = CoordGenOptions.DefaultModelRelative;
 
     /// <summary><c>--model twin:smollm2-135m</c>: the demo's function-preserving twin in that shape.</summary>
     public const string TwinPrefix = "twin:";
@@ -18,19 +18,14 @@ internal static class ModelLocator
                 : requested;
         }
 
-        foreach (var start in new[] { Directory.GetCurrentDirectory(), AppContext.BaseDirectory })
+        try
         {
-            for (var dir = new DirectoryInfo(start); dir is not null; dir = dir.Parent)
-            {
-                string candidate = Path.Combine(dir.FullName, DefaultModelRelative);
-                if (File.Exists(Path.Combine(candidate, "config.json")))
-                {
-                    return candidate;
-                }
-            }
+            return new CoordGenOptions().ResolveModelDirectory();
         }
-
-        throw new Engine.Model.ModelLoadException($"The default model '{DefaultModelRelative}' was not found above '{Directory.GetCurrentDirectory()}'. Run from the CoordGen checkout or pass --model DIR.");
+        catch (Engine.Model.ModelLoadException)
+        {
+            throw new Engine.Model.ModelLoadException($"The default model '{DefaultModelRelative}' was not found above '{Directory.GetCurrentDirectory()}'. Run from the CoordGen checkout or pass --model DIR.");
+        }
     }
 
     /// <summary>The repository root (the folder holding CoordGen.sln), for writing docs/bench/.</summary>

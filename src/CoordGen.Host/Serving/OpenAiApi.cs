@@ -88,7 +88,7 @@ public static partial class OpenAiApi
 
     /// <summary>Counts a request refused before it reached an endpoint (API key, rate limit, unknown route).</summary>
     public static void CountRefusal(HttpContext ctx, int status) =>
-        ServerMetrics.Requests.Add(1, new("endpoint", EndpointOf(ctx.Request.Path)), new("outcome", status.ToString(System.Globalization.CultureInfo.InvariantCulture)));
+        RequestMetrics.Requests.Add(1, new("endpoint", EndpointOf(ctx.Request.Path)), new("outcome", status.ToString(System.Globalization.CultureInfo.InvariantCulture)));
 
     /// <summary>An OpenAI-shaped body for a 404 or 405 the router produced with none.</summary>
     public static Task WriteRoutingError(HttpContext ctx)
@@ -315,7 +315,7 @@ public static partial class OpenAiApi
         }
         finally
         {
-            ServerMetrics.Requests.Add(1, new("endpoint", endpoint), new("outcome", outcome));
+            RequestMetrics.Requests.Add(1, new("endpoint", endpoint), new("outcome", outcome));
             if (log is not null && endpoint is "chat" or "completions")
             {
                 var e = LogOf(ctx);

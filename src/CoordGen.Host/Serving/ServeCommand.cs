@@ -167,7 +167,7 @@ internal static class ServeCommand
         });
         var otel = builder.Services.AddOpenTelemetry().WithMetrics(m =>
         {
-            m.AddMeter(ServerMetrics.MeterName, Actors.Telemetry.Name).AddAspNetCoreInstrumentation().AddPrometheusExporter();
+            m.AddMeter(RequestMetrics.MeterName, Actors.Telemetry.Name).AddAspNetCoreInstrumentation().AddPrometheusExporter();
             if (settings.OtlpEndpoint is { Length: > 0 } url)
             {
                 m.AddOtlpExporter(o => o.Endpoint = new Uri(url));

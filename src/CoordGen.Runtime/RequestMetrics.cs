@@ -1,10 +1,10 @@
 using System.Diagnostics.Metrics;
 using CoordGen.Messages;
 
-namespace CoordGen.Host.Serving;
+namespace CoordGen;
 
 /// <summary>The server's OpenTelemetry instruments (meter "CoordGen"), exported in Prometheus format at /metrics.</summary>
-public static class ServerMetrics
+public static class RequestMetrics
 {
     public const string MeterName = "CoordGen";
     private static readonly Meter Meter = new(MeterName, "1.0");
@@ -32,7 +32,7 @@ public static class ServerMetrics
     /// <summary>Histogram buckets in seconds, as the GenAI conventions advise (the SDK's defaults suit milliseconds).</summary>
     private static InstrumentAdvice<double> Buckets(params double[] seconds) => new() { HistogramBucketBoundaries = seconds };
 
-    static ServerMetrics()
+    static RequestMetrics()
     {
         Meter.CreateObservableGauge("coordgen.kv.in_use", () => Live().Select(s => new Measurement<long>(s.KvBytesInUse)), "By", "KV cache bytes held by requests being generated.");
         Meter.CreateObservableGauge("coordgen.kv.budget", () => Live().Select(s => new Measurement<long>(s.KvBudgetBytes)), "By", "KV cache budget (--kv-budget-mb).");

@@ -1,4 +1,4 @@
-namespace CoordGen.Host.Serving;
+namespace CoordGen;
 
 /// <summary>A request the server refuses, rendered as an OpenAI-style error body with this status.</summary>
 public sealed class ApiException(int status, string message, string? param = null, string? code = null, int retryAfterSeconds = 0) : Exception(message)

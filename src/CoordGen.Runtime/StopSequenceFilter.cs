@@ -1,4 +1,4 @@
-namespace CoordGen.Host.Serving;
+namespace CoordGen;
 
 /// <summary>
 /// Cuts streamed text at the first stop sequence. Text that might be the start of a stop sequence is held

@@ -3,7 +3,7 @@ using System.Text.Json;
 using CoordGen.Engine;
 using static CoordGen.Messages.GenerationProtocol;
 
-namespace CoordGen.Host.Serving;
+namespace CoordGen;
 
 /// <summary>A completion request after validation: the rendered prompt text and generation settings.</summary>
 public sealed record ParsedRequest(
@@ -243,24 +243,9 @@ public static class RequestParser
         }
 
         int? maxTokens = Int(body, "max_completion_tokens") ?? Int(body, "max_tokens");
-        float temperature = (float)(Number(body, "temperature") ?? 0);
-        if (temperature is < 0 or > 2)
-        {
-            throw ApiException.BadRequest($"'temperature' must be between 0 and 2 (got {temperature}); 0 is greedy.", "temperature");
-        }
-
-        float topP = (float)(Number(body, "top_p") ?? 1);
-        if (topP is <= 0 or > 1)
-        {
-            throw ApiException.BadRequest($"'top_p' must be in (0, 1] (got {topP}).", "top_p");
-        }
-
+        double temperature = Number(body, "temperature") ?? 0;
+        double topP = Number(body, "top_p") ?? 1;
         int topK = Int(body, "top_k") ?? 0;
-        if (topK < 0)
-        {
-            throw ApiException.BadRequest($"'top_k' must be 0 (off) or positive (got {topK}).", "top_k");
-        }
-
         long seed = body.TryGetProperty("seed", out var s) && s.ValueKind == JsonValueKind.Number && s.TryGetInt64(out long sv) ? sv
             : s.ValueKind is JsonValueKind.Undefined or JsonValueKind.Null ? 0
             : throw ApiException.BadRequest("'seed' must be an integer.", "seed");
@@ -281,10 +266,7 @@ public static class RequestParser
                 throw ApiException.BadRequest("'stop' must be a string or an array of up to 4 strings.", "stop");
             }
 
-            if (stop.Any(x => x.Length == 0))
-            {
-                throw ApiException.BadRequest("'stop' sequences must not be empty strings.", "stop");
-            }
+            ValidStop(stop);
         }
 
         bool stream = Bool(body, "stream") ?? false;
@@ -313,8 +295,45 @@ public static class RequestParser
         }
 
         string? store = String(body, "context_store", "context_store");
-        return new ParsedRequest(String(body, "model", "model"), prompt, maxTokens, new Sampling(temperature, topK, topP, (int)(seed & 0x7fffffff)),
+        return new ParsedRequest(String(body, "model", "model"), prompt, maxTokens, ValidSampling(temperature, topP, topK, seed),
             stop, stream, includeUsage, method, width, store);
+    }
+
+    /// <summary>Sampling settings checked as every edge checks them (HTTP and the IChatClient), with errors naming the parameter.</summary>
+    public static Sampling ValidSampling(double temperature, double topP, int topK, long seed)
+    {
+        if (!double.IsFinite(temperature) || temperature is < 0 or > 2)
+        {
+            throw ApiException.BadRequest($"'temperature' must be between 0 and 2 (got {temperature}); 0 is greedy.", "temperature");
+        }
+
+        if (!double.IsFinite(topP) || topP is <= 0 or > 1)
+        {
+            throw ApiException.BadRequest($"'top_p' must be in (0, 1] (got {topP}).", "top_p");
+        }
+
+        if (topK < 0)
+        {
+            throw ApiException.BadRequest($"'top_k' must be 0 (off) or positive (got {topK}).", "top_k");
+        }
+
+        return new Sampling((float)temperature, topK, (float)topP, (int)(seed & 0x7fffffff));
+    }
+
+    /// <summary>Stop sequences checked as every edge checks them: at most 4, none empty.</summary>
+    public static IReadOnlyList<string> ValidStop(IReadOnlyList<string> stop)
+    {
+        if (stop.Count > 4)
+        {
+            throw ApiException.BadRequest($"'stop' takes at most 4 sequences (got {stop.Count}).", "stop");
+        }
+
+        if (stop.Any(x => string.IsNullOrEmpty(x)))
+        {
+            throw ApiException.BadRequest("'stop' sequences must not be empty strings.", "stop");
+        }
+
+        return stop;
     }
 
     private static void RequireObject(JsonElement body)

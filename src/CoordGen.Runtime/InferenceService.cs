@@ -10,7 +10,7 @@ using CoordGen.Engine.Tokenization;
 using CoordGen.Messages;
 using static CoordGen.Messages.GenerationProtocol;
 
-namespace CoordGen.Host.Serving;
+namespace CoordGen;
 
 /// <summary>One generation request as the edge (HTTP, IChatClient) hands it to the runtime.</summary>
 public sealed record InferenceRequest(
@@ -43,15 +43,16 @@ public sealed record RequestRecord(string Id, string Outcome, int PromptTokens, 
 /// context-store actors. Turns token streams into text (stop sequences applied) and actor failures into
 /// <see cref="ApiException"/>s. Shared by the HTTP server and the in-process <see cref="CoordGenChatClient"/>.
 /// </summary>
-public sealed class InferenceService : IAsyncDisposable
+public sealed class InferenceService : IAsyncDisposable, IDisposable
 {
     private readonly ActorSystem _system;
     private long _next;
 
     private readonly RuntimeKeeper _runtimes;
     private int _running;
+    private readonly CancellationTokenSource _stopping = new();
 
-    private InferenceService(ModelBundle bundle, ServerSettings settings, ActorSystem system, IActorRef supervisor, RuntimeKeeper runtimes)
+    private InferenceService(ModelBundle bundle, CoordGenOptions settings, ActorSystem system, IActorRef supervisor, RuntimeKeeper runtimes)
     {
         Bundle = bundle;
         Settings = settings;
@@ -61,7 +62,7 @@ public sealed class InferenceService : IAsyncDisposable
         var c = bundle.Config;
         SessionCacheBytes = KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, settings.Capacity);
         MaxActive = MaxActiveSessions(bundle, settings);
-        ServerMetrics.Observe(this);
+        RequestMetrics.Observe(this);
     }
 
     /// <summary>Raised once per <see cref="RunAsync"/>, as the request ends (success, refusal, failure or cancellation).</summary>
@@ -84,15 +85,35 @@ public sealed class InferenceService : IAsyncDisposable
 
     public ModelBundle Bundle { get; }
 
-    public ServerSettings Settings { get; }
+    public CoordGenOptions Settings { get; }
 
     public IActorRef Supervisor { get; }
 
     public string ModelName => Bundle.Name;
 
+    /// <summary>Loads the model named by <paramref name="options"/> (or the embedded default) and starts the runtime on it.</summary>
+    public static InferenceService Start(CoordGenOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        var problems = options.Problems();
+        if (problems.Count > 0)
+        {
+            throw new ArgumentException("invalid CoordGen options: " + string.Join(" ", problems));
+        }
+
+        return Start(ModelBundle.Load(options.ResolveModelDirectory()), options);
+    }
+
+    /// <summary>Completes when the runtime's actor system has stopped (after disposal).</summary>
+    public Task Terminated => _system.WhenTerminated;
+
+    /// <summary>Starts the runtime on a loaded model.</summary>
+    /// <param name="bundle">The model: weights, tokenizer and configuration.</param>
+    /// <param name="settings">Runtime options (checked: an invalid one throws <see cref="ArgumentException"/> saying what to change).</param>
+    /// <param name="actorLogLevel">Akka.NET's log level (DEBUG, INFO, WARNING, ERROR).</param>
     /// <param name="faults">Fault hooks for every runtime the device creates (<c>bench faults</c> only).</param>
     /// <param name="maxAttempts">Device attempts per request before it fails (resumes after device faults).</param>
-    public static InferenceService Start(ModelBundle bundle, ServerSettings settings, IFaultInjector? faults = null, int maxAttempts = 5, string actorLogLevel = "WARNING")
+    public static InferenceService Start(ModelBundle bundle, CoordGenOptions settings, IFaultInjector? faults = null, int maxAttempts = 5, string actorLogLevel = "WARNING")
     {
         var problems = settings.Problems();
         if (problems.Count > 0)
@@ -126,7 +147,7 @@ public sealed class InferenceService : IAsyncDisposable
     /// Sessions whose KV caches fit the budget together (each is sized for the full capacity). The device
     /// runs that many at once; admitted requests beyond them wait in line.
     /// </summary>
-    public static int MaxActiveSessions(ModelBundle bundle, ServerSettings settings)
+    public static int MaxActiveSessions(ModelBundle bundle, CoordGenOptions settings)
     {
         var c = bundle.Config;
         long perSession = KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, settings.Capacity);
@@ -177,6 +198,7 @@ public sealed class InferenceService : IAsyncDisposable
     /// <summary>Runs a request, calling <paramref name="onText"/> with each piece of text as it is decoded.</summary>
     public async Task<InferenceOutcome> RunAsync(InferenceRequest request, Func<string, Task> onText, CancellationToken cancellation)
     {
+        ObjectDisposedException.ThrowIf(IsDisposed, this);
         string id = $"req-{Interlocked.Increment(ref _next)}";
         var channel = Channel.CreateBounded<int>(new BoundedChannelOptions(64) { SingleReader = true, SingleWriter = true });
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(cancellation);
@@ -224,19 +246,20 @@ public sealed class InferenceService : IAsyncDisposable
             double? ttft = firstToken == 0 ? null : Stopwatch.GetElapsedTime(started, firstToken).TotalMilliseconds;
             var record = new RequestRecord(id, outcomeName, request.Prompt.Length, 0, produced, ttft, duration,
                 completedStats is { } cs ? Math.Max(0, duration - cs.PrefillMs - cs.DecodeMs) : null, completedStats?.Speculation?.TokensPerStep);
-            ServerMetrics.Record(record, ModelName);
+            RequestMetrics.Record(record, ModelName);
             RequestFinished?.Invoke(record);
         }
 
         async Task<InferenceOutcome> Run()
         {
-        var replyTask = Supervisor.Ask<object>(message, Timeout.InfiniteTimeSpan);
+        // Disposal ends a request still running: its actors are gone and would never answer.
+        var replyTask = Supervisor.Ask<object>(message, Timeout.InfiniteTimeSpan, _stopping.Token);
         var decoder = new StreamingDecoder(Bundle.Tokenizer);
         var filter = new StopSequenceFilter(request.Stop);
         var text = new System.Text.StringBuilder();
         try
         {
-            await foreach (int token in channel.Reader.ReadAllAsync(CancellationToken.None))
+            await foreach (int token in channel.Reader.ReadAllAsync(_stopping.Token))
             {
                 if (produced++ == 0)
                 {
@@ -266,7 +289,16 @@ public sealed class InferenceService : IAsyncDisposable
             await cts.CancelAsync();
         }
 
-        var reply = await replyTask;
+        object reply;
+        try
+        {
+            reply = await replyTask;
+        }
+        catch (OperationCanceledException) when (_stopping.IsCancellationRequested)
+        {
+            throw new ObjectDisposedException(nameof(InferenceService), "the runtime was disposed while this request ran.");
+        }
+
         cancellation.ThrowIfCancellationRequested();
         if (!filter.Stopped)
         {
@@ -284,14 +316,14 @@ public sealed class InferenceService : IAsyncDisposable
             case GenerationCompleted done:
                 completedStats = done;
                 produced = done.Tokens.Count;
-                ServerMetrics.Record(done, request.Prompt.Length);
+                RequestMetrics.Record(done, request.Prompt.Length);
                 span?.SetTag("gen_ai.usage.input_tokens", request.Prompt.Length);
                 span?.SetTag("gen_ai.usage.output_tokens", done.Tokens.Count);
                 return new InferenceOutcome(text.ToString(), filter.Stopped || done.StopReason == "stop" ? "stop" : "length",
                     request.Prompt.Length, done.Tokens.Count, done.PrefillMs, done.DecodeMs, done.Speculation)
                 { TimeToFirstTokenMs = Ttft(), DurationMs = Stopwatch.GetElapsedTime(started).TotalMilliseconds };
             case GenerationFailed { Kind: FailureKind.Cancelled } when filter.Stopped:
-                ServerMetrics.GeneratedTokens.Add(produced);
+                RequestMetrics.GeneratedTokens.Add(produced);
                 return new InferenceOutcome(text.ToString(), "stop", request.Prompt.Length, produced, 0, 0, null)
                 { TimeToFirstTokenMs = Ttft(), DurationMs = Stopwatch.GetElapsedTime(started).TotalMilliseconds };
             case GenerationFailed failed:
@@ -320,9 +352,18 @@ public sealed class InferenceService : IAsyncDisposable
     /// <summary>True once <see cref="DisposeAsync"/> has begun.</summary>
     public bool IsDisposed { get; private set; }
 
+    /// <summary>Stops the actors, then disposes the compiled graphs.</summary>
+    public void Dispose() => DisposeAsync().AsTask().GetAwaiter().GetResult();
+
     public async ValueTask DisposeAsync()
     {
+        if (IsDisposed)
+        {
+            return;
+        }
+
         IsDisposed = true;
+        await _stopping.CancelAsync();
         await _system.Terminate();
         _runtimes.Dispose();
     }

@@ -1,0 +1,166 @@
+using CoordGen.Engine.Speculative;
+
+namespace CoordGen;
+
+/// <summary>
+/// The runtime's settings: the model, its context capacity, graph widths, weights, decoding method and
+/// admission limits. Bound from configuration by <c>services.AddCoordGen(configuration)</c>
+/// (section <c>CoordGen</c> by convention) and validated by <see cref="Problems"/> when the runtime starts, as
+/// <c>coordgen serve</c> validates its settings (which add the HTTP ones to these).
+/// </summary>
+public class CoordGenOptions
+{
+    /// <summary>Default configuration section for <c>AddCoordGen(configuration)</c>.</summary>
+    public const string DefaultSection = "CoordGen";
+
+    /// <summary>Where the embedded default model lives, relative to the checkout (or the app's folder).</summary>
+    public const string DefaultModelRelative = "models/coordgen-demo";
+
+    /// <summary>Model directory (a Hugging Face Llama/Qwen2 checkpoint: config.json, model.safetensors, tokenizer.json); empty = the embedded models/coordgen-demo, looked for above the working directory and the app's folder.</summary>
+    public string? Model { get; set; }
+
+    /// <summary>KV cache slots per request (prompt plus output).</summary>
+    public int Capacity { get; set; } = 2048;
+
+    public int PrefillWidth { get; set; } = 64;
+
+    /// <summary>
+    /// Tokens per prefill chunk while other sessions are decoding: a narrower chunk between their steps
+    /// keeps their inter-token gaps short (a prompt with no one else decoding goes PrefillWidth at a
+    /// time). At PrefillWidth or above = off.
+    /// </summary>
+    public int InterleavedChunkWidth { get; set; } = 32;
+
+    /// <summary>The interleaved chunk width in effect: never wider than the prefill width.</summary>
+    public int EffectiveChunkWidth => Math.Min(InterleavedChunkWidth, PrefillWidth);
+
+    /// <summary>
+    /// ONNX Runtime intra-op threads of the device; 0 (default) = one per core. The drafter, calibrator and
+    /// actors share the cores with it. On this 2-core machine two threads gave 1.10x (plain) and 1.19-1.24x
+    /// (speculative) the aggregate tokens/s of one in `coordgen bench sessions --sessions 8 --threads N`,
+    /// once all graphs shared one thread pool (docs/serving.md).
+    /// </summary>
+    public int Threads { get; set; }
+
+    /// <summary>Linear layers' weight format (F32, Int8, Int4; quantized at load time; docs/decisions/0012-quantized-weights.md).</summary>
+    public Engine.Model.WeightFormat Weights { get; set; } = Engine.Model.WeightFormat.F32;
+
+    /// <summary>The intra-op thread count in effect (<see cref="Threads"/>, or one per core).</summary>
+    public int EffectiveThreads => Threads > 0 ? Threads : Math.Max(1, Environment.ProcessorCount);
+
+    /// <summary>Default decoding method for requests that do not choose one (ar, pld, sam, sam+history, pld+ours, sam+ours).</summary>
+    public string Method { get; set; } = "sam+ours";
+
+    public int Width { get; set; } = 8;
+
+    /// <summary>Speculative requests verify each step on the compiled width (1, 4 or Width) that gives the most tokens per millisecond for that session (default); false = always Width (docs/decisions/0006-adaptive-width.md).</summary>
+    public bool AdaptiveWidth { get; set; } = true;
+
+    /// <summary>Compile every (width, KV bucket) graph when the device starts instead of on first use (slower start and device restarts; benchmarks use it so no compile lands in a timed region).</summary>
+    public bool PrecompileAll { get; set; }
+
+    /// <summary>A device actor restarted after a crash takes the runtime (compiled graphs) of the one before it instead of compiling again (default); false = every restart builds a new runtime.</summary>
+    public bool KeepRuntimeAcrossRestarts { get; set; } = true;
+
+    /// <summary>
+    /// KV cache memory for all sessions together, in MiB. Each running session holds one cache of fixed size
+    /// (2 x layers x KV heads x Capacity x head dim x 4 bytes); admitted requests beyond what fits wait
+    /// in line (at most MaxPending running and waiting), and the rest are refused (429 over HTTP).
+    /// </summary>
+    public int KvBudgetMb { get; set; } = 1024;
+
+    /// <summary>Requests running or queued at once; more are refused with a retry hint.</summary>
+    public int MaxPending { get; set; } = 16;
+
+    /// <summary>What-if: pace every device step to this accelerator latency profile (a shipped name or a JSON file). Empty = real timings.</summary>
+    public string? DeviceProfile { get; set; }
+
+    /// <summary>The model directory in effect: <see cref="Model"/>, or the embedded default model found above the working directory or the app's folder.</summary>
+    public string ResolveModelDirectory()
+    {
+        if (!string.IsNullOrWhiteSpace(Model))
+        {
+            return Model;
+        }
+
+        foreach (var start in new[] { Directory.GetCurrentDirectory(), AppContext.BaseDirectory })
+        {
+            for (var dir = new DirectoryInfo(start); dir is not null; dir = dir.Parent)
+            {
+                string candidate = Path.Combine(dir.FullName, DefaultModelRelative);
+                if (File.Exists(Path.Combine(candidate, "config.json")))
+                {
+                    return candidate;
+                }
+            }
+        }
+
+        throw new Engine.Model.ModelLoadException($"The default model '{DefaultModelRelative}' was not found above '{Directory.GetCurrentDirectory()}' or '{AppContext.BaseDirectory}'. Set Model to a model directory (a Hugging Face Llama or Qwen2 checkpoint).");
+    }
+
+    /// <summary>Every problem with these settings, each saying what to change; empty when valid.</summary>
+    public virtual IReadOnlyList<string> Problems()
+    {
+        var p = new List<string>();
+        if (Capacity is < 16 or > 65536)
+        {
+            p.Add($"Capacity must be between 16 and 65536 (got {Capacity}).");
+        }
+
+        if (PrefillWidth is < 1 or > 1024)
+        {
+            p.Add($"PrefillWidth must be between 1 and 1024 (got {PrefillWidth}).");
+        }
+
+        if (InterleavedChunkWidth is < 1 or > 1024)
+        {
+            p.Add($"InterleavedChunkWidth must be between 1 and 1024 (got {InterleavedChunkWidth}); at PrefillWidth or above, chunks are always full width.");
+        }
+
+        if (Threads is < 0 or > 256)
+        {
+            p.Add($"Threads must be between 0 (one per core) and 256 (got {Threads}).");
+        }
+
+        if (!string.IsNullOrEmpty(DeviceProfile))
+        {
+            try
+            {
+                CoordGen.Engine.Scheduling.DeviceProfile.Load(DeviceProfile);
+            }
+            catch (Exception ex) when (ex is ArgumentException or FileNotFoundException)
+            {
+                p.Add($"DeviceProfile: {ex.Message}");
+            }
+        }
+
+        if (Method != "ar")
+        {
+            try
+            {
+                SpeculationOptions.ForMethod(Method, Width);
+            }
+            catch (ArgumentException ex)
+            {
+                p.Add($"Method: {ex.Message}");
+            }
+        }
+
+        if (Width is < 2 or > 256)
+        {
+            p.Add($"Width must be between 2 and 256 (got {Width}).");
+        }
+
+        if (KvBudgetMb is < 1 or > 1_048_576)
+        {
+            p.Add($"KvBudgetMb must be between 1 and 1048576 MiB (got {KvBudgetMb}).");
+        }
+
+        if (MaxPending is < 1 or > 10_000)
+        {
+            p.Add($"MaxPending must be between 1 and 10000 (got {MaxPending}).");
+        }
+
+        return p;
+    }
+}
