@@ -75,6 +75,15 @@ public class CoordGenOptions
     /// <summary>What-if: pace every device step to this accelerator latency profile (a shipped name or a JSON file). Empty = real timings.</summary>
     public string? DeviceProfile { get; set; }
 
+    /// <summary>
+    /// Fault injection (<see cref="FaultSpec"/>: for example <c>kinds=DeviceException,SessionKill;gap=8;seed=7</c>) for
+    /// an app's own fault tests; empty (default) = off. Refused unless <see cref="AllowFaults"/> is true too.
+    /// </summary>
+    public string? Faults { get; set; }
+
+    /// <summary>Must be true for <see cref="Faults"/> to run: faults make requests fail and resume on purpose, which no production setting should do by accident.</summary>
+    public bool AllowFaults { get; set; }
+
     /// <summary>The model directory in effect: <see cref="Model"/>, or the embedded default model found above the working directory or the app's folder.</summary>
     public string ResolveModelDirectory()
     {
@@ -159,6 +168,22 @@ public class CoordGenOptions
         if (MaxPending is < 1 or > 10_000)
         {
             p.Add($"MaxPending must be between 1 and 10000 (got {MaxPending}).");
+        }
+
+        if (!string.IsNullOrWhiteSpace(Faults))
+        {
+            try
+            {
+                FaultSpec.Parse(Faults);
+                if (!AllowFaults)
+                {
+                    p.Add("Faults is set but AllowFaults is not: fault injection makes requests fail and resume on purpose; set AllowFaults=true (--allow-faults) to run it, and never in production.");
+                }
+            }
+            catch (ArgumentException ex)
+            {
+                p.Add($"Faults: {ex.Message}");
+            }
         }
 
         return p;

@@ -123,6 +123,15 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
 
         int maxActive = MaxActiveSessions(bundle, settings);
 
+        // Fault injection asked for in the options (an app's own fault tests, `coordgen serve --faults`):
+        // requests resume after every fault, as often as it takes.
+        FaultPlan? plan = null;
+        if (faults is null && !string.IsNullOrWhiteSpace(settings.Faults))
+        {
+            faults = plan = FaultSpec.Parse(settings.Faults).NewPlan();
+            maxAttempts = Math.Max(maxAttempts, 100_000);
+        }
+
         var config = ConfigurationFactory.ParseString($"akka {{ loglevel = {actorLogLevel}, stdout-loglevel = {actorLogLevel}, log-dead-letters = off, log-dead-letters-during-shutdown = off }}");
         var system = ActorSystem.Create("coordgen", config);
         // Width 4 as well, for adaptive width: a session whose drafts are rarely long verifies on it.
@@ -140,7 +149,46 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         var runtimes = new RuntimeKeeper(NewRuntime, reuse: settings.KeepRuntimeAcrossRestarts);
         var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
-        return new InferenceService(bundle, settings, system, supervisor, runtimes);
+        var service = new InferenceService(bundle, settings, system, supervisor, runtimes) { Faults = plan };
+        if (plan is not null)
+        {
+            service._faultDriver = service.DriveActorFaults(plan);
+        }
+
+        return service;
+    }
+
+    /// <summary>The fault plan running because <see cref="CoordGenOptions.Faults"/> asked for one (null when off): what it has injected so far.</summary>
+    public FaultPlan? Faults { get; private init; }
+
+    private Task _faultDriver = Task.CompletedTask;
+
+    // Session kills and device-actor crashes strike actors, not the runtime's hooks: when the plan arms one,
+    // this loop delivers it to the supervisor.
+    private async Task DriveActorFaults(FaultPlan plan)
+    {
+        bool actorKinds = plan.Kinds.Any(k => k is FaultKind.SessionKill or FaultKind.DeviceActorCrash);
+        while (actorKinds && !_stopping.IsCancellationRequested)
+        {
+            if (plan.TryTakeSessionKill())
+            {
+                Supervisor.Tell(new GenerationSupervisor.KillRandomSession());
+            }
+
+            if (plan.TryTakeDeviceActorCrash())
+            {
+                Supervisor.Tell(new GenerationSupervisor.CrashDevice());
+            }
+
+            try
+            {
+                await Task.Delay(2, _stopping.Token);
+            }
+            catch (OperationCanceledException)
+            {
+                break;
+            }
+        }
     }
 
     /// <summary>
@@ -364,6 +412,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
 
         IsDisposed = true;
         await _stopping.CancelAsync();
+        await _faultDriver;
         await _system.Terminate();
         _runtimes.Dispose();
     }

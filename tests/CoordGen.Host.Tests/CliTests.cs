@@ -71,6 +71,10 @@ public class CliTests
     [InlineData(new[] { "serve", "--config", "/nonexistent.json" }, "does not exist")]
     [InlineData(new[] { "serve", "--kv-budget-mb", "1", "--capacity", "65536" }, "raise --kv-budget-mb or lower --capacity")]
     [InlineData(new[] { "serve", "--kv-budget-mb", "0" }, "KvBudgetMb must be between")]
+    [InlineData(new[] { "serve", "--faults", "kinds=DeviceException" }, "set AllowFaults=true (--allow-faults)")]
+    [InlineData(new[] { "serve", "--faults", "kinds=Meteor", "--allow-faults" }, "unknown fault kind 'Meteor'")]
+    [InlineData(new[] { "serve", "--faults", "gap=0", "--allow-faults" }, "'gap' must be an integer of at least 1")]
+    [InlineData(new[] { "serve", "--cors-origin", "app.example.com" }, "is not an origin")]
     public void Commands_should_fail_with_a_clear_message_when_input_is_bad(string[] args, string message)
     {
         var (code, _, stderr) = Run(args);

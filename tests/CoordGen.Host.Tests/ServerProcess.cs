@@ -86,5 +86,13 @@ public sealed class StrictServerProcess() : ServerProcess(["--max-pending", "1",
     public const string Key = "test-key-0123";
 }
 
+/// <summary>A server injecting faults (every device-side kind and session kills) for black-box fault tests, with a CORS allow-list.</summary>
+public sealed class FaultyServerProcess() : ServerProcess(["--faults", FaultyServerProcess.Spec, "--allow-faults", "--cors-origin", FaultyServerProcess.Origin])
+{
+    public const string Spec = "kinds=DeviceException,DeviceHang,NonFiniteLogits,DrafterCrash,CalibratorCrash,SessionKill;gap=3;seed=5";
+
+    public const string Origin = "http://app.example:3000";
+}
+
 /// <summary>A server limited to 3 requests per minute per client address.</summary>
 public sealed class RateLimitedServerProcess() : ServerProcess(["--requests-per-minute", "3"]);

@@ -420,3 +420,67 @@ public class RateLimitTests(RateLimitedServerProcess server) : IClassFixture<Rat
         }
     }
 }
+
+/// <summary>`coordgen serve --faults`: streams complete unchanged while faults strike, and the faults are visible. Also CORS.</summary>
+public class FaultyServerTests(FaultyServerProcess server) : IClassFixture<FaultyServerProcess>
+{
+    [Fact]
+    public async Task Streams_should_complete_unchanged_while_faults_are_injected_and_health_should_count_them()
+    {
+        // The reference: the same prompts through a runtime without faults, in process.
+        var bundle = CoordGen.Engine.Model.ModelBundle.Load(Path.Combine(ServerProcess.RepoRoot, "models", "coordgen-demo"));
+        string[] prompts = ["The keeper", "The harbour master kept a ledger of every ship.", "Summarize the document.", "The lamp"];
+        var want = new List<string>();
+        await using (var clean = InferenceService.Start(bundle, new CoordGenOptions()))
+        {
+            foreach (string p in prompts)
+            {
+                want.Add((await clean.RunAsync(new InferenceRequest(clean.Encode(p), 40, new(0, 0, 1, 0), []), _ => Task.CompletedTask, CancellationToken.None)).Text);
+            }
+        }
+
+        async Task<string> Complete(string prompt, bool stream)
+        {
+            var body = JsonSerializer.Serialize(new { prompt, max_tokens = 40, stream });
+            var response = await server.Http.PostAsync(new Uri(server.BaseUrl, "/v1/completions"), new StringContent(body));
+            string text = await response.Content.ReadAsStringAsync();
+            Assert.True(response.IsSuccessStatusCode, text);
+            if (!stream)
+            {
+                return JsonNode.Parse(text)!["choices"]![0]!["text"]!.GetValue<string>();
+            }
+
+            return string.Concat(text.Split('\n').Where(l => l.StartsWith("data: {", StringComparison.Ordinal))
+                .Select(l => JsonNode.Parse(l[6..])!["choices"]!.AsArray().FirstOrDefault()?["text"]?.GetValue<string>() ?? ""));
+        }
+
+        for (int round = 0; round < 3; round++)
+        {
+            var got = await Task.WhenAll(prompts.Select((p, i) => Complete(p, stream: (i + round) % 2 == 0)));
+            Assert.Equal(want, got);
+        }
+
+        var health = JsonNode.Parse(await server.Http.GetStringAsync(new Uri(server.BaseUrl, "/health")))!;
+        Assert.Contains("DeviceException", health["faults"]!["spec"]!.GetValue<string>());
+        Assert.True(health["faults"]!["injected"]!.GetValue<int>() > 0, health.ToJsonString());
+    }
+
+    [Fact]
+    public async Task Cors_should_allow_the_listed_origin_and_no_other()
+    {
+        async Task<HttpResponseMessage> Preflight(string origin)
+        {
+            var request = new HttpRequestMessage(HttpMethod.Options, new Uri(server.BaseUrl, "/v1/chat/completions"));
+            request.Headers.Add("Origin", origin);
+            request.Headers.Add("Access-Control-Request-Method", "POST");
+            request.Headers.Add("Access-Control-Request-Headers", "content-type,authorization");
+            return await server.Http.SendAsync(request);
+        }
+
+        var allowed = await Preflight(FaultyServerProcess.Origin);
+        Assert.True(allowed.IsSuccessStatusCode, allowed.StatusCode.ToString());
+        Assert.Equal(FaultyServerProcess.Origin, allowed.Headers.GetValues("Access-Control-Allow-Origin").Single());
+        var other = await Preflight("http://evil.example");
+        Assert.False(other.Headers.Contains("Access-Control-Allow-Origin"));
+    }
+}

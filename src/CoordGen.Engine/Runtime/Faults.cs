@@ -89,6 +89,9 @@ public sealed class FaultPlan : IFaultInjector
 
     public int MeanGap { get; }
 
+    /// <summary>The kinds this plan picks from.</summary>
+    public IReadOnlyList<FaultKind> Kinds => _kinds;
+
     /// <summary>How long an injected hang stalls before the watchdog gives up on the step.</summary>
     public TimeSpan Hang { get; }
 

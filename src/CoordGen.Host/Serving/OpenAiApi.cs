@@ -33,7 +33,14 @@ public static partial class OpenAiApi
         app.MapGet("/health", ctx => Handle(ctx, "health", async () =>
         {
             var load = (GenerationSupervisor.Load)await service.AskAsync(new GenerationSupervisor.GetLoad());
-            await Write(ctx, 200, new { status = "ok", model = service.ModelName, pending = load.Pending, max_pending = load.MaxPending });
+            await Write(ctx, 200, new
+            {
+                status = "ok",
+                model = service.ModelName,
+                pending = load.Pending,
+                max_pending = load.MaxPending,
+                faults = service.Faults is { } f ? new { spec = FaultSpec.Parse(service.Settings.Faults!).ToString(), injected = f.Injected, by_kind = f.ByKind.Where(k => k.Value > 0).ToDictionary(k => k.Key.ToString(), k => k.Value) } : null,
+            });
         }));
         app.MapPost("/v1/context_stores", ctx => Handle(ctx, "context_stores", async () =>
         {
@@ -325,12 +332,21 @@ public static partial class OpenAiApi
                     status = e.Status;
                 }
 
-                log.LogInformation(
-                    "request {RequestId} {Endpoint} status={Status} prompt_tokens={PromptTokens} cached_tokens={CachedTokens} generated_tokens={GeneratedTokens} ttft_ms={TtftMs} duration_ms={DurationMs} tokens_per_step={TokensPerStep}",
-                    e.Id ?? ctx.TraceIdentifier, endpoint, status, o?.PromptTokens, 0, o?.CompletionTokens,
-                    o?.TimeToFirstTokenMs is { } t ? Math.Round(t, 1) : null,
-                    Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalMilliseconds, 1),
-                    o?.Speculation is { } sp ? Math.Round(sp.TokensPerStep, 3) : null);
+                double? ttft = o?.TimeToFirstTokenMs is { } t ? Math.Round(t, 1) : null;
+                double duration = Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalMilliseconds, 1);
+                double? perStep = o?.Speculation is { } sp ? Math.Round(sp.TokensPerStep, 3) : null;
+                if (ctx.RequestServices.GetService<InferenceService>()?.Faults is { } faults)
+                {
+                    log.LogInformation(
+                        "request {RequestId} {Endpoint} status={Status} prompt_tokens={PromptTokens} cached_tokens={CachedTokens} generated_tokens={GeneratedTokens} ttft_ms={TtftMs} duration_ms={DurationMs} tokens_per_step={TokensPerStep} faults_injected={FaultsInjected}",
+                        e.Id ?? ctx.TraceIdentifier, endpoint, status, o?.PromptTokens, 0, o?.CompletionTokens, ttft, duration, perStep, faults.Injected);
+                }
+                else
+                {
+                    log.LogInformation(
+                        "request {RequestId} {Endpoint} status={Status} prompt_tokens={PromptTokens} cached_tokens={CachedTokens} generated_tokens={GeneratedTokens} ttft_ms={TtftMs} duration_ms={DurationMs} tokens_per_step={TokensPerStep}",
+                        e.Id ?? ctx.TraceIdentifier, endpoint, status, o?.PromptTokens, 0, o?.CompletionTokens, ttft, duration, perStep);
+                }
             }
         }
     }

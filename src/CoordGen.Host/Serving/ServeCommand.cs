@@ -42,11 +42,13 @@ internal static class ServeCommand
         var deviceProfile = new Option<string?>("--device-profile") { Description = $"What-if: pace every device step to an accelerator latency profile ({string.Join(", ", CoordGen.Engine.Scheduling.DeviceProfile.Shipped)}, or a JSON file), so clients see an NPU's step times. Default: off (real timings).", HelpName = "NAME|FILE" };
         var adaptive = new Option<bool?>("--adaptive-width") { Description = "true (default): each speculative step verifies on the compiled width (1, 4 or --width) that gives the most tokens per millisecond for that session; false: always --width.", HelpName = "true|false" };
         var rpm = new Option<int?>("--requests-per-minute") { Description = "Rate limit per client address on /v1 (/health and /metrics are not limited); 0 (default) = unlimited.", HelpName = "N" };
+        var faults = new Option<string?>("--faults") { Description = "Inject faults for black-box fault tests: a seeded schedule such as 'kinds=DeviceException,NonFiniteLogits,SessionKill;gap=8;seed=7' (kinds: DeviceException, DeviceHang, NonFiniteLogits, DrafterCrash, CalibratorCrash, SessionKill, DeviceActorCrash, or all; gap = mean device steps between faults; budget = faults in all). Requests resume after each fault, so their output must not change. Off by default; refused without --allow-faults; shown in /health and the request log while on.", HelpName = "SPEC" };
+        var allowFaults = new Option<bool?>("--allow-faults") { Description = "Let --faults run (never in production).", HelpName = "true|false", Arity = ArgumentArity.ZeroOrOne };
         var cors = new Option<string[]>("--cors-origin") { Description = "Allow browser pages from this origin to call the API (CORS); repeat for more, * for any. Default: none.", HelpName = "ORIGIN", AllowMultipleArgumentsPerToken = false };
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, weights,
+            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, weights, faults, allowFaults,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -74,6 +76,12 @@ internal static class ServeCommand
             Put(maxBody, "MaxBodyBytes");
             Put(apiKey, "ApiKey");
             Put(rpm, "RequestsPerMinute");
+            Put(faults, "Faults");
+            if (parse.GetResult(allowFaults) is { Implicit: false })
+            {
+                overrides[$"{ServerSettings.Section}:AllowFaults"] = (parse.GetValue(allowFaults) ?? true) ? "true" : "false";
+            }
+
             if (parse.GetValue(cors) is { Length: > 0 } origins)
             {
                 for (int i = 0; i < origins.Length; i++)
@@ -165,6 +173,7 @@ internal static class ServeCommand
             var ip = settings.Host == "localhost" ? IPAddress.Loopback : IPAddress.Parse(settings.Host);
             k.Listen(ip, settings.Port);
         });
+        builder.Services.AddSingleton(service);   // an instance: the app's container reads it, never disposes it
         var otel = builder.Services.AddOpenTelemetry().WithMetrics(m =>
         {
             m.AddMeter(RequestMetrics.MeterName, Actors.Telemetry.Name).AddAspNetCoreInstrumentation().AddPrometheusExporter();
@@ -230,6 +239,11 @@ internal static class ServeCommand
         await app.StartAsync(ct);
         string address = app.Services.GetRequiredService<Microsoft.AspNetCore.Hosting.Server.IServer>().Features.Get<IServerAddressesFeature>()?.Addresses.FirstOrDefault() ?? "?";
         Console.Out.WriteLine($"coordgen serving {service.ModelName} on {address} (OpenAI API at {address}/v1; Ctrl+C stops)");
+        if (service.Faults is not null)
+        {
+            Console.Out.WriteLine($"FAULT INJECTION ON: {FaultSpec.Parse(settings.Faults!)} (requests fail and resume on purpose; /health counts the faults)");
+        }
+
         if (!string.IsNullOrEmpty(settings.DeviceProfile))
         {
             Console.Out.WriteLine($"device steps paced: {CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile).Label}");
