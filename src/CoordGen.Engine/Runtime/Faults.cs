@@ -6,7 +6,7 @@ public enum FaultKind
     /// <summary>A device step throws (a driver or runtime error).</summary>
     DeviceException,
 
-    /// <summary>A device step does not return; the step watchdog gives up on it.</summary>
+    /// <summary>A device step stalls, then throws as a timed-out step would (a stand-in: no watchdog ends a real hung run yet).</summary>
     DeviceHang,
 
     /// <summary>A device step returns NaN logits; the runtime's finiteness check catches them.</summary>
@@ -92,7 +92,7 @@ public sealed class FaultPlan : IFaultInjector
     /// <summary>The kinds this plan picks from.</summary>
     public IReadOnlyList<FaultKind> Kinds => _kinds;
 
-    /// <summary>How long an injected hang stalls before the watchdog gives up on the step.</summary>
+    /// <summary>How long an injected hang stalls before the step throws.</summary>
     public TimeSpan Hang { get; }
 
     public int Injected
@@ -145,7 +145,7 @@ public sealed class FaultPlan : IFaultInjector
         if (fire == FaultKind.DeviceHang)
         {
             Thread.Sleep(Hang);
-            throw new InjectedFaultException(FaultKind.DeviceHang, $"injected: the device step did not finish within its {Hang.TotalMilliseconds:F0} ms watchdog");
+            throw new InjectedFaultException(FaultKind.DeviceHang, $"injected: the device step did not finish in time (stalled {Hang.TotalMilliseconds:F0} ms)");
         }
 
         if (fire == FaultKind.DeviceException)

@@ -9,7 +9,6 @@ using Akka.Actor;
 using CoordGen.Actors.Device;
 using CoordGen.Engine;
 using CoordGen.Engine.Workloads;
-using CoordGen.Host.Serving;
 using CoordGen.Messages;
 using Spectre.Console;
 using static CoordGen.Messages.GenerationProtocol;
@@ -90,7 +89,7 @@ internal static class BenchSessions
             var prompts = BenchStreams.Prompts(bundle, 4, files);
             int maxSessions = counts.Max();
             var profile = parse.GetValue(deviceProfile) is { Length: > 0 } pn ? Engine.Scheduling.DeviceProfile.Load(pn) : null;
-            await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
+            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
 
             // Each prompt alone first: the reference every concurrent stream must equal.
             var alone = new Dictionary<int, int[]>();

@@ -10,7 +10,6 @@ using CoordGen.Actors.Supervision;
 using CoordGen.Engine;
 using CoordGen.Engine.Runtime;
 using CoordGen.Engine.Workloads;
-using CoordGen.Host.Serving;
 using CoordGen.Messages;
 using Spectre.Console;
 using static CoordGen.Messages.GenerationProtocol;
@@ -81,7 +80,7 @@ internal static class BenchFaults
             string m = parse.GetValue(method)!;
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             var prompts = Prompts(bundle, nStreams);
-            var settings = new ServerSettings { MaxPending = nStreams, Method = m, KeepRuntimeAcrossRestarts = !parse.GetValue(rebuild) };
+            var settings = new CoordGenOptions { MaxPending = nStreams, Method = m, KeepRuntimeAcrossRestarts = !parse.GetValue(rebuild) };
             var stamp = BenchStamp.Capture();
 
             // 1. Fault-free reference outputs.

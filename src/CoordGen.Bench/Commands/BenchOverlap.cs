@@ -9,7 +9,6 @@ using Akka.Actor;
 using CoordGen.Actors.Device;
 using CoordGen.Engine;
 using CoordGen.Engine.Workloads;
-using CoordGen.Host.Serving;
 using CoordGen.Messages;
 using Spectre.Console;
 using static CoordGen.Messages.GenerationProtocol;
@@ -71,7 +70,7 @@ internal static class BenchOverlap
             string root = ModelLocator.RepoRoot();
             var prompts = BenchStreams.Prompts(bundle, 4);
             var profile = parse.GetValue(deviceProfile) is { } pn ? Engine.Scheduling.DeviceProfile.Load(pn) : null;
-            await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = n * 2, Width = w, Method = m, DeviceProfile = parse.GetValue(deviceProfile), PrecompileAll = true });
+            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = n * 2, Width = w, Method = m, DeviceProfile = parse.GetValue(deviceProfile), PrecompileAll = true });
 
             // Warm-up: one request compiles the graphs; the timeline starts after it.
             await Run(service.Supervisor, prompts[0].Tokens, 8, m, w, ct);

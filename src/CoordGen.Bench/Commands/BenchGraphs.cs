@@ -131,7 +131,7 @@ internal static class BenchGraphs
         var args = new List<string>();
         if (!exe.EndsWith("coordgen", StringComparison.Ordinal))
         {
-            args.Add(typeof(BenchGraphs).Assembly.Location);
+            args.Add((System.Reflection.Assembly.GetEntryAssembly() ?? typeof(BenchGraphs).Assembly).Location);
         }
 
         args.AddRange(["bench", "graphs", "--run-strategy", strategy, "--model", model, "--prompt-tokens", $"{p}", "--wide", $"{g1}", "--narrow", $"{g2}", "--blocks", $"{nb}", "--capacity", $"{cap}", "--threads", $"{Threads}"]);

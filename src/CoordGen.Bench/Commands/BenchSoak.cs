@@ -6,7 +6,6 @@ using System.Text.Json;
 using System.Text.Json.Serialization;
 using CoordGen.Engine;
 using CoordGen.Engine.Workloads;
-using CoordGen.Host.Serving;
 using Spectre.Console;
 using static CoordGen.Messages.GenerationProtocol;
 
@@ -80,7 +79,7 @@ internal static class BenchSoak
                 .SelectMany(t => WorkloadItem.Load(Path.Combine(dir, t + ".jsonl")).Take(15))
                 .Select(w => bundle.Tokenizer.Encode(PromptTemplate.Render(w.Context, w.Prompt, bundle.HasRoleTokens))).ToArray();
             var stamp = BenchStamp.Capture();
-            await using var service = InferenceService.Start(bundle, new ServerSettings { MaxPending = pending });
+            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = pending });
 
             var latencies = new List<double>();
             int completed = 0, refused = 0, failed = 0;

@@ -5,7 +5,6 @@ using System.Text;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 using System.Threading.Channels;
-using CoordGen.Host.Serving;
 using Spectre.Console;
 
 namespace CoordGen.Host.Commands;
@@ -82,7 +81,7 @@ internal static class BenchRebalance
         var width = new Option<int>("--width") { Description = "Verification width of speculative methods.", DefaultValueFactory = _ => 8 };
         var streamTokens = new Option<int>("--stream-tokens") { Description = "Most tokens each running stream generates: enough that every stream still runs while the newcomer prefills.", DefaultValueFactory = _ => 1024 };
         var settleMs = new Option<int>("--settle-ms") { Description = "Once every stream has 8 tokens, how long they stream before the long prompt arrives.", DefaultValueFactory = _ => 200 };
-        var chunkWidth = new Option<int>("--chunk-width") { Description = "Tokens per prefill chunk while the streams decode (the server's InterleavedChunkWidth); 64 = the full prefill width, no narrowing.", DefaultValueFactory = _ => new ServerSettings().InterleavedChunkWidth };
+        var chunkWidth = new Option<int>("--chunk-width") { Description = "Tokens per prefill chunk while the streams decode (the server's InterleavedChunkWidth); 64 = the full prefill width, no narrowing.", DefaultValueFactory = _ => new CoordGenOptions().InterleavedChunkWidth };
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
         var runs = new Option<int>("--runs") { Description = "Times the whole test runs (controls, newcomer); the report shows the run with the median worst ratio and lists all (this shared machine is noisy).", DefaultValueFactory = _ => 3 };
         var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest), so the policy meets an NPU's step times instead of this CPU's noise; the report is then rebalance-PROFILE.md and says so. Lower --stream-tokens with it (steps last tens of ms).");
@@ -103,7 +102,7 @@ internal static class BenchRebalance
 
             var stamp = BenchStamp.Capture();
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
-            var settings = new ServerSettings { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true, InterleavedChunkWidth = parse.GetValue(chunkWidth), Threads = parse.GetValue(threads), DeviceProfile = parse.GetValue(deviceProfile) };
+            var settings = new CoordGenOptions { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true, InterleavedChunkWidth = parse.GetValue(chunkWidth), Threads = parse.GetValue(threads), DeviceProfile = parse.GetValue(deviceProfile) };
             var profile = string.IsNullOrEmpty(settings.DeviceProfile) ? null : Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
             if (settings.Problems() is { Count: > 0 } problems)
             {
