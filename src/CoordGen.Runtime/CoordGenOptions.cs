@@ -72,6 +72,14 @@ public class CoordGenOptions
     /// <summary>Requests running or queued at once; more are refused with a retry hint.</summary>
     public int MaxPending { get; set; } = 16;
 
+    /// <summary>
+    /// The step watchdog in milliseconds: a device run still going after this long is ended
+    /// (ONNX Runtime's <c>RunOptions.Terminate</c>) and its request resumes from its committed tokens; each
+    /// time it ends a run of a graph, that graph's limit doubles (a slow step gets through, a hung one keeps
+    /// being ended until the request's attempts run out). 0 = off. Default 30,000.
+    /// </summary>
+    public int StepWatchdogMs { get; set; } = 30_000;
+
     /// <summary>What-if: pace every device step to this accelerator latency profile (a shipped name or a JSON file). Empty = real timings.</summary>
     public string? DeviceProfile { get; set; }
 
@@ -158,6 +166,11 @@ public class CoordGenOptions
         if (Width is < 2 or > 256)
         {
             p.Add($"Width must be between 2 and 256 (got {Width}).");
+        }
+
+        if (StepWatchdogMs is < 0 or > 3_600_000)
+        {
+            p.Add($"StepWatchdogMs must be between 0 (off) and 3600000 (got {StepWatchdogMs}).");
         }
 
         if (KvBudgetMb is < 1 or > 1_048_576)

@@ -30,6 +30,9 @@ public sealed record InferenceOutcome(string Text, string FinishReason, int Prom
 
     /// <summary>From the request reaching the runtime to its end.</summary>
     public double DurationMs { get; init; }
+
+    /// <summary>Device attempts the request took: 1, or more when it resumed after faults (a watchdog ending a hung run included).</summary>
+    public int Attempts { get; init; } = 1;
 }
 
 /// <summary>
@@ -139,7 +142,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         int[] widths = [.. new[] { 1, 4, settings.PrefillWidth, settings.Width }.Where(w => w <= settings.Width || w == settings.PrefillWidth || w == 1).Append(settings.EffectiveChunkWidth).Distinct()];
         OrtModelRuntime NewRuntime()
         {
-            var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.EffectiveThreads, Weights = settings.Weights }) { Faults = faults };
+            var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.EffectiveThreads, Weights = settings.Weights, StepWatchdog = TimeSpan.FromMilliseconds(settings.StepWatchdogMs) }) { Faults = faults };
             rt.Prepare(settings.PrecompileAll ? settings.Capacity : Math.Min(settings.Capacity, OrtModelRuntime.SmallestBucket));
             return rt;
         }
@@ -369,7 +372,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
                 span?.SetTag("gen_ai.usage.output_tokens", done.Tokens.Count);
                 return new InferenceOutcome(text.ToString(), filter.Stopped || done.StopReason == "stop" ? "stop" : "length",
                     request.Prompt.Length, done.Tokens.Count, done.PrefillMs, done.DecodeMs, done.Speculation)
-                { TimeToFirstTokenMs = Ttft(), DurationMs = Stopwatch.GetElapsedTime(started).TotalMilliseconds };
+                { TimeToFirstTokenMs = Ttft(), DurationMs = Stopwatch.GetElapsedTime(started).TotalMilliseconds, Attempts = done.Attempts };
             case GenerationFailed { Kind: FailureKind.Cancelled } when filter.Stopped:
                 RequestMetrics.GeneratedTokens.Add(produced);
                 return new InferenceOutcome(text.ToString(), "stop", request.Prompt.Length, produced, 0, 0, null)

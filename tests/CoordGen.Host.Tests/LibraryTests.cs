@@ -74,6 +74,28 @@ public class LibraryTests
     }
 
     [Fact]
+    public async Task Runs_ended_by_the_step_watchdog_should_resume_and_give_the_same_text()
+    {
+        // Real graph runs, ended mid-way by ONNX Runtime's terminate flag (not an injected fault): a 1 ms watchdog
+        // ends the 256-wide prefill runs until each graph's limit has doubled past its run time.
+        var bundle = ModelBundle.Load(Path.Combine(ServerProcess.RepoRoot, "models", "coordgen-demo"));
+        string document = string.Concat(Enumerable.Repeat("The keeper climbed the narrow stairs, trimmed the wick and lit the great lamp. ", 20));
+        int[] prompt = bundle.Tokenizer.Encode(Engine.PromptTemplate.Render(document, "Summarize the document.", bundle.HasRoleTokens));
+        var request = new InferenceRequest(prompt, 32, new(0, 0, 1, 0), [], Method: "sam+ours");
+
+        InferenceOutcome clean;
+        await using (var plain = InferenceService.Start(bundle, new CoordGenOptions { PrefillWidth = 256, StepWatchdogMs = 0, Capacity = 1024, KvBudgetMb = 64 }))
+        {
+            clean = await plain.RunAsync(request, _ => Task.CompletedTask, CancellationToken.None);
+        }
+
+        await using var watched = InferenceService.Start(bundle, new CoordGenOptions { PrefillWidth = 256, StepWatchdogMs = 1, Capacity = 1024, KvBudgetMb = 64 }, maxAttempts: 500);
+        var outcome = await watched.RunAsync(request, _ => Task.CompletedTask, CancellationToken.None);
+        Assert.Equal(clean.Text, outcome.Text);
+        Assert.True(outcome.Attempts > 1, "the watchdog never ended a run");
+    }
+
+    [Fact]
     public async Task Library_should_pack_into_a_package_without_the_server()
     {
         string outDir = Path.Combine(Path.GetTempPath(), "coordgen-pack-" + Guid.NewGuid().ToString("N")[..8]);

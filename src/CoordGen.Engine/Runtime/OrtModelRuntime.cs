@@ -41,6 +41,14 @@ public sealed record RuntimeOptions
     /// <summary>How the linear layers' weights are held and multiplied: float32, or 8/4-bit blocks for MatMulNBits (quantized at load time).</summary>
     public WeightFormat Weights { get; init; } = WeightFormat.F32;
 
+    /// <summary>
+    /// The step watchdog: a graph run still going after this long is ended (<c>RunOptions.Terminate</c>) and
+    /// the step fails with a <see cref="DeviceFaultException"/>, which the session recovers from like any
+    /// device fault. Each time it ends a run of a graph, that graph's limit doubles, so a step that is slow
+    /// rather than hung gets through on a retry. <see cref="TimeSpan.Zero"/> = off.
+    /// </summary>
+    public TimeSpan StepWatchdog { get; init; } = TimeSpan.FromSeconds(30);
+
     public static readonly string[] QnnPerformanceModes =
         ["default", "burst", "balanced", "high_performance", "high_power_saver", "low_balanced", "low_power_saver", "power_saver", "extreme_power_saver", "sustained_high_performance"];
 
@@ -49,6 +57,11 @@ public sealed record RuntimeOptions
         if (IntraOpThreads is < 0 or > 256)
         {
             throw new ArgumentException($"intra-op threads must be between 0 (one per core) and 256 (got {IntraOpThreads}).");
+        }
+
+        if (StepWatchdog < TimeSpan.Zero)
+        {
+            throw new ArgumentException($"the step watchdog must be zero (off) or positive (got {StepWatchdog}).");
         }
 
         if (BucketsPerOctave is < 1 or > 16)
@@ -186,6 +199,9 @@ public sealed class OrtModelRuntime : IDisposable
 
     public int GraphCount => _graphs.Count;
 
+    /// <summary>Graph runs the step watchdog has ended (<see cref="RuntimeOptions.StepWatchdog"/>).</summary>
+    public int WatchdogTerminations => _graphs.Values.Sum(g => g.WatchdogTerminations);
+
     private static readonly object EnvLock = new();
     private static bool? _globalPools;
 
@@ -288,7 +304,7 @@ public sealed class OrtModelRuntime : IDisposable
 
                 var g = Graph(w, b);
                 g.Buffers.SetLinear(new int[Math.Min(w, b)], 0, 0);
-                g.Run(scratch);
+                g.Run(scratch, watched: false);   // a first run allocates and prepacks: never the watchdog's business
                 _runMs.GetOrAdd((w, b), _ => new RunTimes()).Runs++;
             }
 
@@ -484,6 +500,11 @@ public sealed class OrtModelRuntime : IDisposable
         private readonly InferenceSession _session;
         private readonly SessionOptions _so;
         private readonly RunOptions _run = new();
+        private readonly object _gate = new();
+        private TimeSpan _watchdog;
+        private long _runs;
+        private bool _running;
+        private bool _terminated;
         private readonly string[] _inputNames;
         private readonly string[] _outputNames;
         private readonly OrtValue[] _inputs;
@@ -494,6 +515,7 @@ public sealed class OrtModelRuntime : IDisposable
         {
             var c = owner.Config;
             _layers = c.NumLayers;
+            _watchdog = owner._options.StepWatchdog;
             _so = owner.CreateSessionOptions($"w{shape.Width}_c{shape.Capacity}");
             string path = owner.WriteGraph(shape);
             _session = new InferenceSession(path, _so, owner._prepacked);
@@ -525,7 +547,7 @@ public sealed class OrtModelRuntime : IDisposable
 
         public StepBuffers Buffers { get; }
 
-        public void Run(KvCache cache)
+        public void Run(KvCache cache, bool watched = true)
         {
             if (cache.Bucket != Buffers.Capacity)
             {
@@ -538,7 +560,58 @@ public sealed class OrtModelRuntime : IDisposable
                 _inputs[4 + (2 * l)] = cache.ValueValue(l);
             }
 
-            _session.Run(_run, _inputNames, _inputs, _outputNames, _outputs);
+            if (!watched || _watchdog <= TimeSpan.Zero)
+            {
+                _session.Run(_run, _inputNames, _inputs, _outputNames, _outputs);
+                return;
+            }
+
+            long run;
+            lock (_gate)
+            {
+                run = ++_runs;
+                _running = true;
+                _terminated = false;
+                _run.Terminate = false;
+            }
+
+            var limit = _watchdog;
+            using var timer = new Timer(OnWatchdog, run, limit, Timeout.InfiniteTimeSpan);
+            try
+            {
+                _session.Run(_run, _inputNames, _inputs, _outputNames, _outputs);
+            }
+            catch (OnnxRuntimeException ex) when (Volatile.Read(ref _terminated))
+            {
+                throw new DeviceFaultException($"the device step did not finish within the {limit.TotalMilliseconds:F0} ms step watchdog and was ended ({ex.Message.Trim()}); the request resumes, and this graph's limit is now {_watchdog.TotalMilliseconds:F0} ms.");
+            }
+            finally
+            {
+                lock (_gate)
+                {
+                    _running = false;
+                }
+            }
+        }
+
+        /// <summary>Runs this graph's watchdog ended; each doubled the graph's limit.</summary>
+        public int WatchdogTerminations { get; private set; }
+
+        // Ends the run that armed it, if that run is still going (a late callback never touches a later run).
+        private void OnWatchdog(object? state)
+        {
+            lock (_gate)
+            {
+                if (!_running || (long)state! != _runs)
+                {
+                    return;
+                }
+
+                _terminated = true;
+                _run.Terminate = true;
+                WatchdogTerminations++;
+                _watchdog *= 2;
+            }
         }
 
         public void Dispose()

@@ -31,6 +31,7 @@ internal static class ServeCommand
         var prefillWidth = new Option<int?>("--prefill-width") { Description = "Width of the prefill graph. Default 64.", HelpName = "N" };
         var chunkWidth = new Option<int?>("--interleaved-chunk-width") { Description = "Tokens per prefill chunk while other requests are decoding (narrower chunks keep their streams smooth; a prompt with no one else decoding goes --prefill-width at a time). Default 32; at --prefill-width or above = off.", HelpName = "N" };
         var weights = new Option<Engine.Model.WeightFormat?>("--weights") { Description = "Linear layers' weights: F32 (default), Int8 or Int4, quantized at load time (docs/decisions/0012-quantized-weights.md)." };
+        var watchdog = new Option<int?>("--step-watchdog-ms") { Description = "End a device run still going after this long (ONNX Runtime's RunOptions.Terminate); its request resumes from its committed tokens, and that graph's limit doubles. 0 = off. Default 30000.", HelpName = "MS" };
         var threads = new Option<int?>("--threads") { Description = "ONNX Runtime intra-op threads of the device; 0 (default) = one per core.", HelpName = "N" };
         var method = new Option<string?>("--method") { Description = "Default decoding method: ar, pld, sam, sam+history, pld+ours, sam+ours (default). Requests may choose their own with \"speculation\": {\"method\": ...}.", HelpName = "METHOD" };
         var width = new Option<int?>("--width") { Description = "Default verification width for speculative methods. Default 8.", HelpName = "N" };
@@ -48,7 +49,7 @@ internal static class ServeCommand
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, weights, faults, allowFaults,
+            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, weights, faults, allowFaults, watchdog,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -77,6 +78,7 @@ internal static class ServeCommand
             Put(apiKey, "ApiKey");
             Put(rpm, "RequestsPerMinute");
             Put(faults, "Faults");
+            Put(watchdog, "StepWatchdogMs");
             if (parse.GetResult(allowFaults) is { Implicit: false })
             {
                 overrides[$"{ServerSettings.Section}:AllowFaults"] = (parse.GetValue(allowFaults) ?? true) ? "true" : "false";
