@@ -175,12 +175,12 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         {
             if (plan.TryTakeSessionKill())
             {
-                Supervisor.Tell(new GenerationSupervisor.KillRandomSession());
+                Supervisor.Tell(DiagnosticsProtocol.KillRandomSession.Instance);
             }
 
             if (plan.TryTakeDeviceActorCrash())
             {
-                Supervisor.Tell(new GenerationSupervisor.CrashDevice());
+                Supervisor.Tell(DiagnosticsProtocol.CrashDevice.Instance);
             }
 
             try
@@ -396,7 +396,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
     };
 
     /// <summary>The device actor (for benchmarks that read its timeline).</summary>
-    public Task<IActorRef> SelectDevice() => Supervisor.Ask<IActorRef>(new GenerationSupervisor.GetDevice(), TimeSpan.FromSeconds(10));
+    public Task<IActorRef> SelectDevice() => Supervisor.Ask<IActorRef>(DiagnosticsProtocol.GetDevice.Instance, TimeSpan.FromSeconds(10));
 
     public Task<object> AskAsync(object message) => Supervisor.Ask<object>(message, TimeSpan.FromSeconds(30));
 

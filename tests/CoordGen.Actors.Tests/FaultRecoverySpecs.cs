@@ -64,7 +64,7 @@ public class FaultRecoverySpecs : TestKit
         int kills = 0;
         int[] resumed = await Stream(supervisor, "sam+ours", new Sampling(), () =>
         {
-            supervisor.Tell(new GenerationSupervisor.KillRandomSession(), Akka.Actor.ActorRefs.NoSender);
+            supervisor.Tell(DiagnosticsProtocol.KillRandomSession.Instance, Akka.Actor.ActorRefs.NoSender);
             kills++;
         });
 
@@ -85,7 +85,7 @@ public class FaultRecoverySpecs : TestKit
         int crashes = 0;
         int[] resumed = await Stream(supervisor, "sam+ours", sampling, () =>
         {
-            supervisor.Tell(new GenerationSupervisor.CrashDevice(), Akka.Actor.ActorRefs.NoSender);
+            supervisor.Tell(DiagnosticsProtocol.CrashDevice.Instance, Akka.Actor.ActorRefs.NoSender);
             crashes++;
         });
 

@@ -5,6 +5,7 @@ using CoordGen.Actors.Device;
 using CoordGen.Actors.Supervision;
 using CoordGen.Messages;
 using static CoordGen.Messages.GenerationProtocol;
+using static CoordGen.Messages.SupervisionProtocol;
 
 namespace CoordGen.Actors.Tests;
 
@@ -36,8 +37,8 @@ public class GenerationSupervisorSpecs : TestKit
         Assert.Equal(first.Request.SessionId, (await ExpectMsgAsync<GenerationCompleted>()).SessionId);
         await AwaitAssertAsync(async () =>
         {
-            supervisor.Tell(new GenerationSupervisor.GetLoad(), TestActor);
-            Assert.Equal(1, (await ExpectMsgAsync<GenerationSupervisor.Load>()).Pending);
+            supervisor.Tell(SupervisionProtocol.GetLoad.Instance, TestActor);
+            Assert.Equal(1, (await ExpectMsgAsync<SupervisionProtocol.Load>()).Pending);
         });
         supervisor.Tell(Request("d"), TestActor);
         var admitted = await device.ExpectMsgAsync<DeviceRun>();
@@ -71,7 +72,7 @@ public class GenerationSupervisorSpecs : TestKit
     {
         var device = CreateTestProbe();
         var supervisor = Sys.ActorOf(GenerationSupervisor.Props(Props.Create(() => new FakeForwardingDevice(device.Ref)), maxPending: 2));
-        var mine = await supervisor.Ask<IActorRef>(new GenerationSupervisor.GetDevice(), TimeSpan.FromSeconds(5));
+        var mine = await supervisor.Ask<IActorRef>(DiagnosticsProtocol.GetDevice.Instance, TimeSpan.FromSeconds(5));
         var run = new DeviceRun(Request("lost"), null);
 
         // Dead-lettered on its way to this supervisor's device: answered.

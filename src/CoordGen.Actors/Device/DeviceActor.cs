@@ -8,6 +8,7 @@ using CoordGen.Engine.Scheduling;
 using CoordGen.Engine.Speculative;
 using CoordGen.Messages;
 using static CoordGen.Messages.GenerationProtocol;
+using static CoordGen.Messages.SupervisionProtocol;
 
 namespace CoordGen.Actors.Device;
 
@@ -833,15 +834,6 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             }
         }
     }
-}
-
-/// <summary>
-/// The device's back-off supervisor → requester, instead of a reply, while the device is down between a
-/// crash and its restart: try again shortly.
-/// </summary>
-public sealed class DeviceRestarting
-{
-    public static readonly DeviceRestarting Instance = new();
 }
 
 /// <summary>

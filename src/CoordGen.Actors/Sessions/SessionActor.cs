@@ -6,6 +6,7 @@ using CoordGen.Actors.Device;
 using CoordGen.Engine.Speculative;
 using CoordGen.Messages;
 using static CoordGen.Messages.GenerationProtocol;
+using static CoordGen.Messages.SupervisionProtocol;
 
 namespace CoordGen.Actors.Sessions;
 
@@ -137,8 +138,6 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
     private sealed record Resubmit(int Epoch);
 }
 
-/// <summary>Session → supervisor: the session ended (its place in the admission count is free).</summary>
-public sealed record SessionFinished(string SessionId);
 
 /// <summary>
 /// A session's committed tokens and attempt epochs, shared by every incarnation of its actor (so a

@@ -6,6 +6,8 @@ using CoordGen.Actors.Device;
 using CoordGen.Actors.Sessions;
 using CoordGen.Messages;
 using static CoordGen.Messages.GenerationProtocol;
+using static CoordGen.Messages.DiagnosticsProtocol;
+using static CoordGen.Messages.SupervisionProtocol;
 
 namespace CoordGen.Actors.Supervision;
 
@@ -137,18 +139,4 @@ public sealed class GenerationSupervisor : ReceiveActor
     }
 
     private sealed record Resolved(Generate Request, IActorRef ReplyTo, StoreSnapshot? Snapshot);
-
-    /// <summary>Fault injection: kill one live session actor (it is restarted and resumes). Reply: bool, whether one was live.</summary>
-    public sealed record KillRandomSession;
-
-    /// <summary>Fault injection: crash the device actor (its back-off supervisor starts a new one; its requests resume).</summary>
-    public sealed record CrashDevice;
-
-    /// <summary>Ask for the device (its back-off supervisor, which forwards to it). Reply: <see cref="IActorRef"/>.</summary>
-    public sealed record GetDevice;
-
-    /// <summary>Ask for the current load. Reply: <see cref="Load"/>.</summary>
-    public sealed record GetLoad;
-
-    public sealed record Load(int Pending, int MaxPending);
 }

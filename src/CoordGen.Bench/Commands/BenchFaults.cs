@@ -109,14 +109,14 @@ internal static class BenchFaults
                     {
                         while (!roundDone.IsCancellationRequested)
                         {
-                            if (plan.TryTakeSessionKill() && !await faulty.Supervisor.Ask<bool>(new GenerationSupervisor.KillRandomSession(), TimeSpan.FromSeconds(10)))
+                            if (plan.TryTakeSessionKill() && !await faulty.Supervisor.Ask<bool>(DiagnosticsProtocol.KillRandomSession.Instance, TimeSpan.FromSeconds(10)))
                             {
                                 Interlocked.Increment(ref killsMissed);
                             }
 
                             if (plan.TryTakeDeviceActorCrash())
                             {
-                                faulty.Supervisor.Tell(new GenerationSupervisor.CrashDevice());
+                                faulty.Supervisor.Tell(DiagnosticsProtocol.CrashDevice.Instance);
                             }
 
                             bar.Value = plan.Injected;

@@ -32,7 +32,7 @@ public static partial class OpenAiApi
         }));
         app.MapGet("/health", ctx => Handle(ctx, "health", async () =>
         {
-            var load = (GenerationSupervisor.Load)await service.AskAsync(new GenerationSupervisor.GetLoad());
+            var load = (SupervisionProtocol.Load)await service.AskAsync(SupervisionProtocol.GetLoad.Instance);
             await Write(ctx, 200, new
             {
                 status = "ok",

@@ -1,0 +1,51 @@
+namespace CoordGen.Messages;
+
+/// <summary>Messages about the runtime's load and its sessions' lifecycle (supervisor, sessions, device back-off).</summary>
+public static class SupervisionProtocol
+{
+    /// <summary>Host → supervisor: how loaded is the runtime? Reply: <see cref="Load"/>.</summary>
+    public sealed record GetLoad
+    {
+        public static readonly GetLoad Instance = new();
+    }
+
+    /// <summary>Requests running or queued, and the most admitted at once (<c>MaxPending</c>).</summary>
+    public sealed record Load(int Pending, int MaxPending);
+
+    /// <summary>Session → supervisor: the session ended (its place in the admission count is free).</summary>
+    public sealed record SessionFinished(string SessionId);
+
+    /// <summary>
+    /// The device's back-off supervisor → requester, instead of a reply, while the device is down between a
+    /// crash and its restart: try again shortly.
+    /// </summary>
+    public sealed record DeviceRestarting
+    {
+        public static readonly DeviceRestarting Instance = new();
+    }
+}
+
+/// <summary>
+/// Diagnostics and fault hooks, kept out of the production protocol: benchmarks, tests and the fault
+/// injection of apps that host CoordGen use them; a server that is not testing never sends them.
+/// </summary>
+public static class DiagnosticsProtocol
+{
+    /// <summary>Fault injection: kill one live session actor (it is restarted and resumes). Reply: bool, whether one was live.</summary>
+    public sealed record KillRandomSession
+    {
+        public static readonly KillRandomSession Instance = new();
+    }
+
+    /// <summary>Fault injection: crash the device actor (its back-off supervisor starts a new one; its requests resume).</summary>
+    public sealed record CrashDevice
+    {
+        public static readonly CrashDevice Instance = new();
+    }
+
+    /// <summary>Ask the supervisor for the device (its back-off supervisor, which forwards to it), for benchmarks that read its timeline. Reply: the actor reference.</summary>
+    public sealed record GetDevice
+    {
+        public static readonly GetDevice Instance = new();
+    }
+}
