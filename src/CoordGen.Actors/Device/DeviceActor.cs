@@ -36,7 +36,6 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private SpeculativeDecoder? _spec;
     private bool _busy;
     private Task? _inflight;
-    private bool _retryScheduled;
     private int _next;
     private int _sinceChunk;
     private IActorRef _drafter = ActorRefs.Nobody;
@@ -72,9 +71,17 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         Receive<Generate>(g => Admit(new DeviceRun(g, null), Sender));
         Receive<DeviceRun>(r => Admit(r, Sender));
         Receive<StepDone>(OnStepDone);
-        Receive<Kick>(_ =>
+        Receive<CancellationNoticed>(_ => Schedule());
+        Receive<RoomFreed>(r =>
         {
-            _retryScheduled = false;
+            // No room will come (the channel was completed, the attempt superseded or cancelled): stay parked;
+            // Retire removes a cancelled session at the next Schedule.
+            r.Session.AwaitingRoom = !r.HasRoom;
+            if (r.HasRoom)
+            {
+                r.Session.Flush();
+            }
+
             Schedule();
         });
         Receive<GetQueues>(_ => Sender.Tell(new Queues(_prefilling.Count, _decoding.Count) { Waiting = _waiting.Count }));
@@ -162,6 +169,9 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     {
         var active = new Active(run, replyTo, _calibrator, _drafter, _verifier, Self, _emulate);
 
+        // A caller's cancellation wakes the device (the run may be waiting, or parked on a full channel).
+        active.CancellationWake = run.Request.Cancellation.Register(static device => ((IActorRef)device!).Tell(CancellationNoticed.Instance), Self);
+
         // Runs resuming a session after a fault go first (their callers have waited already), in the
         // waiting line as in the prefill queue.
         // While others wait, a newcomer waits behind them even if a cache has just freed.
@@ -234,11 +244,19 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         if (pick is null)
         {
-            if (_decoding.Count > 0 && !_retryScheduled)
+            // Streams whose readers are behind (their channels full) wake the device when their channel has
+            // room again, or when their request is cancelled: backpressure by awaiting the channel, no polling.
+            // Streams waiting for a draft or a verdict are woken by Drafted / Verified.
+            foreach (var a in _decoding)
             {
-                // Every decoding stream waits for its reader: look again shortly.
-                _retryScheduled = true;
-                Timers.StartSingleTimer("kick", Kick.Instance, TimeSpan.FromMilliseconds(2));
+                if (a.PendingCount > 0 && !a.AwaitingRoom)
+                {
+                    a.AwaitingRoom = true;
+                    var session = a;
+                    a.Run.Request.Output.WaitToWriteAsync(a.Run.Request.Cancellation).AsTask()
+                        .ContinueWith(t => (object)new RoomFreed(session, t.IsCompletedSuccessfully && t.Result), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default)
+                        .PipeTo(Self);
+                }
             }
 
             return;
@@ -566,10 +584,14 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         public double DecodeMs { get; init; }
     }
 
-    private sealed class Kick
+    /// <summary>A request's cancellation token fired: retire it at the next Schedule.</summary>
+    private sealed class CancellationNoticed
     {
-        public static readonly Kick Instance = new();
+        public static readonly CancellationNoticed Instance = new();
     }
+
+    /// <summary>A stream's channel has room again (or never will: <paramref name="HasRoom"/> false).</summary>
+    private sealed record RoomFreed(Active Session, bool HasRoom);
 
     /// <summary>One request on the device: its prefill, then its decode session, and the tokens not yet in its channel.</summary>
     private sealed class Active(DeviceRun run, IActorRef replyTo, IActorRef calibrator, IActorRef drafter, IActorRef verifier, IActorRef device, DeviceProfile? emulate) : IDisposable
@@ -598,6 +620,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         public bool Finished => (_specSession?.Done ?? false) || (_plainSession?.Done ?? false);
 
         public int PendingCount => _pending.Count;
+
+        /// <summary>The device waits for this stream's channel to have room (its reader is behind).</summary>
+        public bool AwaitingRoom { get; set; }
+
+        /// <summary>The registration that tells the device when this request is cancelled; disposed with the run.</summary>
+        public CancellationTokenRegistration CancellationWake { get; set; }
 
         /// <summary>Handed to the drafter and not back yet: the device must not step it meanwhile (mailbox thread only).</summary>
         public bool DraftPending { get; set; }
@@ -819,6 +847,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         public void Dispose()
         {
+            CancellationWake.Dispose();
             if (_calibrating || (_prefill is { Done: false } && _options is { UseCalibration: true }))
             {
                 calibrator.Tell(new CalibrateCancel(this), device);

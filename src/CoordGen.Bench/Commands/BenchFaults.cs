@@ -246,7 +246,7 @@ internal static class BenchFaults
         }
 
         md.AppendLine().AppendLine("Faults by kind: " + string.Join(", ", r.FaultsByKind.Select(p => $"{p.Key} {p.Value}")) + ".").AppendLine();
-        md.AppendLine("Device hangs are simulated: the step stalls for the plan's hang time and then fails as a watchdog would. Recovery is the time from a fault to the stream's next committed token (a resumed session prefills its prompt plus committed tokens again).").AppendLine();
+        md.AppendLine("Injected device hangs stall for the plan's hang time and then throw; a real run that hangs is ended by the step watchdog (`StepWatchdogMs`, tested on real runs in StepWatchdogTests). Recovery is the time from a fault to the stream's next committed token (a resumed session prefills its prompt plus committed tokens again).").AppendLine();
         md.AppendLine("![recovery histogram](faults.png)");
         File.WriteAllText(Path.Combine(dir, "faults.md"), md.ToString());
         ConsoleUi.Err.MarkupLineInterpolated($"[green]faults {r.FaultsInjected}, streams {r.Streams}, divergent {r.DivergentStreams}, failed {r.FailedStreams}, lost {r.LostTokens}, duplicated {r.DuplicatedTokens}, recovery p50 {r.RecoveryP50Ms} ms, max {r.RecoveryMaxMs} ms, runtimes built {r.RuntimesBuilt}, reused {r.RuntimeReuses}[/] -> {dir}/faults.md");
