@@ -128,6 +128,12 @@ public sealed class OrtModelRuntime : IDisposable
     private readonly List<QuantizedTensor> _quantized = new();
     private readonly PrePackedWeightsContainer _prepacked;
     private readonly RuntimeOptions _options;
+
+    // The step watchdog: one background thread per runtime ticks (every quarter of the limit, between 1 ms and
+    // 1 s) and looks at the graph whose run is in progress, if any. Not a timer per run, which woke the timer
+    // thread every step, and not a thread-pool timer, whose ticks wait behind a busy pool.
+    private readonly ManualResetEventSlim _watchStop = new();
+    private WidthGraph? _watched;
     private readonly bool _sharedEnv;
     private readonly int[] _widths;
 
@@ -138,6 +144,18 @@ public sealed class OrtModelRuntime : IDisposable
         Capacity = capacity;
         _options = options ?? new RuntimeOptions();
         _options.Validate();
+        if (_options.StepWatchdog > TimeSpan.Zero)
+        {
+            var period = TimeSpan.FromTicks(Math.Clamp(_options.StepWatchdog.Ticks / 4, TimeSpan.TicksPerMillisecond, TimeSpan.TicksPerSecond));
+            new Thread(() =>
+            {
+                while (!_watchStop.Wait(period))
+                {
+                    Volatile.Read(ref _watched)?.CheckOverrun();
+                }
+            })
+            { IsBackground = true, Name = "coordgen-step-watchdog" }.Start();
+        }
 
         // Before any other ONNX Runtime object: the first one (an OrtValue, session options, a prepacked
         // weights container) creates the environment, after which it can no longer get global pools.
@@ -474,6 +492,7 @@ public sealed class OrtModelRuntime : IDisposable
         }
 
         IsDisposed = true;
+        _watchStop.Set();
         foreach (var g in _graphs.Values)
         {
             g.Dispose();
@@ -501,8 +520,9 @@ public sealed class OrtModelRuntime : IDisposable
         private readonly SessionOptions _so;
         private readonly RunOptions _run = new();
         private readonly object _gate = new();
+        private readonly OrtModelRuntime _owner;
         private TimeSpan _watchdog;
-        private long _runs;
+        private long _runStart;
         private bool _running;
         private bool _terminated;
         private readonly string[] _inputNames;
@@ -515,6 +535,7 @@ public sealed class OrtModelRuntime : IDisposable
         {
             var c = owner.Config;
             _layers = c.NumLayers;
+            _owner = owner;
             _watchdog = owner._options.StepWatchdog;
             _so = owner.CreateSessionOptions($"w{shape.Width}_c{shape.Capacity}");
             string path = owner.WriteGraph(shape);
@@ -566,17 +587,17 @@ public sealed class OrtModelRuntime : IDisposable
                 return;
             }
 
-            long run;
+            TimeSpan limit;
             lock (_gate)
             {
-                run = ++_runs;
+                _runStart = Stopwatch.GetTimestamp();
                 _running = true;
                 _terminated = false;
                 _run.Terminate = false;
+                limit = _watchdog;
             }
 
-            var limit = _watchdog;
-            using var timer = new Timer(OnWatchdog, run, limit, Timeout.InfiniteTimeSpan);
+            Volatile.Write(ref _owner._watched, this);
             try
             {
                 _session.Run(_run, _inputNames, _inputs, _outputNames, _outputs);
@@ -587,6 +608,7 @@ public sealed class OrtModelRuntime : IDisposable
             }
             finally
             {
+                Volatile.Write(ref _owner._watched, null);
                 lock (_gate)
                 {
                     _running = false;
@@ -597,18 +619,26 @@ public sealed class OrtModelRuntime : IDisposable
         /// <summary>Runs this graph's watchdog ended; each doubled the graph's limit.</summary>
         public int WatchdogTerminations { get; private set; }
 
-        // Ends the run that armed it, if that run is still going (a late callback never touches a later run).
-        private void OnWatchdog(object? state)
+        /// <summary>The runtime's watchdog tick: ends this graph's run if it has overrun its limit (never a later run: the check and the run's start and end share a lock).</summary>
+        public void CheckOverrun()
         {
             lock (_gate)
             {
-                if (!_running || (long)state! != _runs)
+                if (!_running || _terminated || Stopwatch.GetElapsedTime(_runStart) <= _watchdog)
                 {
                     return;
                 }
 
+                try
+                {
+                    _run.Terminate = true;
+                }
+                catch (ObjectDisposedException)
+                {
+                    return; // the runtime is being disposed: nothing left to end
+                }
+
                 _terminated = true;
-                _run.Terminate = true;
                 WatchdogTerminations++;
                 _watchdog *= 2;
             }
