@@ -155,7 +155,19 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         var service = new InferenceService(bundle, settings, system, supervisor, runtimes) { Faults = plan };
         if (plan is not null)
         {
-            service._faultDriver = service.DriveActorFaults(plan);
+            // Session kills and device-actor crashes strike actors, not the runtime's hooks: when the plan arms
+            // one, the supervisor delivers it.
+            plan.ActorFaultArmed += kind =>
+            {
+                if (kind == FaultKind.SessionKill && plan.TryTakeSessionKill())
+                {
+                    supervisor.Tell(DiagnosticsProtocol.KillRandomSession.Instance);
+                }
+                else if (kind == FaultKind.DeviceActorCrash && plan.TryTakeDeviceActorCrash())
+                {
+                    supervisor.Tell(DiagnosticsProtocol.CrashDevice.Instance);
+                }
+            };
         }
 
         return service;
@@ -163,36 +175,6 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
 
     /// <summary>The fault plan running because <see cref="CoordGenOptions.Faults"/> asked for one (null when off): what it has injected so far.</summary>
     public FaultPlan? Faults { get; private init; }
-
-    private Task _faultDriver = Task.CompletedTask;
-
-    // Session kills and device-actor crashes strike actors, not the runtime's hooks: when the plan arms one,
-    // this loop delivers it to the supervisor.
-    private async Task DriveActorFaults(FaultPlan plan)
-    {
-        bool actorKinds = plan.Kinds.Any(k => k is FaultKind.SessionKill or FaultKind.DeviceActorCrash);
-        while (actorKinds && !_stopping.IsCancellationRequested)
-        {
-            if (plan.TryTakeSessionKill())
-            {
-                Supervisor.Tell(DiagnosticsProtocol.KillRandomSession.Instance);
-            }
-
-            if (plan.TryTakeDeviceActorCrash())
-            {
-                Supervisor.Tell(DiagnosticsProtocol.CrashDevice.Instance);
-            }
-
-            try
-            {
-                await Task.Delay(2, _stopping.Token);
-            }
-            catch (OperationCanceledException)
-            {
-                break;
-            }
-        }
-    }
 
     /// <summary>
     /// Sessions whose KV caches fit the budget together (each is sized for the full capacity). The device
@@ -250,7 +232,68 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
     public async Task<InferenceOutcome> RunAsync(InferenceRequest request, Func<string, Task> onText, CancellationToken cancellation)
     {
         ObjectDisposedException.ThrowIf(IsDisposed, this);
-        string id = $"req-{Interlocked.Increment(ref _next)}";
+        var progress = new RequestProgress($"req-{Interlocked.Increment(ref _next)}");
+        string outcome = "ok";
+        Interlocked.Increment(ref _running);
+        try
+        {
+            return await RunCoreAsync(request, onText, progress, cancellation);
+        }
+        catch (ApiException ex)
+        {
+            outcome = ex.Code ?? ex.Status.ToString(System.Globalization.CultureInfo.InvariantCulture);
+            throw;
+        }
+        catch (OperationCanceledException)
+        {
+            outcome = "cancelled";
+            throw;
+        }
+        catch (Exception)
+        {
+            outcome = "error";
+            throw;
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _running);
+            double duration = progress.ElapsedMs;
+            var done = progress.Completed;
+            var record = new RequestRecord(progress.Id, outcome, request.Prompt.Length, 0, progress.Produced, progress.TimeToFirstTokenMs, duration,
+                done is null ? null : Math.Max(0, duration - done.PrefillMs - done.DecodeMs), done?.Speculation?.TokensPerStep);
+            RequestMetrics.Record(record, ModelName);
+            RequestFinished?.Invoke(record);
+        }
+    }
+
+    /// <summary>What a running request has produced so far, read by <see cref="RunAsync"/> however the request ends.</summary>
+    private sealed class RequestProgress(string id)
+    {
+        private readonly long _started = Stopwatch.GetTimestamp();
+        private long _firstToken;
+
+        public string Id { get; } = id;
+
+        /// <summary>Tokens read from the channel (or, once completed, the device's count).</summary>
+        public int Produced { get; set; }
+
+        public GenerationCompleted? Completed { get; set; }
+
+        public double ElapsedMs => Stopwatch.GetElapsedTime(_started).TotalMilliseconds;
+
+        public double? TimeToFirstTokenMs => _firstToken == 0 ? null : Stopwatch.GetElapsedTime(_started, _firstToken).TotalMilliseconds;
+
+        public void TokenRead()
+        {
+            if (Produced++ == 0)
+            {
+                _firstToken = Stopwatch.GetTimestamp();
+            }
+        }
+    }
+
+    private async Task<InferenceOutcome> RunCoreAsync(InferenceRequest request, Func<string, Task> onText, RequestProgress progress, CancellationToken cancellation)
+    {
         var channel = Channel.CreateBounded<int>(new BoundedChannelOptions(64) { SingleReader = true, SingleWriter = true });
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(cancellation);
         // A GenAI-convention span for the whole request; device step spans are its children.
@@ -259,50 +302,13 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         span?.SetTag("gen_ai.request.model", ModelName);
         span?.SetTag("gen_ai.request.max_tokens", request.MaxTokens);
         span?.SetTag("gen_ai.request.temperature", request.Sampling.Temperature);
-        var message = new Generate(id, TokenSequence.From(request.Prompt), request.MaxTokens, request.Sampling,
+        var message = new Generate(progress.Id, TokenSequence.From(request.Prompt), request.MaxTokens, request.Sampling,
             request.Method ?? Settings.Method, request.Width ?? Settings.Width, request.ContextStore, channel.Writer, cts.Token)
         {
             Trace = span?.Context ?? default,
             AdaptiveWidth = Settings.AdaptiveWidth,
         };
-        var started = Stopwatch.GetTimestamp();
-        long firstToken = 0;
-        string outcomeName = "ok";
-        GenerationCompleted? completedStats = null;
-        int produced = 0;
-        Interlocked.Increment(ref _running);
-        try
-        {
-            return await Run();
-        }
-        catch (ApiException ex)
-        {
-            outcomeName = ex.Code ?? ex.Status.ToString(System.Globalization.CultureInfo.InvariantCulture);
-            throw;
-        }
-        catch (OperationCanceledException)
-        {
-            outcomeName = "cancelled";
-            throw;
-        }
-        catch (Exception)
-        {
-            outcomeName = "error";
-            throw;
-        }
-        finally
-        {
-            Interlocked.Decrement(ref _running);
-            double duration = Stopwatch.GetElapsedTime(started).TotalMilliseconds;
-            double? ttft = firstToken == 0 ? null : Stopwatch.GetElapsedTime(started, firstToken).TotalMilliseconds;
-            var record = new RequestRecord(id, outcomeName, request.Prompt.Length, 0, produced, ttft, duration,
-                completedStats is { } cs ? Math.Max(0, duration - cs.PrefillMs - cs.DecodeMs) : null, completedStats?.Speculation?.TokensPerStep);
-            RequestMetrics.Record(record, ModelName);
-            RequestFinished?.Invoke(record);
-        }
 
-        async Task<InferenceOutcome> Run()
-        {
         // Disposal ends a request still running: its actors are gone and would never answer.
         var replyTask = Supervisor.Ask<object>(message, Timeout.InfiniteTimeSpan, _stopping.Token);
         var decoder = new StreamingDecoder(Bundle.Tokenizer);
@@ -312,11 +318,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         {
             await foreach (int token in channel.Reader.ReadAllAsync(_stopping.Token))
             {
-                if (produced++ == 0)
-                {
-                    firstToken = Stopwatch.GetTimestamp();
-                }
-
+                progress.TokenRead();
                 string piece = filter.Push(decoder.Push(token));
                 if (piece.Length > 0)
                 {
@@ -361,27 +363,25 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
             }
         }
 
-        double? Ttft() => firstToken == 0 ? null : Stopwatch.GetElapsedTime(started, firstToken).TotalMilliseconds;
         switch (reply)
         {
             case GenerationCompleted done:
-                completedStats = done;
-                produced = done.Tokens.Count;
+                progress.Completed = done;
+                progress.Produced = done.Tokens.Count;
                 RequestMetrics.Record(done, request.Prompt.Length);
                 span?.SetTag("gen_ai.usage.input_tokens", request.Prompt.Length);
                 span?.SetTag("gen_ai.usage.output_tokens", done.Tokens.Count);
                 return new InferenceOutcome(text.ToString(), filter.Stopped || done.StopReason == "stop" ? "stop" : "length",
                     request.Prompt.Length, done.Tokens.Count, done.PrefillMs, done.DecodeMs, done.Speculation)
-                { TimeToFirstTokenMs = Ttft(), DurationMs = Stopwatch.GetElapsedTime(started).TotalMilliseconds, Attempts = done.Attempts };
+                { TimeToFirstTokenMs = progress.TimeToFirstTokenMs, DurationMs = progress.ElapsedMs, Attempts = done.Attempts };
             case GenerationFailed { Kind: FailureKind.Cancelled } when filter.Stopped:
-                RequestMetrics.GeneratedTokens.Add(produced);
-                return new InferenceOutcome(text.ToString(), "stop", request.Prompt.Length, produced, 0, 0, null)
-                { TimeToFirstTokenMs = Ttft(), DurationMs = Stopwatch.GetElapsedTime(started).TotalMilliseconds };
+                RequestMetrics.GeneratedTokens.Add(progress.Produced);
+                return new InferenceOutcome(text.ToString(), "stop", request.Prompt.Length, progress.Produced, 0, 0, null)
+                { TimeToFirstTokenMs = progress.TimeToFirstTokenMs, DurationMs = progress.ElapsedMs };
             case GenerationFailed failed:
                 throw ToApi(failed);
             default:
                 throw new ApiException(500, $"unexpected reply {reply.GetType().Name} from the runtime; please report this.");
-        }
         }
     }
 
@@ -414,8 +414,8 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         }
 
         IsDisposed = true;
+        RequestMetrics.Forget(this);
         await _stopping.CancelAsync();
-        await _faultDriver;
         await _system.Terminate();
         _runtimes.Dispose();
     }

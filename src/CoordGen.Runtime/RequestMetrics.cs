@@ -27,7 +27,8 @@ public static class RequestMetrics
     public static readonly Histogram<double> QueueWait = Meter.CreateHistogram<double>("coordgen.request.queue_wait", "s", "Time a completed request spent neither prefilling nor decoding: waiting for admission, the KV budget or the device.",
         advice: Buckets(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30));
 
-    private static readonly List<WeakReference<InferenceService>> Services = [];
+    // The running services whose KV budget and use the gauges report (added at start, removed at disposal).
+    private static readonly List<InferenceService> Services = [];
 
     /// <summary>Histogram buckets in seconds, as the GenAI conventions advise (the SDK's defaults suit milliseconds).</summary>
     private static InstrumentAdvice<double> Buckets(params double[] seconds) => new() { HistogramBucketBoundaries = seconds };
@@ -38,13 +39,20 @@ public static class RequestMetrics
         Meter.CreateObservableGauge("coordgen.kv.budget", () => Live().Select(s => new Measurement<long>(s.KvBudgetBytes)), "By", "KV cache budget (--kv-budget-mb).");
     }
 
-    /// <summary>Reports the service's KV budget and use in the gauges while it is alive.</summary>
+    /// <summary>Reports the service's KV budget and use in the gauges until <see cref="Forget"/>.</summary>
     internal static void Observe(InferenceService service)
     {
         lock (Services)
         {
-            Services.RemoveAll(w => !w.TryGetTarget(out _));
-            Services.Add(new WeakReference<InferenceService>(service));
+            Services.Add(service);
+        }
+    }
+
+    internal static void Forget(InferenceService service)
+    {
+        lock (Services)
+        {
+            Services.Remove(service);
         }
     }
 
@@ -52,7 +60,7 @@ public static class RequestMetrics
     {
         lock (Services)
         {
-            return [.. Services.Select(w => w.TryGetTarget(out var s) ? s : null).OfType<InferenceService>().Where(s => !s.IsDisposed)];
+            return [.. Services];
         }
     }
 

@@ -119,9 +119,16 @@ public sealed class FaultPlan : IFaultInjector
         }
     }
 
+    /// <summary>
+    /// Raised (on the device's thread, outside the plan's lock) when a fault that strikes actors is armed
+    /// (<see cref="FaultKind.SessionKill"/>, <see cref="FaultKind.DeviceActorCrash"/>): the actor layer takes it
+    /// with <see cref="TryTakeSessionKill"/> / <see cref="TryTakeDeviceActorCrash"/> and delivers it.
+    /// </summary>
+    public event Action<FaultKind>? ActorFaultArmed;
+
     public void OnDeviceStep()
     {
-        FaultKind? fire;
+        FaultKind? fire, actor = null;
         lock (_gate)
         {
             if (_armed is not null && ++_armedAge > 4)
@@ -137,9 +144,15 @@ public sealed class FaultPlan : IFaultInjector
                 _armed = _kinds[_rng.Next(_kinds.Length)];
                 _armedAge = 0;
                 _countdown = NextGap();
+                actor = _armed is FaultKind.SessionKill or FaultKind.DeviceActorCrash ? _armed : null;
             }
 
             fire = _armed is FaultKind.DeviceException or FaultKind.DeviceHang ? Take() : null;
+        }
+
+        if (actor is { } kind)
+        {
+            ActorFaultArmed?.Invoke(kind);
         }
 
         if (fire == FaultKind.DeviceHang)

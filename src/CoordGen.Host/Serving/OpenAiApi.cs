@@ -335,18 +335,11 @@ public static partial class OpenAiApi
                 double? ttft = o?.TimeToFirstTokenMs is { } t ? Math.Round(t, 1) : null;
                 double duration = Math.Round(System.Diagnostics.Stopwatch.GetElapsedTime(started).TotalMilliseconds, 1);
                 double? perStep = o?.Speculation is { } sp ? Math.Round(sp.TokensPerStep, 3) : null;
-                if (ctx.RequestServices.GetService<InferenceService>()?.Faults is { } faults)
-                {
-                    log.LogInformation(
-                        "request {RequestId} {Endpoint} status={Status} prompt_tokens={PromptTokens} cached_tokens={CachedTokens} generated_tokens={GeneratedTokens} ttft_ms={TtftMs} duration_ms={DurationMs} tokens_per_step={TokensPerStep} faults_injected={FaultsInjected}",
-                        e.Id ?? ctx.TraceIdentifier, endpoint, status, o?.PromptTokens, 0, o?.CompletionTokens, ttft, duration, perStep, faults.Injected);
-                }
-                else
-                {
-                    log.LogInformation(
-                        "request {RequestId} {Endpoint} status={Status} prompt_tokens={PromptTokens} cached_tokens={CachedTokens} generated_tokens={GeneratedTokens} ttft_ms={TtftMs} duration_ms={DurationMs} tokens_per_step={TokensPerStep}",
-                        e.Id ?? ctx.TraceIdentifier, endpoint, status, o?.PromptTokens, 0, o?.CompletionTokens, ttft, duration, perStep);
-                }
+                // faults_injected is null unless fault injection is on.
+                log.LogInformation(
+                    "request {RequestId} {Endpoint} status={Status} prompt_tokens={PromptTokens} cached_tokens={CachedTokens} generated_tokens={GeneratedTokens} ttft_ms={TtftMs} duration_ms={DurationMs} tokens_per_step={TokensPerStep} faults_injected={FaultsInjected}",
+                    e.Id ?? ctx.TraceIdentifier, endpoint, status, o?.PromptTokens, 0, o?.CompletionTokens, ttft, duration, perStep,
+                    ctx.RequestServices.GetService<InferenceService>()?.Faults?.Injected);
             }
         }
     }
