@@ -23,7 +23,7 @@ public static class GenerationProtocol
 {
     /// <summary>
     /// Host → supervisor: generate for <paramref name="Prompt"/>. Tokens are written to
-    /// <paramref name="Output"/> as they are produced and the channel is completed at the end (with an
+    /// <paramref name="Output"/> (with their log-probabilities when <see cref="Sampling.Logprobs"/> asks) as they are produced and the channel is completed at the end (with an
     /// exception on failure). Reply: <see cref="GenerationCompleted"/> or <see cref="GenerationFailed"/>.
     /// <paramref name="Method"/> is "ar" (plain decoding) or a speculative method (pld, sam, sam+history,
     /// pld+ours, sam+ours); greedy output is the same token for token whichever is chosen.
@@ -37,7 +37,7 @@ public static class GenerationProtocol
         string Method,
         int Width,
         string? ContextStore,
-        ChannelWriter<int> Output,
+        ChannelWriter<GeneratedToken> Output,
         CancellationToken Cancellation)
     {
         /// <summary>The caller's trace context: device spans for this request are its children.</summary>
@@ -48,7 +48,23 @@ public static class GenerationProtocol
     }
 
     /// <summary>Sampling settings: temperature 0 is greedy. Offset skips random draws (for resuming).</summary>
-    public sealed record Sampling(float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0, int Offset = 0);
+    public sealed record Sampling(float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0, int Offset = 0)
+    {
+        /// <summary>Report each token's log-probability with this many likeliest alternatives (0-20); null reports none.</summary>
+        public int? Logprobs { get; init; }
+    }
+
+    /// <summary>One generated token on its way to the caller; <paramref name="Logprob"/> only when the request asked for log-probabilities.</summary>
+    public readonly record struct GeneratedToken(int Id, TokenLogprob? Logprob = null);
+
+    /// <summary>
+    /// A token's log-probability under the model (log-softmax of the raw logits, before temperature, top-k
+    /// or top-p; under speculation from the verification row that chose it) and the likeliest tokens at its position, best first.
+    /// </summary>
+    public sealed record TokenLogprob(float Logprob, ImmutableArray<TokenAlternative> Top);
+
+    /// <summary>One of the likeliest tokens at a position.</summary>
+    public readonly record struct TokenAlternative(int Id, float Logprob);
 
     /// <summary>
     /// Supervisor/device → requester: the request finished; counts and timings for reports.

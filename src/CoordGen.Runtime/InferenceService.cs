@@ -33,6 +33,12 @@ public sealed record InferenceOutcome(string Text, string FinishReason, int Prom
 
     /// <summary>Device attempts the request took: 1, or more when it resumed after faults (a watchdog ending a hung run included).</summary>
     public int Attempts { get; init; } = 1;
+
+    /// <summary>
+    /// Every generated token's log-probabilities when <see cref="Sampling.Logprobs"/> asked for them (null
+    /// otherwise): one per token counted in <see cref="CompletionTokens"/>, the tokens of a matched stop sequence included.
+    /// </summary>
+    public IReadOnlyList<LogprobEntry>? Logprobs { get; init; }
 }
 
 /// <summary>
@@ -229,15 +235,27 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
     }
 
     /// <summary>Runs a request, calling <paramref name="onText"/> with each piece of text as it is decoded.</summary>
-    public async Task<InferenceOutcome> RunAsync(InferenceRequest request, Func<string, Task> onText, CancellationToken cancellation)
+    public Task<InferenceOutcome> RunAsync(InferenceRequest request, Func<string, Task> onText, CancellationToken cancellation)
     {
+        ArgumentNullException.ThrowIfNull(onText);
+        return StreamAsync(request, d => d.Text.Length > 0 ? onText(d.Text) : Task.CompletedTask, cancellation);
+    }
+
+    /// <summary>
+    /// Runs a request, calling <paramref name="onDelta"/> with each piece of text as it is decoded and the
+    /// log-probabilities of its tokens (when <see cref="Sampling.Logprobs"/> asks for them).
+    /// </summary>
+    public async Task<InferenceOutcome> StreamAsync(InferenceRequest request, Func<TextDelta, Task> onDelta, CancellationToken cancellation)
+    {
+        ArgumentNullException.ThrowIfNull(request);
+        ArgumentNullException.ThrowIfNull(onDelta);
         ObjectDisposedException.ThrowIf(IsDisposed, this);
         var progress = new RequestProgress($"req-{Interlocked.Increment(ref _next)}");
         string outcome = "ok";
         Interlocked.Increment(ref _running);
         try
         {
-            return await RunCoreAsync(request, onText, progress, cancellation);
+            return await RunCoreAsync(request, onDelta, progress, cancellation);
         }
         catch (ApiException ex)
         {
@@ -292,9 +310,9 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         }
     }
 
-    private async Task<InferenceOutcome> RunCoreAsync(InferenceRequest request, Func<string, Task> onText, RequestProgress progress, CancellationToken cancellation)
+    private async Task<InferenceOutcome> RunCoreAsync(InferenceRequest request, Func<TextDelta, Task> onDelta, RequestProgress progress, CancellationToken cancellation)
     {
-        var channel = Channel.CreateBounded<int>(new BoundedChannelOptions(64) { SingleReader = true, SingleWriter = true });
+        var channel = Channel.CreateBounded<GeneratedToken>(new BoundedChannelOptions(64) { SingleReader = true, SingleWriter = true });
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(cancellation);
         // A GenAI-convention span for the whole request; device step spans are its children.
         using var span = Actors.Telemetry.Source.StartActivity($"text_completion {ModelName}", System.Diagnostics.ActivityKind.Internal);
@@ -314,16 +332,33 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         var decoder = new StreamingDecoder(Bundle.Tokenizer);
         var filter = new StopSequenceFilter(request.Stop);
         var text = new System.Text.StringBuilder();
+        List<LogprobEntry>? logprobs = request.Sampling.Logprobs is null ? null : [];
+        int reported = 0; // log-probabilities handed out with a piece so far
+        async Task Deliver(string piece, bool last)
+        {
+            text.Append(piece);
+            var entries = logprobs is null ? [] : logprobs[reported..];
+            reported = logprobs?.Count ?? 0;
+            if (piece.Length > 0 || (last && entries.Count > 0))
+            {
+                await onDelta(new TextDelta(piece, entries));
+            }
+        }
+
         try
         {
-            await foreach (int token in channel.Reader.ReadAllAsync(_stopping.Token))
+            await foreach (var token in channel.Reader.ReadAllAsync(_stopping.Token))
             {
                 progress.TokenRead();
-                string piece = filter.Push(decoder.Push(token));
-                if (piece.Length > 0)
+                if (logprobs is not null && token.Logprob is { } lp)
                 {
-                    text.Append(piece);
-                    await onText(piece);
+                    logprobs.Add(LogprobEntry.From(Bundle.Tokenizer, token.Id, lp, decoder.Length));
+                }
+
+                string piece = filter.Push(decoder.Push(token.Id));
+                if (piece.Length > 0 || filter.Stopped)
+                {
+                    await Deliver(piece, last: filter.Stopped);
                 }
 
                 if (filter.Stopped)
@@ -355,12 +390,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         cancellation.ThrowIfCancellationRequested();
         if (!filter.Stopped)
         {
-            string tail = filter.Push(decoder.Flush()) + filter.Flush();
-            if (tail.Length > 0)
-            {
-                text.Append(tail);
-                await onText(tail);
-            }
+            await Deliver(filter.Push(decoder.Flush()) + filter.Flush(), last: true);
         }
 
         switch (reply)
@@ -373,11 +403,11 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
                 span?.SetTag("gen_ai.usage.output_tokens", done.Tokens.Count);
                 return new InferenceOutcome(text.ToString(), filter.Stopped || done.StopReason == "stop" ? "stop" : "length",
                     request.Prompt.Length, done.Tokens.Count, done.PrefillMs, done.DecodeMs, done.Speculation)
-                { TimeToFirstTokenMs = progress.TimeToFirstTokenMs, DurationMs = progress.ElapsedMs, Attempts = done.Attempts };
+                { TimeToFirstTokenMs = progress.TimeToFirstTokenMs, DurationMs = progress.ElapsedMs, Attempts = done.Attempts, Logprobs = logprobs };
             case GenerationFailed { Kind: FailureKind.Cancelled } when filter.Stopped:
                 RequestMetrics.GeneratedTokens.Add(progress.Produced);
                 return new InferenceOutcome(text.ToString(), "stop", request.Prompt.Length, progress.Produced, 0, 0, null)
-                { TimeToFirstTokenMs = progress.TimeToFirstTokenMs, DurationMs = progress.ElapsedMs };
+                { TimeToFirstTokenMs = progress.TimeToFirstTokenMs, DurationMs = progress.ElapsedMs, Logprobs = logprobs };
             case GenerationFailed failed:
                 throw ToApi(failed);
             default:

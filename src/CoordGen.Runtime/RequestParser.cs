@@ -110,8 +110,6 @@ public static class RequestParser
     /// </summary>
     private static readonly (string Name, Func<JsonElement, bool> Neutral, string Why)[] Unsupported =
     [
-        ("logprobs", v => v.ValueKind == JsonValueKind.False, "log probabilities are not returned yet"),
-        ("top_logprobs", v => v.ValueKind == JsonValueKind.Number && v.TryGetInt32(out int n) && n == 0, "log probabilities are not returned yet"),
         ("response_format", v => v.ValueKind == JsonValueKind.Object && v.TryGetProperty("type", out var t) && t.ValueKind == JsonValueKind.String && t.ValueEquals("text"), "only {\"type\": \"text\"} is served: no JSON mode or schemas"),
         ("tools", v => v.ValueKind == JsonValueKind.Array && v.GetArrayLength() == 0, "the models here do not call tools"),
         ("tool_choice", v => v.ValueKind == JsonValueKind.String && v.ValueEquals("none"), "the models here do not call tools"),
@@ -173,7 +171,7 @@ public static class RequestParser
         }
 
         string rendered = RenderChat(turns, hasRoleTokens);
-        return Common(body, rendered);
+        return Common(body, rendered, chat: true);
     }
 
     /// <summary>
@@ -231,10 +229,49 @@ public static class RequestParser
             throw ApiException.BadRequest("'prompt' is empty: give the model text to continue.", "prompt");
         }
 
-        return Common(body, prompt);
+        return Common(body, prompt, chat: false);
     }
 
-    private static ParsedRequest Common(JsonElement body, string prompt)
+    /// <summary>
+    /// Log-probabilities asked for, as the number of alternatives per token (null: none). Chat takes
+    /// <c>"logprobs": true</c> with <c>top_logprobs</c> 0-20; completions take <c>"logprobs": N</c> (OpenAI allows
+    /// up to 5 there; CoordGen, like vLLM, up to 20).
+    /// </summary>
+    private static int? Logprobs(JsonElement body, bool chat)
+    {
+        int max = CoordGen.Engine.Generation.TokenLogprobs.MaxTop;
+        if (!chat)
+        {
+            if (body.TryGetProperty("top_logprobs", out var t) && t.ValueKind != JsonValueKind.Null)
+            {
+                throw ApiException.BadRequest("'top_logprobs' belongs to /v1/chat/completions; on /v1/completions ask with \"logprobs\": N (0-20 alternatives per token).", "top_logprobs");
+            }
+
+            if (body.TryGetProperty("logprobs", out var b) && b.ValueKind is JsonValueKind.False)
+            {
+                return null;
+            }
+
+            int? n = Int(body, "logprobs");
+            return n is < 0 || n > max ? throw ApiException.BadRequest($"'logprobs' must be between 0 and {max} (got {n}): the number of alternatives reported per token.", "logprobs") : n;
+        }
+
+        bool on = Bool(body, "logprobs") ?? false;
+        int? top = Int(body, "top_logprobs");
+        if (top is not null && !on)
+        {
+            throw ApiException.BadRequest("'top_logprobs' needs \"logprobs\": true as well.", "top_logprobs");
+        }
+
+        if (top is < 0 || top > max)
+        {
+            throw ApiException.BadRequest($"'top_logprobs' must be between 0 and {max} (got {top}).", "top_logprobs");
+        }
+
+        return on ? top ?? 0 : null;
+    }
+
+    private static ParsedRequest Common(JsonElement body, string prompt, bool chat)
     {
         RefuseUnsupported(body);
         if (body.TryGetProperty("n", out var n) && n.ValueKind != JsonValueKind.Null && (n.ValueKind != JsonValueKind.Number || !n.TryGetInt32(out int nv) || nv != 1))
@@ -295,8 +332,8 @@ public static class RequestParser
         }
 
         string? store = String(body, "context_store", "context_store");
-        return new ParsedRequest(String(body, "model", "model"), prompt, maxTokens, ValidSampling(temperature, topP, topK, seed),
-            stop, stream, includeUsage, method, width, store);
+        var sampling = ValidSampling(temperature, topP, topK, seed) with { Logprobs = Logprobs(body, chat) };
+        return new ParsedRequest(String(body, "model", "model"), prompt, maxTokens, sampling, stop, stream, includeUsage, method, width, store);
     }
 
     /// <summary>Sampling settings checked as every edge checks them (HTTP and the IChatClient), with errors naming the parameter.</summary>

@@ -51,7 +51,7 @@ public class DemoModelSessionSpecs : TestKit
         }
 
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, demo.StopTokens));
-        var channels = runs.Select(_ => Channel.CreateBounded<int>(4)).ToArray();
+        var channels = runs.Select(_ => Channel.CreateBounded<GeneratedToken>(4)).ToArray();
         for (int i = 0; i < runs.Length; i++)
         {
             device.Tell(new Generate($"s{i}", TokenSequence.From(prompts[i]), 32, new Sampling(), runs[i].Method, 8, null, channels[i].Writer, CancellationToken.None) { AdaptiveWidth = runs[i].Adaptive }, TestActor);
@@ -60,7 +60,7 @@ public class DemoModelSessionSpecs : TestKit
         var streams = await Task.WhenAll(channels.Select(async c =>
         {
             var got = new List<int>();
-            await foreach (int t in c.Reader.ReadAllAsync())
+            await foreach (var (t, _) in c.Reader.ReadAllAsync())
             {
                 got.Add(t);
             }

@@ -28,10 +28,10 @@ public class DeviceActorSpecs : TestKit
         }
 
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
-        var channel = Channel.CreateBounded<int>(4);
+        var channel = Channel.CreateBounded<GeneratedToken>(4);
         device.Tell(new Generate("s1", TokenSequence.From(prompt), 20, new Sampling(), "ar", 1, null, channel.Writer, CancellationToken.None), TestActor);
         var streamed = new List<int>();
-        await foreach (int t in channel.Reader.ReadAllAsync())
+        await foreach (var (t, _) in channel.Reader.ReadAllAsync())
         {
             streamed.Add(t);
         }
@@ -57,7 +57,7 @@ public class DeviceActorSpecs : TestKit
 
         // A verdict for no session on the device (one that ended, or a late answer) is dropped.
         device.Tell(new Verified(new object(), new CoordGen.Engine.Speculative.TreeVerdict(1, [5], [0], 0)), TestActor);
-        var channel = Channel.CreateUnbounded<int>();
+        var channel = Channel.CreateUnbounded<GeneratedToken>();
         device.Tell(new Generate("s1", TokenSequence.From(prompt), 24, new Sampling(Temperature: 0.9f, Seed: 17), "sam+ours", 8, null, channel.Writer, CancellationToken.None), TestActor);
         var done = await ExpectMsgAsync<GenerationCompleted>();
         Assert.Equal(TokenSequence.From(expected), done.Tokens);
@@ -77,9 +77,9 @@ public class DeviceActorSpecs : TestKit
 
         // Room for one session's cache: the first runs, the others wait without a cache.
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>(), maxActiveSessions: 1));
-        var c1 = Channel.CreateBounded<int>(1); // unread for now: the first session stays on the device
-        var c2 = Channel.CreateUnbounded<int>();
-        var c3 = Channel.CreateUnbounded<int>();
+        var c1 = Channel.CreateBounded<GeneratedToken>(1); // unread for now: the first session stays on the device
+        var c2 = Channel.CreateUnbounded<GeneratedToken>();
+        var c3 = Channel.CreateUnbounded<GeneratedToken>();
         using var cancelThird = new CancellationTokenSource();
         device.Tell(new Generate("s1", TokenSequence.From(first), 12, new Sampling(), "ar", 1, null, c1.Writer, CancellationToken.None), TestActor);
         device.Tell(new Generate("s2", TokenSequence.From(second), 12, new Sampling(), "sam+ours", 8, null, c2.Writer, CancellationToken.None), TestActor);
@@ -99,7 +99,7 @@ public class DeviceActorSpecs : TestKit
 
         // Reading the first stream lets it finish; its cache frees, and the second starts.
         var got1 = new List<int>();
-        await foreach (int t in c1.Reader.ReadAllAsync())
+        await foreach (var (t, _) in c1.Reader.ReadAllAsync())
         {
             got1.Add(t);
         }
@@ -115,9 +115,9 @@ public class DeviceActorSpecs : TestKit
     public async Task Device_should_reply_failed_and_keep_serving_when_a_prompt_exceeds_capacity()
     {
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
-        var tooLong = Channel.CreateUnbounded<int>();
+        var tooLong = Channel.CreateUnbounded<GeneratedToken>();
         device.Tell(new Generate("big", TokenSequence.From(Enumerable.Range(0, 100).Select(i => i % 64)), 5, new Sampling(), "ar", 1, null, tooLong.Writer, CancellationToken.None), TestActor);
-        var ok = Channel.CreateUnbounded<int>();
+        var ok = Channel.CreateUnbounded<GeneratedToken>();
         device.Tell(new Generate("small", TokenSequence.From([1, 2, 3]), 5, new Sampling(), "ar", 1, null, ok.Writer, CancellationToken.None), TestActor);
 
         var failed = await ExpectMsgAsync<GenerationFailed>();
@@ -142,7 +142,7 @@ public class DeviceActorSpecs : TestKit
         // Width 1 (plain decode) takes 40 ms, the 8-wide prefill graph 60 ms: far above the tiny model's CPU time.
         var profile = new DeviceProfile { Name = "fake-npu", Steps = [new(1, 40), new(8, 60)] };
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>(), profile));
-        var channel = Channel.CreateUnbounded<int>();
+        var channel = Channel.CreateUnbounded<GeneratedToken>();
         device.Tell(new Generate("s1", TokenSequence.From(prompt), 6, new Sampling(), "ar", 1, null, channel.Writer, CancellationToken.None), TestActor);
         var done = await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(10));
         Assert.Equal(TokenSequence.From(expected), done.Tokens);

@@ -16,14 +16,15 @@ public class FaultRecoverySpecs : TestKit
 
     private static readonly int[] Prompt = [3, 9, 27, 17, 51, 2, 3, 9, 27, 17, 40, 8, 3, 9];
 
-    private async Task<int[]> Stream(Akka.Actor.IActorRef supervisor, string method, Sampling sampling, Action? whileRunning = null)
+    private async Task<int[]> Stream(Akka.Actor.IActorRef supervisor, string method, Sampling sampling, Action? whileRunning = null, List<TokenLogprob?>? logprobs = null)
     {
-        var channel = Channel.CreateBounded<int>(1);
+        var channel = Channel.CreateBounded<GeneratedToken>(1);
         supervisor.Tell(new Generate("s", TokenSequence.From(Prompt), 40, sampling, method, 8, null, channel.Writer, CancellationToken.None), TestActor);
         var got = new List<int>();
-        await foreach (int t in channel.Reader.ReadAllAsync())
+        await foreach (var (t, lp) in channel.Reader.ReadAllAsync())
         {
             got.Add(t);
+            logprobs?.Add(lp);
             if (got.Count % 10 == 5)
             {
                 whileRunning?.Invoke();
@@ -45,15 +46,25 @@ public class FaultRecoverySpecs : TestKit
     [InlineData("sam+ours", 0.9f)]
     public async Task Stream_should_equal_its_fault_free_output_when_device_and_drafting_faults_strike(string method, float temperature)
     {
-        var sampling = new Sampling(temperature, Seed: 5);
-        int[] clean = await Stream(Supervisor(null), method, sampling);
+        var sampling = new Sampling(temperature, Seed: 5) { Logprobs = 2 };
+        var (cleanLogprobs, faultyLogprobs) = (new List<TokenLogprob?>(), new List<TokenLogprob?>());
+        int[] clean = await Stream(Supervisor(null), method, sampling, logprobs: cleanLogprobs);
         var plan = new FaultPlan(seed: 3, budget: 30, meanGap: 3,
             kinds: [FaultKind.DeviceException, FaultKind.DeviceHang, FaultKind.NonFiniteLogits, FaultKind.DrafterCrash, FaultKind.CalibratorCrash], hang: TimeSpan.FromMilliseconds(5));
 
-        int[] faulty = await Stream(Supervisor(plan), method, sampling);
+        int[] faulty = await Stream(Supervisor(plan), method, sampling, logprobs: faultyLogprobs);
 
         Assert.True(plan.Injected >= 5, $"only {plan.Injected} faults fired");
         Assert.Equal(clean, faulty);
+
+        // Log-probabilities survive resumption too: a resumed attempt's first token comes from the re-prefill's last row.
+        Assert.Equal(clean.Length, cleanLogprobs.Count);
+        Assert.Equal(clean.Length, faultyLogprobs.Count);
+        for (int i = 0; i < clean.Length; i++)
+        {
+            Assert.InRange(Math.Abs(cleanLogprobs[i]!.Logprob - faultyLogprobs[i]!.Logprob), 0, 1e-4);
+            Assert.Equal(cleanLogprobs[i]!.Top.Select(a => a.Id), faultyLogprobs[i]!.Top.Select(a => a.Id));
+        }
     }
 
     [Fact]

@@ -12,7 +12,7 @@ namespace CoordGen.Actors.Tests;
 public class GenerationSupervisorSpecs : TestKit
 {
     private static Generate Request(string id, string? store = null) =>
-        new(id, TokenSequence.From([1, 2, 3]), 4, new Sampling(), "ar", 1, store, Channel.CreateUnbounded<int>().Writer, CancellationToken.None);
+        new(id, TokenSequence.From([1, 2, 3]), 4, new Sampling(), "ar", 1, store, Channel.CreateUnbounded<GeneratedToken>().Writer, CancellationToken.None);
 
     [Fact]
     public async Task Supervisor_should_refuse_with_a_retry_hint_when_running_plus_queued_reaches_the_limit()

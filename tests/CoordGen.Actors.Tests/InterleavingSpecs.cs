@@ -33,7 +33,7 @@ public class InterleavingSpecs : TestKit
     {
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
         string[] methods = ["ar", "sam+ours", "pld", "sam+ours", "ar", "sam"];
-        var channels = methods.Select(_ => Channel.CreateBounded<int>(2)).ToArray();
+        var channels = methods.Select(_ => Channel.CreateBounded<GeneratedToken>(2)).ToArray();
         for (int i = 0; i < methods.Length; i++)
         {
             device.Tell(new Generate($"s{i}", TokenSequence.From(Prompt(i)), 30, new Sampling(), methods[i], 8, null, channels[i].Writer, CancellationToken.None), TestActor);
@@ -42,7 +42,7 @@ public class InterleavingSpecs : TestKit
         var streams = await Task.WhenAll(channels.Select(async c =>
         {
             var got = new List<int>();
-            await foreach (int t in c.Reader.ReadAllAsync())
+            await foreach (var (t, _) in c.Reader.ReadAllAsync())
             {
                 got.Add(t);
             }
@@ -59,8 +59,8 @@ public class InterleavingSpecs : TestKit
     public async Task Short_request_should_finish_before_a_long_one_started_earlier()
     {
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
-        var longOut = Channel.CreateUnbounded<int>();
-        var shortOut = Channel.CreateUnbounded<int>();
+        var longOut = Channel.CreateUnbounded<GeneratedToken>();
+        var shortOut = Channel.CreateUnbounded<GeneratedToken>();
         device.Tell(new Generate("long", TokenSequence.From(Prompt(0)), 100, new Sampling(), "ar", 8, null, longOut.Writer, CancellationToken.None), TestActor);
         device.Tell(new Generate("short", TokenSequence.From(Prompt(1)), 3, new Sampling(), "ar", 8, null, shortOut.Writer, CancellationToken.None), TestActor);
 
@@ -72,15 +72,15 @@ public class InterleavingSpecs : TestKit
     public async Task Stalled_reader_should_pause_only_its_own_stream()
     {
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
-        var stalled = Channel.CreateBounded<int>(1);
-        var other = Channel.CreateUnbounded<int>();
+        var stalled = Channel.CreateBounded<GeneratedToken>(1);
+        var other = Channel.CreateUnbounded<GeneratedToken>();
         device.Tell(new Generate("stalled", TokenSequence.From(Prompt(0)), 20, new Sampling(), "sam+ours", 8, null, stalled.Writer, CancellationToken.None), TestActor);
         device.Tell(new Generate("other", TokenSequence.From(Prompt(1)), 20, new Sampling(), "sam+ours", 8, null, other.Writer, CancellationToken.None), TestActor);
 
         var first = await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30));
         Assert.Equal("other", first.SessionId);
         var got = new List<int>();
-        await foreach (int t in stalled.Reader.ReadAllAsync())
+        await foreach (var (t, _) in stalled.Reader.ReadAllAsync())
         {
             got.Add(t);
         }
@@ -93,7 +93,7 @@ public class InterleavingSpecs : TestKit
     public async Task Drafter_should_prepare_trees_while_the_device_steps_other_sessions()
     {
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
-        var channels = Enumerable.Range(0, 4).Select(_ => Channel.CreateUnbounded<int>()).ToArray();
+        var channels = Enumerable.Range(0, 4).Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
         for (int i = 0; i < 4; i++)
         {
             device.Tell(new Generate($"s{i}", TokenSequence.From(Prompt(i)), 30, new Sampling(), "sam+ours", 8, null, channels[i].Writer, CancellationToken.None), TestActor);
@@ -107,7 +107,7 @@ public class InterleavingSpecs : TestKit
         for (int i = 0; i < 4; i++)
         {
             var got = new List<int>();
-            await foreach (int t in channels[i].Reader.ReadAllAsync())
+            await foreach (var (t, _) in channels[i].Reader.ReadAllAsync())
             {
                 got.Add(t);
             }

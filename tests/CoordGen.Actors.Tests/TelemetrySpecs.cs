@@ -34,7 +34,7 @@ public class TelemetrySpecs : TestKit
         var weights = TinyModel.Weights(4, 0.5f);
         var device = Sys.ActorOf(DeviceActor.Props(() => new OrtModelRuntime(weights, 128, [1, 8]), new HashSet<int>()));
         using var root = new Activity("test-request").Start();
-        var channel = Channel.CreateUnbounded<int>();
+        var channel = Channel.CreateUnbounded<GeneratedToken>();
         int[] prompt = [.. Enumerable.Range(0, 20).Select(i => (i * 5) % 64)];
         device.Tell(new Generate("traced", TokenSequence.From(prompt), 16, new Sampling(), "sam+ours", 8, null, channel.Writer, CancellationToken.None) { Trace = root.Context }, TestActor);
         await ExpectMsgAsync<GenerationCompleted>();

@@ -172,8 +172,6 @@ public class ServerTests(ServerProcess server) : IClassFixture<ServerProcess>
     }
 
     [Theory]
-    [InlineData("/v1/chat/completions", "logprobs", "true")]
-    [InlineData("/v1/chat/completions", "top_logprobs", "3")]
     [InlineData("/v1/chat/completions", "response_format", """{"type": "json_object"}""")]
     [InlineData("/v1/chat/completions", "tools", """[{"type": "function", "function": {"name": "f"}}]""")]
     [InlineData("/v1/chat/completions", "frequency_penalty", "0.5")]
@@ -182,7 +180,6 @@ public class ServerTests(ServerProcess server) : IClassFixture<ServerProcess>
     [InlineData("/v1/completions", "echo", "true")]
     [InlineData("/v1/completions", "suffix", "\"end\"")]
     [InlineData("/v1/completions", "best_of", "3")]
-    [InlineData("/v1/completions", "logprobs", "2")]
     public async Task Parameters_we_do_not_implement_should_get_400_naming_the_parameter(string path, string name, string value)
     {
         string start = path.Contains("chat", StringComparison.Ordinal) ? """{"messages": [{"role": "user", "content": "hi"}]""" : """{"prompt": "hi" """;

@@ -596,7 +596,8 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     /// <summary>One request on the device: its prefill, then its decode session, and the tokens not yet in its channel.</summary>
     private sealed class Active(DeviceRun run, IActorRef replyTo, IActorRef calibrator, IActorRef drafter, IActorRef verifier, IActorRef device, DeviceProfile? emulate) : IDisposable
     {
-        private readonly ConcurrentQueue<int> _pending = new();
+        private readonly ConcurrentQueue<GeneratedToken> _pending = new();
+        private TokenLogprob? _logprob;
         private Calibrated? _calibration;
         private bool _calibrating;
         private PrefillSession? _prefill;
@@ -752,7 +753,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 return;
             }
 
-            var sampling = _sampling ??= new SamplingOptions { Temperature = r.Sampling.Temperature, TopK = r.Sampling.TopK, TopP = r.Sampling.TopP, Seed = r.Sampling.Seed, Offset = r.Sampling.Offset };
+            var sampling = _sampling ??= new SamplingOptions { Temperature = r.Sampling.Temperature, TopK = r.Sampling.TopK, TopP = r.Sampling.TopP, Seed = r.Sampling.Seed, Offset = r.Sampling.Offset, Logprobs = r.Sampling.Logprobs };
             if (_prefill is null)
             {
                 sampling.Validate();
@@ -792,12 +793,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             {
                 var cache = _plainCache;
                 _plainCache = null;
-                _plainSession = plain.StartDecode(cache, _prefill.LastLogits, r.Prompt.Count, _prefill.ElapsedMs, r.MaxTokens, sampling, stops, Enqueue);
+                _plainSession = plain.StartDecode(cache, _prefill.LastLogits, r.Prompt.Count, _prefill.ElapsedMs, r.MaxTokens, sampling, stops, Enqueue, KeepLogprob);
             }
             else
             {
                 using var pre = _finishPrefill!();
-                _specSession = spec.Start(pre, r.MaxTokens, sampling, stops, _options!, Run.Store, Enqueue, adoptCache: true);
+                _specSession = spec.Start(pre, r.MaxTokens, sampling, stops, _options!, Run.Store, Enqueue, adoptCache: true, onLogprobs: KeepLogprob);
                 _specSession.DuringVerify = work => drafter.Tell(new PreDraftJob(work), device);
                 if (pre.CalibrationDeferred)
                 {
@@ -811,16 +812,21 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             }
         }
 
+        // The session reports a token's log-probabilities just before the token (on the same thread).
+        private void KeepLogprob(TokenLogprobs lp) =>
+            _logprob = new TokenLogprob(lp.Logprob, [.. lp.Top.Select(t => new TokenAlternative(t.Token, t.Logprob))]);
+
         private bool Enqueue(int token)
         {
-            _pending.Enqueue(token);
+            _pending.Enqueue(new GeneratedToken(token, _logprob));
+            _logprob = null;
             return !Run.Request.Cancellation.IsCancellationRequested;
         }
 
         /// <summary>Moves queued tokens into the channel while it has room (mailbox thread only).</summary>
         public void Flush()
         {
-            while (_pending.TryPeek(out int t) && Run.Request.Output.TryWrite(t))
+            while (_pending.TryPeek(out var t) && Run.Request.Output.TryWrite(t))
             {
                 _pending.TryDequeue(out _);
             }

@@ -204,7 +204,7 @@ public sealed class SessionLog
         }
     }
 
-    internal bool TryCommit(int epoch, int token, ChannelWriter<int> output)
+    internal bool TryCommit(int epoch, GeneratedToken token, ChannelWriter<GeneratedToken> output)
     {
         lock (_gate)
         {
@@ -213,7 +213,7 @@ public sealed class SessionLog
                 return false;
             }
 
-            _committed.Add(token);
+            _committed.Add(token.Id);
             if (_faultAt != 0)
             {
                 _recoveries.Add(Stopwatch.GetElapsedTime(_faultAt).TotalMilliseconds);
@@ -234,9 +234,9 @@ public sealed class SessionLog
 }
 
 /// <summary>An attempt's view of the session's output: writes only while its epoch is current; never completes it.</summary>
-internal sealed class FencedWriter(SessionLog log, int epoch, ChannelWriter<int> output) : ChannelWriter<int>
+internal sealed class FencedWriter(SessionLog log, int epoch, ChannelWriter<GeneratedToken> output) : ChannelWriter<GeneratedToken>
 {
-    public override bool TryWrite(int item) => log.TryCommit(epoch, item, output);
+    public override bool TryWrite(GeneratedToken item) => log.TryCommit(epoch, item, output);
 
     public override async ValueTask<bool> WaitToWriteAsync(CancellationToken cancellationToken = default) =>
         log.IsCurrent(epoch) && await output.WaitToWriteAsync(cancellationToken);

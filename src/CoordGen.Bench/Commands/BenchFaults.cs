@@ -196,12 +196,12 @@ internal static class BenchFaults
 
     private static async Task<StreamResult> Run(IActorRef supervisor, int index, int[] prompt, int n, string method, CancellationToken ct)
     {
-        var channel = Channel.CreateBounded<int>(16);
+        var channel = Channel.CreateBounded<GeneratedToken>(16);
         var reply = supervisor.Ask<object>(new Generate($"s{index}", TokenSequence.From(prompt), n, new Sampling(), method, 8, null, channel.Writer, ct), Timeout.InfiniteTimeSpan);
         var got = new List<int>();
         try
         {
-            await foreach (int t in channel.Reader.ReadAllAsync(ct))
+            await foreach (var (t, _) in channel.Reader.ReadAllAsync(ct))
             {
                 got.Add(t);
             }

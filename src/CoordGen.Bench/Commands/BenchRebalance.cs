@@ -5,6 +5,7 @@ using System.Text;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 using System.Threading.Channels;
+using static CoordGen.Messages.GenerationProtocol;
 using Spectre.Console;
 
 namespace CoordGen.Host.Commands;
@@ -304,7 +305,7 @@ internal static class BenchRebalance
     }
 
     /// <summary>A stream that records when each token was handed to it (the device's hand-off time) and keeps nothing else.</summary>
-    private sealed class TimestampingWriter : ChannelWriter<int>
+    private sealed class TimestampingWriter : ChannelWriter<GeneratedToken>
     {
         private readonly List<long> _times = [];
 
@@ -330,7 +331,7 @@ internal static class BenchRebalance
             }
         }
 
-        public override bool TryWrite(int item)
+        public override bool TryWrite(GeneratedToken item)
         {
             lock (_times)
             {

@@ -29,11 +29,11 @@ internal static class BenchStreams
     /// <summary>One greedy request through the supervisor: its tokens and their arrival times (Stopwatch timestamps).</summary>
     public static async Task<(int[] Tokens, long[] Arrivals)> RunAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, CancellationToken ct, bool adaptive = false)
     {
-        var channel = Channel.CreateBounded<int>(64);
+        var channel = Channel.CreateBounded<GeneratedToken>(64);
         var reply = SendAsync(supervisor, prompt, maxTokens, method, width, channel.Writer, ct, adaptive);
         var tokens = new List<int>();
         var arrivals = new List<long>();
-        await foreach (int t in channel.Reader.ReadAllAsync(ct))
+        await foreach (var (t, _) in channel.Reader.ReadAllAsync(ct))
         {
             arrivals.Add(Stopwatch.GetTimestamp());
             tokens.Add(t);
@@ -44,7 +44,7 @@ internal static class BenchStreams
     }
 
     /// <summary>One greedy request through the supervisor, its tokens written to <paramref name="output"/>; throws if it fails.</summary>
-    public static async Task SendAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, ChannelWriter<int> output, CancellationToken ct, bool adaptive = false)
+    public static async Task SendAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, ChannelWriter<GeneratedToken> output, CancellationToken ct, bool adaptive = false)
     {
         var reply = await supervisor.Ask<object>(new Generate("bench", TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, output, ct) { AdaptiveWidth = adaptive }, Timeout.InfiniteTimeSpan);
         if (reply is GenerationFailed f)

@@ -19,7 +19,11 @@ public sealed record GenerationStats
     public double DecodeTokensPerSecond => DecodeMs > 0 ? GeneratedTokens / (DecodeMs / 1000) : 0;
 }
 
-public sealed record GenerationResult(IReadOnlyList<int> Tokens, GenerationStats Stats);
+public sealed record GenerationResult(IReadOnlyList<int> Tokens, GenerationStats Stats)
+{
+    /// <summary>Each token's log-probabilities when <see cref="SamplingOptions.Logprobs"/> asked for them; otherwise null.</summary>
+    public IReadOnlyList<TokenLogprobs>? Logprobs { get; init; }
+}
 
 /// <summary>
 /// Plain autoregressive generation over the static graphs: chunked prefill at the widest compiled
@@ -105,63 +109,26 @@ public sealed class Generator
     }
 
     /// <summary>Plain decoding as steps (one token per <see cref="PlainSession.Step"/>); owns <paramref name="cache"/>.</summary>
+    /// <param name="onLogprobs">Called with each emitted token's log-probabilities just before <paramref name="onToken"/> (when <see cref="SamplingOptions.Logprobs"/> asks for them).</param>
     public PlainSession StartDecode(KvCache cache, float[] logits, int promptTokens, double prefillMs, int maxTokens, SamplingOptions sampling,
-        IReadOnlySet<int> stopTokens, Func<int, bool>? onToken = null) => new(this, cache, logits, promptTokens, prefillMs, maxTokens, sampling, stopTokens, onToken);
+        IReadOnlySet<int> stopTokens, Func<int, bool>? onToken = null, Action<TokenLogprobs>? onLogprobs = null) =>
+        new(this, cache, logits, promptTokens, prefillMs, maxTokens, sampling, stopTokens, onToken, onLogprobs);
 
     /// <summary>Decodes from a prefilled cache (consumed) whose last prompt logits are <paramref name="logits"/>.</summary>
     public GenerationResult Decode(KvCache cache, float[] logits, int promptTokens, double prefillMs, int maxTokens, SamplingOptions sampling,
         IReadOnlySet<int> stopTokens, Func<int, bool>? onToken = null, CancellationToken cancellation = default)
     {
-        logits = (float[])logits.Clone();
-        var sampler = new Sampler(sampling);
-        var sw = Stopwatch.StartNew();
-        var output = new List<int>();
-        string reason = "length";
-        double runMs = 0;
-        while (true)
+        cancellation.ThrowIfCancellationRequested();
+
+        // Not disposed here: the cache stays the caller's.
+        var session = new PlainSession(this, cache, logits, promptTokens, prefillMs, maxTokens, sampling, stopTokens, onToken, null);
+        while (!session.Done)
         {
             cancellation.ThrowIfCancellationRequested();
-            int next = sampler.Next(logits);
-            if (stopTokens.Contains(next))
-            {
-                reason = "stop";
-                break;
-            }
-
-            output.Add(next);
-            if (onToken is not null && !onToken(next))
-            {
-                reason = "stop";
-                break;
-            }
-
-            if (output.Count >= maxTokens)
-            {
-                break;
-            }
-
-            if (cache.Length + 1 >= cache.Capacity)
-            {
-                reason = "capacity";
-                break;
-            }
-
-            long t0 = Stopwatch.GetTimestamp();
-            var row = Step(cache, next);
-            runMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
-            row.CopyTo(logits);
+            session.Step();
         }
 
-        double decodeMs = sw.Elapsed.TotalMilliseconds;
-        return new GenerationResult(output, new GenerationStats
-        {
-            PromptTokens = promptTokens,
-            GeneratedTokens = output.Count,
-            PrefillMs = prefillMs,
-            DecodeMs = decodeMs,
-            DecodeRunMs = runMs,
-            StopReason = reason,
-        });
+        return session.Result();
     }
 }
 
@@ -245,6 +212,8 @@ public sealed class PlainSession : IDisposable
     private readonly Sampler _sampler;
     private readonly IReadOnlySet<int> _stops;
     private readonly Func<int, bool>? _onToken;
+    private readonly Action<TokenLogprobs>? _onLogprobs;
+    private readonly List<TokenLogprobs>? _logprobs;
     private readonly int _maxTokens;
     private readonly int _promptTokens;
     private readonly double _prefillMs;
@@ -254,7 +223,7 @@ public sealed class PlainSession : IDisposable
     private string _reason = "length";
 
     internal PlainSession(Generator gen, KvCache cache, float[] logits, int promptTokens, double prefillMs, int maxTokens, SamplingOptions sampling,
-        IReadOnlySet<int> stopTokens, Func<int, bool>? onToken)
+        IReadOnlySet<int> stopTokens, Func<int, bool>? onToken, Action<TokenLogprobs>? onLogprobs)
     {
         if (maxTokens < 1)
         {
@@ -267,6 +236,8 @@ public sealed class PlainSession : IDisposable
         _sampler = new Sampler(sampling);
         _stops = stopTokens;
         _onToken = onToken;
+        _onLogprobs = onLogprobs;
+        _logprobs = sampling.Logprobs is null ? null : [];
         _maxTokens = maxTokens;
         _promptTokens = promptTokens;
         _prefillMs = prefillMs;
@@ -276,6 +247,9 @@ public sealed class PlainSession : IDisposable
     public bool Done { get; private set; }
 
     public IReadOnlyList<int> Output => _output;
+
+    /// <summary>Each output token's log-probabilities, when <see cref="SamplingOptions.Logprobs"/> asked for them; otherwise null.</summary>
+    public IReadOnlyList<TokenLogprobs>? Logprobs => _logprobs;
 
     /// <summary>Feeds the last chosen token, then chooses the next. Returns <see cref="Done"/>.</summary>
     public bool Step()
@@ -300,7 +274,8 @@ public sealed class PlainSession : IDisposable
         DecodeMs = _clock.Elapsed.TotalMilliseconds,
         DecodeRunMs = _runMs,
         StopReason = _reason,
-    });
+    })
+    { Logprobs = _logprobs };
 
     public void Dispose() => _cache.Dispose();
 
@@ -315,6 +290,13 @@ public sealed class PlainSession : IDisposable
         }
 
         _output.Add(next);
+        if (_logprobs is not null)
+        {
+            var lp = TokenLogprobs.Of(_logits, next, _sampler.Options.Logprobs!.Value);
+            _logprobs.Add(lp);
+            _onLogprobs?.Invoke(lp);
+        }
+
         if (_onToken is not null && !_onToken(next))
         {
             _reason = "stop";

@@ -19,6 +19,12 @@ public sealed record SamplingOptions
     /// </summary>
     public int Offset { get; init; }
 
+    /// <summary>
+    /// Report each emitted token's log-probability (<see cref="TokenLogprobs"/>) with this many of the
+    /// likeliest alternatives (0 to <see cref="TokenLogprobs.MaxTop"/>); null reports none. It changes no token.
+    /// </summary>
+    public int? Logprobs { get; init; }
+
     public bool IsGreedy => Temperature <= 0f;
 
     public void Validate()
@@ -36,6 +42,11 @@ public sealed record SamplingOptions
         if (!(TopP > 0f && TopP <= 1f))
         {
             throw new ArgumentException($"top-p must be in (0, 1] (got {TopP}); use 1 to turn it off.");
+        }
+
+        if (Logprobs is < 0 or > TokenLogprobs.MaxTop)
+        {
+            throw new ArgumentException($"top logprobs must be between 0 and {TokenLogprobs.MaxTop} (got {Logprobs}).");
         }
     }
 }

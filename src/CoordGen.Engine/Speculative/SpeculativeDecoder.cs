@@ -93,7 +93,11 @@ public sealed record Prefilled(int[] Prompt, KvCache Cache, float[] LastLogits, 
 }
 
 /// <summary>Outcome of one speculative generation.</summary>
-public sealed record SpeculativeResult(IReadOnlyList<int> Tokens, GenerationStats Stats, DraftAccounting Accounting, double DraftMs, double CalibrationMs, double DeviceMs);
+public sealed record SpeculativeResult(IReadOnlyList<int> Tokens, GenerationStats Stats, DraftAccounting Accounting, double DraftMs, double CalibrationMs, double DeviceMs)
+{
+    /// <summary>Each token's log-probabilities when <see cref="SamplingOptions.Logprobs"/> asked for them; otherwise null.</summary>
+    public IReadOnlyList<TokenLogprobs>? Logprobs { get; init; }
+}
 
 /// <summary>
 /// Retrieval-based speculative decoding over the static-width graphs: each step builds a token tree
@@ -238,9 +242,10 @@ public sealed class SpeculativeDecoder
     /// <summary>A generation from a prefilled prompt as steps, for schedulers that interleave sessions.</summary>
     /// <param name="adoptCache">The session takes <paramref name="pre"/>'s cache instead of copying it (a few
     /// milliseconds for a long prompt, on the device's critical path); only for a prefill started once.</param>
+    /// <param name="onLogprobs">Called with each emitted token's log-probabilities just before <paramref name="onToken"/> (when <see cref="SamplingOptions.Logprobs"/> asks for them).</param>
     public SpeculativeSession Start(Prefilled pre, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
-        SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null, bool adoptCache = false) =>
-        new(_runtime, _plain, pre, maxTokens, sampling, stopTokens, spec, history, onToken, adoptCache) { SharedAcceptance = _acceptance };
+        SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null, bool adoptCache = false, Action<TokenLogprobs>? onLogprobs = null) =>
+        new(_runtime, _plain, pre, maxTokens, sampling, stopTokens, spec, history, onToken, adoptCache, onLogprobs) { SharedAcceptance = _acceptance };
 
     private readonly AcceptanceMemory _acceptance = new();
 

@@ -20,6 +20,10 @@ public sealed class SpeculativeSession : IDisposable
     private readonly HistoryStore? _history;
     private readonly IReadOnlySet<int> _stops;
     private readonly Func<int, bool>? _onToken;
+    private readonly Action<TokenLogprobs>? _onLogprobs;
+    private readonly List<TokenLogprobs>? _logprobs;
+    private float[] _logprobRows = [];
+    private int _logprobVocab;
     private readonly int _maxTokens;
     private readonly int _width;
     private readonly Sampler _sampler;
@@ -53,7 +57,7 @@ public sealed class SpeculativeSession : IDisposable
     private string _reason = "length";
 
     internal SpeculativeSession(OrtModelRuntime runtime, Generator plain, Prefilled pre, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
-        SpeculationOptions spec, HistoryStore? history, Func<int, bool>? onToken, bool adoptCache = false)
+        SpeculationOptions spec, HistoryStore? history, Func<int, bool>? onToken, bool adoptCache = false, Action<TokenLogprobs>? onLogprobs = null)
     {
         if (maxTokens < 1)
         {
@@ -71,6 +75,8 @@ public sealed class SpeculativeSession : IDisposable
         _history = history;
         _stops = stopTokens;
         _onToken = onToken;
+        _onLogprobs = onLogprobs;
+        _logprobs = sampling.Logprobs is null ? null : [];
         _maxTokens = maxTokens;
         _width = spec.Width;
         _sampler = new Sampler(sampling);
@@ -140,7 +146,7 @@ public sealed class SpeculativeSession : IDisposable
 
         _root = _sampler.Next(pre.LastLogits);
         _draws = _sampler.Draws;
-        Done = !Emit(_root);
+        Done = !Emit(_root, pre.LastLogits);
     }
 
     /// <summary>
@@ -168,6 +174,9 @@ public sealed class SpeculativeSession : IDisposable
 
     /// <summary>Tokens emitted so far.</summary>
     public IReadOnlyList<int> Output => _output;
+
+    /// <summary>Each output token's log-probabilities (from the logits row that chose it), when <see cref="SamplingOptions.Logprobs"/> asked for them; otherwise null.</summary>
+    public IReadOnlyList<TokenLogprobs>? Logprobs => _logprobs;
 
     public DraftAccounting Accounting => _acct;
 
@@ -324,6 +333,7 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         ReadOnlyMemory<float> logits = _greedy ? default : ownRows ? buf.Logits.AsSpan(0, rows * buf.VocabSize).ToArray() : buf.Logits.AsMemory(0, rows * buf.VocabSize);
+        KeepLogprobRows(buf.Logits.AsSpan(0, rows * buf.VocabSize), buf.VocabSize);
         _pending = Pending.Tree;
         _pendingWidth = width;
         _pendingPredraft = predrafting;
@@ -335,6 +345,7 @@ public sealed class SpeculativeSession : IDisposable
     {
         _pending = kind;
         _pendingArgmax = [Sampler.Argmax(row)];
+        KeepLogprobRows(row, row.Length);
         ReadOnlyMemory<float> logits = _greedy ? default : row.ToArray();
         return new TreeToVerify(++_stepNumber, [], [], _pendingArgmax, logits, row.Length, _draws);
     }
@@ -365,7 +376,7 @@ public sealed class SpeculativeSession : IDisposable
             }
 
             _root = emitted[0];
-            Done = !Emit(_root);
+            Done = !Emit(_root, LogprobRow(0));
             return Done;
         }
 
@@ -395,10 +406,11 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         _draftMs += Stopwatch.GetElapsedTime(t2).TotalMilliseconds;
-        foreach (int y in emitted)
+        for (int j = 0; j < emitted.Length; j++)
         {
+            int y = emitted[j];
             _root = y;
-            if (!Emit(y))
+            if (!Emit(y, LogprobRow(verdict.Rows[j])))
             {
                 Done = true;
                 break;
@@ -685,13 +697,34 @@ public sealed class SpeculativeSession : IDisposable
             DecodeRunMs = _deviceMs,
             StopReason = _reason,
         };
-        return new SpeculativeResult(_output, stats, _acct, _draftMs, _calMs, _deviceMs);
+        return new SpeculativeResult(_output, stats, _acct, _draftMs, _calMs, _deviceMs) { Logprobs = _logprobs };
     }
 
     public void Dispose() => _cache.Dispose();
 
-    // Appends a chosen token: stop tokens end generation; otherwise it joins the output and the indexes.
-    private bool Emit(int token)
+    // Keeps the step's logits rows until its verdict says which rows chose the emitted tokens (only when
+    // log-probabilities are asked for: the device's buffers are reused before a verifier actor answers).
+    private void KeepLogprobRows(ReadOnlySpan<float> rows, int vocab)
+    {
+        if (_logprobs is null)
+        {
+            return;
+        }
+
+        if (_logprobRows.Length < rows.Length)
+        {
+            _logprobRows = new float[rows.Length];
+        }
+
+        rows.CopyTo(_logprobRows);
+        _logprobVocab = vocab;
+    }
+
+    private ReadOnlySpan<float> LogprobRow(int row) => _logprobs is null ? default : _logprobRows.AsSpan(row * _logprobVocab, _logprobVocab);
+
+    // Appends a chosen token (from logits row <paramref name="row"/>, read only for log-probabilities): stop
+    // tokens end generation; otherwise it joins the output and the indexes.
+    private bool Emit(int token, ReadOnlySpan<float> row)
     {
         if (_stops.Contains(token))
         {
@@ -700,6 +733,13 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         _output.Add(token);
+        if (_logprobs is not null)
+        {
+            var lp = TokenLogprobs.Of(row, token, _sampler.Options.Logprobs!.Value);
+            _logprobs.Add(lp);
+            _onLogprobs?.Invoke(lp);
+        }
+
         _sequence.Add(token);
         if (_spec.Drafter == DrafterKind.Sam || _spec.UseTree)
         {

@@ -18,12 +18,14 @@ public sealed class HfTokenizer
     public const string Gpt2IndividualDigitsPattern = @"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
     private readonly BpeTokenizer _bpe;
+    private readonly string?[] _pieces;
 
-    private HfTokenizer(BpeTokenizer bpe, Dictionary<string, int> special, int vocabSize)
+    private HfTokenizer(BpeTokenizer bpe, Dictionary<string, int> special, int vocabSize, string?[] pieces)
     {
         _bpe = bpe;
         SpecialTokens = special;
         VocabSize = vocabSize;
+        _pieces = pieces;
     }
 
     public IReadOnlyDictionary<string, int> SpecialTokens { get; }
@@ -76,7 +78,13 @@ public sealed class HfTokenizer
             PreTokenizer = new RegexPreTokenizer(new Regex(pattern, RegexOptions.Compiled), special),
         };
         int vocabSize = Math.Max(vocab.Count == 0 ? 0 : vocab.Values.Max() + 1, special.Count == 0 ? 0 : special.Values.Max() + 1);
-        return new HfTokenizer(BpeTokenizer.Create(options), special, vocabSize);
+        var pieces = new string?[vocabSize];
+        foreach (var (piece, id) in vocab.Concat(special))
+        {
+            pieces[id] = piece;
+        }
+
+        return new HfTokenizer(BpeTokenizer.Create(options), special, vocabSize, pieces);
     }
 
     private static string FindPattern(JsonElement pre, string path)
@@ -122,4 +130,47 @@ public sealed class HfTokenizer
     public string Decode(IEnumerable<int> ids) => _bpe.Decode(ids) ?? "";
 
     public int? TokenId(string token) => SpecialTokens.TryGetValue(token, out int id) ? id : null;
+
+    /// <summary>
+    /// The bytes one token stands for (a token may hold part of a UTF-8 character, so its text alone can
+    /// be lossy): the vocabulary piece with byte-level BPE's character-for-byte mapping undone; a special
+    /// token's own text. Empty for an id outside the vocabulary.
+    /// </summary>
+    public byte[] TokenBytes(int id)
+    {
+        if ((uint)id >= (uint)_pieces.Length || _pieces[id] is not { } piece)
+        {
+            return [];
+        }
+
+        if (SpecialTokens.ContainsKey(piece))
+        {
+            return System.Text.Encoding.UTF8.GetBytes(piece);
+        }
+
+        var bytes = new byte[piece.Length];
+        for (int i = 0; i < piece.Length; i++)
+        {
+            bytes[i] = CharToByte.TryGetValue(piece[i], out byte b) ? b : (byte)'?';
+        }
+
+        return bytes;
+    }
+
+    // Byte-level BPE writes each byte as a printable character: printable Latin-1 bytes as themselves,
+    // the others (controls, space, 0x7F-0xA0, 0xAD) as U+0100 onwards in byte order.
+    private static readonly Dictionary<char, byte> CharToByte = BuildCharToByte();
+
+    private static Dictionary<char, byte> BuildCharToByte()
+    {
+        var map = new Dictionary<char, byte>(256);
+        int next = 256;
+        for (int b = 0; b < 256; b++)
+        {
+            bool printable = b is >= '!' and <= '~' or >= 0xA1 and <= 0xAC or >= 0xAE and <= 0xFF;
+            map[(char)(printable ? b : next++)] = (byte)b;
+        }
+
+        return map;
+    }
 }

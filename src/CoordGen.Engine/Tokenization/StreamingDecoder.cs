@@ -9,6 +9,9 @@ public sealed class StreamingDecoder(HfTokenizer tokenizer)
     private readonly List<int> _ids = [];
     private int _emitted;
 
+    /// <summary>Characters of text decoded so far (a character still incomplete not counted): where the next token's text starts.</summary>
+    public int Length => _emitted;
+
     public string Push(int id)
     {
         _ids.Add(id);

@@ -132,8 +132,8 @@ public static partial class OpenAiApi
             var outcome = await service.RunAsync(request, _ => Task.CompletedTask, ct);
             LogOf(ctx).Set(id, 200, outcome);
             object choice = chat
-                ? new { index = 0, message = new { role = "assistant", content = outcome.Text }, finish_reason = outcome.FinishReason, logprobs = (object?)null }
-                : new { index = 0, text = outcome.Text, finish_reason = outcome.FinishReason, logprobs = (object?)null };
+                ? new { index = 0, message = new { role = "assistant", content = outcome.Text }, finish_reason = outcome.FinishReason, logprobs = Logprobs(outcome.Logprobs, chat) }
+                : new { index = 0, text = outcome.Text, finish_reason = outcome.FinishReason, logprobs = Logprobs(outcome.Logprobs, chat) };
             await Write(ctx, 200, new { id, @object = kind, created, model = service.ModelName, choices = new[] { choice }, usage = Usage(outcome), coordgen = Extra(outcome) });
             return;
         }
@@ -164,12 +164,14 @@ public static partial class OpenAiApi
         InferenceOutcome done;
         try
         {
-            done = await service.RunAsync(request, async piece =>
+            bool withLogprobs = req.Sampling.Logprobs is not null;
+            done = await service.StreamAsync(request, async piece =>
             {
                 await Start();
+                object? logprobs = withLogprobs ? Logprobs(piece.Logprobs, chat) : null;
                 await Event(ctx, chat
-                    ? new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, delta = (object)new { content = piece }, finish_reason = (string?)null } } }
-                    : new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, text = piece, finish_reason = (string?)null } } });
+                    ? new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, delta = (object)new { content = piece.Text }, logprobs, finish_reason = (string?)null } } }
+                    : new { id, @object = chunkKind, created, model = service.ModelName, choices = new[] { new { index = 0, text = piece.Text, logprobs, finish_reason = (string?)null } } });
             }, ct);
         }
         catch (ApiException ex) when (started)
@@ -194,6 +196,43 @@ public static partial class OpenAiApi
         }
 
         await ctx.Response.WriteAsync("data: [DONE]\n\n", ct);
+    }
+
+    /// <summary>
+    /// Log-probabilities in OpenAI's shapes: chat's <c>{"content": [{token, logprob, bytes, top_logprobs}]}</c>,
+    /// the completions API's <c>{tokens, token_logprobs, top_logprobs, text_offset}</c>; null when not asked for.
+    /// </summary>
+    private static object? Logprobs(IReadOnlyList<LogprobEntry>? entries, bool chat)
+    {
+        if (entries is null)
+        {
+            return null;
+        }
+
+        static int[] Bytes(byte[] b) => [.. b.Select(x => (int)x)];
+        if (chat)
+        {
+            return new
+            {
+                content = entries.Select(e => new
+                {
+                    token = e.Token,
+                    logprob = e.Logprob,
+                    bytes = Bytes(e.Bytes),
+                    top_logprobs = e.Top.Select(t => new { token = t.Token, logprob = t.Logprob, bytes = Bytes(t.Bytes) }),
+                }),
+                refusal = (object?)null,
+            };
+        }
+
+        return new
+        {
+            tokens = entries.Select(e => e.Token),
+            token_logprobs = entries.Select(e => e.Logprob),
+            // Two alternatives can share a text (different byte sequences that both decode to U+FFFD): the likelier one is kept.
+            top_logprobs = entries.Select(e => e.Top.GroupBy(t => t.Token).ToDictionary(g => g.Key, g => g.First().Logprob)),
+            text_offset = entries.Select(e => e.TextOffset),
+        };
     }
 
     private static object Usage(InferenceOutcome o) => new { prompt_tokens = o.PromptTokens, completion_tokens = o.CompletionTokens, total_tokens = o.PromptTokens + o.CompletionTokens };
