@@ -25,9 +25,11 @@ public class LogprobsServerTests(ServerProcess server, ITestOutputHelper output)
     }
 
     [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public async Task Chat_logprobs_under_speculation_should_equal_plain_decoding_logprobs(bool stream)
+    [InlineData(false, 0.0)]
+    [InlineData(true, 0.0)]
+    [InlineData(false, 0.8)]
+    [InlineData(true, 0.8)]
+    public async Task Chat_logprobs_under_speculation_should_equal_plain_decoding_logprobs(bool stream, double temperature)
     {
         double worst = 0;
         foreach (string task in new[] { "summary", "rag", "ui", "reply" })
@@ -35,16 +37,31 @@ public class LogprobsServerTests(ServerProcess server, ITestOutputHelper output)
             JsonObject Body(string method) => new()
             {
                 ["messages"] = Messages(task), ["max_tokens"] = 32, ["logprobs"] = true, ["top_logprobs"] = 3, ["stream"] = stream,
+                ["temperature"] = temperature, ["seed"] = 11, // seeded sampling: speculation draws the same tokens as plain decoding
                 ["stream_options"] = stream ? new JsonObject { ["include_usage"] = true } : null,
                 ["speculation"] = method == "ar" ? new JsonObject { ["method"] = "ar" } : new JsonObject { ["method"] = method, ["width"] = 8 },
             };
             var (plainText, plain, tokens) = await Chat(Body("ar"), stream);
             var (specText, spec, _) = await Chat(Body("sam+ours"), stream);
-            Assert.Equal(plainText, specText);
             Assert.Equal(tokens, plain.Count); // one entry per completion token
             Assert.Equal(plainText, Encoding.UTF8.GetString([.. plain.SelectMany(e => e["bytes"]!.AsArray().Select(b => (byte)b!.GetValue<int>()))]));
-            Assert.Equal(plain.Count, spec.Count);
-            for (int i = 0; i < plain.Count; i++)
+            int same = plain.Count;
+            if (temperature == 0)
+            {
+                Assert.Equal(plainText, specText);
+                Assert.Equal(plain.Count, spec.Count);
+            }
+            else
+            {
+                // Seeded sampling draws the same random numbers in both, but a draw that falls within float
+                // rounding of the boundary between two tokens may pick either, as the row's logits came from a
+                // width-1 or a width-8 graph (seen once on these prompts: the draw 5e-8 past the boundary). The
+                // distribution is the same; the numbers are compared up to the first such draw.
+                same = plain.Zip(spec).TakeWhile(p => p.First["token"]!.GetValue<string>() == p.Second["token"]!.GetValue<string>()).Count();
+                Assert.True(same >= Math.Min(8, plain.Count), $"{task}: sampled tokens differ from the {same}th on");
+            }
+
+            for (int i = 0; i < same; i++)
             {
                 Assert.Equal(plain[i]["token"]!.GetValue<string>(), spec[i]["token"]!.GetValue<string>());
                 double p = plain[i]["logprob"]!.GetValue<double>();
@@ -53,7 +70,7 @@ public class LogprobsServerTests(ServerProcess server, ITestOutputHelper output)
                 var (pt, st) = (plain[i]["top_logprobs"]!.AsArray(), spec[i]["top_logprobs"]!.AsArray());
                 Assert.Equal(3, pt.Count);
                 Assert.Equal(3, st.Count);
-                Assert.True(pt[0]!["logprob"]!.GetValue<double>() >= p - Tolerance, "the chosen greedy token is the likeliest");
+                Assert.True(temperature > 0 || pt[0]!["logprob"]!.GetValue<double>() <= p + Tolerance, "the chosen greedy token is the likeliest");
                 for (int k = 0; k < 3; k++)
                 {
                     worst = Math.Max(worst, Math.Abs(pt[k]!["logprob"]!.GetValue<double>() - st[k]!["logprob"]!.GetValue<double>()));
