@@ -181,6 +181,35 @@ internal static class Plots
         plot.SavePng(path, 900, 500);
     }
 
+    /// <summary>Tokens per device-second against sessions, one session per run and packed, with min-max whiskers.</summary>
+    public static void Packed(IReadOnlyList<PackedRow> rows, string path)
+    {
+        var plot = new Plot();
+        foreach (bool packed in new[] { false, true })
+        {
+            var pts = rows.Where(r => r.Packed == packed).OrderBy(r => r.Sessions).ToList();
+            double[] xs = [.. pts.Select(p => (double)p.Sessions)];
+            var sc = plot.Add.Scatter(xs, pts.Select(p => p.TokensPerDeviceSecond).ToArray());
+            sc.LegendText = packed ? "packed: one run for all sessions" : "one session per run";
+            sc.LineWidth = 2;
+            sc.MarkerSize = 7;
+            foreach (var spread in new[] { pts.Select(p => p.Min), pts.Select(p => p.Max) })
+            {
+                var marks = plot.Add.ScatterPoints(xs, [.. spread]);
+                marks.Color = sc.Color;
+                marks.MarkerShape = MarkerShape.HorizontalBar;
+                marks.MarkerSize = 12;
+            }
+        }
+
+        plot.Title("plain decoding of concurrent sessions: tokens per device-second (bars: min, max)");
+        plot.Axes.Bottom.Label.Text = "concurrent sessions";
+        plot.Axes.Left.Label.Text = "tokens per device-second (all sessions)";
+        plot.Axes.Margins(bottom: 0);
+        plot.ShowLegend(Alignment.UpperLeft);
+        plot.SavePng(path, 900, 500);
+    }
+
     /// <summary>Per-actor timeline: device steps, verifier steps and prepared drafts as bars over time (a window of the run).</summary>
     public static void Timeline(IReadOnlyList<(double Start, double End)> device, IReadOnlyList<(double Start, double End)> drafts, IReadOnlyList<(double Start, double End)> verifies, string path)
     {

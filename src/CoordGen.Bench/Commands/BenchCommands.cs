@@ -15,6 +15,7 @@ internal static class BenchCommands
         cmd.Add(BenchPaper.Create());
         cmd.Add(BenchSessions.Create());
         cmd.Add(BenchOverlap.Create());
+        cmd.Add(BenchPacked.Create());
         cmd.Add(BenchRebalance.Create());
         cmd.Add(BenchPeers.Create());
         return cmd;

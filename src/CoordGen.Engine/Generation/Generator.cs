@@ -49,6 +49,8 @@ public sealed class Generator
 
     public int DecodeWidth { get; }
 
+    internal OrtModelRuntime Runtime => _runtime;
+
     /// <summary>
     /// Prefills <paramref name="tokens"/> into <paramref name="cache"/> in chunks and returns the logits
     /// of the last prompt token. <paramref name="onChunk"/> sees every chunk's buffers (calibration reads
@@ -264,6 +266,48 @@ public sealed class PlainSession : IDisposable
         _runMs += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
         Done = Choose();
         return Done;
+    }
+
+    /// <summary>
+    /// One decode step for each unfinished session of <paramref name="sessions"/>, as packed device runs
+    /// (up to <see cref="OrtModelRuntime.PackedSlotCounts"/>' largest per run): every session feeds its last
+    /// token in its own slot, against its own cache, and chooses its next token exactly as <see cref="Step"/>
+    /// would. Each session's run time is its share of the packed runs. Returns the sessions still going.
+    /// </summary>
+    public static int StepPacked(IReadOnlyList<PlainSession> sessions)
+    {
+        ArgumentNullException.ThrowIfNull(sessions);
+        var live = sessions.Where(x => !x.Done).ToList();
+        int most = OrtModelRuntime.PackedSlotCounts[^1];
+        foreach (var group in live.Chunk(most))
+        {
+            var runtime = group[0]._gen.Runtime;
+            if (group.Any(x => x._gen.Runtime != runtime))
+            {
+                throw new ArgumentException("packed sessions must share one runtime.");
+            }
+
+            KvCache[] caches = [.. group.Select(x => x._cache)];
+            var buffers = runtime.PackedBuffers(1, caches);
+            for (int i = 0; i < group.Length; i++)
+            {
+                buffers[i].SetLinear([group[i]._output[^1]], caches[i].Length, caches[i].Length);
+            }
+
+            long t0 = Stopwatch.GetTimestamp();
+            runtime.RunPacked(1, caches);
+            double share = Stopwatch.GetElapsedTime(t0).TotalMilliseconds / group.Length;
+            for (int i = 0; i < group.Length; i++)
+            {
+                var x = group[i];
+                caches[i].Commit(buffers[i].NewKeys, buffers[i].NewValues, 1, [0]);
+                buffers[i].LogitsRow(0).CopyTo(x._logits);
+                x._runMs += share;
+                x.Done = x.Choose();
+            }
+        }
+
+        return sessions.Count(x => !x.Done);
     }
 
     public GenerationResult Result() => new(_output, new GenerationStats

@@ -42,11 +42,26 @@ public static class LlamaGraphCompiler
 
     public static string PresentValue(int layer) => $"present_value_{layer}";
 
+    /// <summary>Slot <paramref name="slot"/>'s cache input of a packed graph (slot 0 of a one-slot graph keeps the plain name).</summary>
+    public static string PastKey(int layer, int slot, int slots) => slots == 1 ? PastKey(layer) : $"past_key_{layer}_s{slot}";
+
+    public static string PastValue(int layer, int slot, int slots) => slots == 1 ? PastValue(layer) : $"past_value_{layer}_s{slot}";
+
+    public static string PresentKey(int layer, int slot, int slots) => slots == 1 ? PresentKey(layer) : $"present_key_{layer}_s{slot}";
+
+    public static string PresentValue(int layer, int slot, int slots) => slots == 1 ? PresentValue(layer) : $"present_value_{layer}_s{slot}";
+
     /// <summary>Weight names the graph expects as shared initializers.</summary>
     public static IEnumerable<string> WeightNames(ModelConfig c) => ModelWeights.ExpectedTensors(c).Select(e => e.Name);
 
-    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32) =>
-        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights).ToByteArray();
+    /// <param name="slots">Sessions packed into one run (issue 19): S slots of W rows each, every slot with its own
+    /// cache inputs; the linear layers and the head run on all S·W rows at once (the weights are read once
+    /// for all of them), attention runs per slot against that slot's cache only. Inputs: <c>input_ids</c> and
+    /// <c>position_ids</c> [1,S·W] (slot s holds rows s·W..), <c>attention_mask</c> [S,1,W,C+W],
+    /// <c>past_key_i_sS</c>/<c>past_value_i_sS</c> [1,Hkv,C,D]; outputs <c>logits</c> [1,S·W,V] (and top-K
+    /// likewise), <c>present_key_i_sS</c>/<c>present_value_i_sS</c> [1,Hkv,W,D]. One slot is the plain graph.</param>
+    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1) =>
+        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots).ToByteArray();
 
     /// <summary>Shared initializer holding a quantized linear layer's codes ([N, K/block, block·bits/8] uint8).</summary>
     public static string QuantizedCodes(string weight) => weight + ".q";
@@ -81,7 +96,7 @@ public static class LlamaGraphCompiler
     public static byte[] CompileBlockBytes(ModelConfig c, GraphShape shape, int firstLayer, int endLayer, bool hasLmHead = false) =>
         Compile(c, shape, hasLmHead, firstLayer, endLayer).ToByteArray();
 
-    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32)
+    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1)
     {
         if (topCandidates < 0 || topCandidates > c.VocabSize)
         {
@@ -99,30 +114,40 @@ public static class LlamaGraphCompiler
         }
 
         bool first = firstLayer == 0, last = endLayer == c.NumLayers;
-        int w = shape.Width, cap = shape.Capacity, d = c.HeadDim, hkv = c.NumKvHeads, g = c.NumHeads / c.NumKvHeads;
-        var b = new GraphBuilder(first && last ? $"coordgen_{shape.Width}x{shape.Capacity}" : $"coordgen_{shape.Width}x{shape.Capacity}_layers{firstLayer}-{endLayer}");
+        if (slots < 1 || (slots > 1 && !(first && last)))
+        {
+            throw new ArgumentException($"slots must be at least 1, and packed graphs hold the whole model (got {slots} slots for layers [{firstLayer}, {endLayer})).");
+        }
+
+        // n: rows of the whole run (every slot's); w: rows of one slot.
+        int w = shape.Width, n = slots * w, cap = shape.Capacity, d = c.HeadDim, hkv = c.NumKvHeads, g = c.NumHeads / c.NumKvHeads;
+        string name = first && last ? $"coordgen_{shape.Width}x{shape.Capacity}" : $"coordgen_{shape.Width}x{shape.Capacity}_layers{firstLayer}-{endLayer}";
+        var b = new GraphBuilder(slots == 1 ? name : $"{name}_s{slots}");
 
         if (first)
         {
-            b.Input("input_ids", DT.Int64, 1, w);
+            b.Input("input_ids", DT.Int64, 1, n);
         }
         else
         {
             b.Input(HiddenIn, DT.Float, w, c.HiddenSize);
         }
 
-        b.Input("position_ids", DT.Int64, 1, w);
-        b.Input("attention_mask", DT.Float, 1, 1, w, cap + w);
+        b.Input("position_ids", DT.Int64, 1, n);
+        b.Input("attention_mask", DT.Float, slots, 1, w, cap + w);
         for (int i = firstLayer; i < endLayer; i++)
         {
-            b.Input(PastKey(i), DT.Float, 1, hkv, cap, d);
-            b.Input(PastValue(i), DT.Float, 1, hkv, cap, d);
+            for (int s = 0; s < slots; s++)
+            {
+                b.Input(PastKey(i, s, slots), DT.Float, 1, hkv, cap, d);
+                b.Input(PastValue(i, s, slots), DT.Float, 1, hkv, cap, d);
+            }
         }
 
         string W(string name, params long[] dims) => b.SharedWeight(name, dims);
 
         string? embed = first || (last && !hasLmHead) ? W("model.embed_tokens.weight", c.VocabSize, c.HiddenSize) : null;
-        string shapeWH = b.ConstInt64([w, c.HiddenSize], hint: "shape_wh");
+        string shapeWH = b.ConstInt64([n, c.HiddenSize], hint: "shape_wh");
 
         // Embedding lookup, flattened to [W, hidden].
         string x = first ? b.Node("Reshape", [b.Node("Gather", [embed!, "input_ids"], attrs: GraphBuilder.Int("axis", 0)), shapeWH]) : HiddenIn;
@@ -130,18 +155,19 @@ public static class LlamaGraphCompiler
         // Rotary tables from positions: cos/sin [1,1,W,D], halves duplicated (rotate_half convention).
         var invFreq = c.RopeInverseFrequencies();
 
-        string pos = b.Node("Reshape", [b.Node("Cast", ["position_ids"], attrs: GraphBuilder.Int("to", (long)DT.Float)), b.ConstInt64([w, 1])]);
+        string pos = b.Node("Reshape", [b.Node("Cast", ["position_ids"], attrs: GraphBuilder.Int("to", (long)DT.Float)), b.ConstInt64([n, 1])]);
         string freqs = b.Node("Mul", [pos, b.ConstFloat(invFreq, [1, d / 2], "inv_freq")]);
-        string emb = b.Node("Reshape", [b.Node("Concat", [freqs, freqs], attrs: GraphBuilder.Int("axis", -1)), b.ConstInt64([1, 1, w, d])]);
+        string emb = b.Node("Reshape", [b.Node("Concat", [freqs, freqs], attrs: GraphBuilder.Int("axis", -1)), b.ConstInt64([1, 1, n, d])]);
         string cos = b.Node("Cos", [emb]);
         string sin = b.Node("Sin", [emb]);
 
-        string mask5 = b.Node("Reshape", ["attention_mask", b.ConstInt64([1, 1, 1, w, cap + w])]);
+        string shapeMask5 = b.ConstInt64([1, 1, 1, w, cap + w]);
+        var masks = Enumerable.Range(0, slots).Select(s => b.Node("Reshape", [slots == 1 ? "attention_mask" : Slice("attention_mask", s, s + 1, 0), shapeMask5])).ToArray();
         string eps = b.ConstFloat([c.RmsNormEps], [1], "eps");
         string scale = b.ConstFloat([(float)(1.0 / Math.Sqrt(d))], [1], "scale");
         string halves = b.ConstInt64([d / 2, d / 2], hint: "halves");
-        string shapeQ = b.ConstInt64([1, w, c.NumHeads, d]);
-        string shapeKv = b.ConstInt64([1, w, hkv, d]);
+        string shapeQ = b.ConstInt64([1, n, c.NumHeads, d]);
+        string shapeKv = b.ConstInt64([1, n, hkv, d]);
         string shapeGrouped = b.ConstInt64([1, hkv, g * w, d]);
         string shapeScores5 = b.ConstInt64([1, hkv, g, w, cap + w]);
         string shapeScores4 = b.ConstInt64([1, hkv, g * w, cap + w]);
@@ -153,6 +179,9 @@ public static class LlamaGraphCompiler
         string axisLast = b.ConstInt64([-1]);
 
         string two = b.ConstFloat([2f], [1], "two");
+
+        // Rows [start, end) of a tensor along an axis (a packed graph's slot).
+        string Slice(string t, int start, int end, int axis) => b.Node("Slice", [t, b.ConstInt64([start]), b.ConstInt64([end]), b.ConstInt64([axis])]);
 
         // x / sqrt(mean(x^2) + eps) * w, written as Pow, ReduceMean, Add, Sqrt, Div, Mul: the pattern ONNX
         // Runtime fuses into one SimplifiedLayerNormalization kernel (a Mul(x, x) and Reciprocal form is not).
@@ -216,20 +245,29 @@ public static class LlamaGraphCompiler
                 v = ToHeads(Biased(parts[2], vb), shapeKv);
             }
             q = Rope(q);
-            b.Node("Identity", [Rope(k)], PresentKey(i));
-            b.Node("Identity", [v], PresentValue(i));
-            k = PresentKey(i);
+            k = Rope(k);
 
-            // Grouped-query attention: heads h = kv * G + g, so [1,H,W,D] regroups to [1,Hkv,G*W,D] without a copy.
-            string qg = b.Node("Mul", [b.Node("Reshape", [q, shapeGrouped]), scale]);
-            string sPast = b.Node("MatMul", [qg, b.Node("Transpose", [PastKey(i)], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
-            string sNew = b.Node("MatMul", [qg, b.Node("Transpose", [k], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
-            string scores = b.Node("Reshape", [b.Node("Concat", [sPast, sNew], attrs: GraphBuilder.Int("axis", -1)), shapeScores5]);
-            string probs = b.Node("Reshape", [b.Node("Softmax", [b.Node("Add", [scores, mask5])], attrs: GraphBuilder.Int("axis", -1)), shapeScores4]);
-            string pPast = b.Node("Slice", [probs, sliceStart0, sliceC, axisLast]);
-            string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
-            string att = b.Node("Add", [b.Node("MatMul", [pPast, PastValue(i)]), b.Node("MatMul", [pNew, v])]);
-            string merged = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);
+            // Attention per slot, each against its own cache: a packed run shares the weights, not the keys.
+            var slotOutputs = new string[slots];
+            for (int s = 0; s < slots; s++)
+            {
+                string qs = slots == 1 ? q : Slice(q, s * w, (s + 1) * w, 2);
+                string ks = b.Node("Identity", [slots == 1 ? k : Slice(k, s * w, (s + 1) * w, 2)], PresentKey(i, s, slots));
+                string vs = b.Node("Identity", [slots == 1 ? v : Slice(v, s * w, (s + 1) * w, 2)], PresentValue(i, s, slots));
+
+                // Grouped-query attention: heads h = kv * G + g, so [1,H,W,D] regroups to [1,Hkv,G*W,D] without a copy.
+                string qg = b.Node("Mul", [b.Node("Reshape", [qs, shapeGrouped]), scale]);
+                string sPast = b.Node("MatMul", [qg, b.Node("Transpose", [PastKey(i, s, slots)], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
+                string sNew = b.Node("MatMul", [qg, b.Node("Transpose", [ks], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
+                string scores = b.Node("Reshape", [b.Node("Concat", [sPast, sNew], attrs: GraphBuilder.Int("axis", -1)), shapeScores5]);
+                string probs = b.Node("Reshape", [b.Node("Softmax", [b.Node("Add", [scores, masks[s]])], attrs: GraphBuilder.Int("axis", -1)), shapeScores4]);
+                string pPast = b.Node("Slice", [probs, sliceStart0, sliceC, axisLast]);
+                string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
+                string att = b.Node("Add", [b.Node("MatMul", [pPast, PastValue(i, s, slots)]), b.Node("MatMul", [pNew, vs])]);
+                slotOutputs[s] = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);
+            }
+
+            string merged = slots == 1 ? slotOutputs[0] : b.Node("Concat", slotOutputs, attrs: GraphBuilder.Int("axis", 0));
             x = b.Node("Add", [x, Linear(merged, p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim)]);
 
             string h2 = RmsNorm(x, W(p + "post_attention_layernorm.weight", c.HiddenSize));
@@ -252,8 +290,8 @@ public static class LlamaGraphCompiler
         {
             string final = RmsNorm(x, W("model.norm.weight", c.HiddenSize));
             string head = hasLmHead ? W("lm_head.weight", c.VocabSize, c.HiddenSize) : embed!;
-            string logits = b.Node("Reshape", [b.Node("Gemm", [final, head], attrs: GraphBuilder.Int("transB", 1)), b.ConstInt64([1, w, c.VocabSize])], "logits");
-            b.Output("logits", DT.Float, 1, w, c.VocabSize);
+            string logits = b.Node("Reshape", [b.Node("Gemm", [final, head], attrs: GraphBuilder.Int("transB", 1)), b.ConstInt64([1, n, c.VocabSize])], "logits");
+            b.Output("logits", DT.Float, 1, n, c.VocabSize);
             if (topCandidates > 0)
             {
                 // Top-K of the logits (not of the probabilities, so ties break as argmax over the logits does),
@@ -263,8 +301,8 @@ public static class LlamaGraphCompiler
                 string max = b.Node("Slice", [top[0], sliceStart0, b.ConstInt64([1]), axisLast]);
                 string sum = b.Node("ReduceSum", [b.Node("Exp", [b.Node("Sub", [logits, max])]), axisLast], attrs: GraphBuilder.Int("keepdims", 1));
                 b.Node("Div", [b.Node("Exp", [b.Node("Sub", [top[0], max])]), sum], TopProbs);
-                b.Output(TopIds, DT.Int64, 1, w, topCandidates);
-                b.Output(TopProbs, DT.Float, 1, w, topCandidates);
+                b.Output(TopIds, DT.Int64, 1, n, topCandidates);
+                b.Output(TopProbs, DT.Float, 1, n, topCandidates);
             }
         }
         else
@@ -275,12 +313,16 @@ public static class LlamaGraphCompiler
 
         for (int i = firstLayer; i < endLayer; i++)
         {
-            b.Output(PresentKey(i), DT.Float, 1, hkv, w, d);
-            b.Output(PresentValue(i), DT.Float, 1, hkv, w, d);
+            for (int s = 0; s < slots; s++)
+            {
+                b.Output(PresentKey(i, s, slots), DT.Float, 1, hkv, w, d);
+                b.Output(PresentValue(i, s, slots), DT.Float, 1, hkv, w, d);
+            }
         }
 
         return b.Build(Opset, new Dictionary<string, string>
         {
+            ["coordgen.slots"] = slots.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["coordgen.width"] = w.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["coordgen.capacity"] = cap.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["coordgen.architecture"] = c.Architecture,

@@ -124,6 +124,8 @@ public sealed class OrtModelRuntime : IDisposable
     public const int SmallestBucket = 256;
 
     private readonly Dictionary<(int Width, int Bucket), WidthGraph> _graphs = new();
+    private readonly Dictionary<(int Slots, int Width, int Bucket), WidthGraph> _packed = new();
+    private KvCache? _idleSlotCache;
     private readonly List<(string Name, OrtValue Value)> _weightValues = new();
     private readonly List<QuantizedTensor> _quantized = new();
     private readonly PrePackedWeightsContainer _prepacked;
@@ -362,6 +364,91 @@ public sealed class OrtModelRuntime : IDisposable
         }
     }
 
+    /// <summary>Slot counts of the packed graphs (issue 19): a packed step runs on the smallest that holds its sessions.</summary>
+    public static readonly int[] PackedSlotCounts = [2, 4, 8, 16];
+
+    /// <summary>
+    /// The per-session buffers of a packed step: one session's rows in each, filled exactly as for a solo run
+    /// of width <paramref name="width"/> (<see cref="StepBuffers.SetLinear"/>, a tree mask). Every cache moves
+    /// into the bucket of the fullest first (one packed graph has one capacity). Fill them, then call
+    /// <see cref="RunPacked"/>; each session's logits and new keys/values land in its own buffers.
+    /// </summary>
+    public IReadOnlyList<StepBuffers> PackedBuffers(int width, IReadOnlyList<KvCache> caches)
+    {
+        var g = PackedGraph(width, caches);
+        return g.SlotBuffers.Take(caches.Count).ToArray();
+    }
+
+    /// <summary>
+    /// Runs the rows of several sessions (<see cref="PackedBuffers"/>) as one run of a packed graph: the
+    /// weights are read once for all of them, attention reads each session's own cache. One session runs
+    /// the plain graph.
+    /// </summary>
+    public void RunPacked(int width, IReadOnlyList<KvCache> caches)
+    {
+        Faults?.OnDeviceStep();
+        var g = PackedGraph(width, caches);
+        g.RunSlots(caches, IdleSlotCache(caches[0].Bucket));
+        for (int i = 0; i < caches.Count; i++)
+        {
+            var logits = g.SlotBuffers[i].Logits.AsSpan(0, width * Config.VocabSize);
+            Faults?.OnLogits(logits);
+            if (!System.Numerics.Tensors.TensorPrimitives.IsFiniteAll<float>(logits))
+            {
+                throw new DeviceFaultException("the device returned non-finite logits (NaN or Inf) in a packed step; the step was discarded. Retry the request; if it keeps happening, check the model's dtype and the execution provider.");
+            }
+        }
+    }
+
+    private WidthGraph PackedGraph(int width, IReadOnlyList<KvCache> caches)
+    {
+        ObjectDisposedException.ThrowIf(IsDisposed, this);
+        if (caches.Count == 0 || caches.Count > PackedSlotCounts[^1])
+        {
+            throw new ArgumentException($"a packed step holds 1 to {PackedSlotCounts[^1]} sessions (got {caches.Count}).");
+        }
+
+        if (!_widths.Contains(width))
+        {
+            throw new ArgumentException($"no graph for width {width}; this runtime was built for widths {string.Join(",", _widths)}");
+        }
+
+        int bucket = caches.Max(c => Math.Min(c.Length + width, c.Capacity));
+        foreach (var c in caches)
+        {
+            c.EnsureRoom(bucket);
+        }
+
+        bucket = caches.Max(c => c.Bucket);
+        foreach (var c in caches)
+        {
+            c.EnsureRoom(bucket);
+        }
+
+        if (caches.Count == 1)
+        {
+            return Graph(width, bucket);
+        }
+
+        int slots = PackedSlotCounts.First(s => s >= caches.Count);
+        if (!_packed.TryGetValue((slots, width, bucket), out var g))
+        {
+            var sw = Stopwatch.StartNew();
+            _packed[(slots, width, bucket)] = g = new WidthGraph(this, new GraphShape(width, bucket), slots);
+            GraphLoadMs[(width * 1000 + slots, bucket)] = sw.Elapsed.TotalMilliseconds;
+        }
+
+        return g;
+    }
+
+    // Stands in for the sessions a packed step does not fill: a cache nobody commits to, its rows' outputs unread.
+    private KvCache IdleSlotCache(int bucket)
+    {
+        _idleSlotCache ??= CreateCache();
+        _idleSlotCache.EnsureRoom(bucket);
+        return _idleSlotCache;
+    }
+
     private void RunTimed(WidthGraph g, int width, KvCache cache)
     {
         long t0 = Stopwatch.GetTimestamp();
@@ -440,7 +527,7 @@ public sealed class OrtModelRuntime : IDisposable
     /// </summary>
     public string GraphDirectory { get; } = Directory.CreateTempSubdirectory("coordgen-graphs-").FullName;
 
-    private string WriteGraph(GraphShape shape)
+    private string WriteGraph(GraphShape shape, int slots = 1)
     {
         string placeholder = Path.Combine(GraphDirectory, LlamaGraphCompiler.SharedWeightsFile);
         if (!File.Exists(placeholder))
@@ -449,8 +536,8 @@ public sealed class OrtModelRuntime : IDisposable
             fs.SetLength(Weights.Tensors.Max(t => t.Data.LongLength) * sizeof(float));
         }
 
-        string path = Path.Combine(GraphDirectory, $"w{shape.Width}_c{shape.Capacity}.onnx");
-        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights));
+        string path = Path.Combine(GraphDirectory, slots == 1 ? $"w{shape.Width}_c{shape.Capacity}.onnx" : $"s{slots}_w{shape.Width}_c{shape.Capacity}.onnx");
+        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots));
         return path;
     }
 
@@ -493,10 +580,12 @@ public sealed class OrtModelRuntime : IDisposable
 
         IsDisposed = true;
         _watchStop.Set();
-        foreach (var g in _graphs.Values)
+        foreach (var g in _graphs.Values.Concat(_packed.Values))
         {
             g.Dispose();
         }
+
+        _idleSlotCache?.Dispose();
 
         foreach (var (_, v) in _weightValues)
         {
@@ -530,57 +619,115 @@ public sealed class OrtModelRuntime : IDisposable
         private readonly OrtValue[] _inputs;
         private readonly OrtValue[] _outputs;
         private readonly int _layers;
+        private readonly int _slots;
 
-        public WidthGraph(OrtModelRuntime owner, GraphShape shape)
+        /// <param name="slots">1: the plain graph, reading and writing <see cref="Buffers"/> in place. More: a
+        /// packed graph (<see cref="LlamaGraphCompiler.CompileBytes"/>) over <see cref="Buffers"/> of all its
+        /// rows, copied from and to each session's <see cref="SlotBuffers"/> around the run; each slot's new
+        /// keys and values are written straight into its own buffers.</param>
+        public WidthGraph(OrtModelRuntime owner, GraphShape shape, int slots = 1)
         {
             var c = owner.Config;
             _layers = c.NumLayers;
+            _slots = slots;
             _owner = owner;
             _watchdog = owner._options.StepWatchdog;
-            _so = owner.CreateSessionOptions($"w{shape.Width}_c{shape.Capacity}");
-            string path = owner.WriteGraph(shape);
+            _so = owner.CreateSessionOptions(slots == 1 ? $"w{shape.Width}_c{shape.Capacity}" : $"s{slots}_w{shape.Width}_c{shape.Capacity}");
+            string path = owner.WriteGraph(shape, slots);
             _session = new InferenceSession(path, _so, owner._prepacked);
-            Buffers = new StepBuffers(shape.Width, shape.Capacity, c, TopCandidatesFor(shape.Width));
+            int topK = TopCandidatesFor(shape.Width), n = slots * shape.Width;
+            Buffers = new StepBuffers(n, shape.Capacity, c, topK, maskRows: slots == 1 ? null : shape.Width);
+            SlotBuffers = slots == 1 ? [Buffers] : [.. Enumerable.Range(0, slots).Select(_ => new StepBuffers(shape.Width, shape.Capacity, c, topK))];
 
-            _inputNames = ["input_ids", "position_ids", "attention_mask", .. Enumerable.Range(0, _layers).SelectMany(l => new[] { LlamaGraphCompiler.PastKey(l), LlamaGraphCompiler.PastValue(l) })];
-            string[] top = Buffers.TopK > 0 ? [LlamaGraphCompiler.TopIds, LlamaGraphCompiler.TopProbs] : [];
-            _outputNames = ["logits", .. Enumerable.Range(0, _layers).SelectMany(l => new[] { LlamaGraphCompiler.PresentKey(l), LlamaGraphCompiler.PresentValue(l) }), .. top];
+            var pasts = Enumerable.Range(0, _layers).SelectMany(l => Enumerable.Range(0, slots).SelectMany(s => new[] { LlamaGraphCompiler.PastKey(l, s, slots), LlamaGraphCompiler.PastValue(l, s, slots) }));
+            var presents = Enumerable.Range(0, _layers).SelectMany(l => Enumerable.Range(0, slots).SelectMany(s => new[] { LlamaGraphCompiler.PresentKey(l, s, slots), LlamaGraphCompiler.PresentValue(l, s, slots) }));
+            _inputNames = ["input_ids", "position_ids", "attention_mask", .. pasts];
+            string[] top = topK > 0 ? [LlamaGraphCompiler.TopIds, LlamaGraphCompiler.TopProbs] : [];
+            _outputNames = ["logits", .. presents, .. top];
             _inputs = new OrtValue[_inputNames.Length];
-            _inputs[0] = OrtValue.CreateTensorValueFromMemory(Buffers.TokenIds, [1, shape.Width]);
-            _inputs[1] = OrtValue.CreateTensorValueFromMemory(Buffers.Positions, [1, shape.Width]);
-            _inputs[2] = OrtValue.CreateTensorValueFromMemory(Buffers.Mask, [1, 1, shape.Width, shape.Capacity + shape.Width]);
+            _inputs[0] = OrtValue.CreateTensorValueFromMemory(Buffers.TokenIds, [1, n]);
+            _inputs[1] = OrtValue.CreateTensorValueFromMemory(Buffers.Positions, [1, n]);
+            _inputs[2] = OrtValue.CreateTensorValueFromMemory(Buffers.Mask, [slots, 1, shape.Width, shape.Capacity + shape.Width]);
             _outputs = new OrtValue[_outputNames.Length];
-            _outputs[0] = OrtValue.CreateTensorValueFromMemory(Buffers.Logits, [1, shape.Width, c.VocabSize]);
+            _outputs[0] = OrtValue.CreateTensorValueFromMemory(Buffers.Logits, [1, n, c.VocabSize]);
             long[] kvShape = [1, c.NumKvHeads, shape.Width, c.HeadDim];
             for (int l = 0; l < _layers; l++)
             {
-                _outputs[1 + (2 * l)] = OrtValue.CreateTensorValueFromMemory(Buffers.NewKeys[l], kvShape);
-                _outputs[2 + (2 * l)] = OrtValue.CreateTensorValueFromMemory(Buffers.NewValues[l], kvShape);
+                for (int s = 0; s < slots; s++)
+                {
+                    int at = 1 + (2 * ((l * slots) + s));
+                    _outputs[at] = OrtValue.CreateTensorValueFromMemory(SlotBuffers[s].NewKeys[l], kvShape);
+                    _outputs[at + 1] = OrtValue.CreateTensorValueFromMemory(SlotBuffers[s].NewValues[l], kvShape);
+                }
             }
 
-            if (Buffers.TopK > 0)
+            if (topK > 0)
             {
-                long[] topShape = [1, shape.Width, Buffers.TopK];
-                _outputs[1 + (2 * _layers)] = OrtValue.CreateTensorValueFromMemory(Buffers.TopIds, topShape);
-                _outputs[2 + (2 * _layers)] = OrtValue.CreateTensorValueFromMemory(Buffers.TopProbs, topShape);
+                long[] topShape = [1, n, topK];
+                _outputs[1 + (2 * _layers * slots)] = OrtValue.CreateTensorValueFromMemory(Buffers.TopIds, topShape);
+                _outputs[2 + (2 * _layers * slots)] = OrtValue.CreateTensorValueFromMemory(Buffers.TopProbs, topShape);
             }
         }
 
         public StepBuffers Buffers { get; }
 
-        public void Run(KvCache cache, bool watched = true)
+        /// <summary>Each packed session's own buffers (the plain graph's one is <see cref="Buffers"/>).</summary>
+        public StepBuffers[] SlotBuffers { get; }
+
+        public void Run(KvCache cache, bool watched = true) => RunSlots([cache], null, watched);
+
+        /// <summary>Runs the graph with slot s reading <paramref name="caches"/>[s] (slots beyond them read <paramref name="idle"/>).</summary>
+        public void RunSlots(IReadOnlyList<KvCache> caches, KvCache? idle, bool watched = true)
         {
-            if (cache.Bucket != Buffers.Capacity)
+            foreach (var cache in caches.Append(idle))
             {
-                throw new InvalidOperationException($"cache is in bucket {cache.Bucket} but this graph is for {Buffers.Capacity}");
+                if (cache is not null && cache.Bucket != Buffers.Capacity)
+                {
+                    throw new InvalidOperationException($"cache is in bucket {cache.Bucket} but this graph is for {Buffers.Capacity}");
+                }
             }
 
-            for (int l = 0; l < _layers; l++)
+            int w = SlotBuffers[0].Width;
+            for (int s = 0; s < _slots; s++)
             {
-                _inputs[3 + (2 * l)] = cache.KeyValue(l);
-                _inputs[4 + (2 * l)] = cache.ValueValue(l);
+                var cache = s < caches.Count ? caches[s] : idle!;
+                for (int l = 0; l < _layers; l++)
+                {
+                    int at = 3 + (2 * ((l * _slots) + s));
+                    _inputs[at] = cache.KeyValue(l);
+                    _inputs[at + 1] = cache.ValueValue(l);
+                }
+
+                if (_slots > 1)
+                {
+                    var slot = SlotBuffers[s];
+                    if (s >= caches.Count)
+                    {
+                        slot.SetLinear([0], 0, 0); // an idle slot: one row that sees only itself
+                    }
+
+                    slot.TokenIds.CopyTo(Buffers.TokenIds, s * w);
+                    slot.Positions.CopyTo(Buffers.Positions, s * w);
+                    slot.Mask.CopyTo(Buffers.Mask, s * slot.Mask.Length);
+                }
             }
 
+            RunGuarded(watched);
+            if (_slots > 1)
+            {
+                int v = Buffers.VocabSize, k = Buffers.TopK;
+                for (int s = 0; s < caches.Count; s++)
+                {
+                    var slot = SlotBuffers[s];
+                    Buffers.Logits.AsSpan(s * w * v, w * v).CopyTo(slot.Logits);
+                    Buffers.TopIds.AsSpan(s * w * k, w * k).CopyTo(slot.TopIds);
+                    Buffers.TopProbs.AsSpan(s * w * k, w * k).CopyTo(slot.TopProbs);
+                }
+            }
+        }
+
+        private void RunGuarded(bool watched)
+        {
             if (!watched || _watchdog <= TimeSpan.Zero)
             {
                 _session.Run(_run, _inputNames, _inputs, _outputNames, _outputs);
@@ -668,7 +815,8 @@ public sealed class OrtModelRuntime : IDisposable
 /// </summary>
 public sealed class StepBuffers
 {
-    internal StepBuffers(int width, int capacity, ModelConfig c, int topK = 0)
+    /// <param name="maskRows">A packed graph's buffers: its mask holds each slot's [rows, capacity + rows] block; null: one [width, capacity + width] block.</param>
+    internal StepBuffers(int width, int capacity, ModelConfig c, int topK = 0, int? maskRows = null)
     {
         TopK = topK;
         TopIds = GC.AllocateArray<long>(width * topK, pinned: true);
@@ -678,7 +826,7 @@ public sealed class StepBuffers
         VocabSize = c.VocabSize;
         TokenIds = GC.AllocateArray<long>(width, pinned: true);
         Positions = GC.AllocateArray<long>(width, pinned: true);
-        Mask = GC.AllocateArray<float>(width * (capacity + width), pinned: true);
+        Mask = GC.AllocateArray<float>(width * (capacity + (maskRows ?? width)), pinned: true);
         Logits = GC.AllocateArray<float>(width * c.VocabSize, pinned: true);
         NewKeys = Enumerable.Range(0, c.NumLayers).Select(_ => GC.AllocateArray<float>(c.NumKvHeads * width * c.HeadDim, pinned: true)).ToArray();
         NewValues = Enumerable.Range(0, c.NumLayers).Select(_ => GC.AllocateArray<float>(c.NumKvHeads * width * c.HeadDim, pinned: true)).ToArray();

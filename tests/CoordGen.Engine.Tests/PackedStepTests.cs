@@ -1,0 +1,92 @@
+using CoordGen.Engine.Generation;
+using CoordGen.Engine.Model;
+using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Workloads;
+
+namespace CoordGen.Engine.Tests;
+
+/// <summary>Packed device steps (issue 19): several sessions' rows in one run, each against its own cache, token-identical to running alone.</summary>
+public class PackedStepTests
+{
+    private static List<int> Solo(Generator gen, int[] prompt, int max, SamplingOptions sampling, IReadOnlySet<int> stops) =>
+        [.. gen.Generate(prompt, max, sampling, stops).Tokens];
+
+    private static List<List<int>> Packed(OrtModelRuntime rt, Generator gen, int[][] prompts, int max, SamplingOptions sampling, IReadOnlySet<int> stops)
+    {
+        var sessions = prompts.Select(p =>
+        {
+            var cache = rt.CreateCache();
+            float[] logits = gen.Prefill(cache, p);
+            return gen.StartDecode(cache, logits, p.Length, 0, max, sampling, stops);
+        }).ToList();
+        try
+        {
+            while (PlainSession.StepPacked(sessions) > 0)
+            {
+            }
+
+            return [.. sessions.Select(s => s.Output.ToList())];
+        }
+        finally
+        {
+            sessions.ForEach(s => s.Dispose());
+        }
+    }
+
+    [Theory]
+    [InlineData(false, 2, 0f)]
+    [InlineData(true, 1, 0f)]
+    [InlineData(false, 2, 0.9f)]
+    public void Packed_sessions_should_generate_what_each_generates_alone_on_random_models(bool bias, int kvHeads, float temperature)
+    {
+        var weights = ModelWeights.Random(TestModels.Tiny(bias: bias, tied: !bias, kvHeads: kvHeads), seed: 21, scale: 0.3f);
+        using var rt = new OrtModelRuntime(weights, capacity: 96, widths: [1, 8]);
+        var gen = new Generator(rt);
+        var rng = new Random(5);
+        // Five sessions (a 8-slot graph with 3 idle slots), prompts of different lengths so the caches sit in
+        // different buckets until the packed step moves them together; one runs past a bucket boundary.
+        int[][] prompts = [.. new[] { 3, 17, 40, 9, 60 }.Select(n => Enumerable.Range(0, n).Select(_ => rng.Next(2, 50)).ToArray())];
+        var sampling = new SamplingOptions { Temperature = temperature, Seed = 3 };
+        var none = new HashSet<int>();
+        var packed = Packed(rt, gen, prompts, 30, sampling, none);
+        for (int i = 0; i < prompts.Length; i++)
+        {
+            Assert.Equal(Solo(gen, prompts[i], 30, sampling, none), packed[i]);
+        }
+    }
+
+    [Fact]
+    public void Packed_sessions_should_generate_what_each_generates_alone_on_the_demo_model()
+    {
+        var demo = ModelBundle.Load(Paths.DemoModel);
+        using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 64]);
+        var gen = new Generator(rt);
+        int[][] prompts = [.. new[] { "summary", "rag", "ui", "reply" }
+            .SelectMany(t => WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", t + ".jsonl")).Take(2))
+            .Select(item => demo.Tokenizer.Encode(PromptTemplate.Render(item.Context, item.Prompt)))];
+        var packed = Packed(rt, gen, prompts, 24, new SamplingOptions(), demo.StopTokens);
+        for (int i = 0; i < prompts.Length; i++)
+        {
+            Assert.Equal(Solo(gen, prompts[i], 24, new SamplingOptions(), demo.StopTokens), packed[i]);
+        }
+
+        Assert.Contains(packed, p => p.Count == 24);
+    }
+
+    [Fact]
+    public void A_packed_step_should_refuse_more_sessions_than_its_largest_graph_holds_in_one_run()
+    {
+        var weights = ModelWeights.Random(TestModels.Tiny(), seed: 2, scale: 0.3f);
+        using var rt = new OrtModelRuntime(weights, capacity: 64, widths: [1]);
+        var caches = Enumerable.Range(0, OrtModelRuntime.PackedSlotCounts[^1] + 1).Select(_ => rt.CreateCache()).ToList();
+        try
+        {
+            Assert.Throws<ArgumentException>(() => rt.PackedBuffers(1, caches));
+            Assert.Throws<ArgumentException>(() => rt.PackedBuffers(4, caches.Take(2).ToList()));
+        }
+        finally
+        {
+            caches.ForEach(c => c.Dispose());
+        }
+    }
+}
