@@ -164,11 +164,12 @@ internal static class Plots
     public static void Sessions(IReadOnlyList<SessionsRow> rows, string path)
     {
         var plot = new Plot();
-        foreach (string mode in rows.Select(r => r.Mode).Distinct())
+        bool both = rows.Select(r => r.Packed).Distinct().Count() > 1;
+        foreach (var (mode, packed) in rows.Select(r => (r.Mode, r.Packed)).Distinct())
         {
-            var pts = rows.Where(r => r.Mode == mode).OrderBy(r => r.Sessions).ToList();
+            var pts = rows.Where(r => r.Mode == mode && r.Packed == packed).OrderBy(r => r.Sessions).ToList();
             var sc = plot.Add.Scatter(pts.Select(p => (double)p.Sessions).ToArray(), pts.Select(p => p.AggregateTokensPerS).ToArray());
-            sc.LegendText = mode;
+            sc.LegendText = both ? $"{mode} ({(packed ? "packed" : "one per run")})" : mode;
             sc.LineWidth = 2;
             sc.MarkerSize = 7;
         }

@@ -43,6 +43,9 @@ public static class DiagnosticsProtocol
         public static readonly CrashDevice Instance = new();
     }
 
+    /// <summary>Device: pack plain decoding sessions into one device run (true) or run one session per step (false), from the next step on; benchmarks compare the two on one loaded runtime. No reply.</summary>
+    public sealed record SetPackedSteps(bool Packed);
+
     /// <summary>Ask the supervisor for the device (its back-off supervisor, which forwards to it), for benchmarks that read its timeline. Reply: the actor reference.</summary>
     public sealed record GetDevice
     {

@@ -56,6 +56,38 @@ public class InterleavingSpecs : TestKit
     }
 
     [Fact]
+    public async Task Packed_plain_sessions_should_produce_what_each_produces_alone_in_fewer_device_runs()
+    {
+        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>(), packedSteps: true));
+        string[] methods = ["ar", "ar", "sam+ours", "ar", "ar", "ar"];
+        var channels = methods.Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
+        for (int i = 0; i < methods.Length; i++)
+        {
+            device.Tell(new Generate($"s{i}", TokenSequence.From(Prompt(i)), 30, new Sampling(), methods[i], 8, null, channels[i].Writer, CancellationToken.None), TestActor);
+        }
+
+        var streams = await Task.WhenAll(channels.Select(async c =>
+        {
+            var got = new List<int>();
+            await foreach (var (t, _) in c.Reader.ReadAllAsync())
+            {
+                got.Add(t);
+            }
+
+            return got;
+        }));
+        for (int i = 0; i < methods.Length; i++)
+        {
+            Assert.Equal(Alone(i, methods[i], 30), streams[i]);
+        }
+
+        // Five plain sessions of 30 tokens each take 150 decode runs one at a time; packed, far fewer.
+        var overlap = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+        int prefills = methods.Length;
+        Assert.True(overlap.Device.Count - prefills < 150, $"{overlap.Device.Count} device runs");
+    }
+
+        [Fact]
     public async Task Short_request_should_finish_before_a_long_one_started_earlier()
     {
         var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));

@@ -74,6 +74,25 @@ public class PackedStepTests
     }
 
     [Fact]
+    public void Packs_should_follow_their_sessions_down_to_a_smaller_bucket_after_a_larger_pack()
+    {
+        // Packs of long prompts, then packs of short ones: each pack runs on the graph of its own bucket.
+        var weights = ModelWeights.Random(TestModels.Tiny(), seed: 8, scale: 0.3f);
+        using var rt = new OrtModelRuntime(weights, capacity: 1024, widths: [1, 8]);
+        var gen = new Generator(rt);
+        var none = new HashSet<int>();
+        foreach (int length in new[] { 700, 5, 300, 3 })
+        {
+            int[][] prompts = [.. Enumerable.Range(0, 3).Select(i => Enumerable.Range(0, length + i).Select(k => 2 + ((k * (i + 5)) % 47)).ToArray())];
+            var packed = Packed(rt, gen, prompts, 8, new SamplingOptions(), none);
+            for (int i = 0; i < prompts.Length; i++)
+            {
+                Assert.Equal(Solo(gen, prompts[i], 8, new SamplingOptions(), none), packed[i]);
+            }
+        }
+    }
+
+    [Fact]
     public void A_packed_step_should_refuse_more_sessions_than_its_largest_graph_holds_in_one_run()
     {
         var weights = ModelWeights.Random(TestModels.Tiny(), seed: 2, scale: 0.3f);

@@ -49,6 +49,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private double _prefillMs;
     private double _decodeMs;
     private readonly int _interleavedChunkWidth;
+    private bool _packed;
     private const int MaxIntervals = 200_000;
 
     private readonly DeviceProfile? _emulate;
@@ -61,9 +62,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     /// <param name="runtimes">Where the device borrows its runtime and gives it back when it stops, so a restarted device can take the same compiled graphs.</param>
     /// <param name="maxActiveSessions">Sessions holding a KV cache at once (the KV memory budget over one
     /// cache's bytes); later runs wait in admission order, resumed ones first. 0 = no limit.</param>
-    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0)
+    /// <param name="packedSteps">Plain decoding sessions ready together share one device run (a packed
+    /// graph: each in its own slot against its own cache), instead of one run each.</param>
+    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, bool packedSteps = false)
     {
         _interleavedChunkWidth = interleavedChunkWidth;
+        _packed = packedSteps;
         _maxActive = maxActiveSessions;
         _runtimes = runtimes;
         _stopTokens = stopTokens;
@@ -96,6 +100,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             }
         });
         Receive<Crash>(_ => throw new InjectedFaultException(FaultKind.DeviceException, "injected: the device actor crashed"));
+        Receive<DiagnosticsProtocol.SetPackedSteps>(p => _packed = p.Packed);
         Receive<GetOverlap>(_ => Sender.Tell(new Overlap([.. _deviceIntervals], [.. _draftIntervals], _inlineDraftMs) { Verifies = [.. _verifyIntervals], Paced = _paced, Overran = _overran, PrefillMs = _prefillMs, DecodeMs = _decodeMs }));
     }
 
@@ -104,12 +109,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
     /// <param name="interleavedChunkWidth">Tokens per prefill chunk while other sessions decode
     /// (<see cref="StepPolicy.ChunkWidth"/>); 0 = always the runtime's widest graph.</param>
-    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0)
-        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions));
+    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, bool packedSteps = false)
+        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packedSteps));
 
     /// <summary>A device that builds its own runtime and disposes it when it stops (each restart compiles again).</summary>
-    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0)
-        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions);
+    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, bool packedSteps = false)
+        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packedSteps);
 
     protected override void PreStart()
     {
@@ -269,8 +274,24 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             pick.ChunkWidth = StepPolicy.ChunkWidth(_decoding.Count, wide, _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide);
         }
 
+        // Packed steps: every other plain decoding session ready now rides in the same device run.
+        List<Active>? group = null;
+        if (_packed && !prefill && pick.PlainDecoding)
+        {
+            group = [pick, .. _decoding.Where(a => a != pick && a.PlainDecoding && !a.Stepping && Ready(a) && !a.Run.Request.Cancellation.IsCancellationRequested).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
+            if (group.Count == 1 || !PackingPays(group))
+            {
+                group = null;
+            }
+        }
+
         _busy = true;
         pick.Stepping = true;
+        foreach (var a in group ?? [])
+        {
+            a.Stepping = true;
+        }
+
         pick.OthersDecoding = _decoding.Count > (prefill ? 0 : 1); // a decode step's session is one of them
         var self = Self;
         var runtime = _runtime!;
@@ -291,7 +312,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                     drafter.Tell(draftJob, self);
                 }
 
-                double inline = target.StepOnce(runtime, plain, spec, stops);
+                double inline = group is null ? target.StepOnce(runtime, plain, spec, stops) : Active.StepPacked(group);
                 bool overran = false;
                 if (paceMs > 0)
                 {
@@ -306,7 +327,22 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 return (start, System.Diagnostics.Stopwatch.GetTimestamp(), inline, overran);
             });
         _inflight = step;
-        step.PipeTo(self, success: t => new StepDone(target, null, t.Item1, t.Item2, t.Item3) { Overran = t.Item4, Prefill = prefill }, failure: ex => new StepDone(target, ex, 0, 0, 0));
+        step.PipeTo(self, success: t => new StepDone(target, null, t.Item1, t.Item2, t.Item3) { Overran = t.Item4, Prefill = prefill, Group = group },
+            failure: ex => new StepDone(target, ex, 0, 0, 0) { Group = group });
+    }
+
+    /// <summary>
+    /// Packing pays when a packed run costs less per session than a plain run: on a model whose steps are bound
+    /// by reading its weights, several sessions' rows cost little more than one; on a tiny model bound by
+    /// compute and per-operator overhead they may cost more. Decided from the runtime's recent run times in
+    /// the pack's KV bucket (<see cref="OrtModelRuntime.RecentPackedRunMs"/>); until both are known it packs, to learn.
+    /// </summary>
+    private bool PackingPays(List<Active> group)
+    {
+        int bucket = group.Max(a => a.PlainBucket);
+        double? packed = _runtime!.RecentPackedRunMs(OrtModelRuntime.PackedSlots(group.Count), bucket);
+        double? solo = _runtime.RecentRunMs(1, bucket);
+        return packed is null || solo is null || packed.Value / group.Count < solo.Value;
     }
 
     /// <summary>
@@ -363,6 +399,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             _overran += done.Overran ? 1 : 0;
         }
 
+        if (done.Group is { } group)
+        {
+            OnPackedStepDone(done, group);
+            return;
+        }
+
         var a = done.Active;
         a.Stepping = false;
         a.DraftReady = false;
@@ -401,6 +443,32 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             _decoding.Add(a);
             Telemetry.QueueDepth.Add(-1, new KeyValuePair<string, object?>("phase", "prefill"));
             Telemetry.QueueDepth.Add(1, new KeyValuePair<string, object?>("phase", "decode"));
+        }
+
+        Schedule();
+    }
+
+    // A packed step of plain sessions: each flushes its token, or fails alone (its session resumes).
+    private void OnPackedStepDone(StepDone done, List<Active> group)
+    {
+        if (done.End != 0)
+        {
+            _decodeMs += System.Diagnostics.Stopwatch.GetElapsedTime(done.Start, done.End).TotalMilliseconds;
+            if (_deviceIntervals.Count < MaxIntervals)
+            {
+                _deviceIntervals.Add((done.Start, done.End));
+            }
+        }
+
+        var cause = done.Error is AggregateException { InnerException: { } inner } ? inner : done.Error;
+        foreach (var a in group)
+        {
+            a.Stepping = false;
+            _lastStepped = a;
+            if (cause is not null && _decoding.Contains(a))
+            {
+                Finish(a, Failure(a.Run.Request, cause), cause);
+            }
         }
 
         Schedule();
@@ -561,6 +629,9 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         /// <summary>A prefill chunk (else a decode step).</summary>
         public bool Prefill { get; init; }
+
+        /// <summary>A packed step: these plain sessions (<see cref="Active"/> among them) shared the run.</summary>
+        public List<Active>? Group { get; init; }
     }
 
     /// <summary>Ask for the timeline of device steps and prepared drafts (Stopwatch timestamps). Reply: <see cref="Overlap"/>.</summary>
@@ -617,6 +688,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         public IActorRef ReplyTo { get; } = replyTo;
 
         public bool Decoding => _specSession is not null || _plainSession is not null;
+
+        /// <summary>Decoding plainly (method ar): it can share a packed device run with other such sessions.</summary>
+        public bool PlainDecoding => _plainSession is { Done: false };
+
+        /// <summary>The KV bucket of this plain session's next step.</summary>
+        public int PlainBucket => _plainSession?.NextStepBucket ?? 0;
 
         public bool Finished => (_specSession?.Done ?? false) || (_plainSession?.Done ?? false);
 
@@ -722,6 +799,32 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             }
 
             return kind == "device_run" ? (_specSession?.InlineDraftMs ?? 0) - inlineBefore : 0;
+        }
+
+        /// <summary>One packed device run for several plain sessions (off the mailbox thread, like <see cref="StepOnce"/>): traced as one span, each session's tokens counted under its method.</summary>
+        public static double StepPacked(IReadOnlyList<Active> group)
+        {
+            using var span = Telemetry.Source.StartActivity("coordgen.decode_packed", ActivityKind.Internal, group[0].Run.Request.Trace);
+            span?.SetTag("coordgen.sessions", group.Count);
+            span?.SetTag("coordgen.session_ids", string.Join(',', group.Select(a => a.Run.Request.SessionId)));
+            long t0 = System.Diagnostics.Stopwatch.GetTimestamp();
+            int before = group.Sum(a => a._plainSession!.Output.Count);
+            try
+            {
+                PlainSession.StepPacked([.. group.Select(a => a._plainSession!)]);
+            }
+            catch (Exception ex)
+            {
+                span?.SetStatus(ActivityStatusCode.Error, ex.Message);
+                throw;
+            }
+            finally
+            {
+                Telemetry.DeviceBusy.Add(System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", "decode_packed"));
+                Telemetry.Tokens.Add(group.Sum(a => a._plainSession!.Output.Count) - before, new KeyValuePair<string, object?>("method", "ar"));
+            }
+
+            return 0;
         }
 
         private void StepCore(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)

@@ -20,6 +20,9 @@ internal sealed record SessionsRow
 {
     [JsonPropertyName("sessions")] public int Sessions { get; init; }
     [JsonPropertyName("mode")] public required string Mode { get; init; }
+
+    /// <summary>Plain sessions ready together shared one device run (packed steps) instead of one run each.</summary>
+    [JsonPropertyName("packed")] public bool Packed { get; init; }
     [JsonPropertyName("aggregate_tokens_per_s")] public double AggregateTokensPerS { get; init; }
     [JsonPropertyName("per_session_tokens_per_s")] public double PerSessionTokensPerS { get; init; }
     [JsonPropertyName("p50_intertoken_ms")] public double P50IntertokenMs { get; init; }
@@ -57,6 +60,7 @@ internal static class BenchSessions
         var width = new Option<int>("--width") { Description = "Verification width of the spec mode.", DefaultValueFactory = _ => 8 };
         var modesOpt = new Option<string>("--modes") { Description = "Comma-separated modes: ar (plain), spec (the method at the fixed --width), spec-adaptive (the method, width chosen per step: the server's default).", DefaultValueFactory = _ => "ar,spec,spec-adaptive" };
         var weights = CommonOptions.Weights();
+        var packedOpt = new Option<string>("--packed") { Description = "true: plain sessions ready together share one device run (packed steps, serve --packed-steps true); false: one session per device run (the server's default); both: each mode both ways, side by side.", DefaultValueFactory = _ => "false", HelpName = "true|false|both" };
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
         var rounds = new Option<int>("--rounds") { Description = "Times each (sessions, mode) point runs, the modes taking turns; the report sums the rounds (this shared machine drifts in speed).", DefaultValueFactory = _ => 1 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
@@ -64,7 +68,7 @@ internal static class BenchSessions
         var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest; adaptive width costs widths by the profile), so the modes meet an NPU's step times; the report is then sessions-PROFILE.md and says so. Steps last tens of ms: use few points, e.g. --sessions 8 --requests 2.");
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
         {
-            model, workload, sessions, requests, method, width, modesOpt, threads, rounds, json, outDir, deviceProfile, weights,
+            model, workload, sessions, requests, method, width, modesOpt, packedOpt, threads, rounds, json, outDir, deviceProfile, weights,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -76,6 +80,13 @@ internal static class BenchSessions
             {
                 throw new ArgumentException("--modes takes ar, spec and spec-adaptive, and needs ar (every ratio is over it).");
             }
+            bool[] packings = parse.GetValue(packedOpt) switch
+            {
+                "true" => [true],
+                "false" => [false],
+                "both" => [false, true],
+                var other => throw new ArgumentException($"--packed takes true, false or both (got '{other}')."),
+            };
             if (counts.Any(c => c < 1 || c > 256) || perSession < 1 || parse.GetValue(rounds) < 1)
             {
                 throw new ArgumentException("--sessions values must be between 1 and 256, --requests and --rounds at least 1.");
@@ -114,16 +125,19 @@ internal static class BenchSessions
             int roundCount = parse.GetValue(rounds);
             await AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).StartAsync(async progress =>
             {
-                var bar = progress.AddTask("sessions x mode x round", maxValue: counts.Count * modes.Count * roundCount);
+                var variants = packings.SelectMany(pk => modes.Select(mode => (Mode: mode, Packed: pk))).ToList();
+                var bar = progress.AddTask("sessions x mode x round", maxValue: counts.Count * variants.Count * roundCount);
                 foreach (int n in counts)
                 {
-                    var points = modes.ToDictionary(x => x, _ => new Point());
+                    var points = variants.ToDictionary(x => x, _ => new Point());
                     for (int round = 0; round < roundCount; round++)
                     {
                         // Modes take turns, starting with a different one each round: a drift in the machine's
                         // speed lands on every mode alike.
-                        foreach (string mode in modes.Skip(round % modes.Count).Concat(modes.Take(round % modes.Count)))
+                        foreach (var variant in variants.Skip(round % variants.Count).Concat(variants.Take(round % variants.Count)))
                         {
+                            string mode = variant.Mode;
+                            device.Tell(new DiagnosticsProtocol.SetPackedSteps(variant.Packed));
                             var before = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
                             var sw = Stopwatch.StartNew();
                             var results = await Task.WhenAll(Enumerable.Range(0, n).Select(async s =>
@@ -137,7 +151,7 @@ internal static class BenchSessions
 
                                 return list;
                             }));
-                            var pt = points[mode];
+                            var pt = points[variant];
                             pt.Seconds += sw.Elapsed.TotalSeconds;
                             var after = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
                             pt.PrefillMs += after.PrefillMs - before.PrefillMs;
@@ -153,15 +167,16 @@ internal static class BenchSessions
                         }
                     }
 
-                    foreach (string mode in modes)
+                    foreach (var variant in variants)
                     {
-                        var pt = points[mode];
+                        var pt = points[variant];
                         pt.Gaps.Sort();
                         var gaps = pt.Gaps;
                         rows.Add(new SessionsRow
                         {
                             Sessions = n,
-                            Mode = mode,
+                            Mode = variant.Mode,
+                            Packed = variant.Packed,
                             AggregateTokensPerS = Math.Round(pt.Tokens / pt.Seconds, 1),
                             PerSessionTokensPerS = Math.Round(pt.Tokens / pt.Seconds / n, 1),
                             P50IntertokenMs = gaps.Count == 0 ? 0 : Math.Round(gaps[gaps.Count / 2], 2),
@@ -228,26 +243,30 @@ internal static class BenchSessions
             md.AppendLine(CultureInfo.InvariantCulture, $"**{profile.Label}.** Every device step ran for real on the CPU and was then held until the profile's time for its graph width had passed (W = 1: {profile.StepMs(1):F1} ms; W = {width}: {profile.StepMs(width):F1} ms; a 32-token chunk: {profile.StepMs(32):F1} ms), and adaptive width costs each width by the profile, so tokens/s are the modes at the profile's step times (not measured on an NPU). Drafting, verification and the actors' own work are real. {paced.Paced} steps paced, {paced.Overran} of them took longer on the CPU than the profile allowed (those count at their real time).").AppendLine();
         }
 
-        md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (one session per device step, no batching across sessions). `ar` = plain greedy decoding; `spec` = `{method}` at the fixed W = {width}; `spec-adaptive` = `{method}` with adaptive width (the server's default) (each step verifies on width 1, 4 or {width}, whichever gives the session the most tokens per millisecond; docs/decisions/0006-adaptive-width.md). Prompts alternate task families (summary, rag, ui, reply, ...); aggregate tokens/s counts generated tokens over wall time, prefill included. {perSession} requests per session at each point, greedy; each point ran {rounds} time(s), the modes taking turns and starting with a different one each round, and the rows sum the rounds.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Sessions run concurrently through the actor runtime on one loaded model; the device actor interleaves their prefill chunks and decode steps (packed: plain sessions ready together share one device run, each in its own slot against its own cache; one per run: every device step carries one session; speculative sessions run one per step either way). `ar` = plain greedy decoding; `spec` = `{method}` at the fixed W = {width}; `spec-adaptive` = `{method}` with adaptive width (the server's default) (each step verifies on width 1, 4 or {width}, whichever gives the session the most tokens per millisecond; docs/decisions/0006-adaptive-width.md). Prompts alternate task families (summary, rag, ui, reply, ...); aggregate tokens/s counts generated tokens over wall time, prefill included. {perSession} requests per session at each point, greedy; each point ran {rounds} time(s), the modes taking turns and starting with a different one each round, and the rows sum the rounds.").AppendLine();
         string root = ModelLocator.RepoRoot();
         md.AppendLine(CultureInfo.InvariantCulture, $"Workload: {string.Join(", ", files.Select(f => Path.GetRelativePath(root, f)))}. Generated tokens per request: {string.Join(", ", rows.Where(r => r.Mode == "ar").Select(r => string.Create(CultureInfo.InvariantCulture, $"{(double)r.Tokens / (r.Sessions * perSession * rounds):F1} at {r.Sessions} session(s)")))} (answers end at the model's end token or the request's max_tokens); the shorter the answers next to the prompts, the larger the prefill share and the less any decode speedup can show.").AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"Garbage collections during the timed runs: {gc.Gen0} gen0, {gc.Gen1} gen1, {gc.Gen2} gen2 (counts include the younger ones: a gen2 is also a gen1 and a gen0), {gc.PauseMs:F0} ms paused in all.").AppendLine();
         md.AppendLine("`prefill share` is the device's busy time in prefill chunks over its busy time; `decode tok/s (device)` counts generated tokens over device time in decode steps only, the decode phase's throughput without the prefill every mode pays alike.").AppendLine();
-        md.AppendLine("| sessions | mode | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|");
+        md.AppendLine("| sessions | mode | packed | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|---|");
         foreach (var r in rows)
         {
-            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {r.PrefillShare:P0} | {r.DecodeTokensPerDeviceS} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {(r.Packed ? "yes" : "no")} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {r.PrefillShare:P0} | {r.DecodeTokensPerDeviceS} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
         }
 
         md.AppendLine();
-        foreach (int n in rows.Select(r => r.Sessions).Distinct())
+        foreach (var (n, packed) in rows.Select(r => (r.Sessions, r.Packed)).Distinct())
         {
-            var ar = rows.First(r => r.Sessions == n && r.Mode == "ar");
-            var parts = rows.Where(r => r.Sessions == n && r.Mode != "ar").Select(r => string.Create(CultureInfo.InvariantCulture,
-                $"{r.Mode} / ar aggregate = {r.AggregateTokensPerS / ar.AggregateTokensPerS:F2}x (decode phase {r.DecodeTokensPerDeviceS / Math.Max(1e-9, ar.DecodeTokensPerDeviceS):F2}x)"));
+            var ar = rows.First(r => r.Sessions == n && r.Packed == packed && r.Mode == "ar");
+            var parts = rows.Where(r => r.Sessions == n && r.Packed == packed && r.Mode != "ar").Select(r => string.Create(CultureInfo.InvariantCulture,
+                $"{r.Mode} / ar aggregate = {r.AggregateTokensPerS / ar.AggregateTokensPerS:F2}x (decode phase {r.DecodeTokensPerDeviceS / Math.Max(1e-9, ar.DecodeTokensPerDeviceS):F2}x)")).ToList();
+            if (packed && rows.FirstOrDefault(r => r.Sessions == n && !r.Packed && r.Mode == "ar") is { } one)
+            {
+                parts.Insert(0, string.Create(CultureInfo.InvariantCulture, $"**packed ar / one-per-run ar: decode phase {ar.DecodeTokensPerDeviceS / Math.Max(1e-9, one.DecodeTokensPerDeviceS):F2}x, aggregate {ar.AggregateTokensPerS / one.AggregateTokensPerS:F2}x**"));
+            }
 
             // Amdahl: prefill costs every mode the same, so even a free decode phase lifts the aggregate by at most 1 / prefill share.
-            md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s): {string.Join("; ", parts)}; ceiling for any decode speedup at ar's prefill share {ar.PrefillShare:P0}: {1 / Math.Max(1e-9, ar.PrefillShare):F2}x");
+            md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s), {(packed ? "packed" : "one per run")}: {string.Join("; ", parts)}; ceiling for any decode speedup at ar's prefill share {ar.PrefillShare:P0}: {1 / Math.Max(1e-9, ar.PrefillShare):F2}x");
         }
 
         md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"![sessions]({stem}.png)");

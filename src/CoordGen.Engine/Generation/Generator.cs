@@ -253,6 +253,11 @@ public sealed class PlainSession : IDisposable
     /// <summary>Each output token's log-probabilities, when <see cref="SamplingOptions.Logprobs"/> asked for them; otherwise null.</summary>
     public IReadOnlyList<TokenLogprobs>? Logprobs => _logprobs;
 
+    /// <summary>The KV bucket its next step runs in (a packed step runs in the largest of its sessions').</summary>
+    public int NextStepBucket => _cache.BucketFor(Math.Min(_cache.Length + 1, _cache.Capacity));
+
+    internal OrtModelRuntime Runtime => _gen.Runtime;
+
     /// <summary>Feeds the last chosen token, then chooses the next. Returns <see cref="Done"/>.</summary>
     public bool Step()
     {

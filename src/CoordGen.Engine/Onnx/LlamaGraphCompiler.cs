@@ -98,6 +98,10 @@ public static class LlamaGraphCompiler
 
     internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1)
     {
+        // Packed graphs: the slots' caches joined into one batch (one attention per layer, a copy of every
+        // slot's cache per step) rather than one attention per slot (no copy, S times the operators); the
+        // batch was 8% faster at a 256-slot bucket on the 135M twin in float32 and 21% in int8 (decision 0016).
+        bool batchedAttention = slots > 1;
         if (topCandidates < 0 || topCandidates > c.VocabSize)
         {
             throw new ArgumentException($"top candidates must be between 0 and the vocabulary size {c.VocabSize} (got {topCandidates}).");
@@ -247,6 +251,30 @@ public static class LlamaGraphCompiler
             q = Rope(q);
             k = Rope(k);
 
+            if (slots > 1 && batchedAttention)
+            {
+                string ToSlots(string t, int heads) => b.Node("Transpose", [b.Node("Reshape", [t, b.ConstInt64([heads, slots, w, d])])], attrs: GraphBuilder.Ints("perm", 1, 0, 2, 3));
+                string kS = ToSlots(k, hkv), vS = ToSlots(v, hkv);
+                for (int s = 0; s < slots; s++)
+                {
+                    b.Node("Identity", [Slice(kS, s, s + 1, 0)], PresentKey(i, s, slots));
+                    b.Node("Identity", [Slice(vS, s, s + 1, 0)], PresentValue(i, s, slots));
+                }
+
+                string qgB = b.Node("Mul", [b.Node("Reshape", [ToSlots(q, c.NumHeads), b.ConstInt64([slots, hkv, g * w, d])]), scale]);
+                string pastK = b.Node("Concat", [.. Enumerable.Range(0, slots).Select(s => PastKey(i, s, slots))], attrs: GraphBuilder.Int("axis", 0));
+                string pastV = b.Node("Concat", [.. Enumerable.Range(0, slots).Select(s => PastValue(i, s, slots))], attrs: GraphBuilder.Int("axis", 0));
+                string sPastB = b.Node("MatMul", [qgB, b.Node("Transpose", [pastK], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
+                string sNewB = b.Node("MatMul", [qgB, b.Node("Transpose", [kS], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
+                string scoresB = b.Node("Reshape", [b.Node("Concat", [sPastB, sNewB], attrs: GraphBuilder.Int("axis", -1)), b.ConstInt64([slots, hkv, g, w, cap + w])]);
+                string maskB = b.Node("Reshape", ["attention_mask", b.ConstInt64([slots, 1, 1, w, cap + w])]);
+                string probsB = b.Node("Reshape", [b.Node("Softmax", [b.Node("Add", [scoresB, maskB])], attrs: GraphBuilder.Int("axis", -1)), b.ConstInt64([slots, hkv, g * w, cap + w])]);
+                string attB = b.Node("Add", [b.Node("MatMul", [b.Node("Slice", [probsB, sliceStart0, sliceC, axisLast]), pastV]), b.Node("MatMul", [b.Node("Slice", [probsB, sliceC, sliceEnd, axisLast]), vS])]);
+                string mergedB = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [attB, b.ConstInt64([slots, c.NumHeads, w, d])])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), b.ConstInt64([n, c.QDim])]);
+                x = b.Node("Add", [x, Linear(mergedB, p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim)]);
+                goto Mlp;
+            }
+
             // Attention per slot, each against its own cache: a packed run shares the weights, not the keys.
             var slotOutputs = new string[slots];
             for (int s = 0; s < slots; s++)
@@ -270,6 +298,7 @@ public static class LlamaGraphCompiler
             string merged = slots == 1 ? slotOutputs[0] : b.Node("Concat", slotOutputs, attrs: GraphBuilder.Int("axis", 0));
             x = b.Node("Add", [x, Linear(merged, p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim)]);
 
+            Mlp:
             string h2 = RmsNorm(x, W(p + "post_attention_layernorm.weight", c.HiddenSize));
             string gate, up;
             if (weights == WeightFormat.F32)

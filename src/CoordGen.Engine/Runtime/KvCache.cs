@@ -75,6 +75,9 @@ public sealed class KvCache : IDisposable
         return v;
     }
 
+    /// <summary>The bucket <see cref="EnsureRoom"/> would leave the cache in for <paramref name="slots"/> slots.</summary>
+    public int BucketFor(int slots) => Math.Max(Bucket, _buckets.FirstOrDefault(b => b >= slots, Capacity));
+
     /// <summary>Moves the cache into the smallest bucket holding <paramref name="slots"/> slots (never shrinks).</summary>
     public void EnsureRoom(int slots)
     {

@@ -125,7 +125,6 @@ public sealed class OrtModelRuntime : IDisposable
 
     private readonly Dictionary<(int Width, int Bucket), WidthGraph> _graphs = new();
     private readonly Dictionary<(int Slots, int Width, int Bucket), WidthGraph> _packed = new();
-    private KvCache? _idleSlotCache;
     private readonly List<(string Name, OrtValue Value)> _weightValues = new();
     private readonly List<QuantizedTensor> _quantized = new();
     private readonly PrePackedWeightsContainer _prepacked;
@@ -388,7 +387,15 @@ public sealed class OrtModelRuntime : IDisposable
     {
         Faults?.OnDeviceStep();
         var g = PackedGraph(width, caches);
-        g.RunSlots(caches, IdleSlotCache(caches[0].Bucket));
+        // Slots the step does not fill read the first session's cache: nothing commits their rows, and a cache
+        // of their own would have to follow every bucket the packs move through.
+        long t0 = Stopwatch.GetTimestamp();
+        g.RunSlots(caches, caches[0]);
+        if (caches.Count > 1)
+        {
+            Record(_packedRunMs.GetOrAdd((PackedSlots(caches.Count), caches[0].Bucket), _ => new RunTimes()), Stopwatch.GetElapsedTime(t0).TotalMilliseconds);
+        }
+
         for (int i = 0; i < caches.Count; i++)
         {
             var logits = g.SlotBuffers[i].Logits.AsSpan(0, width * Config.VocabSize);
@@ -399,6 +406,18 @@ public sealed class OrtModelRuntime : IDisposable
             }
         }
     }
+
+    /// <summary>Slots of the packed graph that holds <paramref name="sessions"/> sessions (1: the plain graph).</summary>
+    public static int PackedSlots(int sessions) => sessions <= 1 ? 1 : PackedSlotCounts.First(s => s >= sessions);
+
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Bucket), RunTimes> _packedRunMs = new();
+
+    /// <summary>
+    /// Recent time of one width-1 packed run of <paramref name="slots"/> slots in KV bucket <paramref name="bucket"/>
+    /// (median of its last 15 runs), or null before it has a steady run; with <see cref="RecentRunMs"/> of the
+    /// plain width-1 graph it tells whether packing pays on this machine and model.
+    /// </summary>
+    public double? RecentPackedRunMs(int slots, int bucket) => _packedRunMs.TryGetValue((slots, bucket), out var ring) ? Median(ring) : null;
 
     private WidthGraph PackedGraph(int width, IReadOnlyList<KvCache> caches)
     {
@@ -430,7 +449,7 @@ public sealed class OrtModelRuntime : IDisposable
             return Graph(width, bucket);
         }
 
-        int slots = PackedSlotCounts.First(s => s >= caches.Count);
+        int slots = PackedSlots(caches.Count);
         if (!_packed.TryGetValue((slots, width, bucket), out var g))
         {
             var sw = Stopwatch.StartNew();
@@ -441,20 +460,16 @@ public sealed class OrtModelRuntime : IDisposable
         return g;
     }
 
-    // Stands in for the sessions a packed step does not fill: a cache nobody commits to, its rows' outputs unread.
-    private KvCache IdleSlotCache(int bucket)
-    {
-        _idleSlotCache ??= CreateCache();
-        _idleSlotCache.EnsureRoom(bucket);
-        return _idleSlotCache;
-    }
-
     private void RunTimed(WidthGraph g, int width, KvCache cache)
     {
         long t0 = Stopwatch.GetTimestamp();
         g.Run(cache);
         double ms = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
-        var ring = _runMs.GetOrAdd((width, cache.Bucket), _ => new RunTimes());
+        Record(_runMs.GetOrAdd((width, cache.Bucket), _ => new RunTimes()), ms);
+    }
+
+    private static void Record(RunTimes ring, double ms)
+    {
         lock (ring)
         {
             // A graph's first run carries ONNX Runtime's first-run allocations: not a step time.
@@ -479,9 +494,11 @@ public sealed class OrtModelRuntime : IDisposable
     /// <paramref name="bucket"/>, over all sessions: the median of its last 15 runs (a shared, noisy
     /// machine makes single runs jump), or null before it has a steady run.
     /// </summary>
-    public double? RecentRunMs(int width, int bucket)
+    public double? RecentRunMs(int width, int bucket) => _runMs.TryGetValue((width, bucket), out var ring) ? Median(ring) : null;
+
+    private static double? Median(RunTimes ring)
     {
-        if (!_runMs.TryGetValue((width, bucket), out var ring) || ring.Count == 0)
+        if (ring.Count == 0)
         {
             return null;
         }
@@ -584,8 +601,6 @@ public sealed class OrtModelRuntime : IDisposable
         {
             g.Dispose();
         }
-
-        _idleSlotCache?.Dispose();
 
         foreach (var (_, v) in _weightValues)
         {

@@ -41,6 +41,7 @@ internal static class ServeCommand
         var apiKey = new Option<string?>("--api-key") { Description = "Require 'Authorization: Bearer KEY' on /v1 endpoints. Default: none (fine on loopback). Also COORDGEN_Server__ApiKey.", HelpName = "KEY" };
         var otlp = new Option<string?>("--otlp-endpoint") { Description = "Also export traces and metrics over OTLP to this collector (e.g. http://localhost:4317). Default: off; /metrics always serves Prometheus.", HelpName = "URL" };
         var deviceProfile = new Option<string?>("--device-profile") { Description = $"What-if: pace every device step to an accelerator latency profile ({string.Join(", ", CoordGen.Engine.Scheduling.DeviceProfile.Shipped)}, or a JSON file), so clients see an NPU's step times. Default: off (real timings).", HelpName = "NAME|FILE" };
+        var packed = new Option<bool?>("--packed-steps") { Description = "true: plain (ar) sessions decoding at the same time share one device run (each in its own slot, against its own cache) when recent run times say it pays; false (default): one session per run. Output is the same either way (docs/decisions/0016-packed-steps.md).", HelpName = "true|false" };
         var adaptive = new Option<bool?>("--adaptive-width") { Description = "true (default): each speculative step verifies on the compiled width (1, 4 or --width) that gives the most tokens per millisecond for that session; false: always --width.", HelpName = "true|false" };
         var rpm = new Option<int?>("--requests-per-minute") { Description = "Rate limit per client address on /v1 (/health and /metrics are not limited); 0 (default) = unlimited.", HelpName = "N" };
         var faults = new Option<string?>("--faults") { Description = "Inject faults for black-box fault tests: a seeded schedule such as 'kinds=DeviceException,NonFiniteLogits,SessionKill;gap=8;seed=7' (kinds: DeviceException, DeviceHang, NonFiniteLogits, DrafterCrash, CalibratorCrash, SessionKill, DeviceActorCrash, or all; gap = mean device steps between faults; budget = faults in all). Requests resume after each fault, so their output must not change. Off by default; refused without --allow-faults; shown in /health and the request log while on.", HelpName = "SPEC" };
@@ -49,7 +50,7 @@ internal static class ServeCommand
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, weights, faults, allowFaults, watchdog,
+            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, packed, weights, faults, allowFaults, watchdog,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -95,6 +96,7 @@ internal static class ServeCommand
             Put(otlp, "OtlpEndpoint");
             Put(deviceProfile, "DeviceProfile");
             Put(adaptive, "AdaptiveWidth");
+            Put(packed, "PackedSteps");
             var settings = LoadSettings(parse.GetValue(config), overrides);
             await RunAsync(settings, ct);
             return 0;
