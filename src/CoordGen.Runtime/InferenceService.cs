@@ -150,13 +150,17 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         {
             var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.EffectiveThreads, Weights = settings.Weights, StepWatchdog = TimeSpan.FromMilliseconds(settings.StepWatchdogMs) }) { Faults = faults };
             rt.Prepare(settings.PrecompileAll ? settings.Capacity : Math.Min(settings.Capacity, OrtModelRuntime.SmallestBucket));
+            if (settings.PackedSteps && settings.PrecompileAll)
+            {
+                rt.PreparePacked(settings.Capacity);
+            }
             return rt;
         }
 
         var emulate = string.IsNullOrEmpty(settings.DeviceProfile) ? null : CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
         // The runtime outlives device-actor restarts: a restarted device takes the same compiled graphs.
         var runtimes = new RuntimeKeeper(NewRuntime, reuse: settings.KeepRuntimeAcrossRestarts);
-        var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive, settings.PackedSteps);
+        var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive, settings.PackedSteps ? DeviceActor.PackingMode.WhenItPays : DeviceActor.PackingMode.Off);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         var service = new InferenceService(bundle, settings, system, supervisor, runtimes) { Faults = plan };
         if (plan is not null)

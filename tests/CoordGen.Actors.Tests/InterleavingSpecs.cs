@@ -58,7 +58,7 @@ public class InterleavingSpecs : TestKit
     [Fact]
     public async Task Packed_plain_sessions_should_produce_what_each_produces_alone_in_fewer_device_runs()
     {
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>(), packedSteps: true));
+        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>(), packing: DeviceActor.PackingMode.Always));
         string[] methods = ["ar", "ar", "sam+ours", "ar", "ar", "ar"];
         var channels = methods.Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
         for (int i = 0; i < methods.Length; i++)
@@ -161,6 +161,19 @@ public class InterleavingSpecs : TestKit
     public void Policy_should_give_prefill_a_chunk_after_every_decoding_over_prefilling_decode_steps(int prefilling, int decoding, int since, bool prefillNext)
     {
         Assert.Equal(prefillNext, StepPolicy.PrefillNext(prefilling, decoding, since));
+    }
+
+    [Theory]
+    [InlineData(null, 4, true)] // never measured: pack, to learn
+    [InlineData(null, 1, false)] // one session is a plain step
+    [InlineData(1.7, 4, true)] // the 135M twin: a 4-slot run cost 1.7 plain steps
+    [InlineData(2.1, 2, false)] // the twin's 2-slot run: dearer than two plain steps
+    [InlineData(2.8, 4, true)]
+    [InlineData(3.2, 4, false)] // the demo model: saves too little to outweigh the swings
+    [InlineData(5.0, 8, true)]
+    public void Policy_should_pack_only_when_a_packed_run_costs_clearly_less_per_session(double? ratio, int sessions, bool pack)
+    {
+        Assert.Equal(pack, StepPolicy.PackPays(ratio, sessions));
     }
 
     [Theory]

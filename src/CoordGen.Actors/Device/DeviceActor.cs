@@ -23,6 +23,19 @@ namespace CoordGen.Actors.Device;
 /// </summary>
 public sealed class DeviceActor : ReceiveActor, IWithTimers
 {
+    /// <summary>When plain decoding sessions ready together share one device run.</summary>
+    public enum PackingMode
+    {
+        /// <summary>Never: one session per run.</summary>
+        Off,
+
+        /// <summary>When the runtime's recent step times say a packed run costs clearly less per session (<c>CoordGenOptions.PackedSteps</c>).</summary>
+        WhenItPays,
+
+        /// <summary>Whenever two or more are ready (tests of the mechanism; graphs compile on first use).</summary>
+        Always,
+    }
+
     private readonly RuntimeKeeper _runtimes;
     private readonly IReadOnlySet<int> _stopTokens;
     private readonly List<Active> _prefilling = [];
@@ -49,7 +62,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private double _prefillMs;
     private double _decodeMs;
     private readonly int _interleavedChunkWidth;
-    private bool _packed;
+    private PackingMode _packing;
     private const int MaxIntervals = 200_000;
 
     private readonly DeviceProfile? _emulate;
@@ -62,12 +75,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     /// <param name="runtimes">Where the device borrows its runtime and gives it back when it stops, so a restarted device can take the same compiled graphs.</param>
     /// <param name="maxActiveSessions">Sessions holding a KV cache at once (the KV memory budget over one
     /// cache's bytes); later runs wait in admission order, resumed ones first. 0 = no limit.</param>
-    /// <param name="packedSteps">Plain decoding sessions ready together share one device run (a packed
+    /// <param name="packing">Whether plain decoding sessions ready together share one device run (a packed
     /// graph: each in its own slot against its own cache), instead of one run each.</param>
-    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, bool packedSteps = false)
+    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off)
     {
         _interleavedChunkWidth = interleavedChunkWidth;
-        _packed = packedSteps;
+        _packing = packing;
         _maxActive = maxActiveSessions;
         _runtimes = runtimes;
         _stopTokens = stopTokens;
@@ -100,7 +113,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
             }
         });
         Receive<Crash>(_ => throw new InjectedFaultException(FaultKind.DeviceException, "injected: the device actor crashed"));
-        Receive<DiagnosticsProtocol.SetPackedSteps>(p => _packed = p.Packed);
+        Receive<DiagnosticsProtocol.SetPackedSteps>(p => _packing = p.Packed ? PackingMode.WhenItPays : PackingMode.Off);
         Receive<GetOverlap>(_ => Sender.Tell(new Overlap([.. _deviceIntervals], [.. _draftIntervals], _inlineDraftMs) { Verifies = [.. _verifyIntervals], Paced = _paced, Overran = _overran, PrefillMs = _prefillMs, DecodeMs = _decodeMs }));
     }
 
@@ -109,12 +122,12 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
     /// <param name="interleavedChunkWidth">Tokens per prefill chunk while other sessions decode
     /// (<see cref="StepPolicy.ChunkWidth"/>); 0 = always the runtime's widest graph.</param>
-    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, bool packedSteps = false)
-        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packedSteps));
+    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off)
+        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing));
 
     /// <summary>A device that builds its own runtime and disposes it when it stops (each restart compiles again).</summary>
-    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, bool packedSteps = false)
-        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packedSteps);
+    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off)
+        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing);
 
     protected override void PreStart()
     {
@@ -276,10 +289,10 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
 
         // Packed steps: every other plain decoding session ready now rides in the same device run.
         List<Active>? group = null;
-        if (_packed && !prefill && pick.PlainDecoding)
+        if (_packing != PackingMode.Off && !prefill && pick.PlainDecoding)
         {
             group = [pick, .. _decoding.Where(a => a != pick && a.PlainDecoding && !a.Stepping && Ready(a) && !a.Run.Request.Cancellation.IsCancellationRequested).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
-            if (group.Count == 1 || !PackingPays(group))
+            if (group.Count == 1 || (_packing == PackingMode.WhenItPays && !PackingPays(group)))
             {
                 group = null;
             }
@@ -332,17 +345,24 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     }
 
     /// <summary>
-    /// Packing pays when a packed run costs less per session than a plain run: on a model whose steps are bound
-    /// by reading its weights, several sessions' rows cost little more than one; on a tiny model bound by
-    /// compute and per-operator overhead they may cost more. Decided from the runtime's recent run times in
-    /// the pack's KV bucket (<see cref="OrtModelRuntime.RecentPackedRunMs"/>); until both are known it packs, to learn.
+    /// Packing pays when a packed run costs clearly less per session than a plain run (<see cref="StepPolicy.PackPays"/>): on a model whose steps are
+    /// bound by reading its weights, several sessions' rows cost little more than one; on a tiny model bound
+    /// by compute and per-operator overhead they may cost more. Decided from the runtime's recent run times
+    /// (<see cref="OrtModelRuntime.PackedCostRatio"/>: in the pack's KV bucket, else in the buckets measured so
+    /// far); until a slot count is measured at all it packs, to learn, but only onto a graph already compiled (<see cref="OrtModelRuntime.PackedReady"/>
+    /// compiles the others in the background): a compile never stalls a step.
     /// </summary>
     private bool PackingPays(List<Active> group)
     {
         int bucket = group.Max(a => a.PlainBucket);
-        double? packed = _runtime!.RecentPackedRunMs(OrtModelRuntime.PackedSlots(group.Count), bucket);
-        double? solo = _runtime.RecentRunMs(1, bucket);
-        return packed is null || solo is null || packed.Value / group.Count < solo.Value;
+        if (!_runtime!.PackedReady(group.Count, 1, bucket))
+        {
+            return false;
+        }
+
+        // Learned per slot count, in this bucket or (until it is measured here) in the others.
+        double? ratio = _runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(group.Count), bucket);
+        return StepPolicy.PackPays(ratio, group.Count);
     }
 
     /// <summary>

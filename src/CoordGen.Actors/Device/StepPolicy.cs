@@ -8,6 +8,16 @@ namespace CoordGen.Actors.Device;
 /// </summary>
 public static class StepPolicy
 {
+    /// <summary>
+    /// Whether <paramref name="sessions"/> plain sessions should share one packed run, given what a packed run
+    /// of their slot count costs over a plain step (<paramref name="costRatio"/>, null: never measured, so
+    /// pack to learn): only when it promises at least <paramref name="gainRequired"/> of a plain step's time
+    /// per session or less. Packed step times swing and the host's work between runs is not in them, so a
+    /// pack that merely breaks even is not taken (decision 0016).
+    /// </summary>
+    public static bool PackPays(double? costRatio, int sessions, double gainRequired = 0.75) =>
+        sessions > 1 && (costRatio is not { } r || r < gainRequired * sessions);
+
     public static bool PrefillNext(int prefilling, int decoding, int decodeStepsSinceChunk) =>
         prefilling > 0 && (decoding == 0 || decodeStepsSinceChunk >= Math.Max(1, decoding / prefilling));
 

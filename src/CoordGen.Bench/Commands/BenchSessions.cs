@@ -100,7 +100,7 @@ internal static class BenchSessions
             var prompts = BenchStreams.Prompts(bundle, 4, files);
             int maxSessions = counts.Max();
             var profile = parse.GetValue(deviceProfile) is { Length: > 0 } pn ? Engine.Scheduling.DeviceProfile.Load(pn) : null;
-            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
+            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, PackedSteps = packings.Contains(true), Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
 
             // Each prompt alone first: the reference every concurrent stream must equal.
             var alone = new Dictionary<int, int[]>();

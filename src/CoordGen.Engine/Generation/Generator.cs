@@ -292,6 +292,7 @@ public sealed class PlainSession : IDisposable
                 throw new ArgumentException("packed sessions must share one runtime.");
             }
 
+            long begin = Stopwatch.GetTimestamp();
             KvCache[] caches = [.. group.Select(x => x._cache)];
             var buffers = runtime.PackedBuffers(1, caches);
             for (int i = 0; i < group.Length; i++)
@@ -309,6 +310,11 @@ public sealed class PlainSession : IDisposable
                 buffers[i].LogitsRow(0).CopyTo(x._logits);
                 x._runMs += share;
                 x.Done = x.Choose();
+            }
+
+            if (group.Length > 1)
+            {
+                runtime.RecordPackedStep(group.Length, caches[0].Bucket, Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
             }
         }
 

@@ -124,7 +124,8 @@ public sealed class OrtModelRuntime : IDisposable
     public const int SmallestBucket = 256;
 
     private readonly Dictionary<(int Width, int Bucket), WidthGraph> _graphs = new();
-    private readonly Dictionary<(int Slots, int Width, int Bucket), WidthGraph> _packed = new();
+    // Packed graphs, compiled on first use or in the background (PackedReady) so a scheduler never waits for one.
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Width, int Bucket), Lazy<Task<WidthGraph>>> _packed = new();
     private readonly List<(string Name, OrtValue Value)> _weightValues = new();
     private readonly List<QuantizedTensor> _quantized = new();
     private readonly PrePackedWeightsContainer _prepacked;
@@ -389,12 +390,7 @@ public sealed class OrtModelRuntime : IDisposable
         var g = PackedGraph(width, caches);
         // Slots the step does not fill read the first session's cache: nothing commits their rows, and a cache
         // of their own would have to follow every bucket the packs move through.
-        long t0 = Stopwatch.GetTimestamp();
         g.RunSlots(caches, caches[0]);
-        if (caches.Count > 1)
-        {
-            Record(_packedRunMs.GetOrAdd((PackedSlots(caches.Count), caches[0].Bucket), _ => new RunTimes()), Stopwatch.GetElapsedTime(t0).TotalMilliseconds);
-        }
 
         for (int i = 0; i < caches.Count; i++)
         {
@@ -413,11 +409,31 @@ public sealed class OrtModelRuntime : IDisposable
     private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Bucket), RunTimes> _packedRunMs = new();
 
     /// <summary>
-    /// Recent time of one width-1 packed run of <paramref name="slots"/> slots in KV bucket <paramref name="bucket"/>
-    /// (median of its last 15 runs), or null before it has a steady run; with <see cref="RecentRunMs"/> of the
+    /// Recent time of one width-1 packed step of <paramref name="slots"/> slots in KV bucket <paramref name="bucket"/>,
+    /// the host's work around the run included (median of its last 15 steps), or null before it has a steady one; with <see cref="RecentRunMs"/> of the
     /// plain width-1 graph it tells whether packing pays on this machine and model.
     /// </summary>
     public double? RecentPackedRunMs(int slots, int bucket) => _packedRunMs.TryGetValue((slots, bucket), out var ring) ? Median(ring) : null;
+
+    /// <summary>Records a whole packed step of <paramref name="sessions"/> sessions (the run and the host's work around it: filling, committing, choosing) for <see cref="RecentPackedRunMs"/>.</summary>
+    public void RecordPackedStep(int sessions, int bucket, double ms) => Record(_packedRunMs.GetOrAdd((PackedSlots(sessions), bucket), _ => new RunTimes()), ms, skipFirst: false);
+
+    /// <summary>
+    /// A packed step of <paramref name="slots"/> slots over a plain step, from their recent times in
+    /// <paramref name="bucket"/>, or else in whichever buckets both were measured (median of those ratios);
+    /// null when never measured. Packing n sessions pays when this is below n.
+    /// </summary>
+    public double? PackedCostRatio(int slots, int bucket)
+    {
+        double? Ratio(int b) => RecentPackedRunMs(slots, b) is { } p && RecentRunMs(1, b) is { } one && one > 0 ? p / one : null;
+        if (Ratio(bucket) is { } here)
+        {
+            return here;
+        }
+
+        var known = Buckets.Select(Ratio).OfType<double>().Order().ToList();
+        return known.Count == 0 ? null : known[known.Count / 2];
+    }
 
     private WidthGraph PackedGraph(int width, IReadOnlyList<KvCache> caches)
     {
@@ -449,15 +465,58 @@ public sealed class OrtModelRuntime : IDisposable
             return Graph(width, bucket);
         }
 
-        int slots = PackedSlots(caches.Count);
-        if (!_packed.TryGetValue((slots, width, bucket), out var g))
+        return PackedCompile(PackedSlots(caches.Count), width, bucket).Value.GetAwaiter().GetResult();
+    }
+
+    private Lazy<Task<WidthGraph>> PackedCompile(int slots, int width, int bucket) =>
+        _packed.GetOrAdd((slots, width, bucket), key => new Lazy<Task<WidthGraph>>(() => Task.Run(() =>
         {
-            var sw = Stopwatch.StartNew();
-            _packed[(slots, width, bucket)] = g = new WidthGraph(this, new GraphShape(width, bucket), slots);
-            GraphLoadMs[(width * 1000 + slots, bucket)] = sw.Elapsed.TotalMilliseconds;
+            ObjectDisposedException.ThrowIf(IsDisposed, this);
+            var g = new WidthGraph(this, new GraphShape(key.Width, key.Bucket), key.Slots);
+
+            // Its first run allocates (several runs' time): done here, off the device's critical path.
+            using var scratch = CreateCache();
+            scratch.EnsureRoom(key.Bucket);
+            g.SlotBuffers[0].SetLinear([0], 0, 0);
+            g.RunSlots([scratch], scratch, watched: false);
+            return g;
+        })));
+
+    /// <summary>
+    /// Compiles (and runs once) the width-1 packed graphs of every slot count for the buckets a session of up
+    /// to <paramref name="slots"/> slots passes through, as <see cref="Prepare"/> does for the plain graphs.
+    /// </summary>
+    public void PreparePacked(int slots)
+    {
+        foreach (int b in Buckets)
+        {
+            foreach (int s in PackedSlotCounts)
+            {
+                PackedCompile(s, 1, b).Value.GetAwaiter().GetResult();
+            }
+
+            if (b >= slots)
+            {
+                break;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Whether the packed graph for <paramref name="sessions"/> sessions of width <paramref name="width"/> in
+    /// KV bucket <paramref name="bucket"/> is compiled; if not, its compilation starts in the background and
+    /// this answers false until it is done, so a scheduler packs only onto graphs that are ready (a graph's
+    /// compilation would otherwise stall the step that first needs it).
+    /// </summary>
+    public bool PackedReady(int sessions, int width, int bucket)
+    {
+        if (sessions <= 1 || IsDisposed)
+        {
+            return sessions <= 1;
         }
 
-        return g;
+        var compile = PackedCompile(PackedSlots(sessions), width, bucket).Value;
+        return compile.IsCompletedSuccessfully;
     }
 
     private void RunTimed(WidthGraph g, int width, KvCache cache)
@@ -468,12 +527,13 @@ public sealed class OrtModelRuntime : IDisposable
         Record(_runMs.GetOrAdd((width, cache.Bucket), _ => new RunTimes()), ms);
     }
 
-    private static void Record(RunTimes ring, double ms)
+    private static void Record(RunTimes ring, double ms, bool skipFirst = true)
     {
         lock (ring)
         {
-            // A graph's first run carries ONNX Runtime's first-run allocations: not a step time.
-            if (ring.Runs++ > 0)
+            // A graph's first run carries ONNX Runtime's first-run allocations: not a step time (packed graphs
+            // ran once when they were compiled).
+            if (ring.Runs++ > 0 || !skipFirst)
             {
                 ring.Samples[ring.Count++ % ring.Samples.Length] = ms;
             }
@@ -597,9 +657,15 @@ public sealed class OrtModelRuntime : IDisposable
 
         IsDisposed = true;
         _watchStop.Set();
-        foreach (var g in _graphs.Values.Concat(_packed.Values))
+        foreach (var g in _graphs.Values)
         {
             g.Dispose();
+        }
+
+        foreach (var compile in _packed.Values.Where(l => l.IsValueCreated).Select(l => l.Value))
+        {
+            // One still compiling is disposed once it is built: a background compile never outlives its graph.
+            compile.ContinueWith(t => t.Result.Dispose(), CancellationToken.None, TaskContinuationOptions.OnlyOnRanToCompletion | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default).Wait(TimeSpan.FromSeconds(30));
         }
 
         foreach (var (_, v) in _weightValues)
