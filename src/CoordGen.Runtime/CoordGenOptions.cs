@@ -1,3 +1,4 @@
+using CoordGen.Engine.Runtime;
 using CoordGen.Engine.Speculative;
 
 namespace CoordGen;
@@ -44,6 +45,21 @@ public class CoordGenOptions
 
     /// <summary>Linear layers' weight format (F32, Int8, Int4; quantized at load time; docs/decisions/0012-quantized-weights.md).</summary>
     public Engine.Model.WeightFormat Weights { get; set; } = Engine.Model.WeightFormat.F32;
+
+    /// <summary>Execution provider of the device's graphs: Cpu (default) or Qnn (Snapdragon NPU; needs a build with -p:CoordGenQnn=true).</summary>
+    public ExecutionProviderKind Provider { get; set; } = ExecutionProviderKind.Cpu;
+
+    /// <summary>QNN backend library for <see cref="Provider"/> Qnn (default libQnnHtp.so, the Hexagon NPU).</summary>
+    public string? QnnBackendPath { get; set; }
+
+    /// <summary>QNN HTP performance mode (<see cref="RuntimeOptions.QnnPerformanceModes"/>).</summary>
+    public string QnnPerformanceMode { get; set; } = "burst";
+
+    /// <summary>Folder where QNN saves compiled graphs (EP context binaries) and loads them from on later runs.</summary>
+    public string? QnnContextCache { get; set; }
+
+    /// <summary>At start, compile and warm the graphs a session of up to this many KV slots passes through (0: the smallest bucket's only; <see cref="PrecompileAll"/>: all). A one-request run (<c>coordgen generate</c>) sets its prompt plus output.</summary>
+    public int PrepareSlots { get; set; }
 
     /// <summary>The intra-op thread count in effect (<see cref="Threads"/>, or one per core).</summary>
     public int EffectiveThreads => Threads > 0 ? Threads : Math.Max(1, Environment.ProcessorCount);
@@ -122,6 +138,16 @@ public class CoordGenOptions
     public virtual IReadOnlyList<string> Problems()
     {
         var p = new List<string>();
+        if (!RuntimeOptions.QnnPerformanceModes.Contains(QnnPerformanceMode))
+        {
+            p.Add($"QnnPerformanceMode: unknown QNN performance mode '{QnnPerformanceMode}'; use one of {string.Join(", ", RuntimeOptions.QnnPerformanceModes)}.");
+        }
+
+        if (PrepareSlots < 0)
+        {
+            p.Add($"PrepareSlots must be 0 or positive (got {PrepareSlots}).");
+        }
+
         if (Capacity is < 16 or > 65536)
         {
             p.Add($"Capacity must be between 16 and 65536 (got {Capacity}).");

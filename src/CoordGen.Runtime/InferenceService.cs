@@ -143,23 +143,56 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
 
         var config = ConfigurationFactory.ParseString($"akka {{ loglevel = {actorLogLevel}, stdout-loglevel = {actorLogLevel}, log-dead-letters = off, log-dead-letters-during-shutdown = off }}");
         var system = ActorSystem.Create("coordgen", config);
-        // Width 4 as well, for adaptive width: a session whose drafts are rarely long verifies on it.
+        // Width 4 as well for adaptive width: a session whose drafts are rarely long verifies on it.
         // And the interleaved chunk width: prefill chunks between other sessions' decode steps run on it.
-        int[] widths = [.. new[] { 1, 4, settings.PrefillWidth, settings.Width }.Where(w => w <= settings.Width || w == settings.PrefillWidth || w == 1).Append(settings.EffectiveChunkWidth).Distinct()];
+        int[] widths = [.. new[] { 1, settings.AdaptiveWidth ? 4 : 1, settings.PrefillWidth, settings.Width }.Where(w => w <= settings.Width || w == settings.PrefillWidth || w == 1).Append(settings.EffectiveChunkWidth).Distinct()];
         OrtModelRuntime NewRuntime()
         {
-            var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions { IntraOpThreads = settings.EffectiveThreads, Weights = settings.Weights, StepWatchdog = TimeSpan.FromMilliseconds(settings.StepWatchdogMs) }) { Faults = faults };
-            rt.Prepare(settings.PrecompileAll ? settings.Capacity : Math.Min(settings.Capacity, OrtModelRuntime.SmallestBucket));
-            if (settings.PackedSteps && settings.PrecompileAll)
+            var rt = new OrtModelRuntime(bundle.Weights, settings.Capacity, widths, new RuntimeOptions
             {
-                rt.PreparePacked(settings.Capacity);
+                IntraOpThreads = settings.EffectiveThreads,
+                Weights = settings.Weights,
+                StepWatchdog = TimeSpan.FromMilliseconds(settings.StepWatchdogMs),
+                Provider = settings.Provider,
+                QnnBackendPath = settings.QnnBackendPath,
+                QnnPerformanceMode = settings.QnnPerformanceMode,
+                QnnContextCache = settings.QnnContextCache,
+            })
+            { Faults = faults };
+            try
+            {
+                int warm = settings.PrecompileAll ? settings.Capacity : Math.Max(Math.Min(settings.Capacity, OrtModelRuntime.SmallestBucket), Math.Min(settings.Capacity, settings.PrepareSlots));
+                rt.Prepare(warm);
+                if (settings.PackedSteps && settings.PrecompileAll)
+                {
+                    rt.PreparePacked(settings.Capacity);
+                }
             }
+            catch
+            {
+                rt.Dispose();
+                throw;
+            }
+
             return rt;
+        }
+
+        // The first runtime is built here, so a model or provider that cannot run fails the start with its
+        // own message (not a device that keeps restarting); the device borrows it when it starts.
+        OrtModelRuntime? first;
+        try
+        {
+            first = NewRuntime();
+        }
+        catch
+        {
+            system.Terminate().Wait(TimeSpan.FromSeconds(10));
+            throw;
         }
 
         var emulate = string.IsNullOrEmpty(settings.DeviceProfile) ? null : CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
         // The runtime outlives device-actor restarts: a restarted device takes the same compiled graphs.
-        var runtimes = new RuntimeKeeper(NewRuntime, reuse: settings.KeepRuntimeAcrossRestarts);
+        var runtimes = new RuntimeKeeper(() => Interlocked.Exchange(ref first, null) ?? NewRuntime(), reuse: settings.KeepRuntimeAcrossRestarts);
         var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive, settings.PackedSteps ? DeviceActor.PackingMode.WhenItPays : DeviceActor.PackingMode.Off);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         var service = new InferenceService(bundle, settings, system, supervisor, runtimes) { Faults = plan };

@@ -20,6 +20,9 @@ public sealed class HistoryStore
 
     public int Responses => _responses.Count;
 
+    /// <summary>The responses held, oldest first.</summary>
+    public IReadOnlyList<int[]> ResponseTokens => _responses;
+
     public SuffixAutomaton Automaton
     {
         get

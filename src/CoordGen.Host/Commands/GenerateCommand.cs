@@ -3,7 +3,7 @@ using CoordGen.Engine;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Runtime;
 using CoordGen.Engine.Speculative;
-using CoordGen.Engine.Tokenization;
+using CoordGen.Messages;
 using Spectre.Console;
 
 namespace CoordGen.Host.Commands;
@@ -93,55 +93,73 @@ internal static class GenerateCommand
                 throw new ArgumentException($"--width must be between 2 and 256 (got {w}).");
             }
 
-            int[] widths = spec is null ? [1, pw] : [1, pw, w];
-            using var runtime = ConsoleUi.Status("compiling graphs", () =>
+            // The same actor runtime as the server, with one session: the device actor steps it, its drafter,
+            // calibrator and verifier children do their parts, and the text streams from its channel.
+            var options = new CoordGenOptions
             {
-                var rt = new OrtModelRuntime(bundle.Weights, cap, widths, new RuntimeOptions
-                {
-                    IntraOpThreads = parse.GetValue(threads),
-                    Provider = parse.GetValue(provider),
-                    QnnBackendPath = parse.GetValue(qnnBackend),
-                    QnnPerformanceMode = parse.GetValue(qnnPerf)!,
-                    QnnContextCache = parse.GetValue(qnnCache)?.FullName,
-                    Weights = parse.GetValue(weights),
-                });
-                rt.Prepare(Math.Min(cap, ids.Length + n + w));
-                return rt;
-            });
-            var decoder = new StreamingDecoder(bundle.Tokenizer);
-            bool Stream(int id)
+                Capacity = cap,
+                PrefillWidth = pw,
+                Threads = parse.GetValue(threads),
+                Weights = parse.GetValue(weights),
+                Method = m,
+                Width = spec is null ? 8 : w,
+                AdaptiveWidth = false,
+                MaxPending = 1,
+                InterleavedChunkWidth = pw, // one session: no other stream's steps to interleave prefill chunks with
+                KvBudgetMb = (int)Math.Max(1, (KvCache.BytesFor(bundle.Config.NumLayers, bundle.Config.NumKvHeads, bundle.Config.HeadDim, cap) >> 20) + 1),
+                PrepareSlots = Math.Min(cap, ids.Length + n + w),
+                Provider = parse.GetValue(provider),
+                QnnBackendPath = parse.GetValue(qnnBackend),
+                QnnPerformanceMode = parse.GetValue(qnnPerf)!,
+                QnnContextCache = parse.GetValue(qnnCache)?.FullName,
+            };
+            if (ids.Length + 1 >= cap)
             {
-                Console.Out.Write(decoder.Push(id));
-                Console.Out.Flush();
-                return true;
+                throw new PromptTooLongException(ids.Length, cap - 1);
             }
 
-            GenerationStats s;
-            string extra = "";
-            if (spec is null)
+            using var service = ConsoleUi.Status("compiling graphs", () => InferenceService.Start(bundle, options, actorLogLevel: "ERROR"));
+            var historyFile = parse.GetValue(history);
+            var store = historyFile is null ? null : HistoryStore.Load(historyFile.FullName);
+            string? storeName = null;
+            if (store is not null && spec is not null)
             {
-                s = new Generator(runtime).Generate(ids, n, sampling, bundle.StopTokens, Stream, ct).Stats;
-            }
-            else
-            {
-                var historyFile = parse.GetValue(history);
-                var store = historyFile is null ? null : HistoryStore.Load(historyFile.FullName);
-                var r = new SpeculativeDecoder(runtime).Generate(ids, n, sampling, bundle.StopTokens, spec, store, Stream, ct);
-                s = r.Stats;
-                var a = r.Accounting;
-                extra = $"; {m} W={w}: {a.MeanAccepted:F2} tokens/step over {a.Steps} steps, accepted by source: " +
-                    string.Join(", ", Enum.GetValues<DraftSource>().Select(x => $"{x.ToString().ToLowerInvariant()} {a.Accepted(x)}/{a.Proposed(x)}")) +
-                    $", drafting {r.DraftMs / Math.Max(1, a.Steps):F3} ms/step";
-                if (store is not null && historyFile is not null)
+                // Past responses become a context store the drafter retrieves from, as a server's requests use one.
+                storeName = "history";
+                service.AskAsync(new ContextStoreProtocol.CreateStore(storeName)).GetAwaiter().GetResult();
+                foreach (var response in store.ResponseTokens)
                 {
-                    store.Add(r.Tokens.ToArray());
-                    store.Save(historyFile.FullName);
+                    service.AskAsync(new ContextStoreProtocol.AddDocument(storeName, TokenSequence.From(response))).GetAwaiter().GetResult();
                 }
             }
 
-            Console.Out.WriteLine(decoder.Flush());
+            var request = new InferenceRequest(ids, n, new GenerationProtocol.Sampling(sampling.Temperature, sampling.TopK, sampling.TopP, sampling.Seed), [], m, spec is null ? null : w, storeName);
+            var o = service.StreamAsync(request, delta =>
+            {
+                Console.Out.Write(delta.Text);
+                Console.Out.Flush();
+                return Task.CompletedTask;
+            }, ct).GetAwaiter().GetResult();
+
+            string extra = "";
+            if (o.Speculation is { } r)
+            {
+                extra = $"; {m} W={w}: {r.TokensPerStep:F2} tokens/step over {r.Steps} steps, accepted by source: " +
+                    string.Join(", ", r.ProposedBySource.Keys.Order(StringComparer.Ordinal).Select(x => $"{x} {r.AcceptedBySource.GetValueOrDefault(x)}/{r.ProposedBySource[x]}")) +
+                    $", drafting {r.DraftMs / Math.Max(1, r.Steps):F3} ms/step";
+            }
+
+            if (store is not null && historyFile is not null && spec is not null)
+            {
+                store.Add(bundle.Tokenizer.Encode(o.Text));
+                store.Save(historyFile.FullName);
+            }
+
+            Console.Out.WriteLine();
+            double prefillTps = o.PrefillMs > 0 ? o.PromptTokens / (o.PrefillMs / 1000) : 0;
+            double decodeTps = o.DecodeMs > 0 ? o.CompletionTokens / (o.DecodeMs / 1000) : 0;
             ConsoleUi.Err.MarkupLineInterpolated(
-                $"[grey]prompt {s.PromptTokens} tokens, prefill {s.PrefillTokensPerSecond:F1} tok/s ({s.PrefillMs:F0} ms); decode {s.GeneratedTokens} tokens, {s.DecodeTokensPerSecond:F1} tok/s; stop: {s.StopReason}{extra}[/]");
+                $"[grey]prompt {o.PromptTokens} tokens, prefill {prefillTps:F1} tok/s ({o.PrefillMs:F0} ms); decode {o.CompletionTokens} tokens, {decodeTps:F1} tok/s; stop: {o.FinishReason}{extra}[/]");
             return Task.FromResult(0);
         });
         return cmd;
