@@ -72,8 +72,8 @@ public class CoordGenOptions
     /// <summary>Speculative requests verify each step on the compiled width (1, 4 or Width) that gives the most tokens per millisecond for that session (default); false = always Width (docs/decisions/0006-adaptive-width.md).</summary>
     public bool AdaptiveWidth { get; set; } = true;
 
-    /// <summary>Plain (ar) decoding sessions ready at the same time share one device run, each in its own slot of a packed graph against its own cache, when the device's recent run times say it pays; false (default) = one session per run. Output is identical either way. Off by default until it wins through the actors: on the 135M twin it measured 1.06x in the decode phase at 8 sessions, on the demo model 0.70x (docs/decisions/0016-packed-steps.md).</summary>
-    public bool PackedSteps { get; set; }
+    /// <summary>Plain (ar) decoding sessions ready at the same time share one device run, each in its own slot of a packed graph against its own cache, when the device's recent step times say it pays (never for steps under 5 ms, which are bound by overhead, not by reading weights); false = one session per run. Output is identical either way. On by default: 1.51x in the decode phase at 8 sessions on the 135M twin, parity on the 3M demo model (docs/decisions/0016-packed-steps.md).</summary>
+    public bool PackedSteps { get; set; } = true;
 
     /// <summary>Compile every (width, KV bucket) graph when the device starts instead of on first use (slower start and device restarts; benchmarks use it so no compile lands in a timed region).</summary>
     public bool PrecompileAll { get; set; }

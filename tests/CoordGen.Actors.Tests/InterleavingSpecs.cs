@@ -164,16 +164,19 @@ public class InterleavingSpecs : TestKit
     }
 
     [Theory]
-    [InlineData(null, 4, true)] // never measured: pack, to learn
-    [InlineData(null, 1, false)] // one session is a plain step
-    [InlineData(1.7, 4, true)] // the 135M twin: a 4-slot run cost 1.7 plain steps
-    [InlineData(2.1, 2, false)] // the twin's 2-slot run: dearer than two plain steps
-    [InlineData(2.8, 4, true)]
-    [InlineData(3.2, 4, false)] // the demo model: saves too little to outweigh the swings
-    [InlineData(5.0, 8, true)]
-    public void Policy_should_pack_only_when_a_packed_run_costs_clearly_less_per_session(double? ratio, int sessions, bool pack)
+    [InlineData(null, 4, 16.0, true)] // never measured: pack, to learn
+    [InlineData(null, 1, 16.0, false)] // one session is a plain step
+    [InlineData(1.7, 4, 15.8, true)] // the 135M twin: a 4-slot run cost 1.7 plain steps of 15.8 ms
+    [InlineData(2.1, 2, 15.8, false)] // the twin's 2-slot run: dearer than two plain steps
+    [InlineData(2.8, 4, 12.0, true)]
+    [InlineData(3.2, 4, 12.0, false)] // saves too little to outweigh the swings
+    [InlineData(5.0, 8, 20.0, true)]
+    [InlineData(2.0, 4, 0.9, false)] // the demo model's 1 ms steps: bound by overhead, not by weights
+    [InlineData(null, 4, 0.9, false)] // not even to learn
+    [InlineData(null, 4, null, true)] // plain steps not timed yet
+    public void Policy_should_pack_only_when_a_packed_run_costs_clearly_less_per_session(double? ratio, int sessions, double? plainMs, bool pack)
     {
-        Assert.Equal(pack, StepPolicy.PackPays(ratio, sessions));
+        Assert.Equal(pack, StepPolicy.PackPays(ratio, sessions, plainMs));
     }
 
     [Theory]

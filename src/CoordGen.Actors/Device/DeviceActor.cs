@@ -355,14 +355,16 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
     private bool PackingPays(List<Active> group)
     {
         int bucket = group.Max(a => a.PlainBucket);
-        if (!_runtime!.PackedReady(group.Count, 1, bucket))
+        double? plainMs = _runtime!.RecentRunMs(1, bucket);
+
+        // Steps too short to gain are never packed: no graph compiles for them either.
+        if (!StepPolicy.PackPays(null, group.Count, plainMs) || !_runtime.PackedReady(group.Count, 1, bucket))
         {
             return false;
         }
 
         // Learned per slot count, in this bucket or (until it is measured here) in the others.
-        double? ratio = _runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(group.Count), bucket);
-        return StepPolicy.PackPays(ratio, group.Count);
+        return StepPolicy.PackPays(_runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(group.Count), bucket), group.Count, plainMs);
     }
 
     /// <summary>

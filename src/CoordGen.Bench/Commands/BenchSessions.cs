@@ -60,7 +60,7 @@ internal static class BenchSessions
         var width = new Option<int>("--width") { Description = "Verification width of the spec mode.", DefaultValueFactory = _ => 8 };
         var modesOpt = new Option<string>("--modes") { Description = "Comma-separated modes: ar (plain), spec (the method at the fixed --width), spec-adaptive (the method, width chosen per step: the server's default).", DefaultValueFactory = _ => "ar,spec,spec-adaptive" };
         var weights = CommonOptions.Weights();
-        var packedOpt = new Option<string>("--packed") { Description = "true: plain sessions ready together share one device run (packed steps, serve --packed-steps true); false: one session per device run (the server's default); both: each mode both ways, side by side.", DefaultValueFactory = _ => "false", HelpName = "true|false|both" };
+        var packedOpt = new Option<string>("--packed") { Description = "true: plain sessions ready together share one device run when it pays (packed steps, the server's default); false: one session per device run; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
         var rounds = new Option<int>("--rounds") { Description = "Times each (sessions, mode) point runs, the modes taking turns; the report sums the rounds (this shared machine drifts in speed).", DefaultValueFactory = _ => 1 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
