@@ -325,7 +325,16 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                     drafter.Tell(draftJob, self);
                 }
 
-                double inline = group is null ? target.StepOnce(runtime, plain, spec, stops) : Active.StepPacked(group);
+                double inline = 0;
+                if (group is null)
+                {
+                    inline = target.StepOnce(runtime, plain, spec, stops);
+                }
+                else
+                {
+                    Active.StepPacked(group);
+                }
+
                 bool overran = false;
                 if (paceMs > 0)
                 {
@@ -824,7 +833,7 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
         }
 
         /// <summary>One packed device run for several plain sessions (off the mailbox thread, like <see cref="StepOnce"/>): traced as one span, each session's tokens counted under its method.</summary>
-        public static double StepPacked(IReadOnlyList<Active> group)
+        public static void StepPacked(IReadOnlyList<Active> group)
         {
             using var span = Telemetry.Source.StartActivity("coordgen.decode_packed", ActivityKind.Internal, group[0].Run.Request.Trace);
             span?.SetTag("coordgen.sessions", group.Count);
@@ -845,8 +854,6 @@ public sealed class DeviceActor : ReceiveActor, IWithTimers
                 Telemetry.DeviceBusy.Add(System.Diagnostics.Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", "decode_packed"));
                 Telemetry.Tokens.Add(group.Sum(a => a._plainSession!.Output.Count) - before, new KeyValuePair<string, object?>("method", "ar"));
             }
-
-            return 0;
         }
 
         private void StepCore(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)

@@ -105,9 +105,10 @@ internal static class BenchPacked
                             int runs = 0;
                             if (packed)
                             {
-                                while (PlainSession.StepPacked(list) > 0)
+                                int most = OrtModelRuntime.PackedSlotCounts[^1];
+                                for (int live = n; live > 0; live = PlainSession.StepPacked(list))
                                 {
-                                    runs += (list.Count(s => !s.Done) + OrtModelRuntime.PackedSlotCounts[^1] - 1) / OrtModelRuntime.PackedSlotCounts[^1];
+                                    runs += (live + most - 1) / most; // the runs this step takes
                                 }
                             }
                             else

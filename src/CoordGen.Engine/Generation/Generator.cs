@@ -256,8 +256,6 @@ public sealed class PlainSession : IDisposable
     /// <summary>The KV bucket its next step runs in (a packed step runs in the largest of its sessions').</summary>
     public int NextStepBucket => _cache.BucketFor(Math.Min(_cache.Length + 1, _cache.Capacity));
 
-    internal OrtModelRuntime Runtime => _gen.Runtime;
-
     /// <summary>Feeds the last chosen token, then chooses the next. Returns <see cref="Done"/>.</summary>
     public bool Step()
     {

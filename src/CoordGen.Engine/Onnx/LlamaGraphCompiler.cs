@@ -98,10 +98,6 @@ public static class LlamaGraphCompiler
 
     internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1)
     {
-        // Packed graphs: the slots' caches joined into one batch (one attention per layer, a copy of every
-        // slot's cache per step) rather than one attention per slot (no copy, S times the operators); the
-        // batch was 8% faster at a 256-slot bucket on the 135M twin in float32 and 21% in int8 (decision 0016).
-        bool batchedAttention = slots > 1;
         if (topCandidates < 0 || topCandidates > c.VocabSize)
         {
             throw new ArgumentException($"top candidates must be between 0 and the vocabulary size {c.VocabSize} (got {topCandidates}).");
@@ -165,18 +161,17 @@ public static class LlamaGraphCompiler
         string cos = b.Node("Cos", [emb]);
         string sin = b.Node("Sin", [emb]);
 
-        string shapeMask5 = b.ConstInt64([1, 1, 1, w, cap + w]);
-        var masks = Enumerable.Range(0, slots).Select(s => b.Node("Reshape", [slots == 1 ? "attention_mask" : Slice("attention_mask", s, s + 1, 0), shapeMask5])).ToArray();
+        string mask5 = b.Node("Reshape", ["attention_mask", b.ConstInt64([slots, 1, 1, w, cap + w])]);
         string eps = b.ConstFloat([c.RmsNormEps], [1], "eps");
         string scale = b.ConstFloat([(float)(1.0 / Math.Sqrt(d))], [1], "scale");
         string halves = b.ConstInt64([d / 2, d / 2], hint: "halves");
         string shapeQ = b.ConstInt64([1, n, c.NumHeads, d]);
         string shapeKv = b.ConstInt64([1, n, hkv, d]);
-        string shapeGrouped = b.ConstInt64([1, hkv, g * w, d]);
-        string shapeScores5 = b.ConstInt64([1, hkv, g, w, cap + w]);
-        string shapeScores4 = b.ConstInt64([1, hkv, g * w, cap + w]);
-        string shapeHeads = b.ConstInt64([1, c.NumHeads, w, d]);
-        string shapeWQ = b.ConstInt64([w, c.QDim]);
+        string shapeGrouped = b.ConstInt64([slots, hkv, g * w, d]);
+        string shapeScores5 = b.ConstInt64([slots, hkv, g, w, cap + w]);
+        string shapeScores4 = b.ConstInt64([slots, hkv, g * w, cap + w]);
+        string shapeHeads = b.ConstInt64([slots, c.NumHeads, w, d]);
+        string shapeWQ = b.ConstInt64([n, c.QDim]);
         string sliceStart0 = b.ConstInt64([0]);
         string sliceC = b.ConstInt64([cap]);
         string sliceEnd = b.ConstInt64([cap + w]);
@@ -251,54 +246,31 @@ public static class LlamaGraphCompiler
             q = Rope(q);
             k = Rope(k);
 
-            if (slots > 1 && batchedAttention)
-            {
-                string ToSlots(string t, int heads) => b.Node("Transpose", [b.Node("Reshape", [t, b.ConstInt64([heads, slots, w, d])])], attrs: GraphBuilder.Ints("perm", 1, 0, 2, 3));
-                string kS = ToSlots(k, hkv), vS = ToSlots(v, hkv);
-                for (int s = 0; s < slots; s++)
-                {
-                    b.Node("Identity", [Slice(kS, s, s + 1, 0)], PresentKey(i, s, slots));
-                    b.Node("Identity", [Slice(vS, s, s + 1, 0)], PresentValue(i, s, slots));
-                }
-
-                string qgB = b.Node("Mul", [b.Node("Reshape", [ToSlots(q, c.NumHeads), b.ConstInt64([slots, hkv, g * w, d])]), scale]);
-                string pastK = b.Node("Concat", [.. Enumerable.Range(0, slots).Select(s => PastKey(i, s, slots))], attrs: GraphBuilder.Int("axis", 0));
-                string pastV = b.Node("Concat", [.. Enumerable.Range(0, slots).Select(s => PastValue(i, s, slots))], attrs: GraphBuilder.Int("axis", 0));
-                string sPastB = b.Node("MatMul", [qgB, b.Node("Transpose", [pastK], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
-                string sNewB = b.Node("MatMul", [qgB, b.Node("Transpose", [kS], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
-                string scoresB = b.Node("Reshape", [b.Node("Concat", [sPastB, sNewB], attrs: GraphBuilder.Int("axis", -1)), b.ConstInt64([slots, hkv, g, w, cap + w])]);
-                string maskB = b.Node("Reshape", ["attention_mask", b.ConstInt64([slots, 1, 1, w, cap + w])]);
-                string probsB = b.Node("Reshape", [b.Node("Softmax", [b.Node("Add", [scoresB, maskB])], attrs: GraphBuilder.Int("axis", -1)), b.ConstInt64([slots, hkv, g * w, cap + w])]);
-                string attB = b.Node("Add", [b.Node("MatMul", [b.Node("Slice", [probsB, sliceStart0, sliceC, axisLast]), pastV]), b.Node("MatMul", [b.Node("Slice", [probsB, sliceC, sliceEnd, axisLast]), vS])]);
-                string mergedB = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [attB, b.ConstInt64([slots, c.NumHeads, w, d])])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), b.ConstInt64([n, c.QDim])]);
-                x = b.Node("Add", [x, Linear(mergedB, p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim)]);
-                goto Mlp;
-            }
-
-            // Attention per slot, each against its own cache: a packed run shares the weights, not the keys.
-            var slotOutputs = new string[slots];
+            // Packed graphs batch the slots: each slot's rows attend only its own cache, and the slots' caches
+            // are joined into one [S, Hkv, C, D] batch per layer (a copy of every cache per step, but one
+            // attention instead of S: 8% faster at a 256-slot bucket on the 135M twin in float32, 21% in int8;
+            // decision 0016). One slot reads its cache in place: nothing is joined or regrouped.
+            string Batch(string t, int heads) => slots == 1 ? t : b.Node("Transpose", [b.Node("Reshape", [t, b.ConstInt64([heads, slots, w, d])])], attrs: GraphBuilder.Ints("perm", 1, 0, 2, 3));
+            string Join(Func<int, string> past) => slots == 1 ? past(0) : b.Node("Concat", [.. Enumerable.Range(0, slots).Select(past)], attrs: GraphBuilder.Int("axis", 0));
+            string kS = Batch(k, hkv), vS = Batch(v, hkv);
             for (int s = 0; s < slots; s++)
             {
-                string qs = slots == 1 ? q : Slice(q, s * w, (s + 1) * w, 2);
-                string ks = b.Node("Identity", [slots == 1 ? k : Slice(k, s * w, (s + 1) * w, 2)], PresentKey(i, s, slots));
-                string vs = b.Node("Identity", [slots == 1 ? v : Slice(v, s * w, (s + 1) * w, 2)], PresentValue(i, s, slots));
-
-                // Grouped-query attention: heads h = kv * G + g, so [1,H,W,D] regroups to [1,Hkv,G*W,D] without a copy.
-                string qg = b.Node("Mul", [b.Node("Reshape", [qs, shapeGrouped]), scale]);
-                string sPast = b.Node("MatMul", [qg, b.Node("Transpose", [PastKey(i, s, slots)], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
-                string sNew = b.Node("MatMul", [qg, b.Node("Transpose", [ks], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
-                string scores = b.Node("Reshape", [b.Node("Concat", [sPast, sNew], attrs: GraphBuilder.Int("axis", -1)), shapeScores5]);
-                string probs = b.Node("Reshape", [b.Node("Softmax", [b.Node("Add", [scores, masks[s]])], attrs: GraphBuilder.Int("axis", -1)), shapeScores4]);
-                string pPast = b.Node("Slice", [probs, sliceStart0, sliceC, axisLast]);
-                string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
-                string att = b.Node("Add", [b.Node("MatMul", [pPast, PastValue(i, s, slots)]), b.Node("MatMul", [pNew, vs])]);
-                slotOutputs[s] = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);
+                b.Node("Identity", [slots == 1 ? kS : Slice(kS, s, s + 1, 0)], PresentKey(i, s, slots));
+                b.Node("Identity", [slots == 1 ? vS : Slice(vS, s, s + 1, 0)], PresentValue(i, s, slots));
             }
 
-            string merged = slots == 1 ? slotOutputs[0] : b.Node("Concat", slotOutputs, attrs: GraphBuilder.Int("axis", 0));
+            // Grouped-query attention: heads h = kv * G + g, so [S,H,W,D] regroups to [S,Hkv,G*W,D] without a copy.
+            string qg = b.Node("Mul", [b.Node("Reshape", [Batch(q, c.NumHeads), shapeGrouped]), scale]);
+            string sPast = b.Node("MatMul", [qg, b.Node("Transpose", [Join(s => PastKey(i, s, slots))], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
+            string sNew = b.Node("MatMul", [qg, b.Node("Transpose", [kS], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
+            string scores = b.Node("Reshape", [b.Node("Concat", [sPast, sNew], attrs: GraphBuilder.Int("axis", -1)), shapeScores5]);
+            string probs = b.Node("Reshape", [b.Node("Softmax", [b.Node("Add", [scores, mask5])], attrs: GraphBuilder.Int("axis", -1)), shapeScores4]);
+            string pPast = b.Node("Slice", [probs, sliceStart0, sliceC, axisLast]);
+            string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
+            string att = b.Node("Add", [b.Node("MatMul", [pPast, Join(s => PastValue(i, s, slots))]), b.Node("MatMul", [pNew, vS])]);
+            string merged = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);
             x = b.Node("Add", [x, Linear(merged, p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim)]);
 
-            Mlp:
             string h2 = RmsNorm(x, W(p + "post_attention_layernorm.weight", c.HiddenSize));
             string gate, up;
             if (weights == WeightFormat.F32)

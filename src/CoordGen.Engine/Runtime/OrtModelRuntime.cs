@@ -448,13 +448,8 @@ public sealed class OrtModelRuntime : IDisposable
             throw new ArgumentException($"no graph for width {width}; this runtime was built for widths {string.Join(",", _widths)}");
         }
 
-        int bucket = caches.Max(c => Math.Min(c.Length + width, c.Capacity));
-        foreach (var c in caches)
-        {
-            c.EnsureRoom(bucket);
-        }
-
-        bucket = caches.Max(c => c.Bucket);
+        // One packed graph has one capacity: every cache moves into the bucket the fullest needs.
+        int bucket = caches.Max(c => c.BucketFor(Math.Min(c.Length + width, c.Capacity)));
         foreach (var c in caches)
         {
             c.EnsureRoom(bucket);
