@@ -11,8 +11,11 @@ public static class ContextStoreProtocol
     /// <summary>Append a tokenized document. Reply: <see cref="StoreInfo"/> or <see cref="StoreMissing"/>.</summary>
     public sealed record AddDocument(string Name, TokenSequence Tokens);
 
-    /// <summary>Ask for a store's current snapshot. Reply: a snapshot, or <see cref="StoreMissing"/>.</summary>
+    /// <summary>Ask for a store's current snapshot. Reply: <see cref="Snapshot"/>, or <see cref="StoreMissing"/>.</summary>
     public sealed record GetSnapshot(string Name);
+
+    /// <summary>A store's current snapshot, read-only (the store actor publishes a new one on each change).</summary>
+    public sealed record Snapshot(string Name, IContextSnapshot Context);
 
     /// <summary>List the stores. Reply: <see cref="StoreList"/>.</summary>
     public sealed record ListStores;

@@ -30,7 +30,7 @@ public static class GenerationProtocol
     /// <paramref name="ContextStore"/> names a store whose documents the drafter retrieves from.
     /// </summary>
     public sealed record Generate(
-        string SessionId,
+        SessionId SessionId,
         TokenSequence Prompt,
         int MaxTokens,
         Sampling Sampling,
@@ -71,7 +71,7 @@ public static class GenerationProtocol
     /// <paramref name="Attempts"/> is 1 unless the session resumed after faults; <paramref name="RecoveryMs"/>
     /// holds, per fault, the time from the fault to the next committed token.
     /// </summary>
-    public sealed record GenerationCompleted(string SessionId, TokenSequence Tokens, string StopReason, double PrefillMs, double DecodeMs, SpeculationReport? Speculation,
+    public sealed record GenerationCompleted(SessionId SessionId, TokenSequence Tokens, string StopReason, double PrefillMs, double DecodeMs, SpeculationReport? Speculation,
         ImmutableArray<double> RecoveryMs = default, int Attempts = 1);
 
     /// <summary>What speculation did for one request: verification steps, tokens per step, drafts by source.</summary>
@@ -85,5 +85,5 @@ public static class GenerationProtocol
         double DraftMs);
 
     /// <summary>Supervisor/device → requester: the request failed; the system keeps serving others.</summary>
-    public sealed record GenerationFailed(string SessionId, FailureKind Kind, string Detail, int RetryAfterSeconds = 0);
+    public sealed record GenerationFailed(SessionId SessionId, FailureKind Kind, string Detail, int RetryAfterSeconds = 0);
 }

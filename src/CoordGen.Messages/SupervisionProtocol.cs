@@ -1,3 +1,5 @@
+using System.Collections.Immutable;
+
 namespace CoordGen.Messages;
 
 /// <summary>Messages about the runtime's load and its sessions' lifecycle (supervisor, sessions, device back-off).</summary>
@@ -13,7 +15,7 @@ public static class SupervisionProtocol
     public sealed record Load(int Pending, int MaxPending);
 
     /// <summary>Session → supervisor: the session ended (its place in the admission count is free).</summary>
-    public sealed record SessionFinished(string SessionId);
+    public sealed record SessionFinished(SessionId SessionId);
 
     /// <summary>
     /// The device's back-off supervisor → requester, instead of a reply, while the device is down between a
@@ -37,7 +39,7 @@ public static class DiagnosticsProtocol
         public static readonly KillRandomSession Instance = new();
     }
 
-    /// <summary>Fault injection: crash the device actor (its back-off supervisor starts a new one; its requests resume).</summary>
+    /// <summary>Fault injection: crash the device actor (its back-off supervisor starts a new one; its requests resume). The supervisor forwards it to the device, which throws on it.</summary>
     public sealed record CrashDevice
     {
         public static readonly CrashDevice Instance = new();
@@ -51,4 +53,28 @@ public static class DiagnosticsProtocol
     {
         public static readonly GetDevice Instance = new();
     }
+
+    /// <summary>Device: the queue depths. Reply: <see cref="Queues"/>.</summary>
+    public sealed record GetQueues
+    {
+        public static readonly GetQueues Instance = new();
+    }
+
+    /// <summary>Runs prefilling, decoding, and admitted but waiting for room under the KV memory budget.</summary>
+    public sealed record Queues(int Prefilling, int Decoding, int Waiting);
+
+    /// <summary>Device: the timeline of device steps, drafts and verifications (Stopwatch timestamps). Reply: <see cref="Overlap"/>.</summary>
+    public sealed record GetOverlap
+    {
+        public static readonly GetOverlap Instance = new();
+    }
+
+    /// <summary>
+    /// Device step, drafter and verifier intervals since the device started. <paramref name="Paced"/>: steps paced
+    /// by a device profile; <paramref name="Overran"/>: those whose real compute took longer than the profile
+    /// allowed. <paramref name="PrefillMs"/> / <paramref name="DecodeMs"/>: device time in prefill chunks and decode steps.
+    /// <paramref name="DraftsAhead"/>: trees the drafter drafted ahead (for the likely outcome of the step in flight) that were used.
+    /// </summary>
+    public sealed record Overlap(ImmutableArray<Interval> Device, ImmutableArray<Interval> Drafts, ImmutableArray<Interval> Verifies,
+        int Paced, int Overran, double PrefillMs, double DecodeMs, int DraftsAhead);
 }

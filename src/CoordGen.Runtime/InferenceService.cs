@@ -193,7 +193,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         var emulate = string.IsNullOrEmpty(settings.DeviceProfile) ? null : CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
         // The runtime outlives device-actor restarts: a restarted device takes the same compiled graphs.
         var runtimes = new RuntimeKeeper(() => Interlocked.Exchange(ref first, null) ?? NewRuntime(), reuse: settings.KeepRuntimeAcrossRestarts);
-        var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive, settings.PackedSteps ? DeviceActor.PackingMode.WhenItPays : DeviceActor.PackingMode.Off);
+        var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive, settings.PackedSteps ? PackingMode.WhenItPays : PackingMode.Off);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         var service = new InferenceService(bundle, settings, system, supervisor, runtimes) { Faults = plan };
         if (plan is not null)
@@ -357,7 +357,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         span?.SetTag("gen_ai.request.model", ModelName);
         span?.SetTag("gen_ai.request.max_tokens", request.MaxTokens);
         span?.SetTag("gen_ai.request.temperature", request.Sampling.Temperature);
-        var message = new Generate(progress.Id, TokenSequence.From(request.Prompt), request.MaxTokens, request.Sampling,
+        var message = new Generate(new SessionId(progress.Id), TokenSequence.From(request.Prompt), request.MaxTokens, request.Sampling,
             request.Method ?? Settings.Method, request.Width ?? Settings.Width, request.ContextStore, channel.Writer, cts.Token)
         {
             Trace = span?.Context ?? default,

@@ -1,3 +1,4 @@
+using CoordGen.Messages;
 using Akka.TestKit.Xunit2;
 using CoordGen.Actors.Device;
 using CoordGen.Engine.Speculative;
@@ -52,19 +53,20 @@ public class CalibratorActorSpecs : TestKit
 
         var expected = CalibratedIndex.Build(context, inPlace, options);
 
-        var calibrator = Sys.ActorOf(CalibratorActor.Props());
-        var key = new object();
+        var calibrator = Sys.ActorOf(CalibratorActor.Props(TestActor));
+        var key = new SessionRun(new SessionId("s"), 1);
         foreach (var c in chunks)
         {
-            calibrator.Tell(new CalibrateChunk(key, Top(c, options.TopK), options), TestActor);
+            calibrator.Tell(new CalibratorProtocol.Chunk(key, Top(c, options.TopK)), TestActor);
         }
 
-        calibrator.Tell(new CalibrateFinish(key, "s", context, options), TestActor);
-        var done = ExpectMsg<Calibrated>();
-        Assert.Same(key, done.Key);
-        Assert.NotNull(done.Index);
+        calibrator.Tell(new CalibratorProtocol.Finish(key, [.. context], "sam+ours", 8, Share: false), TestActor);
+        var done = ExpectMsg<DrafterProtocol.Calibrated>();
+        Assert.Equal(key, done.Run);
+        Assert.NotNull(done.Paths);
         Assert.True(expected.Paths > 0, "the test's logits should make calibrated paths");
-        Assert.Equal(expected.Paths, done.Index!.Paths);
+        Assert.Equal(expected.Paths, done.Paths!.Paths);
+        Assert.Equal(expected.Automaton.Text, CalibratedIndex.From(done.Paths).Automaton.Text);
     }
 
     [Fact]
@@ -73,16 +75,16 @@ public class CalibratorActorSpecs : TestKit
         var rng = new Random(5);
         int[] context = [.. Enumerable.Range(0, 20).Select(_ => rng.Next(Vocab))];
         var options = new CalibrationOptions();
-        var calibrator = Sys.ActorOf(CalibratorActor.Props());
-        object gone = new(), kept = new();
-        calibrator.Tell(new CalibrateChunk(gone, Rows(context, 0, 20, rng), options), TestActor);
-        calibrator.Tell(new CalibrateChunk(kept, Rows(context, 0, 20, rng), options), TestActor);
-        calibrator.Tell(new CalibrateCancel(gone), TestActor);
-        calibrator.Tell(new CalibrateFinish(gone, "gone", context, options), TestActor);
-        calibrator.Tell(new CalibrateFinish(kept, "kept", context, options), TestActor);
+        var calibrator = Sys.ActorOf(CalibratorActor.Props(TestActor));
+        SessionRun gone = new(new SessionId("gone"), 1), kept = new(new SessionId("kept"), 2);
+        calibrator.Tell(new CalibratorProtocol.Chunk(gone, Rows(context, 0, 20, rng)), TestActor);
+        calibrator.Tell(new CalibratorProtocol.Chunk(kept, Rows(context, 0, 20, rng)), TestActor);
+        calibrator.Tell(new CalibratorProtocol.Cancel(gone), TestActor);
+        calibrator.Tell(new CalibratorProtocol.Finish(gone, [.. context], "sam+ours", 8, Share: false), TestActor);
+        calibrator.Tell(new CalibratorProtocol.Finish(kept, [.. context], "sam+ours", 8, Share: false), TestActor);
 
-        Assert.Null(ExpectMsg<Calibrated>().Index);
-        Assert.NotNull(ExpectMsg<Calibrated>().Index);
+        Assert.Null(ExpectMsg<DrafterProtocol.Calibrated>().Paths);
+        Assert.NotNull(ExpectMsg<DrafterProtocol.Calibrated>().Paths);
     }
 
     /// <summary>A long prompt's top-k rows and context, as one chunk.</summary>
@@ -102,16 +104,16 @@ public class CalibratorActorSpecs : TestKit
         var (context, rows, inPlace) = LongPrompt(6000, 9);
         var options = new CalibrationOptions();
         var expected = CalibratedIndex.Build(context, inPlace, options);
-        var calibrator = Sys.ActorOf(CalibratorActor.Props());
-        var key = new object();
-        calibrator.Tell(new CalibrateChunk(key, rows, options), TestActor);
+        var calibrator = Sys.ActorOf(CalibratorActor.Props(TestActor));
+        var key = new SessionRun(new SessionId("s"), 1);
+        calibrator.Tell(new CalibratorProtocol.Chunk(new SessionRun(new SessionId("sliced-build"), 1), rows), TestActor);
 
         using var spans = new SpanRecorder();
-        calibrator.Tell(new CalibrateFinish(key, "sliced-build", context, options) { Share = true }, TestActor);
-        var done = ExpectMsg<Calibrated>(TimeSpan.FromSeconds(30));
+        calibrator.Tell(new CalibratorProtocol.Finish(new SessionRun(new SessionId("sliced-build"), 1), [.. context], "sam+ours", 8, Share: true), TestActor);
+        var done = ExpectMsg<DrafterProtocol.Calibrated>(TimeSpan.FromSeconds(30));
 
-        Assert.Equal(expected.Paths, done.Index!.Paths);
-        Assert.Equal(expected.Automaton.Text, done.Index.Automaton.Text);
+        Assert.Equal(expected.Paths, done.Paths!.Paths);
+        Assert.Equal(expected.Automaton.Text, CalibratedIndex.From(done.Paths).Automaton.Text);
         var span = Assert.Single(spans.Spans, s => s.OperationName == "coordgen.calibrate" && (string?)s.GetTagItem("coordgen.session") == "sliced-build");
         Assert.True((int)span.GetTagItem("coordgen.calibrate_slices")! > 1, "a 6,000-position build should take more than one 1 ms slice");
     }
@@ -121,11 +123,11 @@ public class CalibratorActorSpecs : TestKit
     {
         var (context, rows, _) = LongPrompt(20000, 10);
         var options = new CalibrationOptions();
-        var calibrator = Sys.ActorOf(CalibratorActor.Props());
-        var key = new object();
-        calibrator.Tell(new CalibrateChunk(key, rows, options), TestActor);
-        calibrator.Tell(new CalibrateFinish(key, "s", context, options) { Share = true }, TestActor);
-        calibrator.Tell(new CalibrateCancel(key), TestActor);
+        var calibrator = Sys.ActorOf(CalibratorActor.Props(TestActor));
+        var key = new SessionRun(new SessionId("s"), 1);
+        calibrator.Tell(new CalibratorProtocol.Chunk(key, rows), TestActor);
+        calibrator.Tell(new CalibratorProtocol.Finish(key, [.. context], "sam+ours", 8, Share: false) { Share = true }, TestActor);
+        calibrator.Tell(new CalibratorProtocol.Cancel(key), TestActor);
 
         ExpectNoMsg(TimeSpan.FromMilliseconds(500));
     }

@@ -50,11 +50,11 @@ public class DemoModelSessionSpecs : TestKit
             }
         }
 
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, demo.StopTokens));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, demo.StopTokens)));
         var channels = runs.Select(_ => Channel.CreateBounded<GeneratedToken>(4)).ToArray();
         for (int i = 0; i < runs.Length; i++)
         {
-            device.Tell(new Generate($"s{i}", TokenSequence.From(prompts[i]), 32, new Sampling(), runs[i].Method, 8, null, channels[i].Writer, CancellationToken.None) { AdaptiveWidth = runs[i].Adaptive }, TestActor);
+            device.Tell(new Generate(new SessionId($"s{i}"), TokenSequence.From(prompts[i]), 32, new Sampling(), runs[i].Method, 8, null, channels[i].Writer, CancellationToken.None) { AdaptiveWidth = runs[i].Adaptive }, TestActor);
         }
 
         var streams = await Task.WhenAll(channels.Select(async c =>

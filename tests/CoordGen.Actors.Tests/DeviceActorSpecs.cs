@@ -27,9 +27,9 @@ public class DeviceActorSpecs : TestKit
             expected = new Generator(rt).Generate(prompt, 20, new SamplingOptions(), new HashSet<int>()).Tokens;
         }
 
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>())));
         var channel = Channel.CreateBounded<GeneratedToken>(4);
-        device.Tell(new Generate("s1", TokenSequence.From(prompt), 20, new Sampling(), "ar", 1, null, channel.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("s1"), TokenSequence.From(prompt), 20, new Sampling(), "ar", 1, null, channel.Writer, CancellationToken.None), TestActor);
         var streamed = new List<int>();
         await foreach (var (t, _) in channel.Reader.ReadAllAsync())
         {
@@ -53,12 +53,12 @@ public class DeviceActorSpecs : TestKit
             expected = new CoordGen.Engine.Speculative.SpeculativeDecoder(rt).Generate(prompt, 24, sampling, new HashSet<int>(), opts).Tokens;
         }
 
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>())));
 
         // A verdict for no session on the device (one that ended, or a late answer) is dropped.
-        device.Tell(new Verified(new object(), new CoordGen.Engine.Speculative.TreeVerdict(1, [5], [0], 0)), TestActor);
+        device.Tell(new VerifierProtocol.Verified(new SessionRun(new SessionId("gone"), 99), new TreeVerdict(1, [5], [0], 0), 0, 0), TestActor);
         var channel = Channel.CreateUnbounded<GeneratedToken>();
-        device.Tell(new Generate("s1", TokenSequence.From(prompt), 24, new Sampling(Temperature: 0.9f, Seed: 17), "sam+ours", 8, null, channel.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("s1"), TokenSequence.From(prompt), 24, new Sampling(Temperature: 0.9f, Seed: 17), "sam+ours", 8, null, channel.Writer, CancellationToken.None), TestActor);
         var done = await ExpectMsgAsync<GenerationCompleted>();
         Assert.Equal(TokenSequence.From(expected), done.Tokens);
         Assert.True(done.Speculation!.Steps > 0);
@@ -76,18 +76,18 @@ public class DeviceActorSpecs : TestKit
         }
 
         // Room for one session's cache: the first runs, the others wait without a cache.
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>(), maxActiveSessions: 1));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), maxActiveSessions: 1)));
         var c1 = Channel.CreateBounded<GeneratedToken>(1); // unread for now: the first session stays on the device
         var c2 = Channel.CreateUnbounded<GeneratedToken>();
         var c3 = Channel.CreateUnbounded<GeneratedToken>();
         using var cancelThird = new CancellationTokenSource();
-        device.Tell(new Generate("s1", TokenSequence.From(first), 12, new Sampling(), "ar", 1, null, c1.Writer, CancellationToken.None), TestActor);
-        device.Tell(new Generate("s2", TokenSequence.From(second), 12, new Sampling(), "sam+ours", 8, null, c2.Writer, CancellationToken.None), TestActor);
-        device.Tell(new Generate("s3", TokenSequence.From(third), 12, new Sampling(), "ar", 1, null, c3.Writer, cancelThird.Token), TestActor);
+        device.Tell(new Generate(new SessionId("s1"), TokenSequence.From(first), 12, new Sampling(), "ar", 1, null, c1.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("s2"), TokenSequence.From(second), 12, new Sampling(), "sam+ours", 8, null, c2.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("s3"), TokenSequence.From(third), 12, new Sampling(), "ar", 1, null, c3.Writer, cancelThird.Token), TestActor);
 
         await AwaitAssertAsync(async () =>
         {
-            var q = await device.Ask<DeviceActor.Queues>(new DeviceActor.GetQueues());
+            var q = await device.Ask<DiagnosticsProtocol.Queues>(DiagnosticsProtocol.GetQueues.Instance);
             Assert.Equal((1, 2), (q.Prefilling + q.Decoding, q.Waiting));
         });
         Assert.False(c2.Reader.TryPeek(out _), "a waiting run produced a token");
@@ -95,7 +95,7 @@ public class DeviceActorSpecs : TestKit
         // A waiting run can be cancelled; it never took a cache.
         await cancelThird.CancelAsync();
         var cancelled = await ExpectMsgAsync<GenerationFailed>();
-        Assert.Equal(("s3", FailureKind.Cancelled), (cancelled.SessionId, cancelled.Kind));
+        Assert.Equal(("s3", FailureKind.Cancelled), (cancelled.SessionId.Value, cancelled.Kind));
 
         // Reading the first stream lets it finish; its cache frees, and the second starts.
         var got1 = new List<int>();
@@ -106,7 +106,7 @@ public class DeviceActorSpecs : TestKit
 
         var done1 = await ExpectMsgAsync<GenerationCompleted>();
         var done2 = await ExpectMsgAsync<GenerationCompleted>();
-        Assert.Equal(("s1", "s2"), (done1.SessionId, done2.SessionId));
+        Assert.Equal(("s1", "s2"), (done1.SessionId.Value, done2.SessionId.Value));
         Assert.Equal(firstAlone, got1);
         Assert.Equal(TokenSequence.From(secondAlone), done2.Tokens);
     }
@@ -114,18 +114,18 @@ public class DeviceActorSpecs : TestKit
     [Fact]
     public async Task Device_should_reply_failed_and_keep_serving_when_a_prompt_exceeds_capacity()
     {
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>())));
         var tooLong = Channel.CreateUnbounded<GeneratedToken>();
-        device.Tell(new Generate("big", TokenSequence.From(Enumerable.Range(0, 100).Select(i => i % 64)), 5, new Sampling(), "ar", 1, null, tooLong.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("big"), TokenSequence.From(Enumerable.Range(0, 100).Select(i => i % 64)), 5, new Sampling(), "ar", 1, null, tooLong.Writer, CancellationToken.None), TestActor);
         var ok = Channel.CreateUnbounded<GeneratedToken>();
-        device.Tell(new Generate("small", TokenSequence.From([1, 2, 3]), 5, new Sampling(), "ar", 1, null, ok.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("small"), TokenSequence.From([1, 2, 3]), 5, new Sampling(), "ar", 1, null, ok.Writer, CancellationToken.None), TestActor);
 
         var failed = await ExpectMsgAsync<GenerationFailed>();
         Assert.Equal(FailureKind.CapacityExceeded, failed.Kind);
         Assert.Contains("Shorten the prompt", failed.Detail);
         await Assert.ThrowsAsync<PromptTooLongException>(async () => await tooLong.Reader.Completion);
         var completed = await ExpectMsgAsync<GenerationCompleted>();
-        Assert.Equal("small", completed.SessionId);
+        Assert.Equal("small", completed.SessionId.Value);
         Assert.Equal(5, completed.Tokens.Count);
     }
 
@@ -141,14 +141,14 @@ public class DeviceActorSpecs : TestKit
 
         // Width 1 (plain decode) takes 40 ms, the 8-wide prefill graph 60 ms: far above the tiny model's CPU time.
         var profile = new DeviceProfile { Name = "fake-npu", Steps = [new(1, 40), new(8, 60)] };
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>(), profile));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), profile)));
         var channel = Channel.CreateUnbounded<GeneratedToken>();
-        device.Tell(new Generate("s1", TokenSequence.From(prompt), 6, new Sampling(), "ar", 1, null, channel.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("s1"), TokenSequence.From(prompt), 6, new Sampling(), "ar", 1, null, channel.Writer, CancellationToken.None), TestActor);
         var done = await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(10));
         Assert.Equal(TokenSequence.From(expected), done.Tokens);
 
-        var overlap = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap(), TimeSpan.FromSeconds(3));
-        Assert.Equal(overlap.Device.Count, overlap.Paced);
+        var overlap = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance, TimeSpan.FromSeconds(3));
+        Assert.Equal(overlap.Device.Length, overlap.Paced);
         Assert.Equal(0, overlap.Overran);
         var stepsMs = overlap.Device.Select(d => (d.End - d.Start) * 1000.0 / System.Diagnostics.Stopwatch.Frequency).ToList();
         Assert.Equal(60, stepsMs[0], 0.1 * 60 + 15); // the prefill chunk on the 8-wide graph

@@ -19,7 +19,7 @@ public class FaultRecoverySpecs : TestKit
     private async Task<int[]> Stream(Akka.Actor.IActorRef supervisor, string method, Sampling sampling, Action? whileRunning = null, List<TokenLogprob?>? logprobs = null)
     {
         var channel = Channel.CreateBounded<GeneratedToken>(1);
-        supervisor.Tell(new Generate("s", TokenSequence.From(Prompt), 40, sampling, method, 8, null, channel.Writer, CancellationToken.None), TestActor);
+        supervisor.Tell(new Generate(new SessionId("s"), TokenSequence.From(Prompt), 40, sampling, method, 8, null, channel.Writer, CancellationToken.None), TestActor);
         var got = new List<int>();
         await foreach (var (t, lp) in channel.Reader.ReadAllAsync())
         {

@@ -12,7 +12,7 @@ namespace CoordGen.Actors.Tests;
 public class GenerationSupervisorSpecs : TestKit
 {
     private static Generate Request(string id, string? store = null) =>
-        new(id, TokenSequence.From([1, 2, 3]), 4, new Sampling(), "ar", 1, store, Channel.CreateUnbounded<GeneratedToken>().Writer, CancellationToken.None);
+        new(new SessionId(id), TokenSequence.From([1, 2, 3]), 4, new Sampling(), "ar", 1, store, Channel.CreateUnbounded<GeneratedToken>().Writer, CancellationToken.None);
 
     [Fact]
     public async Task Supervisor_should_refuse_with_a_retry_hint_when_running_plus_queued_reaches_the_limit()
@@ -25,15 +25,15 @@ public class GenerationSupervisorSpecs : TestKit
         supervisor.Tell(Request("c"), TestActor);
 
         var refused = await ExpectMsgAsync<GenerationFailed>();
-        Assert.Equal("c", refused.SessionId);
+        Assert.Equal("c", refused.SessionId.Value);
         Assert.Equal(FailureKind.Overloaded, refused.Kind);
         Assert.True(refused.RetryAfterSeconds > 0);
 
         // Finishing one frees a place: the next request is admitted.
-        var first = await device.ExpectMsgAsync<DeviceRun>();
+        var first = await device.ExpectMsgAsync<DeviceProtocol.Run>();
         var firstSender = device.LastSender;
-        await device.ExpectMsgAsync<DeviceRun>();
-        firstSender.Tell(new GenerationCompleted(first.Request.SessionId, TokenSequence.Empty, "length", 0, 0, null));
+        await device.ExpectMsgAsync<DeviceProtocol.Run>();
+        firstSender.Tell(new DeviceProtocol.Ended(first.Attempt, new GenerationCompleted(first.Request.SessionId, TokenSequence.Empty, "length", 0, 0, null)));
         Assert.Equal(first.Request.SessionId, (await ExpectMsgAsync<GenerationCompleted>()).SessionId);
         await AwaitAssertAsync(async () =>
         {
@@ -41,8 +41,8 @@ public class GenerationSupervisorSpecs : TestKit
             Assert.Equal(1, (await ExpectMsgAsync<SupervisionProtocol.Load>()).Pending);
         });
         supervisor.Tell(Request("d"), TestActor);
-        var admitted = await device.ExpectMsgAsync<DeviceRun>();
-        Assert.Equal("d", admitted.Request.SessionId);
+        var admitted = await device.ExpectMsgAsync<DeviceProtocol.Run>();
+        Assert.Equal("d", admitted.Request.SessionId.Value);
     }
 
     [Fact]
@@ -62,9 +62,9 @@ public class GenerationSupervisorSpecs : TestKit
         Assert.Equal(1, (await ExpectMsgAsync<ContextStoreProtocol.StoreInfo>()).Documents);
 
         supervisor.Tell(Request("y", store: "notes"), TestActor);
-        var run = await device.ExpectMsgAsync<DeviceRun>();
-        Assert.NotNull(run.Store);
-        Assert.Equal(1, run.Store!.Responses);
+        var run = await device.ExpectMsgAsync<DeviceProtocol.Run>();
+        var store = Assert.IsType<CoordGen.Engine.Speculative.HistoryStore>(run.Context);
+        Assert.Equal(1, store.Responses);
     }
 
     [Fact]
@@ -73,11 +73,11 @@ public class GenerationSupervisorSpecs : TestKit
         var device = CreateTestProbe();
         var supervisor = Sys.ActorOf(GenerationSupervisor.Props(Props.Create(() => new FakeForwardingDevice(device.Ref)), maxPending: 2));
         var mine = await supervisor.Ask<IActorRef>(DiagnosticsProtocol.GetDevice.Instance, TimeSpan.FromSeconds(5));
-        var run = new DeviceRun(Request("lost"), null);
+        var run = new DeviceProtocol.Run(Request("lost"), null, Attempt: 3);
 
         // Dead-lettered on its way to this supervisor's device: answered.
         Sys.EventStream.Publish(new Akka.Event.DeadLetter(run, TestActor, mine));
-        await ExpectMsgAsync<DeviceRestarting>();
+        Assert.Equal(new DeviceProtocol.Ended(3, Restarting: true), await ExpectMsgAsync<DeviceProtocol.Ended>());
 
         // Addressed elsewhere, or not a run: not this supervisor's business.
         Sys.EventStream.Publish(new Akka.Event.DeadLetter(run, TestActor, device.Ref));
@@ -88,6 +88,6 @@ public class GenerationSupervisorSpecs : TestKit
     /// <summary>Fake device for scheduling tests: hands every run to a probe, which answers for it.</summary>
     private sealed class FakeForwardingDevice : ReceiveActor
     {
-        public FakeForwardingDevice(IActorRef probe) => Receive<DeviceRun>(r => probe.Forward(r));
+        public FakeForwardingDevice(IActorRef probe) => Receive<DeviceProtocol.Run>(r => probe.Forward(r));
     }
 }

@@ -31,12 +31,12 @@ public class InterleavingSpecs : TestKit
     [Fact]
     public async Task Concurrent_sessions_should_produce_exactly_what_each_produces_alone()
     {
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>())));
         string[] methods = ["ar", "sam+ours", "pld", "sam+ours", "ar", "sam"];
         var channels = methods.Select(_ => Channel.CreateBounded<GeneratedToken>(2)).ToArray();
         for (int i = 0; i < methods.Length; i++)
         {
-            device.Tell(new Generate($"s{i}", TokenSequence.From(Prompt(i)), 30, new Sampling(), methods[i], 8, null, channels[i].Writer, CancellationToken.None), TestActor);
+            device.Tell(new Generate(new SessionId($"s{i}"), TokenSequence.From(Prompt(i)), 30, new Sampling(), methods[i], 8, null, channels[i].Writer, CancellationToken.None), TestActor);
         }
 
         var streams = await Task.WhenAll(channels.Select(async c =>
@@ -58,12 +58,12 @@ public class InterleavingSpecs : TestKit
     [Fact]
     public async Task Packed_plain_sessions_should_produce_what_each_produces_alone_in_fewer_device_runs()
     {
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>(), packing: DeviceActor.PackingMode.Always));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), packing: PackingMode.Always)));
         string[] methods = ["ar", "ar", "sam+ours", "ar", "ar", "ar"];
         var channels = methods.Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
         for (int i = 0; i < methods.Length; i++)
         {
-            device.Tell(new Generate($"s{i}", TokenSequence.From(Prompt(i)), 30, new Sampling(), methods[i], 8, null, channels[i].Writer, CancellationToken.None), TestActor);
+            device.Tell(new Generate(new SessionId($"s{i}"), TokenSequence.From(Prompt(i)), 30, new Sampling(), methods[i], 8, null, channels[i].Writer, CancellationToken.None), TestActor);
         }
 
         var streams = await Task.WhenAll(channels.Select(async c =>
@@ -82,35 +82,35 @@ public class InterleavingSpecs : TestKit
         }
 
         // Five plain sessions of 30 tokens each take 150 decode runs one at a time; packed, far fewer.
-        var overlap = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+        var overlap = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
         int prefills = methods.Length;
-        Assert.True(overlap.Device.Count - prefills < 150, $"{overlap.Device.Count} device runs");
+        Assert.True(overlap.Device.Length - prefills < 150, $"{overlap.Device.Length} device runs");
     }
 
         [Fact]
     public async Task Short_request_should_finish_before_a_long_one_started_earlier()
     {
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>())));
         var longOut = Channel.CreateUnbounded<GeneratedToken>();
         var shortOut = Channel.CreateUnbounded<GeneratedToken>();
-        device.Tell(new Generate("long", TokenSequence.From(Prompt(0)), 100, new Sampling(), "ar", 8, null, longOut.Writer, CancellationToken.None), TestActor);
-        device.Tell(new Generate("short", TokenSequence.From(Prompt(1)), 3, new Sampling(), "ar", 8, null, shortOut.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("long"), TokenSequence.From(Prompt(0)), 100, new Sampling(), "ar", 8, null, longOut.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("short"), TokenSequence.From(Prompt(1)), 3, new Sampling(), "ar", 8, null, shortOut.Writer, CancellationToken.None), TestActor);
 
-        Assert.Equal("short", (await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30))).SessionId);
-        Assert.Equal("long", (await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30))).SessionId);
+        Assert.Equal("short", (await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30))).SessionId.Value);
+        Assert.Equal("long", (await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30))).SessionId.Value);
     }
 
     [Fact]
     public async Task Stalled_reader_should_pause_only_its_own_stream()
     {
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>())));
         var stalled = Channel.CreateBounded<GeneratedToken>(1);
         var other = Channel.CreateUnbounded<GeneratedToken>();
-        device.Tell(new Generate("stalled", TokenSequence.From(Prompt(0)), 20, new Sampling(), "sam+ours", 8, null, stalled.Writer, CancellationToken.None), TestActor);
-        device.Tell(new Generate("other", TokenSequence.From(Prompt(1)), 20, new Sampling(), "sam+ours", 8, null, other.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("stalled"), TokenSequence.From(Prompt(0)), 20, new Sampling(), "sam+ours", 8, null, stalled.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("other"), TokenSequence.From(Prompt(1)), 20, new Sampling(), "sam+ours", 8, null, other.Writer, CancellationToken.None), TestActor);
 
         var first = await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30));
-        Assert.Equal("other", first.SessionId);
+        Assert.Equal("other", first.SessionId.Value);
         var got = new List<int>();
         await foreach (var (t, _) in stalled.Reader.ReadAllAsync())
         {
@@ -118,17 +118,17 @@ public class InterleavingSpecs : TestKit
         }
 
         Assert.Equal(Alone(0, "sam+ours", 20), got);
-        Assert.Equal("stalled", (await ExpectMsgAsync<GenerationCompleted>()).SessionId);
+        Assert.Equal("stalled", (await ExpectMsgAsync<GenerationCompleted>()).SessionId.Value);
     }
 
     [Fact]
     public async Task Drafter_should_prepare_trees_while_the_device_steps_other_sessions()
     {
-        var device = Sys.ActorOf(DeviceActor.Props(NewRuntime, new HashSet<int>()));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>())));
         var channels = Enumerable.Range(0, 4).Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
         for (int i = 0; i < 4; i++)
         {
-            device.Tell(new Generate($"s{i}", TokenSequence.From(Prompt(i)), 30, new Sampling(), "sam+ours", 8, null, channels[i].Writer, CancellationToken.None), TestActor);
+            device.Tell(new Generate(new SessionId($"s{i}"), TokenSequence.From(Prompt(i)), 30, new Sampling(), "sam+ours", 8, null, channels[i].Writer, CancellationToken.None), TestActor);
         }
 
         for (int i = 0; i < 4; i++)
@@ -147,7 +147,7 @@ public class InterleavingSpecs : TestKit
             Assert.Equal(Alone(i, "sam+ours", 30), got);
         }
 
-        var overlap = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+        var overlap = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
         Assert.NotEmpty(overlap.Device);
         Assert.NotEmpty(overlap.Drafts);
     }

@@ -32,11 +32,11 @@ public class TelemetrySpecs : TestKit
         meters.Start();
 
         var weights = TinyModel.Weights(4, 0.5f);
-        var device = Sys.ActorOf(DeviceActor.Props(() => new OrtModelRuntime(weights, 128, [1, 8]), new HashSet<int>()));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(() => new OrtModelRuntime(weights, 128, [1, 8]), new HashSet<int>())));
         using var root = new Activity("test-request").Start();
         var channel = Channel.CreateUnbounded<GeneratedToken>();
         int[] prompt = [.. Enumerable.Range(0, 20).Select(i => (i * 5) % 64)];
-        device.Tell(new Generate("traced", TokenSequence.From(prompt), 16, new Sampling(), "sam+ours", 8, null, channel.Writer, CancellationToken.None) { Trace = root.Context }, TestActor);
+        device.Tell(new Generate(new SessionId("traced"), TokenSequence.From(prompt), 16, new Sampling(), "sam+ours", 8, null, channel.Writer, CancellationToken.None) { Trace = root.Context }, TestActor);
         await ExpectMsgAsync<GenerationCompleted>();
 
         // The calibrator actor's span may end after the last token (the session does not wait for it).

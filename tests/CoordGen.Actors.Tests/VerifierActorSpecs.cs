@@ -4,6 +4,8 @@ using Akka.TestKit.Xunit2;
 using CoordGen.Actors.Device;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Speculative;
+using CoordGen.Messages;
+using static CoordGen.Messages.VerifierProtocol;
 
 namespace CoordGen.Actors.Tests;
 
@@ -25,10 +27,10 @@ public class VerifierActorSpecs : TestKit
     public async Task A_greedy_step_should_be_answered_with_the_accepted_path_and_its_step_number()
     {
         var verifier = Sys.ActorOf(VerifierActor.Props());
-        var key = new object();
-        verifier.Tell(new VerifyTree(key, new TreeToVerify(7, Tokens, Parents, [3, 5, 2, 0], default, Vocab, 0), new SamplingOptions(), default));
+        var key = new SessionRun(new SessionId("s"), 1);
+        verifier.Tell(new Verify(key, new TreeToVerify(7, Tokens, Parents, [3, 5, 2, 0], default, Vocab, 0), new GenerationProtocol.Sampling()));
         var v = await ExpectMsgAsync<Verified>();
-        Assert.Same(key, v.Key);
+        Assert.Equal(key, v.Run);
         Assert.Equal(7, v.Verdict.Step);
         Assert.Equal([3, 5, 2], v.Verdict.Emitted);
         Assert.Equal([0, 1, 2], v.Verdict.Rows);
@@ -37,16 +39,16 @@ public class VerifierActorSpecs : TestKit
     [Fact]
     public async Task A_sessions_sampled_steps_should_continue_one_random_stream_as_inline_sampling_does()
     {
-        var sampling = new SamplingOptions { Temperature = 1f, Seed = 11 };
-        var inline = new Sampler(sampling);
+        var sampling = new GenerationProtocol.Sampling(Temperature: 1f, Seed: 11);
+        var inline = new Sampler(new SamplingOptions { Temperature = 1f, Seed = 11 });
         var verifier = Sys.ActorOf(VerifierActor.Props());
-        var key = new object();
+        var key = new SessionRun(new SessionId("s"), 1);
         long draws = 0;
         for (int step = 1; step <= 6; step++)
         {
             var tree = new TreeToVerify(step, Tokens, Parents, [0, 0, 0, 0], RandomLogits(4, step), Vocab, draws);
             var expected = TreeVerifier.Verify(tree, inline);
-            verifier.Tell(new VerifyTree(key, tree, sampling, default));
+            verifier.Tell(new Verify(key, tree, sampling));
             var got = (await ExpectMsgAsync<Verified>()).Verdict;
             Assert.Equal(expected.Emitted, got.Emitted);
             Assert.Equal(expected.Draws, got.Draws);
@@ -54,9 +56,9 @@ public class VerifierActorSpecs : TestKit
         }
 
         // Another session with the same seed has its own stream, from its own position.
-        var fresh = new Sampler(sampling);
+        var fresh = new Sampler(new SamplingOptions { Temperature = 1f, Seed = 11 });
         var first = new TreeToVerify(1, Tokens, Parents, [0, 0, 0, 0], RandomLogits(4, 1), Vocab, 0);
-        verifier.Tell(new VerifyTree(new object(), first, sampling, default));
+        verifier.Tell(new Verify(new SessionRun(new SessionId("t"), 2), first, sampling));
         Assert.Equal(TreeVerifier.Verify(first, fresh).Emitted, (await ExpectMsgAsync<Verified>()).Verdict.Emitted);
     }
 
@@ -64,16 +66,16 @@ public class VerifierActorSpecs : TestKit
     public async Task A_step_it_cannot_verify_should_be_answered_with_a_failure_and_the_verifier_should_keep_serving()
     {
         var verifier = Sys.ActorOf(VerifierActor.Props());
-        var key = new object();
+        var key = new SessionRun(new SessionId("s"), 1);
 
         // Sampling, but the device sent no logits rows.
-        verifier.Tell(new VerifyTree(key, new TreeToVerify(4, Tokens, Parents, [3, 5, 2, 0], default, Vocab, 0), new SamplingOptions { Temperature = 0.7f }, default));
+        verifier.Tell(new Verify(key, new TreeToVerify(4, Tokens, Parents, [3, 5, 2, 0], default, Vocab, 0), new GenerationProtocol.Sampling(Temperature: 0.7f)));
         var failed = await ExpectMsgAsync<VerifyFailed>();
-        Assert.Same(key, failed.Key);
+        Assert.Equal(key, failed.Run);
         Assert.Equal(4, failed.Step);
         Assert.Contains("logits", failed.Reason);
 
-        verifier.Tell(new VerifyTree(key, new TreeToVerify(5, Tokens, Parents, [6, 5, 2, 1], default, Vocab, 0), new SamplingOptions(), default));
+        verifier.Tell(new Verify(key, new TreeToVerify(5, Tokens, Parents, [6, 5, 2, 1], default, Vocab, 0), new GenerationProtocol.Sampling()));
         var after = await ExpectMsgAsync<Verified>();
         Assert.Equal(new[] { 6, 1 }, after.Verdict.Emitted);
     }
@@ -84,7 +86,7 @@ public class VerifierActorSpecs : TestKit
         using var spans = new SpanRecorder();
         using var root = new Activity("request").Start();
         var verifier = Sys.ActorOf(VerifierActor.Props());
-        verifier.Tell(new VerifyTree(new object(), new TreeToVerify(1, Tokens, Parents, [3, 1, 0, 0], default, Vocab, 0), new SamplingOptions(), root.Context) { Session = "s1" });
+        verifier.Tell(new Verify(new SessionRun(new SessionId("s1"), 1), new TreeToVerify(1, Tokens, Parents, [3, 1, 0, 0], default, Vocab, 0), new GenerationProtocol.Sampling(), root.Context));
         await ExpectMsgAsync<Verified>();
         await AwaitConditionAsync(() => Task.FromResult(spans.Spans.Any(s => s.OperationName == "coordgen.verify" && s.ParentSpanId == root.SpanId)));
         var span = spans.Spans.First(s => s.OperationName == "coordgen.verify" && s.ParentSpanId == root.SpanId);

@@ -1,3 +1,4 @@
+using CoordGen.Messages;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Model;
 using CoordGen.Engine.Onnx;
@@ -72,7 +73,7 @@ public class GraphCompilerTests
         }
 
         // A chunk handed to a calibrator elsewhere carries the same rows.
-        var rows = TopRows.From(buf, tokens.Length, 2);
+        var rows = PrefillTopK.RowsOf(buf, tokens.Length, 2);
         var remote = new PrefillTopK(2);
         remote.Add(rows);
         Assert.Equal(tokens.Length, remote.Positions);

@@ -1,3 +1,4 @@
+using CoordGen.Messages;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Model;
 using CoordGen.Engine.Runtime;
@@ -112,15 +113,25 @@ public class SpeculativeEquivalenceTests
 
         using var pre = finish();
         Assert.True(pre.CalibrationDeferred);
-        using var session = spec.Start(pre, 48, new SamplingOptions(), demo.StopTokens, opts);
-        for (int i = 0; i < 3 && !session.Done; i++)
+        // The drafter's side, as a drafter actor holds it: trees offered to the device's session, each
+        // step's outcome handed back; the calibrated paths join after three steps.
+        using var session = spec.Start(pre, 48, new SamplingOptions(), demo.StopTokens, opts, externalDrafter: true);
+        var drafter = new SessionDrafter(prompt, 48, opts, null);
+        for (int i = 0; !session.Done; i++)
         {
-            session.Step();
-        }
+            if (i == 3)
+            {
+                var builder = new CalibratedIndex.Builder(prompt, topK, opts.Calibration);
+                builder.Advance(int.MaxValue);
+                drafter.AttachCalibration(CalibratedIndex.From(builder.Paths()));
+            }
 
-        session.AttachCalibration(CalibratedIndex.Build(prompt, topK, opts.Calibration), 1.0);
-        while (!session.Step())
-        {
+            var (outcome, committed) = session.TakeAdvance();
+            var tree = drafter.Advance(outcome, committed);
+            Assert.True(session.NeedsProposal);
+            session.Offer(tree);
+            Assert.False(session.NeedsProposal);
+            session.Step();
         }
 
         var result = session.Result();
@@ -128,10 +139,8 @@ public class SpeculativeEquivalenceTests
         Assert.True(result.Accounting.Proposed(DraftSource.Calibrated) > 0, "calibrated drafts should join after the index is attached");
     }
 
-    [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public void Drafting_the_next_step_during_verification_should_keep_the_output_and_be_used_when_the_guess_holds(bool onAnotherThread)
+    [Fact]
+    public void Drafting_the_next_step_during_verification_should_keep_the_output_and_be_used_when_the_guess_holds()
     {
         var demo = ModelBundle.Load(Paths.DemoModel);
         using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 64, 8]);
@@ -145,20 +154,17 @@ public class SpeculativeEquivalenceTests
             using var pre = spec.Prefill(prompt, new CalibrationOptions());
             using var session = spec.Start(pre, 64, new SamplingOptions(), demo.StopTokens, SpeculationOptions.ForMethod("sam+ours", 8));
 
-            // On another thread the job races the device run (as the drafter actor's does) and may come
-            // too late; inline it always runs, so whether its tree is used depends only on the outcome.
-            session.DuringVerify = onAnotherThread ? job => Task.Run(job) : job => job();
+            // Each step's drafter also drafts the step after it for its likely outcome, as the drafter
+            // actor does while the device runs the step; whether that tree is used depends only on the outcome.
+            session.DraftAhead = true;
             while (!session.Step())
             {
             }
 
             Assert.Equal(expected, session.Result().Tokens);
-            used += session.PreDraftsUsed;
+            used += session.AheadUsed;
         }
 
-        if (!onAnotherThread)
-        {
-            Assert.True(used > 0, "no step used the tree drafted during the previous verification");
-        }
+        Assert.True(used > 0, "no step used the tree drafted during the previous verification");
     }
 }

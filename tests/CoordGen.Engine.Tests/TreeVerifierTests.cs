@@ -1,3 +1,4 @@
+using CoordGen.Messages;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Model;
 using CoordGen.Engine.Runtime;

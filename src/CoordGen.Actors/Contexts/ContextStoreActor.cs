@@ -23,7 +23,7 @@ public sealed class ContextStoreActor : ReceiveActor
         Receive<ContextStoreProtocol.CreateStore>(Create);
         Receive<ContextStoreProtocol.AddDocument>(Add);
         Receive<ContextStoreProtocol.GetSnapshot>(m => Sender.Tell(_stores.TryGetValue(m.Name, out var s)
-            ? new StoreSnapshot(m.Name, s.Snapshot)
+            ? new ContextStoreProtocol.Snapshot(m.Name, s.Snapshot)
             : new ContextStoreProtocol.StoreMissing(m.Name)));
         Receive<ContextStoreProtocol.ListStores>(_ => Sender.Tell(new ContextStoreProtocol.StoreList(
             [.. _stores.OrderBy(p => p.Key, StringComparer.Ordinal).Select(p => Info(p.Key, p.Value))])));
@@ -79,6 +79,3 @@ public sealed class ContextStoreActor : ReceiveActor
 
     private sealed record Store(ImmutableList<int[]> Documents, HistoryStore Snapshot);
 }
-
-/// <summary>Store actor → asker: the current snapshot of a store, read-only.</summary>
-public sealed record StoreSnapshot(string Name, HistoryStore Store);

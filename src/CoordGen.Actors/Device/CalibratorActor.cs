@@ -1,6 +1,8 @@
 using System.Diagnostics;
 using Akka.Actor;
 using CoordGen.Engine.Speculative;
+using CoordGen.Messages;
+using static CoordGen.Messages.CalibratorProtocol;
 
 namespace CoordGen.Actors.Device;
 
@@ -8,30 +10,35 @@ namespace CoordGen.Actors.Device;
 /// The calibrator (paper §3.3) on its own thread: it gathers the top-k next tokens of every prompt
 /// position from copies of the prefill chunks' top-k rows while the device computes the next chunks (or
 /// other sessions' steps), and at the end of the prefill builds the calibrated index and hands it
-/// back. The session starts decoding without waiting for it; calibrated drafts join from the next
-/// step after the index arrives. A failure here degrades that session to the other draft sources.
+/// hands the calibrated paths to the drafter, which indexes them. The session starts decoding without
+/// waiting for them; calibrated drafts join from the next step after they arrive. A failure here
+/// degrades that session to the other draft sources.
 /// </summary>
 public sealed class CalibratorActor : ReceiveActor
 {
     /// <summary>Per session being calibrated: the top-k read so far (null once a chunk failed) and the time spent.</summary>
-    private readonly Dictionary<object, (PrefillTopK? TopK, double Ms)> _open = [];
+    private readonly Dictionary<SessionRun, (PrefillTopK? TopK, double Ms)> _open = [];
 
     /// <summary>Per session whose index is being built in slices.</summary>
-    private readonly Dictionary<object, Building> _building = [];
+    private readonly Dictionary<SessionRun, Building> _building = [];
+
+    private readonly IActorRef _drafter;
 
     /// <summary>Work per slice of a shared build, and the pause after it.</summary>
     private const double SliceMs = 1.0;
 
     private const int PauseMs = 2;
 
-    public CalibratorActor()
+    /// <param name="drafter">Where the calibrated paths go.</param>
+    public CalibratorActor(IActorRef drafter)
     {
-        Receive<CalibrateChunk>(c =>
+        _drafter = drafter;
+        Receive<Chunk>(c =>
         {
             long t0 = Stopwatch.GetTimestamp();
-            if (!_open.TryGetValue(c.Key, out var state))
+            if (!_open.TryGetValue(c.Run, out var state))
             {
-                state = (new PrefillTopK(c.Options.TopK), 0);
+                state = (new PrefillTopK(c.Rows.K), 0);
             }
 
             try
@@ -43,13 +50,13 @@ public sealed class CalibratorActor : ReceiveActor
                 state.TopK = null; // Finish reports the failure; the session drafts without calibration
             }
 
-            _open[c.Key] = (state.TopK, state.Ms + Stopwatch.GetElapsedTime(t0).TotalMilliseconds);
+            _open[c.Run] = (state.TopK, state.Ms + Stopwatch.GetElapsedTime(t0).TotalMilliseconds);
         });
-        Receive<CalibrateFinish>(f =>
+        Receive<Finish>(f =>
         {
             long t0 = Stopwatch.GetTimestamp();
-            bool open = _open.Remove(f.Key, out var state);
-            var job = new Building(f, Sender, state.Ms, DateTimeOffset.UtcNow);
+            bool open = _open.Remove(f.Run, out var state);
+            var job = new Building(f, state.Ms, DateTimeOffset.UtcNow);
             if (!open || state.TopK is not { } topK)
             {
                 Reply(job, null, null);
@@ -58,7 +65,7 @@ public sealed class CalibratorActor : ReceiveActor
 
             try
             {
-                job.Builder = new CalibratedIndex.Builder(f.Prompt, topK, f.Options);
+                job.Builder = new CalibratedIndex.Builder(f.Prompt, topK, SpeculationOptions.ForMethod(f.Method, f.Width).Calibration);
             }
             catch (Exception ex) when (ex is not OutOfMemoryException)
             {
@@ -67,24 +74,24 @@ public sealed class CalibratorActor : ReceiveActor
             }
 
             job.Ms += Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
-            _building[f.Key] = job;
-            Continue(f.Key);
+            _building[f.Run] = job;
+            Continue(f.Run);
         });
-        Receive<ContinueBuilding>(c => Continue(c.Key));
-        Receive<CalibrateCancel>(c =>
+        Receive<ContinueBuilding>(c => Continue(c.Run));
+        Receive<Cancel>(c =>
         {
-            _open.Remove(c.Key);
-            _building.Remove(c.Key);
+            _open.Remove(c.Run);
+            _building.Remove(c.Run);
         });
     }
 
     /// <summary>
     /// Work on one session's index for a slice, then pause before the next if others' steps are running
-    /// (<see cref="CalibrateFinish.Share"/>): the device's threads use every core, and a long build beside
+    /// (<see cref="CalibratorProtocol.Finish.Share"/>): the device's threads use every core, and a long build beside
     /// them stretched their steps (a 1,500-token prompt's index: about 14 ms of work, which doubled the
     /// steps it overlapped). Slices keep each step's share of it small.
     /// </summary>
-    private void Continue(object key)
+    private void Continue(SessionRun key)
     {
         if (!_building.TryGetValue(key, out var job))
         {
@@ -110,7 +117,7 @@ public sealed class CalibratorActor : ReceiveActor
         if (done)
         {
             _building.Remove(key);
-            Reply(job, job.Builder!.Result(), null);
+            Reply(job, job.Builder!.Paths(), null);
             return;
         }
 
@@ -132,7 +139,7 @@ public sealed class CalibratorActor : ReceiveActor
         return true;
     }
 
-    private static void Reply(Building job, CalibratedIndex? index, Exception? error)
+    private void Reply(Building job, CalibratedPaths? paths, Exception? error)
     {
         var f = job.Finish;
         using var span = Telemetry.Source.StartActivity("coordgen.calibrate", ActivityKind.Internal, f.Trace, startTime: job.Started);
@@ -141,19 +148,17 @@ public sealed class CalibratorActor : ReceiveActor
             span?.SetStatus(ActivityStatusCode.Error, error.Message);
         }
 
-        span?.SetTag("coordgen.session", f.SessionId);
-        span?.SetTag("coordgen.calibrated_paths", index?.Paths ?? 0);
+        span?.SetTag("coordgen.session", f.Run.Session.Value);
+        span?.SetTag("coordgen.calibrated_paths", paths?.Paths ?? 0);
         span?.SetTag("coordgen.context_tokens", f.Prompt.Length);
         span?.SetTag("coordgen.calibrate_slices", job.Slices);
-        job.ReplyTo.Tell(new Calibrated(f.Key, index, job.Ms));
+        _drafter.Tell(new DrafterProtocol.Calibrated(f.Run, paths, job.Ms));
     }
 
-    /// <summary>One session's index being built: the request, who to answer, the builder, the calibrator's time so far.</summary>
-    private sealed class Building(CalibrateFinish finish, IActorRef replyTo, double ms, DateTimeOffset started)
+    /// <summary>One session's index being built: the request, the builder, the calibrator's time so far.</summary>
+    private sealed class Building(Finish finish, double ms, DateTimeOffset started)
     {
-        public CalibrateFinish Finish { get; } = finish;
-
-        public IActorRef ReplyTo { get; } = replyTo;
+        public Finish Finish { get; } = finish;
 
         public DateTimeOffset Started { get; } = started;
 
@@ -164,23 +169,7 @@ public sealed class CalibratorActor : ReceiveActor
         public int Slices { get; set; }
     }
 
-    private sealed record ContinueBuilding(object Key);
+    private sealed record ContinueBuilding(SessionRun Run);
 
-    public static Props Props() => Akka.Actor.Props.Create(() => new CalibratorActor());
+    public static Props Props(IActorRef drafter) => Akka.Actor.Props.Create(() => new CalibratorActor(drafter));
 }
-
-/// <summary>Device → calibrator: the top-k rows of one prefill chunk (a copy the calibrator owns), in order.</summary>
-public sealed record CalibrateChunk(object Key, TopRows Rows, CalibrationOptions Options);
-
-/// <summary>Device → calibrator: the prefill of <paramref name="Prompt"/> is done; build its calibrated index.</summary>
-public sealed record CalibrateFinish(object Key, string SessionId, int[] Prompt, CalibrationOptions Options, ActivityContext Trace = default)
-{
-    /// <summary>Other sessions are decoding: build in short slices with pauses, so their steps keep the cores.</summary>
-    public bool Share { get; init; }
-}
-
-/// <summary>Device → calibrator: the session is gone; drop what was read for it.</summary>
-public sealed record CalibrateCancel(object Key);
-
-/// <summary>Calibrator → device: the calibrated index (null when calibration failed) and the calibrator's time on it.</summary>
-public sealed record Calibrated(object Key, CalibratedIndex? Index, double Ms);

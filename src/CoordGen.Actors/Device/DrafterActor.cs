@@ -1,72 +1,123 @@
+using System.Diagnostics;
 using Akka.Actor;
+using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Speculative;
+using CoordGen.Messages;
+using static CoordGen.Messages.DrafterProtocol;
 
 namespace CoordGen.Actors.Device;
 
 /// <summary>
-/// The CPU drafter: prepares a session's next token tree while the device verifies another session's
-/// step, so drafting time hides behind device time. Jobs run one at a time on this actor's own thread
-/// (the device never hands over a session it is stepping, so a job owns its session while it runs).
+/// The CPU drafter. It owns every speculative run's drafting state (a <see cref="SessionDrafter"/>: the
+/// indexes over prompt and output, the calibrated index, the history cursor, draft reuse), touched by
+/// this actor's thread alone. It indexes a prompt when the run is admitted (while the device prefills),
+/// answers each <see cref="Advance"/> with the next step's tree, and then, while the device runs that
+/// step, drafts the step after it for its most likely outcome, so that when that outcome happens the
+/// answer is ready at once. A drafting failure answers with an empty, degraded tree (the step verifies
+/// its root alone); it never leaves the device waiting.
 /// </summary>
 public sealed class DrafterActor : ReceiveActor
 {
-    public DrafterActor()
-    {
-        Receive<DraftJob>(job =>
-        {
-            using var span = Telemetry.Source.StartActivity("coordgen.draft", System.Diagnostics.ActivityKind.Internal, job.Trace);
-            span?.SetTag("coordgen.session", job.Session);
-            long start = System.Diagnostics.Stopwatch.GetTimestamp();
-            bool prepared;
-            try
-            {
-                prepared = job.Prepare();
-            }
-            catch (Exception ex) when (ex is not OutOfMemoryException)
-            {
-                // The step will draft inline (and degrade to plain verification if drafting keeps failing).
-                prepared = false;
-            }
+    private readonly IFaultInjector? _faults;
+    private readonly Dictionary<SessionRun, Drafting> _runs = [];
 
-            Sender.Tell(new Drafted(job.Key, start, System.Diagnostics.Stopwatch.GetTimestamp(), prepared));
+    // Calibrated paths that arrived before their run was opened (the calibrator and the device are separate senders).
+    private readonly Dictionary<SessionRun, Calibrated> _early = [];
+
+    public DrafterActor(IFaultInjector? faults)
+    {
+        _faults = faults;
+        Receive<Open>(OnOpen);
+        Receive<Advance>(OnAdvance);
+        Receive<Calibrated>(OnCalibrated);
+        Receive<Close>(c =>
+        {
+            _runs.Remove(c.Run);
+            _early.Remove(c.Run);
         });
-        Receive<PreDraftJob>(PreDraft);
     }
 
-    public static Props Props() => Akka.Actor.Props.Create(() => new DrafterActor());
+    /// <param name="faults">Fault injection in drafting (<see cref="IFaultInjector.OnDraft"/>); null in production.</param>
+    public static Props Props(IFaultInjector? faults = null) => Akka.Actor.Props.Create(() => new DrafterActor(faults));
 
-    private void PreDraft(PreDraftJob job)
+    private void OnOpen(Open o)
     {
-        long start = System.Diagnostics.Stopwatch.GetTimestamp();
-        bool prepared;
+        long start = Stopwatch.GetTimestamp();
+        var spec = SpeculationOptions.ForRequest(o.Method, o.Width, o.AdaptiveWidth, o.Context is not null);
+        var drafting = new Drafting(new SessionDrafter(o.Prompt.AsSpan(), o.MaxTokens, spec, o.Context as HistoryStore, faults: _faults), o.Trace)
+        {
+            Work = [new Interval(start, Stopwatch.GetTimestamp())],
+        };
+        _runs[o.Run] = drafting;
+        if (_early.Remove(o.Run, out var c))
+        {
+            OnCalibrated(c);
+        }
+    }
+
+    private void OnAdvance(Advance a)
+    {
+        if (!_runs.TryGetValue(a.Run, out var d))
+        {
+            // Not opened here (this drafter restarted with its device): the device's run is gone too.
+            Sender.Tell(new Proposal(a.Run, a.Step + 1, DraftProposal.Empty with { Degraded = true }, false));
+            return;
+        }
+
+        using var span = Telemetry.Source.StartActivity("coordgen.draft", ActivityKind.Internal, d.Trace);
+        span?.SetTag("coordgen.session", a.Run.Session.Value);
+        span?.SetTag("coordgen.step", a.Step + 1);
+        long start = Stopwatch.GetTimestamp();
+        DraftProposal tree;
+        int aheadBefore = d.Drafter.AheadUsed;
         try
         {
-            prepared = job.Work();
+            tree = d.Drafter.Advance(a.Outcome, a.Committed.AsSpan());
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {
-            prepared = false;
+            span?.SetStatus(ActivityStatusCode.Error, ex.Message);
+            tree = DraftProposal.Empty with { Degraded = true };
         }
 
-        Sender.Tell(new Drafted(null, start, System.Diagnostics.Stopwatch.GetTimestamp(), prepared));
+        long end = Stopwatch.GetTimestamp();
+        span?.SetTag("coordgen.draft_nodes", tree.Count);
+        Sender.Tell(new Proposal(a.Run, a.Step + 1, tree, d.Drafter.AheadUsed > aheadBefore) { Work = [.. d.Work, new(start, end)] });
+
+        // While the device runs that step: the step after it, for its likely outcome.
+        long aheadStart = Stopwatch.GetTimestamp();
+        d.Drafter.PrepareAhead();
+        d.Work = [new Interval(aheadStart, Stopwatch.GetTimestamp())];
+    }
+
+    private void OnCalibrated(Calibrated c)
+    {
+        if (!_runs.TryGetValue(c.Run, out var d))
+        {
+            _early[c.Run] = c;
+            return;
+        }
+
+        long start = Stopwatch.GetTimestamp();
+        try
+        {
+            d.Drafter.AttachCalibration(c.Paths is { } paths ? CalibratedIndex.From(paths) : null);
+        }
+        catch (Exception ex) when (ex is not OutOfMemoryException)
+        {
+            d.Drafter.AttachCalibration(null);
+        }
+
+        d.Work = [.. d.Work, new Interval(start, Stopwatch.GetTimestamp())];
+    }
+
+    /// <summary>One run's drafting state, its trace, and the drafter's work for it not yet reported.</summary>
+    private sealed class Drafting(SessionDrafter drafter, ActivityContext trace)
+    {
+        public SessionDrafter Drafter { get; } = drafter;
+
+        public ActivityContext Trace { get; } = trace;
+
+        public Interval[] Work { get; set; } = [];
     }
 }
-
-/// <summary>Device → drafter: prepare the draft of the session identified by <paramref name="Key"/>.</summary>
-public sealed record DraftJob(object Key, Func<bool> Prepare)
-{
-    /// <summary>The request's trace context (the draft span's parent).</summary>
-    public System.Diagnostics.ActivityContext Trace { get; init; }
-
-    /// <summary>The request's session id (a span attribute).</summary>
-    public string? Session { get; init; }
-}
-
-/// <summary>
-/// Device → drafter, sent when a session's verification starts: draft that session's next step for
-/// the likely outcome of this one (<see cref="CoordGen.Engine.Speculative.SpeculativeSession.DuringVerify"/>);
-/// the session uses it only if that outcome happens, and ignores a job that starts too late.
-/// </summary>
-public sealed record PreDraftJob(Func<bool> Work);
-
-/// <summary>Drafter → device: the draft is ready (or there was nothing to draft); timestamps for the overlap report. <paramref name="Key"/> is null for a <see cref="PreDraftJob"/>.</summary>
-public sealed record Drafted(object? Key, long Start, long End, bool Prepared);

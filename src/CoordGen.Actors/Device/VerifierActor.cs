@@ -2,6 +2,8 @@ using System.Diagnostics;
 using Akka.Actor;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Speculative;
+using CoordGen.Messages;
+using static CoordGen.Messages.VerifierProtocol;
 
 namespace CoordGen.Actors.Device;
 
@@ -16,70 +18,53 @@ namespace CoordGen.Actors.Device;
 /// </summary>
 public sealed class VerifierActor : ReceiveActor
 {
-    private readonly Dictionary<object, Sampler> _samplers = [];
+    private readonly Dictionary<SessionRun, Sampler> _samplers = [];
 
     public VerifierActor()
     {
-        Receive<VerifyTree>(Verify);
-        Receive<ForgetSession>(f => _samplers.Remove(f.Key));
+        Receive<Verify>(OnVerify);
+        Receive<Forget>(f => _samplers.Remove(f.Run));
     }
 
     public static Props Props() => Akka.Actor.Props.Create(() => new VerifierActor());
 
-    private void Verify(VerifyTree v)
+    private void OnVerify(Verify v)
     {
         long start = Stopwatch.GetTimestamp();
         using var span = Telemetry.Source.StartActivity("coordgen.verify", ActivityKind.Internal, v.Trace);
-        span?.SetTag("coordgen.session", v.Session);
+        span?.SetTag("coordgen.session", v.Run.Session.Value);
         span?.SetTag("coordgen.step", v.Tree.Step);
         try
         {
             Sampler? sampler = null;
-            if (!v.Sampling.IsGreedy)
+            var sampling = v.Sampling.ToEngine();
+            if (!sampling.IsGreedy)
             {
                 // A stream at another position (a new session, a restarted verifier, a resumed request)
                 // starts over at the step's position.
-                if (!_samplers.TryGetValue(v.Key, out sampler) || sampler.Draws != v.Tree.Draws)
+                if (!_samplers.TryGetValue(v.Run, out sampler) || sampler.Draws != v.Tree.Draws)
                 {
-                    sampler = new Sampler(v.Sampling with { Offset = checked((int)v.Tree.Draws) });
-                    _samplers[v.Key] = sampler;
+                    sampler = new Sampler(sampling with { Offset = checked((int)v.Tree.Draws) });
+                    _samplers[v.Run] = sampler;
                 }
             }
 
             var verdict = TreeVerifier.Verify(v.Tree, sampler);
             span?.SetTag("coordgen.accepted", verdict.Accepted);
-            Sender.Tell(new Verified(v.Key, verdict) { Start = start, End = Stopwatch.GetTimestamp() });
+            Sender.Tell(new Verified(v.Run, verdict, start, Stopwatch.GetTimestamp()));
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {
-            _samplers.Remove(v.Key);
+            _samplers.Remove(v.Run);
             span?.SetStatus(ActivityStatusCode.Error, ex.Message);
-            Sender.Tell(new VerifyFailed(v.Key, v.Tree.Step, ex.Message));
+            Sender.Tell(new VerifyFailed(v.Run, v.Tree.Step, ex.Message));
         }
     }
 }
 
-/// <summary>
-/// Device → verifier: the step <paramref name="Tree"/> of the session <paramref name="Key"/> ran on the
-/// device; decide what it accepts. <paramref name="Trace"/> is the request's trace context.
-/// </summary>
-public sealed record VerifyTree(object Key, TreeToVerify Tree, SamplingOptions Sampling, ActivityContext Trace)
+/// <summary>The engine's sampling settings for a request's.</summary>
+internal static class SamplingConversion
 {
-    /// <summary>The request's session id (a span attribute).</summary>
-    public string? Session { get; init; }
+    public static SamplingOptions ToEngine(this GenerationProtocol.Sampling s) =>
+        new() { Temperature = s.Temperature, TopK = s.TopK, TopP = s.TopP, Seed = s.Seed, Offset = s.Offset, Logprobs = s.Logprobs };
 }
-
-/// <summary>Verifier → device: the verdict for one step (its step number lets the device drop stale ones).</summary>
-public sealed record Verified(object Key, TreeVerdict Verdict)
-{
-    /// <summary>When the verifier started and ended this step (Stopwatch timestamps, for the overlap timeline).</summary>
-    public long Start { get; init; }
-
-    public long End { get; init; }
-}
-
-/// <summary>Verifier → device: the step could not be verified; the request fails with a retryable error.</summary>
-public sealed record VerifyFailed(object Key, int Step, string Reason);
-
-/// <summary>Device → verifier: the session ended; drop its sampling stream.</summary>
-public sealed record ForgetSession(object Key);

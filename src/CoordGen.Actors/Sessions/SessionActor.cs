@@ -2,8 +2,6 @@ using System.Collections.Immutable;
 using System.Diagnostics;
 using System.Threading.Channels;
 using Akka.Actor;
-using CoordGen.Actors.Device;
-using CoordGen.Engine.Speculative;
 using CoordGen.Messages;
 using static CoordGen.Messages.GenerationProtocol;
 using static CoordGen.Messages.SupervisionProtocol;
@@ -23,11 +21,11 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
     private readonly Generate _request;
     private readonly IActorRef _replyTo;
     private readonly IActorRef _device;
-    private readonly HistoryStore? _store;
+    private readonly IContextSnapshot? _store;
     private readonly SessionLog _log;
     private readonly int _maxAttempts;
 
-    public SessionActor(Generate request, IActorRef replyTo, IActorRef device, HistoryStore? store, SessionLog log, int maxAttempts)
+    public SessionActor(Generate request, IActorRef replyTo, IActorRef device, IContextSnapshot? store, SessionLog log, int maxAttempts)
     {
         _request = request;
         _replyTo = replyTo;
@@ -35,7 +33,10 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
         _store = store;
         _log = log;
         _maxAttempts = maxAttempts;
-        Receive<AttemptEnded>(OnAttemptEnded);
+        Receive<DeviceProtocol.Ended>(OnAttemptEnded);
+
+        // From the device's back-off supervisor while the device is down: for the attempt in flight.
+        Receive<DeviceRestarting>(_ => OnAttemptEnded(new DeviceProtocol.Ended(_log.Epoch, Restarting: true)));
         Receive<Resubmit>(r =>
         {
             if (r.Epoch == _log.Epoch)
@@ -47,7 +48,7 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
 
     public ITimerScheduler Timers { get; set; } = null!;
 
-    public static Props Props(Generate request, IActorRef replyTo, IActorRef device, HistoryStore? store, SessionLog log, int maxAttempts) =>
+    public static Props Props(Generate request, IActorRef replyTo, IActorRef device, IContextSnapshot? store, SessionLog log, int maxAttempts) =>
         Akka.Actor.Props.Create(() => new SessionActor(request, replyTo, device, store, log, maxAttempts));
 
     protected override void PreStart() => Submit();
@@ -78,39 +79,35 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
             Output = new FencedWriter(_log, epoch, _request.Output),
             Cancellation = attemptToken,
         };
-        var self = Self;
-        _device.Ask<object>(new DeviceRun(attempt, _store, Resumed: epoch > 1), Timeout.InfiniteTimeSpan)
-            .PipeTo(self, success: reply => new AttemptEnded(epoch, reply),
-                failure: ex => new AttemptEnded(epoch, new GenerationFailed(_request.SessionId, FailureKind.DeviceFault, ex.Message)));
+        _device.Tell(new DeviceProtocol.Run(attempt, _store, epoch, Resumed: epoch > 1));
     }
 
-    private void OnAttemptEnded(AttemptEnded ended)
+    private void OnAttemptEnded(DeviceProtocol.Ended ended)
     {
-        if (ended.Epoch != _log.Epoch)
+        if (ended.Attempt != _log.Epoch)
         {
             return; // a superseded attempt (this actor was restarted since)
         }
 
-        switch (ended.Reply)
+        switch (ended)
         {
-            case GenerationCompleted done:
+            case { Completed: { } done }:
                 Finish(done with { Tokens = TokenSequence.From(_log.Snapshot()), RecoveryMs = [.. _log.Recoveries], Attempts = _log.Epoch });
                 break;
-            case GenerationFailed { Kind: FailureKind.DeviceFault } f when _log.Epoch < _maxAttempts && !_request.Cancellation.IsCancellationRequested:
-                _ = f;
+            case { Failed.Kind: FailureKind.DeviceFault } when _log.Epoch < _maxAttempts && !_request.Cancellation.IsCancellationRequested:
                 _log.MarkFault();
                 Submit();
                 break;
-            case DeviceRestarting when _log.Epoch < _maxAttempts && !_request.Cancellation.IsCancellationRequested:
+            case { Restarting: true } when _log.Epoch < _maxAttempts && !_request.Cancellation.IsCancellationRequested:
                 // The device is down between a crash and its restart: try again after a growing pause.
                 _log.MarkFault();
                 var pause = TimeSpan.FromMilliseconds(Math.Min(2000, 100 << Math.Min(_log.Epoch, 5)));
                 Timers.StartSingleTimer("resubmit", new Resubmit(_log.Epoch), pause);
                 break;
-            case DeviceRestarting:
+            case { Restarting: true }:
                 Finish(new GenerationFailed(_request.SessionId, FailureKind.DeviceFault, $"the device did not come back after {_log.Epoch} attempts; retry the request later."));
                 break;
-            case GenerationFailed f:
+            case { Failed: { } f }:
                 Finish(f);
                 break;
         }
@@ -132,8 +129,6 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
         Context.Parent.Tell(new SessionFinished(_request.SessionId));
         Context.Stop(Self);
     }
-
-    private sealed record AttemptEnded(int Epoch, object Reply);
 
     private sealed record Resubmit(int Epoch);
 }

@@ -29,6 +29,9 @@ public sealed class GenerationSupervisor : ReceiveActor
     private readonly Dictionary<IActorRef, (Generate Request, IActorRef ReplyTo)> _live = [];
     private readonly IActorRef _device;
     private readonly IActorRef _stores;
+
+    // Requests waiting for a named store's snapshot, by name (one GetSnapshot per name in flight).
+    private readonly Dictionary<string, List<(Generate Request, IActorRef ReplyTo)>> _resolving = new(StringComparer.Ordinal);
     private int _pending;
 
     public GenerationSupervisor(Props device, int maxPending, int maxAttempts)
@@ -40,7 +43,8 @@ public sealed class GenerationSupervisor : ReceiveActor
         _device = Context.ActorOf(DeviceBackoff(device), "device");
         _stores = Context.ActorOf(ContextStoreActor.Props(), "context-stores");
         Receive<Generate>(Admit);
-        Receive<Resolved>(r => Dispatch(r.Request, r.ReplyTo, r.Snapshot));
+        Receive<ContextStoreProtocol.Snapshot>(m => Resolved(m.Name, m.Context));
+        Receive<ContextStoreProtocol.StoreMissing>(m => Resolved(m.Name, null));
         Receive<SessionFinished>(_ => _live.Remove(Sender));
         Receive<Terminated>(t =>
         {
@@ -63,7 +67,7 @@ public sealed class GenerationSupervisor : ReceiveActor
             Sender.Tell(live.Count > 0);
         });
         Receive<GetLoad>(_ => Sender.Tell(new Load(_pending, _maxPending)));
-        Receive<CrashDevice>(_ => _device.Tell(DeviceActor.Crash.Instance));
+        Receive<CrashDevice>(m => _device.Tell(m));
         Receive<DeadLetter>(OnDeadLetter);
         Receive<GetDevice>(_ => Sender.Tell(_device));
         Context.System.EventStream.Subscribe(Self, typeof(DeadLetter));
@@ -82,13 +86,14 @@ public sealed class GenerationSupervisor : ReceiveActor
     // session retries instead of waiting for a reply that cannot come.
     private void OnDeadLetter(DeadLetter d)
     {
-        if (d.Message is DeviceRun && d.Recipient.Path.ToString().StartsWith(Self.Path.ToString() + "/", StringComparison.Ordinal))
+        if (d.Message is DeviceProtocol.Run run && d.Recipient.Path.ToString().StartsWith(Self.Path.ToString() + "/", StringComparison.Ordinal))
         {
-            d.Sender.Tell(DeviceRestarting.Instance);
+            d.Sender.Tell(new DeviceProtocol.Ended(run.Attempt, Restarting: true));
         }
     }
 
     /// <summary>The device under a back-off supervisor that restarts it on failure (never gives up).</summary>
+    /// While the device is down, the back-off supervisor answers <see cref="DeviceRestarting"/> (a session takes it for its current attempt).
     internal static Props DeviceBackoff(Props device) => BackoffSupervisor.Props(
         Backoff.OnFailure(device, "device", TimeSpan.FromMilliseconds(100), TimeSpan.FromSeconds(5), 0.2, -1)
             .WithReplyWhileStopped(DeviceRestarting.Instance));
@@ -116,13 +121,24 @@ public sealed class GenerationSupervisor : ReceiveActor
             return;
         }
 
-        var self = Self;
-        _stores.Ask<object>(new ContextStoreProtocol.GetSnapshot(request.ContextStore), TimeSpan.FromSeconds(30))
-            .PipeTo(self, success: reply => new Resolved(request, replyTo, reply as StoreSnapshot),
-                failure: _ => new Resolved(request, replyTo, null));
+        if (!_resolving.TryGetValue(request.ContextStore, out var waiting))
+        {
+            _resolving[request.ContextStore] = waiting = [];
+            _stores.Tell(new ContextStoreProtocol.GetSnapshot(request.ContextStore));
+        }
+
+        waiting.Add((request, replyTo));
     }
 
-    private void Dispatch(Generate request, IActorRef replyTo, StoreSnapshot? snapshot)
+    private void Resolved(string name, IContextSnapshot? snapshot)
+    {
+        if (_resolving.Remove(name, out var waiting))
+        {
+            waiting.ForEach(w => Dispatch(w.Request, w.ReplyTo, snapshot));
+        }
+    }
+
+    private void Dispatch(Generate request, IActorRef replyTo, IContextSnapshot? snapshot)
     {
         if (request.ContextStore is not null && snapshot is null)
         {
@@ -133,10 +149,8 @@ public sealed class GenerationSupervisor : ReceiveActor
             return;
         }
 
-        var session = Context.ActorOf(SessionActor.Props(request, replyTo, _device, snapshot?.Store, new SessionLog(), _maxAttempts), $"session-{++_sessions}");
+        var session = Context.ActorOf(SessionActor.Props(request, replyTo, _device, snapshot, new SessionLog(), _maxAttempts), $"session-{++_sessions}");
         Context.Watch(session);
         _live[session] = (request, replyTo);
     }
-
-    private sealed record Resolved(Generate Request, IActorRef ReplyTo, StoreSnapshot? Snapshot);
 }

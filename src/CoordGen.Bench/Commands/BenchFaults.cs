@@ -197,7 +197,7 @@ internal static class BenchFaults
     private static async Task<StreamResult> Run(IActorRef supervisor, int index, int[] prompt, int n, string method, CancellationToken ct)
     {
         var channel = Channel.CreateBounded<GeneratedToken>(16);
-        var reply = supervisor.Ask<object>(new Generate($"s{index}", TokenSequence.From(prompt), n, new Sampling(), method, 8, null, channel.Writer, ct), Timeout.InfiniteTimeSpan);
+        var reply = supervisor.Ask<object>(new Generate(new SessionId($"s{index}"), TokenSequence.From(prompt), n, new Sampling(), method, 8, null, channel.Writer, ct), Timeout.InfiniteTimeSpan);
         var got = new List<int>();
         try
         {

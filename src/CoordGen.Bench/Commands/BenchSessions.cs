@@ -138,7 +138,7 @@ internal static class BenchSessions
                         {
                             string mode = variant.Mode;
                             device.Tell(new DiagnosticsProtocol.SetPackedSteps(variant.Packed));
-                            var before = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+                            var before = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
                             var sw = Stopwatch.StartNew();
                             var results = await Task.WhenAll(Enumerable.Range(0, n).Select(async s =>
                             {
@@ -153,7 +153,7 @@ internal static class BenchSessions
                             }));
                             var pt = points[variant];
                             pt.Seconds += sw.Elapsed.TotalSeconds;
-                            var after = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+                            var after = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
                             pt.PrefillMs += after.PrefillMs - before.PrefillMs;
                             pt.DecodeMs += after.DecodeMs - before.DecodeMs;
                             foreach (var (index, r) in results.SelectMany(x => x))
@@ -189,7 +189,7 @@ internal static class BenchSessions
                     }
                 }
             });
-            var paced = await device.Ask<DeviceActor.Overlap>(new DeviceActor.GetOverlap());
+            var paced = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
             var gc = new GcCounts(GC.CollectionCount(0) - gcBefore[0], GC.CollectionCount(1) - gcBefore[1], GC.CollectionCount(2) - gcBefore[2], (GC.GetTotalPauseDuration() - gcPauseBefore).TotalMilliseconds);
             // One workload file of its own: the report is named after it (sessions-summary.md), so per-family runs sit beside the mixed one.
             string? family = parse.GetValue(workload) is { Length: 1 } one ? Path.GetFileNameWithoutExtension(one[0].Name) : null;
@@ -222,7 +222,7 @@ internal static class BenchSessions
         return new StreamResult(tokens, gaps);
     }
 
-    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, DeviceActor.Overlap paced, string? family, IReadOnlyList<string> files, GcCounts gc, string model)
+    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, DiagnosticsProtocol.Overlap paced, string? family, IReadOnlyList<string> files, GcCounts gc, string model)
     {
         Directory.CreateDirectory(dir);
         string stem = ReportStem.For("sessions" + (family is null ? "" : $"-{family}") + (profile is null ? "" : $"-{profile.Name}"), model);

@@ -1,5 +1,6 @@
 using System.Numerics.Tensors;
 using CoordGen.Engine.Runtime;
+using CoordGen.Messages;
 
 namespace CoordGen.Engine.Speculative;
 
@@ -17,42 +18,6 @@ public sealed record CalibrationOptions
 
     /// <summary>Context tokens kept before each path's anchor, so a draft lookup can match them.</summary>
     public int LeftContext { get; init; } = 2;
-}
-
-/// <summary>
-/// The top-k next tokens (best first) and their probabilities for consecutive rows: a copy of one
-/// prefill chunk's, small enough to hand to a calibrator on another thread.
-/// </summary>
-public sealed record TopRows(int K, int[] Ids, float[] Probs)
-{
-    public int Rows => Ids.Length / K;
-
-    /// <summary>
-    /// Rows 0..n-1 of a step's output, k candidates each: read from the graph's top-K head when it has
-    /// at least k (k numbers a row), else scanned from the logits here.
-    /// </summary>
-    public static TopRows From(StepBuffers buf, int n, int k)
-    {
-        if (buf.TopK >= k)
-        {
-            var ids = new int[n * k];
-            var probs = new float[n * k];
-            for (int r = 0; r < n; r++)
-            {
-                for (int j = 0; j < k; j++)
-                {
-                    ids[(r * k) + j] = (int)buf.TopIds[(r * buf.TopK) + j];
-                    probs[(r * k) + j] = buf.TopProbs[(r * buf.TopK) + j];
-                }
-            }
-
-            return new TopRows(k, ids, probs);
-        }
-
-        var scan = new PrefillTopK(k);
-        scan.AddRows(buf.Logits.AsSpan(0, n * buf.VocabSize), buf.VocabSize);
-        return scan.ToRows();
-    }
 }
 
 /// <summary>
@@ -78,7 +43,35 @@ public sealed class PrefillTopK
     public float Probability(int pos, int rank) => _probs[(pos * _k) + rank];
 
     /// <summary>Reads rows 0..n-1 of a prefill chunk (call from Generator.Prefill's onChunk).</summary>
-    public void AddChunk(StepBuffers buf, int n) => Add(TopRows.From(buf, n, _k));
+    public void AddChunk(StepBuffers buf, int n) => Add(RowsOf(buf, n, _k));
+
+    /// <summary>
+    /// Rows 0..n-1 of a step's output, k candidates each: read from the graph's top-K head when it has
+    /// at least k (k numbers a row), else scanned from the logits here.
+    /// </summary>
+    public static TopRows RowsOf(StepBuffers buf, int n, int k)
+    {
+        if (buf.TopK >= k)
+        {
+            var ids = new int[n * k];
+            var probs = new float[n * k];
+            for (int r = 0; r < n; r++)
+            {
+                for (int j = 0; j < k; j++)
+                {
+                    ids[(r * k) + j] = (int)buf.TopIds[(r * buf.TopK) + j];
+                    probs[(r * k) + j] = buf.TopProbs[(r * buf.TopK) + j];
+                }
+            }
+
+            return new TopRows(k, ids, probs);
+        }
+
+        var scan = new PrefillTopK(k);
+        scan.AddRows(buf.Logits.AsSpan(0, n * buf.VocabSize), buf.VocabSize);
+        return scan.ToRows();
+    }
+
 
     /// <summary>Appends rows read elsewhere (a calibrator's copy of a chunk); they must have at least k candidates each.</summary>
     public void Add(TopRows rows)
@@ -166,6 +159,18 @@ public sealed class CalibratedIndex
 
     public int Paths { get; }
 
+    /// <summary>Indexes calibrated paths (built here or by a calibrator) for drafting.</summary>
+    public static CalibratedIndex From(CalibratedPaths paths)
+    {
+        var sam = new SuffixAutomaton(paths.Symbols.Length);
+        foreach (int s in paths.Symbols)
+        {
+            sam.Extend(s);
+        }
+
+        return new CalibratedIndex(sam, paths.Paths);
+    }
+
     public static CalibratedIndex Build(IReadOnlyList<int> context, PrefillTopK topK, CalibrationOptions options)
     {
         var builder = new Builder(context, topK, options);
@@ -184,7 +189,7 @@ public sealed class CalibratedIndex
         private readonly PrefillTopK _topK;
         private readonly CalibrationOptions _options;
         private readonly Dictionary<int, List<int>> _occurrences = new();
-        private readonly SuffixAutomaton _sam;
+        private readonly List<int> _symbols;
         private readonly List<int> _path;
         private readonly int _n;
         private int _next;
@@ -214,7 +219,7 @@ public sealed class CalibratedIndex
                 symbols += Walk(i, write: false);
             }
 
-            _sam = new SuffixAutomaton(symbols);
+            _symbols = new List<int>(symbols);
         }
 
         /// <summary>Anchor positions walked so far.</summary>
@@ -234,9 +239,12 @@ public sealed class CalibratedIndex
             return IsComplete;
         }
 
-        public CalibratedIndex Result() => IsComplete
-            ? new CalibratedIndex(_sam, _paths)
+        /// <summary>The calibrated paths as data (a calibrator hands them to the drafter, which indexes them).</summary>
+        public CalibratedPaths Paths() => IsComplete
+            ? new CalibratedPaths([.. _symbols], _paths)
             : throw new InvalidOperationException($"the calibrated index is not built yet ({_next} of {_n} positions); call Advance until it returns true.");
+
+        public CalibratedIndex Result() => From(Paths());
 
         // The calibrated paths anchored at position i: written into the automaton, or only counted. Returns the symbols.
         private int Walk(int i, bool write)
@@ -290,11 +298,11 @@ public sealed class CalibratedIndex
 
                 for (int l = left; l <= i; l++)
                 {
-                    _sam.Extend(context[l]);
+                    _symbols.Add(context[l]);
                 }
 
-                _sam.ExtendAll(path);
-                _sam.Extend(-1);
+                _symbols.AddRange(path);
+                _symbols.Add(-1);
                 _paths++;
             }
 

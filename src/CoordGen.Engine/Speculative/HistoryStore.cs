@@ -5,7 +5,7 @@ namespace CoordGen.Engine.Speculative;
 /// draft can follow the most frequent continuation of what the current output ends with. Bounded
 /// (oldest responses are dropped past <see cref="MaxTokens"/>) and persisted as a flat token file.
 /// </summary>
-public sealed class HistoryStore
+public sealed class HistoryStore : CoordGen.Messages.IContextSnapshot
 {
     private readonly List<int[]> _responses = [];
     private SuffixAutomaton _sam = new();

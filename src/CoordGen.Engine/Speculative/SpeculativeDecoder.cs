@@ -2,6 +2,8 @@ using System.Diagnostics;
 using CoordGen.Engine.Generation;
 using CoordGen.Engine.Runtime;
 
+using CoordGen.Messages;
+
 namespace CoordGen.Engine.Speculative;
 
 /// <summary>Which retrieval drafter proposes the main chain.</summary>
@@ -58,6 +60,13 @@ public sealed record SpeculationOptions
         "sam+ours" => new() { Drafter = DrafterKind.Sam, Width = width, UseCalibration = true, UseReuse = true, UseTree = true },
         _ => throw new ArgumentException($"unknown method '{method}'; use one of ar, pld, sam, sam+history, pld+ours, sam+ours."),
     };
+
+    /// <summary>A request's options: its method at its width, adaptive or not, drafting from a context store when it names one. The device and the drafter derive the same options from the same request.</summary>
+    public static SpeculationOptions ForRequest(string method, int width, bool adaptiveWidth, bool hasContext)
+    {
+        var o = ForMethod(method, width) with { AdaptiveWidth = adaptiveWidth };
+        return hasContext ? o with { UseHistory = true } : o;
+    }
 }
 
 /// <summary>A prompt already in a KV cache, with its last logits and (for calibration) per-position top-k.</summary>
@@ -202,7 +211,7 @@ public sealed class SpeculativeDecoder
                 try
                 {
                     _runtime.Faults?.OnCalibrate();
-                    offload(TopRows.From(b, n, k));
+                    offload(PrefillTopK.RowsOf(b, n, k));
                 }
                 catch (Exception ex) when (ex is not OperationCanceledException)
                 {
@@ -243,9 +252,10 @@ public sealed class SpeculativeDecoder
     /// <param name="adoptCache">The session takes <paramref name="pre"/>'s cache instead of copying it (a few
     /// milliseconds for a long prompt, on the device's critical path); only for a prefill started once.</param>
     /// <param name="onLogprobs">Called with each emitted token's log-probabilities just before <paramref name="onToken"/> (when <see cref="SamplingOptions.Logprobs"/> asks for them).</param>
+    /// <param name="externalDrafter">The session's trees come from a drafter elsewhere (<see cref="SpeculativeSession.Offer"/>): it builds no draft state of its own.</param>
     public SpeculativeSession Start(Prefilled pre, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
-        SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null, bool adoptCache = false, Action<TokenLogprobs>? onLogprobs = null) =>
-        new(_runtime, _plain, pre, maxTokens, sampling, stopTokens, spec, history, onToken, adoptCache, onLogprobs) { SharedAcceptance = _acceptance };
+        SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null, bool adoptCache = false, Action<TokenLogprobs>? onLogprobs = null, bool externalDrafter = false) =>
+        new(_runtime, _plain, pre, maxTokens, sampling, stopTokens, spec, history, onToken, adoptCache, onLogprobs, externalDrafter) { SharedAcceptance = _acceptance };
 
     private readonly AcceptanceMemory _acceptance = new();
 

@@ -1,31 +1,7 @@
 using CoordGen.Engine.Generation;
+using CoordGen.Messages;
 
 namespace CoordGen.Engine.Speculative;
-
-/// <summary>
-/// What acceptance needs from one verification step, detached from the device's buffers: the draft
-/// tree (node i is logits row i + 1; row 0 is the root) and, per row, the model's greedy token, plus the
-/// rows' logits when sampling. <paramref name="Step"/> numbers the session's steps, so a verdict that
-/// arrives for another step is recognised as stale. A step with no nodes is a plain one-token step.
-/// </summary>
-/// <param name="Draws">Random draws the session made before this step (the sampler's position).</param>
-/// <param name="Logits">Rows x <paramref name="VocabSize"/> logits; empty when greedy.</param>
-public sealed record TreeToVerify(int Step, int[] Tokens, int[] Parents, int[] RowArgmax, ReadOnlyMemory<float> Logits, int VocabSize, long Draws)
-{
-    /// <summary>Rows the device computed that acceptance can read: the root and every node.</summary>
-    public int Rows => Tokens.Length + 1;
-}
-
-/// <summary>
-/// The outcome of one verification step: the tokens to emit (the accepted drafts, then the model's own
-/// token after them) and the logits rows of the accepted path (row 0 first), which are the KV rows to keep.
-/// </summary>
-/// <param name="Draws">The sampler's position after this step.</param>
-public sealed record TreeVerdict(int Step, int[] Emitted, int[] Rows, long Draws)
-{
-    /// <summary>Draft tokens accepted (the model's own last token is not one).</summary>
-    public int Accepted => Emitted.Length - 1;
-}
 
 /// <summary>
 /// Acceptance for tree verification: walk from the root, at each row take the model's token (argmax when

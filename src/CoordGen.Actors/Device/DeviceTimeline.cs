@@ -1,0 +1,65 @@
+using CoordGen.Messages;
+
+namespace CoordGen.Actors.Device;
+
+/// <summary>What the device records for overlap reports: device steps, the drafter's and the verifier's work, time per phase.</summary>
+internal sealed class DeviceTimeline
+{
+    private const int MaxIntervals = 200_000;
+    private readonly List<Interval> _device = [];
+    private readonly List<Interval> _drafts = [];
+    private readonly List<Interval> _verifies = [];
+    private double _prefillMs;
+    private double _decodeMs;
+    private int _paced;
+    private int _overran;
+    private int _ahead;
+
+    public void Step(long start, long end, bool prefill)
+    {
+        if (end == 0)
+        {
+            return;
+        }
+
+        double ms = System.Diagnostics.Stopwatch.GetElapsedTime(start, end).TotalMilliseconds;
+        if (prefill)
+        {
+            _prefillMs += ms;
+        }
+        else
+        {
+            _decodeMs += ms;
+        }
+
+        Add(_device, new Interval(start, end));
+    }
+
+    public void Paced(bool overran)
+    {
+        _paced++;
+        _overran += overran ? 1 : 0;
+    }
+
+    public void Drafted(IEnumerable<Interval> work, bool ahead)
+    {
+        foreach (var w in work)
+        {
+            Add(_drafts, w);
+        }
+
+        _ahead += ahead ? 1 : 0;
+    }
+
+    public void Verified(long start, long end) => Add(_verifies, new Interval(start, end));
+
+    public DiagnosticsProtocol.Overlap Snapshot() => new([.. _device], [.. _drafts], [.. _verifies], _paced, _overran, _prefillMs, _decodeMs, _ahead);
+
+    private static void Add(List<Interval> list, Interval i)
+    {
+        if (list.Count < MaxIntervals && i.End != 0)
+        {
+            list.Add(i);
+        }
+    }
+}

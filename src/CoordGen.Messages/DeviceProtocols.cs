@@ -1,0 +1,103 @@
+using System.Collections.Immutable;
+using System.Diagnostics;
+using static CoordGen.Messages.GenerationProtocol;
+
+namespace CoordGen.Messages;
+
+/// <summary>An interval of one actor's work (Stopwatch timestamps), for overlap timelines.</summary>
+public readonly record struct Interval(long Start, long End);
+
+/// <summary>Session → device: the production protocol of the accelerator's owner.</summary>
+public static class DeviceProtocol
+{
+    /// <summary>
+    /// Session → device: run attempt <paramref name="Attempt"/> of <paramref name="Request"/>, drafting also from
+    /// <paramref name="Context"/> (a snapshot never mutated after it is published). <paramref name="Resumed"/>
+    /// marks a run that continues a session after a fault: it is served first. Reply: <see cref="Ended"/>
+    /// (or, from the device's back-off supervisor while the device is down, <see cref="SupervisionProtocol.DeviceRestarting"/>).
+    /// </summary>
+    public sealed record Run(Generate Request, IContextSnapshot? Context, int Attempt = 1, bool Resumed = false);
+
+    /// <summary>
+    /// Device → session: attempt <paramref name="Attempt"/> ended: <paramref name="Completed"/>, or <paramref name="Failed"/>, or
+    /// <paramref name="Restarting"/> (the device stopped with it; resume after a pause). The attempt number lets a
+    /// session drop the answer of an attempt it has superseded.
+    /// </summary>
+    public sealed record Ended(int Attempt, GenerationCompleted? Completed = null, GenerationFailed? Failed = null, bool Restarting = false);
+}
+
+/// <summary>
+/// Device ↔ drafter. The drafter owns each session's drafting state (the indexes over prompt and
+/// output, the calibrated index, draft reuse) and answers every <see cref="Advance"/> with the next
+/// step's tree; between the two it drafts ahead for the likely outcome of the step the device runs.
+/// </summary>
+public static class DrafterProtocol
+{
+    /// <summary>
+    /// Device → drafter, when a speculative run is admitted (the drafter indexes the prompt while the device
+    /// prefills it). <paramref name="Method"/>, <paramref name="Width"/> and <paramref name="AdaptiveWidth"/>
+    /// are the request's; <paramref name="Calibrated"/>: a calibrator will send this run's calibrated paths.
+    /// No reply.
+    /// </summary>
+    public sealed record Open(SessionRun Run, ImmutableArray<int> Prompt, int MaxTokens, string Method, int Width, bool AdaptiveWidth, IContextSnapshot? Context, bool Calibrated, ActivityContext Trace = default);
+
+    /// <summary>
+    /// Device → drafter: step <paramref name="Step"/> of the run was applied. <paramref name="Outcome"/> is what it
+    /// verified (null when it verified no tree); <paramref name="Committed"/> the tokens that joined the output
+    /// since the last message (the first one carries the first token). Reply: <see cref="Proposal"/> for step
+    /// <paramref name="Step"/> + 1.
+    /// </summary>
+    public sealed record Advance(SessionRun Run, int Step, StepOutcome? Outcome, ImmutableArray<int> Committed);
+
+    /// <summary>
+    /// Drafter → device: the tree for step <paramref name="Step"/>. <paramref name="Ahead"/>: it was drafted ahead,
+    /// while the device ran the step before. <see cref="Work"/>: the drafter's work for this run since its last
+    /// proposal (for the overlap timeline).
+    /// </summary>
+    public sealed record Proposal(SessionRun Run, int Step, DraftProposal Tree, bool Ahead)
+    {
+        public ImmutableArray<Interval> Work { get; init; } = [];
+    }
+
+    /// <summary>Calibrator → drafter: the run's calibrated paths (null when calibration failed) and the calibrator's time on them.</summary>
+    public sealed record Calibrated(SessionRun Run, CalibratedPaths? Paths, double Ms);
+
+    /// <summary>Device → drafter: the run ended; drop its state.</summary>
+    public sealed record Close(SessionRun Run);
+}
+
+/// <summary>Device ↔ verifier: acceptance of each verification step, off the device's thread.</summary>
+public static class VerifierProtocol
+{
+    /// <summary>
+    /// Device → verifier: the step <paramref name="Tree"/> of the run ran on the device; decide what it
+    /// accepts under <paramref name="Sampling"/>. Reply: <see cref="Verified"/> or <see cref="VerifyFailed"/>.
+    /// </summary>
+    public sealed record Verify(SessionRun Run, TreeToVerify Tree, Sampling Sampling, ActivityContext Trace = default);
+
+    /// <summary>Verifier → device: the verdict for one step; <paramref name="Start"/>/<paramref name="End"/> (Stopwatch timestamps) for the overlap timeline.</summary>
+    public sealed record Verified(SessionRun Run, TreeVerdict Verdict, long Start, long End);
+
+    /// <summary>Verifier → device: the step could not be verified; the request fails with a retryable error.</summary>
+    public sealed record VerifyFailed(SessionRun Run, int Step, string Reason);
+
+    /// <summary>Device → verifier: the run ended; drop its sampling stream.</summary>
+    public sealed record Forget(SessionRun Run);
+}
+
+/// <summary>Device → calibrator (paper §3.3): the prefill's top-k rows, gathered while the device moves on; the result goes to the drafter.</summary>
+public static class CalibratorProtocol
+{
+    /// <summary>The top-k rows of one prefill chunk (a copy the calibrator owns), in order.</summary>
+    public sealed record Chunk(SessionRun Run, TopRows Rows);
+
+    /// <summary>
+    /// The prefill of <paramref name="Prompt"/> is done: build the calibrated paths for <paramref name="Method"/> at
+    /// <paramref name="Width"/> and send them to the drafter. <paramref name="Share"/>: other sessions are decoding,
+    /// build in short slices so their steps keep the cores.
+    /// </summary>
+    public sealed record Finish(SessionRun Run, ImmutableArray<int> Prompt, string Method, int Width, bool Share, ActivityContext Trace = default);
+
+    /// <summary>The run is gone; drop what was read for it.</summary>
+    public sealed record Cancel(SessionRun Run);
+}
