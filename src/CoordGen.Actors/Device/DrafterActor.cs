@@ -13,8 +13,9 @@ namespace CoordGen.Actors.Device;
 /// this actor's thread alone. It indexes a prompt when the run is admitted (while the device prefills),
 /// answers each <see cref="Advance"/> with the next step's tree, and then, while the device runs that
 /// step, drafts the step after it for its most likely outcome, so that when that outcome happens the
-/// answer is ready at once. A drafting failure answers with an empty, degraded tree (the step verifies
-/// its root alone); it never leaves the device waiting.
+/// answer is ready at once. Calibrated paths from the calibrator are indexed in short slices between
+/// other messages, so one session's long index never holds back another's tree. A drafting failure
+/// answers with an empty, degraded tree (the step verifies its root alone); it never leaves the device waiting.
 /// </summary>
 public sealed class DrafterActor : ReceiveActor
 {
@@ -24,12 +25,16 @@ public sealed class DrafterActor : ReceiveActor
     // Calibrated paths that arrived before their run was opened (the calibrator and the device are separate senders).
     private readonly Dictionary<SessionRun, Calibrated> _early = [];
 
+    /// <summary>Symbols indexed per slice of a calibrated index (about a quarter of a millisecond).</summary>
+    private const int SliceSymbols = 2048;
+
     public DrafterActor(IFaultInjector? faults)
     {
         _faults = faults;
         Receive<Open>(OnOpen);
         Receive<Advance>(OnAdvance);
         Receive<Calibrated>(OnCalibrated);
+        Receive<ContinueIndexing>(c => Index(c.Run));
         Receive<Close>(c =>
         {
             _runs.Remove(c.Run);
@@ -98,13 +103,40 @@ public sealed class DrafterActor : ReceiveActor
             return;
         }
 
+        if (c.Paths is not { } paths)
+        {
+            d.Drafter.AttachCalibration(null);
+            return;
+        }
+
+        d.Indexing = new CalibratedIndex.Indexer(paths);
+        Index(c.Run);
+    }
+
+    // One slice of a run's calibrated index; the next slice queues behind the messages waiting now.
+    private void Index(SessionRun run)
+    {
+        if (!_runs.TryGetValue(run, out var d) || d.Indexing is not { } indexer)
+        {
+            return; // closed meanwhile
+        }
+
         long start = Stopwatch.GetTimestamp();
         try
         {
-            d.Drafter.AttachCalibration(c.Paths is { } paths ? CalibratedIndex.From(paths) : null);
+            if (indexer.Advance(SliceSymbols))
+            {
+                d.Indexing = null;
+                d.Drafter.AttachCalibration(indexer.Result());
+            }
+            else
+            {
+                Self.Tell(new ContinueIndexing(run));
+            }
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {
+            d.Indexing = null;
             d.Drafter.AttachCalibration(null);
         }
 
@@ -119,5 +151,11 @@ public sealed class DrafterActor : ReceiveActor
         public ActivityContext Trace { get; } = trace;
 
         public Interval[] Work { get; set; } = [];
+
+        /// <summary>The calibrated index being built in slices; null when none is.</summary>
+        public CalibratedIndex.Indexer? Indexing { get; set; }
     }
+
+    /// <summary>The drafter's own: index the next slice of a run's calibrated paths.</summary>
+    private sealed record ContinueIndexing(SessionRun Run);
 }

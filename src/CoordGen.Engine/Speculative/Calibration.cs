@@ -162,13 +162,37 @@ public sealed class CalibratedIndex
     /// <summary>Indexes calibrated paths (built here or by a calibrator) for drafting.</summary>
     public static CalibratedIndex From(CalibratedPaths paths)
     {
-        var sam = new SuffixAutomaton(paths.Symbols.Length);
-        foreach (int s in paths.Symbols)
+        var indexer = new Indexer(paths);
+        indexer.Advance(int.MaxValue);
+        return indexer.Result();
+    }
+
+    /// <summary>
+    /// <see cref="From"/> in slices: each <see cref="Advance"/> indexes the next symbols, so a drafter can
+    /// answer other sessions between slices. The index is the same however the work is sliced.
+    /// </summary>
+    public sealed class Indexer(CalibratedPaths paths)
+    {
+        private readonly SuffixAutomaton _sam = new(paths.Symbols.Length);
+        private int _next;
+
+        public bool IsComplete => _next >= paths.Symbols.Length;
+
+        /// <summary>Indexes up to <paramref name="symbols"/> more symbols; true when every symbol is in.</summary>
+        public bool Advance(int symbols)
         {
-            sam.Extend(s);
+            int end = (int)Math.Min(paths.Symbols.Length, (long)_next + Math.Max(0, symbols));
+            for (; _next < end; _next++)
+            {
+                _sam.Extend(paths.Symbols[_next]);
+            }
+
+            return IsComplete;
         }
 
-        return new CalibratedIndex(sam, paths.Paths);
+        public CalibratedIndex Result() => IsComplete
+            ? new CalibratedIndex(_sam, paths.Paths)
+            : throw new InvalidOperationException($"the calibrated index is not built yet ({_next} of {paths.Symbols.Length} symbols); call Advance until it returns true.");
     }
 
     public static CalibratedIndex Build(IReadOnlyList<int> context, PrefillTopK topK, CalibrationOptions options)
