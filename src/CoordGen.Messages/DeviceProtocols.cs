@@ -42,9 +42,10 @@ public static class DrafterProtocol
     public sealed record Open(SessionRun Run, ImmutableArray<int> Prompt, int MaxTokens, string Method, int Width, bool AdaptiveWidth, IContextSnapshot? Context, bool Calibrated, ActivityContext Trace = default);
 
     /// <summary>
-    /// Device → drafter: step <paramref name="Step"/> of the run was applied. <paramref name="Outcome"/> is what it
-    /// verified (null when it verified no tree); <paramref name="Committed"/> the tokens that joined the output
-    /// since the last message (the first one carries the first token). Reply: <see cref="Proposal"/> for step
+    /// Device → drafter (the first token, after the prefill), verifier → drafter (each verified step):
+    /// step <paramref name="Step"/> of the run is decided. <paramref name="Outcome"/> is what it verified (null
+    /// when it verified no tree); <paramref name="Committed"/> the tokens it commits (a stop token among them
+    /// ends the run, which is closed next). Answer, to the device: <see cref="Proposal"/> for step
     /// <paramref name="Step"/> + 1.
     /// </summary>
     public sealed record Advance(SessionRun Run, int Step, StepOutcome? Outcome, ImmutableArray<int> Committed);
@@ -71,9 +72,13 @@ public static class VerifierProtocol
 {
     /// <summary>
     /// Device → verifier: the step <paramref name="Tree"/> of the run ran on the device; decide what it
-    /// accepts under <paramref name="Sampling"/>. Reply: <see cref="Verified"/> or <see cref="VerifyFailed"/>.
+    /// accepts under <paramref name="Sampling"/>. Reply: <see cref="Verified"/> or <see cref="VerifyFailed"/>;
+    /// and, for a speculative run's step, the drafter gets the outcome at once
+    /// (<see cref="DrafterProtocol.Advance"/>), so its next tree travels beside the verdict.
+    /// <paramref name="OutcomeWidth"/>: the step's graph width (1: a plain step where a tree could have run;
+    /// 0: a step that verified no tree, near the cache's capacity).
     /// </summary>
-    public sealed record Verify(SessionRun Run, TreeToVerify Tree, Sampling Sampling, ActivityContext Trace = default);
+    public sealed record Verify(SessionRun Run, TreeToVerify Tree, Sampling Sampling, int OutcomeWidth, ActivityContext Trace = default);
 
     /// <summary>Verifier → device: the verdict for one step; <paramref name="Start"/>/<paramref name="End"/> (Stopwatch timestamps) for the overlap timeline.</summary>
     public sealed record Verified(SessionRun Run, TreeVerdict Verdict, long Start, long End);

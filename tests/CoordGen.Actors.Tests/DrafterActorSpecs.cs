@@ -20,7 +20,7 @@ public class DrafterActorSpecs : TestKit
     [Fact]
     public void Its_trees_should_be_the_ones_a_session_drafter_makes_from_the_same_messages()
     {
-        var drafter = Sys.ActorOf(DrafterActor.Props());
+        var drafter = ChildActorOf(DrafterActor.Props());
         var run = Run("a");
         var local = new SessionDrafter(Prompt, 32, SpeculationOptions.ForRequest("sam+ours", 8, false, false), null);
         drafter.Tell(OpenFor(run), TestActor);
@@ -48,7 +48,7 @@ public class DrafterActorSpecs : TestKit
     [Fact]
     public void An_advance_for_a_run_it_does_not_hold_should_get_an_empty_degraded_tree_never_silence()
     {
-        var drafter = Sys.ActorOf(DrafterActor.Props());
+        var drafter = ChildActorOf(DrafterActor.Props());
         var run = Run("b");
         drafter.Tell(new Advance(run, 3, null, [1]), TestActor);
         var p = ExpectMsg<Proposal>();
@@ -68,7 +68,7 @@ public class DrafterActorSpecs : TestKit
     {
         // One calibrated path: after "2 7" the context's next tokens are replaced by 13 14 15.
         var paths = new CalibratedPaths([2, 7, 13, 14, 15, -1], 1);
-        var drafter = Sys.ActorOf(DrafterActor.Props());
+        var drafter = ChildActorOf(DrafterActor.Props());
         var run = Run("c");
         drafter.Tell(new DrafterProtocol.Calibrated(run, paths, 1.0), TestActor);
         drafter.Tell(OpenFor(run), TestActor);
@@ -85,7 +85,7 @@ public class DrafterActorSpecs : TestKit
     [Fact]
     public void A_failed_calibration_should_mark_the_next_tree_degraded_and_drafting_should_go_on()
     {
-        var drafter = Sys.ActorOf(DrafterActor.Props());
+        var drafter = ChildActorOf(DrafterActor.Props());
         var run = Run("d");
         drafter.Tell(OpenFor(run), TestActor);
         drafter.Tell(new DrafterProtocol.Calibrated(run, null, 0), TestActor);
@@ -100,7 +100,7 @@ public class DrafterActorSpecs : TestKit
     [Fact]
     public void Drafts_should_come_from_the_prompt_it_was_opened_with()
     {
-        var drafter = Sys.ActorOf(DrafterActor.Props());
+        var drafter = ChildActorOf(DrafterActor.Props());
         var run = Run("e");
         drafter.Tell(new Open(run, ImmutableArray.Create(1, 2, 3), 8, "sam", 4, false, null, Calibrated: false), TestActor);
         drafter.Tell(new Advance(run, 0, null, [1, 2]), TestActor);

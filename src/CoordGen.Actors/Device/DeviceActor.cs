@@ -83,7 +83,7 @@ public sealed class DeviceActor : ReceiveActor
         _plain = new Generator(_runtime);
         _spec = new SpeculativeDecoder(_runtime);
         var drafter = Context.ActorOf(DrafterActor.Props(_runtime.Faults), "drafter");
-        _roles = new DeviceRoles(Self, drafter, Context.ActorOf(CalibratorActor.Props(drafter), "calibrator"), Context.ActorOf(VerifierActor.Props(), "verifier"));
+        _roles = new DeviceRoles(Self, drafter, Context.ActorOf(CalibratorActor.Props(drafter), "calibrator"), Context.ActorOf(VerifierActor.Props(drafter), "verifier"));
     }
 
     // The drafter, verifier and calibrator answer every job, failures included; an exception that escapes
@@ -270,21 +270,13 @@ public sealed class DeviceActor : ReceiveActor
                 // The verifier answered before the step's own completion arrived.
                 ApplyVerdict(s);
             }
-            else if (s.Decoding && _queues.StartDecoding(s))
+            else if (s.Decoding && _queues.StartDecoding(s) && s.FirstAdvance() is { } first)
             {
-                AskForTree(s); // its first tree, from the first token on
+                _roles!.Drafter.Tell(first); // its first tree, from the first token on
             }
         }
 
         Schedule();
-    }
-
-    private void AskForTree(DeviceSession s)
-    {
-        if (s.TakeAdvance() is { } advance)
-        {
-            _roles!.Drafter.Tell(advance);
-        }
     }
 
     private void OnProposal(DrafterProtocol.Proposal p)
@@ -292,11 +284,8 @@ public sealed class DeviceActor : ReceiveActor
         _timeline.Drafted(p.Work, p.Ahead);
         if (_byId.TryGetValue(p.Run, out var s))
         {
-            if (!s.Stepping)
-            {
-                s.Offer(p); // (a session stepping now needs no tree: a plain step near its cache's capacity)
-                Schedule();
-            }
+            s.Offer(p);
+            Schedule();
         }
     }
 
@@ -321,8 +310,7 @@ public sealed class DeviceActor : ReceiveActor
         try
         {
             s.ApplyVerdict();
-            s.Flush(); // its tokens to its channel now
-            AskForTree(s); // the drafter drafts its next tree while the device runs other steps
+            s.Flush(); // its tokens to its channel now (its next tree is on its way from the drafter)
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {

@@ -93,17 +93,28 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         roles.Drafter.Tell(new DrafterProtocol.Open(Id, r.Prompt.Tokens, r.MaxTokens, r.Method, r.Width, r.AdaptiveWidth, Run.Context, _options.UseCalibration, r.Trace), roles.Device);
     }
 
-    /// <summary>The drafter's tree for the next step, if it is the one this session waits for (else stale: dropped).</summary>
+    /// <summary>
+    /// The drafter's tree for the next step: taken if this session waits for it, kept if it came before the
+    /// verdict it follows (the verifier tells the drafter and the device at once), else stale and dropped.
+    /// </summary>
     public void Offer(DrafterProtocol.Proposal p)
     {
+        if (Stepping || _spec?.AwaitingStep is not null)
+        {
+            _early = p; // its step is still running, or its verdict is still on the way: taken after the verdict
+            return;
+        }
+
         if (_spec is { } s && p.Step == s.Steps + 1 && s.NeedsProposal)
         {
             s.Offer(p.Tree);
         }
     }
 
-    /// <summary>What the drafter learns from the step just applied (or the first token), or null when nothing more will be drafted.</summary>
-    public DrafterProtocol.Advance? TakeAdvance()
+    private DrafterProtocol.Proposal? _early;
+
+    /// <summary>The first token's advance for the drafter (after the prefill), or null when nothing will be drafted.</summary>
+    public DrafterProtocol.Advance? FirstAdvance()
     {
         if (_spec is null || _spec.Done)
         {
@@ -125,6 +136,13 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         Verdict = null;
         int before = _spec!.Output.Count;
         _spec.Apply(v);
+        _spec.TakeAdvance(); // the verifier told the drafter already
+        if (_early is { } early)
+        {
+            _early = null;
+            Offer(early);
+        }
+
         int emitted = _spec.Output.Count - before;
         if (emitted > 0)
         {
@@ -202,7 +220,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
             if (tree is not null)
             {
                 // Acceptance runs on the verifier while the device moves on to other sessions.
-                roles.Verifier.Tell(new VerifierProtocol.Verify(Id, tree, r.Sampling, r.Trace), roles.Device);
+                roles.Verifier.Tell(new VerifierProtocol.Verify(Id, tree, r.Sampling, _spec.PendingOutcomeWidth, r.Trace), roles.Device);
 
                 // ONNX Runtime's threads may hold both cores; give the verifier's worker this core
                 // now, or its message can wait for the next scheduler tick (measured: the verdict's

@@ -65,7 +65,7 @@ public sealed class DrafterActor : ReceiveActor
         if (!_runs.TryGetValue(a.Run, out var d))
         {
             // Not opened here (this drafter restarted with its device): the device's run is gone too.
-            Sender.Tell(new Proposal(a.Run, a.Step + 1, DraftProposal.Empty with { Degraded = true }, false));
+            Context.Parent.Tell(new Proposal(a.Run, a.Step + 1, DraftProposal.Empty with { Degraded = true }, false));
             return;
         }
 
@@ -87,7 +87,7 @@ public sealed class DrafterActor : ReceiveActor
 
         long end = Stopwatch.GetTimestamp();
         span?.SetTag("coordgen.draft_nodes", tree.Count);
-        Sender.Tell(new Proposal(a.Run, a.Step + 1, tree, d.Drafter.AheadUsed > aheadBefore) { Work = [.. d.Work, new(start, end)] });
+        Context.Parent.Tell(new Proposal(a.Run, a.Step + 1, tree, d.Drafter.AheadUsed > aheadBefore) { Work = [.. d.Work, new(start, end)] });
 
         // While the device runs that step: the step after it, for its likely outcome.
         long aheadStart = Stopwatch.GetTimestamp();

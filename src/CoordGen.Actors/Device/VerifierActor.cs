@@ -19,14 +19,17 @@ namespace CoordGen.Actors.Device;
 public sealed class VerifierActor : ReceiveActor
 {
     private readonly Dictionary<SessionRun, Sampler> _samplers = [];
+    private readonly IActorRef _drafter;
 
-    public VerifierActor()
+    /// <param name="drafter">Where each verified step's outcome goes, so the next tree is drafted while the device applies the verdict.</param>
+    public VerifierActor(IActorRef drafter)
     {
+        _drafter = drafter;
         Receive<Verify>(OnVerify);
         Receive<Forget>(f => _samplers.Remove(f.Run));
     }
 
-    public static Props Props() => Akka.Actor.Props.Create(() => new VerifierActor());
+    public static Props Props(IActorRef drafter) => Akka.Actor.Props.Create(() => new VerifierActor(drafter));
 
     private void OnVerify(Verify v)
     {
@@ -51,7 +54,13 @@ public sealed class VerifierActor : ReceiveActor
 
             var verdict = TreeVerifier.Verify(v.Tree, sampler);
             span?.SetTag("coordgen.accepted", verdict.Accepted);
+            // The drafter first: its next tree is what the device will wait for, the verdict's application is quick.
+            var outcome = v.OutcomeWidth == 0 ? null : new StepOutcome(v.OutcomeWidth, [.. verdict.Emitted], [.. verdict.Rows], [.. v.Tree.RowArgmax]);
+            _drafter.Tell(new DrafterProtocol.Advance(v.Run, verdict.Step, outcome, [.. verdict.Emitted]));
             Sender.Tell(new Verified(v.Run, verdict, start, Stopwatch.GetTimestamp()));
+
+            // ONNX Runtime's threads may still hold both cores: let the drafter's worker have this one now.
+            Thread.Yield();
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {

@@ -75,7 +75,7 @@ public sealed record Prefilled(int[] Prompt, KvCache Cache, float[] LastLogits, 
     /// <summary>The calibrator failed during this prefill; generation goes on without calibrated drafts.</summary>
     public bool CalibrationFailed { get; init; }
 
-    /// <summary>The chunks' logits went to a calibrator elsewhere (a calibrator actor); its index joins the session later (<see cref="SpeculativeSession.AttachCalibration"/>).</summary>
+    /// <summary>The chunks' logits went to a calibrator elsewhere (a calibrator actor); its calibrated paths go to the session's drafter later (<see cref="SessionDrafter.AttachCalibration"/>).</summary>
     public bool CalibrationDeferred { get; init; }
 
     private bool _adopted;

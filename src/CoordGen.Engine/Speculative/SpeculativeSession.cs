@@ -199,6 +199,12 @@ public sealed class SpeculativeSession : IDisposable
     /// <summary>Steps begun so far: the next tree offered is for step <see cref="Steps"/> + 1.</summary>
     public int Steps => _stepNumber;
 
+    /// <summary>
+    /// What the pending step's outcome will tell a drafter: the graph width of a tree step, 1 for a plain
+    /// step where a tree could have run, 0 for a step that verified no tree (near the cache's capacity).
+    /// </summary>
+    public int PendingOutcomeWidth => _pending switch { Pending.Tree => _pendingWidth, Pending.Narrow => 1, _ => 0 };
+
     /// <summary>The step whose verdict this session waits for (<see cref="Apply"/>); null when none.</summary>
     public int? AwaitingStep => _pending == Pending.None ? null : _stepNumber;
 
