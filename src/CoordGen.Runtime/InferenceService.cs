@@ -92,6 +92,9 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
     /// <summary>Runtimes built so far and device restarts that took the kept one instead (see <see cref="RuntimeKeeper"/>).</summary>
     public (int Built, int Reused) RuntimeStarts => (_runtimes.Built, _runtimes.Reused);
 
+    /// <summary>Device runs the step watchdog has ended (hung runs, injected ones among them).</summary>
+    public int WatchdogTerminations => _runtimes.WatchdogTerminations;
+
     public ModelBundle Bundle { get; }
 
     public CoordGenOptions Settings { get; }

@@ -46,6 +46,31 @@ public class StepWatchdogTests
     }
 
     [Fact]
+    public void An_injected_hang_should_keep_the_device_computing_until_the_watchdog_ends_it_and_leave_the_graphs_limit_alone()
+    {
+        var demo = Demo.Value;
+        int[] prompt = [.. Enumerable.Range(0, 40).Select(i => 100 + (i * 7 % 900))];
+        using var reference = new OrtModelRuntime(demo.Weights, 256, [1, 64], new RuntimeOptions { StepWatchdog = TimeSpan.Zero });
+        float[] want = PrefillLogits(reference, prompt);
+
+        // Every step is a hang candidate; the plan arms one hang (budget 1) at its first step.
+        using var rt = new OrtModelRuntime(demo.Weights, 256, [1, 64], new RuntimeOptions { StepWatchdog = TimeSpan.FromSeconds(30) })
+        {
+            Faults = new FaultPlan(seed: 3, budget: 1, meanGap: 1, kinds: [FaultKind.DeviceHang], hang: TimeSpan.FromMilliseconds(40)),
+        };
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var ex = Assert.Throws<DeviceFaultException>(() => PrefillLogits(rt, prompt));
+        Assert.Contains("injected hang", ex.Message);
+        Assert.Equal(1, rt.WatchdogTerminations);
+
+        // It ran past its 40 ms (a run here takes about a millisecond: many real runs) and was ended soon after, not at the graph's 30 s limit.
+        Assert.InRange(clock.Elapsed.TotalMilliseconds, 40, 5_000);
+
+        // The graph's own limit did not double, and the next run goes through with the same logits.
+        Assert.Equal(want, PrefillLogits(rt, prompt));
+    }
+
+    [Fact]
     public void Negative_watchdog_should_be_refused()
     {
         var ex = Assert.Throws<ArgumentException>(() => new RuntimeOptions { StepWatchdog = TimeSpan.FromSeconds(-1) }.Validate());

@@ -69,7 +69,27 @@ public sealed class RuntimeKeeper : IDisposable
             Built++;
         }
 
-        return _create();
+        var built = _create();
+        lock (_gate)
+        {
+            _built.Add(built);
+        }
+
+        return built;
+    }
+
+    private readonly List<OrtModelRuntime> _built = [];
+
+    /// <summary>Graph runs the step watchdog ended, over every runtime built (injected hangs among them).</summary>
+    public int WatchdogTerminations
+    {
+        get
+        {
+            lock (_gate)
+            {
+                return _built.Sum(r => r.WatchdogTerminations);
+            }
+        }
     }
 
     /// <summary>

@@ -36,6 +36,9 @@ internal sealed record FaultsReport
     /// <summary>Runtimes (compiled graph sets) the faulty service built: 1 plus one per device restart that could not reuse the previous one.</summary>
     [JsonPropertyName("runtimes_built")] public int RuntimesBuilt { get; init; }
 
+    /// <summary>Device runs the step watchdog ended mid-run: the injected hangs, which keep the device computing until it does.</summary>
+    [JsonPropertyName("runs_ended_by_watchdog")] public int RunsEndedByWatchdog { get; init; }
+
     /// <summary>Device restarts that took the previous device's runtime.</summary>
     [JsonPropertyName("runtime_reuses")] public int RuntimeReuses { get; init; }
     [JsonPropertyName("method")] public string Method { get; init; } = "";
@@ -165,6 +168,7 @@ internal static class BenchFaults
                 RecoveryMaxMs = recoveries.Count == 0 ? 0 : Math.Round(recoveries[^1], 2),
                 Recoveries = recoveries.Count,
                 RuntimesBuilt = faulty.RuntimeStarts.Built,
+                RunsEndedByWatchdog = faulty.WatchdogTerminations,
                 RuntimeReuses = faulty.RuntimeStarts.Reused,
                 Method = m,
                 Seed = parse.GetValue(seed),
@@ -239,14 +243,14 @@ internal static class BenchFaults
         {
             ("faults_injected", r.FaultsInjected), ("divergent_streams", r.DivergentStreams), ("failed_streams", r.FailedStreams),
             ("lost_tokens", r.LostTokens), ("duplicated_tokens", r.DuplicatedTokens), ("recovery_p50_ms", r.RecoveryP50Ms),
-            ("recovery_max_ms", r.RecoveryMaxMs), ("runtimes_built", r.RuntimesBuilt), ("runtime_reuses", r.RuntimeReuses), ("wall_s", r.WallS),
+            ("recovery_max_ms", r.RecoveryMaxMs), ("runtimes_built", r.RuntimesBuilt), ("runs_ended_by_watchdog", r.RunsEndedByWatchdog), ("runtime_reuses", r.RuntimeReuses), ("wall_s", r.WallS),
         })
         {
             md.AppendLine(CultureInfo.InvariantCulture, $"| {k} | {v} |");
         }
 
         md.AppendLine().AppendLine("Faults by kind: " + string.Join(", ", r.FaultsByKind.Select(p => $"{p.Key} {p.Value}")) + ".").AppendLine();
-        md.AppendLine("Injected device hangs stall for the plan's hang time and then throw; a real run that hangs is ended by the step watchdog (`StepWatchdogMs`, tested on real runs in StepWatchdogTests). Recovery is the time from a fault to the stream's next committed token (a resumed session prefills its prompt plus committed tokens again).").AppendLine();
+        md.AppendLine("An injected device hang is a device that keeps computing: real runs of the step's graph, one after another, until the step watchdog ends one mid-run through ONNX Runtime's `RunOptions.Terminate` once the plan's hang time has passed (`runs_ended_by_watchdog`), exactly the path of a run that hangs for real; the step fails as a device fault and the session resumes. Recovery is the time from a fault to the stream's next committed token (a resumed session prefills its prompt plus committed tokens again).").AppendLine();
         md.AppendLine("![recovery histogram](faults.png)");
         File.WriteAllText(Path.Combine(dir, "faults.md"), md.ToString());
         ConsoleUi.Err.MarkupLineInterpolated($"[green]faults {r.FaultsInjected}, streams {r.Streams}, divergent {r.DivergentStreams}, failed {r.FailedStreams}, lost {r.LostTokens}, duplicated {r.DuplicatedTokens}, recovery p50 {r.RecoveryP50Ms} ms, max {r.RecoveryMaxMs} ms, runtimes built {r.RuntimesBuilt}, reused {r.RuntimeReuses}[/] -> {dir}/faults.md");

@@ -34,6 +34,16 @@ public interface IFaultInjector
     /// <summary>Before a device step (may throw, or stall and time out).</summary>
     void OnDeviceStep();
 
+    /// <summary>
+    /// Whether the graph run about to start hangs: the device then keeps computing (real runs of the same
+    /// graph, one after another) past <see cref="HangLimit"/>, until the runtime's step watchdog ends one
+    /// mid-run through <c>RunOptions.Terminate</c>. Asked only of watched runs with the watchdog on.
+    /// </summary>
+    bool TakeHang();
+
+    /// <summary>The step limit a hung run is held to (the graph's own limit is for real, unforced runs).</summary>
+    TimeSpan HangLimit { get; }
+
     /// <summary>After a device step, on its logits (may corrupt them).</summary>
     void OnLogits(Span<float> logits);
 
@@ -87,12 +97,27 @@ public sealed class FaultPlan : IFaultInjector
 
     public int Budget { get; }
 
+    private bool _hang;
+
+    public TimeSpan HangLimit => Hang;
+
+    public bool TakeHang()
+    {
+        lock (_gate)
+        {
+            bool hang = _hang;
+            _hang = false;
+            return hang;
+        }
+    }
+
+
     public int MeanGap { get; }
 
     /// <summary>The kinds this plan picks from.</summary>
     public IReadOnlyList<FaultKind> Kinds => _kinds;
 
-    /// <summary>How long an injected hang stalls before the step throws.</summary>
+    /// <summary>How long an injected hang runs before the step watchdog ends it (or, with the watchdog off, stalls before the step throws).</summary>
     public TimeSpan Hang { get; }
 
     public int Injected
@@ -157,8 +182,13 @@ public sealed class FaultPlan : IFaultInjector
 
         if (fire == FaultKind.DeviceHang)
         {
-            Thread.Sleep(Hang);
-            throw new InjectedFaultException(FaultKind.DeviceHang, $"injected: the device step did not finish in time (stalled {Hang.TotalMilliseconds:F0} ms)");
+            // The runtime asks (TakeHang) at its next watched run; one with its watchdog off stalls here instead.
+            lock (_gate)
+            {
+                _hang = true;
+            }
+
+            return;
         }
 
         if (fire == FaultKind.DeviceException)

@@ -148,10 +148,12 @@ public sealed class OrtModelRuntime : IDisposable
         _options.Validate();
         if (_options.StepWatchdog > TimeSpan.Zero)
         {
-            var period = TimeSpan.FromTicks(Math.Clamp(_options.StepWatchdog.Ticks / 4, TimeSpan.TicksPerMillisecond, TimeSpan.TicksPerSecond));
+            static TimeSpan Quarter(TimeSpan limit) => TimeSpan.FromTicks(Math.Clamp(limit.Ticks / 4, TimeSpan.TicksPerMillisecond, TimeSpan.TicksPerSecond));
+            var period = Quarter(_options.StepWatchdog);
             new Thread(() =>
             {
-                while (!_watchStop.Wait(period))
+                // With fault injection on, often enough to end an injected hang near its own limit too.
+                while (!_watchStop.Wait(Faults is { } f ? Quarter(f.HangLimit < _options.StepWatchdog ? f.HangLimit : _options.StepWatchdog) : period))
                 {
                     Volatile.Read(ref _watched)?.CheckOverrun();
                 }
@@ -352,6 +354,7 @@ public sealed class OrtModelRuntime : IDisposable
     public void Run(int width, KvCache cache)
     {
         Faults?.OnDeviceStep();
+        StallIfHungUnwatched();
         var g = Graph(width, cache.Bucket);
         RunTimed(g, width, cache);
         var logits = g.Buffers.Logits.AsSpan(0, width * Config.VocabSize);
@@ -387,6 +390,7 @@ public sealed class OrtModelRuntime : IDisposable
     public void RunPacked(int width, IReadOnlyList<KvCache> caches)
     {
         Faults?.OnDeviceStep();
+        StallIfHungUnwatched();
         var g = PackedGraph(width, caches);
         // Slots the step does not fill read the first session's cache: nothing commits their rows, and a cache
         // of their own would have to follow every bucket the packs move through.
@@ -573,6 +577,16 @@ public sealed class OrtModelRuntime : IDisposable
 
     /// <summary>Fault hooks (tests and <c>bench faults</c> only); null in production.</summary>
     public IFaultInjector? Faults { get; set; }
+
+    // An injected hang with the step watchdog off: nothing would end it, so it stalls and fails the step.
+    private void StallIfHungUnwatched()
+    {
+        if (_options.StepWatchdog <= TimeSpan.Zero && Faults is { } f && f.TakeHang())
+        {
+            Thread.Sleep(f.HangLimit);
+            throw new InjectedFaultException(FaultKind.DeviceHang, $"injected: the device step did not finish in time (stalled {f.HangLimit.TotalMilliseconds:F0} ms)");
+        }
+    }
 
     private WidthGraph Graph(int width, int bucket)
     {
@@ -810,6 +824,9 @@ public sealed class OrtModelRuntime : IDisposable
                 return;
             }
 
+            // An injected hang is a device that keeps computing: real runs of this graph, one after another,
+            // until the watchdog ends one mid-run, exactly as it ends a run that hangs for real.
+            bool hang = _owner.Faults?.TakeHang() ?? false;
             TimeSpan limit;
             lock (_gate)
             {
@@ -817,17 +834,25 @@ public sealed class OrtModelRuntime : IDisposable
                 _running = true;
                 _terminated = false;
                 _run.Terminate = false;
-                limit = _watchdog;
+                _forced = hang;
+                _runLimit = hang ? _owner.Faults!.HangLimit : _watchdog;
+                limit = _runLimit;
             }
 
             Volatile.Write(ref _owner._watched, this);
             try
             {
-                _session.Run(_run, _inputNames, _inputs, _outputNames, _outputs);
+                do
+                {
+                    _session.Run(_run, _inputNames, _inputs, _outputNames, _outputs);
+                }
+                while (hang);
             }
             catch (OnnxRuntimeException ex) when (Volatile.Read(ref _terminated))
             {
-                throw new DeviceFaultException($"the device step did not finish within the {limit.TotalMilliseconds:F0} ms step watchdog and was ended ({ex.Message.Trim()}); the request resumes, and this graph's limit is now {_watchdog.TotalMilliseconds:F0} ms.");
+                throw new DeviceFaultException(hang
+                    ? $"injected hang: the device kept computing past the {limit.TotalMilliseconds:F0} ms limit and the step watchdog ended its run ({ex.Message.Trim()}); the request resumes."
+                    : $"the device step did not finish within the {limit.TotalMilliseconds:F0} ms step watchdog and was ended ({ex.Message.Trim()}); the request resumes, and this graph's limit is now {_watchdog.TotalMilliseconds:F0} ms.");
             }
             finally
             {
@@ -839,15 +864,19 @@ public sealed class OrtModelRuntime : IDisposable
             }
         }
 
-        /// <summary>Runs this graph's watchdog ended; each doubled the graph's limit.</summary>
+        /// <summary>Runs of this graph the watchdog ended (injected hangs among them); each real overrun doubled the graph's limit.</summary>
         public int WatchdogTerminations { get; private set; }
+
+        // The run in progress is an injected hang, held to its own limit.
+        private bool _forced;
+        private TimeSpan _runLimit;
 
         /// <summary>The runtime's watchdog tick: ends this graph's run if it has overrun its limit (never a later run: the check and the run's start and end share a lock).</summary>
         public void CheckOverrun()
         {
             lock (_gate)
             {
-                if (!_running || _terminated || Stopwatch.GetElapsedTime(_runStart) <= _watchdog)
+                if (!_running || _terminated || Stopwatch.GetElapsedTime(_runStart) <= _runLimit)
                 {
                     return;
                 }
@@ -863,7 +892,10 @@ public sealed class OrtModelRuntime : IDisposable
 
                 _terminated = true;
                 WatchdogTerminations++;
-                _watchdog *= 2;
+                if (!_forced)
+                {
+                    _watchdog *= 2;
+                }
             }
         }
 
