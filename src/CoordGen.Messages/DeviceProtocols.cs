@@ -36,10 +36,9 @@ public static class DrafterProtocol
     /// <summary>
     /// Device → drafter, when a speculative run is admitted (the drafter indexes the prompt while the device
     /// prefills it). <paramref name="Method"/>, <paramref name="Width"/> and <paramref name="AdaptiveWidth"/>
-    /// are the request's; <paramref name="Calibrated"/>: a calibrator will send this run's calibrated paths.
-    /// No reply.
+    /// are the request's (methods that calibrate get their paths from the calibrator later). No reply.
     /// </summary>
-    public sealed record Open(SessionRun Run, ImmutableArray<int> Prompt, int MaxTokens, string Method, int Width, bool AdaptiveWidth, IContextSnapshot? Context, bool Calibrated, ActivityContext Trace = default);
+    public sealed record Open(SessionRun Run, ImmutableArray<int> Prompt, int MaxTokens, string Method, int Width, bool AdaptiveWidth, IContextSnapshot? Context, ActivityContext Trace = default);
 
     /// <summary>
     /// Device → drafter (the first token, after the prefill), verifier → drafter (each verified step):

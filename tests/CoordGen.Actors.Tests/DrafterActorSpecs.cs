@@ -15,7 +15,7 @@ public class DrafterActorSpecs : TestKit
 
     private static SessionRun Run(string id) => new(new SessionId(id), 1);
 
-    private static Open OpenFor(SessionRun run) => new(run, [.. Prompt], 32, "sam+ours", 8, false, null, Calibrated: true);
+    private static Open OpenFor(SessionRun run) => new(run, [.. Prompt], 32, "sam+ours", 8, false, null);
 
     [Fact]
     public void Its_trees_should_be_the_ones_a_session_drafter_makes_from_the_same_messages()
@@ -64,14 +64,15 @@ public class DrafterActorSpecs : TestKit
     }
 
     [Fact]
-    public void Calibrated_paths_should_join_the_run_even_when_they_arrive_before_it_is_opened()
+    public void Calibrated_paths_should_join_the_runs_next_tree_and_be_dropped_for_a_run_it_does_not_hold()
     {
         // One calibrated path: after "2 7" the context's next tokens are replaced by 13 14 15.
         var paths = new CalibratedPaths([2, 7, 13, 14, 15, -1], 1);
         var drafter = ChildActorOf(DrafterActor.Props());
         var run = Run("c");
-        drafter.Tell(new DrafterProtocol.Calibrated(run, paths, 1.0), TestActor);
+        drafter.Tell(new DrafterProtocol.Calibrated(Run("closed"), paths, 1.0), TestActor); // a run closed already: dropped
         drafter.Tell(OpenFor(run), TestActor);
+        drafter.Tell(new DrafterProtocol.Calibrated(run, paths, 1.0), TestActor);
         drafter.Tell(new Advance(run, 0, null, [4, 9, 2, 7]), TestActor);
         var got = ExpectMsg<Proposal>();
 
@@ -80,6 +81,9 @@ public class DrafterActorSpecs : TestKit
         var expected = local.Advance(null, [4, 9, 2, 7]);
         Assert.Equal(expected.Tokens.ToArray(), got.Tree.Tokens.ToArray());
         Assert.Contains((byte)DraftSource.Calibrated, got.Tree.Sources);
+
+        drafter.Tell(new Advance(Run("closed"), 0, null, [4]), TestActor);
+        Assert.True(ExpectMsg<Proposal>().Tree.Degraded, "a calibration for an unknown run must not open it");
     }
 
     [Fact]
@@ -102,7 +106,7 @@ public class DrafterActorSpecs : TestKit
     {
         var drafter = ChildActorOf(DrafterActor.Props());
         var run = Run("e");
-        drafter.Tell(new Open(run, ImmutableArray.Create(1, 2, 3), 8, "sam", 4, false, null, Calibrated: false), TestActor);
+        drafter.Tell(new Open(run, ImmutableArray.Create(1, 2, 3), 8, "sam", 4, false, null), TestActor);
         drafter.Tell(new Advance(run, 0, null, [1, 2]), TestActor);
         var p = ExpectMsg<Proposal>();
         Assert.Equal(3, p.Tree.Tokens[0]);

@@ -257,11 +257,11 @@ public sealed class DeviceActor : ReceiveActor
             _timeline.Paced(done.Overran);
         }
 
-        var cause = done.Error is AggregateException { InnerException: { } inner } ? inner : done.Error;
+        var error = done.Error is AggregateException { InnerException: { } inner } ? inner : done.Error;
         foreach (var s in done.Group ?? [done.Session])
         {
             s.Stepping = false;
-            if (cause is not null)
+            if ((error ?? s.VerifyFailure) is { } cause)
             {
                 Finish(s, Failure(s.Request, cause), cause);
             }
@@ -323,6 +323,12 @@ public sealed class DeviceActor : ReceiveActor
         if (_byId.TryGetValue(f.Run, out var s) && _queues.Decoding.Contains(s) && s.AwaitingStep == f.Step)
         {
             var ex = new VerifierFailedException($"the verifier could not verify step {f.Step}: {f.Reason}");
+            if (s.Stepping)
+            {
+                s.VerifyFailure = ex; // the step's task still holds the session: finished when its step ends
+                return;
+            }
+
             Finish(s, Failure(s.Request, ex), ex);
             Schedule();
         }

@@ -31,6 +31,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     private bool _calibrating;
     private bool _treeStep;
 
+    // A tree that came before the verdict it follows (the verifier tells the drafter and the device at once).
+    private DrafterProtocol.Proposal? _early;
+
     public SessionRun Id { get; } = id;
 
     public DeviceProtocol.Run Run { get; } = run;
@@ -71,6 +74,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>A verdict that arrived while the step's device run was still finishing.</summary>
     public TreeVerdict? Verdict { get; set; }
 
+    /// <summary>The verifier could not verify the step, and said so while the step's device run was still finishing.</summary>
+    public Exception? VerifyFailure { get; set; }
+
     /// <summary>Other sessions were decoding when this step was scheduled (the calibrator then builds in slices).</summary>
     public bool OthersDecoding { get; set; }
 
@@ -90,7 +96,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
 
         var r = Request;
         _options = SpeculationOptions.ForRequest(r.Method, r.Width, r.AdaptiveWidth, Run.Context is not null) with { WidthCostMs = emulate is null ? null : emulate.StepMs };
-        roles.Drafter.Tell(new DrafterProtocol.Open(Id, r.Prompt.Tokens, r.MaxTokens, r.Method, r.Width, r.AdaptiveWidth, Run.Context, _options.UseCalibration, r.Trace), roles.Device);
+        roles.Drafter.Tell(new DrafterProtocol.Open(Id, r.Prompt.Tokens, r.MaxTokens, r.Method, r.Width, r.AdaptiveWidth, Run.Context, r.Trace), roles.Device);
     }
 
     /// <summary>
@@ -110,8 +116,6 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
             s.Offer(p.Tree);
         }
     }
-
-    private DrafterProtocol.Proposal? _early;
 
     /// <summary>The first token's advance for the drafter (after the prefill), or null when nothing will be drafted.</summary>
     public DrafterProtocol.Advance? FirstAdvance()

@@ -22,9 +22,6 @@ public sealed class DrafterActor : ReceiveActor
     private readonly IFaultInjector? _faults;
     private readonly Dictionary<SessionRun, Drafting> _runs = [];
 
-    // Calibrated paths that arrived before their run was opened (the calibrator and the device are separate senders).
-    private readonly Dictionary<SessionRun, Calibrated> _early = [];
-
     /// <summary>Symbols indexed per slice of a calibrated index (about a quarter of a millisecond).</summary>
     private const int SliceSymbols = 2048;
 
@@ -35,11 +32,7 @@ public sealed class DrafterActor : ReceiveActor
         Receive<Advance>(OnAdvance);
         Receive<Calibrated>(OnCalibrated);
         Receive<ContinueIndexing>(c => Index(c.Run));
-        Receive<Close>(c =>
-        {
-            _runs.Remove(c.Run);
-            _early.Remove(c.Run);
-        });
+        Receive<Close>(c => _runs.Remove(c.Run));
     }
 
     /// <param name="faults">Fault injection in drafting (<see cref="IFaultInjector.OnDraft"/>); null in production.</param>
@@ -54,10 +47,6 @@ public sealed class DrafterActor : ReceiveActor
             Work = [new Interval(start, Stopwatch.GetTimestamp())],
         };
         _runs[o.Run] = drafting;
-        if (_early.Remove(o.Run, out var c))
-        {
-            OnCalibrated(c);
-        }
     }
 
     private void OnAdvance(Advance a)
@@ -97,9 +86,10 @@ public sealed class DrafterActor : ReceiveActor
 
     private void OnCalibrated(Calibrated c)
     {
+        // The device opens a run before its prefill, and so before the calibrator can finish: an unknown
+        // run has been closed already (it ended right after its prefill).
         if (!_runs.TryGetValue(c.Run, out var d))
         {
-            _early[c.Run] = c;
             return;
         }
 

@@ -79,6 +79,7 @@ public sealed class RuntimeKeeper : IDisposable
     }
 
     private readonly List<OrtModelRuntime> _built = [];
+    private int _endedTerminations;
 
     /// <summary>Graph runs the step watchdog ended, over every runtime built (injected hangs among them).</summary>
     public int WatchdogTerminations
@@ -87,7 +88,7 @@ public sealed class RuntimeKeeper : IDisposable
         {
             lock (_gate)
             {
-                return _built.Sum(r => r.WatchdogTerminations);
+                return _endedTerminations + _built.Sum(r => r.WatchdogTerminations);
             }
         }
     }
@@ -127,6 +128,12 @@ public sealed class RuntimeKeeper : IDisposable
             {
                 _kept = runtime;
                 return;
+            }
+
+            // Disposed: only its count stays.
+            if (_built.Remove(runtime))
+            {
+                _endedTerminations += runtime.WatchdogTerminations;
             }
         }
 

@@ -182,7 +182,7 @@ public sealed class FaultPlan : IFaultInjector
 
         if (fire == FaultKind.DeviceHang)
         {
-            // The runtime asks (TakeHang) at its next watched run; one with its watchdog off stalls here instead.
+            // The runtime asks (TakeHang) at its next watched run; one with its watchdog off stalls instead (OrtModelRuntime.StallIfHungUnwatched).
             lock (_gate)
             {
                 _hang = true;

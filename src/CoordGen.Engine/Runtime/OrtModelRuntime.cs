@@ -222,7 +222,8 @@ public sealed class OrtModelRuntime : IDisposable
     public int GraphCount => _graphs.Count;
 
     /// <summary>Graph runs the step watchdog has ended (<see cref="RuntimeOptions.StepWatchdog"/>).</summary>
-    public int WatchdogTerminations => _graphs.Values.Sum(g => g.WatchdogTerminations);
+    public int WatchdogTerminations => _graphs.Values.Sum(g => g.WatchdogTerminations)
+        + _packed.Values.Where(l => l.IsValueCreated && l.Value.IsCompletedSuccessfully).Sum(l => l.Value.Result.WatchdogTerminations);
 
     private static readonly object EnvLock = new();
     private static bool? _globalPools;

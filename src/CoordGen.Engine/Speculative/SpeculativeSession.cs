@@ -317,9 +317,6 @@ public sealed class SpeculativeSession : IDisposable
         return new TreeToVerify(++_stepNumber, tokens, parents, _pendingArgmax, logits, buf.VocabSize, _draws);
     }
 
-    /// <summary>Milliseconds spent drafting inside <see cref="Step"/> (an inline drafter's work, on the device's thread).</summary>
-    public double InlineDraftMs { get; private set; }
-
     private DraftProposal DraftInline()
     {
         if (_drafter is null)
@@ -327,7 +324,6 @@ public sealed class SpeculativeSession : IDisposable
             throw new InvalidOperationException("no tree was offered for this step: an external drafter's proposal must arrive before the step (NeedsProposal).");
         }
 
-        long ti = Stopwatch.GetTimestamp();
         var (outcome, committed) = TakeAdvance();
         var tree = _drafter.Advance(outcome, committed);
         if (DraftAhead)
@@ -335,7 +331,6 @@ public sealed class SpeculativeSession : IDisposable
             _drafter.PrepareAhead();
         }
 
-        InlineDraftMs += Stopwatch.GetElapsedTime(ti).TotalMilliseconds;
         return tree;
     }
 
