@@ -63,6 +63,15 @@ public static class DiagnosticsProtocol
     /// <summary>Runs prefilling, decoding, and admitted but waiting for room under the KV memory budget.</summary>
     public sealed record Queues(int Prefilling, int Decoding, int Waiting);
 
+    /// <summary>Device: its last rebalancing decisions with the snapshots they were taken from, oldest first (up to 4,096). Reply: <see cref="StepDecisions"/>.</summary>
+    public sealed record GetStepDecisions
+    {
+        public static readonly GetStepDecisions Instance = new();
+    }
+
+    /// <summary>Rebalancing decisions: each snapshot and what the device chose from it.</summary>
+    public sealed record StepDecisions(ImmutableArray<(QueueSnapshot Snapshot, StepChoice Choice)> Decisions);
+
     /// <summary>Device: the timeline of device steps, drafts and verifications (Stopwatch timestamps). Reply: <see cref="Overlap"/>.</summary>
     public sealed record GetOverlap
     {
@@ -77,4 +86,27 @@ public static class DiagnosticsProtocol
     /// </summary>
     public sealed record Overlap(ImmutableArray<Interval> Device, ImmutableArray<Interval> Drafts, ImmutableArray<Interval> Verifies,
         int Paced, int Overran, double PrefillMs, double DecodeMs, int DraftsAhead);
+}
+
+/// <summary>
+/// The device's queues when it chooses its next step: everything the rebalancing of prefill against
+/// decode reads (<c>StepPolicy.Rebalance</c>), so a logged decision can be replayed.
+/// </summary>
+/// <param name="Prefilling">Runs admitted and not yet decoding (each gets chunks until its prompt is in).</param>
+/// <param name="PrefillTokens">Prompt tokens left over all of them (reported with each decision; the rule spaces chunks by runs, not tokens).</param>
+/// <param name="Decoding">Decoding sessions, ready or not (one briefly waiting still counts toward the chunk's spacing).</param>
+/// <param name="ReadyDecoding">Decoding sessions ready for a step now.</param>
+/// <param name="DecodeStepsSinceChunk">Decode steps since the last prefill chunk.</param>
+/// <param name="PrefillWidth">The widest prefill graph.</param>
+/// <param name="InterleavedWidth">Tokens per chunk between other sessions' decode steps.</param>
+public readonly record struct QueueSnapshot(int Prefilling, int PrefillTokens, int Decoding, int ReadyDecoding, int DecodeStepsSinceChunk, int PrefillWidth, int InterleavedWidth);
+
+/// <summary>What the device runs next: a prefill chunk of <paramref name="PrefillTokens"/> tokens, a decode step (0), or nothing (-1: no run can step now).</summary>
+public readonly record struct StepChoice(int PrefillTokens)
+{
+    public static readonly StepChoice Decode = new(0);
+
+    public static readonly StepChoice Idle = new(-1);
+
+    public bool Prefill => PrefillTokens > 0;
 }

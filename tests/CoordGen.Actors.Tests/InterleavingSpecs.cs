@@ -180,6 +180,51 @@ public class InterleavingSpecs : TestKit
     }
 
     [Theory]
+    [InlineData(0, 0, 3, 3, 0, 0)] // nothing to prefill: decode
+    [InlineData(0, 0, 3, 0, 0, -1)] // nothing ready at all: idle
+    [InlineData(1, 1500, 0, 0, 0, 64)] // a newcomer alone: the full prefill width
+    [InlineData(1, 1500, 4, 4, 3, 0)] // a chunk after every 4 decode steps: not yet
+    [InlineData(1, 1500, 4, 4, 4, 32)] // due: a narrow chunk between the streams' steps
+    [InlineData(1, 1500, 4, 0, 1, 32)] // not due, but no stream is ready: the device prefills rather than idles
+    [InlineData(2, 900, 4, 4, 2, 32)] // two newcomers: a chunk after every 2 decode steps
+    [InlineData(4, 900, 2, 2, 1, 32)] // more newcomers than streams: a chunk after every decode step
+    [InlineData(4, 900, 2, 2, 0, 0)] // ... but never two chunks in a row while a stream is ready
+    public void Rebalancing_should_follow_the_queue_snapshot_alone(int prefilling, int tokens, int decoding, int ready, int since, int choice)
+    {
+        var q = new QueueSnapshot(prefilling, tokens, decoding, ready, since, PrefillWidth: 64, InterleavedWidth: 32);
+        Assert.Equal(new StepChoice(choice), StepPolicy.Rebalance(q));
+    }
+
+    [Fact]
+    public async Task Every_logged_rebalancing_decision_should_replay_from_its_snapshot_and_a_newcomer_should_not_hold_the_streams()
+    {
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), interleavedChunkWidth: 8)));
+        var channels = Enumerable.Range(0, 4).Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
+        for (int i = 0; i < 3; i++)
+        {
+            device.Tell(new Generate(new SessionId($"s{i}"), TokenSequence.From(Prompt(i)), 100, new Sampling(), i == 0 ? "ar" : "sam+ours", 8, null, channels[i].Writer, CancellationToken.None), TestActor);
+        }
+
+        // Once the streams run, a newcomer with a long prompt.
+        await channels[0].Reader.ReadAsync();
+        device.Tell(new Generate(new SessionId("newcomer"), TokenSequence.From(Enumerable.Range(0, 90).Select(t => (t * 7 % 60) + 1)), 8, new Sampling(), "ar", 8, null, channels[3].Writer, CancellationToken.None), TestActor);
+        for (int i = 0; i < 4; i++)
+        {
+            await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(30));
+        }
+
+        var log = (await device.Ask<DiagnosticsProtocol.StepDecisions>(DiagnosticsProtocol.GetStepDecisions.Instance)).Decisions;
+        Assert.NotEmpty(log);
+        Assert.All(log, d => Assert.Equal(d.Choice, StepPolicy.Rebalance(d.Snapshot)));
+
+        // While streams decoded, the newcomer's prompt came in chunks of the interleaved width, each after a round of their steps.
+        var beside = log.Where(d => d.Choice.Prefill && d.Snapshot.Decoding > 0 && d.Snapshot.ReadyDecoding > 0).ToList();
+        Assert.NotEmpty(beside);
+        Assert.All(beside, d => Assert.Equal(8, d.Choice.PrefillTokens));
+        Assert.All(beside, d => Assert.True(d.Snapshot.DecodeStepsSinceChunk >= Math.Max(1, d.Snapshot.Decoding / d.Snapshot.Prefilling)));
+    }
+
+    [Theory]
     [InlineData(0, 64, 32, 64)]
     [InlineData(1, 64, 32, 32)]
     [InlineData(8, 64, 32, 32)]

@@ -63,6 +63,7 @@ public sealed class DeviceActor : ReceiveActor
         Receive<VerifierProtocol.VerifyFailed>(OnVerifyFailed);
         Receive<DiagnosticsProtocol.GetQueues>(_ => Sender.Tell(new DiagnosticsProtocol.Queues(_queues.Prefilling.Count, _queues.Decoding.Count, _queues.Waiting.Count)));
         Receive<DiagnosticsProtocol.GetOverlap>(_ => Sender.Tell(_timeline.Snapshot()));
+        Receive<DiagnosticsProtocol.GetStepDecisions>(_ => Sender.Tell(_timeline.Decisions()));
         Receive<DiagnosticsProtocol.SetPackedSteps>(p => _packing = p.Packed ? PackingMode.WhenItPays : PackingMode.Off);
         Receive<DiagnosticsProtocol.CrashDevice>(_ => throw new InjectedFaultException(FaultKind.DeviceException, "injected: the device actor crashed"));
     }
@@ -148,13 +149,14 @@ public sealed class DeviceActor : ReceiveActor
 
         // Every decoding session counts, ready or not: one stream briefly waiting (for its tree or its
         // reader) must not bring the next chunk a step early, or another stream's gap holds two chunks.
-        bool prefill = StepPolicy.PrefillNext(prefilling.Count, decoding.Count, _sinceChunk) && prefilling.Count > 0;
-        var pick = prefill ? prefilling[0] : _queues.NextDecode();
-        if (pick is null && prefilling.Count > 0)
-        {
-            (pick, prefill) = (prefilling[0], true);
-        }
-
+        var runtime = _runtime!;
+        int wide = runtime.Widths.Max();
+        var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, decoding.Count(s => s.Ready),
+            _sinceChunk, wide, _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide);
+        var choice = StepPolicy.Rebalance(snapshot);
+        _timeline.Decided(snapshot, choice);
+        bool prefill = choice.Prefill;
+        var pick = prefill ? prefilling[0] : choice == StepChoice.Decode ? _queues.NextDecode() : null;
         if (pick is null)
         {
             ParkFullStreams();
@@ -162,11 +164,9 @@ public sealed class DeviceActor : ReceiveActor
         }
 
         _sinceChunk = prefill ? 0 : _sinceChunk + 1;
-        var runtime = _runtime!;
         if (prefill)
         {
-            int wide = runtime.Widths.Max();
-            pick.ChunkWidth = StepPolicy.ChunkWidth(decoding.Count, wide, _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide);
+            pick.ChunkWidth = choice.PrefillTokens;
         }
 
         var group = prefill ? null : PackWith(pick);

@@ -80,6 +80,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>Other sessions were decoding when this step was scheduled (the calibrator then builds in slices).</summary>
     public bool OthersDecoding { get; set; }
 
+    /// <summary>Prompt tokens not prefilled yet (all of them before its first chunk; 0 once it decodes).</summary>
+    public int PrefillTokensLeft => Decoding ? 0 : _prefill?.Remaining ?? Request.Prompt.Count;
+
     /// <summary>Tokens in this session's next prefill chunk, set by the scheduler (0 = the prefill width).</summary>
     public int ChunkWidth { get; set; }
 

@@ -53,6 +53,22 @@ internal sealed class DeviceTimeline
 
     public void Verified(long start, long end) => Add(_verifies, new Interval(start, end));
 
+    private const int MaxDecisions = 4096;
+    private readonly Queue<(QueueSnapshot, StepChoice)> _decisions = new();
+
+    /// <summary>A rebalancing decision and the snapshot it was taken from (the last 4,096 are kept, for replay).</summary>
+    public void Decided(QueueSnapshot snapshot, StepChoice choice)
+    {
+        if (_decisions.Count == MaxDecisions)
+        {
+            _decisions.Dequeue();
+        }
+
+        _decisions.Enqueue((snapshot, choice));
+    }
+
+    public DiagnosticsProtocol.StepDecisions Decisions() => new([.. _decisions]);
+
     public DiagnosticsProtocol.Overlap Snapshot() => new([.. _device], [.. _drafts], [.. _verifies], _paced, _overran, _prefillMs, _decodeMs, _ahead);
 
     private static void Add(List<Interval> list, Interval i)

@@ -1,13 +1,37 @@
+using CoordGen.Messages;
+
 namespace CoordGen.Actors.Device;
 
 /// <summary>
 /// Which kind of work the device runs next, by queue depth: a prefill chunk or a decode step. Decoding
 /// sessions are served round-robin; a prefill chunk comes after every <c>max(1, decoding / prefilling)</c>
 /// decode steps, so a deep decode queue does not starve new requests' time to first token and a burst
-/// of new prompts does not stall running streams for long.
+/// of new prompts does not stall running streams for long. Pure functions, table-tested.
 /// </summary>
 public static class StepPolicy
 {
+    /// <summary>
+    /// Prefill against decode, from a snapshot of the queues alone: a prefill chunk when one is due
+    /// (<see cref="PrefillNext"/>) or when no decoding session is ready, else a decode step; the chunk's
+    /// width by <see cref="ChunkWidth"/> (narrow between running streams, so a newcomer's long prompt costs
+    /// each of them about one chunk per round of their steps, never the whole prompt at once).
+    /// </summary>
+    public static StepChoice Rebalance(QueueSnapshot q)
+    {
+        bool chunkDue = PrefillNext(q.Prefilling, q.Decoding, q.DecodeStepsSinceChunk);
+        if (!chunkDue && q.ReadyDecoding > 0)
+        {
+            return StepChoice.Decode;
+        }
+
+        if (q.Prefilling == 0)
+        {
+            return q.ReadyDecoding > 0 ? StepChoice.Decode : StepChoice.Idle;
+        }
+
+        return new StepChoice(ChunkWidth(q.Decoding, q.PrefillWidth, q.InterleavedWidth));
+    }
+
     /// <summary>
     /// Whether <paramref name="sessions"/> plain sessions should share one packed run, given what a packed run
     /// of their slot count costs over a plain step (<paramref name="costRatio"/>, null: never measured, so
