@@ -83,9 +83,10 @@ public static class DiagnosticsProtocol
     /// by a device profile; <paramref name="Overran"/>: those whose real compute took longer than the profile
     /// allowed. <paramref name="PrefillMs"/> / <paramref name="DecodeMs"/>: device time in prefill chunks and decode steps.
     /// <paramref name="DraftsAhead"/>: trees the drafter drafted ahead (for the likely outcome of the step in flight) that were used.
+    /// <paramref name="DecodeRuns"/> / <paramref name="DecodeSessionSteps"/>: decode runs, and the sessions they stepped (more than one a run when packed).
     /// </summary>
     public sealed record Overlap(ImmutableArray<Interval> Device, ImmutableArray<Interval> Drafts, ImmutableArray<Interval> Verifies,
-        int Paced, int Overran, double PrefillMs, double DecodeMs, int DraftsAhead);
+        int Paced, int Overran, double PrefillMs, double DecodeMs, int DraftsAhead, int DecodeRuns = 0, int DecodeSessionSteps = 0);
 }
 
 /// <summary>

@@ -251,7 +251,7 @@ public sealed class DeviceActor : ReceiveActor
     {
         _busy = false;
         _inflight = null;
-        _timeline.Step(done.Start, done.End, done.Prefill);
+        _timeline.Step(done.Start, done.End, done.Prefill, done.Group?.Count ?? 1);
         if (_emulate is not null && done.Error is null)
         {
             _timeline.Paced(done.Overran);

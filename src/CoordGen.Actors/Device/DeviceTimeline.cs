@@ -15,11 +15,21 @@ internal sealed class DeviceTimeline
     private int _overran;
     private int _ahead;
 
-    public void Step(long start, long end, bool prefill)
+    private int _decodeRuns;
+    private int _decodeSessionSteps;
+
+    /// <param name="sessions">Sessions the run stepped (a packed run: several).</param>
+    public void Step(long start, long end, bool prefill, int sessions = 1)
     {
         if (end == 0)
         {
             return;
+        }
+
+        if (!prefill)
+        {
+            _decodeRuns++;
+            _decodeSessionSteps += sessions;
         }
 
         double ms = System.Diagnostics.Stopwatch.GetElapsedTime(start, end).TotalMilliseconds;
@@ -69,7 +79,7 @@ internal sealed class DeviceTimeline
 
     public DiagnosticsProtocol.StepDecisions Decisions() => new([.. _decisions]);
 
-    public DiagnosticsProtocol.Overlap Snapshot() => new([.. _device], [.. _drafts], [.. _verifies], _paced, _overran, _prefillMs, _decodeMs, _ahead);
+    public DiagnosticsProtocol.Overlap Snapshot() => new([.. _device], [.. _drafts], [.. _verifies], _paced, _overran, _prefillMs, _decodeMs, _ahead, _decodeRuns, _decodeSessionSteps);
 
     private static void Add(List<Interval> list, Interval i)
     {

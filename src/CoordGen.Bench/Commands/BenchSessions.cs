@@ -23,6 +23,9 @@ internal sealed record SessionsRow
 
     /// <summary>Plain sessions ready together shared one device run (packed steps) instead of one run each.</summary>
     [JsonPropertyName("packed")] public bool Packed { get; init; }
+
+    /// <summary>Sessions per decode run, on average: above 1 only when plain sessions were packed.</summary>
+    [JsonPropertyName("sessions_per_decode_run")] public double SessionsPerDecodeRun { get; init; }
     [JsonPropertyName("aggregate_tokens_per_s")] public double AggregateTokensPerS { get; init; }
     [JsonPropertyName("per_session_tokens_per_s")] public double PerSessionTokensPerS { get; init; }
     [JsonPropertyName("p50_intertoken_ms")] public double P50IntertokenMs { get; init; }
@@ -156,6 +159,8 @@ internal static class BenchSessions
                             var after = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
                             pt.PrefillMs += after.PrefillMs - before.PrefillMs;
                             pt.DecodeMs += after.DecodeMs - before.DecodeMs;
+                            pt.DecodeRuns += after.DecodeRuns - before.DecodeRuns;
+                            pt.DecodeSessionSteps += after.DecodeSessionSteps - before.DecodeSessionSteps;
                             foreach (var (index, r) in results.SelectMany(x => x))
                             {
                                 pt.Gaps.AddRange(r.GapsMs);
@@ -185,6 +190,7 @@ internal static class BenchSessions
                             IdenticalToAlone = pt.Identical,
                             PrefillShare = Math.Round(pt.PrefillMs / Math.Max(1e-9, pt.PrefillMs + pt.DecodeMs), 3),
                             DecodeTokensPerDeviceS = Math.Round(pt.Tokens / Math.Max(1e-9, pt.DecodeMs / 1000), 1),
+                            SessionsPerDecodeRun = Math.Round(pt.DecodeSessionSteps / (double)Math.Max(1, pt.DecodeRuns), 2),
                         });
                     }
                 }
@@ -209,6 +215,8 @@ internal static class BenchSessions
         public double Seconds;
         public double PrefillMs;
         public double DecodeMs;
+        public int DecodeRuns;
+        public int DecodeSessionSteps;
         public long Tokens;
         public bool Identical = true;
         public readonly List<double> Gaps = [];
@@ -248,10 +256,10 @@ internal static class BenchSessions
         md.AppendLine(CultureInfo.InvariantCulture, $"Workload: {string.Join(", ", files.Select(f => Path.GetRelativePath(root, f)))}. Generated tokens per request: {string.Join(", ", rows.Where(r => r.Mode == "ar").Select(r => string.Create(CultureInfo.InvariantCulture, $"{(double)r.Tokens / (r.Sessions * perSession * rounds):F1} at {r.Sessions} session(s)")))} (answers end at the model's end token or the request's max_tokens); the shorter the answers next to the prompts, the larger the prefill share and the less any decode speedup can show.").AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"Garbage collections during the timed runs: {gc.Gen0} gen0, {gc.Gen1} gen1, {gc.Gen2} gen2 (counts include the younger ones: a gen2 is also a gen1 and a gen0), {gc.PauseMs:F0} ms paused in all.").AppendLine();
         md.AppendLine("`prefill share` is the device's busy time in prefill chunks over its busy time; `decode tok/s (device)` counts generated tokens over device time in decode steps only, the decode phase's throughput without the prefill every mode pays alike.").AppendLine();
-        md.AppendLine("| sessions | mode | packed | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|---|");
+        md.AppendLine("| sessions | mode | packed | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | sessions per decode run | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var r in rows)
         {
-            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {(r.Packed ? "yes" : "no")} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {r.PrefillShare:P0} | {r.DecodeTokensPerDeviceS} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {(r.Packed ? "yes" : "no")} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {r.PrefillShare:P0} | {r.DecodeTokensPerDeviceS} | {r.SessionsPerDecodeRun} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
         }
 
         md.AppendLine();
