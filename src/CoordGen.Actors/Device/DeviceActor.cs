@@ -169,7 +169,7 @@ public sealed class DeviceActor : ReceiveActor
             pick.ChunkWidth = choice.PrefillTokens;
         }
 
-        var group = prefill ? null : PackWith(pick);
+        var group = prefill ? null : Packing.Group(_packing, runtime, pick, _queues.Decoding);
         _busy = true;
         foreach (var s in group ?? [pick])
         {
@@ -202,19 +202,6 @@ public sealed class DeviceActor : ReceiveActor
         _inflight = step;
         step.PipeTo(self, success: t => new StepDone(pick, group, prefill, null, t.start, t.Item2, t.Item3),
             failure: ex => new StepDone(pick, group, prefill, ex, 0, 0, false));
-    }
-
-    /// <summary>Packed steps: every other plain decoding session ready now rides in the same device run, when that pays.</summary>
-    private List<DeviceSession>? PackWith(DeviceSession pick)
-    {
-        if (_packing == PackingMode.Off || !pick.PlainDecoding)
-        {
-            return null;
-        }
-
-        List<DeviceSession> group = [pick, .. _queues.Decoding.Where(s => s != pick && s.PlainDecoding && !s.Stepping && s.Ready && !s.Request.Cancellation.IsCancellationRequested).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
-        bool pays = _packing == PackingMode.Always || Packing.Pays(_runtime!, group.Count, group.Max(s => s.PlainBucket));
-        return group.Count > 1 && pays ? group : null;
     }
 
     /// <summary>
@@ -263,7 +250,7 @@ public sealed class DeviceActor : ReceiveActor
             s.Stepping = false;
             if ((error ?? s.VerifyFailure) is { } cause)
             {
-                Finish(s, Failure(s.Request, cause), cause);
+                Finish(s, DeviceFailures.For(s.Request, cause), cause);
             }
             else if (s.Verdict is not null)
             {
@@ -314,7 +301,7 @@ public sealed class DeviceActor : ReceiveActor
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {
-            Finish(s, Failure(s.Request, ex), ex);
+            Finish(s, DeviceFailures.For(s.Request, ex), ex);
         }
     }
 
@@ -322,14 +309,14 @@ public sealed class DeviceActor : ReceiveActor
     {
         if (_byId.TryGetValue(f.Run, out var s) && _queues.Decoding.Contains(s) && s.AwaitingStep == f.Step)
         {
-            var ex = new VerifierFailedException($"the verifier could not verify step {f.Step}: {f.Reason}");
+            var ex = new DeviceFailures.VerifierFailedException($"the verifier could not verify step {f.Step}: {f.Reason}");
             if (s.Stepping)
             {
                 s.VerifyFailure = ex; // the step's task still holds the session: finished when its step ends
                 return;
             }
 
-            Finish(s, Failure(s.Request, ex), ex);
+            Finish(s, DeviceFailures.For(s.Request, ex), ex);
             Schedule();
         }
     }
@@ -367,18 +354,6 @@ public sealed class DeviceActor : ReceiveActor
 
         s.ReplyTo.Tell(new DeviceProtocol.Ended(s.Run.Attempt, reply as GenerationCompleted, reply as GenerationFailed));
     }
-
-    private static GenerationFailed Failure(Generate r, Exception ex) => ex switch
-    {
-        OperationCanceledException => new GenerationFailed(r.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"),
-        PromptTooLongException => new GenerationFailed(r.SessionId, FailureKind.CapacityExceeded, ex.Message),
-        ArgumentException => new GenerationFailed(r.SessionId, FailureKind.InvalidRequest, ex.Message),
-        VerifierFailedException => new GenerationFailed(r.SessionId, FailureKind.DeviceFault, $"{ex.Message}. The request can be retried."),
-        _ => new GenerationFailed(r.SessionId, FailureKind.DeviceFault, $"the device failed: {ex.Message}. The request can be retried."),
-    };
-
-    /// <summary>The verifier answered <see cref="VerifierProtocol.VerifyFailed"/> for a session's step.</summary>
-    private sealed class VerifierFailedException(string message) : Exception(message);
 
     // The device's own messages (a step's end, piped from its task; wake-ups from a channel or a cancellation).
 

@@ -18,6 +18,19 @@ public enum PackingMode
 /// <summary>The device's packing decision, from its runtime's measured step times.</summary>
 internal static class Packing
 {
+    /// <summary>The sessions that ride with <paramref name="pick"/> in one packed run: every other plain decoding session ready now, when that pays; null: one session per run.</summary>
+    public static List<DeviceSession>? Group(PackingMode mode, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding)
+    {
+        if (mode == PackingMode.Off || !pick.PlainDecoding)
+        {
+            return null;
+        }
+
+        List<DeviceSession> group = [pick, .. decoding.Where(s => s != pick && s.PlainDecoding && !s.Stepping && s.Ready && !s.Request.Cancellation.IsCancellationRequested).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
+        bool pays = mode == PackingMode.Always || Pays(runtime, group.Count, group.Max(s => s.PlainBucket));
+        return group.Count > 1 && pays ? group : null;
+    }
+
     /// <summary>
     /// Packing pays when a packed run costs clearly less per session than a plain run (<see cref="StepPolicy.PackPays"/>): on a model whose steps are
     /// bound by reading its weights, several sessions' rows cost little more than one; on a tiny model bound
