@@ -87,6 +87,44 @@ public class InterleavingSpecs : TestKit
         Assert.True(overlap.Device.Length - prefills < 150, $"{overlap.Device.Length} device runs");
     }
 
+    [Theory]
+    [InlineData(0f)]
+    [InlineData(0.8f)]
+    public async Task Packed_speculative_sessions_should_produce_what_each_produces_alone(float temperature)
+    {
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), packing: PackingMode.Always)));
+        var channels = Enumerable.Range(0, 4).Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
+        var sampling = new Sampling(Temperature: temperature, Seed: 5);
+        for (int i = 0; i < channels.Length; i++)
+        {
+            device.Tell(new Generate(new SessionId($"s{i}"), TokenSequence.From(Prompt(i)), 30, sampling, "sam+ours", 8, null, channels[i].Writer, CancellationToken.None), TestActor);
+        }
+
+        var streams = await Task.WhenAll(channels.Select(async c =>
+        {
+            var got = new List<int>();
+            await foreach (var (t, _) in c.Reader.ReadAllAsync())
+            {
+                got.Add(t);
+            }
+
+            return got;
+        }));
+
+        using var rt = NewRuntime();
+        var spec = new CoordGen.Engine.Speculative.SpeculativeDecoder(rt);
+        var options = new SamplingOptions { Temperature = temperature, Seed = 5 };
+        for (int i = 0; i < channels.Length; i++)
+        {
+            // Greedy: the plain output; sampled: the same draws as the session alone (the verifier's stream per session).
+            var alone = spec.Generate(Prompt(i), 30, options, new HashSet<int>(), CoordGen.Engine.Speculative.SpeculationOptions.ForMethod("sam+ours", 8)).Tokens;
+            Assert.Equal(alone, streams[i]);
+        }
+
+        var overlap = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
+        Assert.True(overlap.DecodeSessionSteps > overlap.DecodeRuns, $"no run packed two trees ({overlap.DecodeRuns} decode runs, {overlap.DecodeSessionSteps} session steps)");
+    }
+
         [Fact]
     public async Task Short_request_should_finish_before_a_long_one_started_earlier()
     {

@@ -167,4 +167,74 @@ public class SpeculativeEquivalenceTests
 
         Assert.True(used > 0, "no step used the tree drafted during the previous verification");
     }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Trees_of_several_sessions_in_one_packed_run_should_give_each_its_plain_greedy_output(bool adaptive)
+    {
+        var demo = ModelBundle.Load(Paths.DemoModel);
+        using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 4, 64, 8]);
+        var plain = new Generator(rt);
+        var spec = new SpeculativeDecoder(rt);
+        var opts = SpeculationOptions.ForMethod("sam", 8) with { AdaptiveWidth = adaptive };
+        var items = WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", "summary.jsonl")).Take(2)
+            .Concat(WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", "reply.jsonl")).Take(2)).ToList();
+        var prompts = items.Select(i => demo.Tokenizer.Encode(PromptTemplate.Render(i.Context, i.Prompt))).ToList();
+        var expected = prompts.Select(p => plain.Generate(p, 48, new SamplingOptions(), demo.StopTokens).Tokens).ToList();
+
+        // Each session with a drafter of its own outside it, as under the actors.
+        var sessions = new List<SpeculativeSession>();
+        var drafters = new List<SessionDrafter>();
+        foreach (var p in prompts)
+        {
+            using var pre = spec.Prefill(p, null);
+            sessions.Add(spec.Start(pre, 48, new SamplingOptions(), demo.StopTokens, opts, externalDrafter: true));
+            drafters.Add(new SessionDrafter(p, 48, opts, null));
+        }
+
+        int packedRuns = 0;
+        while (sessions.Any(s => !s.Done))
+        {
+            for (int i = 0; i < sessions.Count; i++)
+            {
+                if (sessions[i].NeedsProposal)
+                {
+                    var (outcome, committed) = sessions[i].TakeAdvance();
+                    sessions[i].Offer(drafters[i].Advance(outcome, committed));
+                }
+            }
+
+            // The sessions whose next trees share the widest width go in one run; the rest step alone.
+            var live = sessions.Where(s => !s.Done).ToList();
+            int width = live.Max(s => s.NextTreeWidth);
+            List<SpeculativeSession> group = width == 0 ? [] : [.. live.Where(s => s.NextTreeWidth == width)];
+            if (group.Count < 2)
+            {
+                group = [];
+            }
+            else
+            {
+                var trees = SpeculativeSession.BeginPacked(group, width);
+                packedRuns++;
+                for (int i = 0; i < group.Count; i++)
+                {
+                    group[i].Apply(TreeVerifier.Verify(trees[i], null));
+                }
+            }
+
+            foreach (var s in live.Except(group))
+            {
+                s.Step();
+            }
+        }
+
+        for (int i = 0; i < sessions.Count; i++)
+        {
+            Assert.Equal(expected[i], sessions[i].Result().Tokens);
+            sessions[i].Dispose();
+        }
+
+        Assert.True(packedRuns > 0, "no step packed two sessions' trees");
+    }
 }

@@ -169,7 +169,8 @@ public sealed class DeviceActor : ReceiveActor
             pick.ChunkWidth = choice.PrefillTokens;
         }
 
-        var group = prefill ? null : Packing.Group(_packing, runtime, pick, _queues.Decoding);
+        int packWidth = 0;
+        var group = prefill ? null : Packing.Group(_packing, runtime, pick, _queues.Decoding, out packWidth);
         _busy = true;
         foreach (var s in group ?? [pick])
         {
@@ -186,9 +187,13 @@ public sealed class DeviceActor : ReceiveActor
             {
                 pick.StepOnce(runtime, plain, spec, stops);
             }
-            else
+            else if (packWidth == 1)
             {
                 DeviceSession.StepPacked(group);
+            }
+            else
+            {
+                DeviceSession.StepPackedTrees(group, packWidth);
             }
 
             double left = paceMs - System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalMilliseconds;

@@ -52,6 +52,12 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>The KV bucket of this plain session's next step.</summary>
     public int PlainBucket => _plain?.NextStepBucket ?? 0;
 
+    /// <summary>The width of this speculative session's next step when it is a tree (0 otherwise): sessions whose next trees have one width can share a packed run.</summary>
+    public int NextTreeWidth => _spec?.NextTreeWidth ?? 0;
+
+    /// <summary>The KV bucket of this speculative session's next tree step.</summary>
+    public int TreeBucket(int width) => _spec?.BucketFor(width) ?? 0;
+
     public bool Finished => (_spec?.Done ?? false) || (_plain?.Done ?? false);
 
     public int PendingCount => _pending.Count;
@@ -216,6 +222,43 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         }
     }
 
+    /// <summary>
+    /// One packed device run for several speculative sessions' trees of one width (off the mailbox thread):
+    /// each tree in its own slot against its own cache, then each to the verifier, as <see cref="StepOnce"/> does for one.
+    /// </summary>
+    public static void StepPackedTrees(IReadOnlyList<DeviceSession> group, int width)
+    {
+        using var span = Telemetry.Source.StartActivity("coordgen.device_run_packed", ActivityKind.Internal, group[0].Request.Trace);
+        span?.SetTag("coordgen.sessions", group.Count);
+        span?.SetTag("coordgen.width", width);
+        span?.SetTag("coordgen.session_ids", string.Join(',', group.Select(a => a.Request.SessionId.Value)));
+        long t0 = Stopwatch.GetTimestamp();
+        try
+        {
+            var trees = SpeculativeSession.BeginPacked([.. group.Select(a => a._spec!)], width, ownRows: true);
+            for (int i = 0; i < group.Count; i++)
+            {
+                group[i]._treeStep = trees[i].Tokens.Length > 0;
+                group[i].Verify(trees[i], width);
+            }
+
+            Thread.Yield(); // as in StepOnce: the verifier's worker gets this core now
+        }
+        catch (Exception ex)
+        {
+            span?.SetStatus(ActivityStatusCode.Error, ex.Message);
+            throw;
+        }
+        finally
+        {
+            Telemetry.DeviceBusy.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", "device_run_packed"));
+        }
+    }
+
+    // Acceptance runs on the verifier while the device moves on to other sessions.
+    private void Verify(TreeToVerify tree, int outcomeWidth) =>
+        roles.Verifier.Tell(new VerifierProtocol.Verify(Id, tree, Request.Sampling, outcomeWidth, Request.Trace), roles.Device);
+
     private void StepCore(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)
     {
         var r = Request;
@@ -226,8 +269,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
             _treeStep = tree is { Tokens.Length: > 0 };
             if (tree is not null)
             {
-                // Acceptance runs on the verifier while the device moves on to other sessions.
-                roles.Verifier.Tell(new VerifierProtocol.Verify(Id, tree, r.Sampling, _spec.PendingOutcomeWidth, r.Trace), roles.Device);
+                Verify(tree, _spec.PendingOutcomeWidth);
 
                 // ONNX Runtime's threads may hold both cores; give the verifier's worker this core
                 // now, or its message can wait for the next scheduler tick (measured: the verdict's

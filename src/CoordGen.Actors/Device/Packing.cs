@@ -18,16 +18,24 @@ public enum PackingMode
 /// <summary>The device's packing decision, from its runtime's measured step times.</summary>
 internal static class Packing
 {
-    /// <summary>The sessions that ride with <paramref name="pick"/> in one packed run: every other plain decoding session ready now, when that pays; null: one session per run.</summary>
-    public static List<DeviceSession>? Group(PackingMode mode, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding)
+    /// <summary>
+    /// The sessions that ride with <paramref name="pick"/> in one packed run, when that pays: every other plain
+    /// decoding session ready now, or, for a speculative session whose next step is a tree, every other one ready
+    /// now whose next tree has the same width; null: one session per run. <paramref name="width"/>: the rows per slot.
+    /// </summary>
+    public static List<DeviceSession>? Group(PackingMode mode, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding, out int width)
     {
-        if (mode == PackingMode.Off || !pick.PlainDecoding)
+        width = pick.PlainDecoding ? 1 : pick.NextTreeWidth;
+        if (mode == PackingMode.Off || width == 0)
         {
             return null;
         }
 
-        List<DeviceSession> group = [pick, .. decoding.Where(s => s != pick && s.PlainDecoding && !s.Stepping && s.Ready && !s.Request.Cancellation.IsCancellationRequested).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
-        bool pays = mode == PackingMode.Always || Pays(runtime, group.Count, group.Max(s => s.PlainBucket));
+        int w = width;
+        Func<DeviceSession, bool> alike = w == 1 ? s => s.PlainDecoding : s => !s.PlainDecoding && s.NextTreeWidth == w;
+        List<DeviceSession> group = [pick, .. decoding.Where(s => s != pick && !s.Stepping && s.Ready && !s.Request.Cancellation.IsCancellationRequested && alike(s)).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
+        int bucket = group.Max(s => w == 1 ? s.PlainBucket : s.TreeBucket(w));
+        bool pays = mode == PackingMode.Always || Pays(runtime, group.Count, bucket, w);
         return group.Count > 1 && pays ? group : null;
     }
 
@@ -40,17 +48,17 @@ internal static class Packing
     /// compiles the others in the background): a compile never stalls a step.
     /// </summary>
     /// <param name="bucket">The largest KV bucket among the pack's sessions.</param>
-    public static bool Pays(OrtModelRuntime runtime, int sessions, int bucket)
+    public static bool Pays(OrtModelRuntime runtime, int sessions, int bucket, int width = 1)
     {
-        double? plainMs = runtime.RecentRunMs(1, bucket);
+        double? soloMs = runtime.RecentRunMs(width, bucket);
 
         // Steps too short to gain are never packed: no graph compiles for them either.
-        if (!StepPolicy.PackPays(null, sessions, plainMs) || !runtime.PackedReady(sessions, 1, bucket))
+        if (!StepPolicy.PackPays(null, sessions, soloMs) || !runtime.PackedReady(sessions, width, bucket))
         {
             return false;
         }
 
-        // Learned per slot count, in this bucket or (until it is measured here) in the others.
-        return StepPolicy.PackPays(runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(sessions), bucket), sessions, plainMs);
+        // Learned per slot count and width, in this bucket or (until it is measured here) in the others.
+        return StepPolicy.PackPays(runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(sessions), bucket, width), sessions, soloMs);
     }
 }

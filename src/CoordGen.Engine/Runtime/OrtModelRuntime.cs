@@ -411,26 +411,26 @@ public sealed class OrtModelRuntime : IDisposable
     /// <summary>Slots of the packed graph that holds <paramref name="sessions"/> sessions (1: the plain graph).</summary>
     public static int PackedSlots(int sessions) => sessions <= 1 ? 1 : PackedSlotCounts.First(s => s >= sessions);
 
-    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Bucket), RunTimes> _packedRunMs = new();
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Width, int Bucket), RunTimes> _packedRunMs = new();
 
     /// <summary>
     /// Recent time of one width-1 packed step of <paramref name="slots"/> slots in KV bucket <paramref name="bucket"/>,
     /// the host's work around the run included (median of its last 15 steps), or null before it has a steady one; with <see cref="RecentRunMs"/> of the
     /// plain width-1 graph it tells whether packing pays on this machine and model.
     /// </summary>
-    public double? RecentPackedRunMs(int slots, int bucket) => _packedRunMs.TryGetValue((slots, bucket), out var ring) ? Median(ring) : null;
+    public double? RecentPackedRunMs(int slots, int bucket, int width = 1) => _packedRunMs.TryGetValue((slots, width, bucket), out var ring) ? Median(ring) : null;
 
-    /// <summary>Records a whole packed step of <paramref name="sessions"/> sessions (the run and the host's work around it: filling, committing, choosing) for <see cref="RecentPackedRunMs"/>.</summary>
-    public void RecordPackedStep(int sessions, int bucket, double ms) => Record(_packedRunMs.GetOrAdd((PackedSlots(sessions), bucket), _ => new RunTimes()), ms, skipFirst: false);
+    /// <summary>Records a whole packed step of <paramref name="sessions"/> sessions at <paramref name="width"/> rows each (the run and the host's work around it: filling, committing, choosing) for <see cref="RecentPackedRunMs"/>.</summary>
+    public void RecordPackedStep(int sessions, int bucket, double ms, int width = 1) => Record(_packedRunMs.GetOrAdd((PackedSlots(sessions), width, bucket), _ => new RunTimes()), ms, skipFirst: false);
 
     /// <summary>
-    /// A packed step of <paramref name="slots"/> slots over a plain step, from their recent times in
-    /// <paramref name="bucket"/>, or else in whichever buckets both were measured (median of those ratios);
-    /// null when never measured. Packing n sessions pays when this is below n.
+    /// A packed step of <paramref name="slots"/> slots over a solo step of the same width, from their recent
+    /// times in <paramref name="bucket"/>, or else in whichever buckets both were measured (median of those
+    /// ratios); null when never measured. Packing n sessions pays when this is below n.
     /// </summary>
-    public double? PackedCostRatio(int slots, int bucket)
+    public double? PackedCostRatio(int slots, int bucket, int width = 1)
     {
-        double? Ratio(int b) => RecentPackedRunMs(slots, b) is { } p && RecentRunMs(1, b) is { } one && one > 0 ? p / one : null;
+        double? Ratio(int b) => RecentPackedRunMs(slots, b, width) is { } p && RecentRunMs(width, b) is { } one && one > 0 ? p / one : null;
         if (Ratio(bucket) is { } here)
         {
             return here;

@@ -245,6 +245,99 @@ public sealed class SpeculativeSession : IDisposable
             return Single(_plain.Step(_cache, _root), Pending.Capacity);
         }
 
+        var tree = TakeTree();
+        int width = _spec.AdaptiveWidth ? ChooseWidth(tree.Count) : _width;
+        if (width == 1)
+        {
+            // Nothing worth verifying: the root alone on the width-1 graph, exactly a plain step.
+            return Single(_plain.Step(_cache, _root), Pending.Narrow);
+        }
+
+        var buf = _runtime.Buffers(width, _cache);
+        FillTree(buf, width, tree);
+        long t1 = Stopwatch.GetTimestamp();
+        _runtime.Run(width, _cache);
+        _deviceMs += Stopwatch.GetElapsedTime(t1).TotalMilliseconds;
+        return FinishTree(buf, width, tree, ownRows);
+    }
+
+    /// <summary>
+    /// The graph width of the next step if it is a tree step, read without taking anything: what
+    /// <see cref="BeginStep"/> would run now, or 0 when the next step is not a tree (done, a verdict awaited,
+    /// near the cache's capacity, no tree offered yet, or adaptive width would verify the root alone).
+    /// </summary>
+    public int NextTreeWidth
+    {
+        get
+        {
+            if (Done || _pending != Pending.None || NearCapacity || _proposal is not { } tree)
+            {
+                return 0;
+            }
+
+            int width = _spec.AdaptiveWidth ? ChooseWidth(tree.Count, peek: true) : _width;
+            return width >= 2 ? width : 0;
+        }
+    }
+
+    /// <summary>The KV bucket a step of <paramref name="width"/> rows needs.</summary>
+    public int BucketFor(int width) => _cache.BucketFor(Math.Min(_cache.Length + width, _cache.Capacity));
+
+    /// <summary>
+    /// The device half of one step for several sessions at once: each session's offered tree at
+    /// <paramref name="width"/> in its own slot of one packed run (<see cref="OrtModelRuntime.RunPacked"/>),
+    /// against its own cache; returns what acceptance needs, per session, as <see cref="BeginStep"/> does.
+    /// Every session's next step must be a tree of that width (<see cref="NextTreeWidth"/>).
+    /// </summary>
+    public static TreeToVerify[] BeginPacked(IReadOnlyList<SpeculativeSession> group, int width, bool ownRows = false)
+    {
+        ArgumentNullException.ThrowIfNull(group);
+        var runtime = group[0]._runtime;
+        if (group.Any(s => s._runtime != runtime || s.NextTreeWidth != width))
+        {
+            throw new InvalidOperationException($"a packed tree step needs sessions of one runtime whose next step is a tree of width {width}.");
+        }
+
+        long begin = Stopwatch.GetTimestamp();
+        var trees = new DraftProposal[group.Count];
+        for (int i = 0; i < group.Count; i++)
+        {
+            var s = group[i];
+            trees[i] = s.TakeTree();
+            if (s._spec.AdaptiveWidth)
+            {
+                s.ChooseWidth(trees[i].Count); // the same choice as the peek, counted as a solo step counts it
+            }
+        }
+
+        KvCache[] caches = [.. group.Select(s => s._cache)];
+        var buffers = runtime.PackedBuffers(width, caches);
+        for (int i = 0; i < group.Count; i++)
+        {
+            group[i].FillTree(buffers[i], width, trees[i]);
+        }
+
+        long t0 = Stopwatch.GetTimestamp();
+        runtime.RunPacked(width, caches);
+        double share = Stopwatch.GetElapsedTime(t0).TotalMilliseconds / group.Count;
+        var result = new TreeToVerify[group.Count];
+        for (int i = 0; i < group.Count; i++)
+        {
+            group[i]._deviceMs += share;
+            result[i] = group[i].FinishTree(buffers[i], width, trees[i], ownRows);
+        }
+
+        if (group.Count > 1)
+        {
+            runtime.RecordPackedStep(group.Count, caches[0].Bucket, Stopwatch.GetElapsedTime(begin).TotalMilliseconds, width);
+        }
+
+        return result;
+    }
+
+    // The next step's tree (offered, or drafted inline), counted as proposed.
+    private DraftProposal TakeTree()
+    {
         var tree = _proposal ?? DraftInline();
         _proposal = null;
         _inFlight = tree;
@@ -259,16 +352,14 @@ public sealed class SpeculativeSession : IDisposable
             _acct.Propose((DraftSource)tree.Sources[i]);
         }
 
-        int width = _spec.AdaptiveWidth ? ChooseWidth(tree.Count) : _width;
-        if (width == 1)
-        {
-            // Nothing worth verifying: the root alone on the width-1 graph, exactly a plain step.
-            return Single(_plain.Step(_cache, _root), Pending.Narrow);
-        }
+        return tree;
+    }
 
-        // A narrower graph keeps the first nodes (a node's parent comes before it).
+    // Rows 0..width-1 of the step: the root, the tree's first width - 1 nodes (a narrower graph keeps a prefix:
+    // a node's parent comes before it), padding; positions by depth and the tree mask.
+    private void FillTree(StepBuffers buf, int width, DraftProposal tree)
+    {
         _nodes = Math.Min(tree.Count, width - 1);
-        var buf = _runtime.Buffers(width, _cache);
         buf.TokenIds[0] = _root;
         buf.Positions[0] = _cache.Length;
         _rowParents[0] = -1;
@@ -288,12 +379,12 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         AttentionMask.FillTree(buf.Mask, width, buf.Capacity, _cache.Length, _rowParents.AsSpan(0, _nodes + 1));
-        long t1 = Stopwatch.GetTimestamp();
-        _runtime.Run(width, _cache);
-        _deviceMs += Stopwatch.GetElapsedTime(t1).TotalMilliseconds;
+    }
 
-        // Every row's keys/values go after the committed slots now (the device's buffers are reused by
-        // the next run); the verdict keeps the accepted path's rows.
+    // After the run: every row's keys/values go after the committed slots (the device's buffers are reused by
+    // the next run; the verdict keeps the accepted path's rows), and what acceptance needs.
+    private TreeToVerify FinishTree(StepBuffers buf, int width, DraftProposal tree, bool ownRows)
+    {
         _cache.WriteLayers(0, _cache.Layers, buf.NewKeys, buf.NewValues, width, width, _cache.Length);
         int rows = _nodes + 1;
         var tokens = new int[_nodes];
@@ -434,15 +525,20 @@ public sealed class SpeculativeSession : IDisposable
     /// run yet is tried once; every 16th step runs the full width, so acceptance beyond a narrow
     /// width keeps being seen.
     /// </summary>
-    private int ChooseWidth(int nodes)
+    private int ChooseWidth(int nodes, bool peek = false)
     {
-        _adaptiveSteps++;
+        int step = _adaptiveSteps + 1;
+        if (!peek)
+        {
+            _adaptiveSteps = step;
+        }
+
         int chosen;
         if (nodes == 0)
         {
             chosen = 1;
         }
-        else if (_adaptiveSteps % 16 == 0)
+        else if (step % 16 == 0)
         {
             chosen = _width;
         }
