@@ -75,6 +75,9 @@ public class CoordGenOptions
     /// <summary>Plain (ar) decoding sessions ready at the same time share one device run, each in its own slot of a packed graph against its own cache, when the device's recent step times say it pays (never for steps under 5 ms, which are bound by overhead, not by reading weights); false = one session per run. Output is identical either way. On by default: 1.51x in the decode phase at 8 sessions on the 135M twin, parity on the 3M demo model (docs/decisions/0016-packed-steps.md).</summary>
     public bool PackedSteps { get; set; } = true;
 
+    /// <summary>With <see cref="PackedSteps"/>: speculative sessions whose next trees have one width share packed runs too, when it pays. Off by default: without a width budget across sessions the packs stay small (about 2 sessions), and the packed graphs of the verification widths compile in the background on first need; on the 135M twin at 4 sessions that cost 19% of aggregate tokens/s in one run (decision 0016, addendum). Output is identical either way.</summary>
+    public bool PackedTrees { get; set; }
+
     /// <summary>Compile every (width, KV bucket) graph when the device starts instead of on first use (slower start and device restarts; benchmarks use it so no compile lands in a timed region).</summary>
     public bool PrecompileAll { get; set; }
 

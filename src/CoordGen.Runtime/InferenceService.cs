@@ -196,7 +196,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         var emulate = string.IsNullOrEmpty(settings.DeviceProfile) ? null : CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
         // The runtime outlives device-actor restarts: a restarted device takes the same compiled graphs.
         var runtimes = new RuntimeKeeper(() => Interlocked.Exchange(ref first, null) ?? NewRuntime(), reuse: settings.KeepRuntimeAcrossRestarts);
-        var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive, settings.PackedSteps ? PackingMode.WhenItPays : PackingMode.Off);
+        var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive, settings.PackedSteps ? PackingMode.WhenItPays : PackingMode.Off, packTrees: settings.PackedTrees);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         var service = new InferenceService(bundle, settings, system, supervisor, runtimes) { Faults = plan };
         if (plan is not null)

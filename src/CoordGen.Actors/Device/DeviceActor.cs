@@ -29,6 +29,7 @@ public sealed class DeviceActor : ReceiveActor
     private readonly int _interleavedChunkWidth;
     private readonly DeviceProfile? _emulate;
     private PackingMode _packing;
+    private readonly bool _packTrees;
     private OrtModelRuntime? _runtime;
     private Generator? _plain;
     private SpeculativeDecoder? _spec;
@@ -46,10 +47,12 @@ public sealed class DeviceActor : ReceiveActor
     /// cache's bytes); later runs wait in admission order, resumed ones first. 0 = no limit.</param>
     /// <param name="packing">Whether plain decoding sessions ready together share one device run (a packed
     /// graph: each in its own slot against its own cache), instead of one run each.</param>
-    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off)
+    /// <param name="packTrees">Whether speculative sessions' trees of one width share packed runs too (always with <see cref="PackingMode.Always"/>).</param>
+    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false)
     {
         _interleavedChunkWidth = interleavedChunkWidth;
         _packing = packing;
+        _packTrees = packTrees || packing == PackingMode.Always;
         _queues = new RunQueues(maxActiveSessions);
         _runtimes = runtimes;
         _stopTokens = stopTokens;
@@ -71,12 +74,12 @@ public sealed class DeviceActor : ReceiveActor
     /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
     /// <param name="interleavedChunkWidth">Tokens per prefill chunk while other sessions decode
     /// (<see cref="StepPolicy.ChunkWidth"/>); 0 = always the runtime's widest graph.</param>
-    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off)
-        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing));
+    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false)
+        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees));
 
     /// <summary>A device that builds its own runtime and disposes it when it stops (each restart compiles again).</summary>
-    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off)
-        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing);
+    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false)
+        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees);
 
     protected override void PreStart()
     {
@@ -170,7 +173,7 @@ public sealed class DeviceActor : ReceiveActor
         }
 
         int packWidth = 0;
-        var group = prefill ? null : Packing.Group(_packing, runtime, pick, _queues.Decoding, out packWidth);
+        var group = prefill ? null : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth);
         _busy = true;
         foreach (var s in group ?? [pick])
         {

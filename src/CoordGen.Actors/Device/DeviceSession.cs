@@ -28,7 +28,6 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     private SpeculativeSession? _spec;
     private PlainSession? _plain;
     private SpeculationOptions? _options;
-    private bool _calibrating;
     private bool _treeStep;
 
     // A tree that came before the verdict it follows (the verifier tells the drafter and the device at once).
@@ -327,7 +326,6 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
             _spec = spec.Start(pre, r.MaxTokens, _sampling, stops, _options!, null, Enqueue, adoptCache: true, onLogprobs: KeepLogprob, externalDrafter: true);
             if (pre.CalibrationDeferred)
             {
-                _calibrating = true;
                 roles.Calibrator.Tell(new CalibratorProtocol.Finish(Id, [.. pre.Prompt], r.Method, r.Width, OthersDecoding, r.Trace), roles.Device);
             }
             else if (pre.CalibrationFailed)
@@ -385,8 +383,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         {
             roles.Drafter.Tell(new DrafterProtocol.Close(Id), roles.Device);
             roles.Verifier.Tell(new VerifierProtocol.Forget(Id), roles.Device);
-            if (_calibrating || (_prefill is { Done: false } && _options is { UseCalibration: true }))
+            if (_options is { UseCalibration: true })
             {
+                // Whatever the calibrator still holds for this run (chunks, or a build under way) is dropped.
                 roles.Calibrator.Tell(new CalibratorProtocol.Cancel(Id), roles.Device);
             }
         }

@@ -23,9 +23,9 @@ internal static class Packing
     /// decoding session ready now, or, for a speculative session whose next step is a tree, every other one ready
     /// now whose next tree has the same width; null: one session per run. <paramref name="width"/>: the rows per slot.
     /// </summary>
-    public static List<DeviceSession>? Group(PackingMode mode, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding, out int width)
+    public static List<DeviceSession>? Group(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding, out int width)
     {
-        width = pick.PlainDecoding ? 1 : pick.NextTreeWidth;
+        width = pick.PlainDecoding ? 1 : trees ? pick.NextTreeWidth : 0;
         if (mode == PackingMode.Off || width == 0)
         {
             return null;
