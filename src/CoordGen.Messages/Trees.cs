@@ -15,18 +15,6 @@ public sealed record DraftProposal(ImmutableArray<int> Tokens, ImmutableArray<in
     public static readonly DraftProposal Empty = new([], [], [], [], 0);
 
     public int Count => Tokens.Length;
-
-    /// <summary>Depth of node i (1 for the root's children).</summary>
-    public int Depth(int node)
-    {
-        int d = 0;
-        for (int at = node; at >= 0; at = Parents[at])
-        {
-            d++;
-        }
-
-        return d;
-    }
 }
 
 /// <summary>

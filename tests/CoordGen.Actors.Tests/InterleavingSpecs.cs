@@ -18,6 +18,18 @@ public class InterleavingSpecs : TestKit
 
     private static OrtModelRuntime NewRuntime() => new(Weights, 128, [1, 8]);
 
+    /// <summary>Every stream's tokens, read to the end.</summary>
+    private static Task<List<int>[]> ReadAll(IEnumerable<Channel<GeneratedToken>> channels) => Task.WhenAll(channels.Select(async c =>
+    {
+        var got = new List<int>();
+        await foreach (var (t, _) in c.Reader.ReadAllAsync())
+        {
+            got.Add(t);
+        }
+
+        return got;
+    }));
+
     private static int[] Prompt(int i) => [.. Enumerable.Range(0, 12 + i).Select(k => ((k * (i + 3)) + 5) % 64)];
 
     private static int[] Alone(int i, string method, int n)
@@ -39,16 +51,7 @@ public class InterleavingSpecs : TestKit
             device.Tell(new Generate(new SessionId($"s{i}"), TokenSequence.From(Prompt(i)), 30, new Sampling(), methods[i], 8, null, channels[i].Writer, CancellationToken.None), TestActor);
         }
 
-        var streams = await Task.WhenAll(channels.Select(async c =>
-        {
-            var got = new List<int>();
-            await foreach (var (t, _) in c.Reader.ReadAllAsync())
-            {
-                got.Add(t);
-            }
-
-            return got;
-        }));
+        var streams = await ReadAll(channels);
         for (int i = 0; i < methods.Length; i++)
         {
             Assert.Equal(Alone(i, methods[i], 30), streams[i]);
@@ -66,16 +69,7 @@ public class InterleavingSpecs : TestKit
             device.Tell(new Generate(new SessionId($"s{i}"), TokenSequence.From(Prompt(i)), 30, new Sampling(), methods[i], 8, null, channels[i].Writer, CancellationToken.None), TestActor);
         }
 
-        var streams = await Task.WhenAll(channels.Select(async c =>
-        {
-            var got = new List<int>();
-            await foreach (var (t, _) in c.Reader.ReadAllAsync())
-            {
-                got.Add(t);
-            }
-
-            return got;
-        }));
+        var streams = await ReadAll(channels);
         for (int i = 0; i < methods.Length; i++)
         {
             Assert.Equal(Alone(i, methods[i], 30), streams[i]);
@@ -100,16 +94,7 @@ public class InterleavingSpecs : TestKit
             device.Tell(new Generate(new SessionId($"s{i}"), TokenSequence.From(Prompt(i)), 30, sampling, "sam+ours", 8, null, channels[i].Writer, CancellationToken.None), TestActor);
         }
 
-        var streams = await Task.WhenAll(channels.Select(async c =>
-        {
-            var got = new List<int>();
-            await foreach (var (t, _) in c.Reader.ReadAllAsync())
-            {
-                got.Add(t);
-            }
-
-            return got;
-        }));
+        var streams = await ReadAll(channels);
 
         using var rt = NewRuntime();
         var spec = new CoordGen.Engine.Speculative.SpeculativeDecoder(rt);
