@@ -25,6 +25,20 @@ public static class Telemetry
     /// <summary>Tokens committed per verification step (accepted drafts plus the bonus token).</summary>
     public static readonly Histogram<int> AcceptedLength = Meter.CreateHistogram<int>("coordgen.speculation.accepted_length", "{token}", "Tokens committed per verification step.");
 
+    /// <summary>Prefix cache lookups at the start of a prefill, by result (hit or miss).</summary>
+    public static readonly Counter<long> PrefixLookups = Meter.CreateCounter<long>("coordgen.prefix_cache.lookups", "{lookup}", "Prefix cache lookups at the start of a prefill, by result (hit, miss).");
+
+    /// <summary>Prompt tokens by where their keys and values came from: the prefix cache, or a prefill.</summary>
+    public static readonly Counter<long> PrefixTokens = Meter.CreateCounter<long>("coordgen.prefix_cache.tokens", "{token}", "Prompt tokens by source of their keys and values (cache, prefill).");
+
+    /// <summary>Prefix cache blocks evicted to keep the KV budget.</summary>
+    public static readonly Counter<long> PrefixEvictions = Meter.CreateCounter<long>("coordgen.prefix_cache.evictions", "{block}", "Prefix cache blocks evicted to keep the KV budget.");
+
+    /// <summary>Bytes the prefix cache holds (as of its last change).</summary>
+    public static long PrefixBytes { get; internal set; }
+
+    private static readonly ObservableGauge<long> PrefixBytesGauge = Meter.CreateObservableGauge("coordgen.prefix_cache.bytes", () => PrefixBytes, "By", "Bytes the prefix cache holds (KV rows and calibration rows).");
+
     /// <summary>Tokens emitted by the device, by method.</summary>
     public static readonly Counter<long> Tokens = Meter.CreateCounter<long>("coordgen.device.tokens", "{token}", "Tokens emitted by the device.");
 }

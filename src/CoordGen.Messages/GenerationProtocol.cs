@@ -72,7 +72,11 @@ public static class GenerationProtocol
     /// holds, per fault, the time from the fault to the next committed token.
     /// </summary>
     public sealed record GenerationCompleted(SessionId SessionId, TokenSequence Tokens, string StopReason, double PrefillMs, double DecodeMs, SpeculationReport? Speculation,
-        ImmutableArray<double> RecoveryMs = default, int Attempts = 1);
+        ImmutableArray<double> RecoveryMs = default, int Attempts = 1)
+    {
+        /// <summary>Prompt tokens whose keys and values came from the device's prefix cache instead of a prefill.</summary>
+        public int CachedTokens { get; init; }
+    }
 
     /// <summary>What speculation did for one request: verification steps, tokens per step, drafts by source.</summary>
     public sealed record SpeculationReport(

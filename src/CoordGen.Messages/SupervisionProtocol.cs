@@ -48,6 +48,24 @@ public static class DiagnosticsProtocol
     /// <summary>Device: pack plain decoding sessions into one device run (true) or run one session per step (false), from the next step on; benchmarks compare the two on one loaded runtime. No reply.</summary>
     public sealed record SetPackedSteps(bool Packed);
 
+    /// <summary>
+    /// Device: use the prefix cache (true) or prefill every prompt whole (false), from the next prompt on;
+    /// either way the cache is emptied first, so benchmarks start each variant cold. No reply.
+    /// </summary>
+    public sealed record SetPrefixCache(bool Enabled);
+
+    /// <summary>Device: what its prefix cache holds and has done. Reply: <see cref="PrefixCacheStats"/> (after the step under way, if any).</summary>
+    public sealed record GetPrefixCache
+    {
+        public static readonly GetPrefixCache Instance = new();
+    }
+
+    /// <summary>
+    /// The device's prefix cache: whether it is in use, its blocks and bytes now, and since the device
+    /// started: prompts looked up, hits, prompt tokens reused and prefilled, blocks evicted.
+    /// </summary>
+    public sealed record PrefixCacheStats(bool Enabled, int Blocks, long Bytes, long Lookups, long Hits, long TokensReused, long TokensPrefilled, long Evictions);
+
     /// <summary>Ask the supervisor for the device (its back-off supervisor, which forwards to it), for benchmarks that read its timeline. Reply: the actor reference.</summary>
     public sealed record GetDevice
     {

@@ -78,6 +78,15 @@ public class CoordGenOptions
     /// <summary>With <see cref="PackedSteps"/>: speculative sessions whose next trees have one width share packed runs too, when it pays. Off by default: without a width budget across sessions the packs stay small (about 2 sessions), and the packed graphs of the verification widths compile in the background on first need; on the 135M twin at 4 sessions that cost 19% of aggregate tokens/s in one run (decision 0016, addendum). Output is identical either way.</summary>
     public bool PackedTrees { get; set; }
 
+    /// <summary>
+    /// Keep the keys and values of prompts the device has prefilled, in blocks of 32 tokens, so a prompt that
+    /// starts the same way (a chat's history, a shared document, a system prompt) copies them and prefills
+    /// only the rest. Output is identical either way. The cache lives in the KV budget beside the sessions'
+    /// caches (<see cref="KvBudgetMb"/>): it yields to them, evicting least recently used blocks. Default
+    /// true (docs/decisions/0019-prefix-cache.md).
+    /// </summary>
+    public bool PrefixCache { get; set; } = true;
+
     /// <summary>Compile every (width, KV bucket) graph when the device starts instead of on first use (slower start and device restarts; benchmarks use it so no compile lands in a timed region).</summary>
     public bool PrecompileAll { get; set; }
 

@@ -31,6 +31,9 @@ public sealed record InferenceOutcome(string Text, string FinishReason, int Prom
     /// <summary>From the request reaching the runtime to its end.</summary>
     public double DurationMs { get; init; }
 
+    /// <summary>Prompt tokens whose keys and values came from the prefix cache (OpenAI's <c>usage.prompt_tokens_details.cached_tokens</c>).</summary>
+    public int CachedTokens { get; init; }
+
     /// <summary>Device attempts the request took: 1, or more when it resumed after faults (a watchdog ending a hung run included).</summary>
     public int Attempts { get; init; } = 1;
 
@@ -196,7 +199,8 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         var emulate = string.IsNullOrEmpty(settings.DeviceProfile) ? null : CoordGen.Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
         // The runtime outlives device-actor restarts: a restarted device takes the same compiled graphs.
         var runtimes = new RuntimeKeeper(() => Interlocked.Exchange(ref first, null) ?? NewRuntime(), reuse: settings.KeepRuntimeAcrossRestarts);
-        var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive, settings.PackedSteps ? PackingMode.WhenItPays : PackingMode.Off, packTrees: settings.PackedTrees);
+        var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive, settings.PackedSteps ? PackingMode.WhenItPays : PackingMode.Off, packTrees: settings.PackedTrees,
+            prefixCacheBudget: settings.PrefixCache ? settings.KvBudgetMb * 1024L * 1024L : 0);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         var service = new InferenceService(bundle, settings, system, supervisor, runtimes) { Faults = plan };
         if (plan is not null)
@@ -317,7 +321,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
             Interlocked.Decrement(ref _running);
             double duration = progress.ElapsedMs;
             var done = progress.Completed;
-            var record = new RequestRecord(progress.Id, outcome, request.Prompt.Length, 0, progress.Produced, progress.TimeToFirstTokenMs, duration,
+            var record = new RequestRecord(progress.Id, outcome, request.Prompt.Length, Math.Min(done?.CachedTokens ?? 0, request.Prompt.Length), progress.Produced, progress.TimeToFirstTokenMs, duration,
                 done is null ? null : Math.Max(0, duration - done.PrefillMs - done.DecodeMs), done?.Speculation?.TokensPerStep);
             RequestMetrics.Record(record, ModelName);
             RequestFinished?.Invoke(record);
@@ -443,7 +447,10 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
                 span?.SetTag("gen_ai.usage.output_tokens", done.Tokens.Count);
                 return new InferenceOutcome(text.ToString(), filter.Stopped || done.StopReason == "stop" ? "stop" : "length",
                     request.Prompt.Length, done.Tokens.Count, done.PrefillMs, done.DecodeMs, done.Speculation)
-                { TimeToFirstTokenMs = progress.TimeToFirstTokenMs, DurationMs = progress.ElapsedMs, Attempts = done.Attempts, Logprobs = logprobs };
+                {
+                    TimeToFirstTokenMs = progress.TimeToFirstTokenMs, DurationMs = progress.ElapsedMs, Attempts = done.Attempts, Logprobs = logprobs,
+                    CachedTokens = Math.Min(done.CachedTokens, request.Prompt.Length), // a resumed run's prompt holds its committed tokens too
+                };
             case GenerationFailed { Kind: FailureKind.Cancelled } when filter.Stopped:
                 RequestMetrics.GeneratedTokens.Add(progress.Produced);
                 return new InferenceOutcome(text.ToString(), "stop", request.Prompt.Length, progress.Produced, 0, 0, null)

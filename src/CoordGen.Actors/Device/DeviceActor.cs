@@ -30,6 +30,8 @@ public sealed class DeviceActor : ReceiveActor
     private readonly DeviceProfile? _emulate;
     private PackingMode _packing;
     private readonly bool _packTrees;
+    private readonly DevicePrefixCache _prefix;
+    private readonly List<IActorRef> _statsAskers = [];
     private OrtModelRuntime? _runtime;
     private Generator? _plain;
     private SpeculativeDecoder? _spec;
@@ -48,8 +50,12 @@ public sealed class DeviceActor : ReceiveActor
     /// <param name="packing">Whether plain decoding sessions ready together share one device run (a packed
     /// graph: each in its own slot against its own cache), instead of one run each.</param>
     /// <param name="packTrees">Whether speculative sessions' trees of one width share packed runs too (always with <see cref="PackingMode.Always"/>).</param>
-    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false)
+    /// <param name="prefixCacheBudget">The KV memory budget a prefix cache shares with the sessions' caches
+    /// (it holds at most this less the running sessions' caches, evicting least recently used blocks);
+    /// 0 = no prefix cache. The cache lives and dies with this device.</param>
+    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0)
     {
+        _prefix = new DevicePrefixCache(prefixCacheBudget);
         _interleavedChunkWidth = interleavedChunkWidth;
         _packing = packing;
         _packTrees = packTrees || packing == PackingMode.Always;
@@ -68,18 +74,29 @@ public sealed class DeviceActor : ReceiveActor
         Receive<DiagnosticsProtocol.GetOverlap>(_ => Sender.Tell(_timeline.Snapshot()));
         Receive<DiagnosticsProtocol.GetStepDecisions>(_ => Sender.Tell(_timeline.Decisions()));
         Receive<DiagnosticsProtocol.SetPackedSteps>(p => _packing = p.Packed ? PackingMode.WhenItPays : PackingMode.Off);
+        Receive<DiagnosticsProtocol.SetPrefixCache>(p => _prefix.Set(p.Enabled));
+        Receive<DiagnosticsProtocol.GetPrefixCache>(_ =>
+        {
+            if (_busy)
+            {
+                _statsAskers.Add(Sender); // answered when the step under way ends
+                return;
+            }
+
+            Sender.Tell(_prefix.Stats());
+        });
         Receive<DiagnosticsProtocol.CrashDevice>(_ => throw new InjectedFaultException(FaultKind.DeviceException, "injected: the device actor crashed"));
     }
 
     /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
     /// <param name="interleavedChunkWidth">Tokens per prefill chunk while other sessions decode
     /// (<see cref="StepPolicy.ChunkWidth"/>); 0 = always the runtime's widest graph.</param>
-    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false)
-        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees));
+    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0)
+        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget));
 
     /// <summary>A device that builds its own runtime and disposes it when it stops (each restart compiles again).</summary>
-    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false)
-        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees);
+    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0)
+        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget);
 
     protected override void PreStart()
     {
@@ -147,6 +164,7 @@ public sealed class DeviceActor : ReceiveActor
         }
 
         Retire();
+        _prefix.BetweenSteps();
         _queues.StartWaiting();
         var (prefilling, decoding) = (_queues.Prefilling, _queues.Decoding);
 
@@ -170,6 +188,8 @@ public sealed class DeviceActor : ReceiveActor
         if (prefill)
         {
             pick.ChunkWidth = choice.PrefillTokens;
+            var c = runtime.Config;
+            pick.PrefixRoom = _prefix.Room(prefilling.Count + decoding.Count, KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, runtime.Capacity));
         }
 
         int packWidth = 0;
@@ -181,14 +201,14 @@ public sealed class DeviceActor : ReceiveActor
         }
 
         pick.OthersDecoding = decoding.Count > (prefill ? 0 : 1); // a decode step's session is one of them
-        var (plain, spec, stops, self) = (_plain!, _spec!, _stopTokens, Self);
+        var (plain, spec, stops, self, prefix) = (_plain!, _spec!, _stopTokens, Self, prefill ? _prefix.ForPrefill : null);
         double paceMs = _emulate?.StepMs(pick.StepWidth(runtime)) ?? 0;
         var step = Task.Run(() =>
         {
             long start = System.Diagnostics.Stopwatch.GetTimestamp();
             if (group is null)
             {
-                pick.StepOnce(runtime, plain, spec, stops);
+                pick.StepOnce(runtime, plain, spec, stops, prefix);
             }
             else if (packWidth == 1)
             {
@@ -246,6 +266,8 @@ public sealed class DeviceActor : ReceiveActor
     {
         _busy = false;
         _inflight = null;
+        _statsAskers.ForEach(a => a.Tell(_prefix.Stats()));
+        _statsAskers.Clear();
         _timeline.Step(done.Start, done.End, done.Prefill, done.Group?.Count ?? 1);
         if (_emulate is not null && done.Error is null)
         {

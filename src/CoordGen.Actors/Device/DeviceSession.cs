@@ -30,6 +30,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     private SpeculationOptions? _options;
     private bool _treeStep;
 
+    // The calibration rows of the prompt's positions, kept for the prefix cache (null when not calibrating).
+    private List<TopRows>? _promptRows;
+
     // A tree that came before the verdict it follows (the verifier tells the drafter and the device at once).
     private DrafterProtocol.Proposal? _early;
 
@@ -87,6 +90,15 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
 
     /// <summary>Prompt tokens not prefilled yet (all of them before its first chunk; 0 once it decodes).</summary>
     public int PrefillTokensLeft => Decoding ? 0 : _prefill?.Remaining ?? Request.Prompt.Count;
+
+    /// <summary>Prompt tokens whose keys and values came from the prefix cache (known after the first prefill step).</summary>
+    public int CachedTokens { get; private set; }
+
+    /// <summary>
+    /// Bytes the prefix cache may hold while this session prefills: the KV budget less every running
+    /// session's cache, this one's included (set by the scheduler before a prefill step).
+    /// </summary>
+    public long PrefixRoom { get; set; }
 
     /// <summary>Tokens in this session's next prefill chunk, set by the scheduler (0 = the prefill width).</summary>
     public int ChunkWidth { get; set; }
@@ -168,7 +180,8 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     }
 
     /// <summary>One device step (off the mailbox thread), traced: a span per step (child of the caller's trace) and busy-time metrics.</summary>
-    public void StepOnce(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)
+    /// <param name="prefix">The device's prefix cache (null: off); used on the first and last prefill steps only.</param>
+    public void StepOnce(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
     {
         string kind = Decoding ? (_spec is not null ? "device_run" : "decode") : "prefill_chunk";
         using var span = Telemetry.Source.StartActivity($"coordgen.{kind}", ActivityKind.Internal, Request.Trace);
@@ -178,7 +191,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         int before = (_spec?.Output.Count ?? 0) + (_plain?.Output.Count ?? 0);
         try
         {
-            StepCore(runtime, plain, spec, stops);
+            StepCore(runtime, plain, spec, stops, prefix);
         }
         catch (Exception ex)
         {
@@ -258,7 +271,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     private void Verify(TreeToVerify tree, int outcomeWidth) =>
         roles.Verifier.Tell(new VerifierProtocol.Verify(Id, tree, Request.Sampling, outcomeWidth, Request.Trace), roles.Device);
 
-    private void StepCore(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops)
+    private void StepCore(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
     {
         var r = Request;
         r.Cancellation.ThrowIfCancellationRequested();
@@ -294,18 +307,31 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
             }
 
             int[] prompt = [.. r.Prompt.Tokens];
+            bool calibrating = Speculative && _options!.UseCalibration;
+
+            // This session's cache is about to be taken: the prefix cache yields the room first.
+            prefix?.Trim(PrefixRoom);
+            var hit = prefix?.Lookup(prompt, calibrating ? _options!.Calibration.TopK : 0);
+            CachedTokens = hit?.Tokens ?? 0;
+            PrefixMetrics(CachedTokens, prompt.Length - CachedTokens);
             if (!Speculative)
             {
                 _plainCache = runtime.CreateCache();
-                _prefill = plain.BeginPrefill(_plainCache, prompt);
+                hit?.CopyInto(_plainCache);
+                _prefill = plain.BeginPrefill(_plainCache, prompt[CachedTokens..]);
             }
             else
             {
-                // Calibration runs on the calibrator actor: each chunk's top-k rows go there as the device moves on.
+                // Calibration runs on the calibrator actor: each chunk's top-k rows go there as the device
+                // moves on (a cached prefix's rows first), and are kept for the prefix cache.
                 var cal = _options!.Calibration;
                 var self = Id;
-                (_prefill, _finishPrefill) = spec.BeginPrefill(prompt, _options.UseCalibration ? cal : null,
-                    rows => roles.Calibrator.Tell(new CalibratorProtocol.Chunk(self, rows), roles.Device));
+                _promptRows = calibrating && prefix is not null ? [] : null;
+                (_prefill, _finishPrefill) = spec.BeginPrefill(prompt, calibrating ? cal : null, rows =>
+                {
+                    _promptRows?.Add(rows);
+                    roles.Calibrator.Tell(new CalibratorProtocol.Chunk(self, rows), roles.Device);
+                }, hit);
             }
         }
 
@@ -318,11 +344,14 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         {
             var cache = _plainCache;
             _plainCache = null;
+            Remember(prefix, cache, null);
             _plain = plain.StartDecode(cache, _prefill.LastLogits, r.Prompt.Count, _prefill.ElapsedMs, r.MaxTokens, _sampling, stops, Enqueue, KeepLogprob);
         }
         else
         {
             using var pre = _finishPrefill!();
+            Remember(prefix, pre.Cache, pre.CalibrationFailed ? null : _promptRows);
+            _promptRows = null;
             _spec = spec.Start(pre, r.MaxTokens, _sampling, stops, _options!, null, Enqueue, adoptCache: true, onLogprobs: KeepLogprob, externalDrafter: true);
             if (pre.CalibrationDeferred)
             {
@@ -335,6 +364,27 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
                 roles.Drafter.Tell(new DrafterProtocol.Calibrated(Id, null, 0), roles.Device);
             }
         }
+    }
+
+    /// <summary>The prompt's whole blocks go into the prefix cache, before decoding writes past them.</summary>
+    private void Remember(PrefixCache? prefix, KvCache cache, List<TopRows>? rows)
+    {
+        if (prefix is null)
+        {
+            return;
+        }
+
+        long evicted = prefix.Evictions;
+        prefix.Insert([.. Request.Prompt.Tokens], cache, rows is { Count: > 0 } ? PrefixCache.Join(rows) : null, PrefixRoom);
+        Telemetry.PrefixEvictions.Add(prefix.Evictions - evicted);
+        Telemetry.PrefixBytes = prefix.Bytes;
+    }
+
+    private static void PrefixMetrics(int cached, int prefilled)
+    {
+        Telemetry.PrefixLookups.Add(1, new KeyValuePair<string, object?>("result", cached > 0 ? "hit" : "miss"));
+        Telemetry.PrefixTokens.Add(cached, new KeyValuePair<string, object?>("source", "cache"));
+        Telemetry.PrefixTokens.Add(prefilled, new KeyValuePair<string, object?>("source", "prefill"));
     }
 
     // The session reports a token's log-probabilities just before the token (on the same thread).
@@ -363,7 +413,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         if (_plain is not null)
         {
             var p = _plain.Result();
-            return new GenerationCompleted(r.SessionId, TokenSequence.From(p.Tokens), p.Stats.StopReason, p.Stats.PrefillMs, p.Stats.DecodeMs, null);
+            return new GenerationCompleted(r.SessionId, TokenSequence.From(p.Tokens), p.Stats.StopReason, p.Stats.PrefillMs, p.Stats.DecodeMs, null) { CachedTokens = CachedTokens };
         }
 
         var s = _spec!.Result();
@@ -373,7 +423,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
             sources.ToImmutableDictionary(x => x.ToString().ToLowerInvariant(), a.Proposed),
             sources.ToImmutableDictionary(x => x.ToString().ToLowerInvariant(), a.Accepted),
             s.DraftMs);
-        return new GenerationCompleted(r.SessionId, TokenSequence.From(s.Tokens), s.Stats.StopReason, s.Stats.PrefillMs, s.Stats.DecodeMs, report);
+        return new GenerationCompleted(r.SessionId, TokenSequence.From(s.Tokens), s.Stats.StopReason, s.Stats.PrefillMs, s.Stats.DecodeMs, report) { CachedTokens = CachedTokens };
     }
 
     /// <summary>The run ended: tells the drafter, the verifier and the calibrator it is gone, and releases its cache.</summary>

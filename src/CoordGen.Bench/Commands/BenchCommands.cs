@@ -18,6 +18,7 @@ internal static class BenchCommands
         cmd.Add(BenchPacked.Create());
         cmd.Add(BenchRebalance.Create());
         cmd.Add(BenchPeers.Create());
+        cmd.Add(BenchPrefix.Create());
         return cmd;
     }
 }

@@ -24,6 +24,9 @@ internal sealed record SessionsRow
     /// <summary>Plain sessions ready together shared one device run (packed steps) instead of one run each.</summary>
     [JsonPropertyName("packed")] public bool Packed { get; init; }
 
+    /// <summary>The prefix cache was on (emptied before each point's pass: requests reuse only what the pass prefilled).</summary>
+    [JsonPropertyName("prefix_cache")] public bool PrefixCache { get; init; }
+
     /// <summary>Sessions per decode run, on average: above 1 only when plain sessions were packed.</summary>
     [JsonPropertyName("sessions_per_decode_run")] public double SessionsPerDecodeRun { get; init; }
     [JsonPropertyName("aggregate_tokens_per_s")] public double AggregateTokensPerS { get; init; }
@@ -64,6 +67,7 @@ internal static class BenchSessions
         var modesOpt = new Option<string>("--modes") { Description = "Comma-separated modes: ar (plain), spec (the method at the fixed --width), spec-adaptive (the method, width chosen per step: the server's default).", DefaultValueFactory = _ => "ar,spec,spec-adaptive" };
         var weights = CommonOptions.Weights();
         var packedOpt = new Option<string>("--packed") { Description = "true: plain sessions ready together share one device run when it pays (packed steps, the server's default); false: one session per device run; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
+        var prefixOpt = new Option<string>("--prefix-cache") { Description = "true: the prefix cache is on (the server's default), emptied before every pass; false: every prompt is prefilled whole; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
         var rounds = new Option<int>("--rounds") { Description = "Times each (sessions, mode) point runs, the modes taking turns; the report sums the rounds (this shared machine drifts in speed).", DefaultValueFactory = _ => 1 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
@@ -71,7 +75,7 @@ internal static class BenchSessions
         var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest; adaptive width costs widths by the profile), so the modes meet an NPU's step times; the report is then sessions-PROFILE.md and says so. Steps last tens of ms: use few points, e.g. --sessions 8 --requests 2.");
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
         {
-            model, workload, sessions, requests, method, width, modesOpt, packedOpt, threads, rounds, json, outDir, deviceProfile, weights,
+            model, workload, sessions, requests, method, width, modesOpt, packedOpt, prefixOpt, threads, rounds, json, outDir, deviceProfile, weights,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -90,6 +94,13 @@ internal static class BenchSessions
                 "both" => [false, true],
                 var other => throw new ArgumentException($"--packed takes true, false or both (got '{other}')."),
             };
+            bool[] caches = parse.GetValue(prefixOpt) switch
+            {
+                "true" => [true],
+                "false" => [false],
+                "both" => [false, true],
+                var other => throw new ArgumentException($"--prefix-cache takes true, false or both (got '{other}')."),
+            };
             if (counts.Any(c => c < 1 || c > 256) || perSession < 1 || parse.GetValue(rounds) < 1)
             {
                 throw new ArgumentException("--sessions values must be between 1 and 256, --requests and --rounds at least 1.");
@@ -103,9 +114,11 @@ internal static class BenchSessions
             var prompts = BenchStreams.Prompts(bundle, 4, files);
             int maxSessions = counts.Max();
             var profile = parse.GetValue(deviceProfile) is { Length: > 0 } pn ? Engine.Scheduling.DeviceProfile.Load(pn) : null;
-            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, PackedSteps = packings.Contains(true), Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
+            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, PackedSteps = packings.Contains(true), PrefixCache = caches.Contains(true), Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
 
-            // Each prompt alone first: the reference every concurrent stream must equal.
+            // Each prompt alone first, without the prefix cache: the reference every concurrent stream must equal.
+            var device = await service.SelectDevice();
+            device.Tell(new DiagnosticsProtocol.SetPrefixCache(false));
             var alone = new Dictionary<int, int[]>();
             await ConsoleUi.Err.Status().StartAsync("reference outputs (each prompt alone)", async _ =>
             {
@@ -121,14 +134,13 @@ internal static class BenchSessions
                 }
             });
 
-            var device = await service.SelectDevice();
             var rows = new List<SessionsRow>();
             int[] gcBefore = [GC.CollectionCount(0), GC.CollectionCount(1), GC.CollectionCount(2)];
             var gcPauseBefore = GC.GetTotalPauseDuration();
             int roundCount = parse.GetValue(rounds);
             await AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).StartAsync(async progress =>
             {
-                var variants = packings.SelectMany(pk => modes.Select(mode => (Mode: mode, Packed: pk))).ToList();
+                var variants = caches.SelectMany(pc => packings.SelectMany(pk => modes.Select(mode => (Mode: mode, Packed: pk, Prefix: pc)))).ToList();
                 var bar = progress.AddTask("sessions x mode x round", maxValue: counts.Count * variants.Count * roundCount);
                 foreach (int n in counts)
                 {
@@ -141,6 +153,7 @@ internal static class BenchSessions
                         {
                             string mode = variant.Mode;
                             device.Tell(new DiagnosticsProtocol.SetPackedSteps(variant.Packed));
+                            device.Tell(new DiagnosticsProtocol.SetPrefixCache(variant.Prefix));
                             var before = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
                             var sw = Stopwatch.StartNew();
                             var results = await Task.WhenAll(Enumerable.Range(0, n).Select(async s =>
@@ -182,6 +195,7 @@ internal static class BenchSessions
                             Sessions = n,
                             Mode = variant.Mode,
                             Packed = variant.Packed,
+                            PrefixCache = variant.Prefix,
                             AggregateTokensPerS = Math.Round(pt.Tokens / pt.Seconds, 1),
                             PerSessionTokensPerS = Math.Round(pt.Tokens / pt.Seconds / n, 1),
                             P50IntertokenMs = gaps.Count == 0 ? 0 : Math.Round(gaps[gaps.Count / 2], 2),
@@ -256,25 +270,32 @@ internal static class BenchSessions
         md.AppendLine(CultureInfo.InvariantCulture, $"Workload: {string.Join(", ", files.Select(f => Path.GetRelativePath(root, f)))}. Generated tokens per request: {string.Join(", ", rows.Where(r => r.Mode == "ar").Select(r => string.Create(CultureInfo.InvariantCulture, $"{(double)r.Tokens / (r.Sessions * perSession * rounds):F1} at {r.Sessions} session(s)")))} (answers end at the model's end token or the request's max_tokens); the shorter the answers next to the prompts, the larger the prefill share and the less any decode speedup can show.").AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"Garbage collections during the timed runs: {gc.Gen0} gen0, {gc.Gen1} gen1, {gc.Gen2} gen2 (counts include the younger ones: a gen2 is also a gen1 and a gen0), {gc.PauseMs:F0} ms paused in all.").AppendLine();
         md.AppendLine("`prefill share` is the device's busy time in prefill chunks over its busy time; `decode tok/s (device)` counts generated tokens over device time in decode steps only, the decode phase's throughput without the prefill every mode pays alike.").AppendLine();
-        md.AppendLine("| sessions | mode | packed | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | sessions per decode run | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|---|---|");
+        bool bothCaches = rows.Select(r => r.PrefixCache).Distinct().Count() > 1;
+        md.AppendLine(CultureInfo.InvariantCulture, $"Prefix cache: {(bothCaches ? "both ways (the `prefix cache` column)" : rows[0].PrefixCache ? "on" : "off")}; when on it is emptied before every pass, so a pass reuses only prompts it prefilled itself (docs/decisions/0019-prefix-cache.md).").AppendLine();
+        md.AppendLine("| sessions | mode | packed | prefix cache | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | sessions per decode run | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var r in rows)
         {
-            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {(r.Packed ? "yes" : "no")} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {r.PrefillShare:P0} | {r.DecodeTokensPerDeviceS} | {r.SessionsPerDecodeRun} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {(r.Packed ? "yes" : "no")} | {(r.PrefixCache ? "on" : "off")} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {r.PrefillShare:P0} | {r.DecodeTokensPerDeviceS} | {r.SessionsPerDecodeRun} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
         }
 
         md.AppendLine();
-        foreach (var (n, packed) in rows.Select(r => (r.Sessions, r.Packed)).Distinct())
+        foreach (var (n, packed, cache) in rows.Select(r => (r.Sessions, r.Packed, r.PrefixCache)).Distinct())
         {
-            var ar = rows.First(r => r.Sessions == n && r.Packed == packed && r.Mode == "ar");
-            var parts = rows.Where(r => r.Sessions == n && r.Packed == packed && r.Mode != "ar").Select(r => string.Create(CultureInfo.InvariantCulture,
+            var ar = rows.First(r => r.Sessions == n && r.Packed == packed && r.PrefixCache == cache && r.Mode == "ar");
+            var parts = rows.Where(r => r.Sessions == n && r.Packed == packed && r.PrefixCache == cache && r.Mode != "ar").Select(r => string.Create(CultureInfo.InvariantCulture,
                 $"{r.Mode} / ar aggregate = {r.AggregateTokensPerS / ar.AggregateTokensPerS:F2}x (decode phase {r.DecodeTokensPerDeviceS / Math.Max(1e-9, ar.DecodeTokensPerDeviceS):F2}x)")).ToList();
-            if (packed && rows.FirstOrDefault(r => r.Sessions == n && !r.Packed && r.Mode == "ar") is { } one)
+            if (packed && rows.FirstOrDefault(r => r.Sessions == n && !r.Packed && r.PrefixCache == cache && r.Mode == "ar") is { } one)
             {
                 parts.Insert(0, string.Create(CultureInfo.InvariantCulture, $"**packed ar / one-per-run ar: decode phase {ar.DecodeTokensPerDeviceS / Math.Max(1e-9, one.DecodeTokensPerDeviceS):F2}x, aggregate {ar.AggregateTokensPerS / one.AggregateTokensPerS:F2}x**"));
             }
 
             // Amdahl: prefill costs every mode the same, so even a free decode phase lifts the aggregate by at most 1 / prefill share.
-            md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s), {(packed ? "packed" : "one per run")}: {string.Join("; ", parts)}; ceiling for any decode speedup at ar's prefill share {ar.PrefillShare:P0}: {1 / Math.Max(1e-9, ar.PrefillShare):F2}x");
+            if (bothCaches && cache && rows.FirstOrDefault(r => r.Sessions == n && r.Packed == packed && !r.PrefixCache && r.Mode == "ar") is { } cold)
+            {
+                parts.Insert(0, string.Create(CultureInfo.InvariantCulture, $"**ar with the prefix cache / without: aggregate {ar.AggregateTokensPerS / cold.AggregateTokensPerS:F2}x**"));
+            }
+
+            md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s), {(packed ? "packed" : "one per run")}{(bothCaches ? (cache ? ", prefix cache on" : ", prefix cache off") : "")}: {string.Join("; ", parts)}; ceiling for any decode speedup at ar's prefill share {ar.PrefillShare:P0}: {1 / Math.Max(1e-9, ar.PrefillShare):F2}x");
         }
 
         md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"![sessions]({stem}.png)");

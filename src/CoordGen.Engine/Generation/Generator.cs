@@ -104,7 +104,8 @@ public sealed class Generator
 
         if (cache.Length + tokens.Length >= cache.Capacity)
         {
-            throw new PromptTooLongException(tokens.Length, cache.Capacity - cache.Length - 1);
+            // A cached prefix already in the cache counts as prompt: the error names the whole prompt.
+            throw new PromptTooLongException(cache.Length + tokens.Length, cache.Capacity - 1);
         }
 
         return new PrefillSession(this, _runtime, cache, tokens, onChunk);

@@ -208,6 +208,57 @@ public sealed class KvCache : IDisposable
         Length += count;
     }
 
+    /// <summary>Bytes one slot takes: its keys and values in every layer.</summary>
+    public long SlotBytes => BytesFor(Layers, KvHeads, HeadDim, 1);
+
+    /// <summary>Floats <see cref="CopySlotsTo"/> writes for <paramref name="count"/> slots.</summary>
+    public int SlotFloats(int count) => 2 * Layers * KvHeads * count * HeadDim;
+
+    /// <summary>
+    /// Copies committed slots [from, from + count) into <paramref name="dest"/>, laid out per layer keys
+    /// then values, each [Hkv, count, D] (the layout <see cref="AppendSlots"/> reads): a prefix cache's block.
+    /// </summary>
+    public void CopySlotsTo(int from, int count, Span<float> dest)
+    {
+        if (from < 0 || count < 0 || from + count > Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(count), $"slots [{from}, {from + count}) are not all committed ({Length} are).");
+        }
+
+        int d = HeadDim, run = count * d, at = 0;
+        for (int l = 0; l < Layers; l++)
+        {
+            foreach (var buffer in (float[][])[_keys[l], _values[l]])
+            {
+                for (int h = 0; h < KvHeads; h++)
+                {
+                    buffer.AsSpan(((h * Bucket) + from) * d, run).CopyTo(dest.Slice(at, run));
+                    at += run;
+                }
+            }
+        }
+    }
+
+    /// <summary>Appends <paramref name="count"/> slots laid out as <see cref="CopySlotsTo"/> writes them, and commits them.</summary>
+    public void AppendSlots(ReadOnlySpan<float> src, int count)
+    {
+        EnsureRoom(Length + count);
+        int d = HeadDim, run = count * d, at = 0;
+        for (int l = 0; l < Layers; l++)
+        {
+            foreach (var buffer in (float[][])[_keys[l], _values[l]])
+            {
+                for (int h = 0; h < KvHeads; h++)
+                {
+                    src.Slice(at, run).CopyTo(buffer.AsSpan(((h * Bucket) + Length) * d, run));
+                    at += run;
+                }
+            }
+        }
+
+        Length += count;
+    }
+
     /// <summary>Copies another cache's committed slots (same shape) into this one, e.g. to reuse one prefill.</summary>
     public void CopyFrom(KvCache other)
     {

@@ -149,21 +149,35 @@ public sealed class SpeculativeDecoder
     /// <param name="offload">With calibration: instead of gathering the top-k here, hand each chunk's
     /// top-k rows (a copy the receiver owns) to this calibrator; the result is marked
     /// <see cref="Prefilled.CalibrationDeferred"/>.</param>
-    public (PrefillSession Session, Func<Prefilled> Finish) BeginPrefill(int[] prompt, CalibrationOptions? calibration, Action<TopRows>? offload = null)
+    /// <param name="prefix">A cached prefix of <paramref name="prompt"/> (<see cref="PrefixCache.Lookup"/>, with
+    /// calibration rows when calibrating): its slots are copied in and only the rest is prefilled; its
+    /// calibration rows go first, so calibration sees every prompt position as without the cache.</param>
+    public (PrefillSession Session, Func<Prefilled> Finish) BeginPrefill(int[] prompt, CalibrationOptions? calibration, Action<TopRows>? offload = null, PrefixHit? prefix = null)
     {
         var cache = _runtime.CreateCache();
+        int cached = prefix?.Tokens ?? 0;
+        if (cached > 0)
+        {
+            prefix!.CopyInto(cache);
+        }
+
         if (calibration is not null && offload is not null)
         {
-            return BeginOffloadedPrefill(cache, prompt, calibration.TopK, offload);
+            return BeginOffloadedPrefill(cache, prompt, calibration.TopK, offload, cached > 0 ? prefix!.TopRows(calibration.TopK) : null);
         }
 
         PrefillTopK? topK = calibration is null ? null : new PrefillTopK(calibration.TopK);
+        if (topK is not null && cached > 0)
+        {
+            topK.Add(prefix!.TopRows(calibration!.TopK)!);
+        }
+
         double topKMs = 0;
         bool failed = false;
         PrefillSession session;
         try
         {
-            session = _plain.BeginPrefill(cache, prompt, topK is null ? null : (b, _, n) =>
+            session = _plain.BeginPrefill(cache, prompt[cached..], topK is null ? null : (b, _, n) =>
             {
                 if (failed)
                 {
@@ -193,14 +207,26 @@ public sealed class SpeculativeDecoder
         return (session, () => new Prefilled(prompt, cache, session.LastLogits, failed ? null : topK, session.ElapsedMs, topKMs) { CalibrationFailed = failed });
     }
 
-    private (PrefillSession Session, Func<Prefilled> Finish) BeginOffloadedPrefill(KvCache cache, int[] prompt, int k, Action<TopRows> offload)
+    private (PrefillSession Session, Func<Prefilled> Finish) BeginOffloadedPrefill(KvCache cache, int[] prompt, int k, Action<TopRows> offload, TopRows? cachedRows)
     {
         double copyMs = 0;
         bool failed = false;
         PrefillSession session;
         try
         {
-            session = _plain.BeginPrefill(cache, prompt, (b, _, n) =>
+            if (cachedRows is not null)
+            {
+                try
+                {
+                    offload(cachedRows);
+                }
+                catch (Exception ex) when (ex is not OperationCanceledException)
+                {
+                    failed = true;
+                }
+            }
+
+            session = _plain.BeginPrefill(cache, prompt[cache.Length..], (b, _, n) =>
             {
                 if (failed)
                 {

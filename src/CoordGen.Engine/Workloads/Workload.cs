@@ -21,6 +21,14 @@ public sealed record WorkloadItem
     [JsonPropertyName("max_tokens")]
     public int MaxTokens { get; init; } = 128;
 
+    /// <summary>Multi-turn workloads (chat.jsonl): the conversation this turn belongs to; its rows come in turn order, each carrying the history.</summary>
+    [JsonPropertyName("conversation")]
+    public string? Conversation { get; init; }
+
+    /// <summary>Workloads of several questions per document (rag-shared.jsonl): the document asked about.</summary>
+    [JsonPropertyName("document")]
+    public string? Document { get; init; }
+
     public static IReadOnlyList<WorkloadItem> Load(string path)
     {
         if (!File.Exists(path))

@@ -235,7 +235,13 @@ public static partial class OpenAiApi
         };
     }
 
-    private static object Usage(InferenceOutcome o) => new { prompt_tokens = o.PromptTokens, completion_tokens = o.CompletionTokens, total_tokens = o.PromptTokens + o.CompletionTokens };
+    private static object Usage(InferenceOutcome o) => new
+    {
+        prompt_tokens = o.PromptTokens,
+        completion_tokens = o.CompletionTokens,
+        total_tokens = o.PromptTokens + o.CompletionTokens,
+        prompt_tokens_details = new { cached_tokens = o.CachedTokens },
+    };
 
     private static object Extra(InferenceOutcome o) => new
     {
@@ -377,7 +383,7 @@ public static partial class OpenAiApi
                 // faults_injected is null unless fault injection is on.
                 log.LogInformation(
                     "request {RequestId} {Endpoint} status={Status} prompt_tokens={PromptTokens} cached_tokens={CachedTokens} generated_tokens={GeneratedTokens} ttft_ms={TtftMs} duration_ms={DurationMs} tokens_per_step={TokensPerStep} faults_injected={FaultsInjected}",
-                    e.Id ?? ctx.TraceIdentifier, endpoint, status, o?.PromptTokens, 0, o?.CompletionTokens, ttft, duration, perStep,
+                    e.Id ?? ctx.TraceIdentifier, endpoint, status, o?.PromptTokens, o?.CachedTokens, o?.CompletionTokens, ttft, duration, perStep,
                     ctx.RequestServices.GetService<InferenceService>()?.Faults?.Injected);
             }
         }

@@ -1,0 +1,288 @@
+using CoordGen.Messages;
+
+namespace CoordGen.Engine.Runtime;
+
+/// <summary>
+/// KV rows of prompts the device has prefilled, so a prompt that starts the same way (a chat's history,
+/// a shared document, a system prompt) copies them instead of computing them again. Keyed by a chain of
+/// fixed-size token blocks (decision 0019): a block is found by its parent block and its own tokens, so
+/// a block stands for the whole prefix that ends with it, and prompts that share a prefix share its
+/// blocks. Each block keeps its slots' keys and values (every layer) and, when the prefill was
+/// calibrated, the per-position top-k rows calibration reads, so a calibrated draft is the same with the
+/// cache as without it.
+/// <para>
+/// Bytes stay under a room the caller gives (the KV budget less the sessions' caches): blocks are
+/// evicted least recently used, leaves first (a block another block extends is needed to reach it).
+/// Not thread-safe: the device uses it from its steps, one at a time. Copies in and out are whole, so
+/// no session reads a block after the call that copied it returns; evicting one never touches a session.
+/// </para>
+/// </summary>
+public sealed class PrefixCache
+{
+    private readonly Dictionary<BlockKey, Block> _blocks = new(new BlockKeyComparer());
+    private readonly Dictionary<long, Block> _byId = [];
+    private readonly SortedSet<(long LastUse, long Id)> _leaves = [];
+    private long _clock;
+    private long _ids;
+
+    /// <param name="blockTokens">Tokens per block: a prefix is reused in whole blocks.</param>
+    public PrefixCache(int blockTokens = DefaultBlockTokens)
+    {
+        if (blockTokens < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(blockTokens), blockTokens, "a block holds at least one token.");
+        }
+
+        BlockTokens = blockTokens;
+    }
+
+    public const int DefaultBlockTokens = 32;
+
+    public int BlockTokens { get; }
+
+    /// <summary>Bytes the blocks hold (keys, values and calibration rows).</summary>
+    public long Bytes { get; private set; }
+
+    public int BlockCount => _blocks.Count;
+
+    /// <summary>Blocks evicted so far.</summary>
+    public long Evictions { get; private set; }
+
+    /// <summary>Prompts looked up so far, and how many of them found a cached prefix.</summary>
+    public (long Lookups, long Hits) Lookups => (_lookups, _hits);
+
+    /// <summary>Prompt tokens looked up so far: found in the cache, and left to prefill.</summary>
+    public (long Reused, long Prefilled) Tokens => (_reused, _prefilled);
+
+    private long _lookups, _hits, _reused, _prefilled;
+
+    /// <summary>
+    /// The longest cached prefix of <paramref name="prompt"/>, in whole blocks, that leaves at least one
+    /// token to prefill (its logits start the generation). With <paramref name="calibrationK"/> &gt; 0
+    /// only blocks holding calibration rows of at least that many candidates count. Marks them used.
+    /// </summary>
+    public PrefixHit Lookup(ReadOnlySpan<int> prompt, int calibrationK = 0)
+    {
+        var found = new List<Block>();
+        long parent = 0;
+        int usable = (prompt.Length - 1) / BlockTokens;
+        for (int b = 0; b < usable; b++)
+        {
+            var tokens = prompt.Slice(b * BlockTokens, BlockTokens).ToArray();
+            if (!_blocks.TryGetValue(new BlockKey(parent, tokens), out var block) || (calibrationK > 0 && (block.Top?.K ?? 0) < calibrationK))
+            {
+                break;
+            }
+
+            found.Add(block);
+            parent = block.Id;
+        }
+
+        foreach (var block in found)
+        {
+            Touch(block);
+        }
+
+        var hit = new PrefixHit(this, found);
+        _lookups++;
+        _hits += found.Count > 0 ? 1 : 0;
+        _reused += hit.Tokens;
+        _prefilled += prompt.Length - hit.Tokens;
+        return hit;
+    }
+
+    /// <summary>
+    /// Keeps the whole blocks of <paramref name="prompt"/> that <paramref name="cache"/> holds (slot i holds
+    /// prompt token i) and this cache lacks, then evicts down to <paramref name="room"/> bytes.
+    /// <paramref name="top"/>: calibration rows of the prompt's positions from 0 on (null when the prefill
+    /// had none); a cached block without rows takes them. Returns the blocks added.
+    /// </summary>
+    public int Insert(ReadOnlySpan<int> prompt, KvCache cache, TopRows? top, long room)
+    {
+        int blocks = Math.Min(prompt.Length, cache.Length) / BlockTokens, added = 0;
+        long parent = 0;
+        Block? previous = null;
+        for (int b = 0; b < blocks; b++)
+        {
+            int from = b * BlockTokens;
+            var tokens = prompt.Slice(from, BlockTokens).ToArray();
+            var key = new BlockKey(parent, tokens);
+            if (!_blocks.TryGetValue(key, out var block))
+            {
+                var rows = new float[cache.SlotFloats(BlockTokens)];
+                cache.CopySlotsTo(from, BlockTokens, rows);
+                block = new Block(++_ids, previous, tokens, rows);
+                _blocks[key] = block;
+                _byId[block.Id] = block;
+                Bytes += (long)rows.Length * sizeof(float);
+                if (previous is not null && previous.Children++ == 0)
+                {
+                    _leaves.Remove((previous.LastUse, previous.Id));
+                }
+
+                block.LastUse = ++_clock;
+                _leaves.Add((block.LastUse, block.Id));
+                added++;
+            }
+            else
+            {
+                Touch(block);
+            }
+
+            if (block.Top is null && top is not null && top.Rows >= from + BlockTokens)
+            {
+                block.Top = Slice(top, from, BlockTokens);
+                Bytes += block.Top.Ids.Length * (sizeof(int) + sizeof(float));
+            }
+
+            previous = block;
+            parent = block.Id;
+        }
+
+        Trim(room);
+        return added;
+    }
+
+    /// <summary>Evicts least recently used leaf blocks until the blocks hold at most <paramref name="room"/> bytes.</summary>
+    public void Trim(long room)
+    {
+        while (Bytes > Math.Max(0, room) && _leaves.Count > 0)
+        {
+            var (_, id) = _leaves.Min;
+            _leaves.Remove(_leaves.Min);
+            _byId.Remove(id, out var victim);
+            _blocks.Remove(new BlockKey(victim!.Parent?.Id ?? 0, victim.Tokens));
+            Bytes -= (long)victim.Rows.Length * sizeof(float) + (victim.Top is { } t ? t.Ids.Length * (sizeof(int) + sizeof(float)) : 0);
+            Evictions++;
+            if (victim.Parent is { } p && --p.Children == 0)
+            {
+                _leaves.Add((p.LastUse, p.Id));
+            }
+        }
+    }
+
+    /// <summary>Drops every block (the weights changed, or the memory is needed).</summary>
+    public void Clear()
+    {
+        Evictions += _blocks.Count;
+        _blocks.Clear();
+        _byId.Clear();
+        _leaves.Clear();
+        Bytes = 0;
+    }
+
+    private void Touch(Block block)
+    {
+        bool leaf = block.Children == 0;
+        if (leaf)
+        {
+            _leaves.Remove((block.LastUse, block.Id));
+        }
+
+        block.LastUse = ++_clock;
+        if (leaf)
+        {
+            _leaves.Add((block.LastUse, block.Id));
+        }
+    }
+
+    /// <summary>Consecutive rows of one k joined into one (a prefill's chunks).</summary>
+    public static TopRows Join(IReadOnlyList<TopRows> parts)
+    {
+        int k = parts[0].K;
+        if (parts.Any(p => p.K != k))
+        {
+            throw new ArgumentException("calibration rows of different k cannot be joined.", nameof(parts));
+        }
+
+        return new TopRows(k, [.. parts.SelectMany(p => p.Ids)], [.. parts.SelectMany(p => p.Probs)]);
+    }
+
+    internal static TopRows Slice(TopRows rows, int from, int count) =>
+        new(rows.K, rows.Ids.AsSpan(from * rows.K, count * rows.K).ToArray(), rows.Probs.AsSpan(from * rows.K, count * rows.K).ToArray());
+
+    internal sealed class Block(long id, Block? parent, int[] tokens, float[] rows)
+    {
+        public long Id { get; } = id;
+
+        public Block? Parent { get; } = parent;
+
+        public int[] Tokens { get; } = tokens;
+
+        public float[] Rows { get; } = rows;
+
+        public TopRows? Top { get; set; }
+
+        public long LastUse { get; set; }
+
+        public int Children { get; set; }
+    }
+
+    private readonly record struct BlockKey(long Parent, int[] Tokens);
+
+    private sealed class BlockKeyComparer : IEqualityComparer<BlockKey>
+    {
+        public bool Equals(BlockKey x, BlockKey y) => x.Parent == y.Parent && x.Tokens.AsSpan().SequenceEqual(y.Tokens);
+
+        public int GetHashCode(BlockKey k)
+        {
+            var h = new HashCode();
+            h.Add(k.Parent);
+            h.AddBytes(System.Runtime.InteropServices.MemoryMarshal.AsBytes(k.Tokens.AsSpan()));
+            return h.ToHashCode();
+        }
+    }
+}
+
+/// <summary>A prompt's cached prefix: whole blocks from the start, <see cref="Tokens"/> tokens in all (0 = a miss).</summary>
+public sealed class PrefixHit
+{
+    private readonly PrefixCache _owner;
+    private readonly IReadOnlyList<PrefixCache.Block> _blocks;
+
+    internal PrefixHit(PrefixCache owner, IReadOnlyList<PrefixCache.Block> blocks)
+    {
+        _owner = owner;
+        _blocks = blocks;
+    }
+
+    public int Tokens => _blocks.Count * _owner.BlockTokens;
+
+    /// <summary>Copies the prefix's slots into an empty cache (which then holds <see cref="Tokens"/> committed slots).</summary>
+    public void CopyInto(KvCache cache)
+    {
+        if (cache.Length != 0)
+        {
+            throw new InvalidOperationException($"a cached prefix goes into an empty cache (this one holds {cache.Length} slots).");
+        }
+
+        foreach (var b in _blocks)
+        {
+            cache.AppendSlots(b.Rows, _owner.BlockTokens);
+        }
+    }
+
+    /// <summary>The prefix's calibration rows, <paramref name="k"/> candidates each (null on a miss).</summary>
+    public TopRows? TopRows(int k)
+    {
+        if (_blocks.Count == 0)
+        {
+            return null;
+        }
+
+        var ids = new int[Tokens * k];
+        var probs = new float[Tokens * k];
+        int row = 0;
+        foreach (var b in _blocks)
+        {
+            var t = b.Top ?? throw new InvalidOperationException("this prefix was looked up without calibration rows.");
+            for (int r = 0; r < t.Rows; r++, row++)
+            {
+                t.Ids.AsSpan(r * t.K, k).CopyTo(ids.AsSpan(row * k, k));
+                t.Probs.AsSpan(r * t.K, k).CopyTo(probs.AsSpan(row * k, k));
+            }
+        }
+
+        return new TopRows(k, ids, probs);
+    }
+}
