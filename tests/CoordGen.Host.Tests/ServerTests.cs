@@ -70,6 +70,25 @@ public class ServerTests(ServerProcess server) : IClassFixture<ServerProcess>
     }
 
     [Fact]
+    public async Task Chat_turns_should_reuse_the_history_from_the_prefix_cache_and_report_it_in_usage()
+    {
+        // The client sends the whole history every turn, as OpenAI clients do; the server finds the common prefix itself.
+        var row = JsonNode.Parse(File.ReadLines(Path.Combine(ServerProcess.RepoRoot, "workloads", "chat.jsonl")).First())!;
+        var messages = new JsonArray(
+            new JsonObject { ["role"] = "system", ["content"] = row["context"]!.GetValue<string>() },
+            new JsonObject { ["role"] = "user", ["content"] = row["prompt"]!.GetValue<string>() });
+        var first = await Post("/v1/chat/completions", new JsonObject { ["messages"] = messages.DeepClone(), ["max_tokens"] = 24 });
+        messages.Add(new JsonObject { ["role"] = "assistant", ["content"] = first["choices"]![0]!["message"]!["content"]!.GetValue<string>() });
+        messages.Add(new JsonObject { ["role"] = "user", ["content"] = "And what about the title?" });
+        var second = await Post("/v1/chat/completions", new JsonObject { ["messages"] = messages.DeepClone(), ["max_tokens"] = 24 });
+
+        var usage = second["usage"]!;
+        int prompt = usage["prompt_tokens"]!.GetValue<int>(), cached = usage["prompt_tokens_details"]!["cached_tokens"]!.GetValue<int>();
+        Assert.True(cached >= first["usage"]!["prompt_tokens"]!.GetValue<int>() - 64, $"{cached} of {prompt} prompt tokens came from the cache");
+        Assert.True(cached < prompt);
+    }
+
+    [Fact]
     public async Task Context_store_should_feed_drafting_when_a_request_names_it()
     {
         var created = await server.Http.PostAsJsonAsync(new Uri(server.BaseUrl, "/v1/context_stores"), new { name = "lighthouse" });

@@ -183,7 +183,15 @@ public sealed class PrefillSession
         }
 
         _clock.Start();
-        int w = width > 0 ? width : _gen.PrefillWidth, n = Math.Min(w, _tokens.Length - _next);
+        int w = width > 0 ? width : _gen.PrefillWidth, left = _tokens.Length - _next;
+        if (left < w)
+        {
+            // The last chunk runs on the narrowest graph that holds it, not padded out to the chunk width
+            // (a prompt's tail after a cached prefix is often a few dozen tokens).
+            w = _runtime.Widths.Where(x => x >= left && x < w).DefaultIfEmpty(w).Min();
+        }
+
+        int n = Math.Min(w, left);
         var buf = _runtime.Buffers(w, _cache);
         buf.SetLinear(_tokens.AsSpan(_next, n), _cache.Length, _cache.Length);
         _runtime.Run(w, _cache);
