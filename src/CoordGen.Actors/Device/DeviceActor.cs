@@ -19,7 +19,7 @@ namespace CoordGen.Actors.Device;
 /// written to its channel from the mailbox; a session whose reader lags is skipped until its channel has
 /// room (backpressure that pauses only that stream). A failure is a reply for that request, not a crash.
 /// </summary>
-public sealed class DeviceActor : ReceiveActor
+public sealed partial class DeviceActor : ReceiveActor
 {
     private readonly RuntimeKeeper _runtimes;
     private readonly IReadOnlySet<int> _stopTokens;
@@ -31,7 +31,6 @@ public sealed class DeviceActor : ReceiveActor
     private PackingMode _packing;
     private readonly bool _packTrees;
     private readonly DevicePrefixCache _prefix;
-    private readonly List<IActorRef> _statsAskers = [];
     private OrtModelRuntime? _runtime;
     private Generator? _plain;
     private SpeculativeDecoder? _spec;
@@ -70,22 +69,7 @@ public sealed class DeviceActor : ReceiveActor
         Receive<DrafterProtocol.Proposal>(OnProposal);
         Receive<VerifierProtocol.Verified>(OnVerified);
         Receive<VerifierProtocol.VerifyFailed>(OnVerifyFailed);
-        Receive<DiagnosticsProtocol.GetQueues>(_ => Sender.Tell(new DiagnosticsProtocol.Queues(_queues.Prefilling.Count, _queues.Decoding.Count, _queues.Waiting.Count)));
-        Receive<DiagnosticsProtocol.GetOverlap>(_ => Sender.Tell(_timeline.Snapshot()));
-        Receive<DiagnosticsProtocol.GetStepDecisions>(_ => Sender.Tell(_timeline.Decisions()));
-        Receive<DiagnosticsProtocol.SetPackedSteps>(p => _packing = p.Packed ? PackingMode.WhenItPays : PackingMode.Off);
-        Receive<DiagnosticsProtocol.SetPrefixCache>(p => _prefix.Set(p.Enabled));
-        Receive<DiagnosticsProtocol.GetPrefixCache>(_ =>
-        {
-            if (_busy)
-            {
-                _statsAskers.Add(Sender); // answered when the step under way ends
-                return;
-            }
-
-            Sender.Tell(_prefix.Stats());
-        });
-        Receive<DiagnosticsProtocol.CrashDevice>(_ => throw new InjectedFaultException(FaultKind.DeviceException, "injected: the device actor crashed"));
+        ReceiveDiagnostics();
     }
 
     /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
@@ -203,32 +187,9 @@ public sealed class DeviceActor : ReceiveActor
         pick.OthersDecoding = decoding.Count > (prefill ? 0 : 1); // a decode step's session is one of them
         var (plain, spec, stops, self, prefix) = (_plain!, _spec!, _stopTokens, Self, prefill ? _prefix.ForPrefill : null);
         double paceMs = _emulate?.StepMs(pick.StepWidth(runtime)) ?? 0;
-        var step = Task.Run(() =>
-        {
-            long start = System.Diagnostics.Stopwatch.GetTimestamp();
-            if (group is null)
-            {
-                pick.StepOnce(runtime, plain, spec, stops, prefix);
-            }
-            else if (packWidth == 1)
-            {
-                DeviceSession.StepPacked(group);
-            }
-            else
-            {
-                DeviceSession.StepPackedTrees(group, packWidth);
-            }
-
-            double left = paceMs - System.Diagnostics.Stopwatch.GetElapsedTime(start).TotalMilliseconds;
-            if (paceMs > 0 && left > 0)
-            {
-                Thread.Sleep(TimeSpan.FromMilliseconds(left));
-            }
-
-            return (start, System.Diagnostics.Stopwatch.GetTimestamp(), paceMs > 0 && left < 0);
-        });
+        var step = Task.Run(() => DeviceSession.RunStep(pick, group, packWidth, runtime, plain, spec, stops, prefix, paceMs));
         _inflight = step;
-        step.PipeTo(self, success: t => new StepDone(pick, group, prefill, null, t.start, t.Item2, t.Item3),
+        step.PipeTo(self, success: t => new StepDone(pick, group, prefill, null, t.Start, t.End, t.Overran),
             failure: ex => new StepDone(pick, group, prefill, ex, 0, 0, false));
     }
 
@@ -266,8 +227,7 @@ public sealed class DeviceActor : ReceiveActor
     {
         _busy = false;
         _inflight = null;
-        _statsAskers.ForEach(a => a.Tell(_prefix.Stats()));
-        _statsAskers.Clear();
+        AnswerStatsAskers();
         _timeline.Step(done.Start, done.End, done.Prefill, done.Group?.Count ?? 1);
         if (_emulate is not null && done.Error is null)
         {

@@ -210,6 +210,38 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         }
     }
 
+    /// <summary>
+    /// One device step off the mailbox thread: <paramref name="pick"/>'s own step, or a packed run of
+    /// <paramref name="group"/> (plain when <paramref name="packWidth"/> is 1, else trees of that width);
+    /// with <paramref name="paceMs"/> &gt; 0 the step is held until that long has passed (what-if pacing).
+    /// Returns its Stopwatch timestamps and whether it overran the pace.
+    /// </summary>
+    public static (long Start, long End, bool Overran) RunStep(DeviceSession pick, List<DeviceSession>? group, int packWidth, OrtModelRuntime runtime,
+        Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix, double paceMs)
+    {
+        long start = Stopwatch.GetTimestamp();
+        if (group is null)
+        {
+            pick.StepOnce(runtime, plain, spec, stops, prefix);
+        }
+        else if (packWidth == 1)
+        {
+            StepPacked(group);
+        }
+        else
+        {
+            StepPackedTrees(group, packWidth);
+        }
+
+        double left = paceMs - Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+        if (paceMs > 0 && left > 0)
+        {
+            Thread.Sleep(TimeSpan.FromMilliseconds(left));
+        }
+
+        return (start, Stopwatch.GetTimestamp(), paceMs > 0 && left < 0);
+    }
+
     /// <summary>One packed device run for several plain sessions (off the mailbox thread, like <see cref="StepOnce"/>): traced as one span, each session's tokens counted under its method.</summary>
     public static void StepPacked(IReadOnlyList<DeviceSession> group)
     {

@@ -268,7 +268,8 @@ internal static class BenchPrefix
     private static void Write(List<PrefixRow> rows, BenchStamp stamp, string method, int rounds, int kvBudgetMb, string dir, FileInfo? json, string model)
     {
         Directory.CreateDirectory(dir);
-        string stem = ReportStem.For("prefix", model);
+        // A budget other than the server's default names the report after it (prefix-kv20mb.md), beside the default's.
+        string stem = ReportStem.For(kvBudgetMb == new CoordGenOptions().KvBudgetMb ? "prefix" : $"prefix-kv{kvBudgetMb}mb", model);
         string text = JsonSerializer.Serialize(rows, new JsonSerializerOptions { WriteIndented = true });
         File.WriteAllText(Path.Combine(dir, stem + ".json"), text);
         if (json is not null)

@@ -158,7 +158,15 @@ public sealed class SpeculativeDecoder
         int cached = prefix?.Tokens ?? 0;
         if (cached > 0)
         {
-            prefix!.CopyInto(cache);
+            try
+            {
+                prefix!.CopyInto(cache);
+            }
+            catch
+            {
+                cache.Dispose();
+                throw;
+            }
         }
 
         if (calibration is not null && offload is not null)
