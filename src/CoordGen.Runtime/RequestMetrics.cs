@@ -10,7 +10,7 @@ public static class RequestMetrics
     private static readonly Meter Meter = new(MeterName, "1.0");
 
     public static readonly Counter<long> Requests = Meter.CreateCounter<long>("coordgen.requests", description: "Generation requests by endpoint and outcome.");
-    public static readonly Counter<long> PromptTokens = Meter.CreateCounter<long>("coordgen.prompt_tokens", description: "Prompt tokens prefilled.");
+    public static readonly Counter<long> PromptTokens = Meter.CreateCounter<long>("coordgen.prompt_tokens", description: "Prompt tokens of completed requests, those whose keys and values came from the prefix cache included (coordgen.prefix_cache.tokens splits them).");
     public static readonly Counter<long> GeneratedTokens = Meter.CreateCounter<long>("coordgen.generated_tokens", description: "Tokens generated.");
     public static readonly Counter<long> VerifySteps = Meter.CreateCounter<long>("coordgen.verify_steps", description: "Speculative verification steps (device passes).");
     public static readonly Counter<long> DraftTokens = Meter.CreateCounter<long>("coordgen.draft_tokens", description: "Draft tokens proposed and accepted, by source.");

@@ -157,6 +157,7 @@ public class PrefixCacheTests
         var spec = new SpeculativeDecoder(rt);
         var opts = SpeculationOptions.ForMethod("sam+ours", 8);
         var prefix = new PrefixCache();
+        bool reusedAcrossBucket = false;
         string doc = string.Join(' ', Enumerable.Range(0, 30).Select(i => $"Item {i} keeps the value {i * 7 % 13} in its field."));
         foreach (string q in new[] { "Summarize the document.", "What does the text say about item 12?", "Find the part about value 5." })
         {
@@ -170,11 +171,33 @@ public class PrefixCacheTests
             }
 
             using var pre = finish();
+
+            // Calibration sees the same rows at every position with the cache as without it (cached rows first).
+            var (plainSession, plainFinish) = spec.BeginPrefill(prompt, opts.Calibration);
+            while (!plainSession.Step())
+            {
+            }
+
+            using var uncached = plainFinish();
+            var (withHit, without) = (pre.TopK!.ToRows(), uncached.TopK!.ToRows());
+            Assert.Equal(without.Ids, withHit.Ids);
+            TestModels.AssertClose(without.Probs, withHit.Probs, 1e-5, "calibration probabilities");
+
+            // The copied slots (across the 256-slot bucket boundary) hold what a prefill from scratch computes.
+            if (hit.Tokens > 0)
+            {
+                var (a, b) = (new float[pre.Cache.SlotFloats(hit.Tokens)], new float[pre.Cache.SlotFloats(hit.Tokens)]);
+                pre.Cache.CopySlotsTo(0, hit.Tokens, a);
+                uncached.Cache.CopySlotsTo(0, hit.Tokens, b);
+                TestModels.AssertClose(b, a, 1e-5, "cached keys and values");
+                reusedAcrossBucket |= hit.Tokens > 256;
+            }
+
             prefix.Insert(prompt, pre.Cache, pre.TopK!.ToRows(), long.MaxValue);
             var got = spec.Generate(pre, 40, new SamplingOptions(), demo.StopTokens, opts).Tokens;
             Assert.Equal(expected, got);
         }
 
-        Assert.True(prefix.Lookup(demo.Tokenizer.Encode(PromptTemplate.Render(doc, "Another question?")), opts.Calibration.TopK).Tokens > 200);
+        Assert.True(reusedAcrossBucket, "no hit crossed the first KV bucket (256 slots): lengthen the document");
     }
 }

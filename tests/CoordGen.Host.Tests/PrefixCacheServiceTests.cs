@@ -1,3 +1,4 @@
+using Akka.Actor;
 using CoordGen.Engine;
 using CoordGen.Engine.Model;
 using CoordGen.Engine.Workloads;
@@ -75,6 +76,13 @@ public class PrefixCacheServiceTests
         await using var tight = Start(cache: true, kvBudgetMb: 7);
         var outcomes = await Task.WhenAll(prompts.Select(p => Run(tight, p, new Sampling(), "sam+ours", 24)));
         Assert.Equal(expected, outcomes.Select(o => o.Text));
+
+        // Every insert ran beside at least its own session's cache: the prefix cache holds at most the rest.
+        var device = await tight.SelectDevice();
+        var stats = await device.Ask<Messages.DiagnosticsProtocol.PrefixCacheStats>(Messages.DiagnosticsProtocol.GetPrefixCache.Instance, TimeSpan.FromSeconds(10));
+        long sessionBytes = Engine.Runtime.KvCache.BytesFor(6, 2, 32, 2048);
+        Assert.True(stats.Bytes <= (7L << 20) - sessionBytes, $"the prefix cache holds {stats.Bytes} bytes; the room beside one session is {(7L << 20) - sessionBytes}");
+        Assert.True(stats.Evictions > 0 && stats.Hits > 0, $"the budget was not tight enough to evict ({stats.Evictions}) or nothing was reused ({stats.Hits})");
 
         // And again, now that the cache is warm: the same text, some of it reused.
         var again = await Task.WhenAll(prompts.Select(p => Run(tight, p, new Sampling(), "sam+ours", 24)));

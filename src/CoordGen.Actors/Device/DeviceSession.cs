@@ -341,10 +341,11 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
             int[] prompt = [.. r.Prompt.Tokens];
             bool calibrating = Speculative && _options!.UseCalibration;
 
-            // This session's cache is about to be taken: the prefix cache yields the room first.
-            prefix?.Trim(PrefixRoom);
+            // Look up first (it marks the chain used, and the hit holds its blocks), then yield the room
+            // this session's cache is about to take.
             var hit = prefix?.Lookup(prompt, calibrating ? _options!.Calibration.TopK : 0);
             CachedTokens = hit?.Tokens ?? 0;
+            Trimmed(prefix, () => prefix!.Trim(PrefixRoom));
             PrefixMetrics(CachedTokens, prompt.Length - CachedTokens);
             if (!Speculative)
             {
@@ -374,9 +375,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
 
         if (_plainCache is not null)
         {
+            Remember(prefix, _plainCache, null);
             var cache = _plainCache;
             _plainCache = null;
-            Remember(prefix, cache, null);
             _plain = plain.StartDecode(cache, _prefill.LastLogits, r.Prompt.Count, _prefill.ElapsedMs, r.MaxTokens, _sampling, stops, Enqueue, KeepLogprob);
         }
         else
@@ -398,7 +399,11 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         }
     }
 
-    /// <summary>The prompt's whole blocks go into the prefix cache, before decoding writes past them.</summary>
+    /// <summary>
+    /// The prompt's whole blocks go into the prefix cache, before decoding writes past them. The cache is
+    /// an optimisation: if keeping them fails (memory), the request goes on without (the cache stays
+    /// consistent: a block enters whole or not at all).
+    /// </summary>
     private void Remember(PrefixCache? prefix, KvCache cache, List<TopRows>? rows)
     {
         if (prefix is null)
@@ -406,8 +411,26 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
             return;
         }
 
+        try
+        {
+            Trimmed(prefix, () => prefix.Insert([.. Request.Prompt.Tokens], cache, rows is { Count: > 0 } ? PrefixCache.Join(rows) : null, PrefixRoom));
+        }
+        catch (Exception ex) when (ex is not OperationCanceledException)
+        {
+            Telemetry.Source.StartActivity("coordgen.prefix_cache_insert_failed", ActivityKind.Internal, Request.Trace)?.SetStatus(ActivityStatusCode.Error, ex.Message).Dispose();
+        }
+    }
+
+    /// <summary>Runs a change to the prefix cache and reports the blocks it evicted and the bytes it holds.</summary>
+    private static void Trimmed(PrefixCache? prefix, Action change)
+    {
+        if (prefix is null)
+        {
+            return;
+        }
+
         long evicted = prefix.Evictions;
-        prefix.Insert([.. Request.Prompt.Tokens], cache, rows is { Count: > 0 } ? PrefixCache.Join(rows) : null, PrefixRoom);
+        change();
         Telemetry.PrefixEvictions.Add(prefix.Evictions - evicted);
         Telemetry.PrefixBytes = prefix.Bytes;
     }

@@ -83,7 +83,7 @@ public sealed class PrefixCache
             Touch(block);
         }
 
-        var hit = new PrefixHit(this, found);
+        var hit = new PrefixHit(this, found, calibrationK);
         _lookups++;
         _hits += found.Count > 0 ? 1 : 0;
         _reused += hit.Tokens;
@@ -109,7 +109,12 @@ public sealed class PrefixCache
             var key = new BlockKey(parent, tokens);
             if (!_blocks.TryGetValue(key, out var block))
             {
-                var rows = new float[cache.SlotFloats(BlockTokens)];
+                if ((long)cache.SlotFloats(BlockTokens) * sizeof(float) > room)
+                {
+                    break; // the room cannot hold one more block: nothing is copied just to be evicted
+                }
+
+                var rows = GC.AllocateUninitializedArray<float>(cache.SlotFloats(BlockTokens)); // every float is written next
                 cache.CopySlotsTo(from, BlockTokens, rows);
                 block = new Block(++_ids, previous, tokens, rows);
                 _blocks[key] = block;
@@ -240,10 +245,13 @@ public sealed class PrefixHit
     private readonly PrefixCache _owner;
     private readonly IReadOnlyList<PrefixCache.Block> _blocks;
 
-    internal PrefixHit(PrefixCache owner, IReadOnlyList<PrefixCache.Block> blocks)
+    private readonly int _calibrationK;
+
+    internal PrefixHit(PrefixCache owner, IReadOnlyList<PrefixCache.Block> blocks, int calibrationK)
     {
         _owner = owner;
         _blocks = blocks;
+        _calibrationK = calibrationK;
     }
 
     public int Tokens => _blocks.Count * _owner.BlockTokens;
@@ -262,12 +270,17 @@ public sealed class PrefixHit
         }
     }
 
-    /// <summary>The prefix's calibration rows, <paramref name="k"/> candidates each (null on a miss).</summary>
+    /// <summary>The prefix's calibration rows, <paramref name="k"/> candidates each (null on a miss); k at most the lookup's.</summary>
     public TopRows? TopRows(int k)
     {
         if (_blocks.Count == 0)
         {
             return null;
+        }
+
+        if (k < 1 || k > _calibrationK)
+        {
+            throw new ArgumentOutOfRangeException(nameof(k), k, $"this prefix was looked up for calibration rows of {_calibrationK} candidates; ask for 1 to {_calibrationK}.");
         }
 
         var ids = new int[Tokens * k];

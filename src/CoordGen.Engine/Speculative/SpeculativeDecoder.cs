@@ -156,28 +156,31 @@ public sealed class SpeculativeDecoder
     {
         var cache = _runtime.CreateCache();
         int cached = prefix?.Tokens ?? 0;
-        if (cached > 0)
+        TopRows? cachedRows;
+        try
         {
-            try
+            if (cached > 0)
             {
                 prefix!.CopyInto(cache);
             }
-            catch
-            {
-                cache.Dispose();
-                throw;
-            }
+
+            cachedRows = cached > 0 && calibration is not null ? prefix!.TopRows(calibration.TopK) : null;
+        }
+        catch
+        {
+            cache.Dispose();
+            throw;
         }
 
         if (calibration is not null && offload is not null)
         {
-            return BeginOffloadedPrefill(cache, prompt, calibration.TopK, offload, cached > 0 ? prefix!.TopRows(calibration.TopK) : null);
+            return BeginOffloadedPrefill(cache, prompt, calibration.TopK, offload, cachedRows);
         }
 
         PrefillTopK? topK = calibration is null ? null : new PrefillTopK(calibration.TopK);
-        if (topK is not null && cached > 0)
+        if (topK is not null && cachedRows is not null)
         {
-            topK.Add(prefix!.TopRows(calibration!.TopK)!);
+            topK.Add(cachedRows);
         }
 
         double topKMs = 0;

@@ -106,6 +106,7 @@ internal static class GenerateCommand
                 AdaptiveWidth = false,
                 MaxPending = 1,
                 InterleavedChunkWidth = pw, // one session: no other stream's steps to interleave prefill chunks with
+                PrefixCache = false, // one prompt: nothing to share, and the budget holds one session's cache only
                 KvBudgetMb = (int)Math.Max(1, (KvCache.BytesFor(bundle.Config.NumLayers, bundle.Config.NumKvHeads, bundle.Config.HeadDim, cap) >> 20) + 1),
                 PrepareSlots = Math.Min(cap, ids.Length + n + w),
                 Provider = parse.GetValue(provider),
