@@ -341,11 +341,10 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
             int[] prompt = [.. r.Prompt.Tokens];
             bool calibrating = Speculative && _options!.UseCalibration;
 
-            // Look up first (it marks the chain used, and the hit holds its blocks), then yield the room
-            // this session's cache is about to take.
+            // Look up first (it marks the chain used), copy the hit into the new cache (below), and only then
+            // yield the room this session's cache takes: a trim never frees a block before it is copied.
             var hit = prefix?.Lookup(prompt, calibrating ? _options!.Calibration.TopK : 0);
             CachedTokens = hit?.Tokens ?? 0;
-            Trimmed(prefix, () => prefix!.Trim(PrefixRoom));
             PrefixMetrics(CachedTokens, prompt.Length - CachedTokens);
             if (!Speculative)
             {
@@ -366,6 +365,8 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
                     roles.Calibrator.Tell(new CalibratorProtocol.Chunk(self, rows), roles.Device);
                 }, hit);
             }
+
+            Trimmed(prefix, () => prefix!.Trim(PrefixRoom));
         }
 
         if (!_prefill.Step(ChunkWidth))

@@ -114,12 +114,11 @@ public sealed class PrefixCache
                     break; // the room cannot hold one more block: nothing is copied just to be evicted
                 }
 
-                var rows = GC.AllocateUninitializedArray<float>(cache.SlotFloats(BlockTokens)); // every float is written next
-                cache.CopySlotsTo(from, BlockTokens, rows);
-                block = new Block(++_ids, previous, tokens, rows);
+                block = new Block(++_ids, previous, tokens, cache.SlotFloats(BlockTokens));
+                cache.CopySlotsTo(from, BlockTokens, block.Rows);
                 _blocks[key] = block;
                 _byId[block.Id] = block;
-                Bytes += (long)rows.Length * sizeof(float);
+                Bytes += block.RowBytes;
                 if (previous is not null && previous.Children++ == 0)
                 {
                     _leaves.Remove((previous.LastUse, previous.Id));
@@ -157,7 +156,8 @@ public sealed class PrefixCache
             _leaves.Remove(_leaves.Min);
             _byId.Remove(id, out var victim);
             _blocks.Remove(new BlockKey(victim!.Parent?.Id ?? 0, victim.Tokens));
-            Bytes -= (long)victim.Rows.Length * sizeof(float) + (victim.Top is { } t ? t.Ids.Length * (sizeof(int) + sizeof(float)) : 0);
+            Bytes -= victim.RowBytes + (victim.Top is { } t ? t.Ids.Length * (sizeof(int) + sizeof(float)) : 0);
+            victim.Dispose();
             Evictions++;
             if (victim.Parent is { } p && --p.Children == 0)
             {
@@ -170,6 +170,11 @@ public sealed class PrefixCache
     public void Clear()
     {
         Evictions += _blocks.Count;
+        foreach (var b in _byId.Values)
+        {
+            b.Dispose();
+        }
+
         _blocks.Clear();
         _byId.Clear();
         _leaves.Clear();
@@ -206,15 +211,52 @@ public sealed class PrefixCache
     internal static TopRows Slice(TopRows rows, int from, int count) =>
         new(rows.K, rows.Ids.AsSpan(from * rows.K, count * rows.K).ToArray(), rows.Probs.AsSpan(from * rows.K, count * rows.K).ToArray());
 
-    internal sealed class Block(long id, Block? parent, int[] tokens, float[] rows)
+    /// <summary>
+    /// One block: its tokens, its slots' keys and values in native memory (hundreds of megabytes of cached
+    /// rows on the managed heap made the garbage collector's background work compete with the device's
+    /// threads: plain decoding measured 17% slower on the demo model with the rows in float arrays), and
+    /// its calibration rows.
+    /// </summary>
+    internal sealed unsafe class Block : IDisposable
     {
-        public long Id { get; } = id;
+        private float* _rows;
+        private readonly int _floats;
 
-        public Block? Parent { get; } = parent;
+        public Block(long id, Block? parent, int[] tokens, int floats)
+        {
+            Id = id;
+            Parent = parent;
+            Tokens = tokens;
+            _floats = floats;
+            _rows = (float*)System.Runtime.InteropServices.NativeMemory.Alloc((nuint)floats, sizeof(float));
+        }
 
-        public int[] Tokens { get; } = tokens;
+        ~Block() => Free();
 
-        public float[] Rows { get; } = rows;
+        public long Id { get; }
+
+        public Block? Parent { get; }
+
+        public int[] Tokens { get; }
+
+        public long RowBytes => (long)_floats * sizeof(float);
+
+        public Span<float> Rows => _rows == null ? throw new ObjectDisposedException(nameof(Block), "this prefix block was evicted") : new(_rows, _floats);
+
+        public void Dispose()
+        {
+            Free();
+            GC.SuppressFinalize(this);
+        }
+
+        private void Free()
+        {
+            if (_rows != null)
+            {
+                System.Runtime.InteropServices.NativeMemory.Free(_rows);
+                _rows = null;
+            }
+        }
 
         public TopRows? Top { get; set; }
 
@@ -239,7 +281,10 @@ public sealed class PrefixCache
     }
 }
 
-/// <summary>A prompt's cached prefix: whole blocks from the start, <see cref="Tokens"/> tokens in all (0 = a miss).</summary>
+/// <summary>
+/// A prompt's cached prefix: whole blocks from the start, <see cref="Tokens"/> tokens in all (0 = a miss).
+/// Copy it (<see cref="CopyInto"/>) before the cache is trimmed or changed again: an evicted block's rows are freed.
+/// </summary>
 public sealed class PrefixHit
 {
     private readonly PrefixCache _owner;
