@@ -60,9 +60,10 @@ internal static class BenchPrefix
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device; 0 = one per core.", DefaultValueFactory = _ => 0 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
+        var checkAll = new Option<bool>("--check-all") { Description = "Instead of timing: generate every prompt of the six workloads (chat, rag-shared, summary, rag, ui, reply) with the cache off, then on (--sessions at once, in workload order), greedy and seeded sampling, and report how many are identical (prefix-identity.md)." };
         var cmd = new Command("prefix", "The prefix cache on and off, side by side in one run: time to first token of chat turns after the first, aggregate tokens/s of concurrent questions about shared documents, prefill tokens avoided, memory; outputs checked equal both ways.")
         {
-            model, conversations, documents, sessions, method, rounds, kvBudget, weights, threads, json, outDir,
+            model, conversations, documents, sessions, method, rounds, kvBudget, weights, threads, json, outDir, checkAll,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -75,6 +76,11 @@ internal static class BenchPrefix
             var stamp = BenchStamp.Capture();
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             string root = ModelLocator.RepoRoot(), m = parse.GetValue(method)!;
+            if (parse.GetValue(checkAll))
+            {
+                return await CheckAll(bundle, m, nSessions, parse.GetValue(kvBudget), stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), ct);
+            }
+
             int[] Encode(WorkloadItem w) => bundle.Tokenizer.Encode(PromptTemplate.Render(w.Context, w.Prompt, bundle.HasRoleTokens));
             var chat = WorkloadItem.Load(Path.Combine(root, "workloads", "chat.jsonl")).GroupBy(w => w.Conversation).Take(nConv)
                 .Select(g => g.Select(w => (Tokens: Encode(w), w.MaxTokens)).ToList()).ToList();
@@ -184,6 +190,76 @@ internal static class BenchPrefix
             return rows.All(r => r.Identical) ? 0 : 1;
         });
         return cmd;
+    }
+
+    private sealed record IdentityRow(
+        [property: JsonPropertyName("workload")] string Workload,
+        [property: JsonPropertyName("sampling")] string Sampling,
+        [property: JsonPropertyName("prompts")] int Prompts,
+        [property: JsonPropertyName("identical")] int Identical,
+        [property: JsonPropertyName("prompt_tokens")] long PromptTokens,
+        [property: JsonPropertyName("cached_tokens")] long CachedTokens);
+
+    /// <summary>Every prompt of the six workloads with the cache off and on, greedy and seeded sampling: are the outputs identical?</summary>
+    private static async Task<int> CheckAll(Engine.Model.ModelBundle bundle, string method, int sessions, int kvBudgetMb, BenchStamp stamp, string dir, CancellationToken ct)
+    {
+        string root = ModelLocator.RepoRoot();
+        string[] names = ["chat", "rag-shared", "summary", "rag", "ui", "reply"];
+        var rows = new List<IdentityRow>();
+        await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = Math.Max(16, sessions * 2), Method = method, PrefixCache = true, KvBudgetMb = kvBudgetMb });
+        var device = await service.SelectDevice();
+        await AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).StartAsync(async progress =>
+        {
+            var bar = progress.AddTask("workload x sampling x cache", maxValue: names.Length * 4);
+            foreach (string name in names)
+            {
+                var items = WorkloadItem.Load(Path.Combine(root, "workloads", name + ".jsonl"));
+                var prompts = items.Select(w => (Tokens: bundle.Tokenizer.Encode(PromptTemplate.Render(w.Context, w.Prompt, bundle.HasRoleTokens)), w.MaxTokens)).ToList();
+                foreach (bool sampled in new[] { false, true })
+                {
+                    var outcomes = new Dictionary<bool, InferenceOutcome[]>();
+                    foreach (bool on in new[] { false, true })
+                    {
+                        device.Tell(new DiagnosticsProtocol.SetPrefixCache(on));
+                        var got = new InferenceOutcome[prompts.Count];
+                        int next = -1;
+                        await Task.WhenAll(Enumerable.Range(0, on ? sessions : 1).Select(async _ =>
+                        {
+                            // Sessions take the prompts in workload order: a chat's turns, a document's questions, close together.
+                            for (int i = Interlocked.Increment(ref next); i < prompts.Count; i = Interlocked.Increment(ref next))
+                            {
+                                var sampling = sampled ? new GenerationProtocol.Sampling(0.8f, 0, 0.95f, 1000 + i) : new GenerationProtocol.Sampling();
+                                got[i] = await service.RunAsync(new InferenceRequest(prompts[i].Tokens, prompts[i].MaxTokens, sampling, [], Method: method), _ => Task.CompletedTask, ct);
+                            }
+                        }));
+                        outcomes[on] = got;
+                        bar.Increment(1);
+                    }
+
+                    int same = outcomes[false].Zip(outcomes[true]).Count(p => p.First.Text == p.Second.Text && p.First.CompletionTokens == p.Second.CompletionTokens);
+                    rows.Add(new IdentityRow(name, sampled ? "seeded, T=0.8, top-p 0.95" : "greedy", prompts.Count, same,
+                        prompts.Sum(p => (long)p.Tokens.Length), outcomes[true].Sum(o => (long)o.CachedTokens)));
+                }
+            }
+        });
+
+        Directory.CreateDirectory(dir);
+        string stem = ReportStem.For("prefix-identity", bundle.Name);
+        File.WriteAllText(Path.Combine(dir, stem + ".json"), JsonSerializer.Serialize(rows, new JsonSerializerOptions { WriteIndented = true }));
+        var md = new StringBuilder();
+        md.AppendLine("# Prefix cache: identical outputs (`coordgen bench prefix --check-all`)").AppendLine();
+        md.AppendLine(stamp.ToMarkdown()).AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Every prompt of the six workloads, generated with the prefix cache off (one at a time) and then on ({sessions} sessions at once, taking the prompts in workload order, so a chat's turns and a document's questions run close together and reuse each other's blocks), method `{method}` with adaptive width, greedy and seeded sampling (temperature 0.8, top-p 0.95, seed 1000 + the prompt's index). An output counts as identical when its text and its token count are. KV budget {kvBudgetMb} MiB.").AppendLine();
+        md.AppendLine("| workload | sampling | prompts | identical | prompt tokens | from the cache |").AppendLine("|---|---|---|---|---|---|");
+        foreach (var r in rows)
+        {
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Workload} | {r.Sampling} | {r.Prompts} | {r.Identical} | {r.PromptTokens} | {r.CachedTokens} |");
+        }
+
+        md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"**{rows.Sum(r => r.Identical)} of {rows.Sum(r => r.Prompts)} outputs identical.**");
+        File.WriteAllText(Path.Combine(dir, stem + ".md"), md.ToString());
+        ConsoleUi.Err.MarkupLineInterpolated($"[green]wrote {dir}/{stem}.md[/]");
+        return rows.All(r => r.Identical == r.Prompts) ? 0 : 1;
     }
 
     private sealed record TimedStream(int[] Tokens, double TtftMs);
