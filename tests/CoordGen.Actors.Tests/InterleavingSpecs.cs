@@ -84,6 +84,42 @@ public class InterleavingSpecs : TestKit
     [Theory]
     [InlineData(0f)]
     [InlineData(0.8f)]
+    public async Task Speculative_root_alone_steps_should_ride_in_plain_packs_and_change_nothing(float temperature)
+    {
+        // Adaptive width verifies the root alone when nothing is worth a wider graph (on this random model's
+        // prompts, often): such a step is one token on the width-1 graph, and rides in the plain sessions' packs.
+        using var spans = new SpanRecorder();
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), packing: PackingMode.Always)));
+        string[] methods = ["ar", "sam+ours", "ar", "sam+ours", "ar"];
+        var channels = methods.Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
+        var sampling = new Sampling(Temperature: temperature, Seed: 7);
+        for (int i = 0; i < methods.Length; i++)
+        {
+            device.Tell(new Generate(new SessionId($"narrow-{temperature}-{i}"), TokenSequence.From(Prompt(i)), 30, sampling, methods[i], 8, null, channels[i].Writer, CancellationToken.None) { AdaptiveWidth = true }, TestActor);
+        }
+
+        var streams = await ReadAll(channels);
+        using var rt = NewRuntime();
+        var spec = new CoordGen.Engine.Speculative.SpeculativeDecoder(rt);
+        var plain = new Generator(rt);
+        var options = new SamplingOptions { Temperature = temperature, Seed = 7 };
+        for (int i = 0; i < methods.Length; i++)
+        {
+            var alone = methods[i] == "ar"
+                ? plain.Generate(Prompt(i), 30, options, new HashSet<int>()).Tokens
+                : spec.Generate(Prompt(i), 30, options, new HashSet<int>(), CoordGen.Engine.Speculative.SpeculationOptions.ForMethod("sam+ours", 8)).Tokens;
+            Assert.Equal(alone, streams[i]);
+        }
+
+        var mixed = spans.Spans.Where(a => a.OperationName == "coordgen.decode_packed")
+            .Select(a => a.GetTagItem("coordgen.session_ids") as string ?? "")
+            .Count(ids => ids.Contains($"narrow-{temperature}-1") || ids.Contains($"narrow-{temperature}-3"));
+        Assert.True(mixed > 0, "no packed run carried a speculative session's root-alone step");
+    }
+
+    [Theory]
+    [InlineData(0f)]
+    [InlineData(0.8f)]
     public async Task Packed_speculative_sessions_should_produce_what_each_produces_alone(float temperature)
     {
         var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), packing: PackingMode.Always)));
@@ -200,6 +236,13 @@ public class InterleavingSpecs : TestKit
     public void Policy_should_pack_only_when_a_packed_run_costs_clearly_less_per_session(double? ratio, int sessions, double? plainMs, bool pack)
     {
         Assert.Equal(pack, StepPolicy.PackPays(ratio, sessions, plainMs));
+        double? share = StepPolicy.NarrowShareMs(packing: true, sessions, plainMs, ratio);
+        Assert.Equal(pack && ratio is not null && plainMs is not null, share is not null);
+        Assert.Null(StepPolicy.NarrowShareMs(packing: false, sessions, plainMs, ratio));
+        if (share is { } ms)
+        {
+            Assert.Equal(plainMs!.Value * ratio!.Value / sessions, ms, 9);
+        }
     }
 
     [Theory]

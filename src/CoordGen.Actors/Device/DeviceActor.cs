@@ -177,6 +177,11 @@ public sealed partial class DeviceActor : ReceiveActor
         }
 
         int packWidth = 0;
+        if (!prefill)
+        {
+            PriceNarrowSteps(runtime, decoding);
+        }
+
         var group = prefill ? null : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth);
         _busy = true;
         foreach (var s in group ?? [pick])
@@ -191,6 +196,22 @@ public sealed partial class DeviceActor : ReceiveActor
         _inflight = step;
         step.PipeTo(self, success: t => new StepDone(pick, group, prefill, null, t.Start, t.End, t.Overran),
             failure: ex => new StepDone(pick, group, prefill, ex, 0, 0, false));
+    }
+
+    /// <summary>
+    /// Tells each speculative session what a width-1 step would cost it in a packed run with the others
+    /// decoding now (<see cref="StepPolicy.NarrowShareMs"/>), before its width is chosen: the width budget
+    /// across sessions, so that under concurrency speculation does not lose to packed plain decoding.
+    /// </summary>
+    private void PriceNarrowSteps(OrtModelRuntime runtime, List<DeviceSession> decoding)
+    {
+        bool packing = _packing != PackingMode.Off;
+        foreach (var s in decoding.Where(s => !s.Stepping && s.SpeculativeBucket > 0))
+        {
+            int bucket = s.SpeculativeBucket;
+            s.NarrowCostMs = StepPolicy.NarrowShareMs(packing, decoding.Count, runtime.RecentRunMs(1, bucket),
+                runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(decoding.Count), bucket));
+        }
     }
 
     /// <summary>

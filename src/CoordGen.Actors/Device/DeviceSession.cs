@@ -54,6 +54,30 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>The KV bucket of this plain session's next step.</summary>
     public int PlainBucket => _plain?.NextStepBucket ?? 0;
 
+    /// <summary>
+    /// The next step is one token on the width-1 graph: plain decoding, or a speculative step that verifies its
+    /// root alone. Such steps of several sessions share one packed run.
+    /// </summary>
+    public bool NarrowPackable => PlainDecoding || (_spec?.NextStepNarrow ?? false);
+
+    /// <summary>The KV bucket of this session's next width-1 step.</summary>
+    public int NarrowBucket => _plain?.NextStepBucket ?? _spec?.BucketFor(1) ?? 0;
+
+    /// <summary>The KV bucket a speculative session's next width-1 step would run in (0 for others).</summary>
+    public int SpeculativeBucket => _spec?.BucketFor(1) ?? 0;
+
+    /// <summary>The device's estimate of a width-1 step's cost to this speculative session when packed (null: alone); set between steps.</summary>
+    public double? NarrowCostMs
+    {
+        set
+        {
+            if (_spec is not null)
+            {
+                _spec.NarrowCostMs = value;
+            }
+        }
+    }
+
     /// <summary>The width of this speculative session's next step when it is a tree (0 otherwise): sessions whose next trees have one width can share a packed run.</summary>
     public int NextTreeWidth => _spec?.NextTreeWidth ?? 0;
 
@@ -226,7 +250,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         }
         else if (packWidth == 1)
         {
-            StepPacked(group);
+            StepPacked(group, runtime);
         }
         else
         {
@@ -243,16 +267,22 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     }
 
     /// <summary>One packed device run for several plain sessions (off the mailbox thread, like <see cref="StepOnce"/>): traced as one span, each session's tokens counted under its method.</summary>
-    public static void StepPacked(IReadOnlyList<DeviceSession> group)
+    public static void StepPacked(IReadOnlyList<DeviceSession> group, OrtModelRuntime runtime)
     {
         using var span = Telemetry.Source.StartActivity("coordgen.decode_packed", ActivityKind.Internal, group[0].Request.Trace);
         span?.SetTag("coordgen.sessions", group.Count);
         span?.SetTag("coordgen.session_ids", string.Join(',', group.Select(a => a.Request.SessionId.Value)));
         long t0 = Stopwatch.GetTimestamp();
-        int before = group.Sum(a => a._plain!.Output.Count);
+        int before = group.Sum(a => a._plain?.Output.Count ?? 0);
         try
         {
-            PlainSession.StepPacked([.. group.Select(a => a._plain!)]);
+            // Plain sessions' next tokens and speculative sessions' root-alone steps, each in its own slot.
+            NarrowSteps.RunPacked(runtime, [.. group.Select(a => a._plain ?? a._spec!.BeginNarrow())]);
+            foreach (var a in group.Where(a => a._spec is not null))
+            {
+                a._treeStep = false;
+                a.Verify(a._spec!.TakeNarrow(), 1);
+            }
         }
         catch (Exception ex)
         {
@@ -262,7 +292,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         finally
         {
             Telemetry.DeviceBusy.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", "decode_packed"));
-            Telemetry.Tokens.Add(group.Sum(a => a._plain!.Output.Count) - before, new KeyValuePair<string, object?>("method", "ar"));
+            Telemetry.Tokens.Add(group.Sum(a => a._plain?.Output.Count ?? 0) - before, new KeyValuePair<string, object?>("method", "ar"));
         }
     }
 

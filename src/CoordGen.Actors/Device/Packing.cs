@@ -19,22 +19,22 @@ public enum PackingMode
 internal static class Packing
 {
     /// <summary>
-    /// The sessions that ride with <paramref name="pick"/> in one packed run, when that pays: every other plain
-    /// decoding session ready now, or, for a speculative session whose next step is a tree, every other one ready
+    /// The sessions that ride with <paramref name="pick"/> in one packed run, when that pays: every other session
+    /// ready now whose next step is one token on the width-1 graph (plain, or a speculative root alone), or, for a speculative session whose next step is a tree, every other one ready
     /// now whose next tree has the same width; null: one session per run. <paramref name="width"/>: the rows per slot.
     /// </summary>
     public static List<DeviceSession>? Group(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding, out int width)
     {
-        width = pick.PlainDecoding ? 1 : trees ? pick.NextTreeWidth : 0;
+        width = pick.NarrowPackable ? 1 : trees ? pick.NextTreeWidth : 0;
         if (mode == PackingMode.Off || width == 0)
         {
             return null;
         }
 
         int w = width;
-        Func<DeviceSession, bool> alike = w == 1 ? s => s.PlainDecoding : s => !s.PlainDecoding && s.NextTreeWidth == w;
+        Func<DeviceSession, bool> alike = w == 1 ? s => s.NarrowPackable : s => !s.PlainDecoding && s.NextTreeWidth == w;
         List<DeviceSession> group = [pick, .. decoding.Where(s => s != pick && !s.Stepping && s.Ready && !s.Request.Cancellation.IsCancellationRequested && alike(s)).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
-        int bucket = group.Max(s => w == 1 ? s.PlainBucket : s.TreeBucket(w));
+        int bucket = group.Max(s => w == 1 ? s.NarrowBucket : s.TreeBucket(w));
         bool pays = mode == PackingMode.Always || Pays(runtime, group.Count, bucket, w);
         return group.Count > 1 && pays ? group : null;
     }

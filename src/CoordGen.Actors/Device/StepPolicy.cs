@@ -45,6 +45,15 @@ public static class StepPolicy
     public static bool PackPays(double? costRatio, int sessions, double? plainStepMs = null, double gainRequired = 0.75, double minPlainStepMs = 5) =>
         sessions > 1 && !(plainStepMs < minPlainStepMs) && (costRatio is not { } r || r < gainRequired * sessions);
 
+    /// <summary>
+    /// What one session's width-1 step costs when it rides in a packed run with the other decoding sessions:
+    /// the solo width-1 run's time times the packed run's measured cost ratio, shared by the sessions; null
+    /// when packing is off, there is no one to pack with, or packing would not pay (<see cref="PackPays"/>).
+    /// Adaptive width weighs width 1 at this cost, so a speculative tree has to beat a share of a packed run.
+    /// </summary>
+    public static double? NarrowShareMs(bool packing, int sessions, double? soloMs, double? packedCostRatio) =>
+        packing && soloMs is { } solo && packedCostRatio is { } ratio && PackPays(ratio, sessions, solo) ? solo * ratio / sessions : null;
+
     public static bool PrefillNext(int prefilling, int decoding, int decodeStepsSinceChunk) =>
         prefilling > 0 && (decoding == 0 || decodeStepsSinceChunk >= Math.Max(1, decoding / prefilling));
 

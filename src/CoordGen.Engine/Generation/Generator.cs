@@ -214,8 +214,62 @@ public sealed class PrefillSession
     }
 }
 
+/// <summary>
+/// One width-1 step of some session that can ride in a packed run beside others: a plain session's next
+/// token, or a speculative session's step that verifies its root alone (<see cref="NarrowSteps.RunPacked"/>).
+/// </summary>
+public interface INarrowStep
+{
+    /// <summary>The session's cache: the step's row is committed at its end.</summary>
+    KvCache NarrowCache { get; }
+
+    /// <summary>The token the step feeds.</summary>
+    int NarrowToken { get; }
+
+    /// <summary>The step ran: its row's logits (valid during the call) and this session's share of the run's milliseconds.</summary>
+    void FinishNarrow(ReadOnlySpan<float> logits, double shareMs);
+}
+
+/// <summary>Packed width-1 runs over several sessions' caches, each in its own slot.</summary>
+public static class NarrowSteps
+{
+    /// <summary>
+    /// Runs every step in packed width-1 runs (up to <see cref="OrtModelRuntime.PackedSlotCounts"/>' largest per
+    /// run): each feeds its token in its own slot against its own cache, commits the row, and finishes with its
+    /// logits, exactly as the same step alone would.
+    /// </summary>
+    public static void RunPacked(OrtModelRuntime runtime, IReadOnlyList<INarrowStep> steps)
+    {
+        ArgumentNullException.ThrowIfNull(steps);
+        foreach (var group in steps.Chunk(OrtModelRuntime.PackedSlotCounts[^1]))
+        {
+            long begin = Stopwatch.GetTimestamp();
+            KvCache[] caches = [.. group.Select(x => x.NarrowCache)];
+            var buffers = runtime.PackedBuffers(1, caches);
+            for (int i = 0; i < group.Length; i++)
+            {
+                buffers[i].SetLinear([group[i].NarrowToken], caches[i].Length, caches[i].Length);
+            }
+
+            long t0 = Stopwatch.GetTimestamp();
+            runtime.RunPacked(1, caches);
+            double share = Stopwatch.GetElapsedTime(t0).TotalMilliseconds / group.Length;
+            for (int i = 0; i < group.Length; i++)
+            {
+                caches[i].Commit(buffers[i].NewKeys, buffers[i].NewValues, 1, [0]);
+                group[i].FinishNarrow(buffers[i].LogitsRow(0), share);
+            }
+
+            if (group.Length > 1)
+            {
+                runtime.RecordPackedStep(group.Length, caches[0].Bucket, Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
+            }
+        }
+    }
+}
+
 /// <summary>Plain decoding, one token per step; disposes its cache.</summary>
-public sealed class PlainSession : IDisposable
+public sealed class PlainSession : IDisposable, INarrowStep
 {
     private readonly Generator _gen;
     private readonly KvCache _cache;
@@ -290,42 +344,29 @@ public sealed class PlainSession : IDisposable
     {
         ArgumentNullException.ThrowIfNull(sessions);
         var live = sessions.Where(x => !x.Done).ToList();
-        int most = OrtModelRuntime.PackedSlotCounts[^1];
-        foreach (var group in live.Chunk(most))
+        if (live.Count > 0)
         {
-            var runtime = group[0]._gen.Runtime;
-            if (group.Any(x => x._gen.Runtime != runtime))
+            var runtime = live[0]._gen.Runtime;
+            if (live.Any(x => x._gen.Runtime != runtime))
             {
                 throw new ArgumentException("packed sessions must share one runtime.");
             }
 
-            long begin = Stopwatch.GetTimestamp();
-            KvCache[] caches = [.. group.Select(x => x._cache)];
-            var buffers = runtime.PackedBuffers(1, caches);
-            for (int i = 0; i < group.Length; i++)
-            {
-                buffers[i].SetLinear([group[i]._output[^1]], caches[i].Length, caches[i].Length);
-            }
-
-            long t0 = Stopwatch.GetTimestamp();
-            runtime.RunPacked(1, caches);
-            double share = Stopwatch.GetElapsedTime(t0).TotalMilliseconds / group.Length;
-            for (int i = 0; i < group.Length; i++)
-            {
-                var x = group[i];
-                caches[i].Commit(buffers[i].NewKeys, buffers[i].NewValues, 1, [0]);
-                buffers[i].LogitsRow(0).CopyTo(x._logits);
-                x._runMs += share;
-                x.Done = x.Choose();
-            }
-
-            if (group.Length > 1)
-            {
-                runtime.RecordPackedStep(group.Length, caches[0].Bucket, Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
-            }
+            NarrowSteps.RunPacked(runtime, live);
         }
 
         return sessions.Count(x => !x.Done);
+    }
+
+    KvCache INarrowStep.NarrowCache => _cache;
+
+    int INarrowStep.NarrowToken => _output[^1];
+
+    void INarrowStep.FinishNarrow(ReadOnlySpan<float> logits, double shareMs)
+    {
+        logits.CopyTo(_logits);
+        _runMs += shareMs;
+        Done = Choose();
     }
 
     public GenerationResult Result() => new(_output, new GenerationStats

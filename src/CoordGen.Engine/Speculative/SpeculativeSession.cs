@@ -280,6 +280,61 @@ public sealed class SpeculativeSession : IDisposable
         }
     }
 
+    /// <summary>
+    /// The next step verifies the root alone (adaptive width found nothing worth a wider graph), read without
+    /// taking anything: it can ride in a packed width-1 run beside other sessions' width-1 steps
+    /// (<see cref="BeginNarrow"/>, <see cref="NarrowSteps.RunPacked"/>).
+    /// </summary>
+    public bool NextStepNarrow =>
+        !Done && _pending == Pending.None && !NearCapacity && _proposal is { } tree && _spec.AdaptiveWidth && ChooseWidth(tree.Count, peek: true) == 1;
+
+    /// <summary>
+    /// What a width-1 step costs this session per step when it rides in a packed run with others (the device's
+    /// estimate from its measured packed runs; null: alone). Adaptive width weighs width 1 at this cost, so
+    /// under concurrency a tree must beat a share of a packed run, not a whole run (the width budget across
+    /// sessions, decision 0016's addendum).
+    /// </summary>
+    public double? NarrowCostMs { get; set; }
+
+    /// <summary>
+    /// Takes the next step as a width-1 step for a packed run (<see cref="NextStepNarrow"/> must hold); once the
+    /// run has finished it, <see cref="TakeNarrow"/> gives what acceptance needs, as <see cref="BeginStep"/> does alone.
+    /// </summary>
+    public INarrowStep BeginNarrow()
+    {
+        if (!NextStepNarrow)
+        {
+            throw new InvalidOperationException("the next step is not a width-1 step: step it alone.");
+        }
+
+        var tree = TakeTree();
+        ChooseWidth(tree.Count); // the same choice as the peek, counted as a solo step counts it
+        return new NarrowStep(this);
+    }
+
+    /// <summary>The finished width-1 step's row for acceptance (after the packed run).</summary>
+    public TreeToVerify TakeNarrow()
+    {
+        var t = _narrow ?? throw new InvalidOperationException("no width-1 step has finished: run BeginNarrow's step first.");
+        _narrow = null;
+        return t;
+    }
+
+    private TreeToVerify? _narrow;
+
+    private sealed class NarrowStep(SpeculativeSession session) : INarrowStep
+    {
+        public KvCache NarrowCache => session._cache;
+
+        public int NarrowToken => session._root;
+
+        public void FinishNarrow(ReadOnlySpan<float> logits, double shareMs)
+        {
+            session._deviceMs += shareMs;
+            session._narrow = session.Single(logits, Pending.Narrow);
+        }
+    }
+
     /// <summary>The KV bucket a step of <paramref name="width"/> rows needs.</summary>
     public int BucketFor(int width) => _cache.BucketFor(Math.Min(_cache.Length + width, _cache.Capacity));
 
@@ -566,6 +621,11 @@ public sealed class SpeculativeSession : IDisposable
                 {
                     chosen = w; // never measured: measure it now
                     break;
+                }
+
+                if (w == 1 && NarrowCostMs is { } packed)
+                {
+                    ms = Math.Min(ms, packed); // riding in a packed run with other sessions
                 }
 
                 double tokens = 1;
