@@ -205,12 +205,12 @@ public sealed partial class DeviceActor : ReceiveActor
     /// </summary>
     private void PriceNarrowSteps(OrtModelRuntime runtime, List<DeviceSession> decoding)
     {
-        bool packing = _packing != PackingMode.Off;
-        foreach (var s in decoding.Where(s => !s.Stepping && s.SpeculativeBucket > 0))
+        bool packing = _packing != PackingMode.Off && decoding.Count > 1;
+        foreach (var s in decoding.Where(s => s.Speculative && !s.Stepping))
         {
-            int bucket = s.SpeculativeBucket;
-            s.NarrowCostMs = StepPolicy.NarrowShareMs(packing, decoding.Count, runtime.RecentRunMs(1, bucket),
-                runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(decoding.Count), bucket));
+            int bucket = s.NarrowBucket;
+            s.PriceNarrowStep(packing ? StepPolicy.NarrowShareMs(packing, decoding.Count, runtime.RecentRunMs(1, bucket),
+                runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(decoding.Count), bucket)) : null);
         }
     }
 

@@ -51,9 +51,6 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>Decoding plainly (method ar): it can share a packed device run with other such sessions.</summary>
     public bool PlainDecoding => _plain is { Done: false };
 
-    /// <summary>The KV bucket of this plain session's next step.</summary>
-    public int PlainBucket => _plain?.NextStepBucket ?? 0;
-
     /// <summary>
     /// The next step is one token on the width-1 graph: plain decoding, or a speculative step that verifies its
     /// root alone. Such steps of several sessions share one packed run.
@@ -63,18 +60,12 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>The KV bucket of this session's next width-1 step.</summary>
     public int NarrowBucket => _plain?.NextStepBucket ?? _spec?.BucketFor(1) ?? 0;
 
-    /// <summary>The KV bucket a speculative session's next width-1 step would run in (0 for others).</summary>
-    public int SpeculativeBucket => _spec?.BucketFor(1) ?? 0;
-
-    /// <summary>The device's estimate of a width-1 step's cost to this speculative session when packed (null: alone); set between steps.</summary>
-    public double? NarrowCostMs
+    /// <summary>Tells a speculative session what a width-1 step would cost it in a packed run (null: alone); between steps.</summary>
+    public void PriceNarrowStep(double? ms)
     {
-        set
+        if (_spec is not null)
         {
-            if (_spec is not null)
-            {
-                _spec.NarrowCostMs = value;
-            }
+            _spec.NarrowCostMs = ms;
         }
     }
 
