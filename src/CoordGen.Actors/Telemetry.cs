@@ -37,6 +37,11 @@ public static class Telemetry
     /// <summary>Bytes the prefix cache holds (as of its last change).</summary>
     public static long PrefixBytes { get; internal set; }
 
+    /// <summary>Prefix cache blocks pinned for in-prompt context stores (set by the device, read by the gauge).</summary>
+    public static long PrefixPinnedBlocks { get; internal set; }
+
+    private static readonly ObservableGauge<long> PrefixPinnedGauge = Meter.CreateObservableGauge("coordgen.prefix_cache.pinned_blocks", () => PrefixPinnedBlocks, "{block}", "Prefix cache blocks pinned for in-prompt context stores (evicted only after every other block).");
+
     private static readonly ObservableGauge<long> PrefixBytesGauge = Meter.CreateObservableGauge("coordgen.prefix_cache.bytes", () => PrefixBytes, "By", "Bytes the prefix cache holds (KV rows and calibration rows).");
 
     /// <summary>Tokens emitted by the device, by method.</summary>

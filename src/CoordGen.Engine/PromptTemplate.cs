@@ -21,4 +21,11 @@ public static class PromptTemplate
 
         return $"{ContextToken}\n{context ?? ""}\n{UserToken}\n{prompt}\n{AssistantToken}\n";
     }
+
+    /// <summary>
+    /// The text every prompt whose context section starts with <paramref name="documents"/> starts with
+    /// (<see cref="Render"/> with a context of the documents and whatever follows them on later lines).
+    /// </summary>
+    public static string ContextPrefix(string documents, bool modelHasRoleTokens = true) =>
+        modelHasRoleTokens ? $"{ContextToken}\n{documents}\n" : documents + "\n";
 }

@@ -19,6 +19,13 @@ public static class DeviceProtocol
     public sealed record Run(Generate Request, IContextSnapshot? Context, int Attempt = 1, bool Resumed = false);
 
     /// <summary>
+    /// Context stores → device: <paramref name="Owner"/>'s documents changed or were deleted, so the prefix
+    /// blocks pinned for it at generations up to <paramref name="ThroughGeneration"/> become ordinary cache
+    /// entries (evicted least recently used); later pins of those generations are ignored. No reply.
+    /// </summary>
+    public sealed record ReleasePrefix(string Owner, long ThroughGeneration);
+
+    /// <summary>
     /// Device → session: attempt <paramref name="Attempt"/> ended: <paramref name="Completed"/>, or <paramref name="Failed"/>, or
     /// <paramref name="Restarting"/> (the device stopped with it; resume after a pause). The attempt number lets a
     /// session drop the answer of an attempt it has superseded.

@@ -45,7 +45,19 @@ public static class GenerationProtocol
 
         /// <summary>Speculative methods: verify each step on the compiled width (up to <paramref name="Width"/>, 1 = plain) that gives the most tokens per millisecond for this session. Greedy output is the same either way.</summary>
         public bool AdaptiveWidth { get; init; }
+
+        /// <summary>
+        /// The prompt starts with a named context store's documents: once prefilled, the device keeps their
+        /// keys and values in its prefix cache, pinned for the store, until the store changes or is deleted.
+        /// </summary>
+        public PrefixPin? KeepPrefix { get; init; }
     }
+
+    /// <summary>
+    /// The first <paramref name="Tokens"/> prompt tokens are <paramref name="Owner"/>'s (a context store's
+    /// documents, rendered), as the store stood at <paramref name="Generation"/>.
+    /// </summary>
+    public sealed record PrefixPin(string Owner, long Generation, int Tokens);
 
     /// <summary>Sampling settings: temperature 0 is greedy. Offset skips random draws (for resuming).</summary>
     public sealed record Sampling(float Temperature = 0f, int TopK = 0, float TopP = 1f, int Seed = 0, int Offset = 0)

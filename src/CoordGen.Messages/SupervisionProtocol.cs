@@ -64,7 +64,11 @@ public static class DiagnosticsProtocol
     /// The device's prefix cache: whether it is in use, its blocks and bytes now, and since the device
     /// started: prompts looked up, hits, prompt tokens reused and prefilled, blocks evicted.
     /// </summary>
-    public sealed record PrefixCacheStats(bool Enabled, int Blocks, long Bytes, long Lookups, long Hits, long TokensReused, long TokensPrefilled, long Evictions);
+    public sealed record PrefixCacheStats(bool Enabled, int Blocks, long Bytes, long Lookups, long Hits, long TokensReused, long TokensPrefilled, long Evictions)
+    {
+        /// <summary>Blocks pinned for in-prompt context stores.</summary>
+        public int PinnedBlocks { get; init; }
+    }
 
     /// <summary>Ask the supervisor for the device (its back-off supervisor, which forwards to it), for benchmarks that read its timeline. Reply: the actor reference.</summary>
     public sealed record GetDevice

@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Threading.Channels;
+using CoordGen.Engine;
 using Microsoft.Extensions.AI;
 using static CoordGen.Messages.GenerationProtocol;
 
@@ -10,7 +11,7 @@ namespace CoordGen;
 /// apps that already speak IChatClient get CoordGen's speculative decoding without HTTP. Options map
 /// like the HTTP API and are checked like it (temperature 0-2, top_p in (0, 1], up to 4 stop sequences):
 /// MaxOutputTokens, Temperature, TopP, TopK, Seed, StopSequences; the additional property "context_store"
-/// names a store to draft from. Tools, response formats, penalties, tool messages and non-text contents
+/// names a store to draft from (a store created in-prompt also opens the prompt's context section). Tools, response formats, penalties, tool messages and non-text contents
 /// are refused with an <see cref="ApiException"/> naming them, never dropped.
 /// </summary>
 public sealed class CoordGenChatClient(InferenceService service, bool ownsService = false) : IChatClient, IAsyncDisposable
@@ -25,7 +26,7 @@ public sealed class CoordGenChatClient(InferenceService service, bool ownsServic
 
     public async Task<ChatResponse> GetResponseAsync(IEnumerable<ChatMessage> messages, ChatOptions? options = null, CancellationToken cancellationToken = default)
     {
-        var outcome = await service.RunAsync(Request(messages, options), _ => Task.CompletedTask, cancellationToken);
+        var outcome = await service.RunAsync(await RequestAsync(messages, options), _ => Task.CompletedTask, cancellationToken);
         string id = NewId();
         return new ChatResponse(new ChatMessage(ChatRole.Assistant, outcome.Text) { MessageId = id })
         {
@@ -40,7 +41,7 @@ public sealed class CoordGenChatClient(InferenceService service, bool ownsServic
     public async IAsyncEnumerable<ChatResponseUpdate> GetStreamingResponseAsync(IEnumerable<ChatMessage> messages, ChatOptions? options = null,
         [EnumeratorCancellation] CancellationToken cancellationToken = default)
     {
-        var request = Request(messages, options);
+        var request = await RequestAsync(messages, options);
         string id = NewId();
         var created = DateTimeOffset.UtcNow;
 
@@ -117,7 +118,7 @@ public sealed class CoordGenChatClient(InferenceService service, bool ownsServic
 
     public ValueTask DisposeAsync() => ownsService ? service.DisposeAsync() : ValueTask.CompletedTask;
 
-    private InferenceRequest Request(IEnumerable<ChatMessage> messages, ChatOptions? options)
+    private async Task<InferenceRequest> RequestAsync(IEnumerable<ChatMessage> messages, ChatOptions? options)
     {
         ArgumentNullException.ThrowIfNull(messages);
         var turns = new List<(string Role, string Text)>();
@@ -161,11 +162,18 @@ public sealed class CoordGenChatClient(InferenceService service, bool ownsServic
             }
         }
 
-        string text = RequestParser.RenderChat(turns, service.Bundle.HasRoleTokens);
-        int[] prompt = service.Encode(text);
         var sampling = RequestParser.ValidSampling(options?.Temperature ?? 0, options?.TopP ?? 1, options?.TopK ?? 0, options?.Seed ?? 0);
         var stop = RequestParser.ValidStop(options?.StopSequences?.ToList() ?? []);
         string? store = options?.AdditionalProperties?.TryGetValue("context_store", out var s) == true ? s?.ToString() : null;
-        return new InferenceRequest(prompt, service.ResolveMaxTokens(prompt.Length, options?.MaxOutputTokens), sampling, stop, ContextStore: store);
+
+        // An in-prompt store's documents open the context section (as the HTTP server renders them).
+        var documents = await service.StoreContextAsync(store);
+        bool roles = service.Bundle.HasRoleTokens;
+        string text = RequestParser.RenderChat(documents is null ? turns : [("system", documents.Text), .. turns], roles);
+        int[] prompt = service.Encode(text);
+        return new InferenceRequest(prompt, service.ResolveMaxTokens(prompt.Length, options?.MaxOutputTokens), sampling, stop, ContextStore: store)
+        {
+            KeepPrefix = documents?.Pin(service.Encode(PromptTemplate.ContextPrefix(documents.Text, roles)).Length),
+        };
     }
 }

@@ -4,6 +4,7 @@ using Akka.Actor;
 using Akka.Configuration;
 using CoordGen.Actors.Device;
 using CoordGen.Actors.Supervision;
+using CoordGen.Engine;
 using CoordGen.Engine.Model;
 using CoordGen.Engine.Runtime;
 using CoordGen.Engine.Tokenization;
@@ -20,7 +21,22 @@ public sealed record InferenceRequest(
     IReadOnlyList<string> Stop,
     string? Method = null,
     int? Width = null,
-    string? ContextStore = null);
+    string? ContextStore = null)
+{
+    /// <summary>The prompt starts with an in-prompt context store's documents, which the device keeps prefilled (see <see cref="InferenceService.StoreContextAsync"/>).</summary>
+    public PrefixPin? KeepPrefix { get; init; }
+}
+
+/// <summary>
+/// An in-prompt context store's documents as a prompt carries them: <see cref="Text"/> (the documents,
+/// one per line) goes first in the prompt's context section, and <see cref="Generation"/> tells the
+/// device which version of the store the prefilled rows it keeps belong to.
+/// </summary>
+public sealed record StoreContext(string Name, long Generation, int Documents, string Text)
+{
+    /// <summary>The pin a request whose prompt starts with <paramref name="prefixTokens"/> tokens of these documents asks for.</summary>
+    public PrefixPin Pin(int prefixTokens) => new(Name, Generation, prefixTokens);
+}
 
 /// <summary>What came of a request: the text, why it ended, token counts and speculation statistics.</summary>
 public sealed record InferenceOutcome(string Text, string FinishReason, int PromptTokens, int CompletionTokens, double PrefillMs, double DecodeMs, SpeculationReport? Speculation)
@@ -246,6 +262,56 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
 
     public int[] Encode(string text) => Bundle.Tokenizer.Encode(text);
 
+    /// <summary>
+    /// The documents of <paramref name="store"/> when it is an in-prompt store holding any (null when
+    /// <paramref name="store"/> is null, or the store feeds drafting only, or is empty); a 404 naming what
+    /// to do when it does not exist.
+    /// </summary>
+    public async Task<StoreContext?> StoreContextAsync(string? store)
+    {
+        if (store is null)
+        {
+            return null;
+        }
+
+        return await AskAsync(new ContextStoreProtocol.GetPromptDocuments(store)) switch
+        {
+            ContextStoreProtocol.PromptDocuments { InPrompt: false } or ContextStoreProtocol.PromptDocuments { Documents.Length: 0 } => null,
+            ContextStoreProtocol.PromptDocuments d => new StoreContext(d.Name, d.Generation, d.Documents.Length,
+                string.Join("\n", d.Documents.Select(t => Bundle.Tokenizer.Decode(t.Tokens)))),
+            ContextStoreProtocol.StoreMissing m => throw StoreMissing(m.Name),
+            var other => throw new ApiException(500, $"unexpected reply {other.GetType().Name} from the context store actor; please report this."),
+        };
+    }
+
+    /// <summary>The error for a context store that does not exist.</summary>
+    public static ApiException StoreMissing(string name, string param = "context_store") =>
+        new(404, $"context store '{name}' does not exist; create it with POST /v1/context_stores {{\"name\": \"{name}\"}} (GET /v1/context_stores lists those that do).", param, "context_store_not_found");
+
+    /// <summary>What <see cref="PrefillStoreAsync"/> did: the prompt it prefilled, how much came from the cache, and how long it took.</summary>
+    public sealed record StorePrefill(string Name, int Documents, int PromptTokens, int CachedTokens, double PrefillMs, bool PrefixCache);
+
+    /// <summary>
+    /// Prefills an in-prompt store's documents now, as the start of a request's prompt would be, so the
+    /// device holds their keys and values (pinned for the store) before the first request that names it.
+    /// With the cache already holding them this costs a lookup. Refused with a 400 for a store that feeds
+    /// drafting only or holds no documents, or whose documents do not fit the context.
+    /// </summary>
+    public async Task<StorePrefill> PrefillStoreAsync(string name, CancellationToken cancellation)
+    {
+        var store = await StoreContextAsync(name)
+            ?? throw ApiException.BadRequest($"context store '{name}' is not prefilled: it holds no documents, or it feeds drafting only (create it with \"in_prompt\": true to put its documents in prompts).", "name");
+        string prefix = PromptTemplate.ContextPrefix(store.Text, Bundle.HasRoleTokens);
+        int[] prompt = Encode(prefix);
+        if (prompt.Length >= Settings.Capacity)
+        {
+            throw new ApiException(400, $"the documents of context store '{name}' take {prompt.Length} tokens, and the model's context holds {Settings.Capacity} with room for a question and an answer; delete the store and add fewer documents, or raise Capacity.", "name", "context_length_exceeded");
+        }
+
+        var outcome = await RunAsync(new InferenceRequest(prompt, 1, new Sampling(), [], ContextStore: name) { KeepPrefix = store.Pin(prompt.Length) }, _ => Task.CompletedTask, cancellation);
+        return new StorePrefill(name, store.Documents, prompt.Length, outcome.CachedTokens, outcome.PrefillMs, Settings.PrefixCache && Settings.KvBudgetMb > 0);
+    }
+
     /// <summary>Checks that a prompt and its output fit the context capacity; the error says what to change.</summary>
     public int ResolveMaxTokens(int promptTokens, int? requested)
     {
@@ -369,6 +435,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         {
             Trace = span?.Context ?? default,
             AdaptiveWidth = Settings.AdaptiveWidth,
+            KeepPrefix = request.KeepPrefix,
         };
 
         // Disposal ends a request still running: its actors are gone and would never answer.

@@ -16,7 +16,28 @@ public sealed record ParsedRequest(
     bool IncludeUsage,
     string? Method,
     int? Width,
-    string? ContextStore);
+    string? ContextStore)
+{
+    /// <summary>A chat request's messages (null for a text completion): the prompt is rendered from them again when a store's documents go first.</summary>
+    public IReadOnlyList<(string Role, string Text)>? Turns { get; init; }
+
+    /// <summary>
+    /// The prompt with an in-prompt context store's <paramref name="documents"/> first, and the text they
+    /// take at its start (whose keys and values the device keeps). A chat gets them as the first lines of
+    /// its context section, before its system messages and history; a text completion gets them as its
+    /// first lines.
+    /// </summary>
+    public (string Prompt, string Prefix) PromptWith(string documents, bool hasRoleTokens)
+    {
+        if (Turns is null)
+        {
+            string prefix = PromptTemplate.ContextPrefix(documents, modelHasRoleTokens: false);
+            return (prefix + PromptText, prefix);
+        }
+
+        return (RequestParser.RenderChat([("system", documents), .. Turns], hasRoleTokens), PromptTemplate.ContextPrefix(documents, hasRoleTokens));
+    }
+}
 
 /// <summary>
 /// Reads OpenAI-style request bodies field by field, so that every mistake gets an error naming the
@@ -171,7 +192,7 @@ public static class RequestParser
         }
 
         string rendered = RenderChat(turns, hasRoleTokens);
-        return Common(body, rendered, chat: true);
+        return Common(body, rendered, chat: true) with { Turns = turns };
     }
 
     /// <summary>
@@ -448,7 +469,7 @@ public static class RequestParser
         return x > int.MaxValue ? int.MaxValue : x < int.MinValue ? int.MinValue : (int)x;
     }
 
-    private static bool? Bool(JsonElement o, string name)
+    public static bool? Bool(JsonElement o, string name)
     {
         if (!o.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null)
         {

@@ -90,6 +90,73 @@ public class PrefixCacheTests
     }
 
     [Fact]
+    public void Pinned_blocks_should_go_only_after_every_other_leaf_and_be_released_by_their_owner()
+    {
+        var (rt, plain) = Tiny();
+        using var _ = rt;
+        var prefix = new PrefixCache(blockTokens: 8);
+        int[] store = [.. Enumerable.Range(3, 16)]; // a context store's documents: 2 blocks
+        int[] asked = [.. store, .. Enumerable.Range(20, 9)], other = [.. Enumerable.Range(30, 17)];
+        using (var ca = Prefilled(rt, plain, asked))
+        using (var co = Prefilled(rt, plain, other))
+        {
+            prefix.Insert(asked, ca, null, long.MaxValue);
+            Assert.Equal(2, prefix.Pin("docs", generation: 1, asked, tokens: 18)); // 18 tokens: the 2 whole blocks within
+            prefix.Insert(other, co, null, long.MaxValue); // the most recent, unpinned
+        }
+
+        long block = prefix.Bytes / 5;
+        Assert.Equal(2, prefix.PinnedBlocks);
+
+        // Room for 2 blocks: the unpinned ones go, the more recent "other" included; the store's stay.
+        prefix.Trim(2 * block);
+        Assert.Equal(2, prefix.BlockCount);
+        Assert.Equal(16, prefix.Lookup([.. store, 1]).Tokens);
+        Assert.Equal(0, prefix.Lookup([.. other, 1]).Tokens);
+
+        // Sessions need the memory: pinned blocks yield too, leaf first.
+        prefix.Trim(block);
+        Assert.Equal(1, prefix.BlockCount);
+        Assert.Equal(1, prefix.PinnedBlocks);
+        Assert.Equal(8, prefix.Lookup([.. store, 1]).Tokens);
+
+        // A stale pin (an older generation) changes nothing; a release makes the block ordinary again.
+        Assert.Equal(0, prefix.Pin("docs", generation: 0, asked, tokens: 18));
+        prefix.Unpin("docs", throughGeneration: 1);
+        Assert.Equal(0, prefix.PinnedBlocks);
+        Assert.Equal(0, prefix.Pin("docs", generation: 1, asked, tokens: 18)); // released generations stay released
+        Assert.Equal(1, prefix.Pin("docs", generation: 2, asked, tokens: 18));
+        prefix.Clear();
+        Assert.Equal(0, prefix.PinnedBlocks);
+    }
+
+    [Fact]
+    public void Pins_of_two_owners_should_share_blocks_and_a_block_stays_pinned_while_either_holds_it()
+    {
+        var (rt, plain) = Tiny();
+        using var _ = rt;
+        var prefix = new PrefixCache(blockTokens: 8);
+        int[] a = [.. Enumerable.Range(3, 24)];
+        using (var ca = Prefilled(rt, plain, a))
+        {
+            prefix.Insert(a, ca, null, long.MaxValue);
+        }
+
+        Assert.Equal(3, prefix.Pin("long", 1, a, 24));
+        Assert.Equal(1, prefix.Pin("short", 2, a, 12)); // one whole block within 12 tokens
+        Assert.Equal(3, prefix.PinnedBlocks);
+        prefix.Unpin("long", 1);
+        Assert.Equal(1, prefix.PinnedBlocks);
+        long block = prefix.Bytes / 3;
+        prefix.Trim(block);
+        Assert.Equal(1, prefix.BlockCount); // the two blocks only "long" pinned went first
+        Assert.Equal(8, prefix.Lookup([.. a[..8], 1]).Tokens);
+        Assert.Equal(1, prefix.Pin("short", 3, a[..8], 8)); // re-pinning replaces, never doubles
+        prefix.Unpin("short", 3);
+        Assert.Equal(0, prefix.PinnedBlocks);
+    }
+
+    [Fact]
     public void Calibration_rows_should_travel_with_their_blocks_and_come_back_in_order()
     {
         var (rt, plain) = Tiny();

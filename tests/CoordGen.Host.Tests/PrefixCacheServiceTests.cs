@@ -2,6 +2,8 @@ using Akka.Actor;
 using CoordGen.Engine;
 using CoordGen.Engine.Model;
 using CoordGen.Engine.Workloads;
+using CoordGen.Messages;
+using Microsoft.Extensions.AI;
 using static CoordGen.Messages.GenerationProtocol;
 
 namespace CoordGen.Host.Tests;
@@ -123,4 +125,110 @@ public class PrefixCacheServiceTests
         Assert.Equal(first.Text, after.Text);
         Assert.Equal(prompt.Length - 1 - ((prompt.Length - 1) % 32), after.CachedTokens);
     }
+
+    [Fact]
+    public async Task In_prompt_store_should_be_prefilled_once_stay_pinned_under_pressure_and_give_the_text_of_its_documents_in_a_system_message()
+    {
+        var items = Workload("rag-shared", 67);
+        var byDoc = items.GroupBy(w => w.Context!).OrderByDescending(g => g.Count()).ToList();
+        string doc = byDoc[0].Key;
+        var questions = byDoc[0].Take(3).Select(w => w.Prompt).ToList();
+        var others = byDoc.Skip(1).Select(g => g.First()).Take(5).Select(Encode).ToList();
+        ChatOptions Options(string? store) => new() { MaxOutputTokens = 32, AdditionalProperties = store is null ? null : new() { ["context_store"] = store } };
+
+        // Without the cache, the document sent as a system message: what the model says when it reads it.
+        var expected = new List<string>();
+        await using (var off = Start(cache: false))
+        {
+            IChatClient plain = new CoordGenChatClient(off);
+            foreach (var q in questions)
+            {
+                expected.Add((await plain.GetResponseAsync([new(ChatRole.System, doc), new(ChatRole.User, q)], Options(null))).Text);
+            }
+        }
+
+        // A budget that holds one session's cache and room for about two documents' rows beside it.
+        await using var on = Start(cache: true, kvBudgetMb: 12);
+        Assert.IsType<ContextStoreProtocol.StoreInfo>(await on.AskAsync(new ContextStoreProtocol.CreateStore("manual", InPrompt: true)));
+        Assert.IsType<ContextStoreProtocol.StoreInfo>(await on.AskAsync(new ContextStoreProtocol.AddDocument("manual", TokenSequence.From(on.Encode(doc)))));
+        Assert.Equal(doc, (await on.StoreContextAsync("manual"))!.Text); // the model reads exactly the document
+
+        var prefill = await on.PrefillStoreAsync("manual", CancellationToken.None);
+        Assert.Equal(0, prefill.CachedTokens);
+        var stats = await Stats(on);
+        Assert.Equal(prefill.PromptTokens / 32, stats.PinnedBlocks);
+        Assert.True((await on.PrefillStoreAsync("manual", CancellationToken.None)).CachedTokens >= prefill.PromptTokens - 32); // prefilled once
+
+        // Other documents' prompts fill the cache past its room: they evict each other, never the store's rows.
+        foreach (var p in others)
+        {
+            await Run(on, p, new Sampling(), "sam+ours", 8);
+        }
+
+        stats = await Stats(on);
+        Assert.True(stats.Evictions > 0, "the other documents did not press the budget");
+        Assert.Equal(prefill.PromptTokens / 32, stats.PinnedBlocks);
+
+        IChatClient client = new CoordGenChatClient(on);
+        for (int i = 0; i < questions.Count; i++)
+        {
+            var got = await client.GetResponseAsync([new(ChatRole.User, questions[i])], Options("manual"));
+            Assert.Equal(expected[i], got.Text);
+        }
+
+        stats = await Stats(on);
+        Assert.True(stats.TokensReused >= (long)questions.Count * stats.PinnedBlocks * 32, $"the questions reused {stats.TokensReused} tokens");
+    }
+
+    [Fact]
+    public async Task A_store_deleted_while_a_request_reads_it_should_change_nothing_for_that_request_and_leave_the_cache_consistent()
+    {
+        var byDoc = Workload("rag-shared", 67).GroupBy(w => w.Context!).ToList();
+        var (a, b) = (byDoc[0], byDoc[1]);
+        ChatOptions Options(string? store, int max = 48) => new() { MaxOutputTokens = max, AdditionalProperties = store is null ? null : new() { ["context_store"] = store } };
+        string expectA, expectB;
+        await using (var off = Start(cache: false))
+        {
+            IChatClient plain = new CoordGenChatClient(off);
+            expectA = (await plain.GetResponseAsync([new(ChatRole.System, a.Key), new(ChatRole.User, a.First().Prompt)], Options(null))).Text;
+            expectB = (await plain.GetResponseAsync([new(ChatRole.System, b.Key), new(ChatRole.User, b.First().Prompt)], Options(null))).Text;
+        }
+
+        await using var on = Start(cache: true);
+        IChatClient client = new CoordGenChatClient(on);
+        await on.AskAsync(new ContextStoreProtocol.CreateStore("docs", InPrompt: true));
+        await on.AskAsync(new ContextStoreProtocol.AddDocument("docs", TokenSequence.From(on.Encode(a.Key))));
+
+        // Delete the store once the answer has begun: the request keeps what it started with.
+        var text = new System.Text.StringBuilder();
+        object? deleted = null;
+        await foreach (var update in client.GetStreamingResponseAsync([new(ChatRole.User, a.First().Prompt)], Options("docs")))
+        {
+            text.Append(update.Text);
+            deleted ??= await on.AskAsync(new ContextStoreProtocol.DeleteStore("docs"));
+        }
+
+        Assert.IsType<ContextStoreProtocol.StoreDeleted>(deleted);
+        Assert.Equal(expectA, text.ToString());
+        Assert.Equal(0, (await Stats(on)).PinnedBlocks);
+
+        // Later requests that name it get a clear error; deleting it again too.
+        var missing = await Assert.ThrowsAsync<ApiException>(() => client.GetResponseAsync([new(ChatRole.User, a.First().Prompt)], Options("docs")));
+        Assert.Equal(404, missing.Status);
+        Assert.Contains("create it with POST /v1/context_stores", missing.Message);
+        Assert.IsType<ContextStoreProtocol.StoreMissing>(await on.AskAsync(new ContextStoreProtocol.DeleteStore("docs")));
+
+        // The same name with another document: its answer, not the old document's rows.
+        await on.AskAsync(new ContextStoreProtocol.CreateStore("docs", InPrompt: true));
+        await on.AskAsync(new ContextStoreProtocol.AddDocument("docs", TokenSequence.From(on.Encode(b.Key))));
+        Assert.Equal(expectB, (await client.GetResponseAsync([new(ChatRole.User, b.First().Prompt)], Options("docs"))).Text);
+        Assert.True((await Stats(on)).PinnedBlocks > 0);
+
+        // A drafting-only store of that name cannot replace an in-prompt one silently.
+        var conflict = Assert.IsType<ContextStoreProtocol.StoreRefused>(await on.AskAsync(new ContextStoreProtocol.CreateStore("docs")));
+        Assert.Contains("delete it first", conflict.Reason);
+    }
+
+    private static async Task<DiagnosticsProtocol.PrefixCacheStats> Stats(InferenceService s) =>
+        await (await s.SelectDevice()).Ask<DiagnosticsProtocol.PrefixCacheStats>(DiagnosticsProtocol.GetPrefixCache.Instance, TimeSpan.FromSeconds(10));
 }

@@ -107,6 +107,49 @@ public class ServerTests(ServerProcess server) : IClassFixture<ServerProcess>
     }
 
     [Fact]
+    public async Task In_prompt_context_store_should_be_read_by_the_model_prefilled_once_and_deletable()
+    {
+        const string doc = "The lighthouse at Brannock Point was built in 1871 by the engineer Ada Kerr. Its lamp burned whale oil until 1902, when the keepers changed to kerosene. The tower is 31 metres tall and painted with red and white bands.";
+        var created = await server.Http.PostAsJsonAsync(new Uri(server.BaseUrl, "/v1/context_stores"), new { name = "brannock", in_prompt = true });
+        Assert.Equal(HttpStatusCode.Created, created.StatusCode);
+        Assert.True((await created.Content.ReadFromJsonAsync<JsonObject>())!["in_prompt"]!.GetValue<bool>());
+        Assert.Equal(HttpStatusCode.OK, (await server.Http.PostAsJsonAsync(new Uri(server.BaseUrl, "/v1/context_stores/brannock/documents"), new { text = doc })).StatusCode);
+
+        var prefill = await Post("/v1/context_stores/brannock/prefill", new JsonObject());
+        int prefixTokens = prefill["prompt_tokens"]!.GetValue<int>();
+        Assert.True(prefixTokens > 32);
+        Assert.True((await Post("/v1/context_stores/brannock/prefill", new JsonObject()))["cached_tokens"]!.GetValue<int>() >= prefixTokens - 32);
+
+        // The model reads the store's documents: the answer is the one it gives with them as a system message.
+        JsonObject Ask(params JsonObject[] messages) => new() { ["messages"] = new JsonArray(messages), ["max_tokens"] = 24 };
+        JsonObject Msg(string role, string content) => new() { ["role"] = role, ["content"] = content };
+        var withStore = Ask(Msg("user", "When was the lighthouse built?"));
+        withStore["context_store"] = "brannock";
+        var got = await Post("/v1/chat/completions", withStore);
+        var inline = await Post("/v1/chat/completions", Ask(Msg("system", doc), Msg("user", "When was the lighthouse built?")));
+        Assert.Equal(inline["choices"]![0]!["message"]!["content"]!.GetValue<string>(), got["choices"]![0]!["message"]!["content"]!.GetValue<string>());
+        Assert.True(got["usage"]!["prompt_tokens_details"]!["cached_tokens"]!.GetValue<int>() >= prefixTokens - 32);
+
+        // Deleted: later requests naming it get a 404 that says what to do, and the name is free again.
+        var deleted = await server.Http.DeleteAsync(new Uri(server.BaseUrl, "/v1/context_stores/brannock"));
+        Assert.Equal(HttpStatusCode.OK, deleted.StatusCode);
+        Assert.True((await deleted.Content.ReadFromJsonAsync<JsonObject>())!["deleted"]!.GetValue<bool>());
+        var gone = await server.Http.PostAsJsonAsync(new Uri(server.BaseUrl, "/v1/chat/completions"), withStore);
+        Assert.Equal(HttpStatusCode.NotFound, gone.StatusCode);
+        Assert.Contains("does not exist", await gone.Content.ReadAsStringAsync());
+        Assert.Equal(HttpStatusCode.NotFound, (await server.Http.DeleteAsync(new Uri(server.BaseUrl, "/v1/context_stores/brannock"))).StatusCode);
+
+        // Prefilling a store that only feeds drafting is refused with a reason.
+        await server.Http.PostAsJsonAsync(new Uri(server.BaseUrl, "/v1/context_stores"), new { name = "brannock" });
+        var refused = await server.Http.PostAsJsonAsync(new Uri(server.BaseUrl, "/v1/context_stores/brannock/prefill"), new JsonObject());
+        Assert.Equal(HttpStatusCode.BadRequest, refused.StatusCode);
+        Assert.Contains("in_prompt", await refused.Content.ReadAsStringAsync());
+        var conflict = await server.Http.PostAsJsonAsync(new Uri(server.BaseUrl, "/v1/context_stores"), new { name = "brannock", in_prompt = true });
+        Assert.Equal(HttpStatusCode.Conflict, conflict.StatusCode);
+        Assert.Contains("delete it first", await conflict.Content.ReadAsStringAsync());
+    }
+
+    [Fact]
     public async Task Stop_sequence_should_end_the_text_before_it()
     {
         var body = new JsonObject { ["prompt"] = "The keeper", ["max_tokens"] = 40 };

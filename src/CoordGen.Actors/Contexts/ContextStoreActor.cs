@@ -10,44 +10,65 @@ namespace CoordGen.Actors.Contexts;
 /// publishes a new immutable snapshot (a suffix automaton over the store's documents), so running
 /// requests keep reading the snapshot they started with. Bounded: a store holds at most
 /// <see cref="MaxTokensPerStore"/> tokens and the oldest documents are dropped first.
+/// <para>
+/// A store created in-prompt also goes into the prompt of every request that names it (the edge renders
+/// its documents into the context section). The device pins their prefilled keys and values in its prefix
+/// cache for the store at the store's generation; when the documents change or the store is deleted, this
+/// actor tells the device to release that pin (<see cref="DeviceProtocol.ReleasePrefix"/>).
+/// </para>
 /// </summary>
 public sealed class ContextStoreActor : ReceiveActor
 {
     public const int MaxTokensPerStore = 200_000;
     private readonly int _maxStores;
+    private readonly IActorRef? _device;
     private readonly Dictionary<string, Store> _stores = new(StringComparer.Ordinal);
+    private long _generation;
 
-    public ContextStoreActor(int maxStores)
+    /// <param name="device">Where prefix pins are released (null: no device, as in tests of the store alone).</param>
+    public ContextStoreActor(int maxStores, IActorRef? device)
     {
         _maxStores = maxStores;
+        _device = device;
         Receive<ContextStoreProtocol.CreateStore>(Create);
         Receive<ContextStoreProtocol.AddDocument>(Add);
+        Receive<ContextStoreProtocol.DeleteStore>(Delete);
         Receive<ContextStoreProtocol.GetSnapshot>(m => Sender.Tell(_stores.TryGetValue(m.Name, out var s)
             ? new ContextStoreProtocol.Snapshot(m.Name, s.Snapshot)
             : new ContextStoreProtocol.StoreMissing(m.Name)));
+        Receive<ContextStoreProtocol.GetPromptDocuments>(m => Sender.Tell(_stores.TryGetValue(m.Name, out var s)
+            ? new ContextStoreProtocol.PromptDocuments(m.Name, s.InPrompt, s.Generation, [.. s.Documents.Select(d => TokenSequence.From(d))])
+            : new ContextStoreProtocol.StoreMissing(m.Name)));
         Receive<ContextStoreProtocol.ListStores>(_ => Sender.Tell(new ContextStoreProtocol.StoreList(
             [.. _stores.OrderBy(p => p.Key, StringComparer.Ordinal).Select(p => Info(p.Key, p.Value))])));
+
+        // A release sent while the device restarts: the new device starts with an empty cache anyway.
+        Receive<SupervisionProtocol.DeviceRestarting>(_ => { });
     }
 
-    public static Props Props(int maxStores = 64) => Akka.Actor.Props.Create(() => new ContextStoreActor(maxStores));
+    public static Props Props(int maxStores = 64, IActorRef? device = null) => Akka.Actor.Props.Create(() => new ContextStoreActor(maxStores, device));
 
-    private static ContextStoreProtocol.StoreInfo Info(string name, Store s) => new(name, s.Documents.Count, s.Documents.Sum(d => d.Length));
+    private static ContextStoreProtocol.StoreInfo Info(string name, Store s) => new(name, s.Documents.Count, s.Documents.Sum(d => d.Length), s.InPrompt);
 
     private void Create(ContextStoreProtocol.CreateStore m)
     {
         if (_stores.TryGetValue(m.Name, out var existing))
         {
-            Sender.Tell(Info(m.Name, existing));
+            Sender.Tell(existing.InPrompt == m.InPrompt
+                ? Info(m.Name, existing)
+                : new ContextStoreProtocol.StoreRefused(m.Name,
+                    $"context store '{m.Name}' exists with in_prompt {(existing.InPrompt ? "true" : "false")}; delete it first (DELETE /v1/context_stores/{m.Name}) to create it with in_prompt {(m.InPrompt ? "true" : "false")}, or use another name.",
+                    "context_store_conflict"));
             return;
         }
 
         if (_stores.Count >= _maxStores)
         {
-            Sender.Tell(new ContextStoreProtocol.StoreRefused(m.Name, $"the server already holds {_maxStores} context stores; reuse one or restart with a higher limit."));
+            Sender.Tell(new ContextStoreProtocol.StoreRefused(m.Name, $"the server already holds {_maxStores} context stores; delete one (DELETE /v1/context_stores/{{name}}), reuse one or restart with a higher limit."));
             return;
         }
 
-        var store = new Store([], new HistoryStore(MaxTokensPerStore));
+        var store = new Store([], new HistoryStore(MaxTokensPerStore), m.InPrompt, ++_generation);
         _stores[m.Name] = store;
         Sender.Tell(Info(m.Name, store));
     }
@@ -72,10 +93,32 @@ public sealed class ContextStoreActor : ReceiveActor
             snapshot.Add(d);
         }
 
-        var store = new Store(docs, snapshot);
+        var store = new Store(docs, snapshot, old.InPrompt, ++_generation);
         _stores[m.Name] = store;
+        Released(m.Name, old);
         Sender.Tell(Info(m.Name, store));
     }
 
-    private sealed record Store(ImmutableList<int[]> Documents, HistoryStore Snapshot);
+    private void Delete(ContextStoreProtocol.DeleteStore m)
+    {
+        if (!_stores.Remove(m.Name, out var old))
+        {
+            Sender.Tell(new ContextStoreProtocol.StoreMissing(m.Name));
+            return;
+        }
+
+        Released(m.Name, old);
+        Sender.Tell(new ContextStoreProtocol.StoreDeleted(m.Name, old.Documents.Count, old.Documents.Sum(d => d.Length)));
+    }
+
+    // The documents the device may have pinned for this store are no longer what requests send.
+    private void Released(string name, Store old)
+    {
+        if (old.InPrompt)
+        {
+            _device?.Tell(new DeviceProtocol.ReleasePrefix(name, old.Generation));
+        }
+    }
+
+    private sealed record Store(ImmutableList<int[]> Documents, HistoryStore Snapshot, bool InPrompt, long Generation);
 }

@@ -63,6 +63,7 @@ public sealed partial class DeviceActor : ReceiveActor
         _stopTokens = stopTokens;
         _emulate = emulate;
         Receive<DeviceProtocol.Run>(r => Admit(r, Sender));
+        Receive<DeviceProtocol.ReleasePrefix>(r => _prefix.Release(r.Owner, r.ThroughGeneration));
         Receive<StepDone>(OnStepDone);
         Receive<CancellationNoticed>(_ => Schedule());
         Receive<RoomFreed>(OnRoomFreed);

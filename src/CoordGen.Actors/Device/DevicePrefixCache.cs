@@ -14,6 +14,7 @@ internal sealed class DevicePrefixCache(long kvBudget)
     private readonly PrefixCache? _cache = kvBudget > 0 ? new PrefixCache() : null;
     private bool _enabled = kvBudget > 0;
     private bool _clear;
+    private readonly List<(string Owner, long Generation)> _releases = [];
 
     /// <summary>The cache for a prefill step (null when off).</summary>
     public PrefixCache? ForPrefill => _enabled ? _cache : null;
@@ -28,7 +29,10 @@ internal sealed class DevicePrefixCache(long kvBudget)
         _clear = true;
     }
 
-    /// <summary>Applies a pending switch: the device calls this when no step is running.</summary>
+    /// <summary>Releases a context store's pinned blocks (<see cref="PrefixCache.Unpin"/>) before the next step.</summary>
+    public void Release(string owner, long throughGeneration) => _releases.Add((owner, throughGeneration));
+
+    /// <summary>Applies a pending switch and releases: the device calls this when no step is running.</summary>
     public void BetweenSteps()
     {
         if (_clear)
@@ -37,6 +41,15 @@ internal sealed class DevicePrefixCache(long kvBudget)
             _clear = false;
             Telemetry.PrefixBytes = 0;
         }
+
+        foreach (var (owner, generation) in _releases)
+        {
+            _cache?.Unpin(owner, generation);
+        }
+
+        Telemetry.PrefixPinnedBlocks = _cache?.PinnedBlocks ?? 0;
+
+        _releases.Clear();
     }
 
     /// <summary>What the cache holds and has done (when no step is running).</summary>
@@ -45,6 +58,6 @@ internal sealed class DevicePrefixCache(long kvBudget)
         BetweenSteps();
         var (lookups, hits) = _cache?.Lookups ?? (0, 0);
         var (reused, prefilled) = _cache?.Tokens ?? (0, 0);
-        return new(_enabled, _cache?.BlockCount ?? 0, _cache?.Bytes ?? 0, lookups, hits, reused, prefilled, _cache?.Evictions ?? 0);
+        return new(_enabled, _cache?.BlockCount ?? 0, _cache?.Bytes ?? 0, lookups, hits, reused, prefilled, _cache?.Evictions ?? 0) { PinnedBlocks = _cache?.PinnedBlocks ?? 0 };
     }
 }

@@ -422,7 +422,8 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     }
 
     /// <summary>
-    /// The prompt's whole blocks go into the prefix cache, before decoding writes past them. The cache is
+    /// The prompt's whole blocks go into the prefix cache, before decoding writes past them, and those of a
+    /// context store's documents are pinned for the store (<see cref="Generate.KeepPrefix"/>). The cache is
     /// an optimisation: if keeping them fails (memory), the request goes on without (the cache stays
     /// consistent: a block enters whole or not at all).
     /// </summary>
@@ -435,7 +436,13 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
 
         try
         {
-            Trimmed(prefix, () => prefix.Insert([.. Request.Prompt.Tokens], cache, rows is { Count: > 0 } ? PrefixCache.Join(rows) : null, PrefixRoom));
+            int[] prompt = [.. Request.Prompt.Tokens];
+            Trimmed(prefix, () => prefix.Insert(prompt, cache, rows is { Count: > 0 } ? PrefixCache.Join(rows) : null, PrefixRoom));
+            if (Request.KeepPrefix is { } pin)
+            {
+                prefix.Pin(pin.Owner, pin.Generation, prompt, pin.Tokens);
+                Telemetry.PrefixPinnedBlocks = prefix.PinnedBlocks;
+            }
         }
         catch (Exception ex) when (ex is not OperationCanceledException)
         {
@@ -455,6 +462,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         change();
         Telemetry.PrefixEvictions.Add(prefix.Evictions - evicted);
         Telemetry.PrefixBytes = prefix.Bytes;
+        Telemetry.PrefixPinnedBlocks = prefix.PinnedBlocks;
     }
 
     private static void PrefixMetrics(int cached, int prefilled)

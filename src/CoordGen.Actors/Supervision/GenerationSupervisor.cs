@@ -41,7 +41,7 @@ public sealed class GenerationSupervisor : ReceiveActor
         // The back-off supervisor takes the device's name, so "supervisor/device" reaches the device
         // through it (messages are forwarded; the device replies to their senders directly).
         _device = Context.ActorOf(DeviceBackoff(device), "device");
-        _stores = Context.ActorOf(ContextStoreActor.Props(), "context-stores");
+        _stores = Context.ActorOf(ContextStoreActor.Props(device: _device), "context-stores");
         Receive<Generate>(Admit);
         Receive<ContextStoreProtocol.Snapshot>(m => Resolved(m.Name, m.Context));
         Receive<ContextStoreProtocol.StoreMissing>(m => Resolved(m.Name, null));
@@ -74,6 +74,8 @@ public sealed class GenerationSupervisor : ReceiveActor
         Receive<ContextStoreProtocol.CreateStore>(m => _stores.Forward(m));
         Receive<ContextStoreProtocol.AddDocument>(m => _stores.Forward(m));
         Receive<ContextStoreProtocol.ListStores>(m => _stores.Forward(m));
+        Receive<ContextStoreProtocol.DeleteStore>(m => _stores.Forward(m));
+        Receive<ContextStoreProtocol.GetPromptDocuments>(m => _stores.Forward(m));
     }
 
     /// <param name="maxAttempts">Device attempts per request: a request resumes after a device fault until this many.</param>

@@ -13,6 +13,8 @@ namespace CoordGen.Engine.Runtime;
 /// <para>
 /// Bytes stay under a room the caller gives (the KV budget less the sessions' caches): blocks are
 /// evicted least recently used, leaves first (a block another block extends is needed to reach it).
+/// Blocks an owner pinned (a named context store's documents, <see cref="Pin"/>) go only after every
+/// unpinned leaf: they still yield to the sessions' caches, never to other prompts.
 /// Not thread-safe: the device uses it from its steps, one at a time. Copies in and out are whole, so
 /// no session reads a block after the call that copied it returns; evicting one never touches a session.
 /// </para>
@@ -22,6 +24,9 @@ public sealed class PrefixCache
     private readonly Dictionary<BlockKey, Block> _blocks = new(new BlockKeyComparer());
     private readonly Dictionary<long, Block> _byId = [];
     private readonly SortedSet<(long LastUse, long Id)> _leaves = [];
+    private readonly SortedSet<(long LastUse, long Id)> _pinnedLeaves = [];
+    private readonly Dictionary<string, (long Generation, long[] Blocks)> _pins = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, long> _released = new(StringComparer.Ordinal);
     private long _clock;
     private long _ids;
 
@@ -44,6 +49,9 @@ public sealed class PrefixCache
     public long Bytes { get; private set; }
 
     public int BlockCount => _blocks.Count;
+
+    /// <summary>Blocks some owner has pinned.</summary>
+    public int PinnedBlocks { get; private set; }
 
     /// <summary>Blocks evicted so far.</summary>
     public long Evictions { get; private set; }
@@ -121,7 +129,7 @@ public sealed class PrefixCache
                 Bytes += block.RowBytes;
                 if (previous is not null && previous.Children++ == 0)
                 {
-                    _leaves.Remove((previous.LastUse, previous.Id));
+                    LeavesOf(previous).Remove((previous.LastUse, previous.Id));
                 }
 
                 block.LastUse = ++_clock;
@@ -147,24 +155,109 @@ public sealed class PrefixCache
         return added;
     }
 
-    /// <summary>Evicts least recently used leaf blocks until the blocks hold at most <paramref name="room"/> bytes.</summary>
+    /// <summary>
+    /// Evicts least recently used leaf blocks until the blocks hold at most <paramref name="room"/> bytes:
+    /// unpinned leaves first, pinned ones only when no unpinned leaf is left.
+    /// </summary>
     public void Trim(long room)
     {
-        while (Bytes > Math.Max(0, room) && _leaves.Count > 0)
+        while (Bytes > Math.Max(0, room) && (_leaves.Count > 0 || _pinnedLeaves.Count > 0))
         {
-            var (_, id) = _leaves.Min;
-            _leaves.Remove(_leaves.Min);
+            var tier = _leaves.Count > 0 ? _leaves : _pinnedLeaves;
+            var (_, id) = tier.Min;
+            tier.Remove(tier.Min);
             _byId.Remove(id, out var victim);
             _blocks.Remove(new BlockKey(victim!.Parent?.Id ?? 0, victim.Tokens));
             Bytes -= victim.RowBytes + (victim.Top is { } t ? t.Ids.Length * (sizeof(int) + sizeof(float)) : 0);
             victim.Dispose();
             Evictions++;
+            PinnedBlocks -= victim.Pins > 0 ? 1 : 0;
             if (victim.Parent is { } p && --p.Children == 0)
             {
-                _leaves.Add((p.LastUse, p.Id));
+                LeavesOf(p).Add((p.LastUse, p.Id));
             }
         }
     }
+
+    /// <summary>
+    /// Pins, for <paramref name="owner"/>, the cached whole blocks that hold the first
+    /// <paramref name="tokens"/> tokens of <paramref name="prompt"/> (from the start, up to the first block
+    /// the cache lacks), in place of what the owner pinned before. <paramref name="generation"/> orders an
+    /// owner's pins: an older one than the owner holds, or one at or below a generation
+    /// <see cref="Unpin"/> released, is ignored (a request that read a store before it changed may finish
+    /// its prefill after the change). Returns the blocks pinned.
+    /// </summary>
+    public int Pin(string owner, long generation, ReadOnlySpan<int> prompt, int tokens)
+    {
+        if ((_released.TryGetValue(owner, out long released) && generation <= released)
+            || (_pins.TryGetValue(owner, out var held) && held.Generation > generation))
+        {
+            return 0;
+        }
+
+        var chain = new List<long>();
+        long parent = 0;
+        int blocks = Math.Min(tokens, prompt.Length) / BlockTokens;
+        for (int b = 0; b < blocks && _blocks.TryGetValue(new BlockKey(parent, prompt.Slice(b * BlockTokens, BlockTokens).ToArray()), out var block); b++)
+        {
+            chain.Add(block.Id);
+            parent = block.Id;
+        }
+
+        Release(owner);
+        foreach (long id in chain)
+        {
+            ChangePins(_byId[id], +1);
+        }
+
+        _pins[owner] = (generation, [.. chain]);
+        return chain.Count;
+    }
+
+    /// <summary>
+    /// Releases what <paramref name="owner"/> pinned at generations up to <paramref name="throughGeneration"/>
+    /// (its blocks become ordinary least-recently-used entries) and ignores later pins of those generations.
+    /// </summary>
+    public void Unpin(string owner, long throughGeneration)
+    {
+        _released[owner] = Math.Max(throughGeneration, _released.GetValueOrDefault(owner));
+        if (_pins.TryGetValue(owner, out var held) && held.Generation <= throughGeneration)
+        {
+            Release(owner);
+        }
+    }
+
+    private void Release(string owner)
+    {
+        if (_pins.Remove(owner, out var held))
+        {
+            foreach (long id in held.Blocks)
+            {
+                if (_byId.TryGetValue(id, out var block))
+                {
+                    ChangePins(block, -1);
+                }
+            }
+        }
+    }
+
+    private void ChangePins(Block block, int delta)
+    {
+        bool leaf = block.Children == 0;
+        if (leaf)
+        {
+            LeavesOf(block).Remove((block.LastUse, block.Id));
+        }
+
+        PinnedBlocks += (block.Pins + delta > 0 ? 1 : 0) - (block.Pins > 0 ? 1 : 0);
+        block.Pins += delta;
+        if (leaf)
+        {
+            LeavesOf(block).Add((block.LastUse, block.Id));
+        }
+    }
+
+    private SortedSet<(long LastUse, long Id)> LeavesOf(Block block) => block.Pins > 0 ? _pinnedLeaves : _leaves;
 
     /// <summary>Drops every block (the weights changed, or the memory is needed).</summary>
     public void Clear()
@@ -178,6 +271,9 @@ public sealed class PrefixCache
         _blocks.Clear();
         _byId.Clear();
         _leaves.Clear();
+        _pinnedLeaves.Clear();
+        _pins.Clear();
+        PinnedBlocks = 0;
         Bytes = 0;
     }
 
@@ -186,13 +282,13 @@ public sealed class PrefixCache
         bool leaf = block.Children == 0;
         if (leaf)
         {
-            _leaves.Remove((block.LastUse, block.Id));
+            LeavesOf(block).Remove((block.LastUse, block.Id));
         }
 
         block.LastUse = ++_clock;
         if (leaf)
         {
-            _leaves.Add((block.LastUse, block.Id));
+            LeavesOf(block).Add((block.LastUse, block.Id));
         }
     }
 
@@ -263,6 +359,9 @@ public sealed class PrefixCache
         public long LastUse { get; set; }
 
         public int Children { get; set; }
+
+        /// <summary>Owners that pinned this block (0: an ordinary entry).</summary>
+        public int Pins { get; set; }
     }
 
     private readonly record struct BlockKey(long Parent, int[] Tokens);

@@ -46,12 +46,32 @@ public static partial class OpenAiApi
         {
             using var doc = await ReadJson(ctx);
             string name = StoreName(RequestParser.String(doc.RootElement, "name", "name"));
-            await WriteStoreReply(ctx, await service.AskAsync(new ContextStoreProtocol.CreateStore(name)), 201);
+            bool inPrompt = RequestParser.Bool(doc.RootElement, "in_prompt") ?? false;
+            await WriteStoreReply(ctx, await service.AskAsync(new ContextStoreProtocol.CreateStore(name, inPrompt)), 201);
         }));
         app.MapGet("/v1/context_stores", ctx => Handle(ctx, "context_stores", async () =>
         {
             var list = (ContextStoreProtocol.StoreList)await service.AskAsync(new ContextStoreProtocol.ListStores());
-            await Write(ctx, 200, new { @object = "list", data = list.Stores.Select(s => new { name = s.Name, documents = s.Documents, tokens = s.Tokens }) });
+            await Write(ctx, 200, new { @object = "list", data = list.Stores.Select(StoreCard) });
+        }));
+        app.MapDelete("/v1/context_stores/{name}", ctx => Handle(ctx, "context_stores", async () =>
+        {
+            string name = StoreName(ctx.Request.RouteValues["name"] as string);
+            await WriteStoreReply(ctx, await service.AskAsync(new ContextStoreProtocol.DeleteStore(name)), 200);
+        }));
+        app.MapPost("/v1/context_stores/{name}/prefill", ctx => Handle(ctx, "context_stores", async () =>
+        {
+            string name = StoreName(ctx.Request.RouteValues["name"] as string);
+            var done = await service.PrefillStoreAsync(name, ctx.RequestAborted);
+            await Write(ctx, 200, new
+            {
+                name = done.Name,
+                documents = done.Documents,
+                prompt_tokens = done.PromptTokens,
+                cached_tokens = done.CachedTokens,
+                prefill_ms = Math.Round(done.PrefillMs, 2),
+                prefix_cache = done.PrefixCache,
+            });
         }));
         app.MapPost("/v1/context_stores/{name}/documents", ctx => Handle(ctx, "context_stores", async () =>
         {
@@ -81,7 +101,7 @@ public static partial class OpenAiApi
     };
 
     /// <summary>Routes and their methods, for the errors of unknown routes and wrong methods.</summary>
-    public const string RouteList = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET and POST /v1/context_stores, POST /v1/context_stores/{name}/documents, GET /health, GET /metrics";
+    public const string RouteList = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}, GET and POST /v1/context_stores, DELETE /v1/context_stores/{name}, POST /v1/context_stores/{name}/documents, POST /v1/context_stores/{name}/prefill, GET /health, GET /metrics";
 
     /// <summary>The endpoint label of a path in <c>coordgen.requests</c>.</summary>
     public static string EndpointOf(PathString path) =>
@@ -118,9 +138,15 @@ public static partial class OpenAiApi
             throw new ApiException(404, $"model '{m}' is not served here; this server runs '{service.ModelName}' (GET /v1/models lists it).", "model", "model_not_found");
         }
 
-        int[] prompt = service.Encode(req.PromptText);
+        // An in-prompt context store's documents open the prompt; the device keeps them prefilled.
+        var store = await service.StoreContextAsync(req.ContextStore);
+        var (text, prefix) = store is null ? (req.PromptText, "") : req.PromptWith(store.Text, service.Bundle.HasRoleTokens);
+        int[] prompt = service.Encode(text);
         int maxTokens = service.ResolveMaxTokens(prompt.Length, req.MaxTokens);
-        var request = new InferenceRequest(prompt, maxTokens, req.Sampling, req.Stop, req.Method, req.Width, req.ContextStore);
+        var request = new InferenceRequest(prompt, maxTokens, req.Sampling, req.Stop, req.Method, req.Width, req.ContextStore)
+        {
+            KeepPrefix = store?.Pin(service.Encode(prefix).Length),
+        };
         string id = (chat ? "chatcmpl-" : "cmpl-") + Guid.NewGuid().ToString("N")[..24];
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
         string kind = chat ? "chat.completion" : "text_completion";
@@ -296,11 +322,14 @@ public static partial class OpenAiApi
     [GeneratedRegex("^[A-Za-z0-9_-]{1,64}$")]
     private static partial Regex StoreNamePattern();
 
+    private static object StoreCard(ContextStoreProtocol.StoreInfo s) => new { name = s.Name, documents = s.Documents, tokens = s.Tokens, in_prompt = s.InPrompt };
+
     private static Task WriteStoreReply(HttpContext ctx, object reply, int okStatus) => reply switch
     {
-        ContextStoreProtocol.StoreInfo s => Write(ctx, okStatus, new { name = s.Name, documents = s.Documents, tokens = s.Tokens }),
-        ContextStoreProtocol.StoreMissing m => throw new ApiException(404, $"context store '{m.Name}' does not exist; create it with POST /v1/context_stores {{\"name\": \"{m.Name}\"}}.", "name", "context_store_not_found"),
-        ContextStoreProtocol.StoreRefused r => throw new ApiException(409, r.Reason, "name", "too_many_context_stores"),
+        ContextStoreProtocol.StoreInfo s => Write(ctx, okStatus, StoreCard(s)),
+        ContextStoreProtocol.StoreDeleted d => Write(ctx, okStatus, new { name = d.Name, @object = "context_store.deleted", deleted = true, documents = d.Documents, tokens = d.Tokens }),
+        ContextStoreProtocol.StoreMissing m => throw InferenceService.StoreMissing(m.Name, "name"),
+        ContextStoreProtocol.StoreRefused r => throw new ApiException(409, r.Reason, "name", r.Code),
         _ => throw new ApiException(500, "unexpected reply from the context store actor; please report this."),
     };
 
