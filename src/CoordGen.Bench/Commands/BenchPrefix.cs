@@ -61,9 +61,10 @@ internal static class BenchPrefix
         var json = new Option<FileInfo?>("--json") { Description = "Write the rows as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var checkAll = new Option<bool>("--check-all") { Description = "Instead of timing: generate every prompt of the six workloads (chat, rag-shared, summary, rag, ui, reply) with the cache off, then on (--sessions at once, in workload order), greedy and seeded sampling, and report how many are identical (prefix-identity.md)." };
+        var stores = new Option<bool>("--stores") { Description = "Instead: --documents documents of rag-shared as in-prompt context stores, prefilled once and pinned, against the same prompts with least-recently-used caching alone, while one-off questions about the other documents press a KV budget sized to one session and --documents + 1 documents (prefix-stores.md)." };
         var cmd = new Command("prefix", "The prefix cache on and off, side by side in one run: time to first token of chat turns after the first, aggregate tokens/s of concurrent questions about shared documents, prefill tokens avoided, memory; outputs checked equal both ways.")
         {
-            model, conversations, documents, sessions, method, rounds, kvBudget, weights, threads, json, outDir, checkAll,
+            model, conversations, documents, sessions, method, rounds, kvBudget, weights, threads, json, outDir, checkAll, stores,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -79,6 +80,12 @@ internal static class BenchPrefix
             if (parse.GetValue(checkAll))
             {
                 return await CheckAll(bundle, m, nSessions, parse.GetValue(kvBudget), stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), ct);
+            }
+
+            if (parse.GetValue(stores))
+            {
+                return await BenchPrefixStores.Run(bundle, m, nDocs, nRounds, parse.GetValue(threads), parse.GetValue(weights),
+                    stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), ct);
             }
 
             int[] Encode(WorkloadItem w) => bundle.Tokenizer.Encode(PromptTemplate.Render(w.Context, w.Prompt, bundle.HasRoleTokens));
