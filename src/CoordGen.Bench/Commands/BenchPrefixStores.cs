@@ -32,10 +32,12 @@ internal sealed record StoreRow
 /// <summary>
 /// <c>coordgen bench prefix --stores</c>: documents an app names as in-prompt context stores, prefilled once
 /// and pinned in the prefix cache, against the same prompts with the cache's least-recently-used order alone,
-/// while one-off prompts about other documents press a KV budget that holds one session and a few documents.
+/// while one-off questions about other documents press a KV budget that holds one session and a few documents.
 /// </summary>
 internal static class BenchPrefixStores
 {
+    private const int OneOffsPerQuestion = 2;
+
     public static async Task<int> Run(ModelBundle bundle, string method, int stores, int rounds, int threads, WeightFormat weights, BenchStamp stamp, string dir, FileInfo? json, CancellationToken ct)
     {
         string root = ModelLocator.RepoRoot();
@@ -48,6 +50,11 @@ internal static class BenchPrefixStores
         var storeDocs = docs.Take(stores).ToList();
         string Text(int s) => storeDocs[s].First().Context ?? throw new InvalidDataException($"document {storeDocs[s].Key} of rag-shared.jsonl has no context text.");
         var others = docs.Skip(stores).Select(g => g.First()).ToList();
+        if (others.Count < OneOffsPerQuestion * stores)
+        {
+            throw new ArgumentException($"--documents {stores} leaves {others.Count} other documents in rag-shared.jsonl for one-off traffic; use at most {docs.Count / (OneOffsPerQuestion + 1)}.");
+        }
+
         int[] Encode(WorkloadItem w) => bundle.Tokenizer.Encode(PromptTemplate.Render(w.Context, w.Prompt, bundle.HasRoleTokens));
 
         // Room for one session's cache and the stores' documents plus one more: every one-off prompt evicts
@@ -127,10 +134,14 @@ internal static class BenchPrefixStores
                             r.Prompt += prompt.Length;
                             r.Cached += o.CachedTokens;
 
-                            // One-off traffic about another document.
-                            var other = others[next++ % others.Count];
-                            var oo = await service.RunAsync(new InferenceRequest(Encode(other), other.MaxTokens, new GenerationProtocol.Sampling(), [], Method: method), _ => Task.CompletedTask, ct);
-                            r.Other.Add(oo.TimeToFirstTokenMs ?? 0);
+                            // One-off traffic about other documents: two after each question, so a cycle through
+                            // the stores meets three times as many documents as the budget holds beside them.
+                            for (int k = 0; k < OneOffsPerQuestion; k++)
+                            {
+                                var other = others[next++ % others.Count];
+                                var oo = await service.RunAsync(new InferenceRequest(Encode(other), other.MaxTokens, new GenerationProtocol.Sampling(), [], Method: method), _ => Task.CompletedTask, ct);
+                                r.Other.Add(oo.TimeToFirstTokenMs ?? 0);
+                            }
                         }
                     }
 
@@ -203,7 +214,7 @@ internal static class BenchPrefixStores
         var md = new StringBuilder();
         md.AppendLine("# In-prompt context stores under a tight KV budget (`coordgen bench prefix --stores`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
-        md.AppendLine(CultureInfo.InvariantCulture, $"{pin.Stores} documents of workloads/rag-shared.jsonl are named context stores; their questions are asked one at a time, each followed by a one-off question about another document of the file. The KV budget ({pin.KvBudgetMb} MiB) holds one session's cache and about {pin.Stores + 1} documents' rows. **Pinned**: the stores are created with `in_prompt`, prefilled once through the API (`POST /v1/context_stores/{{name}}/prefill`), and their rows are evicted only after every other cached prefix. **LRU only**: the same prompts (the document as the context section) after the same warm-up prefill, with the prefix cache's least-recently-used order alone. The two ways take turns each round, the cache emptied before every pass; method `{method}` with adaptive width, greedy; {rounds} round(s). TTFT is from the request to its first token; store questions' texts are checked equal both ways.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"{pin.Stores} documents of workloads/rag-shared.jsonl are named context stores; their questions are asked one at a time, each followed by {OneOffsPerQuestion} one-off questions about other documents of the file. The KV budget ({pin.KvBudgetMb} MiB) holds one session's cache and the rows of {pin.Stores + 1} documents as long as the longest. **Pinned**: the stores are created with `in_prompt`, prefilled once through the API (`POST /v1/context_stores/{{name}}/prefill`), and their rows are evicted only after every other cached prefix. **LRU only**: the same prompts (the document as the context section) after the same warm-up prefill, with the prefix cache's least-recently-used order alone. The two ways take turns each round, the cache emptied before every pass; method `{method}` with adaptive width, greedy; {rounds} round(s). TTFT is from the request to its first token; store questions' texts are checked equal both ways.").AppendLine();
         md.AppendLine("| way | stores | KV budget MiB | store questions | median TTFT store questions ms | median TTFT one-off ms | store prompt tokens | from the cache | prefill once ms | evictions | identical | per round |").AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var r in rows)
         {
