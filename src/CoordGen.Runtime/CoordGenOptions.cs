@@ -46,6 +46,12 @@ public class CoordGenOptions
     /// <summary>Linear layers' weight format (F32, Int8, Int4; quantized at load time; docs/decisions/0012-quantized-weights.md).</summary>
     public Engine.Model.WeightFormat Weights { get; set; } = Engine.Model.WeightFormat.F32;
 
+    /// <summary>
+    /// How each session's KV cache holds keys and values: F32 (default) or F16, half the bytes, so the KV
+    /// budget holds twice the sessions (docs/decisions/0020-float16-kv-cache.md).
+    /// </summary>
+    public KvFormat Kv { get; set; } = KvFormat.F32;
+
     /// <summary>Execution provider of the device's graphs: Cpu (default) or Qnn (Snapdragon NPU; needs a build with -p:CoordGenQnn=true).</summary>
     public ExecutionProviderKind Provider { get; set; } = ExecutionProviderKind.Cpu;
 

@@ -88,7 +88,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         Supervisor = supervisor;
         _runtimes = runtimes;
         var c = bundle.Config;
-        SessionCacheBytes = KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, settings.Capacity);
+        SessionCacheBytes = KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, settings.Capacity, settings.Kv);
         MaxActive = MaxActiveSessions(bundle, settings);
         RequestMetrics.Observe(this);
     }
@@ -174,6 +174,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
             {
                 IntraOpThreads = settings.EffectiveThreads,
                 Weights = settings.Weights,
+                Kv = settings.Kv,
                 StepWatchdog = TimeSpan.FromMilliseconds(settings.StepWatchdogMs),
                 Provider = settings.Provider,
                 QnnBackendPath = settings.QnnBackendPath,
@@ -249,7 +250,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
     public static int MaxActiveSessions(ModelBundle bundle, CoordGenOptions settings)
     {
         var c = bundle.Config;
-        long perSession = KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, settings.Capacity);
+        long perSession = KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, settings.Capacity, settings.Kv);
         long budget = settings.KvBudgetMb * 1024L * 1024L;
         if (perSession > budget)
         {

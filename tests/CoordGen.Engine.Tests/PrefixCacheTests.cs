@@ -23,11 +23,12 @@ public class PrefixCacheTests
         return cache;
     }
 
+    /// <summary>Slots of a float32 cache as <see cref="KvCache.CopySlotsTo"/> lays them out.</summary>
     private static float[] Slots(KvCache cache, int from, int count)
     {
-        var rows = new float[cache.SlotFloats(count)];
+        var rows = new byte[cache.SlotBytesFor(count)];
         cache.CopySlotsTo(from, count, rows);
-        return rows;
+        return System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(rows).ToArray();
     }
 
     [Fact]
@@ -253,10 +254,7 @@ public class PrefixCacheTests
             // The copied slots (across the 256-slot bucket boundary) hold what a prefill from scratch computes.
             if (hit.Tokens > 0)
             {
-                var (a, b) = (new float[pre.Cache.SlotFloats(hit.Tokens)], new float[pre.Cache.SlotFloats(hit.Tokens)]);
-                pre.Cache.CopySlotsTo(0, hit.Tokens, a);
-                uncached.Cache.CopySlotsTo(0, hit.Tokens, b);
-                TestModels.AssertClose(b, a, 1e-5, "cached keys and values");
+                TestModels.AssertClose(Slots(uncached.Cache, 0, hit.Tokens), Slots(pre.Cache, 0, hit.Tokens), 1e-5, "cached keys and values");
                 reusedAcrossBucket |= hit.Tokens > 256;
             }
 

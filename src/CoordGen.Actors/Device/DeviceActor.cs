@@ -174,7 +174,7 @@ public sealed partial class DeviceActor : ReceiveActor
         {
             pick.ChunkWidth = choice.PrefillTokens;
             var c = runtime.Config;
-            pick.PrefixRoom = _prefix.Room(prefilling.Count + decoding.Count, KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, runtime.Capacity));
+            pick.PrefixRoom = _prefix.Room(prefilling.Count + decoding.Count, KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, runtime.Capacity, runtime.Kv));
         }
 
         int packWidth = 0;

@@ -19,6 +19,7 @@ internal static class BenchCommands
         cmd.Add(BenchRebalance.Create());
         cmd.Add(BenchPeers.Create());
         cmd.Add(BenchPrefix.Create());
+        cmd.Add(BenchKv.Create());
         return cmd;
     }
 }

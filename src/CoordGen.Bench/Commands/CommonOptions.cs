@@ -30,6 +30,12 @@ internal static class CommonOptions
         DefaultValueFactory = _ => Engine.Model.WeightFormat.F32,
     };
 
+    public static Option<Engine.Runtime.KvFormat> Kv() => new("--kv")
+    {
+        Description = "How each session's KV cache holds keys and values: F32, or F16 (half the bytes; the graphs read float16 caches and attend in float32; docs/decisions/0020-float16-kv-cache.md).",
+        DefaultValueFactory = _ => Engine.Runtime.KvFormat.F32,
+    };
+
     public static Option<int> Threads() => new("--threads")
     {
         Description = "ONNX Runtime intra-op threads; 0 = one per core.",

@@ -273,7 +273,7 @@ internal static class ModelCommands
     {
         var c = rt.Config;
         int bucket = rt.Buckets.First(b => b >= Math.Min(fill + width, rt.Capacity));
-        long kv = 2L * c.NumLayers * c.KvDim * sizeof(float) * bucket;
+        long kv = 2L * c.NumLayers * c.KvDim * rt.Kv.ElementBytes() * bucket;
         return new ProfileCell(width, fill, ms, WeightQuantizer.Name(rt.WeightFormat), rt.SharedWeightBytes + kv);
     }
 
@@ -281,7 +281,7 @@ internal static class ModelCommands
 
     internal sealed record MemoryReport(long WeightBytes, long RssWeights, long RssOneGraph, long RssAllGraphs, int Graphs);
 
-    private static long CurrentRss()
+    internal static long CurrentRss()
     {
         GC.Collect();
         using var p = System.Diagnostics.Process.GetCurrentProcess();
@@ -306,7 +306,7 @@ internal static class ModelCommands
     }
 
     /// <summary>The same cell on several runtimes, run by run in turn (the order rotating), so drift in the machine's speed hits all alike; medians.</summary>
-    private static double[] TimeStepMany(IReadOnlyList<OrtModelRuntime> runtimes, int width, int fill, int reps)
+    internal static double[] TimeStepMany(IReadOnlyList<OrtModelRuntime> runtimes, int width, int fill, int reps)
     {
         var timers = runtimes.Select(r => new StepTimer(r, width, fill)).ToList();
         try
@@ -344,7 +344,7 @@ internal static class ModelCommands
 
             // Pretend `fill` slots are committed: the mask exposes them, their contents are zeros.
             var c = rt.Config;
-            var zeros = Enumerable.Range(0, c.NumLayers).Select(_ => new float[c.NumKvHeads * c.HeadDim]).ToArray();
+            var zeros = Enumerable.Range(0, c.NumLayers).Select(_ => KvCache.Allocate(rt.Kv, c.NumKvHeads * c.HeadDim)).ToArray();
             while (_cache.Length < fill)
             {
                 _cache.Commit(zeros, zeros, 1, [0]);

@@ -1,5 +1,6 @@
 using CoordGen.Engine.Model;
 using CoordGen.Engine.Onnx.Proto;
+using CoordGen.Engine.Runtime;
 using Google.Protobuf;
 using DT = CoordGen.Engine.Onnx.Proto.TensorProto.Types.DataType;
 
@@ -60,8 +61,12 @@ public static class LlamaGraphCompiler
     /// <c>position_ids</c> [1,S·W] (slot s holds rows s·W..), <c>attention_mask</c> [S,1,W,C+W],
     /// <c>past_key_i_sS</c>/<c>past_value_i_sS</c> [1,Hkv,C,D]; outputs <c>logits</c> [1,S·W,V] (and top-K
     /// likewise), <c>present_key_i_sS</c>/<c>present_value_i_sS</c> [1,Hkv,W,D]. One slot is the plain graph.</param>
-    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1) =>
-        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots).ToByteArray();
+    /// <param name="kv">How the caches hold keys and values: with <see cref="KvFormat.F16"/> the past inputs and present
+    /// outputs are float16; attention reads them converted to float32, and the new rows are rounded to float16
+    /// before any row attends to them, so a token's keys and values are the same numbers whether a later token
+    /// reads them in the same step (a verified tree) or from the cache (plain decoding).</param>
+    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32) =>
+        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv).ToByteArray();
 
     /// <summary>Shared initializer holding a quantized linear layer's codes ([N, K/block, block·bits/8] uint8).</summary>
     public static string QuantizedCodes(string weight) => weight + ".q";
@@ -96,7 +101,7 @@ public static class LlamaGraphCompiler
     public static byte[] CompileBlockBytes(ModelConfig c, GraphShape shape, int firstLayer, int endLayer, bool hasLmHead = false) =>
         Compile(c, shape, hasLmHead, firstLayer, endLayer).ToByteArray();
 
-    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1)
+    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32)
     {
         if (topCandidates < 0 || topCandidates > c.VocabSize)
         {
@@ -123,6 +128,10 @@ public static class LlamaGraphCompiler
         int w = shape.Width, n = slots * w, cap = shape.Capacity, d = c.HeadDim, hkv = c.NumKvHeads, g = c.NumHeads / c.NumKvHeads;
         string name = first && last ? $"coordgen_{shape.Width}x{shape.Capacity}" : $"coordgen_{shape.Width}x{shape.Capacity}_layers{firstLayer}-{endLayer}";
         var b = new GraphBuilder(slots == 1 ? name : $"{name}_s{slots}");
+        bool half = kv == KvFormat.F16;
+        var kvType = half ? DT.Float16 : DT.Float;
+        string ToFloat(string t) => half ? b.Node("Cast", [t], attrs: GraphBuilder.Int("to", (long)DT.Float)) : t;
+        string ToKv(string t) => half ? b.Node("Cast", [t], attrs: GraphBuilder.Int("to", (long)DT.Float16)) : t;
 
         if (first)
         {
@@ -139,8 +148,8 @@ public static class LlamaGraphCompiler
         {
             for (int s = 0; s < slots; s++)
             {
-                b.Input(PastKey(i, s, slots), DT.Float, 1, hkv, cap, d);
-                b.Input(PastValue(i, s, slots), DT.Float, 1, hkv, cap, d);
+                b.Input(PastKey(i, s, slots), kvType, 1, hkv, cap, d);
+                b.Input(PastValue(i, s, slots), kvType, 1, hkv, cap, d);
             }
         }
 
@@ -252,22 +261,25 @@ public static class LlamaGraphCompiler
             // decision 0016). One slot reads its cache in place: nothing is joined or regrouped.
             string Batch(string t, int heads) => slots == 1 ? t : b.Node("Transpose", [b.Node("Reshape", [t, b.ConstInt64([heads, slots, w, d])])], attrs: GraphBuilder.Ints("perm", 1, 0, 2, 3));
             string Join(Func<int, string> past) => slots == 1 ? past(0) : b.Node("Concat", [.. Enumerable.Range(0, slots).Select(past)], attrs: GraphBuilder.Int("axis", 0));
-            string kS = Batch(k, hkv), vS = Batch(v, hkv);
+            // The new rows in the cache's format (float16 rounds them), and back in float32 for attention.
+            string kS16 = ToKv(Batch(k, hkv)), vS16 = ToKv(Batch(v, hkv));
             for (int s = 0; s < slots; s++)
             {
-                b.Node("Identity", [slots == 1 ? kS : Slice(kS, s, s + 1, 0)], PresentKey(i, s, slots));
-                b.Node("Identity", [slots == 1 ? vS : Slice(vS, s, s + 1, 0)], PresentValue(i, s, slots));
+                b.Node("Identity", [slots == 1 ? kS16 : Slice(kS16, s, s + 1, 0)], PresentKey(i, s, slots));
+                b.Node("Identity", [slots == 1 ? vS16 : Slice(vS16, s, s + 1, 0)], PresentValue(i, s, slots));
             }
+
+            string kS = ToFloat(kS16), vS = ToFloat(vS16);
 
             // Grouped-query attention: heads h = kv * G + g, so [S,H,W,D] regroups to [S,Hkv,G*W,D] without a copy.
             string qg = b.Node("Mul", [b.Node("Reshape", [Batch(q, c.NumHeads), shapeGrouped]), scale]);
-            string sPast = b.Node("MatMul", [qg, b.Node("Transpose", [Join(s => PastKey(i, s, slots))], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
+            string sPast = b.Node("MatMul", [qg, b.Node("Transpose", [ToFloat(Join(s => PastKey(i, s, slots)))], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
             string sNew = b.Node("MatMul", [qg, b.Node("Transpose", [kS], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
             string scores = b.Node("Reshape", [b.Node("Concat", [sPast, sNew], attrs: GraphBuilder.Int("axis", -1)), shapeScores5]);
             string probs = b.Node("Reshape", [b.Node("Softmax", [b.Node("Add", [scores, mask5])], attrs: GraphBuilder.Int("axis", -1)), shapeScores4]);
             string pPast = b.Node("Slice", [probs, sliceStart0, sliceC, axisLast]);
             string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
-            string att = b.Node("Add", [b.Node("MatMul", [pPast, Join(s => PastValue(i, s, slots))]), b.Node("MatMul", [pNew, vS])]);
+            string att = b.Node("Add", [b.Node("MatMul", [pPast, ToFloat(Join(s => PastValue(i, s, slots)))]), b.Node("MatMul", [pNew, vS])]);
             string merged = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);
             x = b.Node("Add", [x, Linear(merged, p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim)]);
 
@@ -316,8 +328,8 @@ public static class LlamaGraphCompiler
         {
             for (int s = 0; s < slots; s++)
             {
-                b.Output(PresentKey(i, s, slots), DT.Float, 1, hkv, w, d);
-                b.Output(PresentValue(i, s, slots), DT.Float, 1, hkv, w, d);
+                b.Output(PresentKey(i, s, slots), kvType, 1, hkv, w, d);
+                b.Output(PresentValue(i, s, slots), kvType, 1, hkv, w, d);
             }
         }
 

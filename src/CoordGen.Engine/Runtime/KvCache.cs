@@ -1,10 +1,11 @@
+using System.Runtime.InteropServices;
 using Microsoft.ML.OnnxRuntime;
 
 namespace CoordGen.Engine.Runtime;
 
 /// <summary>
-/// One session's key/value cache. Per layer, one pinned float buffer for keys and one for values,
-/// sized for the largest capacity. The buffer is laid out [1, Hkv, B, D] for the current capacity
+/// One session's key/value cache. Per layer, one pinned buffer for keys and one for values (float32, or
+/// float16 with <see cref="KvFormat.F16"/>), sized for the largest capacity. The buffer is laid out [1, Hkv, B, D] for the current capacity
 /// bucket B (the prefix of the buffer), and wrapped in OrtValues that every graph of that bucket reads
 /// in place: no step copies the cache. After a step, only the new rows are written into their slots
 /// (<see cref="Commit"/>). When a step needs more room than B, the cache moves into the next bucket
@@ -14,27 +15,54 @@ namespace CoordGen.Engine.Runtime;
 /// </summary>
 public sealed class KvCache : IDisposable
 {
-    private readonly float[][] _keys;
-    private readonly float[][] _values;
+    // float[] or Float16[] per layer; every move below is a byte copy, whatever the format.
+    private readonly Array[] _keys;
+    private readonly Array[] _values;
     private readonly int[] _buckets;
     private readonly Dictionary<int, (OrtValue[] Keys, OrtValue[] Values)> _views = new();
+    private readonly int _e;
 
-    public KvCache(int layers, int kvHeads, int headDim, IReadOnlyList<int> buckets)
+    public KvCache(int layers, int kvHeads, int headDim, IReadOnlyList<int> buckets, KvFormat format = KvFormat.F32)
     {
         Layers = layers;
         KvHeads = kvHeads;
         HeadDim = headDim;
+        Format = format;
+        _e = format.ElementBytes();
         _buckets = [.. buckets];
         Capacity = _buckets[^1];
         Bucket = _buckets[0];
-        _keys = new float[layers][];
-        _values = new float[layers][];
+        _keys = new Array[layers];
+        _values = new Array[layers];
         for (int l = 0; l < layers; l++)
         {
-            _keys[l] = GC.AllocateArray<float>(kvHeads * Capacity * headDim, pinned: true);
-            _values[l] = GC.AllocateArray<float>(kvHeads * Capacity * headDim, pinned: true);
+            _keys[l] = Allocate(format, kvHeads * Capacity * headDim);
+            _values[l] = Allocate(format, kvHeads * Capacity * headDim);
         }
     }
+
+    /// <summary>A pinned buffer of <paramref name="n"/> elements of <paramref name="format"/> (float[] or Float16[]).</summary>
+    public static Array Allocate(KvFormat format, int n) =>
+        format == KvFormat.F16 ? GC.AllocateArray<Float16>(n, pinned: true) : GC.AllocateArray<float>(n, pinned: true);
+
+    /// <summary>An OrtValue over a buffer from <see cref="Allocate"/>.</summary>
+    public static OrtValue Tensor(Array buffer, int n, long[] shape) => buffer switch
+    {
+        float[] f => OrtValue.CreateTensorValueFromMemory(OrtMemoryInfo.DefaultInstance, new Memory<float>(f, 0, n), shape),
+        Float16[] h => OrtValue.CreateTensorValueFromMemory(OrtMemoryInfo.DefaultInstance, new Memory<Float16>(h, 0, n), shape),
+        _ => throw new ArgumentException($"a KV buffer is float[] or Float16[] (got {buffer.GetType().Name})."),
+    };
+
+    /// <summary>A buffer's bytes (float[] or Float16[]).</summary>
+    public static Span<byte> Raw(Array buffer) => buffer switch
+    {
+        float[] f => MemoryMarshal.AsBytes(f.AsSpan()),
+        Float16[] h => MemoryMarshal.AsBytes(h.AsSpan()),
+        _ => throw new ArgumentException($"a KV buffer is float[] or Float16[] (got {buffer.GetType().Name})."),
+    };
+
+    /// <summary>How keys and values are held.</summary>
+    public KvFormat Format { get; }
 
     public int Layers { get; }
 
@@ -51,10 +79,10 @@ public sealed class KvCache : IDisposable
     /// <summary>Number of committed slots (tokens whose keys/values are in the cache).</summary>
     public int Length { get; private set; }
 
-    public long Bytes => BytesFor(Layers, KvHeads, HeadDim, Capacity);
+    public long Bytes => BytesFor(Layers, KvHeads, HeadDim, Capacity, Format);
 
     /// <summary>Bytes of one session's cache (keys and values, every layer) at <paramref name="capacity"/> slots.</summary>
-    public static long BytesFor(int layers, int kvHeads, int headDim, int capacity) => 2L * layers * kvHeads * capacity * headDim * sizeof(float);
+    public static long BytesFor(int layers, int kvHeads, int headDim, int capacity, KvFormat format = KvFormat.F32) => 2L * layers * kvHeads * capacity * headDim * format.ElementBytes();
 
     internal OrtValue KeyValue(int layer) => View().Keys[layer];
 
@@ -66,9 +94,7 @@ public sealed class KvCache : IDisposable
         {
             long[] shape = [1, KvHeads, Bucket, HeadDim];
             int n = KvHeads * Bucket * HeadDim;
-            var info = OrtMemoryInfo.DefaultInstance;
-            v = (_keys.Select(a => OrtValue.CreateTensorValueFromMemory(info, new Memory<float>(a, 0, n), shape)).ToArray(),
-                 _values.Select(a => OrtValue.CreateTensorValueFromMemory(info, new Memory<float>(a, 0, n), shape)).ToArray());
+            v = (_keys.Select(a => Tensor(a, n, shape)).ToArray(), _values.Select(a => Tensor(a, n, shape)).ToArray());
             _views[Bucket] = v;
         }
 
@@ -92,14 +118,14 @@ public sealed class KvCache : IDisposable
         }
 
         int next = _buckets.First(b => b >= slots);
-        int d = HeadDim;
+        int d = HeadDim * _e;
         for (int l = 0; l < Layers; l++)
         {
             // Last head first, so no head's rows are overwritten before they move.
             for (int h = KvHeads - 1; h > 0; h--)
             {
-                Array.Copy(_keys[l], h * Bucket * d, _keys[l], h * next * d, Length * d);
-                Array.Copy(_values[l], h * Bucket * d, _values[l], h * next * d, Length * d);
+                Move(_keys[l], h * Bucket * d, h * next * d, Length * d);
+                Move(_values[l], h * Bucket * d, h * next * d, Length * d);
             }
         }
 
@@ -110,29 +136,36 @@ public sealed class KvCache : IDisposable
     /// Copies new keys/values (layout [1,Hkv,W,D] per layer) into the cache: row <c>rows[i]</c> of the
     /// step goes to slot <c>Length + i</c>. Linear steps pass 0..m-1; tree steps pass the accepted path.
     /// </summary>
-    public void Commit(IReadOnlyList<float[]> newKeys, IReadOnlyList<float[]> newValues, int width, ReadOnlySpan<int> rows)
+    /// <remarks>The new rows are in the cache's <see cref="Format"/> (the graphs write them so).</remarks>
+    public void Commit(IReadOnlyList<Array> newKeys, IReadOnlyList<Array> newValues, int width, ReadOnlySpan<int> rows)
     {
         EnsureRoom(Length + rows.Length);
-        int d = HeadDim;
+        int d = HeadDim * _e;
         for (int l = 0; l < Layers; l++)
         {
-            var srcK = newKeys[l];
-            var srcV = newValues[l];
-            var dstK = _keys[l];
-            var dstV = _values[l];
+            var srcK = Raw(newKeys[l]);
+            var srcV = Raw(newValues[l]);
+            var dstK = Raw(_keys[l]);
+            var dstV = Raw(_values[l]);
             for (int h = 0; h < KvHeads; h++)
             {
                 for (int i = 0; i < rows.Length; i++)
                 {
                     int src = ((h * width) + rows[i]) * d;
                     int dst = ((h * Bucket) + Length + i) * d;
-                    Array.Copy(srcK, src, dstK, dst, d);
-                    Array.Copy(srcV, src, dstV, dst, d);
+                    srcK.Slice(src, d).CopyTo(dstK.Slice(dst, d));
+                    srcV.Slice(src, d).CopyTo(dstV.Slice(dst, d));
                 }
             }
         }
 
         Length += rows.Length;
+    }
+
+    private static void Move(Array buffer, int from, int to, int bytes)
+    {
+        var raw = Raw(buffer);
+        raw.Slice(from, bytes).CopyTo(raw.Slice(to, bytes));
     }
 
     /// <summary>
@@ -141,18 +174,20 @@ public sealed class KvCache : IDisposable
     /// (and a block running a chunk as narrow sub-chunks writes each sub-chunk before the next reads it).
     /// <see cref="Advance"/> commits once every layer holds the rows. Arrays are indexed by layer.
     /// </summary>
-    public void WriteLayers(int first, int end, IReadOnlyList<float[]?> newKeys, IReadOnlyList<float[]?> newValues, int width, int count, int at)
+    public void WriteLayers(int first, int end, IReadOnlyList<Array?> newKeys, IReadOnlyList<Array?> newValues, int width, int count, int at)
     {
         EnsureRoom(at + count);
-        int d = HeadDim;
+        int d = HeadDim * _e;
         for (int l = first; l < end; l++)
         {
-            var srcK = newKeys[l]!;
-            var srcV = newValues[l]!;
+            var srcK = Raw(newKeys[l]!);
+            var srcV = Raw(newValues[l]!);
+            var dstK = Raw(_keys[l]);
+            var dstV = Raw(_values[l]);
             for (int h = 0; h < KvHeads; h++)
             {
-                Array.Copy(srcK, h * width * d, _keys[l], ((h * Bucket) + at) * d, count * d);
-                Array.Copy(srcV, h * width * d, _values[l], ((h * Bucket) + at) * d, count * d);
+                srcK.Slice(h * width * d, count * d).CopyTo(dstK.Slice(((h * Bucket) + at) * d, count * d));
+                srcV.Slice(h * width * d, count * d).CopyTo(dstV.Slice(((h * Bucket) + at) * d, count * d));
             }
         }
     }
@@ -170,7 +205,7 @@ public sealed class KvCache : IDisposable
             throw new InvalidOperationException($"cannot commit {rows.Length} slots: bucket {Bucket} holds {Bucket - Length} more");
         }
 
-        int d = HeadDim;
+        int d = HeadDim * _e;
         for (int i = 0; i < rows.Length; i++)
         {
             if (rows[i] < i || (i > 0 && rows[i] <= rows[i - 1]))
@@ -188,8 +223,8 @@ public sealed class KvCache : IDisposable
                 for (int h = 0; h < KvHeads; h++)
                 {
                     int head = ((h * Bucket) + Length) * d;
-                    Array.Copy(_keys[l], head + (rows[i] * d), _keys[l], head + (i * d), d);
-                    Array.Copy(_values[l], head + (rows[i] * d), _values[l], head + (i * d), d);
+                    Move(_keys[l], head + (rows[i] * d), head + (i * d), d);
+                    Move(_values[l], head + (rows[i] * d), head + (i * d), d);
                 }
             }
         }
@@ -209,30 +244,31 @@ public sealed class KvCache : IDisposable
     }
 
     /// <summary>Bytes one slot takes: its keys and values in every layer.</summary>
-    public long SlotBytes => BytesFor(Layers, KvHeads, HeadDim, 1);
+    public long SlotBytes => BytesFor(Layers, KvHeads, HeadDim, 1, Format);
 
-    /// <summary>Floats <see cref="CopySlotsTo"/> writes for <paramref name="count"/> slots.</summary>
-    public int SlotFloats(int count) => 2 * Layers * KvHeads * count * HeadDim;
+    /// <summary>Bytes <see cref="CopySlotsTo"/> writes for <paramref name="count"/> slots.</summary>
+    public int SlotBytesFor(int count) => 2 * Layers * KvHeads * count * HeadDim * _e;
 
     /// <summary>
     /// Copies committed slots [from, from + count) into <paramref name="dest"/>, laid out per layer keys
     /// then values, each [Hkv, count, D] (the layout <see cref="AppendSlots"/> reads): a prefix cache's block.
     /// </summary>
-    public void CopySlotsTo(int from, int count, Span<float> dest)
+    public void CopySlotsTo(int from, int count, Span<byte> dest)
     {
         if (from < 0 || count < 0 || from + count > Length)
         {
             throw new ArgumentOutOfRangeException(nameof(count), $"slots [{from}, {from + count}) are not all committed ({Length} are).");
         }
 
-        int d = HeadDim, run = count * d, at = 0;
+        int d = HeadDim * _e, run = count * d, at = 0;
         for (int l = 0; l < Layers; l++)
         {
-            foreach (var buffer in (float[][])[_keys[l], _values[l]])
+            foreach (var buffer in (Array[])[_keys[l], _values[l]])
             {
+                var raw = Raw(buffer);
                 for (int h = 0; h < KvHeads; h++)
                 {
-                    buffer.AsSpan(((h * Bucket) + from) * d, run).CopyTo(dest.Slice(at, run));
+                    raw.Slice(((h * Bucket) + from) * d, run).CopyTo(dest.Slice(at, run));
                     at += run;
                 }
             }
@@ -240,17 +276,18 @@ public sealed class KvCache : IDisposable
     }
 
     /// <summary>Appends <paramref name="count"/> slots laid out as <see cref="CopySlotsTo"/> writes them, and commits them.</summary>
-    public void AppendSlots(ReadOnlySpan<float> src, int count)
+    public void AppendSlots(ReadOnlySpan<byte> src, int count)
     {
         EnsureRoom(Length + count);
-        int d = HeadDim, run = count * d, at = 0;
+        int d = HeadDim * _e, run = count * d, at = 0;
         for (int l = 0; l < Layers; l++)
         {
-            foreach (var buffer in (float[][])[_keys[l], _values[l]])
+            foreach (var buffer in (Array[])[_keys[l], _values[l]])
             {
+                var raw = Raw(buffer);
                 for (int h = 0; h < KvHeads; h++)
                 {
-                    src.Slice(at, run).CopyTo(buffer.AsSpan(((h * Bucket) + Length) * d, run));
+                    src.Slice(at, run).CopyTo(raw.Slice(((h * Bucket) + Length) * d, run));
                     at += run;
                 }
             }
@@ -262,21 +299,21 @@ public sealed class KvCache : IDisposable
     /// <summary>Copies another cache's committed slots (same shape) into this one, e.g. to reuse one prefill.</summary>
     public void CopyFrom(KvCache other)
     {
-        if (other.Layers != Layers || other.KvHeads != KvHeads || other.Capacity != Capacity || other.HeadDim != HeadDim)
+        if (other.Layers != Layers || other.KvHeads != KvHeads || other.Capacity != Capacity || other.HeadDim != HeadDim || other.Format != Format)
         {
-            throw new ArgumentException("caches differ in shape");
+            throw new ArgumentException("caches differ in shape or format");
         }
 
         Length = 0;
         Bucket = other.Bucket;
-        int span = other.Length * HeadDim;
+        int span = other.Length * HeadDim * _e;
         for (int l = 0; l < Layers; l++)
         {
             for (int h = 0; h < KvHeads; h++)
             {
-                int off = h * Bucket * HeadDim;
-                Array.Copy(other._keys[l], off, _keys[l], off, span);
-                Array.Copy(other._values[l], off, _values[l], off, span);
+                int off = h * Bucket * HeadDim * _e;
+                Raw(other._keys[l]).Slice(off, span).CopyTo(Raw(_keys[l]).Slice(off, span));
+                Raw(other._values[l]).Slice(off, span).CopyTo(Raw(_values[l]).Slice(off, span));
             }
         }
 

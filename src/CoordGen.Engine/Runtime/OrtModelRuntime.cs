@@ -41,6 +41,9 @@ public sealed record RuntimeOptions
     /// <summary>How the linear layers' weights are held and multiplied: float32, or 8/4-bit blocks for MatMulNBits (quantized at load time).</summary>
     public WeightFormat Weights { get; init; } = WeightFormat.F32;
 
+    /// <summary>How each session's KV cache holds keys and values: float32, or float16 (half the bytes; decision 0020).</summary>
+    public KvFormat Kv { get; init; } = KvFormat.F32;
+
     /// <summary>
     /// The step watchdog: a graph run still going after this long is ended (<c>RunOptions.Terminate</c>) and
     /// the step fails with a <see cref="DeviceFaultException"/>, which the session recovers from like any
@@ -302,7 +305,10 @@ public sealed class OrtModelRuntime : IDisposable
         return [.. b];
     }
 
-    public KvCache CreateCache() => new(Config.NumLayers, Config.NumKvHeads, Config.HeadDim, Buckets);
+    public KvCache CreateCache() => new(Config.NumLayers, Config.NumKvHeads, Config.HeadDim, Buckets, _options.Kv);
+
+    /// <summary>How this runtime's caches hold keys and values.</summary>
+    public KvFormat Kv => _options.Kv;
 
     /// <summary>Compiles (and runs once) every (width, bucket) graph now instead of on first use.</summary>
     public void CompileAll() => Prepare(Capacity);
@@ -624,7 +630,7 @@ public sealed class OrtModelRuntime : IDisposable
         }
 
         string path = Path.Combine(GraphDirectory, slots == 1 ? $"w{shape.Width}_c{shape.Capacity}.onnx" : $"s{slots}_w{shape.Width}_c{shape.Capacity}.onnx");
-        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots));
+        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots, _options.Kv));
         return path;
     }
 
@@ -727,8 +733,9 @@ public sealed class OrtModelRuntime : IDisposable
             string path = owner.WriteGraph(shape, slots);
             _session = new InferenceSession(path, _so, owner._prepacked);
             int topK = TopCandidatesFor(shape.Width), n = slots * shape.Width;
-            Buffers = new StepBuffers(n, shape.Capacity, c, topK, maskRows: slots == 1 ? null : shape.Width);
-            SlotBuffers = slots == 1 ? [Buffers] : [.. Enumerable.Range(0, slots).Select(_ => new StepBuffers(shape.Width, shape.Capacity, c, topK))];
+            var kv = owner._options.Kv;
+            Buffers = new StepBuffers(n, shape.Capacity, c, topK, maskRows: slots == 1 ? null : shape.Width, kv);
+            SlotBuffers = slots == 1 ? [Buffers] : [.. Enumerable.Range(0, slots).Select(_ => new StepBuffers(shape.Width, shape.Capacity, c, topK, kv: kv))];
 
             var pasts = Enumerable.Range(0, _layers).SelectMany(l => Enumerable.Range(0, slots).SelectMany(s => new[] { LlamaGraphCompiler.PastKey(l, s, slots), LlamaGraphCompiler.PastValue(l, s, slots) }));
             var presents = Enumerable.Range(0, _layers).SelectMany(l => Enumerable.Range(0, slots).SelectMany(s => new[] { LlamaGraphCompiler.PresentKey(l, s, slots), LlamaGraphCompiler.PresentValue(l, s, slots) }));
@@ -747,8 +754,9 @@ public sealed class OrtModelRuntime : IDisposable
                 for (int s = 0; s < slots; s++)
                 {
                     int at = 1 + (2 * ((l * slots) + s));
-                    _outputs[at] = OrtValue.CreateTensorValueFromMemory(SlotBuffers[s].NewKeys[l], kvShape);
-                    _outputs[at + 1] = OrtValue.CreateTensorValueFromMemory(SlotBuffers[s].NewValues[l], kvShape);
+                    int rows = c.NumKvHeads * shape.Width * c.HeadDim;
+                    _outputs[at] = KvCache.Tensor(SlotBuffers[s].NewKeys[l], rows, kvShape);
+                    _outputs[at + 1] = KvCache.Tensor(SlotBuffers[s].NewValues[l], rows, kvShape);
                 }
             }
 
@@ -925,7 +933,7 @@ public sealed class OrtModelRuntime : IDisposable
 public sealed class StepBuffers
 {
     /// <param name="maskRows">A packed graph's buffers: its mask holds each slot's [rows, capacity + rows] block; null: one [width, capacity + width] block.</param>
-    internal StepBuffers(int width, int capacity, ModelConfig c, int topK = 0, int? maskRows = null)
+    internal StepBuffers(int width, int capacity, ModelConfig c, int topK = 0, int? maskRows = null, KvFormat kv = KvFormat.F32)
     {
         TopK = topK;
         TopIds = GC.AllocateArray<long>(width * topK, pinned: true);
@@ -937,8 +945,8 @@ public sealed class StepBuffers
         Positions = GC.AllocateArray<long>(width, pinned: true);
         Mask = GC.AllocateArray<float>(width * (capacity + (maskRows ?? width)), pinned: true);
         Logits = GC.AllocateArray<float>(width * c.VocabSize, pinned: true);
-        NewKeys = Enumerable.Range(0, c.NumLayers).Select(_ => GC.AllocateArray<float>(c.NumKvHeads * width * c.HeadDim, pinned: true)).ToArray();
-        NewValues = Enumerable.Range(0, c.NumLayers).Select(_ => GC.AllocateArray<float>(c.NumKvHeads * width * c.HeadDim, pinned: true)).ToArray();
+        NewKeys = Enumerable.Range(0, c.NumLayers).Select(_ => KvCache.Allocate(kv, c.NumKvHeads * width * c.HeadDim)).ToArray();
+        NewValues = Enumerable.Range(0, c.NumLayers).Select(_ => KvCache.Allocate(kv, c.NumKvHeads * width * c.HeadDim)).ToArray();
     }
 
     public int Width { get; }
@@ -955,9 +963,11 @@ public sealed class StepBuffers
 
     public float[] Logits { get; }
 
-    public float[][] NewKeys { get; }
+    /// <summary>The step's new keys per layer, [Hkv, W, D], in the cache's format (float[] or Float16[]).</summary>
+    public Array[] NewKeys { get; }
 
-    public float[][] NewValues { get; }
+    /// <summary>The step's new values per layer, like <see cref="NewKeys"/>.</summary>
+    public Array[] NewValues { get; }
 
     public ReadOnlySpan<float> LogitsRow(int row) => Logits.AsSpan(row * VocabSize, VocabSize);
 

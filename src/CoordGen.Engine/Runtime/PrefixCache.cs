@@ -117,12 +117,12 @@ public sealed class PrefixCache
             var key = new BlockKey(parent, tokens);
             if (!_blocks.TryGetValue(key, out var block))
             {
-                if ((long)cache.SlotFloats(BlockTokens) * sizeof(float) > room)
+                if (cache.SlotBytesFor(BlockTokens) > room)
                 {
                     break; // the room cannot hold one more block: nothing is copied just to be evicted
                 }
 
-                block = new Block(++_ids, previous, tokens, cache.SlotFloats(BlockTokens));
+                block = new Block(++_ids, previous, tokens, cache.SlotBytesFor(BlockTokens));
                 cache.CopySlotsTo(from, BlockTokens, block.Rows);
                 _blocks[key] = block;
                 _byId[block.Id] = block;
@@ -315,16 +315,16 @@ public sealed class PrefixCache
     /// </summary>
     internal sealed unsafe class Block : IDisposable
     {
-        private float* _rows;
-        private readonly int _floats;
+        private byte* _rows;
+        private readonly int _bytes;
 
-        public Block(long id, Block? parent, int[] tokens, int floats)
+        public Block(long id, Block? parent, int[] tokens, int bytes)
         {
             Id = id;
             Parent = parent;
             Tokens = tokens;
-            _floats = floats;
-            _rows = (float*)System.Runtime.InteropServices.NativeMemory.Alloc((nuint)floats, sizeof(float));
+            _bytes = bytes;
+            _rows = (byte*)System.Runtime.InteropServices.NativeMemory.Alloc((nuint)bytes);
         }
 
         ~Block() => Free();
@@ -335,9 +335,10 @@ public sealed class PrefixCache
 
         public int[] Tokens { get; }
 
-        public long RowBytes => (long)_floats * sizeof(float);
+        public long RowBytes => _bytes;
 
-        public Span<float> Rows => _rows == null ? throw new ObjectDisposedException(nameof(Block), "this prefix block was evicted") : new(_rows, _floats);
+        /// <summary>The slots' keys and values as <see cref="KvCache.CopySlotsTo"/> writes them, in the cache's format.</summary>
+        public Span<byte> Rows => _rows == null ? throw new ObjectDisposedException(nameof(Block), "this prefix block was evicted") : new(_rows, _bytes);
 
         public void Dispose()
         {

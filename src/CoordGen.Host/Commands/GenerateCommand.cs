@@ -38,9 +38,10 @@ internal static class GenerateCommand
         var history = new Option<FileInfo?>("--history") { Description = "History store of past responses (created if missing, updated after the run); drafts from it with sam+history.", HelpName = "FILE" };
 
         var weights = CommonOptions.Weights();
+        var kv = CommonOptions.Kv();
         var cmd = new Command("generate", "Generate text for a prompt (and optional context file), streaming tokens as they are produced. Prints prefill and decode tokens/s at the end.")
         {
-            model, prompt, context, raw, maxTokens, temperature, topK, topP, seed, capacity, prefillWidth, threads, provider, qnnBackend, qnnPerf, qnnCache, method, width, history, weights,
+            model, prompt, context, raw, maxTokens, temperature, topK, topP, seed, capacity, prefillWidth, threads, provider, qnnBackend, qnnPerf, qnnCache, method, width, history, weights, kv,
         };
         cmd.SetAction((parse, ct) =>
         {
@@ -101,13 +102,14 @@ internal static class GenerateCommand
                 PrefillWidth = pw,
                 Threads = parse.GetValue(threads),
                 Weights = parse.GetValue(weights),
+                Kv = parse.GetValue(kv),
                 Method = m,
                 Width = spec is null ? 8 : w,
                 AdaptiveWidth = false,
                 MaxPending = 1,
                 InterleavedChunkWidth = pw, // one session: no other stream's steps to interleave prefill chunks with
                 PrefixCache = false, // one prompt: nothing to share, and the budget holds one session's cache only
-                KvBudgetMb = (int)Math.Max(1, (KvCache.BytesFor(bundle.Config.NumLayers, bundle.Config.NumKvHeads, bundle.Config.HeadDim, cap) >> 20) + 1),
+                KvBudgetMb = (int)Math.Max(1, (KvCache.BytesFor(bundle.Config.NumLayers, bundle.Config.NumKvHeads, bundle.Config.HeadDim, cap, parse.GetValue(kv)) >> 20) + 1),
                 PrepareSlots = Math.Min(cap, ids.Length + n + w),
                 Provider = parse.GetValue(provider),
                 QnnBackendPath = parse.GetValue(qnnBackend),

@@ -31,6 +31,7 @@ internal static class ServeCommand
         var prefillWidth = new Option<int?>("--prefill-width") { Description = "Width of the prefill graph. Default 64.", HelpName = "N" };
         var chunkWidth = new Option<int?>("--interleaved-chunk-width") { Description = "Tokens per prefill chunk while other requests are decoding (narrower chunks keep their streams smooth; a prompt with no one else decoding goes --prefill-width at a time). Default 32; at --prefill-width or above = off.", HelpName = "N" };
         var weights = new Option<Engine.Model.WeightFormat?>("--weights") { Description = "Linear layers' weights: F32 (default), Int8 or Int4, quantized at load time (docs/decisions/0012-quantized-weights.md)." };
+        var kv = new Option<Engine.Runtime.KvFormat?>("--kv") { Description = "KV cache format: F32 (default) or F16, half the bytes per session, so the KV budget holds twice the sessions (docs/decisions/0020-float16-kv-cache.md)." };
         var watchdog = new Option<int?>("--step-watchdog-ms") { Description = "End a device run still going after this long (ONNX Runtime's RunOptions.Terminate); its request resumes from its committed tokens, and that graph's limit doubles. 0 = off. Default 30000.", HelpName = "MS" };
         var threads = new Option<int?>("--threads") { Description = "ONNX Runtime intra-op threads of the device; 0 (default) = one per core.", HelpName = "N" };
         var method = new Option<string?>("--method") { Description = "Default decoding method: ar, pld, sam, sam+history, pld+ours, sam+ours (default). Requests may choose their own with \"speculation\": {\"method\": ...}.", HelpName = "METHOD" };
@@ -51,7 +52,7 @@ internal static class ServeCommand
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, packed, prefixCache, weights, faults, allowFaults, watchdog,
+            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, packed, prefixCache, weights, kv, faults, allowFaults, watchdog,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -72,6 +73,7 @@ internal static class ServeCommand
             Put(chunkWidth, "InterleavedChunkWidth");
             Put(threads, "Threads");
             Put(weights, "Weights");
+            Put(kv, "Kv");
             Put(method, "Method");
             Put(width, "Width");
             Put(maxPending, "MaxPending");
@@ -256,7 +258,7 @@ internal static class ServeCommand
         }
 
         var c = bundle.Config;
-        double cacheMb = CoordGen.Engine.Runtime.KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, settings.Capacity) / (1024.0 * 1024.0);
+        double cacheMb = CoordGen.Engine.Runtime.KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, settings.Capacity, settings.Kv) / (1024.0 * 1024.0);
         int atOnce = InferenceService.MaxActiveSessions(bundle, settings);
         Console.Out.WriteLine(string.Create(CultureInfo.InvariantCulture, $"KV budget {settings.KvBudgetMb} MiB: {Math.Min(atOnce, settings.MaxPending)} requests at once ({cacheMb:F1} MiB of cache each at capacity {settings.Capacity}); up to {settings.MaxPending} running or waiting, more get 429"));
         Console.Out.Flush();
