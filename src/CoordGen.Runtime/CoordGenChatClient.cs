@@ -173,7 +173,7 @@ public sealed class CoordGenChatClient(InferenceService service, bool ownsServic
         int[] prompt = service.Encode(text);
         return new InferenceRequest(prompt, service.ResolveMaxTokens(prompt.Length, options?.MaxOutputTokens), sampling, stop, ContextStore: store)
         {
-            KeepPrefix = documents?.Pin(service.Encode(PromptTemplate.ContextPrefix(documents.Text, roles)).Length),
+            KeepPrefix = documents is null ? null : service.PinFor(documents, PromptTemplate.ContextPrefix(documents.Text, roles), prompt),
         };
     }
 }

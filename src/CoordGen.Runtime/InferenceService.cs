@@ -289,6 +289,25 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
     public static ApiException StoreMissing(string name, string param = "context_store") =>
         new(404, $"context store '{name}' does not exist; create it with POST /v1/context_stores {{\"name\": \"{name}\"}} (GET /v1/context_stores lists those that do).", param, "context_store_not_found");
 
+    /// <summary>Tokens of the context an in-prompt store's documents must leave free for a question and its answer.</summary>
+    public const int StoreRoom = 64;
+
+    /// <summary>
+    /// The pin a request whose <paramref name="prompt"/> opens with <paramref name="store"/>'s documents
+    /// rendered as <paramref name="prefixText"/> asks for: as many tokens as the prompt shares with the
+    /// prefix tokenized alone (the tokenizer may merge the prefix's last newline with what follows).
+    /// </summary>
+    public PrefixPin? PinFor(StoreContext? store, string prefixText, int[] prompt)
+    {
+        if (store is null)
+        {
+            return null;
+        }
+
+        int[] prefix = Encode(prefixText);
+        return store.Pin(prefix.AsSpan().CommonPrefixLength(prompt));
+    }
+
     /// <summary>What <see cref="PrefillStoreAsync"/> did: the prompt it prefilled, how much came from the cache, and how long it took.</summary>
     public sealed record StorePrefill(string Name, int Documents, int PromptTokens, int CachedTokens, double PrefillMs, bool PrefixCache);
 
@@ -300,13 +319,19 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
     /// </summary>
     public async Task<StorePrefill> PrefillStoreAsync(string name, CancellationToken cancellation)
     {
-        var store = await StoreContextAsync(name)
-            ?? throw ApiException.BadRequest($"context store '{name}' is not prefilled: it holds no documents, or it feeds drafting only (create it with \"in_prompt\": true to put its documents in prompts).", "name");
+        var store = await AskAsync(new ContextStoreProtocol.GetPromptDocuments(name)) switch
+        {
+            ContextStoreProtocol.PromptDocuments { InPrompt: false } => throw ApiException.BadRequest($"context store '{name}' feeds drafting only, so its documents are in no prompt and there is nothing to prefill; to put them in prompts, delete it (DELETE /v1/context_stores/{name}) and create it again with \"in_prompt\": true.", "name"),
+            ContextStoreProtocol.PromptDocuments { Documents.Length: 0 } => throw ApiException.BadRequest($"context store '{name}' holds no documents yet; add one with POST /v1/context_stores/{name}/documents, then prefill.", "name"),
+            ContextStoreProtocol.PromptDocuments => await StoreContextAsync(name) ?? throw StoreMissing(name, "name"),
+            ContextStoreProtocol.StoreMissing => throw StoreMissing(name, "name"),
+            var other => throw new ApiException(500, $"unexpected reply {other.GetType().Name} from the context store actor; please report this."),
+        };
         string prefix = PromptTemplate.ContextPrefix(store.Text, Bundle.HasRoleTokens);
         int[] prompt = Encode(prefix);
-        if (prompt.Length >= Settings.Capacity)
+        if (prompt.Length > Settings.Capacity - StoreRoom)
         {
-            throw new ApiException(400, $"the documents of context store '{name}' take {prompt.Length} tokens, and the model's context holds {Settings.Capacity} with room for a question and an answer; delete the store and add fewer documents, or raise Capacity.", "name", "context_length_exceeded");
+            throw new ApiException(400, $"the documents of context store '{name}' take {prompt.Length} tokens, which leaves less than {StoreRoom} of the model's {Settings.Capacity}-token context for a question and its answer; delete the store and add fewer or shorter documents, or restart with a larger --capacity.", "name", "context_length_exceeded");
         }
 
         var outcome = await RunAsync(new InferenceRequest(prompt, 1, new Sampling(), [], ContextStore: name) { KeepPrefix = store.Pin(prompt.Length) }, _ => Task.CompletedTask, cancellation);

@@ -158,6 +158,30 @@ public class PrefixCacheTests
     }
 
     [Fact]
+    public void One_generation_should_hold_several_chains_and_a_newer_one_replace_them()
+    {
+        var (rt, plain) = Tiny();
+        using var _ = rt;
+        var prefix = new PrefixCache(blockTokens: 8);
+        int[] chat = [.. Enumerable.Range(3, 16)], completion = [.. Enumerable.Range(20, 16)]; // one store's documents, two renderings
+        using (var cc = Prefilled(rt, plain, chat))
+        using (var co = Prefilled(rt, plain, completion))
+        {
+            prefix.Insert(chat, cc, null, long.MaxValue);
+            prefix.Insert(completion, co, null, long.MaxValue);
+        }
+
+        Assert.Equal(2, prefix.Pin("docs", 4, chat, 16));
+        Assert.Equal(2, prefix.Pin("docs", 4, completion, 16)); // the same generation adds its chain
+        Assert.Equal(2, prefix.Pin("docs", 4, chat, 16)); // and pinning one again never counts twice
+        Assert.Equal(4, prefix.PinnedBlocks);
+        Assert.Equal(2, prefix.Pin("docs", 5, chat, 16)); // a newer generation replaces both
+        Assert.Equal(2, prefix.PinnedBlocks);
+        prefix.Unpin("docs", 5);
+        Assert.Equal(0, prefix.PinnedBlocks);
+    }
+
+    [Fact]
     public void Calibration_rows_should_travel_with_their_blocks_and_come_back_in_order()
     {
         var (rt, plain) = Tiny();

@@ -17,13 +17,19 @@ namespace CoordGen.Actors.Contexts;
 /// actor tells the device to release that pin (<see cref="DeviceProtocol.ReleasePrefix"/>).
 /// </para>
 /// </summary>
-public sealed class ContextStoreActor : ReceiveActor
+public sealed class ContextStoreActor : ReceiveActor, IWithTimers
 {
     public const int MaxTokensPerStore = 200_000;
     private readonly int _maxStores;
     private readonly IActorRef? _device;
     private readonly Dictionary<string, Store> _stores = new(StringComparer.Ordinal);
-    private long _generation;
+
+    // Seeded from the clock, so a restarted store actor's generations still exceed those the device has seen.
+    private long _generation = DateTime.UtcNow.Ticks;
+
+    // The latest generation released per store name, sent again when a release met a restarting device.
+    private readonly Dictionary<string, long> _released = new(StringComparer.Ordinal);
+    private const int MaxReleasesKept = 4096;
 
     /// <param name="device">Where prefix pins are released (null: no device, as in tests of the store alone).</param>
     public ContextStoreActor(int maxStores, IActorRef? device)
@@ -42,8 +48,16 @@ public sealed class ContextStoreActor : ReceiveActor
         Receive<ContextStoreProtocol.ListStores>(_ => Sender.Tell(new ContextStoreProtocol.StoreList(
             [.. _stores.OrderBy(p => p.Key, StringComparer.Ordinal).Select(p => Info(p.Key, p.Value))])));
 
-        // A release sent while the device restarts: the new device starts with an empty cache anyway.
-        Receive<SupervisionProtocol.DeviceRestarting>(_ => { });
+        // A release sent while the device restarts was lost; a run resumed on the new device could pin the
+        // released documents again, so every release kept is sent again once the device is back.
+        Receive<SupervisionProtocol.DeviceRestarting>(_ => ScheduleResend());
+        Receive<ResendReleases>(_ =>
+        {
+            foreach (var (name, generation) in _released)
+            {
+                _device?.Tell(new DeviceProtocol.ReleasePrefix(name, generation));
+            }
+        });
     }
 
     public static Props Props(int maxStores = 64, IActorRef? device = null) => Akka.Actor.Props.Create(() => new ContextStoreActor(maxStores, device));
@@ -116,8 +130,30 @@ public sealed class ContextStoreActor : ReceiveActor
     {
         if (old.InPrompt)
         {
+            _released[name] = old.Generation;
+            if (_released.Count > MaxReleasesKept)
+            {
+                _released.Remove(_released.MinBy(p => p.Value).Key);
+            }
+
             _device?.Tell(new DeviceProtocol.ReleasePrefix(name, old.Generation));
         }
+    }
+
+    public ITimerScheduler Timers { get; set; } = null!;
+
+    // One pending resend at a time: a release met a restarting device, so send them all again shortly.
+    private void ScheduleResend()
+    {
+        if (!Timers.IsTimerActive(nameof(ResendReleases)))
+        {
+            Timers.StartSingleTimer(nameof(ResendReleases), ResendReleases.Instance, TimeSpan.FromMilliseconds(500));
+        }
+    }
+
+    private sealed record ResendReleases
+    {
+        public static readonly ResendReleases Instance = new();
     }
 
     private sealed record Store(ImmutableList<int[]> Documents, HistoryStore Snapshot, bool InPrompt, long Generation);

@@ -77,7 +77,7 @@ internal static class BenchKv
                     for (int n = 0; n < 8; n++)
                     {
                         var k = new KvCache(c.NumLayers, c.NumKvHeads, c.HeadDim, [cap], formats[i]);
-                        k.AppendSlots(rows.AsSpan(0, k.SlotBytesFor(cap)), cap);
+                        k.AppendSlots(rows.AsSpan(0, (int)k.SlotBytesFor(cap)), cap);
                         held.Add(k);
                     }
 

@@ -127,7 +127,7 @@ internal static class BenchPrefixStores
                             int[] prompt = bundle.Tokenizer.Encode(text);
                             var o = await service.RunAsync(new InferenceRequest(prompt, question.MaxTokens, new GenerationProtocol.Sampling(), [], Method: method, ContextStore: $"doc{s}")
                             {
-                                KeepPrefix = store?.Pin(bundle.Tokenizer.Encode(PromptTemplate.ContextPrefix(store.Text, bundle.HasRoleTokens)).Length),
+                                KeepPrefix = store is null ? null : service.PinFor(store, PromptTemplate.ContextPrefix(store.Text, bundle.HasRoleTokens), prompt),
                             }, _ => Task.CompletedTask, ct);
                             ttfts.Add(o.TimeToFirstTokenMs ?? 0);
                             texts.Add(o.Text);

@@ -66,6 +66,7 @@ internal static class BenchSessions
         var width = new Option<int>("--width") { Description = "Verification width of the spec mode.", DefaultValueFactory = _ => 8 };
         var modesOpt = new Option<string>("--modes") { Description = "Comma-separated modes: ar (plain), spec (the method at the fixed --width), spec-adaptive (the method, width chosen per step: the server's default).", DefaultValueFactory = _ => "ar,spec,spec-adaptive" };
         var weights = CommonOptions.Weights();
+        var kv = CommonOptions.Kv();
         var packedOpt = new Option<string>("--packed") { Description = "true: plain sessions ready together share one device run when it pays (packed steps, the server's default); false: one session per device run; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var prefixOpt = new Option<string>("--prefix-cache") { Description = "true: the prefix cache is on (the server's default), emptied before every pass; false: every prompt is prefilled whole; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
@@ -75,7 +76,7 @@ internal static class BenchSessions
         var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest; adaptive width costs widths by the profile), so the modes meet an NPU's step times; the report is then sessions-PROFILE.md and says so. Steps last tens of ms: use few points, e.g. --sessions 8 --requests 2.");
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
         {
-            model, workload, sessions, requests, method, width, modesOpt, packedOpt, prefixOpt, threads, rounds, json, outDir, deviceProfile, weights,
+            model, workload, sessions, requests, method, width, modesOpt, packedOpt, prefixOpt, threads, rounds, json, outDir, deviceProfile, weights, kv,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -114,7 +115,7 @@ internal static class BenchSessions
             var prompts = BenchStreams.Prompts(bundle, 4, files);
             int maxSessions = counts.Max();
             var profile = parse.GetValue(deviceProfile) is { Length: > 0 } pn ? Engine.Scheduling.DeviceProfile.Load(pn) : null;
-            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, PackedSteps = packings.Contains(true), PrefixCache = caches.Contains(true), Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
+            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, PackedSteps = packings.Contains(true), PrefixCache = caches.Contains(true), Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), Kv = parse.GetValue(kv), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
 
             // Each prompt alone first, without the prefix cache: the reference every concurrent stream must equal.
             var device = await service.SelectDevice();
@@ -213,7 +214,7 @@ internal static class BenchSessions
             var gc = new GcCounts(GC.CollectionCount(0) - gcBefore[0], GC.CollectionCount(1) - gcBefore[1], GC.CollectionCount(2) - gcBefore[2], (GC.GetTotalPauseDuration() - gcPauseBefore).TotalMilliseconds);
             // One workload file of its own: the report is named after it (sessions-summary.md), so per-family runs sit beside the mixed one.
             string? family = parse.GetValue(workload) is { Length: 1 } one ? Path.GetFileNameWithoutExtension(one[0].Name) : null;
-            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), profile, paced, family, files, gc, bundle.Name + (parse.GetValue(weights) == Engine.Model.WeightFormat.F32 ? "" : "-" + Engine.Model.WeightQuantizer.Name(parse.GetValue(weights))));
+            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), profile, paced, family, files, gc, bundle.Name + (parse.GetValue(weights) == Engine.Model.WeightFormat.F32 ? "" : "-" + Engine.Model.WeightQuantizer.Name(parse.GetValue(weights))) + (parse.GetValue(kv) == Engine.Runtime.KvFormat.F32 ? "" : "-kv-f16"));
             return rows.All(r => r.IdenticalToAlone) ? 0 : 1;
         });
         return cmd;

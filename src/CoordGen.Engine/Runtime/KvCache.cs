@@ -139,6 +139,7 @@ public sealed class KvCache : IDisposable
     /// <remarks>The new rows are in the cache's <see cref="Format"/> (the graphs write them so).</remarks>
     public void Commit(IReadOnlyList<Array> newKeys, IReadOnlyList<Array> newValues, int width, ReadOnlySpan<int> rows)
     {
+        CheckFormat(newKeys[0]);
         EnsureRoom(Length + rows.Length);
         int d = HeadDim * _e;
         for (int l = 0; l < Layers; l++)
@@ -162,6 +163,15 @@ public sealed class KvCache : IDisposable
         Length += rows.Length;
     }
 
+    // Rows are copied as bytes: a source in the other format would be silently wrong.
+    private void CheckFormat(Array rows)
+    {
+        if ((rows is Float16[]) != (Format == KvFormat.F16))
+        {
+            throw new ArgumentException($"new keys and values are {rows.GetType().Name} but this cache holds {Format.Name()}: build them with KvCache.Allocate(cache.Format, ...).");
+        }
+    }
+
     private static void Move(Array buffer, int from, int to, int bytes)
     {
         var raw = Raw(buffer);
@@ -176,6 +186,7 @@ public sealed class KvCache : IDisposable
     /// </summary>
     public void WriteLayers(int first, int end, IReadOnlyList<Array?> newKeys, IReadOnlyList<Array?> newValues, int width, int count, int at)
     {
+        CheckFormat(newKeys[first]!);
         EnsureRoom(at + count);
         int d = HeadDim * _e;
         for (int l = first; l < end; l++)
@@ -247,7 +258,7 @@ public sealed class KvCache : IDisposable
     public long SlotBytes => BytesFor(Layers, KvHeads, HeadDim, 1, Format);
 
     /// <summary>Bytes <see cref="CopySlotsTo"/> writes for <paramref name="count"/> slots.</summary>
-    public int SlotBytesFor(int count) => 2 * Layers * KvHeads * count * HeadDim * _e;
+    public long SlotBytesFor(int count) => 2L * Layers * KvHeads * count * HeadDim * _e;
 
     /// <summary>
     /// Copies committed slots [from, from + count) into <paramref name="dest"/>, laid out per layer keys

@@ -25,7 +25,7 @@ public sealed class PrefixCache
     private readonly Dictionary<long, Block> _byId = [];
     private readonly SortedSet<(long LastUse, long Id)> _leaves = [];
     private readonly SortedSet<(long LastUse, long Id)> _pinnedLeaves = [];
-    private readonly Dictionary<string, (long Generation, long[] Blocks)> _pins = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, (long Generation, HashSet<long> Blocks)> _pins = new(StringComparer.Ordinal);
     private readonly Dictionary<string, long> _released = new(StringComparer.Ordinal);
     private long _clock;
     private long _ids;
@@ -107,6 +107,7 @@ public sealed class PrefixCache
     /// </summary>
     public int Insert(ReadOnlySpan<int> prompt, KvCache cache, TopRows? top, long room)
     {
+        CheckFormat(cache);
         int blocks = Math.Min(prompt.Length, cache.Length) / BlockTokens, added = 0;
         long parent = 0;
         Block? previous = null;
@@ -182,10 +183,12 @@ public sealed class PrefixCache
     /// <summary>
     /// Pins, for <paramref name="owner"/>, the cached whole blocks that hold the first
     /// <paramref name="tokens"/> tokens of <paramref name="prompt"/> (from the start, up to the first block
-    /// the cache lacks), in place of what the owner pinned before. <paramref name="generation"/> orders an
-    /// owner's pins: an older one than the owner holds, or one at or below a generation
-    /// <see cref="Unpin"/> released, is ignored (a request that read a store before it changed may finish
-    /// its prefill after the change). Returns the blocks pinned.
+    /// the cache lacks). <paramref name="generation"/> orders an owner's pins: a newer generation replaces
+    /// what the owner pinned before; the same one adds to it (a store's documents open chat prompts and
+    /// text completions with different tokens, so one generation may hold a few chains); an older one than
+    /// the owner holds, or one at or below a generation <see cref="Unpin"/> released, is ignored (a request
+    /// that read a store before it changed may finish its prefill after the change). Returns the blocks
+    /// this chain holds pinned.
     /// </summary>
     public int Pin(string owner, long generation, ReadOnlySpan<int> prompt, int tokens)
     {
@@ -204,13 +207,21 @@ public sealed class PrefixCache
             parent = block.Id;
         }
 
-        Release(owner);
-        foreach (long id in chain)
+        if (_pins.TryGetValue(owner, out held) && held.Generation < generation)
+        {
+            Release(owner);
+        }
+
+        if (!_pins.TryGetValue(owner, out held))
+        {
+            _pins[owner] = held = (generation, []);
+        }
+
+        foreach (long id in chain.Where(held.Blocks.Add))
         {
             ChangePins(_byId[id], +1);
         }
 
-        _pins[owner] = (generation, [.. chain]);
         return chain.Count;
     }
 
@@ -277,6 +288,21 @@ public sealed class PrefixCache
         Bytes = 0;
     }
 
+    private KvFormat? _format;
+
+    /// <summary>Blocks hold rows as bytes in the format of the caches they came from: every cache that uses them must have it.</summary>
+    internal void CheckFormat(KvCache cache)
+    {
+        if (_blocks.Count == 0)
+        {
+            _format = cache.Format;
+        }
+        else if (_format != cache.Format)
+        {
+            throw new InvalidOperationException($"this prefix cache holds {_format?.Name()} rows and cannot serve a {cache.Format.Name()} cache; clear it first.");
+        }
+    }
+
     private void Touch(Block block)
     {
         bool leaf = block.Children == 0;
@@ -318,12 +344,12 @@ public sealed class PrefixCache
         private byte* _rows;
         private readonly int _bytes;
 
-        public Block(long id, Block? parent, int[] tokens, int bytes)
+        public Block(long id, Block? parent, int[] tokens, long bytes)
         {
             Id = id;
             Parent = parent;
             Tokens = tokens;
-            _bytes = bytes;
+            _bytes = checked((int)bytes);
             _rows = (byte*)System.Runtime.InteropServices.NativeMemory.Alloc((nuint)bytes);
         }
 
@@ -407,6 +433,11 @@ public sealed class PrefixHit
         if (cache.Length != 0)
         {
             throw new InvalidOperationException($"a cached prefix goes into an empty cache (this one holds {cache.Length} slots).");
+        }
+
+        if (_blocks.Count > 0)
+        {
+            _owner.CheckFormat(cache);
         }
 
         foreach (var b in _blocks)

@@ -145,7 +145,7 @@ public static partial class OpenAiApi
         int maxTokens = service.ResolveMaxTokens(prompt.Length, req.MaxTokens);
         var request = new InferenceRequest(prompt, maxTokens, req.Sampling, req.Stop, req.Method, req.Width, req.ContextStore)
         {
-            KeepPrefix = store?.Pin(service.Encode(prefix).Length),
+            KeepPrefix = service.PinFor(store, prefix, prompt),
         };
         string id = (chat ? "chatcmpl-" : "cmpl-") + Guid.NewGuid().ToString("N")[..24];
         long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
