@@ -70,6 +70,7 @@ internal static class ModelInflate
         File.WriteAllText(Path.Combine(outDir, "config.json"), twinConfig.ToJson());
         File.Copy(Path.Combine(sourceDir, "tokenizer.json"), Path.Combine(outDir, "tokenizer.json"), overwrite: true);
         File.WriteAllText(Path.Combine(outDir, "README.md"), Readme(source, twinConfig, shapeName, seed));
+        File.WriteAllText(Path.Combine(outDir, ConstructionFile), ModelInflation.ConstructionVersion.ToString(CultureInfo.InvariantCulture));
         ConsoleUi.Err.MarkupLineInterpolated($"wrote a {twinConfig.ParameterCount / 1e6:F1}M-parameter twin of {source.Name} ({shapeName} shape) to {outDir}");
         ConsoleUi.Err.MarkupLineInterpolated($"[grey]its vocabulary is the source's {twinConfig.VocabSize} tokens, so its head is smaller than the real {shapeName}'s; everything else has the target's size.[/]");
     }
@@ -78,13 +79,18 @@ internal static class ModelInflate
     /// Resolves <c>twin:NAME</c> to models/twins/demo-NAME of the checkout, making the twin of the
     /// embedded demo model there on first use (seed <see cref="TwinSeed"/>).
     /// </summary>
+    /// <summary>The file in a twin's folder that names the construction version that made it (<see cref="ModelInflation.ConstructionVersion"/>).</summary>
+    public const string ConstructionFile = "construction-version.txt";
+
     public static string ResolveTwin(string shapeName)
     {
         var shape = ShapeCatalog.Get(shapeName);
         string dir = Path.Combine(ModelLocator.RepoRoot(), "models", "twins", "demo-" + shapeName);
-        if (!File.Exists(Path.Combine(dir, "config.json")) || !File.Exists(Path.Combine(dir, "model.safetensors")))
+        string version = Path.Combine(dir, ConstructionFile);
+        bool current = File.Exists(version) && File.ReadAllText(version).Trim() == ModelInflation.ConstructionVersion.ToString(CultureInfo.InvariantCulture);
+        if (!File.Exists(Path.Combine(dir, "config.json")) || !File.Exists(Path.Combine(dir, "model.safetensors")) || !current)
         {
-            ConsoleUi.Err.MarkupLineInterpolated($"[grey]making the {shapeName} twin of the demo model in {dir} (once; git ignores it)[/]");
+            ConsoleUi.Err.MarkupLineInterpolated($"[grey]making the {shapeName} twin of the demo model in {dir} (once per construction version; git ignores it)[/]");
             Write(ModelLocator.Resolve(null), InflationTarget.FromShape(shape), shapeName, TwinSeed, dir);
         }
 
