@@ -278,12 +278,17 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         return await AskAsync(new ContextStoreProtocol.GetPromptDocuments(store)) switch
         {
             ContextStoreProtocol.PromptDocuments { InPrompt: false } or ContextStoreProtocol.PromptDocuments { Documents.Length: 0 } => null,
-            ContextStoreProtocol.PromptDocuments d => new StoreContext(d.Name, d.Generation, d.Documents.Length,
-                string.Join("\n", d.Documents.Select(t => Bundle.Tokenizer.Decode(t.Tokens)))),
+            ContextStoreProtocol.PromptDocuments d => ToContext(d),
             ContextStoreProtocol.StoreMissing m => throw StoreMissing(m.Name),
-            var other => throw new ApiException(500, $"unexpected reply {other.GetType().Name} from the context store actor; please report this."),
+            var other => throw UnexpectedStoreReply(other),
         };
     }
+
+    private StoreContext ToContext(ContextStoreProtocol.PromptDocuments d) =>
+        new(d.Name, d.Generation, d.Documents.Length, string.Join("\n", d.Documents.Select(t => Bundle.Tokenizer.Decode(t.Tokens))));
+
+    private static ApiException UnexpectedStoreReply(object reply) =>
+        new(500, $"unexpected reply {reply.GetType().Name} from the context store actor; please report this.");
 
     /// <summary>The error for a context store that does not exist.</summary>
     public static ApiException StoreMissing(string name, string param = "context_store") =>
@@ -323,9 +328,9 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         {
             ContextStoreProtocol.PromptDocuments { InPrompt: false } => throw ApiException.BadRequest($"context store '{name}' feeds drafting only, so its documents are in no prompt and there is nothing to prefill; to put them in prompts, delete it (DELETE /v1/context_stores/{name}) and create it again with \"in_prompt\": true.", "name"),
             ContextStoreProtocol.PromptDocuments { Documents.Length: 0 } => throw ApiException.BadRequest($"context store '{name}' holds no documents yet; add one with POST /v1/context_stores/{name}/documents, then prefill.", "name"),
-            ContextStoreProtocol.PromptDocuments => await StoreContextAsync(name) ?? throw StoreMissing(name, "name"),
+            ContextStoreProtocol.PromptDocuments d => ToContext(d),
             ContextStoreProtocol.StoreMissing => throw StoreMissing(name, "name"),
-            var other => throw new ApiException(500, $"unexpected reply {other.GetType().Name} from the context store actor; please report this."),
+            var other => throw UnexpectedStoreReply(other),
         };
         string prefix = PromptTemplate.ContextPrefix(store.Text, Bundle.HasRoleTokens);
         int[] prompt = Encode(prefix);

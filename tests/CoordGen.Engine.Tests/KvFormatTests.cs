@@ -49,19 +49,7 @@ public class KvFormatTests
     {
         var demo = Demo.Value;
         using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 4, 8, 64], new RuntimeOptions { Kv = KvFormat.F16 });
-        var plain = new Generator(rt);
-        var spec = new SpeculativeDecoder(rt);
-        foreach (string task in new[] { "summary", "rag", "ui", "reply" })
-        {
-            foreach (var item in WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", task + ".jsonl")).Take(2))
-            {
-                int[] prompt = demo.Tokenizer.Encode(PromptTemplate.Render(item.Context, item.Prompt, demo.HasRoleTokens));
-                var a = plain.Generate(prompt, 48, new SamplingOptions(), demo.StopTokens);
-                using var pre = spec.Prefill(prompt, new CalibrationOptions());
-                var b = spec.Generate(pre, 48, new SamplingOptions(), demo.StopTokens, SpeculationOptions.ForMethod("sam+ours", 8) with { AdaptiveWidth = adaptive });
-                Assert.Equal(a.Tokens, b.Tokens);
-            }
-        }
+        TestModels.AssertSpeculationLossless(demo, rt, adaptive);
     }
 
     private static float[] Halves(byte[] raw) => [.. System.Runtime.InteropServices.MemoryMarshal.Cast<byte, Half>(raw).ToArray().Select(h => (float)h)];

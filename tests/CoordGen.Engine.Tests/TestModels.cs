@@ -1,9 +1,12 @@
+using CoordGen.Engine.Generation;
 using CoordGen.Engine.Model;
 using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Speculative;
+using CoordGen.Engine.Workloads;
 
 namespace CoordGen.Engine.Tests;
 
-/// <summary>Small random-weight models for graph tests.</summary>
+/// <summary>Small random-weight models for graph tests, and checks the engine tests share.</summary>
 internal static class TestModels
 {
     public static ModelConfig Tiny(bool bias = false, bool tied = true, int kvHeads = 2) => new()
@@ -40,6 +43,30 @@ internal static class TestModels
             }
 
             cache.Commit(buf.NewKeys, buf.NewValues, width, Enumerable.Range(0, n).ToArray());
+        }
+    }
+
+    /// <summary>
+    /// Speculative greedy output (sam+ours, width 8, fixed and/or adaptive width) equals plain greedy output on
+    /// <paramref name="rt"/>, for the first two prompts of each of the four workload families.
+    /// </summary>
+    public static void AssertSpeculationLossless(ModelBundle demo, OrtModelRuntime rt, params bool[] adaptive)
+    {
+        var plain = new Generator(rt);
+        var spec = new SpeculativeDecoder(rt);
+        foreach (string task in new[] { "summary", "rag", "ui", "reply" })
+        {
+            foreach (var item in WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", task + ".jsonl")).Take(2))
+            {
+                int[] prompt = demo.Tokenizer.Encode(PromptTemplate.Render(item.Context, item.Prompt, demo.HasRoleTokens));
+                var a = plain.Generate(prompt, 48, new SamplingOptions(), demo.StopTokens);
+                foreach (bool adapt in adaptive)
+                {
+                    using var pre = spec.Prefill(prompt, new CalibrationOptions());
+                    var b = spec.Generate(pre, 48, new SamplingOptions(), demo.StopTokens, SpeculationOptions.ForMethod("sam+ours", 8) with { AdaptiveWidth = adapt });
+                    Assert.Equal(a.Tokens, b.Tokens);
+                }
+            }
         }
     }
 

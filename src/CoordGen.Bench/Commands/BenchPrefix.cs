@@ -337,7 +337,7 @@ internal static class BenchPrefix
         return new TimedStream(tokens, arrivals.Length == 0 ? 0 : Stopwatch.GetElapsedTime(start, arrivals[0]).TotalMilliseconds);
     }
 
-    private static double Median(List<double> xs)
+    internal static double Median(List<double> xs)
     {
         if (xs.Count == 0)
         {

@@ -153,7 +153,7 @@ internal static class BenchPrefixStores
                     }
 
                     r.Store.AddRange(ttfts);
-                    r.Headlines.Add(Median(ttfts));
+                    r.Headlines.Add(BenchPrefix.Median(ttfts));
                     r.Identical &= rows.Values.Where(x => x.Texts.Count > 0).All(x => x.Texts.SequenceEqual(texts));
                     if (r.Texts.Count == 0)
                     {
@@ -171,8 +171,8 @@ internal static class BenchPrefixStores
             Stores = stores,
             KvBudgetMb = budgetMb,
             StoreQuestions = kv.Value.Store.Count,
-            MedianTtftMsStore = Median(kv.Value.Store),
-            MedianTtftMsOther = Median(kv.Value.Other),
+            MedianTtftMsStore = BenchPrefix.Median(kv.Value.Store),
+            MedianTtftMsOther = BenchPrefix.Median(kv.Value.Other),
             StorePromptTokens = kv.Value.Prompt,
             StoreCachedTokens = kv.Value.Cached,
             PrefillOnceMs = Math.Round(kv.Value.PrefillMs, 1),
@@ -196,8 +196,6 @@ internal static class BenchPrefixStores
         public long Evictions;
         public bool Identical = true;
     }
-
-    private static double Median(List<double> xs) => xs.Count == 0 ? 0 : Math.Round(xs.Order().ElementAt(xs.Count / 2), 1);
 
     private static void Write(List<StoreRow> rows, BenchStamp stamp, string model, string method, int rounds, string dir, FileInfo? json)
     {
