@@ -55,6 +55,7 @@ internal static class BenchPrefix
         var sessions = new Option<int>("--sessions") { Description = "Concurrent sessions on rag-shared.", DefaultValueFactory = _ => 8 };
         var method = new Option<string>("--method") { Description = "Decoding method of every request (the server's default).", DefaultValueFactory = _ => "sam+ours" };
         var rounds = new Option<int>("--rounds") { Description = "Times each workload runs each way, the two ways taking turns (this shared machine drifts in speed); the rows sum the rounds and list each round's headline.", DefaultValueFactory = _ => 2 };
+        var warmupRounds = new Option<int>("--warmup-rounds") { Description = "Untimed rounds before the timed ones, the same passes both ways (outputs still checked): on this machine a process took about three passes to reach its steady speed (JIT tiers, caches), which otherwise favours whichever way runs later.", DefaultValueFactory = _ => 1 };
         var kvBudget = new Option<int>("--kv-budget-mb") { Description = "KV memory budget (sessions' caches and the prefix cache together); lower it to see the cache evict under pressure.", DefaultValueFactory = _ => 1024 };
         var weights = CommonOptions.Weights();
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device; 0 = one per core.", DefaultValueFactory = _ => 0 };
@@ -64,14 +65,20 @@ internal static class BenchPrefix
         var stores = new Option<bool>("--stores") { Description = "Instead: --documents documents of rag-shared as in-prompt context stores, prefilled once and pinned, against the same prompts with least-recently-used caching alone, while one-off questions about the other documents press a KV budget sized to one session and --documents + 1 documents (prefix-stores.md)." };
         var cmd = new Command("prefix", "The prefix cache on and off, side by side in one run: time to first token of chat turns after the first, aggregate tokens/s of concurrent questions about shared documents, prefill tokens avoided, memory; outputs checked equal both ways.")
         {
-            model, conversations, documents, sessions, method, rounds, kvBudget, weights, threads, json, outDir, checkAll, stores,
+            model, conversations, documents, sessions, method, rounds, warmupRounds, kvBudget, weights, threads, json, outDir, checkAll, stores,
         };
         cmd.SetAction(async (parse, ct) =>
         {
             int nConv = parse.GetValue(conversations), nDocs = parse.GetValue(documents), nSessions = parse.GetValue(sessions), nRounds = parse.GetValue(rounds);
+            int nWarm = parse.GetValue(warmupRounds);
             if (nConv < 1 || nDocs < 1 || nSessions < 1 || nRounds < 1)
             {
                 throw new ArgumentException("--conversations, --documents, --sessions and --rounds must be at least 1.");
+            }
+
+            if (nWarm < 0)
+            {
+                throw new ArgumentException($"--warmup-rounds must be 0 or more (got {nWarm}).");
             }
 
             var stamp = BenchStamp.Capture();
@@ -115,14 +122,16 @@ internal static class BenchPrefix
             var outputs = new Dictionary<(string, bool), List<int[]>>();
             await AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).StartAsync(async progress =>
             {
-                var bar = progress.AddTask("workload x cache x round", maxValue: nRounds * 4);
-                for (int round = 0; round < nRounds; round++)
+                var bar = progress.AddTask("workload x cache x round (warm-up first)", maxValue: (nWarm + nRounds) * 4);
+                for (int round = -nWarm; round < nRounds; round++)
                 {
-                    // The two ways take turns, starting with a different one each round.
-                    bool[] order = round % 2 == 0 ? [false, true] : [true, false];
+                    // The two ways take turns, starting with a different one each round; warm-up rounds
+                    // (negative) are checked but not timed.
+                    bool[] order = (round + nWarm) % 2 == nWarm % 2 ? [false, true] : [true, false];
+                    Point Row(string workload, bool on) => round < 0 ? new Point() : Get(points, (workload, on));
                     foreach (bool on in order)
                     {
-                        var pt = Get(points, ("chat", on));
+                        var pt = Row("chat", on);
                         var outs = new List<int[]>();
                         var run = await Measure(service, device, on, async () =>
                         {
@@ -146,7 +155,7 @@ internal static class BenchPrefix
 
                     foreach (bool on in order)
                     {
-                        var pt = Get(points, ("rag-shared", on));
+                        var pt = Row("rag-shared", on);
                         var outs = new int[shared.Count][];
                         int next = -1;
                         long tokens0 = pt.Tokens;
@@ -193,7 +202,7 @@ internal static class BenchPrefix
                 PerRound = [.. kv.Value.Headlines],
             }).OrderBy(r => r.Workload).ThenBy(r => r.PrefixCache).ToList();
             string name = bundle.Name + (parse.GetValue(weights) == Engine.Model.WeightFormat.F32 ? "" : "-" + Engine.Model.WeightQuantizer.Name(parse.GetValue(weights)));
-            Write(rows, stamp, m, nRounds, parse.GetValue(kvBudget), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), name);
+            Write(rows, stamp, m, nRounds, nWarm, parse.GetValue(kvBudget), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), name);
             return rows.All(r => r.Identical) ? 0 : 1;
         });
         return cmd;
@@ -348,7 +357,7 @@ internal static class BenchPrefix
         return Math.Round(s.Count % 2 == 1 ? s[s.Count / 2] : (s[(s.Count / 2) - 1] + s[s.Count / 2]) / 2, 1);
     }
 
-    private static void Write(List<PrefixRow> rows, BenchStamp stamp, string method, int rounds, int kvBudgetMb, string dir, FileInfo? json, string model)
+    private static void Write(List<PrefixRow> rows, BenchStamp stamp, string method, int rounds, int warmup, int kvBudgetMb, string dir, FileInfo? json, string model)
     {
         Directory.CreateDirectory(dir);
         // A budget other than the server's default names the report after it (prefix-kv20mb.md), beside the default's.
@@ -364,7 +373,7 @@ internal static class BenchPrefix
         var md = new StringBuilder();
         md.AppendLine("# Prefix cache (`coordgen bench prefix`)").AppendLine();
         md.AppendLine(stamp.ToMarkdown()).AppendLine();
-        md.AppendLine(CultureInfo.InvariantCulture, $"The prefix cache on and off on one loaded model, side by side: each way runs each workload {rounds} time(s), the two ways taking turns and starting with a different one each round, and the cache is emptied before every pass (a pass reuses only what it prefilled itself). Method `{method}` with adaptive width (the server's default), greedy. KV budget {kvBudgetMb} MiB, shared by the sessions' caches and the prefix cache (docs/decisions/0019-prefix-cache.md).").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"The prefix cache on and off on one loaded model, side by side: each way runs each workload {rounds} time(s) after {warmup} untimed warm-up round(s) of the same passes, the two ways taking turns and starting with a different one each round, and the cache is emptied before every pass (a pass reuses only what it prefilled itself). Method `{method}` with adaptive width (the server's default), greedy. KV budget {kvBudgetMb} MiB, shared by the sessions' caches and the prefix cache (docs/decisions/0019-prefix-cache.md).").AppendLine();
         md.AppendLine("- **chat**: conversations of workloads/chat.jsonl one after another, turns in order; each turn's prompt carries the history as the server renders a chat, so it starts with the previous turn's context section. Time to first token (TTFT) is from the request to its first token.");
         md.AppendLine("- **rag-shared**: the questions of workloads/rag-shared.jsonl (4-8 per document), taken in order by concurrent sessions, so questions about one document run close together. Aggregate tokens/s counts generated tokens over wall time.").AppendLine();
         md.AppendLine("`cached` counts prompt tokens whose keys and values came from the cache; `prefill device ms` is the device's time in prefill chunks; `cache MiB` the most the cache held at the end of a pass; `RSS` the process's largest working set seen after a pass.").AppendLine();
