@@ -93,6 +93,16 @@ public class CoordGenOptions
     /// </summary>
     public bool PrefixCache { get; set; } = true;
 
+    /// <summary>
+    /// Before <see cref="InferenceService.Start(CoordGenOptions)"/> returns, run two short greedy requests through
+    /// the actors (plain decoding and <see cref="Method"/>), so the first real request does not pay for
+    /// compiling the .NET code of prefill, drafting, verification and streaming: on the demo model the README's
+    /// `generate` decoded at about half speed without it (docs/decisions/0021-warm-up-at-start.md). The
+    /// prefix cache is emptied after; the request and token counters include the two. Skipped with fault
+    /// injection. Default true.
+    /// </summary>
+    public bool WarmUp { get; set; } = true;
+
     /// <summary>Compile every (width, KV bucket) graph when the device starts instead of on first use (slower start and device restarts; benchmarks use it so no compile lands in a timed region).</summary>
     public bool PrecompileAll { get; set; }
 

@@ -220,6 +220,19 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
             prefixCacheBudget: settings.PrefixCache ? settings.KvBudgetMb * 1024L * 1024L : 0);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         var service = new InferenceService(bundle, settings, system, supervisor, runtimes) { Faults = plan };
+        if (settings.WarmUp && faults is null)
+        {
+            try
+            {
+                service.WarmUpAsync().GetAwaiter().GetResult();
+            }
+            catch
+            {
+                service.Dispose();
+                throw;
+            }
+        }
+
         if (plan is not null)
         {
             // Session kills and device-actor crashes strike actors, not the runtime's hooks: when the plan arms
@@ -238,6 +251,32 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         }
 
         return service;
+    }
+
+    /// <summary>
+    /// Two short greedy requests through the actors, plain and with the default method (<see cref="CoordGenOptions.WarmUp"/>):
+    /// every .NET method of prefill, calibration, drafting, verification and streaming is compiled before the
+    /// first real request. The prompt repeats itself, so drafts are found and trees verified. The prefix cache
+    /// is emptied after, so the first request finds it as it would have.
+    /// </summary>
+    private async Task WarmUpAsync()
+    {
+        const string Text = "The keeper climbed the narrow stairs and lit the great lamp for the ships. ";
+        string prompt = PromptTemplate.Render(string.Concat(Enumerable.Repeat(Text, 4)), "Repeat the text.", Bundle.HasRoleTokens);
+        int[] ids = Bundle.Tokenizer.Encode(prompt);
+        const int MaxTokens = 16;
+        if (ids.Length + MaxTokens + Settings.Width + 1 >= Settings.Capacity)
+        {
+            return; // a capacity this small has nothing to warm that a first request would not
+        }
+
+        foreach (string method in new[] { "ar", Settings.Method }.Distinct())
+        {
+            await StreamAsync(new InferenceRequest(ids, MaxTokens, new Sampling(0, 0, 1, 0), [], method), _ => Task.CompletedTask, CancellationToken.None);
+        }
+
+        var device = await SelectDevice();
+        device.Tell(new DiagnosticsProtocol.SetPrefixCache(Settings.PrefixCache));
     }
 
     /// <summary>The fault plan running because <see cref="CoordGenOptions.Faults"/> asked for one (null when off): what it has injected so far.</summary>

@@ -29,17 +29,15 @@ public class GenerationSupervisorSpecs : TestKit
         Assert.Equal(FailureKind.Overloaded, refused.Kind);
         Assert.True(refused.RetryAfterSeconds > 0);
 
-        // Finishing one frees a place: the next request is admitted.
+        // Finishing one frees a place before its caller hears of the end: a request sent right after the
+        // answer is admitted (no waiting for the session actor to stop).
         var first = await device.ExpectMsgAsync<DeviceProtocol.Run>();
         var firstSender = device.LastSender;
         await device.ExpectMsgAsync<DeviceProtocol.Run>();
         firstSender.Tell(new DeviceProtocol.Ended(first.Attempt, new GenerationCompleted(first.Request.SessionId, TokenSequence.Empty, "length", 0, 0, null)));
         Assert.Equal(first.Request.SessionId, (await ExpectMsgAsync<GenerationCompleted>()).SessionId);
-        await AwaitAssertAsync(async () =>
-        {
-            supervisor.Tell(SupervisionProtocol.GetLoad.Instance, TestActor);
-            Assert.Equal(1, (await ExpectMsgAsync<SupervisionProtocol.Load>()).Pending);
-        });
+        supervisor.Tell(SupervisionProtocol.GetLoad.Instance, TestActor);
+        Assert.Equal(1, (await ExpectMsgAsync<SupervisionProtocol.Load>()).Pending);
         supervisor.Tell(Request("d"), TestActor);
         var admitted = await device.ExpectMsgAsync<DeviceProtocol.Run>();
         Assert.Equal("d", admitted.Request.SessionId.Value);

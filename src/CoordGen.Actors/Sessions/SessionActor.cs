@@ -116,6 +116,10 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
     private void Finish(object reply)
     {
         _log.EndAttempts();
+
+        // First the supervisor (the request's place is free), then the caller: a caller that sends its next
+        // request as soon as this one ends must not find the place still taken.
+        Context.Parent.Tell(new SessionFinished(_request.SessionId));
         if (reply is GenerationFailed f)
         {
             _request.Output.TryComplete(f.Kind == FailureKind.Cancelled ? new OperationCanceledException(f.Detail) : new InvalidOperationException(f.Detail));
@@ -126,7 +130,6 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
         }
 
         _replyTo.Tell(reply);
-        Context.Parent.Tell(new SessionFinished(_request.SessionId));
         Context.Stop(Self);
     }
 

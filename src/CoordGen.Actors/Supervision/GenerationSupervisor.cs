@@ -45,12 +45,20 @@ public sealed class GenerationSupervisor : ReceiveActor
         Receive<Generate>(Admit);
         Receive<ContextStoreProtocol.Snapshot>(m => Resolved(m.Name, m.Context));
         Receive<ContextStoreProtocol.StoreMissing>(m => Resolved(m.Name, null));
-        Receive<SessionFinished>(_ => _live.Remove(Sender));
+        // A finished session frees its place at once: it says so before its caller sees the end of the stream,
+        // so a caller's next request, sent after that, finds the place free (Terminated comes later).
+        Receive<SessionFinished>(_ =>
+        {
+            if (_live.Remove(Sender))
+            {
+                _pending--;
+            }
+        });
         Receive<Terminated>(t =>
         {
-            _pending--;
             if (_live.Remove(t.ActorRef, out var lost))
             {
+                _pending--;
                 // Stopped without finishing (it failed too often): the caller still gets an answer.
                 lost.Request.Output.TryComplete(new InvalidOperationException("session failed"));
                 lost.ReplyTo.Tell(new GenerationFailed(lost.Request.SessionId, FailureKind.DeviceFault, "the session failed repeatedly and was stopped; retry the request."));

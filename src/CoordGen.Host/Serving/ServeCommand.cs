@@ -45,6 +45,7 @@ internal static class ServeCommand
         var prefixCache = new Option<bool?>("--prefix-cache") { Description = "true (default): keep prefilled prompts' keys and values (in 32-token blocks, inside --kv-budget-mb beside the sessions' caches) so a prompt that starts the same way (chat history, a shared document) prefills only the rest; usage reports prompt_tokens_details.cached_tokens. false: prefill every prompt whole. Output is the same either way (docs/decisions/0019-prefix-cache.md).", HelpName = "true|false" };
         var packed = new Option<bool?>("--packed-steps") { Description = "true (default): plain (ar) sessions decoding at the same time share one device run (each in its own slot, against its own cache) when recent step times say it pays; false: one session per run. Output is the same either way (docs/decisions/0016-packed-steps.md).", HelpName = "true|false" };
         var adaptive = new Option<bool?>("--adaptive-width") { Description = "true (default): each speculative step verifies on the compiled width (1, 4 or --width) that gives the most tokens per millisecond for that session; false: always --width.", HelpName = "true|false" };
+        var warmUp = new Option<bool?>("--warm-up") { Description = "true (default): before listening, run two short requests (plain and --method) so the first client's request does not pay for compiling .NET code (docs/decisions/0021-warm-up-at-start.md); they count in /metrics. false: start listening at once.", HelpName = "true|false" };
         var rpm = new Option<int?>("--requests-per-minute") { Description = "Rate limit per client address on /v1 (/health and /metrics are not limited); 0 (default) = unlimited.", HelpName = "N" };
         var faults = new Option<string?>("--faults") { Description = "Inject faults for black-box fault tests: a seeded schedule such as 'kinds=DeviceException,NonFiniteLogits,SessionKill;gap=8;seed=7' (kinds: DeviceException, DeviceHang, NonFiniteLogits, DrafterCrash, CalibratorCrash, SessionKill, DeviceActorCrash, or all; gap = mean device steps between faults; budget = faults in all). Requests resume after each fault, so their output must not change. Off by default; refused without --allow-faults; shown in /health and the request log while on.", HelpName = "SPEC" };
         var allowFaults = new Option<bool?>("--allow-faults") { Description = "Let --faults run (never in production).", HelpName = "true|false", Arity = ArgumentArity.ZeroOrOne };
@@ -52,7 +53,7 @@ internal static class ServeCommand
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, packed, prefixCache, weights, kv, faults, allowFaults, watchdog,
+            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, packed, prefixCache, warmUp, weights, kv, faults, allowFaults, watchdog,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -101,6 +102,7 @@ internal static class ServeCommand
             Put(adaptive, "AdaptiveWidth");
             Put(packed, "PackedSteps");
             Put(prefixCache, "PrefixCache");
+            Put(warmUp, "WarmUp");
             var settings = LoadSettings(parse.GetValue(config), overrides);
             await RunAsync(settings, ct);
             return 0;
