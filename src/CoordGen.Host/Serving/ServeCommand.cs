@@ -152,7 +152,7 @@ internal static class ServeCommand
     private static async Task RunAsync(ServerSettings settings, CancellationToken ct)
     {
         var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(settings.Model));
-        await using var service = ConsoleUi.Status("compiling graphs", () => InferenceService.Start(bundle, settings));
+        await using var service = ConsoleUi.Status(settings.WarmUp ? "compiling graphs, warming up" : "compiling graphs", () => InferenceService.Start(bundle, settings));
 
         var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [], ContentRootPath = Directory.GetCurrentDirectory() });
         builder.Logging.ClearProviders();
