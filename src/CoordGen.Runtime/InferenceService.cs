@@ -224,12 +224,14 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         {
             try
             {
-                service.WarmUpAsync().GetAwaiter().GetResult();
+                // On a pool thread: a caller with a single-threaded synchronization context (a UI thread)
+                // blocking here must not be the thread the warm-up's continuations wait for.
+                Task.Run(service.WarmUpAsync).GetAwaiter().GetResult();
             }
-            catch
+            catch (Exception ex)
             {
                 service.Dispose();
-                throw;
+                throw new InvalidOperationException($"the start-up warm-up request failed: {ex.Message} The model or device cannot generate as configured; fix that, or set WarmUp = false (--warm-up false) to start without it.", ex);
             }
         }
 
@@ -270,9 +272,11 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
             return; // a capacity this small has nothing to warm that a first request would not
         }
 
+        // Bounded: a device that hangs with the step watchdog off must not hold the start forever.
+        using var limit = new CancellationTokenSource(TimeSpan.FromMinutes(2));
         foreach (string method in new[] { "ar", Settings.Method }.Distinct())
         {
-            await StreamAsync(new InferenceRequest(ids, MaxTokens, new Sampling(0, 0, 1, 0), [], method), _ => Task.CompletedTask, CancellationToken.None);
+            await StreamAsync(new InferenceRequest(ids, MaxTokens, new Sampling(0, 0, 1, 0), [], method), _ => Task.CompletedTask, limit.Token);
         }
 
         var device = await SelectDevice();

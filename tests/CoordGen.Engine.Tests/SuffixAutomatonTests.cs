@@ -101,4 +101,58 @@ public class SuffixAutomatonTests
         Assert.Equal([3], dest[..n]);
         Assert.Equal(0, sam.Advance(c, -1).Length);
     }
+
+    [Fact]
+    public void Out_tokens_should_be_every_token_that_follows_a_state_in_the_order_first_seen()
+    {
+        Gen.Int[0, 4].Array[1, 50].Sample(seq =>
+        {
+            var sam = new SuffixAutomaton();
+            sam.ExtendAll(seq);
+            for (int start = 0; start < seq.Length; start++)
+            {
+                for (int len = 1; start + len <= seq.Length && len <= 4; len++)
+                {
+                    var pattern = seq.AsSpan(start, len);
+                    var cursor = sam.Match(pattern);
+                    if (cursor.Length != len)
+                    {
+                        continue;
+                    }
+
+                    // Brute force: the tokens after each occurrence of the state's longest string, by first
+                    // occurrence. A state stands for a set of strings with the same end positions, so the
+                    // pattern's followers are the state's.
+                    var expected = new List<int>();
+                    for (int i = 0; i + len < seq.Length; i++)
+                    {
+                        if (seq.AsSpan(i, len).SequenceEqual(pattern) && !expected.Contains(seq[i + len]))
+                        {
+                            expected.Add(seq[i + len]);
+                        }
+                    }
+
+                    Assert.Equal(expected.Order(), sam.OutTokens(cursor.State).Order());
+                }
+            }
+        });
+    }
+
+    [Fact]
+    public void Out_token_enumeration_should_end_cleanly_and_start_empty_for_a_default_list()
+    {
+        var sam = new SuffixAutomaton();
+        sam.ExtendAll([1, 2, 1, 3]);
+        var e = sam.OutTokens(0).GetEnumerator();
+        var seen = new List<int>();
+        while (e.MoveNext())
+        {
+            seen.Add(e.Current);
+        }
+
+        Assert.Equal([1, 2, 3], seen); // insertion order
+        Assert.False(e.MoveNext()); // and again after the end
+        Assert.Throws<InvalidOperationException>(() => e.Current);
+        Assert.Empty(default(SuffixAutomaton.OutTokenList));
+    }
 }

@@ -84,12 +84,12 @@ public class LibraryTests
         var request = new InferenceRequest(prompt, 32, new(0, 0, 1, 0), [], Method: "sam+ours");
 
         InferenceOutcome clean;
-        await using (var plain = InferenceService.Start(bundle, new CoordGenOptions { PrefillWidth = 256, StepWatchdogMs = 0, Capacity = 1024, KvBudgetMb = 64 }))
+        await using (var plain = InferenceService.Start(bundle, new CoordGenOptions { PrefillWidth = 256, StepWatchdogMs = 0, Capacity = 1024, KvBudgetMb = 64, WarmUp = false }))
         {
             clean = await plain.RunAsync(request, _ => Task.CompletedTask, CancellationToken.None);
         }
 
-        await using var watched = InferenceService.Start(bundle, new CoordGenOptions { PrefillWidth = 256, StepWatchdogMs = 1, Capacity = 1024, KvBudgetMb = 64 }, maxAttempts: 500);
+        await using var watched = InferenceService.Start(bundle, new CoordGenOptions { PrefillWidth = 256, StepWatchdogMs = 1, Capacity = 1024, KvBudgetMb = 64, WarmUp = false }, maxAttempts: 500);
         var outcome = await watched.RunAsync(request, _ => Task.CompletedTask, CancellationToken.None);
         Assert.Equal(clean.Text, outcome.Text);
         Assert.True(outcome.Attempts > 1, "the watchdog never ended a run");

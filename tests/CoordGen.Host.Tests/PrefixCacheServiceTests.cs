@@ -16,8 +16,9 @@ public class PrefixCacheServiceTests
 {
     private static readonly Lazy<ModelBundle> Demo = new(() => ModelBundle.Load(Path.Combine(ServerProcess.RepoRoot, "models", "coordgen-demo")));
 
+    // No warm-up: these tests count the cache's hits, evictions and reused tokens from an empty start.
     private static InferenceService Start(bool cache, int kvBudgetMb = 64, int capacity = 2048) =>
-        InferenceService.Start(Demo.Value, new CoordGenOptions { Capacity = capacity, KvBudgetMb = kvBudgetMb, PrefixCache = cache, MaxPending = 32 });
+        InferenceService.Start(Demo.Value, new CoordGenOptions { Capacity = capacity, KvBudgetMb = kvBudgetMb, PrefixCache = cache, MaxPending = 32, WarmUp = false });
 
     private static int[] Encode(WorkloadItem w) => Demo.Value.Tokenizer.Encode(PromptTemplate.Render(w.Context, w.Prompt, Demo.Value.HasRoleTokens));
 

@@ -171,12 +171,17 @@ public sealed class SuffixAutomaton
         {
             private int _edge = -2;
 
-            public readonly int Current => sam._edgeToken[_edge];
+            public readonly int Current => _edge >= 0 ? sam._edgeToken[_edge] : throw new InvalidOperationException("enumeration has not started or has ended.");
 
             readonly object System.Collections.IEnumerator.Current => Current;
 
             public bool MoveNext()
             {
+                if (sam is null || _edge == -1)
+                {
+                    return false; // default(OutTokenList), or already past the end
+                }
+
                 _edge = _edge == -2 ? first : sam._edgeSibling[_edge];
                 return _edge >= 0;
             }
