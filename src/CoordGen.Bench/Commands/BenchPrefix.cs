@@ -127,17 +127,8 @@ internal static class BenchPrefix
                 {
                     // The two ways take turns, starting with a different one each round; warm-up rounds
                     // (negative) are checked but not timed.
-                    bool[] order = (round + nWarm) % 2 == nWarm % 2 ? [false, true] : [true, false];
+                    bool[] order = int.IsEvenInteger(round) ? [false, true] : [true, false];
                     Point Row(string workload, bool on) => round < 0 ? new Point() : Get(points, (workload, on));
-
-                    // A warm-up round's outputs are checked like a timed round's: a mismatch marks the row.
-                    void Carry((string, bool) key, Point pt)
-                    {
-                        if (round < 0 && !pt.Identical)
-                        {
-                            Get(points, key).Identical = false;
-                        }
-                    }
                     foreach (bool on in order)
                     {
                         var pt = Row("chat", on);
@@ -158,8 +149,7 @@ internal static class BenchPrefix
                         });
                         pt.Add(run);
                         pt.Headlines.Add(Median([.. pt.LaterTtfts.Skip(pt.LaterTtfts.Count - chat.Sum(c => c.Count - 1))]));
-                        Check(outputs, ("chat", on), outs, pt);
-                        Carry(("chat", on), pt);
+                        Check(outputs, ("chat", on), outs, Get(points, ("chat", on))); // a warm-up round's mismatch marks the row too
                         bar.Increment(1);
                     }
 
@@ -187,8 +177,7 @@ internal static class BenchPrefix
                         })));
                         pt.Add(run);
                         pt.Headlines.Add(Math.Round((pt.Tokens - tokens0) / run.Seconds, 1));
-                        Check(outputs, ("rag-shared", on), [.. outs], pt);
-                        Carry(("rag-shared", on), pt);
+                        Check(outputs, ("rag-shared", on), [.. outs], Get(points, ("rag-shared", on)));
                         bar.Increment(1);
                     }
                 }
