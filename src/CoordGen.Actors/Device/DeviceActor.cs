@@ -193,7 +193,7 @@ public sealed partial class DeviceActor : ReceiveActor
         pick.OthersDecoding = decoding.Count > (prefill ? 0 : 1); // a decode step's session is one of them
         var (plain, spec, stops, self, prefix) = (_plain!, _spec!, _stopTokens, Self, prefill ? _prefix.ForPrefill : null);
         double paceMs = _emulate?.StepMs(pick.StepWidth(runtime)) ?? 0;
-        var step = Task.Run(() => DeviceSession.RunStep(pick, group, packWidth, runtime, plain, spec, stops, prefix, paceMs));
+        var step = Task.Run(() => DeviceSteps.Run(pick, group, packWidth, runtime, plain, spec, stops, prefix, paceMs));
         _inflight = step;
         step.PipeTo(self, success: t => new StepDone(pick, group, prefill, null, t.Start, t.End, t.Overran),
             failure: ex => new StepDone(pick, group, prefill, ex, 0, 0, false));

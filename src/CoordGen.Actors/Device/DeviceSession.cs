@@ -22,16 +22,11 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     private readonly Queue<GeneratedToken> _pending = new();
     private readonly SamplingOptions _sampling = run.Request.Sampling.ToEngine();
     private TokenLogprob? _logprob;
-    private PrefillSession? _prefill;
-    private Func<Prefilled>? _finishPrefill;
-    private KvCache? _plainCache;
+    private SessionPrefill? _prefill;
     private SpeculativeSession? _spec;
     private PlainSession? _plain;
     private SpeculationOptions? _options;
     private bool _treeStep;
-
-    // The calibration rows of the prompt's positions, kept for the prefix cache (null when not calibrating).
-    private List<TopRows>? _promptRows;
 
     // A tree that came before the verdict it follows (the verifier tells the drafter and the device at once).
     private DrafterProtocol.Proposal? _early;
@@ -107,7 +102,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     public int PrefillTokensLeft => Decoding ? 0 : _prefill?.Remaining ?? Request.Prompt.Count;
 
     /// <summary>Prompt tokens whose keys and values came from the prefix cache (known after the first prefill step).</summary>
-    public int CachedTokens { get; private set; }
+    public int CachedTokens => _prefill?.CachedTokens ?? 0;
 
     /// <summary>
     /// Bytes the prefix cache may hold while this session prefills: the KV budget less every running
@@ -225,99 +220,30 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         }
     }
 
-    /// <summary>
-    /// One device step off the mailbox thread: <paramref name="pick"/>'s own step, or a packed run of
-    /// <paramref name="group"/> (plain when <paramref name="packWidth"/> is 1, else trees of that width);
-    /// with <paramref name="paceMs"/> &gt; 0 the step is held until that long has passed (what-if pacing).
-    /// Returns its Stopwatch timestamps and whether it overran the pace.
-    /// </summary>
-    public static (long Start, long End, bool Overran) RunStep(DeviceSession pick, List<DeviceSession>? group, int packWidth, OrtModelRuntime runtime,
-        Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix, double paceMs)
+    /// <summary>This session's input to a packed width-1 run: its plain session, or its speculative root alone.</summary>
+    internal INarrowStep BeginPackedNarrow() => (INarrowStep?)_plain ?? _spec!.BeginNarrow();
+
+    /// <summary>After a packed width-1 run: a speculative session's root row goes to the verifier.</summary>
+    internal void EndPackedNarrow()
     {
-        long start = Stopwatch.GetTimestamp();
-        if (group is null)
+        if (_spec is not null)
         {
-            pick.StepOnce(runtime, plain, spec, stops, prefix);
-        }
-        else if (packWidth == 1)
-        {
-            StepPacked(group, runtime);
-        }
-        else
-        {
-            StepPackedTrees(group, packWidth);
-        }
-
-        double left = paceMs - Stopwatch.GetElapsedTime(start).TotalMilliseconds;
-        if (paceMs > 0 && left > 0)
-        {
-            Thread.Sleep(TimeSpan.FromMilliseconds(left));
-        }
-
-        return (start, Stopwatch.GetTimestamp(), paceMs > 0 && left < 0);
-    }
-
-    /// <summary>One packed device run for several plain sessions (off the mailbox thread, like <see cref="StepOnce"/>): traced as one span, each session's tokens counted under its method.</summary>
-    public static void StepPacked(IReadOnlyList<DeviceSession> group, OrtModelRuntime runtime)
-    {
-        using var span = Telemetry.Source.StartActivity("coordgen.decode_packed", ActivityKind.Internal, group[0].Request.Trace);
-        span?.SetTag("coordgen.sessions", group.Count);
-        span?.SetTag("coordgen.session_ids", string.Join(',', group.Select(a => a.Request.SessionId.Value)));
-        long t0 = Stopwatch.GetTimestamp();
-        int before = group.Sum(a => a._plain?.Output.Count ?? 0);
-        try
-        {
-            // Plain sessions' next tokens and speculative sessions' root-alone steps, each in its own slot.
-            NarrowSteps.RunPacked(runtime, [.. group.Select(a => a._plain ?? a._spec!.BeginNarrow())]);
-            foreach (var a in group.Where(a => a._spec is not null))
-            {
-                a._treeStep = false;
-                a.Verify(a._spec!.TakeNarrow(), 1);
-            }
-        }
-        catch (Exception ex)
-        {
-            span?.SetStatus(ActivityStatusCode.Error, ex.Message);
-            throw;
-        }
-        finally
-        {
-            Telemetry.DeviceBusy.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", "decode_packed"));
-            Telemetry.Tokens.Add(group.Sum(a => a._plain?.Output.Count ?? 0) - before, new KeyValuePair<string, object?>("method", "ar"));
+            _treeStep = false;
+            Verify(_spec.TakeNarrow(), 1);
         }
     }
 
-    /// <summary>
-    /// One packed device run for several speculative sessions' trees of one width (off the mailbox thread):
-    /// each tree in its own slot against its own cache, then each to the verifier, as <see cref="StepOnce"/> does for one.
-    /// </summary>
-    public static void StepPackedTrees(IReadOnlyList<DeviceSession> group, int width)
-    {
-        using var span = Telemetry.Source.StartActivity("coordgen.device_run_packed", ActivityKind.Internal, group[0].Request.Trace);
-        span?.SetTag("coordgen.sessions", group.Count);
-        span?.SetTag("coordgen.width", width);
-        span?.SetTag("coordgen.session_ids", string.Join(',', group.Select(a => a.Request.SessionId.Value)));
-        long t0 = Stopwatch.GetTimestamp();
-        try
-        {
-            var trees = SpeculativeSession.BeginPacked([.. group.Select(a => a._spec!)], width, ownRows: true);
-            for (int i = 0; i < group.Count; i++)
-            {
-                group[i]._treeStep = trees[i].Tokens.Length > 0;
-                group[i].Verify(trees[i], width);
-            }
+    /// <summary>Tokens this plain session has produced so far (0 for a speculative one).</summary>
+    internal int PlainTokens => _plain?.Output.Count ?? 0;
 
-            Thread.Yield(); // as in StepOnce: the verifier's worker gets this core now
-        }
-        catch (Exception ex)
-        {
-            span?.SetStatus(ActivityStatusCode.Error, ex.Message);
-            throw;
-        }
-        finally
-        {
-            Telemetry.DeviceBusy.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", "device_run_packed"));
-        }
+    /// <summary>This speculative session's half of a packed tree run.</summary>
+    internal SpeculativeSession SpeculativeState => _spec!;
+
+    /// <summary>After a packed tree run: this session's tree goes to the verifier.</summary>
+    internal void VerifyPacked(TreeToVerify tree, int width)
+    {
+        _treeStep = tree.Tokens.Length > 0;
+        Verify(tree, width);
     }
 
     // Acceptance runs on the verifier while the device moves on to other sessions.
@@ -359,54 +285,22 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
                 throw new ArgumentException($"max tokens must be at least 1 (got {r.MaxTokens}).");
             }
 
-            int[] prompt = [.. r.Prompt.Tokens];
-            bool calibrating = Speculative && _options!.UseCalibration;
-
-            // Look up first (it marks the chain used), copy the hit into the new cache (below), and only then
-            // yield the room this session's cache takes: a trim never frees a block before it is copied.
-            var hit = prefix?.Lookup(prompt, calibrating ? _options!.Calibration.TopK : 0);
-            CachedTokens = hit?.Tokens ?? 0;
-            PrefixMetrics(CachedTokens, prompt.Length - CachedTokens);
-            if (!Speculative)
-            {
-                _plainCache = runtime.CreateCache();
-                hit?.CopyInto(_plainCache);
-                _prefill = plain.BeginPrefill(_plainCache, prompt[CachedTokens..]);
-            }
-            else
-            {
-                // Calibration runs on the calibrator actor: each chunk's top-k rows go there as the device
-                // moves on (a cached prefix's rows first), and are kept for the prefix cache.
-                var cal = _options!.Calibration;
-                var self = Id;
-                _promptRows = calibrating && prefix is not null ? [] : null;
-                (_prefill, _finishPrefill) = spec.BeginPrefill(prompt, calibrating ? cal : null, rows =>
-                {
-                    _promptRows?.Add(rows);
-                    roles.Calibrator.Tell(new CalibratorProtocol.Chunk(self, rows), roles.Device);
-                }, hit);
-            }
-
-            Trimmed(prefix, () => prefix!.Trim(PrefixRoom));
+            _prefill = new SessionPrefill(Id, r, Speculative ? _options : null, roles);
         }
 
-        if (!_prefill.Step(ChunkWidth))
+        if (!_prefill.Step(runtime, plain, spec, prefix, ChunkWidth, PrefixRoom))
         {
             return;
         }
 
-        if (_plainCache is not null)
+        if (!Speculative)
         {
-            Remember(prefix, _plainCache, null);
-            var cache = _plainCache;
-            _plainCache = null;
-            _plain = plain.StartDecode(cache, _prefill.LastLogits, r.Prompt.Count, _prefill.ElapsedMs, r.MaxTokens, _sampling, stops, Enqueue, KeepLogprob);
+            var (cache, pre) = _prefill.TakePlain(prefix, PrefixRoom);
+            _plain = plain.StartDecode(cache, pre.LastLogits, r.Prompt.Count, pre.ElapsedMs, r.MaxTokens, _sampling, stops, Enqueue, KeepLogprob);
         }
         else
         {
-            using var pre = _finishPrefill!();
-            Remember(prefix, pre.Cache, pre.CalibrationFailed ? null : _promptRows);
-            _promptRows = null;
+            using var pre = _prefill.TakeSpeculative(prefix, PrefixRoom);
             _spec = spec.Start(pre, r.MaxTokens, _sampling, stops, _options!, null, Enqueue, adoptCache: true, onLogprobs: KeepLogprob, externalDrafter: true);
             if (pre.CalibrationDeferred)
             {
@@ -419,57 +313,6 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
                 roles.Drafter.Tell(new DrafterProtocol.Calibrated(Id, null, 0), roles.Device);
             }
         }
-    }
-
-    /// <summary>
-    /// The prompt's whole blocks go into the prefix cache, before decoding writes past them, and those of a
-    /// context store's documents are pinned for the store (<see cref="Generate.KeepPrefix"/>). The cache is
-    /// an optimisation: if keeping them fails (memory), the request goes on without (the cache stays
-    /// consistent: a block enters whole or not at all).
-    /// </summary>
-    private void Remember(PrefixCache? prefix, KvCache cache, List<TopRows>? rows)
-    {
-        if (prefix is null)
-        {
-            return;
-        }
-
-        try
-        {
-            int[] prompt = [.. Request.Prompt.Tokens];
-            Trimmed(prefix, () => prefix.Insert(prompt, cache, rows is { Count: > 0 } ? PrefixCache.Join(rows) : null, PrefixRoom));
-            if (Request.KeepPrefix is { } pin)
-            {
-                prefix.Pin(pin.Owner, pin.Generation, prompt, pin.Tokens);
-                Telemetry.PrefixPinnedBlocks = prefix.PinnedBlocks;
-            }
-        }
-        catch (Exception ex) when (ex is not OperationCanceledException)
-        {
-            Telemetry.Source.StartActivity("coordgen.prefix_cache_insert_failed", ActivityKind.Internal, Request.Trace)?.SetStatus(ActivityStatusCode.Error, ex.Message).Dispose();
-        }
-    }
-
-    /// <summary>Runs a change to the prefix cache and reports the blocks it evicted and the bytes it holds.</summary>
-    private static void Trimmed(PrefixCache? prefix, Action change)
-    {
-        if (prefix is null)
-        {
-            return;
-        }
-
-        long evicted = prefix.Evictions;
-        change();
-        Telemetry.PrefixEvictions.Add(prefix.Evictions - evicted);
-        Telemetry.PrefixBytes = prefix.Bytes;
-        Telemetry.PrefixPinnedBlocks = prefix.PinnedBlocks;
-    }
-
-    private static void PrefixMetrics(int cached, int prefilled)
-    {
-        Telemetry.PrefixLookups.Add(1, new KeyValuePair<string, object?>("result", cached > 0 ? "hit" : "miss"));
-        Telemetry.PrefixTokens.Add(cached, new KeyValuePair<string, object?>("source", "cache"));
-        Telemetry.PrefixTokens.Add(prefilled, new KeyValuePair<string, object?>("source", "prefill"));
     }
 
     // The session reports a token's log-probabilities just before the token (on the same thread).
@@ -532,14 +375,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     public void Dispose()
     {
         CancellationWake.Dispose();
-        _plainCache?.Dispose();
+        _prefill?.Dispose(); // a prefill abandoned half way
         _plain?.Dispose();
         _spec?.Dispose();
-        if (_spec is null && _finishPrefill is not null && _prefill is { Done: false })
-        {
-            // A prefill abandoned half way: release its cache.
-            _finishPrefill().Dispose();
-        }
     }
 }
 

@@ -1,0 +1,105 @@
+using System.Diagnostics;
+using CoordGen.Engine.Generation;
+using CoordGen.Engine.Runtime;
+using CoordGen.Engine.Scheduling;
+using CoordGen.Engine.Speculative;
+
+namespace CoordGen.Actors.Device;
+
+/// <summary>
+/// Batch assembly: what one device run carries, off the mailbox thread. A run is one session's own step
+/// (<see cref="DeviceSession.StepOnce"/>), a packed width-1 run of several sessions (plain tokens and
+/// speculative roots alone), or a packed run of several speculative sessions' trees of one width. Each
+/// session's rows go back to it, and a speculative session's rows on to the verifier.
+/// </summary>
+internal static class DeviceSteps
+{
+    /// <summary>
+    /// One device step: <paramref name="pick"/>'s own step, or a packed run of <paramref name="group"/>
+    /// (plain when <paramref name="packWidth"/> is 1, else trees of that width); with <paramref name="paceMs"/>
+    /// &gt; 0 the step is held until that long has passed (what-if pacing). Returns its Stopwatch timestamps
+    /// and whether it overran the pace.
+    /// </summary>
+    public static (long Start, long End, bool Overran) Run(DeviceSession pick, List<DeviceSession>? group, int packWidth, OrtModelRuntime runtime,
+        Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix, double paceMs)
+    {
+        long start = Stopwatch.GetTimestamp();
+        if (group is null)
+        {
+            pick.StepOnce(runtime, plain, spec, stops, prefix);
+        }
+        else if (packWidth == 1)
+        {
+            Narrow(group, runtime);
+        }
+        else
+        {
+            Trees(group, packWidth);
+        }
+
+        double left = paceMs - Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+        if (paceMs > 0 && left > 0)
+        {
+            Thread.Sleep(TimeSpan.FromMilliseconds(left));
+        }
+
+        return (start, Stopwatch.GetTimestamp(), paceMs > 0 && left < 0);
+    }
+
+    /// <summary>One packed width-1 run: plain sessions' next tokens and speculative sessions' roots alone, each in its own slot; traced as one span, tokens counted under <c>ar</c>.</summary>
+    public static void Narrow(IReadOnlyList<DeviceSession> group, OrtModelRuntime runtime)
+    {
+        using var span = Telemetry.Source.StartActivity("coordgen.decode_packed", ActivityKind.Internal, group[0].Request.Trace);
+        span?.SetTag("coordgen.sessions", group.Count);
+        span?.SetTag("coordgen.session_ids", string.Join(',', group.Select(a => a.Request.SessionId.Value)));
+        long t0 = Stopwatch.GetTimestamp();
+        int before = group.Sum(a => a.PlainTokens);
+        try
+        {
+            NarrowSteps.RunPacked(runtime, [.. group.Select(a => a.BeginPackedNarrow())]);
+            foreach (var a in group)
+            {
+                a.EndPackedNarrow();
+            }
+        }
+        catch (Exception ex)
+        {
+            span?.SetStatus(ActivityStatusCode.Error, ex.Message);
+            throw;
+        }
+        finally
+        {
+            Telemetry.DeviceBusy.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", "decode_packed"));
+            Telemetry.Tokens.Add(group.Sum(a => a.PlainTokens) - before, new KeyValuePair<string, object?>("method", "ar"));
+        }
+    }
+
+    /// <summary>One packed run of several speculative sessions' trees of one width: each tree in its own slot against its own cache, then each to the verifier, as a solo step does.</summary>
+    public static void Trees(IReadOnlyList<DeviceSession> group, int width)
+    {
+        using var span = Telemetry.Source.StartActivity("coordgen.device_run_packed", ActivityKind.Internal, group[0].Request.Trace);
+        span?.SetTag("coordgen.sessions", group.Count);
+        span?.SetTag("coordgen.width", width);
+        span?.SetTag("coordgen.session_ids", string.Join(',', group.Select(a => a.Request.SessionId.Value)));
+        long t0 = Stopwatch.GetTimestamp();
+        try
+        {
+            var trees = SpeculativeSession.BeginPacked([.. group.Select(a => a.SpeculativeState)], width, ownRows: true);
+            for (int i = 0; i < group.Count; i++)
+            {
+                group[i].VerifyPacked(trees[i], width);
+            }
+
+            Thread.Yield(); // as in a solo step: the verifier's worker gets this core now
+        }
+        catch (Exception ex)
+        {
+            span?.SetStatus(ActivityStatusCode.Error, ex.Message);
+            throw;
+        }
+        finally
+        {
+            Telemetry.DeviceBusy.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", "device_run_packed"));
+        }
+    }
+}
