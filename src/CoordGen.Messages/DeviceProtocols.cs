@@ -11,12 +11,43 @@ public readonly record struct Interval(long Start, long End);
 public static class DeviceProtocol
 {
     /// <summary>
+    /// What the device needs of a request, as plain data: no channel and no cancellation token (tokens go
+    /// back as <see cref="Tokens"/> messages and a cancellation comes as <see cref="CancelRun"/>), so a
+    /// session and its device could live on different nodes.
+    /// </summary>
+    public sealed record RunRequest(SessionId SessionId, TokenSequence Prompt, int MaxTokens, Sampling Sampling, string Method, int Width,
+        bool AdaptiveWidth = false, PrefixPin? KeepPrefix = null, ActivityContext Trace = default)
+    {
+        /// <summary>The device's part of a caller's request.</summary>
+        public static RunRequest From(Generate g) => new(g.SessionId, g.Prompt, g.MaxTokens, g.Sampling, g.Method, g.Width, g.AdaptiveWidth, g.KeepPrefix, g.Trace);
+    }
+
+    /// <summary>
     /// Session → device: run attempt <paramref name="Attempt"/> of <paramref name="Request"/>, drafting also from
     /// <paramref name="Context"/> (a snapshot never mutated after it is published). <paramref name="Resumed"/>
-    /// marks a run that continues a session after a fault: it is served first. Reply: <see cref="Ended"/>
-    /// (or, from the device's back-off supervisor while the device is down, <see cref="SupervisionProtocol.DeviceRestarting"/>).
+    /// marks a run that continues a session after a fault: it is served first. The sender and the attempt
+    /// name the run in every later message. The device sends the run's tokens as <see cref="Tokens"/>, then
+    /// <see cref="Ended"/> (or, from the device's back-off supervisor while the device is down,
+    /// <see cref="SupervisionProtocol.DeviceRestarting"/>).
     /// </summary>
-    public sealed record Run(Generate Request, IContextSnapshot? Context, int Attempt = 1, bool Resumed = false);
+    public sealed record Run(RunRequest Request, IContextSnapshot? Context, int Attempt = 1, bool Resumed = false);
+
+    /// <summary>Session → device: stop attempt <paramref name="Attempt"/> (the caller cancelled, or the session superseded it). It ends with <see cref="Ended"/> as a cancelled run; an attempt the device does not hold is ignored.</summary>
+    public sealed record CancelRun(int Attempt);
+
+    /// <summary>
+    /// Device → session: the next tokens of attempt <paramref name="Attempt"/>, in order. The device keeps at
+    /// most <see cref="StreamWindow"/> of a run's tokens unacknowledged; the session answers
+    /// <see cref="Delivered"/> as they enter the caller's channel, so a reader that falls behind pauses only
+    /// its own stream (backpressure without polling).
+    /// </summary>
+    public sealed record Tokens(int Attempt, ImmutableArray<GeneratedToken> Items);
+
+    /// <summary>Session → device: <paramref name="Count"/> tokens of attempt <paramref name="Attempt"/> left the device's window (written to the caller's channel, or dropped because the attempt was superseded).</summary>
+    public sealed record Delivered(int Attempt, int Count);
+
+    /// <summary>Tokens of one run that may be on their way to its channel, unacknowledged, before the device pauses that run.</summary>
+    public const int StreamWindow = 16;
 
     /// <summary>
     /// Context stores → device: <paramref name="Owner"/>'s documents changed or were deleted, so the prefix

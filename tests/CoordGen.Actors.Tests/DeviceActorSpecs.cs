@@ -71,17 +71,17 @@ public class DeviceActorSpecs : TestKit
         IReadOnlyList<int> firstAlone, secondAlone;
         using (var rt = NewRuntime())
         {
-            firstAlone = new Generator(rt).Generate(first, 12, new SamplingOptions(), new HashSet<int>()).Tokens;
+            firstAlone = new Generator(rt).Generate(first, 40, new SamplingOptions(), new HashSet<int>()).Tokens;
             secondAlone = new Generator(rt).Generate(second, 12, new SamplingOptions(), new HashSet<int>()).Tokens;
         }
 
         // Room for one session's cache: the first runs, the others wait without a cache.
         var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), maxActiveSessions: 1)));
-        var c1 = Channel.CreateBounded<GeneratedToken>(1); // unread for now: the first session stays on the device
+        var c1 = Channel.CreateBounded<GeneratedToken>(1); // unread for now: with more tokens than its channel and the device's window hold, the first session stays on the device
         var c2 = Channel.CreateUnbounded<GeneratedToken>();
         var c3 = Channel.CreateUnbounded<GeneratedToken>();
         using var cancelThird = new CancellationTokenSource();
-        device.Tell(new Generate(new SessionId("s1"), TokenSequence.From(first), 12, new Sampling(), "ar", 1, null, c1.Writer, CancellationToken.None), TestActor);
+        device.Tell(new Generate(new SessionId("s1"), TokenSequence.From(first), 40, new Sampling(), "ar", 1, null, c1.Writer, CancellationToken.None), TestActor);
         device.Tell(new Generate(new SessionId("s2"), TokenSequence.From(second), 12, new Sampling(), "sam+ours", 8, null, c2.Writer, CancellationToken.None), TestActor);
         device.Tell(new Generate(new SessionId("s3"), TokenSequence.From(third), 12, new Sampling(), "ar", 1, null, c3.Writer, cancelThird.Token), TestActor);
 
@@ -123,7 +123,8 @@ public class DeviceActorSpecs : TestKit
         var failed = await ExpectMsgAsync<GenerationFailed>();
         Assert.Equal(FailureKind.CapacityExceeded, failed.Kind);
         Assert.Contains("Shorten the prompt", failed.Detail);
-        await Assert.ThrowsAsync<PromptTooLongException>(async () => await tooLong.Reader.Completion);
+        var closed = await Assert.ThrowsAsync<InvalidOperationException>(async () => await tooLong.Reader.Completion);
+        Assert.Contains("Shorten the prompt", closed.Message);
         var completed = await ExpectMsgAsync<GenerationCompleted>();
         Assert.Equal("small", completed.SessionId.Value);
         Assert.Equal(5, completed.Tokens.Count);

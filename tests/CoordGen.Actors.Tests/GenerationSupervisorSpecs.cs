@@ -71,7 +71,7 @@ public class GenerationSupervisorSpecs : TestKit
         var device = CreateTestProbe();
         var supervisor = Sys.ActorOf(GenerationSupervisor.Props(Props.Create(() => new FakeForwardingDevice(device.Ref)), maxPending: 2));
         var mine = await supervisor.Ask<IActorRef>(DiagnosticsProtocol.GetDevice.Instance, TimeSpan.FromSeconds(5));
-        var run = new DeviceProtocol.Run(Request("lost"), null, Attempt: 3);
+        var run = new DeviceProtocol.Run(DeviceProtocol.RunRequest.From(Request("lost")), null, Attempt: 3);
 
         // Dead-lettered on its way to this supervisor's device: answered.
         Sys.EventStream.Publish(new Akka.Event.DeadLetter(run, TestActor, mine));

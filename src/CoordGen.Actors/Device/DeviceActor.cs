@@ -15,9 +15,10 @@ namespace CoordGen.Actors.Device;
 /// chunk, one decode step (a verified token tree, or one plain token) of one session, or one packed run of
 /// several plain sessions, chosen by <see cref="StepPolicy"/>. Steps run off the mailbox thread, one at a
 /// time. Its children do the CPU work beside the steps: the drafter (trees, from drafting state it owns),
-/// the verifier (acceptance, sampling streams) and the calibrator. Tokens are queued per session and
-/// written to its channel from the mailbox; a session whose reader lags is skipped until its channel has
-/// room (backpressure that pauses only that stream). A failure is a reply for that request, not a crash.
+/// the verifier (acceptance, sampling streams) and the calibrator. Tokens are queued per session and sent
+/// to its session actor from the mailbox; a run with <see cref="DeviceProtocol.StreamWindow"/> tokens not
+/// yet acknowledged (its reader lags) is skipped until they are (backpressure that pauses only that
+/// stream). A failure is a reply for that request, not a crash.
 /// </summary>
 public sealed partial class DeviceActor : ReceiveActor
 {
@@ -25,6 +26,9 @@ public sealed partial class DeviceActor : ReceiveActor
     private readonly IReadOnlySet<int> _stopTokens;
     private readonly RunQueues _queues;
     private readonly Dictionary<SessionRun, DeviceSession> _byId = [];
+
+    // Runs as their sessions name them: the session actor and the attempt.
+    private readonly Dictionary<(IActorRef Session, int Attempt), DeviceSession> _byAttempt = [];
     private readonly DeviceTimeline _timeline = new();
     private readonly int _interleavedChunkWidth;
     private readonly DeviceProfile? _emulate;
@@ -65,8 +69,12 @@ public sealed partial class DeviceActor : ReceiveActor
         Receive<DeviceProtocol.Run>(r => Admit(r, Sender));
         Receive<DeviceProtocol.ReleasePrefix>(r => _prefix.Release(r.Owner, r.ThroughGeneration));
         Receive<StepDone>(OnStepDone);
-        Receive<CancellationNoticed>(_ => Schedule());
-        Receive<RoomFreed>(OnRoomFreed);
+        Receive<DeviceProtocol.CancelRun>(c => Named(c.Attempt, s => s.Cancel()));
+        Receive<DeviceProtocol.Delivered>(d => Named(d.Attempt, s =>
+        {
+            s.Delivered(d.Count);
+            s.Flush();
+        }));
         Receive<DrafterProtocol.Proposal>(OnProposal);
         Receive<VerifierProtocol.Verified>(OnVerified);
         Receive<VerifierProtocol.VerifyFailed>(OnVerifyFailed);
@@ -132,13 +140,21 @@ public sealed partial class DeviceActor : ReceiveActor
     private void Admit(DeviceProtocol.Run run, IActorRef replyTo)
     {
         var session = new DeviceSession(new SessionRun(run.Request.SessionId, ++_runs), run, replyTo, _roles!, _emulate);
-
-        // A caller's cancellation wakes the device (the run may be waiting, or parked on a full channel).
-        session.CancellationWake = run.Request.Cancellation.Register(static device => ((IActorRef)device!).Tell(CancellationNoticed.Instance), Self);
         _byId[session.Id] = session;
+        _byAttempt[(replyTo, run.Attempt)] = session;
         session.Open();
         _queues.Admit(session);
         Schedule();
+    }
+
+    /// <summary>Applies a session's message to its run (an attempt this device does not hold is ignored), then schedules.</summary>
+    private void Named(int attempt, Action<DeviceSession> apply)
+    {
+        if (_byAttempt.TryGetValue((Sender, attempt), out var s))
+        {
+            apply(s);
+            Schedule();
+        }
     }
 
     private void Schedule()
@@ -165,8 +181,7 @@ public sealed partial class DeviceActor : ReceiveActor
         var pick = prefill ? prefilling[0] : choice == StepChoice.Decode ? _queues.NextDecode() : null;
         if (pick is null)
         {
-            ParkFullStreams();
-            return;
+            return; // woken by a tree, a verdict, an acknowledgement or a new run
         }
 
         _sinceChunk = prefill ? 0 : _sinceChunk + 1;
@@ -215,36 +230,6 @@ public sealed partial class DeviceActor : ReceiveActor
         }
     }
 
-    /// <summary>
-    /// Streams whose readers are behind (their channels full) wake the device when their channel has room
-    /// again, or when their request is cancelled: backpressure by awaiting the channel, no polling. Streams
-    /// waiting for a tree or a verdict are woken by the drafter's or the verifier's answer.
-    /// </summary>
-    private void ParkFullStreams()
-    {
-        foreach (var s in _queues.Decoding.Where(s => s.PendingCount > 0 && !s.AwaitingRoom && !s.Stepping))
-        {
-            s.AwaitingRoom = true;
-            var id = s.Id;
-            s.Request.Output.WaitToWriteAsync(s.Request.Cancellation).AsTask()
-                .ContinueWith(t => (object)new RoomFreed(id, t.IsCompletedSuccessfully && t.Result), CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default)
-                .PipeTo(Self);
-        }
-    }
-
-    private void OnRoomFreed(RoomFreed r)
-    {
-        // No room will come (the channel was completed, the attempt superseded or cancelled): stay parked;
-        // Retire removes a cancelled session at the next Schedule.
-        if (_byId.TryGetValue(r.Id, out var s))
-        {
-            s.AwaitingRoom = !r.HasRoom;
-            s.Flush();
-        }
-
-        Schedule();
-    }
-
     private void OnStepDone(StepDone done)
     {
         _busy = false;
@@ -262,7 +247,7 @@ public sealed partial class DeviceActor : ReceiveActor
             s.Stepping = false;
             if ((error ?? s.VerifyFailure) is { } cause)
             {
-                Finish(s, DeviceFailures.For(s.Request, cause), cause);
+                Finish(s, DeviceFailures.For(s.Request, cause));
             }
             else if (s.Verdict is not null)
             {
@@ -313,7 +298,7 @@ public sealed partial class DeviceActor : ReceiveActor
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {
-            Finish(s, DeviceFailures.For(s.Request, ex), ex);
+            Finish(s, DeviceFailures.For(s.Request, ex));
         }
     }
 
@@ -328,7 +313,7 @@ public sealed partial class DeviceActor : ReceiveActor
                 return;
             }
 
-            Finish(s, DeviceFailures.For(s.Request, ex), ex);
+            Finish(s, DeviceFailures.For(s.Request, ex));
             Schedule();
         }
     }
@@ -339,7 +324,7 @@ public sealed partial class DeviceActor : ReceiveActor
         foreach (var s in _queues.All.Where(s => !s.Stepping).ToList())
         {
             s.Flush();
-            if (s.Request.Cancellation.IsCancellationRequested)
+            if (s.Cancellation.IsCancellationRequested)
             {
                 Finish(s, new GenerationFailed(s.Request.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"));
             }
@@ -350,34 +335,17 @@ public sealed partial class DeviceActor : ReceiveActor
         }
     }
 
-    private void Finish(DeviceSession s, object reply, Exception? cause = null)
+    private void Finish(DeviceSession s, object reply)
     {
         _queues.Remove(s);
         _byId.Remove(s.Id);
+        _byAttempt.Remove((s.ReplyTo, s.Run.Attempt));
         s.Close();
-        if (reply is GenerationFailed f)
-        {
-            s.Request.Output.TryComplete(cause ?? (f.Kind == FailureKind.Cancelled ? new OperationCanceledException(f.Detail) : new InvalidOperationException(f.Detail)));
-        }
-        else
-        {
-            s.Request.Output.TryComplete();
-        }
-
         s.ReplyTo.Tell(new DeviceProtocol.Ended(s.Run.Attempt, reply as GenerationCompleted, reply as GenerationFailed));
     }
 
-    // The device's own messages (a step's end, piped from its task; wake-ups from a channel or a cancellation).
+    // The device's own message: a step's end, piped from its task.
 
     /// <summary>A step ended: <paramref name="Session"/>'s, or a packed run of <paramref name="Group"/>; timestamps for the timeline.</summary>
     private sealed record StepDone(DeviceSession Session, List<DeviceSession>? Group, bool Prefill, Exception? Error, long Start, long End, bool Overran);
-
-    /// <summary>A request's cancellation token fired: retire it at the next Schedule.</summary>
-    private sealed class CancellationNoticed
-    {
-        public static readonly CancellationNoticed Instance = new();
-    }
-
-    /// <summary>A stream's channel has room again (or never will: <paramref name="HasRoom"/> false).</summary>
-    private sealed record RoomFreed(SessionRun Id, bool HasRoom);
 }

@@ -7,7 +7,7 @@ namespace CoordGen.Actors.Device;
 /// <summary>What a run's caller is told when its step fails: the kind decides whether the session retries.</summary>
 internal static class DeviceFailures
 {
-    public static GenerationFailed For(Generate r, Exception ex) => ex switch
+    public static GenerationFailed For(DeviceProtocol.RunRequest r, Exception ex) => ex switch
     {
         OperationCanceledException => new GenerationFailed(r.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"),
         PromptTooLongException => new GenerationFailed(r.SessionId, FailureKind.CapacityExceeded, ex.Message),

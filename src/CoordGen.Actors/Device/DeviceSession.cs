@@ -20,6 +20,7 @@ namespace CoordGen.Actors.Device;
 internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActorRef replyTo, DeviceRoles roles, DeviceProfile? emulate) : IDisposable
 {
     private readonly Queue<GeneratedToken> _pending = new();
+    private readonly CancellationTokenSource _cancel = new();
     private readonly SamplingOptions _sampling = run.Request.Sampling.ToEngine();
     private TokenLogprob? _logprob;
     private SessionPrefill? _prefill;
@@ -35,7 +36,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
 
     public DeviceProtocol.Run Run { get; } = run;
 
-    public Generate Request => Run.Request;
+    public DeviceProtocol.RunRequest Request => Run.Request;
 
     public IActorRef ReplyTo { get; } = replyTo;
 
@@ -74,11 +75,17 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
 
     public int PendingCount => _pending.Count;
 
-    /// <summary>The device waits for this stream's channel to have room (its reader is behind).</summary>
-    public bool AwaitingRoom { get; set; }
+    /// <summary>This run's tokens sent to its session and not yet acknowledged (<see cref="DeviceProtocol.Delivered"/>).</summary>
+    public int InFlight { get; private set; }
 
-    /// <summary>The registration that tells the device when this request is cancelled; disposed with the run.</summary>
-    public CancellationTokenRegistration CancellationWake { get; set; }
+    /// <summary>Cancelled when the session says so (<see cref="DeviceProtocol.CancelRun"/>): the step under way stops at its next check.</summary>
+    public CancellationToken Cancellation => _cancel.Token;
+
+    /// <summary>The session cancelled this run (mailbox thread).</summary>
+    public void Cancel() => _cancel.Cancel();
+
+    /// <summary>The session acknowledged <paramref name="count"/> tokens: they left this run's window.</summary>
+    public void Delivered(int count) => InFlight = Math.Max(0, InFlight - count);
 
     /// <summary>A device step of this session is running: nothing else touches it until the step's completion arrives.</summary>
     public bool Stepping { get; set; }
@@ -113,8 +120,8 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>Tokens in this session's next prefill chunk, set by the scheduler (0 = the prefill width).</summary>
     public int ChunkWidth { get; set; }
 
-    /// <summary>Ready for a device step: not finished, its tokens all in its channel, no verdict or tree awaited.</summary>
-    public bool Ready => !Finished && _pending.Count == 0 && AwaitingStep is null && !WaitingForTree;
+    /// <summary>Ready for a device step: not finished, its tokens all sent with room in its window, no verdict or tree awaited.</summary>
+    public bool Ready => !Finished && _pending.Count == 0 && InFlight < DeviceProtocol.StreamWindow && AwaitingStep is null && !WaitingForTree;
 
     /// <summary>A speculative run is admitted: the drafter indexes its prompt while the device prefills it.</summary>
     public void Open()
@@ -253,10 +260,10 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     private void StepCore(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
     {
         var r = Request;
-        r.Cancellation.ThrowIfCancellationRequested();
+        Cancellation.ThrowIfCancellationRequested();
         if (_spec is not null)
         {
-            var tree = _spec.BeginStep(r.Cancellation, ownRows: true);
+            var tree = _spec.BeginStep(Cancellation, ownRows: true);
             _treeStep = tree is { Tokens.Length: > 0 };
             if (tree is not null)
             {
@@ -323,16 +330,26 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     {
         _pending.Enqueue(new GeneratedToken(token, _logprob));
         _logprob = null;
-        return !Request.Cancellation.IsCancellationRequested;
+        return !Cancellation.IsCancellationRequested;
     }
 
-    /// <summary>Moves queued tokens into the channel while it has room (mailbox thread, never while stepping).</summary>
+    /// <summary>Sends queued tokens to the session while this run's window has room (mailbox thread, never while stepping).</summary>
     public void Flush()
     {
-        while (!Stepping && _pending.TryPeek(out var t) && Request.Output.TryWrite(t))
+        int n = Math.Min(_pending.Count, DeviceProtocol.StreamWindow - InFlight);
+        if (Stepping || n <= 0)
         {
-            _pending.Dequeue();
+            return;
         }
+
+        var batch = new GeneratedToken[n];
+        for (int i = 0; i < n; i++)
+        {
+            batch[i] = _pending.Dequeue();
+        }
+
+        InFlight += n;
+        ReplyTo.Tell(new DeviceProtocol.Tokens(Run.Attempt, ImmutableArray.Create(batch)), roles.Device);
     }
 
     public GenerationCompleted Completed()
@@ -374,7 +391,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>Releases the cache (the device stopping: its children stop with it).</summary>
     public void Dispose()
     {
-        CancellationWake.Dispose();
+        _cancel.Dispose();
         _prefill?.Dispose(); // a prefill abandoned half way
         _plain?.Dispose();
         _spec?.Dispose();

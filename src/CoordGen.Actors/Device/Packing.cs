@@ -33,7 +33,7 @@ internal static class Packing
 
         int w = width;
         Func<DeviceSession, bool> alike = w == 1 ? s => s.NarrowPackable : s => !s.PlainDecoding && s.NextTreeWidth == w;
-        List<DeviceSession> group = [pick, .. decoding.Where(s => s != pick && !s.Stepping && s.Ready && !s.Request.Cancellation.IsCancellationRequested && alike(s)).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
+        List<DeviceSession> group = [pick, .. decoding.Where(s => s != pick && !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested && alike(s)).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
         int bucket = group.Max(s => w == 1 ? s.NarrowBucket : s.TreeBucket(w));
         bool pays = mode == PackingMode.Always || Pays(runtime, group.Count, bucket, w);
         return group.Count > 1 && pays ? group : null;

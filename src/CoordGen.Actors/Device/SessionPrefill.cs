@@ -13,7 +13,7 @@ namespace CoordGen.Actors.Device;
 /// run's calibration rows go to the calibrator as each chunk ends), then the prompt's whole blocks into
 /// the prefix cache before decoding writes past them. The run's <see cref="DeviceSession"/> owns it.
 /// </summary>
-internal sealed class SessionPrefill(SessionRun id, Generate request, SpeculationOptions? options, DeviceRoles roles) : IDisposable
+internal sealed class SessionPrefill(SessionRun id, DeviceProtocol.RunRequest request, SpeculationOptions? options, DeviceRoles roles) : IDisposable
 {
     private PrefillSession? _prefill;
     private Func<Prefilled>? _finish;
@@ -96,7 +96,7 @@ internal sealed class SessionPrefill(SessionRun id, Generate request, Speculatio
 
     /// <summary>
     /// The prompt's whole blocks go into the prefix cache, before decoding writes past them, and those of a
-    /// context store's documents are pinned for the store (<see cref="Generate.KeepPrefix"/>). The cache is
+    /// context store's documents are pinned for the store (<see cref="DeviceProtocol.RunRequest.KeepPrefix"/>). The cache is
     /// an optimisation: if keeping them fails (memory), the request goes on without (the cache stays
     /// consistent: a block enters whole or not at all).
     /// </summary>

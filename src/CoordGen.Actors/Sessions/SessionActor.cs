@@ -10,11 +10,13 @@ namespace CoordGen.Actors.Sessions;
 
 /// <summary>
 /// One conversation's request from admission to its last token. It owns the caller's output channel
-/// and the committed tokens (<see cref="SessionLog"/>, which outlives restarts of this actor). When the
-/// device fails a step, or this actor is killed and restarted by its supervisor, it resumes: the prompt
-/// plus the committed tokens are prefilled again (rebuilding the cache) and generation continues with
-/// the sampler advanced past the committed draws, so the stream neither loses nor repeats a token.
-/// Each attempt writes through an epoch-fenced writer; a superseded attempt can no longer write.
+/// and the committed tokens (<see cref="SessionLog"/>, which outlives restarts of this actor): the device
+/// sends each attempt's tokens here (<see cref="DeviceProtocol.Tokens"/>), and this actor alone writes
+/// them to the channel, commits them and completes the channel. When the device fails a step, or this
+/// actor is killed and restarted by its supervisor, it resumes: the prompt plus the committed tokens are
+/// prefilled again (rebuilding the cache) and generation continues with the sampler advanced past the
+/// committed draws, so the stream neither loses nor repeats a token. Each attempt has an epoch; tokens
+/// of a superseded attempt are dropped.
 /// </summary>
 public sealed class SessionActor : ReceiveActor, IWithTimers
 {
@@ -24,6 +26,11 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
     private readonly IContextSnapshot? _store;
     private readonly SessionLog _log;
     private readonly int _maxAttempts;
+    private readonly TokenOutbox _outbox;
+
+    // An attempt's end that came while its tokens still waited for room in the channel: handled once they are written.
+    private DeviceProtocol.Ended? _endedAfterOutbox;
+    private CancellationTokenRegistration _callerCancel;
 
     public SessionActor(Generate request, IActorRef replyTo, IActorRef device, IContextSnapshot? store, SessionLog log, int maxAttempts)
     {
@@ -33,6 +40,9 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
         _store = store;
         _log = log;
         _maxAttempts = maxAttempts;
+        _outbox = new TokenOutbox(request.Output, request.Cancellation);
+        Receive<DeviceProtocol.Tokens>(OnTokens);
+        Receive<TokenOutbox.RoomFreed>(OnRoomFreed);
         Receive<DeviceProtocol.Ended>(OnAttemptEnded);
 
         // From the device's back-off supervisor while the device is down: for the attempt in flight.
@@ -44,6 +54,7 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
                 Submit();
             }
         });
+        Receive<CallerCancelled>(_ => _device.Tell(new DeviceProtocol.CancelRun(_log.Epoch)));
     }
 
     public ITimerScheduler Timers { get; set; } = null!;
@@ -51,18 +62,36 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
     public static Props Props(Generate request, IActorRef replyTo, IActorRef device, IContextSnapshot? store, SessionLog log, int maxAttempts) =>
         Akka.Actor.Props.Create(() => new SessionActor(request, replyTo, device, store, log, maxAttempts));
 
-    protected override void PreStart() => Submit();
+    protected override void PreStart()
+    {
+        // The caller's cancellation reaches the device as a message (the device holds no caller's token).
+        _callerCancel = _request.Cancellation.Register(static self => ((IActorRef)self!).Tell(CallerCancelled.Instance), Self);
+        Submit();
+    }
+
+    protected override void PostStop() => _callerCancel.Dispose();
 
     protected override void PreRestart(Exception reason, object message)
     {
-        // Killed or crashed: whatever the running attempt still writes is fenced off by the new epoch.
+        // Killed or crashed: tokens the running attempt still sends are dropped once the next attempt's epoch begins.
         _log.MarkFault();
         base.PreRestart(reason, message);
     }
 
     private void Submit()
     {
-        int epoch = _log.NextEpoch(_request.Cancellation, out var attemptToken);
+        if (_log.Epoch > 0)
+        {
+            _device.Tell(new DeviceProtocol.CancelRun(_log.Epoch)); // a superseded attempt (this actor restarted) stops
+        }
+
+        if (_request.Cancellation.IsCancellationRequested)
+        {
+            Finish(new GenerationFailed(_request.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"));
+            return;
+        }
+
+        int epoch = _log.NextEpoch();
         int[] committed = _log.Snapshot();
         int remaining = _request.MaxTokens - committed.Length;
         if (remaining <= 0)
@@ -71,15 +100,46 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
             return;
         }
 
-        var attempt = _request with
+        var attempt = DeviceProtocol.RunRequest.From(_request) with
         {
             Prompt = TokenSequence.From(_request.Prompt.Tokens.Concat(committed)),
             MaxTokens = remaining,
             Sampling = _request.Sampling with { Offset = _request.Sampling.Offset + committed.Length },
-            Output = new FencedWriter(_log, epoch, _request.Output),
-            Cancellation = attemptToken,
         };
         _device.Tell(new DeviceProtocol.Run(attempt, _store, epoch, Resumed: epoch > 1));
+    }
+
+    private void OnTokens(DeviceProtocol.Tokens t)
+    {
+        if (t.Attempt != _log.Epoch)
+        {
+            Sender.Tell(new DeviceProtocol.Delivered(t.Attempt, t.Items.Length)); // a superseded attempt's: dropped
+            return;
+        }
+
+        _outbox.Add(t, Sender);
+        DrainOutbox();
+    }
+
+    private void OnRoomFreed(TokenOutbox.RoomFreed r)
+    {
+        _outbox.RoomArrived();
+        if (!r.HasRoom)
+        {
+            _outbox.Drop(Self); // the caller cancelled (its attempt ends cancelled) or the channel was closed
+        }
+
+        DrainOutbox();
+    }
+
+    private void DrainOutbox()
+    {
+        _outbox.Drain(Self, t => _log.Commit(t.Id));
+        if (_outbox.IsEmpty && _endedAfterOutbox is { } ended)
+        {
+            _endedAfterOutbox = null;
+            OnAttemptEnded(ended);
+        }
     }
 
     private void OnAttemptEnded(DeviceProtocol.Ended ended)
@@ -87,6 +147,12 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
         if (ended.Attempt != _log.Epoch)
         {
             return; // a superseded attempt (this actor was restarted since)
+        }
+
+        if (!_outbox.IsEmpty)
+        {
+            _endedAfterOutbox = ended; // its last tokens first: a resumed attempt starts after them
+            return;
         }
 
         switch (ended)
@@ -115,8 +181,6 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
 
     private void Finish(object reply)
     {
-        _log.EndAttempts();
-
         // First the supervisor (the request's place is free), then the caller: a caller that sends its next
         // request as soon as this one ends must not find the place still taken.
         Context.Parent.Tell(new SessionFinished(_request.SessionId));
@@ -134,110 +198,51 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
     }
 
     private sealed record Resubmit(int Epoch);
+
+    /// <summary>The caller's cancellation token fired.</summary>
+    private sealed class CallerCancelled
+    {
+        public static readonly CallerCancelled Instance = new();
+    }
 }
 
-
 /// <summary>
-/// A session's committed tokens and attempt epochs, shared by every incarnation of its actor (so a
-/// restart loses nothing) and by the writers of its attempts. Thread-safe.
+/// A session's committed tokens and attempt epochs. It outlives restarts of its session actor: each
+/// incarnation takes it over in turn, and only that actor touches it (no lock).
 /// </summary>
 public sealed class SessionLog
 {
-    private readonly object _gate = new();
     private readonly List<int> _committed = [];
     private readonly List<double> _recoveries = [];
-    private CancellationTokenSource? _attempt;
     private long _faultAt;
 
+    /// <summary>The current attempt's number (0 before the first).</summary>
     public int Epoch { get; private set; }
 
-    public IReadOnlyList<double> Recoveries
-    {
-        get
-        {
-            lock (_gate)
-            {
-                return [.. _recoveries];
-            }
-        }
-    }
+    /// <summary>Milliseconds from each fault to the next token committed after it.</summary>
+    public IReadOnlyList<double> Recoveries => _recoveries;
 
-    public int[] Snapshot()
-    {
-        lock (_gate)
-        {
-            return [.. _committed];
-        }
-    }
+    public int[] Snapshot() => [.. _committed];
 
-    public int NextEpoch(CancellationToken caller, out CancellationToken attempt)
-    {
-        lock (_gate)
-        {
-            _attempt?.Cancel();
-            _attempt?.Dispose();
-            _attempt = CancellationTokenSource.CreateLinkedTokenSource(caller);
-            attempt = _attempt.Token;
-            return ++Epoch;
-        }
-    }
+    /// <summary>Begins the next attempt: tokens of earlier ones are no longer committed.</summary>
+    public int NextEpoch() => ++Epoch;
 
     public void MarkFault()
     {
-        lock (_gate)
+        if (_faultAt == 0)
         {
-            if (_faultAt == 0)
-            {
-                _faultAt = Stopwatch.GetTimestamp();
-            }
+            _faultAt = Stopwatch.GetTimestamp();
         }
     }
 
-    public void EndAttempts()
+    /// <summary>A token of the current attempt reached the caller's channel.</summary>
+    public void Commit(int token)
     {
-        lock (_gate)
+        _committed.Add(token);
+        if (_faultAt != 0)
         {
-            _attempt?.Dispose();
-            _attempt = null;
+            _recoveries.Add(Stopwatch.GetElapsedTime(_faultAt).TotalMilliseconds);
+            _faultAt = 0;
         }
     }
-
-    internal bool TryCommit(int epoch, GeneratedToken token, ChannelWriter<GeneratedToken> output)
-    {
-        lock (_gate)
-        {
-            if (epoch != Epoch || !output.TryWrite(token))
-            {
-                return false;
-            }
-
-            _committed.Add(token.Id);
-            if (_faultAt != 0)
-            {
-                _recoveries.Add(Stopwatch.GetElapsedTime(_faultAt).TotalMilliseconds);
-                _faultAt = 0;
-            }
-
-            return true;
-        }
-    }
-
-    internal bool IsCurrent(int epoch)
-    {
-        lock (_gate)
-        {
-            return epoch == Epoch;
-        }
-    }
-}
-
-/// <summary>An attempt's view of the session's output: writes only while its epoch is current; never completes it.</summary>
-internal sealed class FencedWriter(SessionLog log, int epoch, ChannelWriter<GeneratedToken> output) : ChannelWriter<GeneratedToken>
-{
-    public override bool TryWrite(GeneratedToken item) => log.TryCommit(epoch, item, output);
-
-    public override async ValueTask<bool> WaitToWriteAsync(CancellationToken cancellationToken = default) =>
-        log.IsCurrent(epoch) && await output.WaitToWriteAsync(cancellationToken);
-
-    public override bool TryComplete(Exception? error = null) => false;
 }
