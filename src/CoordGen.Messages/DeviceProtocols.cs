@@ -28,11 +28,19 @@ public static class DeviceProtocol
     /// marks a run that continues a session after a fault: it is served first. The sender and the attempt
     /// name the run in every later message. The device sends the run's tokens as <see cref="Tokens"/>, then
     /// <see cref="Ended"/> (or, from the device's back-off supervisor while the device is down,
-    /// <see cref="SupervisionProtocol.DeviceRestarting"/>).
+    /// <see cref="SupervisionProtocol.DeviceRestarting"/>). <c>Run</c> is the only message a session sends
+    /// through the back-off supervisor; the others go to the device that sent <see cref="Admitted"/>.
     /// </summary>
     public sealed record Run(RunRequest Request, IContextSnapshot? Context, int Attempt = 1, bool Resumed = false);
 
-    /// <summary>Session → device: stop attempt <paramref name="Attempt"/> (the caller cancelled, or the session superseded it). It ends with <see cref="Ended"/> as a cancelled run; an attempt the device does not hold is ignored.</summary>
+    /// <summary>
+    /// Device → session: attempt <paramref name="Attempt"/> is on this device (the sender), which takes
+    /// <see cref="CancelRun"/> for it directly. A session answers the admission of an attempt it has
+    /// superseded with <see cref="CancelRun"/>.
+    /// </summary>
+    public sealed record Admitted(int Attempt);
+
+    /// <summary>Session → device (the one that sent <see cref="Admitted"/>): stop attempt <paramref name="Attempt"/> (the caller cancelled, or the session superseded it). It ends with <see cref="Ended"/> as a cancelled run; an attempt the device does not hold is ignored. A session that stops is watched: its runs are cancelled too.</summary>
     public sealed record CancelRun(int Attempt);
 
     /// <summary>

@@ -104,11 +104,46 @@ public class DeviceActorSpecs : TestKit
             got1.Add(t);
         }
 
-        var done1 = await ExpectMsgAsync<GenerationCompleted>();
-        var done2 = await ExpectMsgAsync<GenerationCompleted>();
-        Assert.Equal(("s1", "s2"), (done1.SessionId.Value, done2.SessionId.Value));
+        // Once the first run has generated its last token it leaves the device (its cache frees) while its
+        // reader is still taking the tokens, so the two answers may come in either order.
+        var done = new[] { await ExpectMsgAsync<GenerationCompleted>(), await ExpectMsgAsync<GenerationCompleted>() }.ToDictionary(d => d.SessionId.Value);
+        Assert.Equal(["s1", "s2"], done.Keys.Order());
         Assert.Equal(firstAlone, got1);
-        Assert.Equal(TokenSequence.From(secondAlone), done2.Tokens);
+        Assert.Equal(TokenSequence.From(secondAlone), done["s2"].Tokens);
+    }
+
+    [Fact]
+    public async Task A_run_whose_session_stops_without_ending_it_should_be_cancelled_and_free_its_cache()
+    {
+        // Room for one cache. A session that never acknowledges its tokens fills its window and would hold
+        // the cache forever; when it stops, the device (which watches it) cancels its run.
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), maxActiveSessions: 1)));
+        IActorRef deviceRef = ActorRefs.Nobody;
+        await AwaitAssertAsync(async () => deviceRef = await Sys.ActorSelection(device.Path / "device").ResolveOne(TimeSpan.FromSeconds(1)));
+        int[] prompt = [3, 9, 27, 17, 51, 2];
+        var silent = Sys.ActorOf(Props.Create(() => new SilentSession(deviceRef, prompt, 40)));
+        await AwaitAssertAsync(async () =>
+        {
+            var q = await device.Ask<DiagnosticsProtocol.Queues>(DiagnosticsProtocol.GetQueues.Instance);
+            Assert.Equal(1, q.Prefilling + q.Decoding);
+        });
+
+        var next = Channel.CreateUnbounded<GeneratedToken>();
+        device.Tell(new Generate(new SessionId("next"), TokenSequence.From([1, 2, 3]), 5, new Sampling(), "ar", 1, null, next.Writer, CancellationToken.None), TestActor);
+        await ExpectNoMsgAsync(TimeSpan.FromMilliseconds(300)); // waits behind the silent session's cache
+
+        Sys.Stop(silent);
+        Assert.Equal("next", (await ExpectMsgAsync<GenerationCompleted>(TimeSpan.FromSeconds(10))).SessionId.Value);
+    }
+
+    /// <summary>A fake session that submits one run and never acknowledges a token.</summary>
+    private sealed class SilentSession : ReceiveActor
+    {
+        public SilentSession(IActorRef device, int[] prompt, int maxTokens)
+        {
+            device.Tell(new DeviceProtocol.Run(new DeviceProtocol.RunRequest(new SessionId("silent"), TokenSequence.From(prompt), maxTokens, new Sampling(), "ar", 1), null));
+            ReceiveAny(_ => { });
+        }
     }
 
     [Fact]

@@ -30,6 +30,7 @@ public sealed class DeviceStandIn : ReceiveActor
             caller.CancelWake = g.Cancellation.Register(() => target.Tell(new DeviceProtocol.CancelRun(attempt), self));
             target.Tell(new DeviceProtocol.Run(DeviceProtocol.RunRequest.From(g), null, attempt));
         });
+        Receive<DeviceProtocol.Admitted>(_ => { }); // the device is the child: cancellations go to it anyway
         Receive<DeviceProtocol.Tokens>(t =>
         {
             if (_callers.TryGetValue(t.Attempt, out var c))
@@ -66,7 +67,7 @@ public sealed class DeviceStandIn : ReceiveActor
 
     private void Drain(int attempt, Caller c)
     {
-        c.Outbox.Drain(Self, _ => { });
+        c.Outbox.Drain(Self, attempt, _ => { });
         if (!c.Outbox.IsEmpty || c.Ended is not { } e)
         {
             return;
@@ -76,7 +77,7 @@ public sealed class DeviceStandIn : ReceiveActor
         c.CancelWake.Dispose();
         if (e.Failed is { } f)
         {
-            c.Request.Output.TryComplete(new InvalidOperationException(f.Detail));
+            c.Request.Output.TryComplete(f.Kind == FailureKind.Cancelled ? new OperationCanceledException(f.Detail) : new InvalidOperationException(f.Detail));
         }
         else
         {

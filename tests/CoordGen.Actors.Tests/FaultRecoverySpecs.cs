@@ -83,6 +83,43 @@ public class FaultRecoverySpecs : TestKit
         Assert.Equal(clean, resumed);
     }
 
+    [Fact]
+    public async Task Sessions_killed_while_their_device_is_down_should_neither_lose_nor_repeat_a_token()
+    {
+        // A session restarted while the device is down cancels its old attempt and resubmits through the
+        // device's back-off supervisor, which answers DeviceRestarting: only the new Run's answer may end an attempt.
+        int[] clean = await Stream(Supervisor(null), "sam+ours", new Sampling());
+        var supervisor = Supervisor(null);
+        int faults = 0;
+        int[] resumed = await Stream(supervisor, "sam+ours", new Sampling(), () =>
+        {
+            supervisor.Tell(DiagnosticsProtocol.CrashDevice.Instance, Akka.Actor.ActorRefs.NoSender);
+            supervisor.Tell(DiagnosticsProtocol.KillRandomSession.Instance, Akka.Actor.ActorRefs.NoSender);
+            faults++;
+        });
+
+        Assert.True(faults >= 3);
+        Assert.Equal(clean, resumed);
+    }
+
+    [Fact]
+    public async Task A_caller_that_cancels_while_its_last_tokens_wait_for_room_should_be_told_cancelled()
+    {
+        // Fewer tokens than the device's window: the device finishes at once, and the session holds the
+        // tokens its unread channel has no room for, with the device's Completed waiting behind them.
+        var supervisor = Supervisor(null);
+        var channel = Channel.CreateBounded<GeneratedToken>(1);
+        using var cancel = new CancellationTokenSource();
+        supervisor.Tell(new Generate(new SessionId("c"), TokenSequence.From(Prompt), 10, new Sampling(), "ar", 1, null, channel.Writer, cancel.Token), TestActor);
+        await AwaitConditionAsync(() => Task.FromResult(channel.Reader.Count == 1), TimeSpan.FromSeconds(10));
+        await ExpectNoMsgAsync(TimeSpan.FromMilliseconds(300));
+        await cancel.CancelAsync();
+
+        var failed = await ExpectMsgAsync<GenerationFailed>(TimeSpan.FromSeconds(10));
+        Assert.Equal(FailureKind.Cancelled, failed.Kind);
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(async () => await channel.Reader.ReadAllAsync().CountAsync());
+    }
+
     [Theory]
     [InlineData(0f, true)]
     [InlineData(0.9f, true)]

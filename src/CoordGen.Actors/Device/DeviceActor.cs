@@ -69,6 +69,15 @@ public sealed partial class DeviceActor : ReceiveActor
         Receive<DeviceProtocol.Run>(r => Admit(r, Sender));
         Receive<DeviceProtocol.ReleasePrefix>(r => _prefix.Release(r.Owner, r.ThroughGeneration));
         Receive<StepDone>(OnStepDone);
+        Receive<Terminated>(t =>
+        {
+            foreach (var s in _byAttempt.Where(kv => kv.Key.Session.Equals(t.ActorRef)).Select(kv => kv.Value))
+            {
+                s.Cancel();
+            }
+
+            Schedule();
+        });
         Receive<DeviceProtocol.CancelRun>(c => Named(c.Attempt, s => s.Cancel()));
         Receive<DeviceProtocol.Delivered>(d => Named(d.Attempt, s =>
         {
@@ -142,6 +151,11 @@ public sealed partial class DeviceActor : ReceiveActor
         var session = new DeviceSession(new SessionRun(run.Request.SessionId, ++_runs), run, replyTo, _roles!, _emulate);
         _byId[session.Id] = session;
         _byAttempt[(replyTo, run.Attempt)] = session;
+
+        // The session learns which device holds its attempt (it cancels here directly), and a session that
+        // stops without its attempt ending has that attempt cancelled (DeathWatch, across nodes too).
+        replyTo.Tell(new DeviceProtocol.Admitted(run.Attempt));
+        Context.Watch(replyTo);
         session.Open();
         _queues.Admit(session);
         Schedule();
@@ -294,7 +308,7 @@ public sealed partial class DeviceActor : ReceiveActor
         try
         {
             s.ApplyVerdict();
-            s.Flush(); // its tokens to its channel now (its next tree is on its way from the drafter)
+            s.Flush(); // its tokens to its session now (its next tree is on its way from the drafter)
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {

@@ -12,7 +12,7 @@ namespace CoordGen.Actors.Device;
 
 /// <summary>
 /// One run on the device: its prefill, then its decode session (plain, or the device's half of a
-/// speculative one: KV cache, root, width, sampler position), and the tokens not yet in its channel.
+/// speculative one: KV cache, root, width, sampler position), and the tokens not yet sent to its session.
 /// The device actor owns it. A device step works on it off the mailbox thread, and while that step
 /// runs (<see cref="Stepping"/>) no message handler touches it; the step's completion message hands it
 /// back. Its drafting state lives in the drafter actor, its sampling stream in the verifier.
@@ -333,10 +333,13 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         return !Cancellation.IsCancellationRequested;
     }
 
-    /// <summary>Sends queued tokens to the session while this run's window has room (mailbox thread, never while stepping).</summary>
+    /// <summary>
+    /// Sends queued tokens to the session while this run's window has room, or all of them once the run is
+    /// finished, so its cache frees without waiting for the reader (mailbox thread, never while stepping).
+    /// </summary>
     public void Flush()
     {
-        int n = Math.Min(_pending.Count, DeviceProtocol.StreamWindow - InFlight);
+        int n = Finished ? _pending.Count : Math.Min(_pending.Count, DeviceProtocol.StreamWindow - InFlight);
         if (Stepping || n <= 0)
         {
             return;

@@ -28,6 +28,10 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
     private readonly int _maxAttempts;
     private readonly TokenOutbox _outbox;
 
+    // The current attempt: sent and not yet ended; admitted by a device (which then takes CancelRun directly).
+    private bool _attemptRunning;
+    private bool _admitted;
+
     // An attempt's end that came while its tokens still waited for room in the channel: handled once they are written.
     private DeviceProtocol.Ended? _endedAfterOutbox;
     private CancellationTokenRegistration _callerCancel;
@@ -40,21 +44,29 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
         _store = store;
         _log = log;
         _maxAttempts = maxAttempts;
-        _outbox = new TokenOutbox(request.Output, request.Cancellation);
+        _outbox = new TokenOutbox(request.Output, request.Cancellation, log.NextIncarnation());
+        Receive<DeviceProtocol.Admitted>(OnAdmitted);
         Receive<DeviceProtocol.Tokens>(OnTokens);
         Receive<TokenOutbox.RoomFreed>(OnRoomFreed);
         Receive<DeviceProtocol.Ended>(OnAttemptEnded);
 
-        // From the device's back-off supervisor while the device is down: for the attempt in flight.
-        Receive<DeviceRestarting>(_ => OnAttemptEnded(new DeviceProtocol.Ended(_log.Epoch, Restarting: true)));
+        // From the device's back-off supervisor while the device is down. Only a Run goes through it, so
+        // this answers a Run: the current attempt's if no device has admitted it yet (else a stale one's).
+        Receive<DeviceRestarting>(_ =>
+        {
+            if (_attemptRunning && !_admitted)
+            {
+                OnAttemptEnded(new DeviceProtocol.Ended(_log.Epoch, Restarting: true));
+            }
+        });
         Receive<Resubmit>(r =>
         {
-            if (r.Epoch == _log.Epoch)
+            if (r.Epoch == _log.Epoch && !_attemptRunning)
             {
                 Submit();
             }
         });
-        Receive<CallerCancelled>(_ => _device.Tell(new DeviceProtocol.CancelRun(_log.Epoch)));
+        Receive<CallerCancelled>(_ => OnCallerCancelled());
     }
 
     public ITimerScheduler Timers { get; set; } = null!;
@@ -66,6 +78,13 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
     {
         // The caller's cancellation reaches the device as a message (the device holds no caller's token).
         _callerCancel = _request.Cancellation.Register(static self => ((IActorRef)self!).Tell(CallerCancelled.Instance), Self);
+
+        // Restarted mid-attempt: that attempt stops (if no device has admitted it yet, its admission is answered so).
+        if (_log.Epoch > 0)
+        {
+            _log.Device?.Tell(new DeviceProtocol.CancelRun(_log.Epoch));
+        }
+
         Submit();
     }
 
@@ -80,17 +99,14 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
 
     private void Submit()
     {
-        if (_log.Epoch > 0)
-        {
-            _device.Tell(new DeviceProtocol.CancelRun(_log.Epoch)); // a superseded attempt (this actor restarted) stops
-        }
-
         if (_request.Cancellation.IsCancellationRequested)
         {
-            Finish(new GenerationFailed(_request.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller"));
+            Finish(Cancelled());
             return;
         }
 
+        _outbox.Drop(Self); // an earlier attempt's tokens, if any: the new attempt starts after the committed ones
+        _endedAfterOutbox = null;
         int epoch = _log.NextEpoch();
         int[] committed = _log.Snapshot();
         int remaining = _request.MaxTokens - committed.Length;
@@ -106,7 +122,39 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
             MaxTokens = remaining,
             Sampling = _request.Sampling with { Offset = _request.Sampling.Offset + committed.Length },
         };
+        (_attemptRunning, _admitted) = (true, false);
         _device.Tell(new DeviceProtocol.Run(attempt, _store, epoch, Resumed: epoch > 1));
+    }
+
+    private void OnAdmitted(DeviceProtocol.Admitted a)
+    {
+        if (a.Attempt != _log.Epoch || !_attemptRunning)
+        {
+            Sender.Tell(new DeviceProtocol.CancelRun(a.Attempt)); // superseded before it was admitted
+            return;
+        }
+
+        _log.Device = Sender;
+        _admitted = true;
+        if (_request.Cancellation.IsCancellationRequested)
+        {
+            Sender.Tell(new DeviceProtocol.CancelRun(a.Attempt));
+        }
+    }
+
+    private void OnCallerCancelled()
+    {
+        if (!_attemptRunning)
+        {
+            Timers.Cancel("resubmit"); // between attempts: nothing runs, so end now
+            Finish(Cancelled());
+        }
+        else if (_admitted)
+        {
+            _log.Device!.Tell(new DeviceProtocol.CancelRun(_log.Epoch));
+        }
+
+        // Else the attempt's admission is answered with CancelRun.
     }
 
     private void OnTokens(DeviceProtocol.Tokens t)
@@ -123,6 +171,11 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
 
     private void OnRoomFreed(TokenOutbox.RoomFreed r)
     {
+        if (r.Key != _outbox.Key)
+        {
+            return; // awaited by this actor before a restart
+        }
+
         _outbox.RoomArrived();
         if (!r.HasRoom)
         {
@@ -134,7 +187,7 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
 
     private void DrainOutbox()
     {
-        _outbox.Drain(Self, t => _log.Commit(t.Id));
+        _outbox.Drain(Self, _log.Epoch, t => _log.Commit(t.Id));
         if (_outbox.IsEmpty && _endedAfterOutbox is { } ended)
         {
             _endedAfterOutbox = null;
@@ -144,14 +197,21 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
 
     private void OnAttemptEnded(DeviceProtocol.Ended ended)
     {
-        if (ended.Attempt != _log.Epoch)
+        if (ended.Attempt != _log.Epoch || !_attemptRunning)
         {
-            return; // a superseded attempt (this actor was restarted since)
+            return; // a superseded attempt (this actor was restarted since), or one already ended
         }
 
         if (!_outbox.IsEmpty)
         {
-            _endedAfterOutbox = ended; // its last tokens first: a resumed attempt starts after them
+            _endedAfterOutbox ??= ended; // its last tokens first: a resumed attempt starts after them
+            return;
+        }
+
+        _attemptRunning = false;
+        if (_request.Cancellation.IsCancellationRequested)
+        {
+            Finish(Cancelled()); // whatever the attempt's end, the caller asked to stop
             return;
         }
 
@@ -160,11 +220,11 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
             case { Completed: { } done }:
                 Finish(done with { Tokens = TokenSequence.From(_log.Snapshot()), RecoveryMs = [.. _log.Recoveries], Attempts = _log.Epoch });
                 break;
-            case { Failed.Kind: FailureKind.DeviceFault } when _log.Epoch < _maxAttempts && !_request.Cancellation.IsCancellationRequested:
+            case { Failed.Kind: FailureKind.DeviceFault } when _log.Epoch < _maxAttempts:
                 _log.MarkFault();
                 Submit();
                 break;
-            case { Restarting: true } when _log.Epoch < _maxAttempts && !_request.Cancellation.IsCancellationRequested:
+            case { Restarting: true } when _log.Epoch < _maxAttempts:
                 // The device is down between a crash and its restart: try again after a growing pause.
                 _log.MarkFault();
                 var pause = TimeSpan.FromMilliseconds(Math.Min(2000, 100 << Math.Min(_log.Epoch, 5)));
@@ -178,6 +238,8 @@ public sealed class SessionActor : ReceiveActor, IWithTimers
                 break;
         }
     }
+
+    private GenerationFailed Cancelled() => new(_request.SessionId, FailureKind.Cancelled, "the request was cancelled by the caller");
 
     private void Finish(object reply)
     {
@@ -216,8 +278,16 @@ public sealed class SessionLog
     private readonly List<double> _recoveries = [];
     private long _faultAt;
 
+    private int _incarnations;
+
     /// <summary>The current attempt's number (0 before the first).</summary>
     public int Epoch { get; private set; }
+
+    /// <summary>The device that admitted the current attempt (null until one has): it takes <see cref="DeviceProtocol.CancelRun"/> directly.</summary>
+    public IActorRef? Device { get; set; }
+
+    /// <summary>Numbers each incarnation of the session actor (its outbox's key).</summary>
+    public int NextIncarnation() => ++_incarnations;
 
     /// <summary>Milliseconds from each fault to the next token committed after it.</summary>
     public IReadOnlyList<double> Recoveries => _recoveries;
@@ -225,7 +295,11 @@ public sealed class SessionLog
     public int[] Snapshot() => [.. _committed];
 
     /// <summary>Begins the next attempt: tokens of earlier ones are no longer committed.</summary>
-    public int NextEpoch() => ++Epoch;
+    public int NextEpoch()
+    {
+        Device = null;
+        return ++Epoch;
+    }
 
     public void MarkFault()
     {

@@ -17,6 +17,9 @@ internal sealed class TokenOutbox(ChannelWriter<GeneratedToken> output, Cancella
     private readonly Queue<(GeneratedToken Token, int Attempt, IActorRef Device)> _queue = new();
     private bool _awaitingRoom;
 
+    /// <summary>Tags this outbox's <see cref="RoomFreed"/> notices (an actor's earlier incarnation had its own).</summary>
+    public int Key => key;
+
     /// <summary>Every token received has been written (or dropped).</summary>
     public bool IsEmpty => _queue.Count == 0;
 
@@ -30,17 +33,22 @@ internal sealed class TokenOutbox(ChannelWriter<GeneratedToken> output, Cancella
     }
 
     /// <summary>
-    /// Writes what the channel takes, calling <paramref name="written"/> for each token written, and tells
-    /// each device how many of its tokens left its window. If some remain, <paramref name="self"/> gets a
-    /// <see cref="RoomFreed"/> when the channel has room (or never will).
+    /// Writes what the channel takes of attempt <paramref name="current"/>'s tokens, calling
+    /// <paramref name="written"/> for each, and drops any of other attempts; tells each device how many of
+    /// its tokens left its window. If some remain, <paramref name="self"/> gets a <see cref="RoomFreed"/>
+    /// when the channel has room (or never will).
     /// </summary>
-    public void Drain(IActorRef self, Action<GeneratedToken> written)
+    public void Drain(IActorRef self, int current, Action<GeneratedToken> written)
     {
         var acks = new Acks(self);
-        while (_queue.TryPeek(out var e) && output.TryWrite(e.Token))
+        while (_queue.TryPeek(out var e) && (e.Attempt != current || output.TryWrite(e.Token)))
         {
             _queue.Dequeue();
-            written(e.Token);
+            if (e.Attempt == current)
+            {
+                written(e.Token);
+            }
+
             acks.Add(e.Attempt, e.Device);
         }
 
