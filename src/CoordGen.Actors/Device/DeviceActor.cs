@@ -209,7 +209,7 @@ public sealed partial class DeviceActor : ReceiveActor
         int packWidth = 0;
         if (!prefill)
         {
-            PriceNarrowSteps(runtime, decoding);
+            Packing.PriceNarrowSteps(_packing, runtime, decoding);
         }
 
         var group = prefill ? null : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth);
@@ -226,22 +226,6 @@ public sealed partial class DeviceActor : ReceiveActor
         _inflight = step;
         step.PipeTo(self, success: t => new StepDone(pick, group, prefill, null, t.Start, t.End, t.Overran),
             failure: ex => new StepDone(pick, group, prefill, ex, 0, 0, false));
-    }
-
-    /// <summary>
-    /// Tells each speculative session what a width-1 step would cost it in a packed run with the others
-    /// decoding now (<see cref="StepPolicy.NarrowShareMs"/>), before its width is chosen: the width budget
-    /// across sessions, so that under concurrency speculation does not lose to packed plain decoding.
-    /// </summary>
-    private void PriceNarrowSteps(OrtModelRuntime runtime, List<DeviceSession> decoding)
-    {
-        bool packing = _packing != PackingMode.Off && decoding.Count > 1;
-        foreach (var s in decoding.Where(s => s.Speculative && !s.Stepping))
-        {
-            int bucket = s.NarrowBucket;
-            s.PriceNarrowStep(packing ? StepPolicy.NarrowShareMs(packing, decoding.Count, runtime.RecentRunMs(1, bucket),
-                runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(decoding.Count), bucket)) : null);
-        }
     }
 
     private void OnStepDone(StepDone done)
@@ -261,7 +245,7 @@ public sealed partial class DeviceActor : ReceiveActor
             s.Stepping = false;
             if ((error ?? s.VerifyFailure) is { } cause)
             {
-                Finish(s, DeviceFailures.For(s.Request, cause));
+                Finish(s, DeviceReplies.For(s.Request, cause));
             }
             else if (s.Verdict is not null)
             {
@@ -312,7 +296,7 @@ public sealed partial class DeviceActor : ReceiveActor
         }
         catch (Exception ex) when (ex is not OutOfMemoryException)
         {
-            Finish(s, DeviceFailures.For(s.Request, ex));
+            Finish(s, DeviceReplies.For(s.Request, ex));
         }
     }
 
@@ -320,14 +304,14 @@ public sealed partial class DeviceActor : ReceiveActor
     {
         if (_byId.TryGetValue(f.Run, out var s) && _queues.Decoding.Contains(s) && s.AwaitingStep == f.Step)
         {
-            var ex = new DeviceFailures.VerifierFailedException($"the verifier could not verify step {f.Step}: {f.Reason}");
+            var ex = new DeviceReplies.VerifierFailedException($"the verifier could not verify step {f.Step}: {f.Reason}");
             if (s.Stepping)
             {
                 s.VerifyFailure = ex; // the step's task still holds the session: finished when its step ends
                 return;
             }
 
-            Finish(s, DeviceFailures.For(s.Request, ex));
+            Finish(s, DeviceReplies.For(s.Request, ex));
             Schedule();
         }
     }

@@ -19,10 +19,9 @@ namespace CoordGen.Actors.Device;
 /// </summary>
 internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActorRef replyTo, DeviceRoles roles, DeviceProfile? emulate) : IDisposable
 {
-    private readonly Queue<GeneratedToken> _pending = new();
+    private readonly RunOutput _output = new();
     private readonly CancellationTokenSource _cancel = new();
     private readonly SamplingOptions _sampling = run.Request.Sampling.ToEngine();
-    private TokenLogprob? _logprob;
     private SessionPrefill? _prefill;
     private SpeculativeSession? _spec;
     private PlainSession? _plain;
@@ -73,10 +72,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
 
     public bool Finished => (_spec?.Done ?? false) || (_plain?.Done ?? false);
 
-    public int PendingCount => _pending.Count;
-
-    /// <summary>This run's tokens sent to its session and not yet acknowledged (<see cref="DeviceProtocol.Delivered"/>).</summary>
-    public int InFlight { get; private set; }
+    public int PendingCount => _output.Pending;
 
     /// <summary>Cancelled when the session says so (<see cref="DeviceProtocol.CancelRun"/>): the step under way stops at its next check.</summary>
     public CancellationToken Cancellation => _cancel.Token;
@@ -85,7 +81,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     public void Cancel() => _cancel.Cancel();
 
     /// <summary>The session acknowledged <paramref name="count"/> tokens: they left this run's window.</summary>
-    public void Delivered(int count) => InFlight = Math.Max(0, InFlight - count);
+    public void Delivered(int count) => _output.Delivered(count);
 
     /// <summary>A device step of this session is running: nothing else touches it until the step's completion arrives.</summary>
     public bool Stepping { get; set; }
@@ -121,7 +117,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     public int ChunkWidth { get; set; }
 
     /// <summary>Ready for a device step: not finished, its tokens all sent with room in its window, no verdict or tree awaited.</summary>
-    public bool Ready => !Finished && _pending.Count == 0 && InFlight < DeviceProtocol.StreamWindow && AwaitingStep is null && !WaitingForTree;
+    public bool Ready => !Finished && _output.Pending == 0 && _output.HasRoom && AwaitingStep is null && !WaitingForTree;
 
     /// <summary>A speculative run is admitted: the drafter indexes its prompt while the device prefills it.</summary>
     public void Open()
@@ -196,36 +192,11 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         }
     }
 
-    /// <summary>One device step (off the mailbox thread), traced: a span per step (child of the caller's trace) and busy-time metrics.</summary>
-    /// <param name="prefix">The device's prefix cache (null: off); used on the first and last prefill steps only.</param>
-    public void StepOnce(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
-    {
-        string kind = Decoding ? (_spec is not null ? "device_run" : "decode") : "prefill_chunk";
-        using var span = Telemetry.Source.StartActivity($"coordgen.{kind}", ActivityKind.Internal, Request.Trace);
-        span?.SetTag("coordgen.session", Request.SessionId.Value);
-        span?.SetTag("coordgen.method", Request.Method);
-        long t0 = Stopwatch.GetTimestamp();
-        int before = (_spec?.Output.Count ?? 0) + (_plain?.Output.Count ?? 0);
-        try
-        {
-            StepCore(runtime, plain, spec, stops, prefix);
-        }
-        catch (Exception ex)
-        {
-            span?.SetStatus(ActivityStatusCode.Error, ex.Message);
-            throw;
-        }
-        finally
-        {
-            Telemetry.DeviceBusy.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", kind));
-            int emitted = (_spec?.Output.Count ?? 0) + (_plain?.Output.Count ?? 0) - before;
-            if (emitted > 0)
-            {
-                Telemetry.Tokens.Add(emitted, new KeyValuePair<string, object?>("method", Request.Method));
-                span?.SetTag("coordgen.tokens", emitted);
-            }
-        }
-    }
+    /// <summary>What this run's next solo step is, for its span and busy-time metric.</summary>
+    internal string StepKind => Decoding ? (_spec is not null ? "device_run" : "decode") : "prefill_chunk";
+
+    /// <summary>Tokens this run has produced so far.</summary>
+    internal int Produced => (_spec?.Output.Count ?? 0) + (_plain?.Output.Count ?? 0);
 
     /// <summary>This session's input to a packed width-1 run: its plain session, or its speculative root alone.</summary>
     internal INarrowStep BeginPackedNarrow() => (INarrowStep?)_plain ?? _spec!.BeginNarrow();
@@ -257,7 +228,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     private void Verify(TreeToVerify tree, int outcomeWidth) =>
         roles.Verifier.Tell(new VerifierProtocol.Verify(Id, tree, Request.Sampling, outcomeWidth, Request.Trace), roles.Device);
 
-    private void StepCore(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
+    /// <summary>This run's own step (off the mailbox thread): a prefill chunk, its tree to the verifier, or one plain token.</summary>
+    /// <param name="prefix">The device's prefix cache (null: off); used on the first and last prefill steps only.</param>
+    internal void Step(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
     {
         var r = Request;
         Cancellation.ThrowIfCancellationRequested();
@@ -303,12 +276,12 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         if (!Speculative)
         {
             var (cache, pre) = _prefill.TakePlain(prefix, PrefixRoom);
-            _plain = plain.StartDecode(cache, pre.LastLogits, r.Prompt.Count, pre.ElapsedMs, r.MaxTokens, _sampling, stops, Enqueue, KeepLogprob);
+            _plain = plain.StartDecode(cache, pre.LastLogits, r.Prompt.Count, pre.ElapsedMs, r.MaxTokens, _sampling, stops, Enqueue, _output.KeepLogprob);
         }
         else
         {
             using var pre = _prefill.TakeSpeculative(prefix, PrefixRoom);
-            _spec = spec.Start(pre, r.MaxTokens, _sampling, stops, _options!, null, Enqueue, adoptCache: true, onLogprobs: KeepLogprob, externalDrafter: true);
+            _spec = spec.Start(pre, r.MaxTokens, _sampling, stops, _options!, null, Enqueue, adoptCache: true, onLogprobs: _output.KeepLogprob, externalDrafter: true);
             if (pre.CalibrationDeferred)
             {
                 roles.Calibrator.Tell(new CalibratorProtocol.Finish(Id, [.. pre.Prompt], r.Method, r.Width, OthersDecoding, r.Trace), roles.Device);
@@ -322,14 +295,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
         }
     }
 
-    // The session reports a token's log-probabilities just before the token (on the same thread).
-    private void KeepLogprob(TokenLogprobs lp) =>
-        _logprob = new TokenLogprob(lp.Logprob, [.. lp.Top.Select(t => new TokenAlternative(t.Token, t.Logprob))]);
-
     private bool Enqueue(int token)
     {
-        _pending.Enqueue(new GeneratedToken(token, _logprob));
-        _logprob = null;
+        _output.Add(token);
         return !Cancellation.IsCancellationRequested;
     }
 
@@ -339,40 +307,14 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// </summary>
     public void Flush()
     {
-        int n = Finished ? _pending.Count : Math.Min(_pending.Count, DeviceProtocol.StreamWindow - InFlight);
-        if (Stepping || n <= 0)
+        if (!Stepping)
         {
-            return;
+            _output.Send(ReplyTo, roles.Device, Run.Attempt, all: Finished);
         }
-
-        var batch = new GeneratedToken[n];
-        for (int i = 0; i < n; i++)
-        {
-            batch[i] = _pending.Dequeue();
-        }
-
-        InFlight += n;
-        ReplyTo.Tell(new DeviceProtocol.Tokens(Run.Attempt, ImmutableArray.Create(batch)), roles.Device);
     }
 
-    public GenerationCompleted Completed()
-    {
-        var r = Request;
-        if (_plain is not null)
-        {
-            var p = _plain.Result();
-            return new GenerationCompleted(r.SessionId, TokenSequence.From(p.Tokens), p.Stats.StopReason, p.Stats.PrefillMs, p.Stats.DecodeMs, null) { CachedTokens = CachedTokens };
-        }
-
-        var s = _spec!.Result();
-        var a = s.Accounting;
-        var sources = Enum.GetValues<DraftSource>();
-        var report = new SpeculationReport(r.Method, r.Width, a.Steps, a.MeanAccepted,
-            sources.ToImmutableDictionary(x => x.ToString().ToLowerInvariant(), a.Proposed),
-            sources.ToImmutableDictionary(x => x.ToString().ToLowerInvariant(), a.Accepted),
-            s.DraftMs);
-        return new GenerationCompleted(r.SessionId, TokenSequence.From(s.Tokens), s.Stats.StopReason, s.Stats.PrefillMs, s.Stats.DecodeMs, report) { CachedTokens = CachedTokens };
-    }
+    /// <summary>The run's answer, once it is finished.</summary>
+    public GenerationCompleted Completed() => DeviceReplies.Completed(Request, _plain?.Result(), _spec?.Result(), CachedTokens);
 
     /// <summary>The run ended: tells the drafter, the verifier and the calibrator it is gone, and releases its cache.</summary>
     public void Close()

@@ -8,7 +8,7 @@ namespace CoordGen.Actors.Device;
 
 /// <summary>
 /// Batch assembly: what one device run carries, off the mailbox thread. A run is one session's own step
-/// (<see cref="DeviceSession.StepOnce"/>), a packed width-1 run of several sessions (plain tokens and
+/// (<see cref="Solo"/>), a packed width-1 run of several sessions (plain tokens and
 /// speculative roots alone), or a packed run of several speculative sessions' trees of one width. Each
 /// session's rows go back to it, and a speculative session's rows on to the verifier.
 /// </summary>
@@ -26,7 +26,7 @@ internal static class DeviceSteps
         long start = Stopwatch.GetTimestamp();
         if (group is null)
         {
-            pick.StepOnce(runtime, plain, spec, stops, prefix);
+            Solo(pick, runtime, plain, spec, stops, prefix);
         }
         else if (packWidth == 1)
         {
@@ -44,6 +44,36 @@ internal static class DeviceSteps
         }
 
         return (start, Stopwatch.GetTimestamp(), paceMs > 0 && left < 0);
+    }
+
+    /// <summary>One session's own step, traced: a span per step (child of the caller's trace) and busy-time metrics.</summary>
+    public static void Solo(DeviceSession s, OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
+    {
+        string kind = s.StepKind;
+        using var span = Telemetry.Source.StartActivity($"coordgen.{kind}", ActivityKind.Internal, s.Request.Trace);
+        span?.SetTag("coordgen.session", s.Request.SessionId.Value);
+        span?.SetTag("coordgen.method", s.Request.Method);
+        long t0 = Stopwatch.GetTimestamp();
+        int before = s.Produced;
+        try
+        {
+            s.Step(runtime, plain, spec, stops, prefix);
+        }
+        catch (Exception ex)
+        {
+            span?.SetStatus(ActivityStatusCode.Error, ex.Message);
+            throw;
+        }
+        finally
+        {
+            Telemetry.DeviceBusy.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", kind));
+            int emitted = s.Produced - before;
+            if (emitted > 0)
+            {
+                Telemetry.Tokens.Add(emitted, new KeyValuePair<string, object?>("method", s.Request.Method));
+                span?.SetTag("coordgen.tokens", emitted);
+            }
+        }
     }
 
     /// <summary>One packed width-1 run: plain sessions' next tokens and speculative sessions' roots alone, each in its own slot; traced as one span, tokens counted under <c>ar</c>.</summary>

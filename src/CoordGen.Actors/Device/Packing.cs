@@ -61,4 +61,20 @@ internal static class Packing
         // Learned per slot count and width, in this bucket or (until it is measured here) in the others.
         return StepPolicy.PackPays(runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(sessions), bucket, width), sessions, soloMs);
     }
+
+    /// <summary>
+    /// Tells each speculative session what a width-1 step would cost it in a packed run with the others
+    /// decoding now (<see cref="StepPolicy.NarrowShareMs"/>), before its width is chosen: the width budget
+    /// across sessions, so that under concurrency speculation does not lose to packed plain decoding.
+    /// </summary>
+    public static void PriceNarrowSteps(PackingMode mode, OrtModelRuntime runtime, List<DeviceSession> decoding)
+    {
+        bool packing = mode != PackingMode.Off && decoding.Count > 1;
+        foreach (var s in decoding.Where(s => s.Speculative && !s.Stepping))
+        {
+            int bucket = s.NarrowBucket;
+            s.PriceNarrowStep(packing ? StepPolicy.NarrowShareMs(packing, decoding.Count, runtime.RecentRunMs(1, bucket),
+                runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(decoding.Count), bucket)) : null);
+        }
+    }
 }
