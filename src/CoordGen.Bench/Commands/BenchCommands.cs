@@ -20,6 +20,7 @@ internal static class BenchCommands
         cmd.Add(BenchPeers.Create());
         cmd.Add(BenchPrefix.Create());
         cmd.Add(BenchKv.Create());
+        cmd.Add(BenchAttention.Create());
         return cmd;
     }
 }

@@ -23,6 +23,17 @@ internal sealed class GraphBuilder(string name)
         return o;
     }
 
+    /// <summary>A node of the com.microsoft contrib domain with named outputs (several, or one a graph output names).</summary>
+    public void ContribNodeOutputs(string op, IEnumerable<string> inputs, IEnumerable<string> outputs, params AttributeProto[] attrs)
+    {
+        var n = new NodeProto { OpType = op, Name = Fresh("n_" + op), Domain = MicrosoftDomain };
+        n.Input.AddRange(inputs);
+        n.Output.AddRange(outputs);
+        n.Attribute.AddRange(attrs);
+        _graph.Node.Add(n);
+        _usesMicrosoftDomain = true;
+    }
+
     public string Fresh(string hint) => $"{hint}_{_counter++}";
 
     public string Node(string op, IEnumerable<string> inputs, string? output = null, params AttributeProto[] attrs)
