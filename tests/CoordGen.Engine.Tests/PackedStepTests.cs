@@ -34,13 +34,18 @@ public class PackedStepTests
     }
 
     [Theory]
-    [InlineData(false, 2, 0f)]
-    [InlineData(true, 1, 0f)]
-    [InlineData(false, 2, 0.9f)]
-    public void Packed_sessions_should_generate_what_each_generates_alone_on_random_models(bool bias, int kvHeads, float temperature)
+    [InlineData(false, 2, 0f, true)]
+    [InlineData(true, 1, 0f, true)]
+    [InlineData(false, 2, 0.9f, true)]
+    [InlineData(false, 2, 0f, false)]
+    [InlineData(false, 2, 0.9f, false)]
+    public void Packed_sessions_should_generate_what_each_generates_alone_on_random_models(bool bias, int kvHeads, float temperature, bool groupQuery)
     {
+        // groupQuery: GroupQueryAttention over each cache in place (the default on the CPU), idle slots writing into
+        // the runtime's idle cache; false: the caches joined per layer and the rows committed after the run.
         var weights = ModelWeights.Random(TestModels.Tiny(bias: bias, tied: !bias, kvHeads: kvHeads), seed: 21, scale: 0.3f);
-        using var rt = new OrtModelRuntime(weights, capacity: 96, widths: [1, 8]);
+        using var rt = new OrtModelRuntime(weights, capacity: 96, widths: [1, 8], new RuntimeOptions { PackedGroupQuery = groupQuery });
+        Assert.Equal(groupQuery, rt.PackedInPlace(1));
         var gen = new Generator(rt);
         var rng = new Random(5);
         // Five sessions (a 8-slot graph with 3 idle slots), prompts of different lengths so the caches sit in

@@ -46,10 +46,11 @@ internal static class BenchPacked
         var capacity = CommonOptions.Capacity();
         var weights = CommonOptions.Weights();
         var threads = CommonOptions.Threads();
+        var groupQuery = new Option<bool>("--group-query") { Description = "Packed runs attend with GroupQueryAttention over each session's cache in place (the default; decision 0023); false: the caches are joined per layer.", DefaultValueFactory = _ => true };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("packed", "Plain decoding of N concurrent sessions: one session per device run against all sessions' rows packed into one run (issue 19). Tokens per device-second side by side, with the spread over repeats; writes packed.md/.json/.png.")
         {
-            model, sessions, tokens, repeats, promptTokens, capacity, weights, threads, outDir,
+            model, sessions, tokens, repeats, promptTokens, capacity, weights, threads, groupQuery, outDir,
         };
         cmd.SetAction((parse, ct) =>
         {
@@ -63,7 +64,7 @@ internal static class BenchPacked
             var stamp = BenchStamp.Capture();
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             var format = parse.GetValue(weights);
-            using var rt = new OrtModelRuntime(bundle.Weights, cap, [1, 64], new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = format });
+            using var rt = new OrtModelRuntime(bundle.Weights, cap, [1, 64], new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = format, PackedGroupQuery = parse.GetValue(groupQuery) });
             var gen = new Generator(rt);
 
             // Prompts from the four workloads, cut to leave room for the output; each prefilled once, copied per run.

@@ -254,9 +254,18 @@ public static class NarrowSteps
             long t0 = Stopwatch.GetTimestamp();
             runtime.RunPacked(1, caches);
             double share = Stopwatch.GetElapsedTime(t0).TotalMilliseconds / group.Length;
+            bool inPlace = group.Length > 1 && runtime.PackedInPlace(1); // the run wrote each row into its cache
             for (int i = 0; i < group.Length; i++)
             {
-                caches[i].Commit(buffers[i].NewKeys, buffers[i].NewValues, 1, [0]);
+                if (inPlace)
+                {
+                    caches[i].Advance(1);
+                }
+                else
+                {
+                    caches[i].Commit(buffers[i].NewKeys, buffers[i].NewValues, 1, [0]);
+                }
+
                 group[i].FinishNarrow(buffers[i].LogitsRow(0), share);
             }
 

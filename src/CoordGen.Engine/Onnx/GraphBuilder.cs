@@ -69,6 +69,15 @@ internal sealed class GraphBuilder(string name)
         return a;
     }
 
+    public string ConstInt32(int[] values, long[]? dims = null, string? hint = null)
+    {
+        var t = new TensorProto { Name = Fresh(hint ?? "c_i32"), DataType = (int)TensorProto.Types.DataType.Int32 };
+        t.Dims.AddRange(dims ?? [values.Length]);
+        t.RawData = ByteString.CopyFrom(MemoryMarshal.AsBytes(values.AsSpan()));
+        _graph.Initializer.Add(t);
+        return t.Name;
+    }
+
     public string ConstInt64(long[] values, long[]? dims = null, string? hint = null)
     {
         var t = new TensorProto { Name = Fresh(hint ?? "c_i64"), DataType = (int)TensorProto.Types.DataType.Int64 };

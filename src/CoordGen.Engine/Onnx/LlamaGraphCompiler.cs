@@ -65,8 +65,18 @@ public static class LlamaGraphCompiler
     /// outputs are float16; attention reads them converted to float32, and the new rows are rounded to float16
     /// before any row attends to them, so a token's keys and values are the same numbers whether a later token
     /// reads them in the same step (a verified tree) or from the cache (plain decoding).</param>
-    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32) =>
-        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv).ToByteArray();
+    /// <param name="groupQuery">A packed width-1 graph (float32 caches) whose attention is ONNX Runtime's
+    /// <c>com.microsoft.GroupQueryAttention</c>, one node per slot over that slot's cache in place: an extra
+    /// input <c>kv_lengths</c> [S] (int32, each cache's committed slots) says where each slot's new row goes and
+    /// how far it attends; <c>present_key_i_sS</c>/<c>present_value_i_sS</c> are then the whole caches
+    /// [1,Hkv,C,D], to be bound to the same memory as the past inputs (the new rows are written there, no
+    /// commit copies them), and <c>attention_mask</c> is unused. No cache is joined and each slot is scored
+    /// over its own length, not the bucket (decision 0023).</param>
+    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false) =>
+        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv, groupQuery: groupQuery).ToByteArray();
+
+    /// <summary>Input of a <c>groupQuery</c> packed graph: each slot's committed cache length, int32 [S].</summary>
+    public const string KvLengths = "kv_lengths";
 
     /// <summary>Shared initializer holding a quantized linear layer's codes ([N, K/block, block·bits/8] uint8).</summary>
     public static string QuantizedCodes(string weight) => weight + ".q";
@@ -101,8 +111,13 @@ public static class LlamaGraphCompiler
     public static byte[] CompileBlockBytes(ModelConfig c, GraphShape shape, int firstLayer, int endLayer, bool hasLmHead = false) =>
         Compile(c, shape, hasLmHead, firstLayer, endLayer).ToByteArray();
 
-    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32)
+    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false)
     {
+        if (groupQuery && (slots < 2 || shape.Width != 1 || kv != KvFormat.F32))
+        {
+            throw new ArgumentException($"GroupQueryAttention packing is for packed width-1 graphs over float32 caches (got {slots} slots of width {shape.Width}, {kv} caches).");
+        }
+
         if (topCandidates < 0 || topCandidates > c.VocabSize)
         {
             throw new ArgumentException($"top candidates must be between 0 and the vocabulary size {c.VocabSize} (got {topCandidates}).");
@@ -144,6 +159,11 @@ public static class LlamaGraphCompiler
 
         b.Input("position_ids", DT.Int64, 1, n);
         b.Input("attention_mask", DT.Float, slots, 1, w, cap + w);
+        if (groupQuery)
+        {
+            b.Input(KvLengths, DT.Int32, slots);
+        }
+
         for (int i = firstLayer; i < endLayer; i++)
         {
             for (int s = 0; s < slots; s++)
@@ -227,6 +247,20 @@ public static class LlamaGraphCompiler
 
         string ToHeads(string t, string shape4) => b.Node("Transpose", [b.Node("Reshape", [t, shape4])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3));
 
+        // GroupQueryAttention packing: each slot's seqlens_k (its length before the step: the new row goes
+        // there) and total length, once for all layers.
+        var gqaLengths = new List<(string SeqLens, string Total)>();
+        if (groupQuery)
+        {
+            string one = b.ConstInt32([1]);
+            string scalar = b.ConstInt64([], dims: [0]);
+            for (int s = 0; s < slots; s++)
+            {
+                string len = b.Node("Slice", [KvLengths, b.ConstInt64([s]), b.ConstInt64([s + 1]), b.ConstInt64([0])]);
+                gqaLengths.Add((len, b.Node("Reshape", [b.Node("Add", [len, one]), scalar])));
+            }
+        }
+
         for (int i = firstLayer; i < endLayer; i++)
         {
             string p = $"model.layers.{i}.";
@@ -255,32 +289,55 @@ public static class LlamaGraphCompiler
             q = Rope(q);
             k = Rope(k);
 
-            // Packed graphs batch the slots: each slot's rows attend only its own cache, and the slots' caches
-            // are joined into one [S, Hkv, C, D] batch per layer (a copy of every cache per step, but one
-            // attention instead of S: 8% faster at a 256-slot bucket on the 135M twin in float32, 21% in int8;
-            // decision 0016). One slot reads its cache in place: nothing is joined or regrouped.
-            string Batch(string t, int heads) => slots == 1 ? t : b.Node("Transpose", [b.Node("Reshape", [t, b.ConstInt64([heads, slots, w, d])])], attrs: GraphBuilder.Ints("perm", 1, 0, 2, 3));
-            string Join(Func<int, string> past) => slots == 1 ? past(0) : b.Node("Concat", [.. Enumerable.Range(0, slots).Select(past)], attrs: GraphBuilder.Int("axis", 0));
-            // The new rows in the cache's format (float16 rounds them), and back in float32 for attention.
-            string kS16 = ToKv(Batch(k, hkv)), vS16 = ToKv(Batch(v, hkv));
-            for (int s = 0; s < slots; s++)
+            string merged;
+            if (groupQuery)
             {
-                b.Node("Identity", [slots == 1 ? kS16 : Slice(kS16, s, s + 1, 0)], PresentKey(i, s, slots));
-                b.Node("Identity", [slots == 1 ? vS16 : Slice(vS16, s, s + 1, 0)], PresentValue(i, s, slots));
+                // One row per slot: [1,H,S,D] -> S rows of [1,1,H*D] (and likewise k, v); each slot's
+                // GroupQueryAttention writes its new row into its own cache in place and reads that cache up
+                // to its own length.
+                string[] Rows(string t, int dim) => b.NodeMulti("Split", [b.Node("Reshape", [b.Node("Transpose", [t], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), b.ConstInt64([slots, 1, dim])]), b.ConstInt64([.. Enumerable.Repeat(1L, slots)])], slots, GraphBuilder.Int("axis", 0));
+                var (qs, ks, vs) = (Rows(q, c.QDim), Rows(k, c.KvDim), Rows(v, c.KvDim));
+                var outs = new string[slots];
+                for (int s = 0; s < slots; s++)
+                {
+                    outs[s] = b.Fresh("gqa_out");
+                    b.ContribNodeOutputs("GroupQueryAttention", [qs[s], ks[s], vs[s], PastKey(i, s, slots), PastValue(i, s, slots), gqaLengths[s].SeqLens, gqaLengths[s].Total],
+                        [outs[s], PresentKey(i, s, slots), PresentValue(i, s, slots)],
+                        GraphBuilder.Int("num_heads", c.NumHeads), GraphBuilder.Int("kv_num_heads", hkv), GraphBuilder.Float("scale", (float)(1.0 / Math.Sqrt(d))));
+                }
+
+                merged = b.Node("Reshape", [b.Node("Concat", outs, attrs: GraphBuilder.Int("axis", 0)), shapeWQ]);
+            }
+            else
+            {
+                // Packed graphs batch the slots: each slot's rows attend only its own cache, and the slots' caches
+                // are joined into one [S, Hkv, C, D] batch per layer (a copy of every cache per step, but one
+                // attention instead of S: 8% faster at a 256-slot bucket on the 135M twin in float32, 21% in int8;
+                // decision 0016). One slot reads its cache in place: nothing is joined or regrouped.
+                string Batch(string t, int heads) => slots == 1 ? t : b.Node("Transpose", [b.Node("Reshape", [t, b.ConstInt64([heads, slots, w, d])])], attrs: GraphBuilder.Ints("perm", 1, 0, 2, 3));
+                string Join(Func<int, string> past) => slots == 1 ? past(0) : b.Node("Concat", [.. Enumerable.Range(0, slots).Select(past)], attrs: GraphBuilder.Int("axis", 0));
+                // The new rows in the cache's format (float16 rounds them), and back in float32 for attention.
+                string kS16 = ToKv(Batch(k, hkv)), vS16 = ToKv(Batch(v, hkv));
+                for (int s = 0; s < slots; s++)
+                {
+                    b.Node("Identity", [slots == 1 ? kS16 : Slice(kS16, s, s + 1, 0)], PresentKey(i, s, slots));
+                    b.Node("Identity", [slots == 1 ? vS16 : Slice(vS16, s, s + 1, 0)], PresentValue(i, s, slots));
+                }
+
+                string kS = ToFloat(kS16), vS = ToFloat(vS16);
+
+                // Grouped-query attention: heads h = kv * G + g, so [S,H,W,D] regroups to [S,Hkv,G*W,D] without a copy.
+                string qg = b.Node("Mul", [b.Node("Reshape", [Batch(q, c.NumHeads), shapeGrouped]), scale]);
+                string sPast = b.Node("MatMul", [qg, b.Node("Transpose", [ToFloat(Join(s => PastKey(i, s, slots)))], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
+                string sNew = b.Node("MatMul", [qg, b.Node("Transpose", [kS], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
+                string scores = b.Node("Reshape", [b.Node("Concat", [sPast, sNew], attrs: GraphBuilder.Int("axis", -1)), shapeScores5]);
+                string probs = b.Node("Reshape", [b.Node("Softmax", [b.Node("Add", [scores, mask5])], attrs: GraphBuilder.Int("axis", -1)), shapeScores4]);
+                string pPast = b.Node("Slice", [probs, sliceStart0, sliceC, axisLast]);
+                string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
+                string att = b.Node("Add", [b.Node("MatMul", [pPast, ToFloat(Join(s => PastValue(i, s, slots)))]), b.Node("MatMul", [pNew, vS])]);
+                merged = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);
             }
 
-            string kS = ToFloat(kS16), vS = ToFloat(vS16);
-
-            // Grouped-query attention: heads h = kv * G + g, so [S,H,W,D] regroups to [S,Hkv,G*W,D] without a copy.
-            string qg = b.Node("Mul", [b.Node("Reshape", [Batch(q, c.NumHeads), shapeGrouped]), scale]);
-            string sPast = b.Node("MatMul", [qg, b.Node("Transpose", [ToFloat(Join(s => PastKey(i, s, slots)))], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
-            string sNew = b.Node("MatMul", [qg, b.Node("Transpose", [kS], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
-            string scores = b.Node("Reshape", [b.Node("Concat", [sPast, sNew], attrs: GraphBuilder.Int("axis", -1)), shapeScores5]);
-            string probs = b.Node("Reshape", [b.Node("Softmax", [b.Node("Add", [scores, mask5])], attrs: GraphBuilder.Int("axis", -1)), shapeScores4]);
-            string pPast = b.Node("Slice", [probs, sliceStart0, sliceC, axisLast]);
-            string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
-            string att = b.Node("Add", [b.Node("MatMul", [pPast, ToFloat(Join(s => PastValue(i, s, slots)))]), b.Node("MatMul", [pNew, vS])]);
-            string merged = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);
             x = b.Node("Add", [x, Linear(merged, p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim)]);
 
             string h2 = RmsNorm(x, W(p + "post_attention_layernorm.weight", c.HiddenSize));
@@ -328,8 +385,8 @@ public static class LlamaGraphCompiler
         {
             for (int s = 0; s < slots; s++)
             {
-                b.Output(PresentKey(i, s, slots), kvType, 1, hkv, w, d);
-                b.Output(PresentValue(i, s, slots), kvType, 1, hkv, w, d);
+                b.Output(PresentKey(i, s, slots), kvType, 1, hkv, groupQuery ? cap : w, d);
+                b.Output(PresentValue(i, s, slots), kvType, 1, hkv, groupQuery ? cap : w, d);
             }
         }
 

@@ -45,6 +45,13 @@ public sealed record RuntimeOptions
     public KvFormat Kv { get; init; } = KvFormat.F32;
 
     /// <summary>
+    /// Packed width-1 runs attend with ONNX Runtime's GroupQueryAttention, one node per slot over that
+    /// session's cache in place: no cache is joined and each slot is scored over its own length (decision
+    /// 0023). Applies on the CPU provider with float32 caches; otherwise packed runs join the caches.
+    /// </summary>
+    public bool PackedGroupQuery { get; init; } = true;
+
+    /// <summary>
     /// The step watchdog: a graph run still going after this long is ended (<c>RunOptions.Terminate</c>) and
     /// the step fails with a <see cref="DeviceFaultException"/>, which the session recovers from like any
     /// device fault. Each time it ends a run of a graph, that graph's limit doubles, so a step that is slow
@@ -378,6 +385,25 @@ public sealed class OrtModelRuntime : IDisposable
     public static readonly int[] PackedSlotCounts = [2, 4, 8, 16];
 
     /// <summary>
+    /// Whether packed runs of <paramref name="width"/> rows per slot write each session's new keys and values
+    /// straight into its cache (GroupQueryAttention packing, <see cref="RuntimeOptions.PackedGroupQuery"/>): the
+    /// caller then advances each cache by the rows it kept instead of committing them from the buffers.
+    /// </summary>
+    public bool PackedInPlace(int width) =>
+        width == 1 && _options.PackedGroupQuery && _options.Kv == KvFormat.F32 && _options.Provider == ExecutionProviderKind.Cpu;
+
+    // GroupQueryAttention packing: slots a step does not fill write their (ignored) rows into a cache of their
+    // own per bucket, shared by every idle slot of every graph of that bucket, never into a session's.
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<int, KvCache> _idleCaches = new();
+
+    private KvCache IdleCache(int bucket) => _idleCaches.GetOrAdd(bucket, b =>
+    {
+        var c = CreateCache();
+        c.EnsureRoom(b);
+        return c;
+    });
+
+    /// <summary>
     /// The per-session buffers of a packed step: one session's rows in each, filled exactly as for a solo run
     /// of width <paramref name="width"/> (<see cref="StepBuffers.SetLinear"/>, a tree mask). Every cache moves
     /// into the bucket of the fullest first (one packed graph has one capacity). Fill them, then call
@@ -400,8 +426,9 @@ public sealed class OrtModelRuntime : IDisposable
         StallIfHungUnwatched();
         var g = PackedGraph(width, caches);
         // Slots the step does not fill read the first session's cache: nothing commits their rows, and a cache
-        // of their own would have to follow every bucket the packs move through.
-        g.RunSlots(caches, caches[0]);
+        // of their own would have to follow every bucket the packs move through. In place (GroupQueryAttention)
+        // they would write into it, so they get the bucket's idle cache instead.
+        g.RunSlots(caches, g.InPlace ? IdleCache(caches[0].Bucket) : caches[0]);
 
         for (int i = 0; i < caches.Count; i++)
         {
@@ -620,7 +647,7 @@ public sealed class OrtModelRuntime : IDisposable
     /// </summary>
     public string GraphDirectory { get; } = Directory.CreateTempSubdirectory("coordgen-graphs-").FullName;
 
-    private string WriteGraph(GraphShape shape, int slots = 1)
+    private string WriteGraph(GraphShape shape, int slots = 1, bool groupQuery = false)
     {
         string placeholder = Path.Combine(GraphDirectory, LlamaGraphCompiler.SharedWeightsFile);
         if (!File.Exists(placeholder))
@@ -629,8 +656,8 @@ public sealed class OrtModelRuntime : IDisposable
             fs.SetLength(Weights.Tensors.Max(t => t.Data.LongLength) * sizeof(float));
         }
 
-        string path = Path.Combine(GraphDirectory, slots == 1 ? $"w{shape.Width}_c{shape.Capacity}.onnx" : $"s{slots}_w{shape.Width}_c{shape.Capacity}.onnx");
-        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots, _options.Kv));
+        string path = Path.Combine(GraphDirectory, slots == 1 ? $"w{shape.Width}_c{shape.Capacity}.onnx" : $"s{slots}_w{shape.Width}_c{shape.Capacity}{(groupQuery ? "_gqa" : "")}.onnx");
+        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots, _options.Kv, groupQuery));
         return path;
     }
 
@@ -689,6 +716,11 @@ public sealed class OrtModelRuntime : IDisposable
             v.Dispose();
         }
 
+        foreach (var idle in _idleCaches.Values)
+        {
+            idle.Dispose();
+        }
+
         _prepacked.Dispose();
         try
         {
@@ -730,7 +762,8 @@ public sealed class OrtModelRuntime : IDisposable
             _owner = owner;
             _watchdog = owner._options.StepWatchdog;
             _so = owner.CreateSessionOptions(slots == 1 ? $"w{shape.Width}_c{shape.Capacity}" : $"s{slots}_w{shape.Width}_c{shape.Capacity}");
-            string path = owner.WriteGraph(shape, slots);
+            InPlace = slots > 1 && owner.PackedInPlace(shape.Width);
+            string path = owner.WriteGraph(shape, slots, InPlace);
             _session = new InferenceSession(path, _so, owner._prepacked);
             int topK = TopCandidatesFor(shape.Width), n = slots * shape.Width;
             var kv = owner._options.Kv;
@@ -739,17 +772,22 @@ public sealed class OrtModelRuntime : IDisposable
 
             var pasts = Enumerable.Range(0, _layers).SelectMany(l => Enumerable.Range(0, slots).SelectMany(s => new[] { LlamaGraphCompiler.PastKey(l, s, slots), LlamaGraphCompiler.PastValue(l, s, slots) }));
             var presents = Enumerable.Range(0, _layers).SelectMany(l => Enumerable.Range(0, slots).SelectMany(s => new[] { LlamaGraphCompiler.PresentKey(l, s, slots), LlamaGraphCompiler.PresentValue(l, s, slots) }));
-            _inputNames = ["input_ids", "position_ids", "attention_mask", .. pasts];
+            _inputNames = InPlace ? ["input_ids", "position_ids", "attention_mask", .. pasts, LlamaGraphCompiler.KvLengths] : ["input_ids", "position_ids", "attention_mask", .. pasts];
             string[] top = topK > 0 ? [LlamaGraphCompiler.TopIds, LlamaGraphCompiler.TopProbs] : [];
             _outputNames = ["logits", .. presents, .. top];
             _inputs = new OrtValue[_inputNames.Length];
             _inputs[0] = OrtValue.CreateTensorValueFromMemory(Buffers.TokenIds, [1, n]);
             _inputs[1] = OrtValue.CreateTensorValueFromMemory(Buffers.Positions, [1, n]);
             _inputs[2] = OrtValue.CreateTensorValueFromMemory(Buffers.Mask, [slots, 1, shape.Width, shape.Capacity + shape.Width]);
+            if (InPlace)
+            {
+                _inputs[^1] = OrtValue.CreateTensorValueFromMemory(_kvLengths = GC.AllocateArray<int>(slots, pinned: true), [slots]);
+            }
+
             _outputs = new OrtValue[_outputNames.Length];
             _outputs[0] = OrtValue.CreateTensorValueFromMemory(Buffers.Logits, [1, n, c.VocabSize]);
             long[] kvShape = [1, c.NumKvHeads, shape.Width, c.HeadDim];
-            for (int l = 0; l < _layers; l++)
+            for (int l = 0; l < _layers && !InPlace; l++) // in place: each run binds the caches themselves
             {
                 for (int s = 0; s < slots; s++)
                 {
@@ -769,6 +807,11 @@ public sealed class OrtModelRuntime : IDisposable
         }
 
         public StepBuffers Buffers { get; }
+
+        /// <summary>A GroupQueryAttention packed graph: its presents are the caches themselves (<see cref="PackedInPlace"/>).</summary>
+        public bool InPlace { get; }
+
+        private readonly int[]? _kvLengths;
 
         /// <summary>Each packed session's own buffers (the plain graph's one is <see cref="Buffers"/>).</summary>
         public StepBuffers[] SlotBuffers { get; }
@@ -795,6 +838,17 @@ public sealed class OrtModelRuntime : IDisposable
                     int at = 3 + (2 * ((l * _slots) + s));
                     _inputs[at] = cache.KeyValue(l);
                     _inputs[at + 1] = cache.ValueValue(l);
+                    if (InPlace)
+                    {
+                        // The same memory is past and present: the node writes the new row at the cache's length.
+                        _outputs[at - 2] = _inputs[at];
+                        _outputs[at - 1] = _inputs[at + 1];
+                    }
+                }
+
+                if (_kvLengths is not null)
+                {
+                    _kvLengths[s] = cache.Length;
                 }
 
                 if (_slots > 1)
@@ -918,9 +972,18 @@ public sealed class OrtModelRuntime : IDisposable
                 _inputs[i].Dispose();
             }
 
-            foreach (var o in _outputs)
+            for (int i = 0; i < _outputs.Length; i++)
             {
-                o.Dispose();
+                bool cache = InPlace && i >= 1 && i <= 2 * _layers * _slots;
+                if (!cache)
+                {
+                    _outputs[i]?.Dispose(); // in place, the present outputs are the caches' own values
+                }
+            }
+
+            if (InPlace)
+            {
+                _inputs[^1].Dispose();
             }
         }
     }
