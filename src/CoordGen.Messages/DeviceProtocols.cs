@@ -45,7 +45,7 @@ public static class DeviceProtocol
 
     /// <summary>
     /// Device → session: the next tokens of attempt <paramref name="Attempt"/>, in order. The device keeps at
-    /// most <see cref="StreamWindow"/> of a run's tokens unacknowledged; the session answers
+    /// most a window of a run's tokens unacknowledged (<see cref="DefaultStreamWindow"/> unless configured); the session answers
     /// <see cref="Delivered"/> as they enter the caller's channel, so a reader that falls behind pauses only
     /// its own stream (backpressure without polling).
     /// </summary>
@@ -54,8 +54,12 @@ public static class DeviceProtocol
     /// <summary>Session → device: <paramref name="Count"/> tokens of attempt <paramref name="Attempt"/> left the device's window (written to the caller's channel, or dropped because the attempt was superseded).</summary>
     public sealed record Delivered(int Attempt, int Count);
 
-    /// <summary>Tokens of one run that may be on their way to its channel, unacknowledged, before the device pauses that run.</summary>
-    public const int StreamWindow = 16;
+    /// <summary>
+    /// Tokens of one run that may be on their way to its channel, unacknowledged, before the device pauses that
+    /// run (decision 0022). 16 throttled 16 packed sessions on the 135M twin: acknowledgements came back that
+    /// many steps late on this 2-core machine, and packs shrank to about 2 sessions.
+    /// </summary>
+    public const int DefaultStreamWindow = 64;
 
     /// <summary>
     /// Context stores → device: <paramref name="Owner"/>'s documents changed or were deleted, so the prefix

@@ -76,8 +76,8 @@ public class DeviceActorSpecs : TestKit
         }
 
         // Room for one session's cache: the first runs, the others wait without a cache.
-        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), maxActiveSessions: 1)));
-        var c1 = Channel.CreateBounded<GeneratedToken>(1); // unread for now: with more tokens than its channel and the device's window hold, the first session stays on the device
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), maxActiveSessions: 1, streamWindow: 4)));
+        var c1 = Channel.CreateBounded<GeneratedToken>(1); // unread for now: with more tokens than its channel and the device's window (4) hold, the first session stays on the device
         var c2 = Channel.CreateUnbounded<GeneratedToken>();
         var c3 = Channel.CreateUnbounded<GeneratedToken>();
         using var cancelThird = new CancellationTokenSource();
@@ -117,7 +117,7 @@ public class DeviceActorSpecs : TestKit
     {
         // Room for one cache. A session that never acknowledges its tokens fills its window and would hold
         // the cache forever; when it stops, the device (which watches it) cancels its run.
-        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), maxActiveSessions: 1)));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), maxActiveSessions: 1, streamWindow: 4)));
         IActorRef deviceRef = ActorRefs.Nobody;
         await AwaitAssertAsync(async () => deviceRef = await Sys.ActorSelection(device.Path / "device").ResolveOne(TimeSpan.FromSeconds(1)));
         int[] prompt = [3, 9, 27, 17, 51, 2];

@@ -16,7 +16,7 @@ namespace CoordGen.Actors.Device;
 /// several plain sessions, chosen by <see cref="StepPolicy"/>. Steps run off the mailbox thread, one at a
 /// time. Its children do the CPU work beside the steps: the drafter (trees, from drafting state it owns),
 /// the verifier (acceptance, sampling streams) and the calibrator. Tokens are queued per session and sent
-/// to its session actor from the mailbox; a run with <see cref="DeviceProtocol.StreamWindow"/> tokens not
+/// to its session actor from the mailbox; a run with a window of tokens (<see cref="DeviceProtocol.DefaultStreamWindow"/>) not
 /// yet acknowledged (its reader lags) is skipped until they are (backpressure that pauses only that
 /// stream). A failure is a reply for that request, not a crash.
 /// </summary>
@@ -35,6 +35,7 @@ public sealed partial class DeviceActor : ReceiveActor
     private PackingMode _packing;
     private readonly bool _packTrees;
     private readonly DevicePrefixCache _prefix;
+    private readonly int _streamWindow;
     private OrtModelRuntime? _runtime;
     private Generator? _plain;
     private SpeculativeDecoder? _spec;
@@ -56,8 +57,10 @@ public sealed partial class DeviceActor : ReceiveActor
     /// <param name="prefixCacheBudget">The KV memory budget a prefix cache shares with the sessions' caches
     /// (it holds at most this less the running sessions' caches, evicting least recently used blocks);
     /// 0 = no prefix cache. The cache lives and dies with this device.</param>
-    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0)
+    /// <param name="streamWindow">Tokens of a run that may be unacknowledged by its session before the run pauses (0 = <see cref="DeviceProtocol.DefaultStreamWindow"/>).</param>
+    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0)
     {
+        _streamWindow = streamWindow > 0 ? streamWindow : DeviceProtocol.DefaultStreamWindow;
         _prefix = new DevicePrefixCache(prefixCacheBudget);
         _interleavedChunkWidth = interleavedChunkWidth;
         _packing = packing;
@@ -93,12 +96,12 @@ public sealed partial class DeviceActor : ReceiveActor
     /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
     /// <param name="interleavedChunkWidth">Tokens per prefill chunk while other sessions decode
     /// (<see cref="StepPolicy.ChunkWidth"/>); 0 = always the runtime's widest graph.</param>
-    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0)
-        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget));
+    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0)
+        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget, streamWindow));
 
     /// <summary>A device that builds its own runtime and disposes it when it stops (each restart compiles again).</summary>
-    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0)
-        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget);
+    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0)
+        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget, streamWindow);
 
     protected override void PreStart()
     {
@@ -148,7 +151,7 @@ public sealed partial class DeviceActor : ReceiveActor
 
     private void Admit(DeviceProtocol.Run run, IActorRef replyTo)
     {
-        var session = new DeviceSession(new SessionRun(run.Request.SessionId, ++_runs), run, replyTo, _roles!, _emulate);
+        var session = new DeviceSession(new SessionRun(run.Request.SessionId, ++_runs), run, replyTo, _roles!, _emulate, _streamWindow);
         _byId[session.Id] = session;
         _byAttempt[(replyTo, run.Attempt)] = session;
 

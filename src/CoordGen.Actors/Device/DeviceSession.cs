@@ -17,9 +17,9 @@ namespace CoordGen.Actors.Device;
 /// runs (<see cref="Stepping"/>) no message handler touches it; the step's completion message hands it
 /// back. Its drafting state lives in the drafter actor, its sampling stream in the verifier.
 /// </summary>
-internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActorRef replyTo, DeviceRoles roles, DeviceProfile? emulate) : IDisposable
+internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActorRef replyTo, DeviceRoles roles, DeviceProfile? emulate, int streamWindow) : IDisposable
 {
-    private readonly RunOutput _output = new();
+    private readonly RunOutput _output = new(streamWindow);
     private readonly CancellationTokenSource _cancel = new();
     private readonly SamplingOptions _sampling = run.Request.Sampling.ToEngine();
     private SessionPrefill? _prefill;

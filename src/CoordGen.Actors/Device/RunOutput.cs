@@ -11,7 +11,7 @@ namespace CoordGen.Actors.Device;
 /// thread, while the run is stepping), sent from the mailbox as <see cref="DeviceProtocol.Tokens"/> while
 /// the run's window has room, and counted down as the session acknowledges them.
 /// </summary>
-internal sealed class RunOutput
+internal sealed class RunOutput(int window)
 {
     private readonly Queue<GeneratedToken> _pending = new();
     private TokenLogprob? _logprob;
@@ -23,7 +23,7 @@ internal sealed class RunOutput
     public int InFlight { get; private set; }
 
     /// <summary>The window has room for another step's tokens.</summary>
-    public bool HasRoom => InFlight < DeviceProtocol.StreamWindow;
+    public bool HasRoom => InFlight < window;
 
     /// <summary>A token's log-probabilities, reported just before the token (on the step's thread).</summary>
     public void KeepLogprob(TokenLogprobs lp) =>
@@ -42,7 +42,7 @@ internal sealed class RunOutput
     /// <summary>Sends what the window allows, or everything when <paramref name="all"/> (mailbox thread).</summary>
     public void Send(IActorRef session, IActorRef device, int attempt, bool all)
     {
-        int n = all ? _pending.Count : Math.Min(_pending.Count, DeviceProtocol.StreamWindow - InFlight);
+        int n = all ? _pending.Count : Math.Min(_pending.Count, window - InFlight);
         if (n <= 0)
         {
             return;
