@@ -502,18 +502,20 @@ public sealed class OrtModelRuntime : IDisposable
     }
 
     private Lazy<Task<WidthGraph>> PackedCompile(int slots, int width, int bucket) =>
-        _packed.GetOrAdd((slots, width, bucket), key => new Lazy<Task<WidthGraph>>(() => Task.Run(() =>
-        {
-            ObjectDisposedException.ThrowIf(IsDisposed, this);
-            var g = new WidthGraph(this, new GraphShape(key.Width, key.Bucket), key.Slots);
+        _packed.GetOrAdd((slots, width, bucket), key => new Lazy<Task<WidthGraph>>(() => Task.Run(() => CompilePacked(key))));
 
-            // Its first run allocates (several runs' time): done here, off the device's critical path.
-            using var scratch = CreateCache();
-            scratch.EnsureRoom(key.Bucket);
-            g.SlotBuffers[0].SetLinear([0], 0, 0);
-            g.RunSlots([scratch], scratch, watched: false);
-            return g;
-        })));
+    private WidthGraph CompilePacked((int Slots, int Width, int Bucket) key)
+    {
+        ObjectDisposedException.ThrowIf(IsDisposed, this);
+        var g = new WidthGraph(this, new GraphShape(key.Width, key.Bucket), key.Slots);
+
+        // Its first run allocates (several runs' time): done here, off the device's critical path.
+        using var scratch = CreateCache();
+        scratch.EnsureRoom(key.Bucket);
+        g.SlotBuffers[0].SetLinear([0], 0, 0);
+        g.RunSlots([scratch], scratch, watched: false);
+        return g;
+    }
 
     /// <summary>
     /// Compiles (and runs once) the width-1 packed graphs of every slot count for the buckets a session of up
@@ -708,7 +710,18 @@ public sealed class OrtModelRuntime : IDisposable
         foreach (var compile in _packed.Values.Where(l => l.IsValueCreated).Select(l => l.Value))
         {
             // One still compiling is disposed once it is built: a background compile never outlives its graph.
-            compile.ContinueWith(t => t.Result.Dispose(), CancellationToken.None, TaskContinuationOptions.OnlyOnRanToCompletion | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default).Wait(TimeSpan.FromSeconds(30));
+            // (One that failed, or found the runtime disposed, has no graph to dispose.)
+            compile.ContinueWith(
+                t =>
+                {
+                    if (t.IsCompletedSuccessfully)
+                    {
+                        t.Result.Dispose();
+                    }
+                },
+                CancellationToken.None,
+                TaskContinuationOptions.ExecuteSynchronously,
+                TaskScheduler.Default).Wait(TimeSpan.FromSeconds(30));
         }
 
         foreach (var (_, v) in _weightValues)
