@@ -60,6 +60,20 @@ public class PackedStepTests
         }
     }
 
+    [Theory]
+    [InlineData(WeightFormat.F32, KvFormat.F32, true)]
+    [InlineData(WeightFormat.Int8, KvFormat.F32, false)]
+    [InlineData(WeightFormat.F32, KvFormat.F16, false)]
+    public void GroupQueryAttention_packing_should_apply_only_to_float32_weights_and_caches(WeightFormat format, KvFormat kv, bool inPlace)
+    {
+        // Quantized projections turn the kernel's last-bit differences into different greedy tokens (int8 packed
+        // output differed from solo on the 135M twin), and the kernel wants its cache in the query's type.
+        var weights = ModelWeights.Random(TestModels.Tiny(), seed: 21, scale: 0.3f);
+        using var rt = new OrtModelRuntime(weights, capacity: 96, widths: [1, 8], new RuntimeOptions { Weights = format, Kv = kv });
+        Assert.Equal(inPlace, rt.PackedInPlace(1));
+        Assert.False(rt.PackedInPlace(8)); // trees: the CPU kernel refuses several slots of more than one row
+    }
+
     [Fact]
     public void Packed_sessions_should_generate_what_each_generates_alone_on_the_demo_model()
     {

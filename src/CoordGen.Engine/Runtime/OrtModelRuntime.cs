@@ -47,7 +47,10 @@ public sealed record RuntimeOptions
     /// <summary>
     /// Packed width-1 runs attend with ONNX Runtime's GroupQueryAttention, one node per slot over that
     /// session's cache in place: no cache is joined and each slot is scored over its own length (decision
-    /// 0023). Applies on the CPU provider with float32 caches; otherwise packed runs join the caches.
+    /// 0023). Applies on the CPU provider with float32 weights and caches; otherwise packed runs join the
+    /// caches. Quantized weights are excluded: their projections round each activation row to int8, which
+    /// turns the last-bit differences between this kernel and a solo step's attention into different
+    /// greedy tokens (measured: int8 packed output not identical to solo), and packed output must equal solo.
     /// </summary>
     public bool PackedGroupQuery { get; init; } = true;
 
@@ -390,7 +393,7 @@ public sealed class OrtModelRuntime : IDisposable
     /// caller then advances each cache by the rows it kept instead of committing them from the buffers.
     /// </summary>
     public bool PackedInPlace(int width) =>
-        width == 1 && _options.PackedGroupQuery && _options.Kv == KvFormat.F32 && _options.Provider == ExecutionProviderKind.Cpu;
+        width == 1 && _options.PackedGroupQuery && _options.Kv == KvFormat.F32 && _options.Weights == WeightFormat.F32 && _options.Provider == ExecutionProviderKind.Cpu;
 
     // GroupQueryAttention packing: slots a step does not fill write their (ignored) rows into a cache of their
     // own per bucket, shared by every idle slot of every graph of that bucket, never into a session's.
