@@ -78,8 +78,11 @@ public class CoordGenOptions
     /// <summary>Speculative requests verify each step on the compiled width (1, 4 or Width) that gives the most tokens per millisecond for that session (default); false = always Width (docs/decisions/0006-adaptive-width.md).</summary>
     public bool AdaptiveWidth { get; set; } = true;
 
-    /// <summary>Plain (ar) decoding sessions ready at the same time share one device run, each in its own slot of a packed graph against its own cache, when the device's recent step times say it pays (never for steps under 5 ms, which are bound by overhead, not by reading weights); false = one session per run. Output is identical either way. On by default: 1.51x in the decode phase at 8 sessions on the 135M twin, parity on the 3M demo model (docs/decisions/0016-packed-steps.md).</summary>
+    /// <summary>Plain (ar) decoding sessions ready at the same time share one device run, each in its own slot of a packed graph against its own cache, when the device's recent step times say it pays (never for steps under 5 ms, which are bound by overhead, not by reading weights); false = one session per run. Output is identical either way. On by default: 2.51x in the decode phase at 8 sessions on the 135M twin, parity on the 3M demo model (docs/decisions/0016-packed-steps.md, 0023).</summary>
     public bool PackedSteps { get; set; } = true;
+
+    /// <summary>With <see cref="PackedSteps"/>: packed plain runs attend with ONNX Runtime's GroupQueryAttention over each session's cache in place (CPU, float32 weights and caches), instead of joining the caches per layer: 3.09x against 2.18x the tokens per device-second of one session per run at 8 sessions on the 135M twin (decision 0023). On by default; false keeps the joined form.</summary>
+    public bool PackedGroupQuery { get; set; } = true;
 
     /// <summary>With <see cref="PackedSteps"/>: speculative sessions whose next trees have one width share packed runs too, when it pays. Off by default: without a width budget across sessions the packs stay small (about 2 sessions), and the packed graphs of the verification widths compile in the background on first need; on the 135M twin at 4 sessions that cost 19% of aggregate tokens/s in one run (decision 0016, addendum). Output is identical either way.</summary>
     public bool PackedTrees { get; set; }

@@ -175,6 +175,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
                 IntraOpThreads = settings.EffectiveThreads,
                 Weights = settings.Weights,
                 Kv = settings.Kv,
+                PackedGroupQuery = settings.PackedGroupQuery,
                 StepWatchdog = TimeSpan.FromMilliseconds(settings.StepWatchdogMs),
                 Provider = settings.Provider,
                 QnnBackendPath = settings.QnnBackendPath,
