@@ -252,9 +252,8 @@ public static class NarrowSteps
             }
 
             long t0 = Stopwatch.GetTimestamp();
-            runtime.RunPacked(1, caches);
+            bool inPlace = runtime.RunPacked(1, caches); // true: the run wrote each row into its cache
             double share = Stopwatch.GetElapsedTime(t0).TotalMilliseconds / group.Length;
-            bool inPlace = group.Length > 1 && runtime.PackedInPlace(1); // the run wrote each row into its cache
             for (int i = 0; i < group.Length; i++)
             {
                 if (inPlace)

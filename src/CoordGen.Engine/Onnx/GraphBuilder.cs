@@ -17,20 +17,15 @@ internal sealed class GraphBuilder(string name)
     /// <summary>A node of ONNX Runtime's com.microsoft contrib domain.</summary>
     public string ContribNode(string op, IEnumerable<string> inputs, params AttributeProto[] attrs)
     {
-        string o = Node(op, inputs, null, attrs);
-        _graph.Node[^1].Domain = MicrosoftDomain;
-        _usesMicrosoftDomain = true;
+        string o = Fresh(op.ToLowerInvariant());
+        ContribNodeOutputs(op, inputs, [o], attrs);
         return o;
     }
 
     /// <summary>A node of the com.microsoft contrib domain with named outputs (several, or one a graph output names).</summary>
     public void ContribNodeOutputs(string op, IEnumerable<string> inputs, IEnumerable<string> outputs, params AttributeProto[] attrs)
     {
-        var n = new NodeProto { OpType = op, Name = Fresh("n_" + op), Domain = MicrosoftDomain };
-        n.Input.AddRange(inputs);
-        n.Output.AddRange(outputs);
-        n.Attribute.AddRange(attrs);
-        _graph.Node.Add(n);
+        AddNode(op, inputs, outputs, attrs).Domain = MicrosoftDomain;
         _usesMicrosoftDomain = true;
     }
 
@@ -39,23 +34,25 @@ internal sealed class GraphBuilder(string name)
     public string Node(string op, IEnumerable<string> inputs, string? output = null, params AttributeProto[] attrs)
     {
         string o = output ?? Fresh(op.ToLowerInvariant());
-        var n = new NodeProto { OpType = op, Name = Fresh("n_" + op) };
-        n.Input.AddRange(inputs);
-        n.Output.Add(o);
-        n.Attribute.AddRange(attrs);
-        _graph.Node.Add(n);
+        AddNode(op, inputs, [o], attrs);
         return o;
     }
 
     public string[] NodeMulti(string op, IEnumerable<string> inputs, int outputs, params AttributeProto[] attrs)
     {
         var outs = Enumerable.Range(0, outputs).Select(_ => Fresh(op.ToLowerInvariant())).ToArray();
+        AddNode(op, inputs, outs, attrs);
+        return outs;
+    }
+
+    private NodeProto AddNode(string op, IEnumerable<string> inputs, IEnumerable<string> outputs, AttributeProto[] attrs)
+    {
         var n = new NodeProto { OpType = op, Name = Fresh("n_" + op) };
         n.Input.AddRange(inputs);
-        n.Output.AddRange(outs);
+        n.Output.AddRange(outputs);
         n.Attribute.AddRange(attrs);
         _graph.Node.Add(n);
-        return outs;
+        return n;
     }
 
     public static AttributeProto Int(string name, long v) => new() { Name = name, Type = AttributeProto.Types.AttributeType.Int, I = v };
@@ -69,27 +66,19 @@ internal sealed class GraphBuilder(string name)
         return a;
     }
 
-    public string ConstInt32(int[] values, long[]? dims = null, string? hint = null)
-    {
-        var t = new TensorProto { Name = Fresh(hint ?? "c_i32"), DataType = (int)TensorProto.Types.DataType.Int32 };
-        t.Dims.AddRange(dims ?? [values.Length]);
-        t.RawData = ByteString.CopyFrom(MemoryMarshal.AsBytes(values.AsSpan()));
-        _graph.Initializer.Add(t);
-        return t.Name;
-    }
+    public string ConstInt32(int[] values, long[]? dims = null, string? hint = null) =>
+        Const<int>(values, dims ?? [values.Length], TensorProto.Types.DataType.Int32, hint ?? "c_i32");
 
-    public string ConstInt64(long[] values, long[]? dims = null, string? hint = null)
-    {
-        var t = new TensorProto { Name = Fresh(hint ?? "c_i64"), DataType = (int)TensorProto.Types.DataType.Int64 };
-        t.Dims.AddRange(dims ?? [values.Length]);
-        t.RawData = ByteString.CopyFrom(MemoryMarshal.AsBytes(values.AsSpan()));
-        _graph.Initializer.Add(t);
-        return t.Name;
-    }
+    public string ConstInt64(long[] values, long[]? dims = null, string? hint = null) =>
+        Const<long>(values, dims ?? [values.Length], TensorProto.Types.DataType.Int64, hint ?? "c_i64");
 
-    public string ConstFloat(float[] values, long[] dims, string? hint = null)
+    public string ConstFloat(float[] values, long[] dims, string? hint = null) =>
+        Const<float>(values, dims, TensorProto.Types.DataType.Float, hint ?? "c_f32");
+
+    private string Const<T>(T[] values, long[] dims, TensorProto.Types.DataType type, string hint)
+        where T : unmanaged
     {
-        var t = new TensorProto { Name = Fresh(hint ?? "c_f32"), DataType = (int)TensorProto.Types.DataType.Float };
+        var t = new TensorProto { Name = Fresh(hint), DataType = (int)type };
         t.Dims.AddRange(dims);
         t.RawData = ByteString.CopyFrom(MemoryMarshal.AsBytes(values.AsSpan()));
         _graph.Initializer.Add(t);

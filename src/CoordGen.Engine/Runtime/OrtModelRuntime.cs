@@ -388,9 +388,9 @@ public sealed class OrtModelRuntime : IDisposable
     public static readonly int[] PackedSlotCounts = [2, 4, 8, 16];
 
     /// <summary>
-    /// Whether packed runs of <paramref name="width"/> rows per slot write each session's new keys and values
-    /// straight into its cache (GroupQueryAttention packing, <see cref="RuntimeOptions.PackedGroupQuery"/>): the
-    /// caller then advances each cache by the rows it kept instead of committing them from the buffers.
+    /// Whether packed graphs of <paramref name="width"/> rows per slot write each session's new keys and values
+    /// straight into its cache (GroupQueryAttention packing, <see cref="RuntimeOptions.PackedGroupQuery"/>);
+    /// <see cref="RunPacked"/> says so per run (a run of one session takes the plain graph).
     /// </summary>
     public bool PackedInPlace(int width) =>
         width == 1 && _options.PackedGroupQuery && _options.Kv == KvFormat.F32 && _options.Weights == WeightFormat.F32 && _options.Provider == ExecutionProviderKind.Cpu;
@@ -421,9 +421,11 @@ public sealed class OrtModelRuntime : IDisposable
     /// <summary>
     /// Runs the rows of several sessions (<see cref="PackedBuffers"/>) as one run of a packed graph: the
     /// weights are read once for all of them, attention reads each session's own cache. One session runs
-    /// the plain graph.
+    /// the plain graph. Returns true when the run wrote each session's new rows into its cache itself
+    /// (GroupQueryAttention packing, <see cref="PackedInPlace"/>): advance the caches instead of committing
+    /// the rows from <see cref="PackedBuffers"/>.
     /// </summary>
-    public void RunPacked(int width, IReadOnlyList<KvCache> caches)
+    public bool RunPacked(int width, IReadOnlyList<KvCache> caches)
     {
         Faults?.OnDeviceStep();
         StallIfHungUnwatched();
@@ -442,6 +444,8 @@ public sealed class OrtModelRuntime : IDisposable
                 throw new DeviceFaultException("the device returned non-finite logits (NaN or Inf) in a packed step; the step was discarded. Retry the request; if it keeps happening, check the model's dtype and the execution provider.");
             }
         }
+
+        return g.InPlace;
     }
 
     /// <summary>Slots of the packed graph that holds <paramref name="sessions"/> sessions (1: the plain graph).</summary>
@@ -877,7 +881,10 @@ public sealed class OrtModelRuntime : IDisposable
 
                     slot.TokenIds.CopyTo(Buffers.TokenIds, s * w);
                     slot.Positions.CopyTo(Buffers.Positions, s * w);
-                    slot.Mask.CopyTo(Buffers.Mask, s * slot.Mask.Length);
+                    if (!InPlace)
+                    {
+                        slot.Mask.CopyTo(Buffers.Mask, s * slot.Mask.Length); // in place, the lengths are the mask
+                    }
                 }
             }
 
