@@ -84,8 +84,8 @@ public class CoordGenOptions
     /// <summary>With <see cref="PackedSteps"/>: packed plain runs attend with ONNX Runtime's GroupQueryAttention over each session's cache in place (CPU, float32 weights and caches), instead of joining the caches per layer: 3.09x against 2.18x the tokens per device-second of one session per run at 8 sessions on the 135M twin (decision 0023). On by default; false keeps the joined form.</summary>
     public bool PackedGroupQuery { get; set; } = true;
 
-    /// <summary>With <see cref="PackedSteps"/>: speculative sessions whose next trees have one width share packed runs too, when it pays. Off by default: without a width budget across sessions the packs stay small (about 2 sessions), and the packed graphs of the verification widths compile in the background on first need; on the 135M twin at 4 sessions that cost 19% of aggregate tokens/s in one run (decision 0016, addendum). Output is identical either way.</summary>
-    public bool PackedTrees { get; set; }
+    /// <summary>With <see cref="PackedSteps"/>: speculative sessions whose next steps are trees share packed runs too, when it pays, each tree in its own slot at one width (a wider tree keeps its first nodes, a narrower one is padded; a narrower pack is taken when the pick's width does not pay), and a tree waits a moment (at most 15% of a run) for the sessions whose verdict or next tree is on its way. With GroupQueryAttention packing (<see cref="PackedGroupQuery"/>) each tree attends over its own cache in place. On by default; false: trees run one session per run (docs/decisions/0016-packed-steps.md, 0024). Output is identical either way.</summary>
+    public bool PackedTrees { get; set; } = true;
 
     /// <summary>
     /// Keep the keys and values of prompts the device has prefilled, in blocks of 32 tokens, so a prompt that

@@ -189,7 +189,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
                 rt.Prepare(warm);
                 if (settings.PackedSteps && settings.PrecompileAll)
                 {
-                    rt.PreparePacked(settings.Capacity);
+                    rt.PreparePacked(settings.Capacity, trees: settings.PackedTrees);
                 }
             }
             catch

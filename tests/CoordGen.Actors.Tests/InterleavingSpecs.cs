@@ -223,6 +223,19 @@ public class InterleavingSpecs : TestKit
     }
 
     [Theory]
+    [InlineData(3, 0.0, 40.0, true, 6.0)] // three trees on their way, a 40 ms run: wait up to 6 ms
+    [InlineData(3, 4.5, 40.0, true, 1.5)] // the rest of it
+    [InlineData(3, 6.0, 40.0, false, 0.0)] // waited enough: run with who is ready
+    [InlineData(0, 0.0, 40.0, false, 6.0)] // no one on the way
+    [InlineData(3, 0.0, 2.0, false, 0.3)] // the demo model's 2 ms trees never pack: never wait
+    [InlineData(3, 0.0, null, false, 0.0)] // the width's time is not known yet
+    public void Policy_should_hold_a_tree_a_moment_for_the_speculative_sessions_on_their_way(int coming, double heldMs, double? stepMs, bool hold, double leftMs)
+    {
+        Assert.Equal(hold, StepPolicy.HoldForPack(coming, heldMs, stepMs, out double left));
+        Assert.Equal(leftMs, left, 9);
+    }
+
+    [Theory]
     [InlineData(null, 4, 16.0, true)] // never measured: pack, to learn
     [InlineData(null, 1, 16.0, false)] // one session is a plain step
     [InlineData(1.7, 4, 15.8, true)] // the 135M twin: a 4-slot run cost 1.7 plain steps of 15.8 ms
@@ -236,9 +249,9 @@ public class InterleavingSpecs : TestKit
     public void Policy_should_pack_only_when_a_packed_run_costs_clearly_less_per_session(double? ratio, int sessions, double? plainMs, bool pack)
     {
         Assert.Equal(pack, StepPolicy.PackPays(ratio, sessions, plainMs));
-        double? share = StepPolicy.NarrowShareMs(packing: true, sessions, plainMs, ratio);
+        double? share = StepPolicy.PackedShareMs(packing: true, sessions, plainMs, ratio);
         Assert.Equal(pack && ratio is not null && plainMs is not null, share is not null);
-        Assert.Null(StepPolicy.NarrowShareMs(packing: false, sessions, plainMs, ratio));
+        Assert.Null(StepPolicy.PackedShareMs(packing: false, sessions, plainMs, ratio));
         if (share is { } ms)
         {
             Assert.Equal(plainMs!.Value * ratio!.Value / sessions, ms, 9);

@@ -45,7 +45,7 @@ public class PackedStepTests
         // the runtime's idle cache; false: the caches joined per layer and the rows committed after the run.
         var weights = ModelWeights.Random(TestModels.Tiny(bias: bias, tied: !bias, kvHeads: kvHeads), seed: 21, scale: 0.3f);
         using var rt = new OrtModelRuntime(weights, capacity: 96, widths: [1, 8], new RuntimeOptions { PackedGroupQuery = groupQuery });
-        Assert.Equal(groupQuery, rt.PackedInPlace(1));
+        Assert.Equal(groupQuery, rt.PackedInPlace);
         var gen = new Generator(rt);
         var rng = new Random(5);
         // Five sessions (a 8-slot graph with 3 idle slots), prompts of different lengths so the caches sit in
@@ -70,8 +70,7 @@ public class PackedStepTests
         // output differed from solo on the 135M twin), and the kernel wants its cache in the query's type.
         var weights = ModelWeights.Random(TestModels.Tiny(), seed: 21, scale: 0.3f);
         using var rt = new OrtModelRuntime(weights, capacity: 96, widths: [1, 8], new RuntimeOptions { Weights = format, Kv = kv });
-        Assert.Equal(inPlace, rt.PackedInPlace(1));
-        Assert.False(rt.PackedInPlace(8)); // trees: the CPU kernel refuses several slots of more than one row
+        Assert.Equal(inPlace, rt.PackedInPlace); // width-1 rows and trees alike (one node per slot)
     }
 
     [Fact]

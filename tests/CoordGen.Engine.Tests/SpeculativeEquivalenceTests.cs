@@ -169,15 +169,20 @@ public class SpeculativeEquivalenceTests
     }
 
     [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public void Trees_of_several_sessions_in_one_packed_run_should_give_each_its_plain_greedy_output(bool adaptive)
+    [InlineData(false, true)]
+    [InlineData(false, false)]
+    [InlineData(true, true)]
+    public void Trees_of_several_sessions_in_one_packed_run_should_give_each_its_plain_greedy_output(bool adaptive, bool groupQuery)
     {
+        // groupQuery: each slot's tree attends through GroupQueryAttention over its cache in place, its rows
+        // staged there by the run itself; false: the caches joined per layer, the rows staged after the run.
         var demo = ModelBundle.Load(Paths.DemoModel);
-        using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 4, 64, 8]);
+        using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 4, 64, 8], new RuntimeOptions { PackedGroupQuery = groupQuery });
+        Assert.Equal(groupQuery, rt.PackedInPlace);
         var plain = new Generator(rt);
         var spec = new SpeculativeDecoder(rt);
-        var opts = SpeculationOptions.ForMethod("sam", 8) with { AdaptiveWidth = adaptive };
+        // Sessions of widths 8 and 4, so packs hold trees of different widths.
+        SpeculationOptions Opts(int i) => SpeculationOptions.ForMethod("sam", i % 2 == 0 ? 8 : 4) with { AdaptiveWidth = adaptive };
         var items = WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", "summary.jsonl")).Take(2)
             .Concat(WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", "reply.jsonl")).Take(2)).ToList();
         var prompts = items.Select(i => demo.Tokenizer.Encode(PromptTemplate.Render(i.Context, i.Prompt))).ToList();
@@ -186,14 +191,14 @@ public class SpeculativeEquivalenceTests
         // Each session with a drafter of its own outside it, as under the actors.
         var sessions = new List<SpeculativeSession>();
         var drafters = new List<SessionDrafter>();
-        foreach (var p in prompts)
+        for (int i = 0; i < prompts.Count; i++)
         {
-            using var pre = spec.Prefill(p, null);
-            sessions.Add(spec.Start(pre, 48, new SamplingOptions(), demo.StopTokens, opts, externalDrafter: true));
-            drafters.Add(new SessionDrafter(p, 48, opts, null));
+            using var pre = spec.Prefill(prompts[i], null);
+            sessions.Add(spec.Start(pre, 48, new SamplingOptions(), demo.StopTokens, Opts(i), externalDrafter: true));
+            drafters.Add(new SessionDrafter(prompts[i], 48, Opts(i), null));
         }
 
-        int packedRuns = 0;
+        int packedRuns = 0, mixedRuns = 0;
         while (sessions.Any(s => !s.Done))
         {
             for (int i = 0; i < sessions.Count; i++)
@@ -205,16 +210,18 @@ public class SpeculativeEquivalenceTests
                 }
             }
 
-            // The sessions whose next trees share the widest width go in one run; the rest step alone.
+            // Every session whose next step is a tree goes in one run at one member's width, in turn (wider trees
+            // keep their first nodes, narrower ones are padded); the rest step alone.
             var live = sessions.Where(s => !s.Done).ToList();
-            int width = live.Max(s => s.NextTreeWidth);
-            List<SpeculativeSession> group = width == 0 ? [] : [.. live.Where(s => s.NextTreeWidth == width)];
+            List<SpeculativeSession> group = [.. live.Where(s => s.NextTreeWidth >= 2)];
+            int width = group.Count == 0 ? 0 : group[packedRuns % group.Count].NextTreeWidth;
             if (group.Count < 2)
             {
                 group = [];
             }
             else
             {
+                mixedRuns += group.Any(s => s.NextTreeWidth != width) ? 1 : 0;
                 var trees = SpeculativeSession.BeginPacked(group, width);
                 packedRuns++;
                 for (int i = 0; i < group.Count; i++)
@@ -236,5 +243,6 @@ public class SpeculativeEquivalenceTests
         }
 
         Assert.True(packedRuns > 0, "no step packed two sessions' trees");
+        Assert.True(adaptive || mixedRuns > 0, $"no packed run held trees of different widths ({packedRuns} packed runs)"); // adaptive widths may agree
     }
 }

@@ -20,7 +20,7 @@ namespace CoordGen.Actors.Device;
 /// yet acknowledged (its reader lags) is skipped until they are (backpressure that pauses only that
 /// stream). A failure is a reply for that request, not a crash.
 /// </summary>
-public sealed partial class DeviceActor : ReceiveActor
+public sealed partial class DeviceActor : ReceiveActor, IWithTimers
 {
     private readonly RuntimeKeeper _runtimes;
     private readonly IReadOnlySet<int> _stopTokens;
@@ -44,6 +44,9 @@ public sealed partial class DeviceActor : ReceiveActor
     private Task? _inflight;
     private long _runs;
     private int _sinceChunk;
+    private long _holdSince;
+
+    public ITimerScheduler Timers { get; set; } = null!;
 
     /// <param name="emulate">What-if pacing: every device step lasts at least what this accelerator
     /// profile gives for the step's graph width (the real step runs, then the device waits out the
@@ -72,6 +75,7 @@ public sealed partial class DeviceActor : ReceiveActor
         Receive<DeviceProtocol.Run>(r => Admit(r, Sender));
         Receive<DeviceProtocol.ReleasePrefix>(r => _prefix.Release(r.Owner, r.ThroughGeneration));
         Receive<StepDone>(OnStepDone);
+        Receive<HoldEnded>(_ => Schedule());
         Receive<Terminated>(t =>
         {
             foreach (var s in _byAttempt.Where(kv => kv.Key.Session.Equals(t.ActorRef)).Select(kv => kv.Value))
@@ -201,6 +205,12 @@ public sealed partial class DeviceActor : ReceiveActor
             return; // woken by a tree, a verdict, an acknowledgement or a new run
         }
 
+        if (!prefill && Packing.Hold(_packing, _packTrees, runtime, pick, _queues.Decoding, ref _holdSince) is { } left)
+        {
+            Timers.StartSingleTimer(HoldEnded.Instance, HoldEnded.Instance, left);
+            return; // woken by the sessions on their way, or by the hold's end
+        }
+
         _sinceChunk = prefill ? 0 : _sinceChunk + 1;
         if (prefill)
         {
@@ -212,7 +222,7 @@ public sealed partial class DeviceActor : ReceiveActor
         int packWidth = 0;
         if (!prefill)
         {
-            Packing.PriceNarrowSteps(_packing, runtime, decoding);
+            Packing.PriceSharedSteps(_packing, _packTrees, runtime, decoding);
         }
 
         var group = prefill ? null : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth);
@@ -348,5 +358,10 @@ public sealed partial class DeviceActor : ReceiveActor
     // The device's own message: a step's end, piped from its task.
 
     /// <summary>A step ended: <paramref name="Session"/>'s, or a packed run of <paramref name="Group"/>; timestamps for the timeline.</summary>
+    private sealed class HoldEnded
+    {
+        public static readonly HoldEnded Instance = new();
+    }
+
     private sealed record StepDone(DeviceSession Session, List<DeviceSession>? Group, bool Prefill, Exception? Error, long Start, long End, bool Overran);
 }

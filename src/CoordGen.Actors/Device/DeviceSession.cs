@@ -55,16 +55,16 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>The KV bucket of this session's next width-1 step.</summary>
     public int NarrowBucket => _plain?.NextStepBucket ?? _spec?.BucketFor(1) ?? 0;
 
-    /// <summary>Tells a speculative session what a width-1 step would cost it in a packed run (null: alone); between steps.</summary>
-    public void PriceNarrowStep(double? ms)
+    /// <summary>Tells a speculative session what a step of each width would cost it in a packed run (null: alone); between steps.</summary>
+    public void PriceSharedSteps(IReadOnlyDictionary<int, double>? ms)
     {
         if (_spec is not null)
         {
-            _spec.NarrowCostMs = ms;
+            _spec.SharedStepMs = ms;
         }
     }
 
-    /// <summary>The width of this speculative session's next step when it is a tree (0 otherwise): sessions whose next trees have one width can share a packed run.</summary>
+    /// <summary>The width of this speculative session's next step when it is a tree (0 otherwise): sessions whose next steps are trees can share a packed run.</summary>
     public int NextTreeWidth => _spec?.NextTreeWidth ?? 0;
 
     /// <summary>The KV bucket of this speculative session's next tree step.</summary>
@@ -118,6 +118,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
 
     /// <summary>Ready for a device step: not finished, its tokens all sent with room in its window, no verdict or tree awaited.</summary>
     public bool Ready => !Finished && _output.Pending == 0 && _output.HasRoom && AwaitingStep is null && !WaitingForTree;
+
+    /// <summary>A speculative session that will be ready as soon as its verdict or its next tree arrives (not one its reader holds back).</summary>
+    public bool Coming => Speculative && !Finished && !Stepping && _output.Pending == 0 && _output.HasRoom && (AwaitingStep is not null || WaitingForTree);
 
     /// <summary>A speculative run is admitted: the drafter indexes its prompt while the device prefills it.</summary>
     public void Open()

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using CoordGen.Engine.Runtime;
 
 namespace CoordGen.Actors.Device;
@@ -20,8 +21,11 @@ internal static class Packing
 {
     /// <summary>
     /// The sessions that ride with <paramref name="pick"/> in one packed run, when that pays: every other session
-    /// ready now whose next step is one token on the width-1 graph (plain, or a speculative root alone), or, for a speculative session whose next step is a tree, every other one ready
-    /// now whose next tree has the same width; null: one session per run. <paramref name="width"/>: the rows per slot.
+    /// ready now whose next step is one token on the width-1 graph (plain, or a speculative root alone), or, for a
+    /// speculative session whose next step is a tree (with <paramref name="trees"/>), every other one ready now
+    /// whose next step is a tree, at <paramref name="pick"/>'s width or, when a pack of that width does not pay,
+    /// the widest narrower tree width that does (a wider tree keeps its first nodes, a narrower one is padded);
+    /// null: one session per run. <paramref name="width"/>: the rows per slot.
     /// </summary>
     public static List<DeviceSession>? Group(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding, out int width)
     {
@@ -31,12 +35,48 @@ internal static class Packing
             return null;
         }
 
-        int w = width;
-        Func<DeviceSession, bool> alike = w == 1 ? s => s.NarrowPackable : s => !s.PlainDecoding && s.NextTreeWidth == w;
+        bool narrow = width == 1;
+        Func<DeviceSession, bool> alike = narrow ? s => s.NarrowPackable : s => !s.PlainDecoding && s.NextTreeWidth >= 2;
         List<DeviceSession> group = [pick, .. decoding.Where(s => s != pick && !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested && alike(s)).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
-        int bucket = group.Max(s => w == 1 ? s.NarrowBucket : s.TreeBucket(w));
-        bool pays = mode == PackingMode.Always || Pays(runtime, group.Count, bucket, w);
-        return group.Count > 1 && pays ? group : null;
+        if (group.Count < 2)
+        {
+            return null;
+        }
+
+        // Several trees' rows cost more than one tree's (a pack of 8 trees of 8 is 64 rows): a narrower pack may pay where the pick's width does not.
+        int widest = width;
+        int[] widths = narrow ? [1] : [.. runtime.Widths.Where(w => w >= 2 && w <= widest).OrderDescending()];
+        foreach (int w in widths)
+        {
+            int bucket = group.Max(s => narrow ? s.NarrowBucket : s.TreeBucket(w));
+            if (mode == PackingMode.Always || Pays(runtime, group.Count, bucket, w))
+            {
+                width = w;
+                return group;
+            }
+        }
+
+        return null;
+    }
+
+    /// <summary>
+    /// How much longer <paramref name="pick"/>'s tree waits for the speculative sessions whose verdict or next tree is
+    /// on its way, so that they share its packed run (<see cref="StepPolicy.HoldForPack"/>); null: run now.
+    /// <paramref name="holdSince"/>: when the wait began (0: not waiting), kept by the device between calls.
+    /// </summary>
+    public static TimeSpan? Hold(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding, ref long holdSince)
+    {
+        int w = pick.NextTreeWidth;
+        int coming = w >= 2 && trees && mode != PackingMode.Off ? decoding.Count(s => s.Coming) : 0;
+        holdSince = coming == 0 ? 0 : holdSince == 0 ? Stopwatch.GetTimestamp() : holdSince;
+        double held = holdSince == 0 ? 0 : Stopwatch.GetElapsedTime(holdSince).TotalMilliseconds;
+        if (StepPolicy.HoldForPack(coming, held, runtime.RecentRunMs(w, pick.TreeBucket(w)), out double leftMs))
+        {
+            return TimeSpan.FromMilliseconds(leftMs);
+        }
+
+        holdSince = 0;
+        return null;
     }
 
     /// <summary>
@@ -63,18 +103,47 @@ internal static class Packing
     }
 
     /// <summary>
-    /// Tells each speculative session what a width-1 step would cost it in a packed run with the others
-    /// decoding now (<see cref="StepPolicy.NarrowShareMs"/>), before its width is chosen: the width budget
-    /// across sessions, so that under concurrency speculation does not lose to packed plain decoding.
+    /// Tells each speculative session what a step would cost it in a packed run with the others decoding now
+    /// (<see cref="StepPolicy.PackedShareMs"/>), before its width is chosen: width 1 shared with every decoding
+    /// session, and, with <paramref name="trees"/>, each tree width shared with the speculative ones. The width
+    /// budget across sessions: under concurrency speculation does not lose to packed plain decoding, and a
+    /// tree that packs is not priced as a whole run.
     /// </summary>
-    public static void PriceNarrowSteps(PackingMode mode, OrtModelRuntime runtime, List<DeviceSession> decoding)
+    public static void PriceSharedSteps(PackingMode mode, bool trees, OrtModelRuntime runtime, List<DeviceSession> decoding)
     {
         bool packing = mode != PackingMode.Off && decoding.Count > 1;
+        int speculative = decoding.Count(s => s.Speculative);
         foreach (var s in decoding.Where(s => s.Speculative && !s.Stepping))
         {
-            int bucket = s.NarrowBucket;
-            s.PriceNarrowStep(packing ? StepPolicy.NarrowShareMs(packing, decoding.Count, runtime.RecentRunMs(1, bucket),
-                runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(decoding.Count), bucket)) : null);
+            if (!packing)
+            {
+                s.PriceSharedSteps(null);
+                continue;
+            }
+
+            var shares = new Dictionary<int, double>();
+            void Price(int width, int sessions, int bucket)
+            {
+                if (StepPolicy.PackedShareMs(packing, sessions, runtime.RecentRunMs(width, bucket),
+                    runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(sessions), bucket, width)) is { } ms)
+                {
+                    shares[width] = ms;
+                }
+            }
+
+            Price(1, decoding.Count, s.NarrowBucket);
+            if (trees && speculative > 1)
+            {
+                foreach (int w in runtime.Widths.Where(w => w >= 2 && w <= TreeWidthLimit))
+                {
+                    Price(w, speculative, s.TreeBucket(w));
+                }
+            }
+
+            s.PriceSharedSteps(shares.Count == 0 ? null : shares);
         }
     }
+
+    // Verification widths (prefill chunk widths above it are never a tree's).
+    private const int TreeWidthLimit = 16;
 }

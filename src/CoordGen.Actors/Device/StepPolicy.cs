@@ -46,13 +46,28 @@ public static class StepPolicy
         sessions > 1 && !(plainStepMs < minPlainStepMs) && (costRatio is not { } r || r < gainRequired * sessions);
 
     /// <summary>
-    /// What one session's width-1 step costs when it rides in a packed run with the other decoding sessions:
-    /// the solo width-1 run's time times the packed run's measured cost ratio, shared by the sessions; null
+    /// What one session's step of some width costs when it rides in a packed run of that width with the other
+    /// sessions: the solo run's time times the packed run's measured cost ratio, shared by the sessions; null
     /// when packing is off, there is no one to pack with, or packing would not pay (<see cref="PackPays"/>).
-    /// Adaptive width weighs width 1 at this cost, so a speculative tree has to beat a share of a packed run.
+    /// Adaptive width weighs the width at this cost, so a speculative tree has to beat a share of a packed
+    /// width-1 run, and a packed tree costs its session a share too.
     /// </summary>
-    public static double? NarrowShareMs(bool packing, int sessions, double? soloMs, double? packedCostRatio) =>
+    public static double? PackedShareMs(bool packing, int sessions, double? soloMs, double? packedCostRatio) =>
         packing && soloMs is { } solo && packedCostRatio is { } ratio && PackPays(ratio, sessions, solo) ? solo * ratio / sessions : null;
+
+    /// <summary>
+    /// Whether a speculative session's tree waits a moment before its run, for <paramref name="coming"/> other
+    /// speculative sessions whose verdict or next tree is on its way to the device, so that they share one
+    /// packed run instead of a lone run and then a late pack: at most <paramref name="share"/> of a solo run
+    /// of that width (<paramref name="stepMs"/>) since the wait began (<paramref name="heldMs"/>), never for
+    /// steps too short to pack (<see cref="PackPays"/>'s floor) or before the width's time is known.
+    /// <paramref name="leftMs"/>: how much longer it may wait.
+    /// </summary>
+    public static bool HoldForPack(int coming, double heldMs, double? stepMs, out double leftMs, double share = 0.15, double minStepMs = 5)
+    {
+        leftMs = stepMs is { } ms ? (share * ms) - heldMs : 0;
+        return coming > 0 && stepMs >= minStepMs && leftMs > 0;
+    }
 
     public static bool PrefillNext(int prefilling, int decoding, int decodeStepsSinceChunk) =>
         prefilling > 0 && (decoding == 0 || decodeStepsSinceChunk >= Math.Max(1, decoding / prefilling));

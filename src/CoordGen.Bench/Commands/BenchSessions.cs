@@ -68,6 +68,7 @@ internal static class BenchSessions
         var weights = CommonOptions.Weights();
         var kv = CommonOptions.Kv();
         var packedOpt = new Option<string>("--packed") { Description = "true: plain sessions ready together share one device run when it pays (packed steps, the server's default); false: one session per device run; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
+        var packedTrees = new Option<bool?>("--packed-trees") { Description = "With packing on: speculative sessions' trees share packed runs too (CoordGenOptions.PackedTrees; default: the server's default).", HelpName = "true|false" };
         var prefixOpt = new Option<string>("--prefix-cache") { Description = "true: the prefix cache is on (the server's default), emptied before every pass; false: every prompt is prefilled whole; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
         var rounds = new Option<int>("--rounds") { Description = "Times each (sessions, mode) point runs, the modes taking turns; the report sums the rounds (this shared machine drifts in speed).", DefaultValueFactory = _ => 1 };
@@ -76,7 +77,7 @@ internal static class BenchSessions
         var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest; adaptive width costs widths by the profile), so the modes meet an NPU's step times; the report is then sessions-PROFILE.md and says so. Steps last tens of ms: use few points, e.g. --sessions 8 --requests 2.");
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
         {
-            model, workload, sessions, requests, method, width, modesOpt, packedOpt, prefixOpt, threads, rounds, json, outDir, deviceProfile, weights, kv,
+            model, workload, sessions, requests, method, width, modesOpt, packedOpt, packedTrees, prefixOpt, threads, rounds, json, outDir, deviceProfile, weights, kv,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -115,7 +116,7 @@ internal static class BenchSessions
             var prompts = BenchStreams.Prompts(bundle, 4, files);
             int maxSessions = counts.Max();
             var profile = parse.GetValue(deviceProfile) is { Length: > 0 } pn ? Engine.Scheduling.DeviceProfile.Load(pn) : null;
-            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, PackedSteps = packings.Contains(true), PrefixCache = caches.Contains(true), Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), Kv = parse.GetValue(kv), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
+            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, PackedSteps = packings.Contains(true), PackedTrees = parse.GetValue(packedTrees) ?? new CoordGenOptions().PackedTrees, PrefixCache = caches.Contains(true), Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), Kv = parse.GetValue(kv), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
 
             // Each prompt alone first, without the prefix cache: the reference every concurrent stream must equal.
             var device = await service.SelectDevice();

@@ -65,13 +65,14 @@ public static class LlamaGraphCompiler
     /// outputs are float16; attention reads them converted to float32, and the new rows are rounded to float16
     /// before any row attends to them, so a token's keys and values are the same numbers whether a later token
     /// reads them in the same step (a verified tree) or from the cache (plain decoding).</param>
-    /// <param name="groupQuery">A packed width-1 graph (float32 caches) whose attention is ONNX Runtime's
+    /// <param name="groupQuery">A packed graph (float32 caches) whose attention is ONNX Runtime's
     /// <c>com.microsoft.GroupQueryAttention</c>, one node per slot over that slot's cache in place: an extra
-    /// input <c>kv_lengths</c> [S] (int32, each cache's committed slots) says where each slot's new row goes and
-    /// how far it attends; <c>present_key_i_sS</c>/<c>present_value_i_sS</c> are then the whole caches
-    /// [1,Hkv,C,D], to be bound to the same memory as the past inputs (the new rows are written there, no
-    /// commit copies them), and <c>attention_mask</c> is unused. No cache is joined and each slot is scored
-    /// over its own length, not the bucket (decision 0023).</param>
+    /// input <c>kv_lengths</c> [S] (int32, each cache's committed slots) says where each slot's new rows go
+    /// (from that length on) and how far they attend; <c>present_key_i_sS</c>/<c>present_value_i_sS</c> are
+    /// then the whole caches [1,Hkv,C,D], to be bound to the same memory as the past inputs (the new rows are
+    /// written there, no commit copies them). Width 1 ignores <c>attention_mask</c>; wider slots (trees) take
+    /// only its last W columns, each slot's tree block, as the node's additive bias after zeros over the
+    /// cache. No cache is joined and each slot is scored over its own length, not the bucket (decision 0023).</param>
     public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false) =>
         Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv, groupQuery: groupQuery).ToByteArray();
 
@@ -113,9 +114,9 @@ public static class LlamaGraphCompiler
 
     internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false)
     {
-        if (groupQuery && (slots < 2 || shape.Width != 1 || kv != KvFormat.F32))
+        if (groupQuery && (slots < 2 || kv != KvFormat.F32))
         {
-            throw new ArgumentException($"GroupQueryAttention packing is for packed width-1 graphs over float32 caches (got {slots} slots of width {shape.Width}, {kv} caches).");
+            throw new ArgumentException($"GroupQueryAttention packing is for packed graphs over float32 caches (got {slots} slots, {kv} caches).");
         }
 
         if (topCandidates < 0 || topCandidates > c.VocabSize)
@@ -247,17 +248,29 @@ public static class LlamaGraphCompiler
 
         string ToHeads(string t, string shape4) => b.Node("Transpose", [b.Node("Reshape", [t, shape4])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3));
 
-        // GroupQueryAttention packing: each slot's seqlens_k (its length before the step: the new row goes
-        // there) and total length, once for all layers.
-        var gqaLengths = new List<(string SeqLens, string Total)>();
+        // GroupQueryAttention packing, once for all layers: each slot's seqlens_k (its length after the step,
+        // less one: the new rows go from its committed length on) and total length; for slots of several rows
+        // (trees), its additive bias [1,1,W,length + W]: zeros over the cache, then the slot's tree block of
+        // attention_mask (its last W columns), so a node attends to its ancestors only.
+        var gqaLengths = new List<(string SeqLens, string Total, string? Bias)>();
         if (groupQuery)
         {
-            string one = b.ConstInt32([1]);
+            string rowsLess1 = b.ConstInt32([w - 1]), rows = b.ConstInt32([w]);
             string scalar = b.ConstInt64([], dims: [0]);
+            string treeBlocks = w == 1 ? "" : b.Node("Slice", ["attention_mask", b.ConstInt64([cap]), b.ConstInt64([cap + w]), b.ConstInt64([3])]);
+            string biasHead = b.ConstInt64([1, 1, w]);
             for (int s = 0; s < slots; s++)
             {
                 string len = b.Node("Slice", [KvLengths, b.ConstInt64([s]), b.ConstInt64([s + 1]), b.ConstInt64([0])]);
-                gqaLengths.Add((len, b.Node("Reshape", [b.Node("Add", [len, one]), scalar])));
+                string seqLens = w == 1 ? len : b.Node("Add", [len, rowsLess1]);
+                string? bias = null;
+                if (w > 1)
+                {
+                    string zeros = b.Node("ConstantOfShape", [b.Node("Concat", [biasHead, b.Node("Cast", [len], attrs: GraphBuilder.Int("to", (long)DT.Int64))], attrs: GraphBuilder.Int("axis", 0))]);
+                    bias = b.Node("Concat", [zeros, Slice(treeBlocks, s, s + 1, 0)], attrs: GraphBuilder.Int("axis", 3));
+                }
+
+                gqaLengths.Add((seqLens, b.Node("Reshape", [b.Node("Add", [len, rows]), scalar]), bias));
             }
         }
 
@@ -292,16 +305,21 @@ public static class LlamaGraphCompiler
             string merged;
             if (groupQuery)
             {
-                // One row per slot: [1,H,S,D] -> S rows of [1,1,H*D] (and likewise k, v); each slot's
-                // GroupQueryAttention writes its new row into its own cache in place and reads that cache up
-                // to its own length.
-                string[] Rows(string t, int dim) => b.NodeMulti("Split", [b.Node("Reshape", [b.Node("Transpose", [t], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), b.ConstInt64([slots, 1, dim])]), b.ConstInt64([.. Enumerable.Repeat(1L, slots)])], slots, GraphBuilder.Int("axis", 0));
+                // W rows per slot: [1,H,S*W,D] -> S blocks of [1,W,H*D] (and likewise k, v); each slot's
+                // GroupQueryAttention writes its new rows into its own cache in place (from its length on) and
+                // reads that cache up to its own length, a tree's rows through the slot's bias.
+                string[] Rows(string t, int dim) => b.NodeMulti("Split", [b.Node("Reshape", [b.Node("Transpose", [t], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), b.ConstInt64([slots, w, dim])]), b.ConstInt64([.. Enumerable.Repeat(1L, slots)])], slots, GraphBuilder.Int("axis", 0));
                 var (qs, ks, vs) = (Rows(q, c.QDim), Rows(k, c.KvDim), Rows(v, c.KvDim));
                 var outs = new string[slots];
                 for (int s = 0; s < slots; s++)
                 {
                     outs[s] = b.Fresh("gqa_out");
-                    b.ContribNodeOutputs("GroupQueryAttention", [qs[s], ks[s], vs[s], PastKey(i, s, slots), PastValue(i, s, slots), gqaLengths[s].SeqLens, gqaLengths[s].Total],
+                    var (seqLens, total, bias) = gqaLengths[s];
+                    // Inputs after the seventh: cos_cache, sin_cache, position_ids (RoPE is applied above), attention_bias.
+                    string[] inputs = bias is null
+                        ? [qs[s], ks[s], vs[s], PastKey(i, s, slots), PastValue(i, s, slots), seqLens, total]
+                        : [qs[s], ks[s], vs[s], PastKey(i, s, slots), PastValue(i, s, slots), seqLens, total, "", "", "", bias];
+                    b.ContribNodeOutputs("GroupQueryAttention", inputs,
                         [outs[s], PresentKey(i, s, slots), PresentValue(i, s, slots)],
                         GraphBuilder.Int("num_heads", c.NumHeads), GraphBuilder.Int("kv_num_heads", hkv), GraphBuilder.Float("scale", (float)(1.0 / Math.Sqrt(d))));
                 }

@@ -388,12 +388,13 @@ public sealed class OrtModelRuntime : IDisposable
     public static readonly int[] PackedSlotCounts = [2, 4, 8, 16];
 
     /// <summary>
-    /// Whether packed graphs of <paramref name="width"/> rows per slot write each session's new keys and values
-    /// straight into its cache (GroupQueryAttention packing, <see cref="RuntimeOptions.PackedGroupQuery"/>);
-    /// <see cref="RunPacked"/> says so per run (a run of one session takes the plain graph).
+    /// Whether packed graphs write each session's new keys and values straight into its cache
+    /// (GroupQueryAttention packing, <see cref="RuntimeOptions.PackedGroupQuery"/>): width-1 rows and trees
+    /// alike, a tree's rows staged after the committed length as <see cref="KvCache.WriteLayers"/> stages them,
+    /// for <see cref="KvCache.Keep"/>. <see cref="RunPacked"/> says so per run (a run of one session takes the plain graph).
     /// </summary>
-    public bool PackedInPlace(int width) =>
-        width == 1 && _options.PackedGroupQuery && _options.Kv == KvFormat.F32 && _options.Weights == WeightFormat.F32 && _options.Provider == ExecutionProviderKind.Cpu;
+    public bool PackedInPlace =>
+        _options.PackedGroupQuery && _options.Kv == KvFormat.F32 && _options.Weights == WeightFormat.F32 && _options.Provider == ExecutionProviderKind.Cpu;
 
     // GroupQueryAttention packing: slots a step does not fill write their (ignored) rows into a cache of their
     // own per bucket, shared by every idle slot of every graph of that bucket, never into a session's.
@@ -525,16 +526,21 @@ public sealed class OrtModelRuntime : IDisposable
     }
 
     /// <summary>
-    /// Compiles (and runs once) the width-1 packed graphs of every slot count for the buckets a session of up
-    /// to <paramref name="slots"/> slots passes through, as <see cref="Prepare"/> does for the plain graphs.
+    /// Compiles (and runs once) the packed graphs of every slot count for the buckets a session of up to
+    /// <paramref name="slots"/> slots passes through, as <see cref="Prepare"/> does for the plain graphs:
+    /// width 1, and with <paramref name="trees"/> every compiled width from 2 to 16 (the verification widths).
     /// </summary>
-    public void PreparePacked(int slots)
+    public void PreparePacked(int slots, bool trees = false)
     {
+        int[] widths = [1, .. _widths.Where(w => trees && w is >= 2 and <= 16).Order()];
         foreach (int b in Buckets)
         {
             foreach (int s in PackedSlotCounts)
             {
-                PackedCompile(s, 1, b).Value.GetAwaiter().GetResult();
+                foreach (int w in widths)
+                {
+                    PackedCompile(s, w, b).Value.GetAwaiter().GetResult();
+                }
             }
 
             if (b >= slots)
@@ -782,7 +788,7 @@ public sealed class OrtModelRuntime : IDisposable
             _owner = owner;
             _watchdog = owner._options.StepWatchdog;
             _so = owner.CreateSessionOptions(slots == 1 ? $"w{shape.Width}_c{shape.Capacity}" : $"s{slots}_w{shape.Width}_c{shape.Capacity}");
-            InPlace = slots > 1 && owner.PackedInPlace(shape.Width);
+            InPlace = slots > 1 && owner.PackedInPlace;
             string path = owner.WriteGraph(shape, slots, InPlace);
             _session = new InferenceSession(path, _so, owner._prepacked);
             int topK = TopCandidatesFor(shape.Width), n = slots * shape.Width;
@@ -881,9 +887,9 @@ public sealed class OrtModelRuntime : IDisposable
 
                     slot.TokenIds.CopyTo(Buffers.TokenIds, s * w);
                     slot.Positions.CopyTo(Buffers.Positions, s * w);
-                    if (!InPlace)
+                    if (!InPlace || w > 1)
                     {
-                        slot.Mask.CopyTo(Buffers.Mask, s * slot.Mask.Length); // in place, the lengths are the mask
+                        slot.Mask.CopyTo(Buffers.Mask, s * slot.Mask.Length); // in place, the lengths are the mask (and a tree's last W columns its bias)
                     }
                 }
             }

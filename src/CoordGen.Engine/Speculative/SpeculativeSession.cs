@@ -289,12 +289,13 @@ public sealed class SpeculativeSession : IDisposable
         !Done && _pending == Pending.None && !NearCapacity && _proposal is { } tree && _spec.AdaptiveWidth && ChooseWidth(tree.Count, peek: true) == 1;
 
     /// <summary>
-    /// What a width-1 step costs this session per step when it rides in a packed run with others (the device's
-    /// estimate from its measured packed runs; null: alone). Adaptive width weighs width 1 at this cost, so
-    /// under concurrency a tree must beat a share of a packed run, not a whole run (the width budget across
-    /// sessions, decision 0016's addendum).
+    /// What a step of each width costs this session when it rides in a packed run with others, by width (the
+    /// device's estimate from its measured packed runs; null or a width missing: alone). Adaptive width weighs
+    /// a width at the lower of this and a solo run, so under concurrency a tree must beat a share of a packed
+    /// width-1 run, and may itself cost a share of a packed tree run (the width budget across sessions,
+    /// decision 0016's addenda).
     /// </summary>
-    public double? NarrowCostMs { get; set; }
+    public IReadOnlyDictionary<int, double>? SharedStepMs { get; set; }
 
     /// <summary>
     /// Takes the next step as a width-1 step for a packed run (<see cref="NextStepNarrow"/> must hold); once the
@@ -342,15 +343,16 @@ public sealed class SpeculativeSession : IDisposable
     /// The device half of one step for several sessions at once: each session's offered tree at
     /// <paramref name="width"/> in its own slot of one packed run (<see cref="OrtModelRuntime.RunPacked"/>),
     /// against its own cache; returns what acceptance needs, per session, as <see cref="BeginStep"/> does.
-    /// Every session's next step must be a tree of that width (<see cref="NextTreeWidth"/>).
+    /// Every session's next step must be a tree (<see cref="NextTreeWidth"/> of 2 or more); a tree wider than
+    /// <paramref name="width"/> keeps its first nodes (a node's parent comes before it), a narrower one is padded.
     /// </summary>
     public static TreeToVerify[] BeginPacked(IReadOnlyList<SpeculativeSession> group, int width, bool ownRows = false)
     {
         ArgumentNullException.ThrowIfNull(group);
         var runtime = group[0]._runtime;
-        if (group.Any(s => s._runtime != runtime || s.NextTreeWidth != width))
+        if (width < 2 || group.Any(s => s._runtime != runtime || s.NextTreeWidth < 2))
         {
-            throw new InvalidOperationException($"a packed tree step needs sessions of one runtime whose next step is a tree of width {width}.");
+            throw new InvalidOperationException($"a packed tree step needs sessions of one runtime whose next step is a tree, and a width of 2 or more (got {width}).");
         }
 
         long begin = Stopwatch.GetTimestamp();
@@ -373,13 +375,13 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         long t0 = Stopwatch.GetTimestamp();
-        runtime.RunPacked(width, caches);
+        bool staged = runtime.RunPacked(width, caches);
         double share = Stopwatch.GetElapsedTime(t0).TotalMilliseconds / group.Count;
         var result = new TreeToVerify[group.Count];
         for (int i = 0; i < group.Count; i++)
         {
             group[i]._deviceMs += share;
-            result[i] = group[i].FinishTree(buffers[i], width, trees[i], ownRows);
+            result[i] = group[i].FinishTree(buffers[i], width, trees[i], ownRows, staged);
         }
 
         if (group.Count > 1)
@@ -437,10 +439,15 @@ public sealed class SpeculativeSession : IDisposable
     }
 
     // After the run: every row's keys/values go after the committed slots (the device's buffers are reused by
-    // the next run; the verdict keeps the accepted path's rows), and what acceptance needs.
-    private TreeToVerify FinishTree(StepBuffers buf, int width, DraftProposal tree, bool ownRows)
+    // the next run; the verdict keeps the accepted path's rows), and what acceptance needs. A run that wrote
+    // them there itself (<paramref name="staged"/>: GroupQueryAttention packing) leaves nothing to copy.
+    private TreeToVerify FinishTree(StepBuffers buf, int width, DraftProposal tree, bool ownRows, bool staged = false)
     {
-        _cache.WriteLayers(0, _cache.Layers, buf.NewKeys, buf.NewValues, width, width, _cache.Length);
+        if (!staged)
+        {
+            _cache.WriteLayers(0, _cache.Layers, buf.NewKeys, buf.NewValues, width, width, _cache.Length);
+        }
+
         int rows = _nodes + 1;
         var tokens = new int[_nodes];
         var parents = new int[_nodes];
@@ -623,7 +630,7 @@ public sealed class SpeculativeSession : IDisposable
                     break;
                 }
 
-                if (w == 1 && NarrowCostMs is { } packed)
+                if (SharedStepMs is { } shared && shared.TryGetValue(w, out double packed))
                 {
                     ms = Math.Min(ms, packed); // riding in a packed run with other sessions
                 }
