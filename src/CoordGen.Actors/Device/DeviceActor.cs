@@ -20,7 +20,7 @@ namespace CoordGen.Actors.Device;
 /// yet acknowledged (its reader lags) is skipped until they are (backpressure that pauses only that
 /// stream). A failure is a reply for that request, not a crash.
 /// </summary>
-public sealed partial class DeviceActor : ReceiveActor, IWithTimers
+public sealed partial class DeviceActor : ReceiveActor
 {
     private readonly RuntimeKeeper _runtimes;
     private readonly IReadOnlySet<int> _stopTokens;
@@ -45,8 +45,7 @@ public sealed partial class DeviceActor : ReceiveActor, IWithTimers
     private long _runs;
     private int _sinceChunk;
     private long _holdSince;
-
-    public ITimerScheduler Timers { get; set; } = null!;
+    private bool _holdTimer;
 
     /// <param name="emulate">What-if pacing: every device step lasts at least what this accelerator
     /// profile gives for the step's graph width (the real step runs, then the device waits out the
@@ -56,7 +55,7 @@ public sealed partial class DeviceActor : ReceiveActor, IWithTimers
     /// cache's bytes); later runs wait in admission order, resumed ones first. 0 = no limit.</param>
     /// <param name="packing">Whether plain decoding sessions ready together share one device run (a packed
     /// graph: each in its own slot against its own cache), instead of one run each.</param>
-    /// <param name="packTrees">Whether speculative sessions' trees of one width share packed runs too (always with <see cref="PackingMode.Always"/>).</param>
+    /// <param name="packTrees">Whether speculative sessions' trees share packed runs too, at one width per run (always with <see cref="PackingMode.Always"/>; <see cref="Packing.Group"/>).</param>
     /// <param name="prefixCacheBudget">The KV memory budget a prefix cache shares with the sessions' caches
     /// (it holds at most this less the running sessions' caches, evicting least recently used blocks);
     /// 0 = no prefix cache. The cache lives and dies with this device.</param>
@@ -75,7 +74,11 @@ public sealed partial class DeviceActor : ReceiveActor, IWithTimers
         Receive<DeviceProtocol.Run>(r => Admit(r, Sender));
         Receive<DeviceProtocol.ReleasePrefix>(r => _prefix.Release(r.Owner, r.ThroughGeneration));
         Receive<StepDone>(OnStepDone);
-        Receive<HoldEnded>(_ => Schedule());
+        Receive<HoldEnded>(_ =>
+        {
+            _holdTimer = false;
+            Schedule();
+        });
         Receive<Terminated>(t =>
         {
             foreach (var s in _byAttempt.Where(kv => kv.Key.Session.Equals(t.ActorRef)).Select(kv => kv.Value))
@@ -197,18 +200,29 @@ public sealed partial class DeviceActor : ReceiveActor, IWithTimers
         var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, decoding.Count(s => s.Ready),
             _sinceChunk, wide, _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide);
         var choice = StepPolicy.Rebalance(snapshot);
+        bool decode = choice == StepChoice.Decode;
+        if (decode)
+        {
+            Packing.PriceSharedSteps(_packing, _packTrees, runtime, decoding); // before any width is read
+        }
+
+        if (Packing.Hold(_packing, _packTrees && decode, runtime, decoding, ref _holdSince) is { } left)
+        {
+            if (!_holdTimer)
+            {
+                _holdTimer = true;
+                Task.Delay(left).PipeTo(Self, success: () => HoldEnded.Instance);
+            }
+
+            return; // woken by the sessions on their way, or by the hold's end
+        }
+
         _timeline.Decided(snapshot, choice);
         bool prefill = choice.Prefill;
-        var pick = prefill ? prefilling[0] : choice == StepChoice.Decode ? _queues.NextDecode() : null;
+        var pick = prefill ? prefilling[0] : decode ? _queues.NextDecode() : null;
         if (pick is null)
         {
             return; // woken by a tree, a verdict, an acknowledgement or a new run
-        }
-
-        if (!prefill && Packing.Hold(_packing, _packTrees, runtime, pick, _queues.Decoding, ref _holdSince) is { } left)
-        {
-            Timers.StartSingleTimer(HoldEnded.Instance, HoldEnded.Instance, left);
-            return; // woken by the sessions on their way, or by the hold's end
         }
 
         _sinceChunk = prefill ? 0 : _sinceChunk + 1;
@@ -220,11 +234,6 @@ public sealed partial class DeviceActor : ReceiveActor, IWithTimers
         }
 
         int packWidth = 0;
-        if (!prefill)
-        {
-            Packing.PriceSharedSteps(_packing, _packTrees, runtime, decoding);
-        }
-
         var group = prefill ? null : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth);
         _busy = true;
         foreach (var s in group ?? [pick])
@@ -274,61 +283,6 @@ public sealed partial class DeviceActor : ReceiveActor, IWithTimers
         Schedule();
     }
 
-    private void OnProposal(DrafterProtocol.Proposal p)
-    {
-        _timeline.Drafted(p.Work, p.Ahead);
-        if (_byId.TryGetValue(p.Run, out var s))
-        {
-            s.Offer(p);
-            Schedule();
-        }
-    }
-
-    private void OnVerified(VerifierProtocol.Verified v)
-    {
-        _timeline.Verified(v.Start, v.End);
-        if (!_byId.TryGetValue(v.Run, out var s) || !_queues.Decoding.Contains(s) || s.AwaitingStep != v.Verdict.Step)
-        {
-            return; // stale: the session ended (cancelled, failed) or the verdict is for another step
-        }
-
-        s.Verdict = v.Verdict;
-        if (!s.Stepping)
-        {
-            ApplyVerdict(s);
-            Schedule();
-        }
-    }
-
-    private void ApplyVerdict(DeviceSession s)
-    {
-        try
-        {
-            s.ApplyVerdict();
-            s.Flush(); // its tokens to its session now (its next tree is on its way from the drafter)
-        }
-        catch (Exception ex) when (ex is not OutOfMemoryException)
-        {
-            Finish(s, DeviceReplies.For(s.Request, ex));
-        }
-    }
-
-    private void OnVerifyFailed(VerifierProtocol.VerifyFailed f)
-    {
-        if (_byId.TryGetValue(f.Run, out var s) && _queues.Decoding.Contains(s) && s.AwaitingStep == f.Step)
-        {
-            var ex = new DeviceReplies.VerifierFailedException($"the verifier could not verify step {f.Step}: {f.Reason}");
-            if (s.Stepping)
-            {
-                s.VerifyFailure = ex; // the step's task still holds the session: finished when its step ends
-                return;
-            }
-
-            Finish(s, DeviceReplies.For(s.Request, ex));
-            Schedule();
-        }
-    }
-
     /// <summary>Flushes queued tokens; finishes sessions that are done (and flushed) or cancelled. Sessions being stepped wait for their step's end.</summary>
     private void Retire()
     {
@@ -357,11 +311,12 @@ public sealed partial class DeviceActor : ReceiveActor, IWithTimers
 
     // The device's own message: a step's end, piped from its task.
 
-    /// <summary>A step ended: <paramref name="Session"/>'s, or a packed run of <paramref name="Group"/>; timestamps for the timeline.</summary>
+    /// <summary>A decode step's wait for speculative sessions on their way has run out (<see cref="Packing.Hold"/>).</summary>
     private sealed class HoldEnded
     {
         public static readonly HoldEnded Instance = new();
     }
 
+    /// <summary>A step ended: <paramref name="Session"/>'s, or a packed run of <paramref name="Group"/>; timestamps for the timeline.</summary>
     private sealed record StepDone(DeviceSession Session, List<DeviceSession>? Group, bool Prefill, Exception? Error, long Start, long End, bool Overran);
 }

@@ -67,6 +67,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>The width of this speculative session's next step when it is a tree (0 otherwise): sessions whose next steps are trees can share a packed run.</summary>
     public int NextTreeWidth => _spec?.NextTreeWidth ?? 0;
 
+    /// <summary>Whether this speculative session's cache has room for a tree of <paramref name="width"/> rows (a pack's width may exceed its own).</summary>
+    public bool RoomForTree(int width) => _spec?.RoomForTree(width) ?? false;
+
     /// <summary>The KV bucket of this speculative session's next tree step.</summary>
     public int TreeBucket(int width) => _spec?.BucketFor(width) ?? 0;
 

@@ -9,7 +9,7 @@ namespace CoordGen.Actors.Device;
 /// <summary>
 /// Batch assembly: what one device run carries, off the mailbox thread. A run is one session's own step
 /// (<see cref="Solo"/>), a packed width-1 run of several sessions (plain tokens and
-/// speculative roots alone), or a packed run of several speculative sessions' trees of one width. Each
+/// speculative roots alone), or a packed run of several speculative sessions' trees at one width. Each
 /// session's rows go back to it, and a speculative session's rows on to the verifier.
 /// </summary>
 internal static class DeviceSteps
@@ -104,7 +104,7 @@ internal static class DeviceSteps
         }
     }
 
-    /// <summary>One packed run of several speculative sessions' trees of one width: each tree in its own slot against its own cache, then each to the verifier, as a solo step does.</summary>
+    /// <summary>One packed run of several speculative sessions' trees at one width (wider trees cut, narrower ones padded): each tree in its own slot against its own cache, then each to the verifier, as a solo step does.</summary>
     public static void Trees(IReadOnlyList<DeviceSession> group, int width)
     {
         using var span = Telemetry.Source.StartActivity("coordgen.device_run_packed", ActivityKind.Internal, group[0].Request.Trace);

@@ -23,9 +23,10 @@ internal static class Packing
     /// The sessions that ride with <paramref name="pick"/> in one packed run, when that pays: every other session
     /// ready now whose next step is one token on the width-1 graph (plain, or a speculative root alone), or, for a
     /// speculative session whose next step is a tree (with <paramref name="trees"/>), every other one ready now
-    /// whose next step is a tree, at <paramref name="pick"/>'s width or, when a pack of that width does not pay,
-    /// the widest narrower tree width that does (a wider tree keeps its first nodes, a narrower one is padded);
-    /// null: one session per run. <paramref name="width"/>: the rows per slot.
+    /// whose next step is a tree. Trees share one width: the widest any of them wants or, when a pack of that width
+    /// does not pay, the widest narrower one that does (a wider tree keeps its first nodes, a narrower one is
+    /// padded; a session without room in its cache for that width is left out). Null: one session per run.
+    /// <paramref name="width"/>: the rows per slot.
     /// </summary>
     public static List<DeviceSession>? Group(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding, out int width)
     {
@@ -37,40 +38,79 @@ internal static class Packing
 
         bool narrow = width == 1;
         Func<DeviceSession, bool> alike = narrow ? s => s.NarrowPackable : s => !s.PlainDecoding && s.NextTreeWidth >= 2;
-        List<DeviceSession> group = [pick, .. decoding.Where(s => s != pick && !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested && alike(s)).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
-        if (group.Count < 2)
+        List<DeviceSession> ready = [pick, .. decoding.Where(s => s != pick && !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested && alike(s)).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
+        if (ready.Count < 2)
         {
             return null;
         }
 
-        // Several trees' rows cost more than one tree's (a pack of 8 trees of 8 is 64 rows): a narrower pack may pay where the pick's width does not.
-        int widest = width;
-        int[] widths = narrow ? [1] : [.. runtime.Widths.Where(w => w >= 2 && w <= widest).OrderDescending()];
-        foreach (int w in widths)
+        if (narrow)
         {
-            int bucket = group.Max(s => narrow ? s.NarrowBucket : s.TreeBucket(w));
-            if (mode == PackingMode.Always || Pays(runtime, group.Count, bucket, w))
+            // All of them, or else the first of them that fill a smaller graph (a 16-slot run with 4 slots idle
+            // may not pay where an 8-slot run of 8 does).
+            foreach (int n in PackSizes(ready.Count))
             {
-                width = w;
-                return group;
+                var first = ready.GetRange(0, n);
+                if (mode == PackingMode.Always || Pays(runtime, n, first.Max(s => s.NarrowBucket)))
+                {
+                    return first;
+                }
+            }
+
+            return null;
+        }
+
+        // Several trees' rows cost more than one tree's (a pack of 8 trees of 8 is 64 rows): a narrower pack may pay
+        // where the widest does not, and so may fewer trees that fill a smaller graph.
+        int widest = ready.Max(s => s.NextTreeWidth);
+        foreach (int w in runtime.Widths.Where(w => w >= 2 && w <= widest).OrderDescending())
+        {
+            List<DeviceSession> fit = [.. ready.Where(s => s.RoomForTree(w))];
+            if (fit.Count < 2 || fit[0] != pick)
+            {
+                continue;
+            }
+
+            foreach (int n in PackSizes(fit.Count))
+            {
+                var group = fit.GetRange(0, n);
+                if (mode == PackingMode.Always || Pays(runtime, n, group.Max(s => s.TreeBucket(w)), w))
+                {
+                    width = w;
+                    return group;
+                }
             }
         }
 
         return null;
     }
 
+    // Sessions to try packing, most first: all of the ready ones, then each smaller graph's slot count.
+    private static IEnumerable<int> PackSizes(int ready) =>
+        new[] { ready }.Concat(OrtModelRuntime.PackedSlotCounts.Where(s => s < ready).OrderDescending()).Where(n => n >= 2);
+
     /// <summary>
-    /// How much longer <paramref name="pick"/>'s tree waits for the speculative sessions whose verdict or next tree is
-    /// on its way, so that they share its packed run (<see cref="StepPolicy.HoldForPack"/>); null: run now.
+    /// How much longer a decode step waits for the speculative sessions whose verdict or next tree is on its way
+    /// (<see cref="StepPolicy.HoldForPack"/>), so that they share a packed tree run instead of a lone run and then a
+    /// late pack; null: step now. Only when every ready session's next step is a tree (a width-1 or plain step
+    /// would run now anyway), the pack is not full, and a pack of the ready and coming trees would pay.
     /// <paramref name="holdSince"/>: when the wait began (0: not waiting), kept by the device between calls.
     /// </summary>
-    public static TimeSpan? Hold(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding, ref long holdSince)
+    public static TimeSpan? Hold(PackingMode mode, bool trees, OrtModelRuntime runtime, IReadOnlyCollection<DeviceSession> decoding, ref long holdSince)
     {
-        int w = pick.NextTreeWidth;
-        int coming = w >= 2 && trees && mode != PackingMode.Off ? decoding.Count(s => s.Coming) : 0;
-        holdSince = coming == 0 ? 0 : holdSince == 0 ? Stopwatch.GetTimestamp() : holdSince;
-        double held = holdSince == 0 ? 0 : Stopwatch.GetElapsedTime(holdSince).TotalMilliseconds;
-        if (StepPolicy.HoldForPack(coming, held, runtime.RecentRunMs(w, pick.TreeBucket(w)), out double leftMs))
+        int most = OrtModelRuntime.PackedSlotCounts[^1];
+        var ready = decoding.Where(s => s.Ready && !s.Cancellation.IsCancellationRequested).ToList();
+        int coming = trees && mode != PackingMode.Off && ready.Count > 0 && ready.Count < most && ready.All(s => s.NextTreeWidth >= 2) ? decoding.Count(s => s.Coming) : 0;
+        int w = coming > 0 ? ready.Max(s => s.NextTreeWidth) : 0;
+        int sessions = Math.Min(ready.Count + coming, most);
+        if (coming == 0 || !(mode == PackingMode.Always || Pays(runtime, sessions, ready.Max(s => s.TreeBucket(w)), w)))
+        {
+            holdSince = 0;
+            return null;
+        }
+
+        holdSince = holdSince == 0 ? Stopwatch.GetTimestamp() : holdSince;
+        if (StepPolicy.HoldForPack(coming, Stopwatch.GetElapsedTime(holdSince).TotalMilliseconds, runtime.RecentRunMs(w, ready.Max(s => s.TreeBucket(w))), out double leftMs))
         {
             return TimeSpan.FromMilliseconds(leftMs);
         }
@@ -99,7 +139,9 @@ internal static class Packing
         }
 
         // Learned per slot count and width, in this bucket or (until it is measured here) in the others.
-        return StepPolicy.PackPays(runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(sessions), bucket, width), sessions, soloMs);
+        // A refused pack runs now and then all the same, so a bad measurement does not refuse it for good.
+        int slots = OrtModelRuntime.PackedSlots(sessions);
+        return StepPolicy.PackPays(runtime.PackedCostRatio(slots, bucket, width), sessions, soloMs) || runtime.ProbeRefusedPack(slots, width, bucket);
     }
 
     /// <summary>
@@ -112,7 +154,7 @@ internal static class Packing
     public static void PriceSharedSteps(PackingMode mode, bool trees, OrtModelRuntime runtime, List<DeviceSession> decoding)
     {
         bool packing = mode != PackingMode.Off && decoding.Count > 1;
-        int speculative = decoding.Count(s => s.Speculative);
+        int speculative = decoding.Count(s => s.Speculative && (s.Ready || s.Coming));
         foreach (var s in decoding.Where(s => s.Speculative && !s.Stepping))
         {
             if (!packing)
@@ -124,6 +166,7 @@ internal static class Packing
             var shares = new Dictionary<int, double>();
             void Price(int width, int sessions, int bucket)
             {
+                sessions = Math.Min(sessions, OrtModelRuntime.PackedSlotCounts[^1]); // one run holds at most the largest graph's slots
                 if (StepPolicy.PackedShareMs(packing, sessions, runtime.RecentRunMs(width, bucket),
                     runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(sessions), bucket, width)) is { } ms)
                 {

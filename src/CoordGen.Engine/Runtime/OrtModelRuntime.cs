@@ -45,9 +45,9 @@ public sealed record RuntimeOptions
     public KvFormat Kv { get; init; } = KvFormat.F32;
 
     /// <summary>
-    /// Packed width-1 runs attend with ONNX Runtime's GroupQueryAttention, one node per slot over that
-    /// session's cache in place: no cache is joined and each slot is scored over its own length (decision
-    /// 0023). Applies on the CPU provider with float32 weights and caches; otherwise packed runs join the
+    /// Packed runs (width-1 rows and verification trees) attend with ONNX Runtime's GroupQueryAttention, one
+    /// node per slot over that session's cache in place: no cache is joined and each slot is scored over its
+    /// own length, a tree through its tree block as the node's bias (decisions 0023, 0024). Applies on the CPU provider with float32 weights and caches; otherwise packed runs join the
     /// caches. Quantized weights are excluded: their projections round each activation row to int8, which
     /// turns the last-bit differences between this kernel and a solo step's attention into different
     /// greedy tokens (measured: int8 packed output not identical to solo), and packed output must equal solo.
@@ -454,8 +454,19 @@ public sealed class OrtModelRuntime : IDisposable
 
     private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Width, int Bucket), RunTimes> _packedRunMs = new();
 
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Width, int Bucket), int> _packedRefusals = new();
+
     /// <summary>
-    /// Recent time of one width-1 packed step of <paramref name="slots"/> slots in KV bucket <paramref name="bucket"/>,
+    /// Whether a pack that the recent packed times refuse should run anyway, to be measured again: 3 runs after
+    /// every 21 refusals of the same graph. A packed time taken in a bad moment (a compile or a noisy neighbour
+    /// on the same cores) would otherwise refuse that graph for good, since a refused pack is never timed again:
+    /// on the 135M twin a 2-slot run once stood at 14x a plain step and kept 16 sessions at 2-3 per run.
+    /// </summary>
+    public bool ProbeRefusedPack(int slots, int width, int bucket) =>
+        _packedRefusals.AddOrUpdate((slots, width, bucket), 1, (_, n) => n + 1) % 24 >= 21;
+
+    /// <summary>
+    /// Recent time of one packed step of <paramref name="slots"/> slots of <paramref name="width"/> rows in KV bucket <paramref name="bucket"/>,
     /// the host's work around the run included (median of its last 15 steps), or null before it has a steady one; with <see cref="RecentRunMs"/> of the
     /// plain width-1 graph it tells whether packing pays on this machine and model.
     /// </summary>
@@ -866,7 +877,7 @@ public sealed class OrtModelRuntime : IDisposable
                     _inputs[at + 1] = cache.ValueValue(l);
                     if (InPlace)
                     {
-                        // The same memory is past and present: the node writes the new row at the cache's length.
+                        // The same memory is past and present: the node writes the new rows from the cache's length on.
                         _outputs[at - 2] = _inputs[at];
                         _outputs[at - 1] = _inputs[at + 1];
                     }

@@ -141,6 +141,9 @@ public sealed class SpeculativeSession : IDisposable
 
     private bool NearCapacity => _cache.Length + _width + 1 >= _cache.Capacity;
 
+    /// <summary>Whether a tree step of <paramref name="width"/> rows fits this session's cache (a packed run may be wider than its own width).</summary>
+    public bool RoomForTree(int width) => _cache.Length + width + 1 < _cache.Capacity;
+
     /// <summary>The tree for the next step, from an external drafter.</summary>
     public void Offer(DraftProposal proposal)
     {
@@ -350,9 +353,9 @@ public sealed class SpeculativeSession : IDisposable
     {
         ArgumentNullException.ThrowIfNull(group);
         var runtime = group[0]._runtime;
-        if (width < 2 || group.Any(s => s._runtime != runtime || s.NextTreeWidth < 2))
+        if (width < 2 || group.Any(s => s._runtime != runtime || s.NextTreeWidth < 2 || !s.RoomForTree(width)))
         {
-            throw new InvalidOperationException($"a packed tree step needs sessions of one runtime whose next step is a tree, and a width of 2 or more (got {width}).");
+            throw new InvalidOperationException($"a packed tree step needs sessions of one runtime whose next step is a tree with room for {width} rows in its cache, and a width of 2 or more.");
         }
 
         long begin = Stopwatch.GetTimestamp();
