@@ -245,4 +245,38 @@ public class SpeculativeEquivalenceTests
         Assert.True(packedRuns > 0, "no step packed two sessions' trees");
         Assert.True(adaptive || mixedRuns > 0, $"no packed run held trees of different widths ({packedRuns} packed runs)"); // adaptive widths may agree
     }
+
+    [Fact]
+    public void A_packed_tree_step_should_refuse_a_session_without_room_in_its_cache_for_the_packs_width()
+    {
+        // A width-4 session 56 tokens into a 64-slot cache fits its own trees but not a pack of width 8: the
+        // device leaves it out of such a pack (Packing.Group), and BeginPacked refuses it before touching any cache.
+        var weights = ModelWeights.Random(TestModels.Tiny(), seed: 4, scale: 0.3f);
+        using var rt = new OrtModelRuntime(weights, capacity: 64, widths: [1, 4, 8]);
+        var spec = new SpeculativeDecoder(rt);
+        var opts = SpeculationOptions.ForMethod("sam", 4);
+        int[][] prompts = [[.. Enumerable.Range(0, 56).Select(i => 2 + (i % 9))], [5, 6, 7, 5, 6, 7, 5, 6]];
+        var sessions = new List<SpeculativeSession>();
+        try
+        {
+            foreach (var p in prompts)
+            {
+                using var pre = spec.Prefill(p, null);
+                var session = spec.Start(pre, 4, new SamplingOptions(), new HashSet<int>(), opts, externalDrafter: true);
+                var (outcome, committed) = session.TakeAdvance();
+                session.Offer(new SessionDrafter(p, 4, opts, null).Advance(outcome, committed));
+                sessions.Add(session);
+            }
+
+            Assert.All(sessions, s => Assert.Equal(4, s.NextTreeWidth));
+            Assert.True(sessions[0].RoomForTree(4));
+            Assert.False(sessions[0].RoomForTree(8));
+            Assert.Throws<InvalidOperationException>(() => SpeculativeSession.BeginPacked(sessions, 8));
+            Assert.Equal(2, SpeculativeSession.BeginPacked(sessions, 4).Length); // at a width it has room for, it packs
+        }
+        finally
+        {
+            sessions.ForEach(s => s.Dispose());
+        }
+    }
 }
