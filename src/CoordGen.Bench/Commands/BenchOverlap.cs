@@ -52,12 +52,13 @@ internal static class BenchOverlap
         var requests = new Option<int>("--requests") { Description = "Requests per session.", DefaultValueFactory = _ => 2 };
         var method = new Option<string>("--method") { Description = "Speculative method.", DefaultValueFactory = _ => "sam+ours" };
         var width = new Option<int>("--width") { Description = "Verification width.", DefaultValueFactory = _ => 8 };
+        var packedTrees = new Option<bool?>("--packed-trees") { Description = "Speculative sessions' trees share packed runs (CoordGenOptions.PackedTrees; default: the server's default). Packing all ready trees into one run leaves the device idle while their next trees are drafted (decision 0024).", HelpName = "true|false" };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest), so drafting overlaps an NPU's step times; the report is then overlap-PROFILE.md and says so.");
         var cmd = new Command("overlap", "Share of drafting time hidden behind device time: the drafter actor prepares one session's tree while the device verifies another's. Writes a report and a per-actor timeline (PNG).")
         {
-            model, sessions, requests, method, width, json, outDir, deviceProfile,
+            model, sessions, requests, method, width, packedTrees, json, outDir, deviceProfile,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -73,7 +74,7 @@ internal static class BenchOverlap
             string root = ModelLocator.RepoRoot();
             var prompts = BenchStreams.Prompts(bundle, 4);
             var profile = parse.GetValue(deviceProfile) is { } pn ? Engine.Scheduling.DeviceProfile.Load(pn) : null;
-            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = n * 2, Width = w, Method = m, DeviceProfile = parse.GetValue(deviceProfile), PrecompileAll = true });
+            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = n * 2, Width = w, Method = m, DeviceProfile = parse.GetValue(deviceProfile), PrecompileAll = true, PackedTrees = parse.GetValue(packedTrees) ?? new CoordGenOptions().PackedTrees });
 
             // Warm-up: one request compiles the graphs; the timeline starts after it.
             await Run(service.Supervisor, prompts[0].Tokens, 8, m, w, ct);
