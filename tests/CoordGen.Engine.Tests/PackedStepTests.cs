@@ -110,6 +110,38 @@ public class PackedStepTests
         }
     }
 
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void In_place_packs_should_leave_each_cache_in_its_own_bucket(bool groupQuery)
+    {
+        // A 700-token session packed with a 5-token one: joined, the short one's cache moves up to the long one's
+        // bucket; in place (GroupQueryAttention) each keeps its own, and the output is the same either way.
+        var weights = ModelWeights.Random(TestModels.Tiny(), seed: 8, scale: 0.3f);
+        using var rt = new OrtModelRuntime(weights, capacity: 1024, widths: [1, 8], new RuntimeOptions { PackedGroupQuery = groupQuery });
+        var gen = new Generator(rt);
+        var none = new HashSet<int>();
+        int[][] prompts = [[.. Enumerable.Range(0, 700).Select(k => 2 + (k % 47))], [3, 4, 5, 6, 7]];
+        var caches = prompts.Select(_ => rt.CreateCache()).ToList();
+        try
+        {
+            var sessions = prompts.Select((p, i) => gen.StartDecode(caches[i], gen.Prefill(caches[i], p), p.Length, 0, 6, new SamplingOptions(), none)).ToList();
+            while (PlainSession.StepPacked(sessions) > 0)
+            {
+            }
+
+            Assert.Equal(groupQuery ? OrtModelRuntime.SmallestBucket : caches[0].Bucket, caches[1].Bucket);
+            for (int i = 0; i < prompts.Length; i++)
+            {
+                Assert.Equal(Solo(gen, prompts[i], 6, new SamplingOptions(), none), sessions[i].Output.ToList());
+            }
+        }
+        finally
+        {
+            caches.ForEach(c => c.Dispose());
+        }
+    }
+
     [Fact]
     public void A_packed_step_should_refuse_more_sessions_than_its_largest_graph_holds_in_one_run()
     {

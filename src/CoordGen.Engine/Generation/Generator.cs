@@ -270,7 +270,7 @@ public static class NarrowSteps
 
             if (group.Length > 1)
             {
-                runtime.RecordPackedStep(group.Length, caches[0].Bucket, Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
+                runtime.RecordPackedStep(group.Length, caches.Max(c => c.Bucket), Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
             }
         }
     }

@@ -69,7 +69,7 @@ public static class LlamaGraphCompiler
     /// <c>com.microsoft.GroupQueryAttention</c>, one node per slot over that slot's cache in place: an extra
     /// input <c>kv_lengths</c> [S] (int32, each cache's committed slots) says where each slot's new rows go
     /// (from that length on) and how far they attend; <c>present_key_i_sS</c>/<c>present_value_i_sS</c> are
-    /// then the whole caches [1,Hkv,C,D], to be bound to the same memory as the past inputs (the new rows are
+    /// then the whole caches [1,Hkv,C_s,D], each of its own size (its KV bucket; C only bounds the mask), to be bound to the same memory as the past inputs (the new rows are
     /// written there, no commit copies them). Width 1 ignores <c>attention_mask</c>; wider slots (trees) take
     /// only its last W columns, each slot's tree block, as the node's additive bias after zeros over the
     /// cache. No cache is joined and each slot is scored over its own length, not the bucket (decision 0023).</param>
@@ -165,12 +165,22 @@ public static class LlamaGraphCompiler
             b.Input(KvLengths, DT.Int32, slots);
         }
 
+        // In place, each slot's cache keeps its own size (its KV bucket): GroupQueryAttention reads it up to the
+        // slot's length whatever its size, so a pack never moves its sessions' caches into the largest bucket.
         for (int i = firstLayer; i < endLayer; i++)
         {
             for (int s = 0; s < slots; s++)
             {
-                b.Input(PastKey(i, s, slots), kvType, 1, hkv, cap, d);
-                b.Input(PastValue(i, s, slots), kvType, 1, hkv, cap, d);
+                if (groupQuery)
+                {
+                    b.InputDynamic(PastKey(i, s, slots), kvType, 1, hkv, $"cache_s{s}", d);
+                    b.InputDynamic(PastValue(i, s, slots), kvType, 1, hkv, $"cache_s{s}", d);
+                }
+                else
+                {
+                    b.Input(PastKey(i, s, slots), kvType, 1, hkv, cap, d);
+                    b.Input(PastValue(i, s, slots), kvType, 1, hkv, cap, d);
+                }
             }
         }
 
@@ -403,8 +413,16 @@ public static class LlamaGraphCompiler
         {
             for (int s = 0; s < slots; s++)
             {
-                b.Output(PresentKey(i, s, slots), kvType, 1, hkv, groupQuery ? cap : w, d);
-                b.Output(PresentValue(i, s, slots), kvType, 1, hkv, groupQuery ? cap : w, d);
+                if (groupQuery)
+                {
+                    b.OutputDynamic(PresentKey(i, s, slots), kvType, 1, hkv, $"cache_s{s}", d);
+                    b.OutputDynamic(PresentValue(i, s, slots), kvType, 1, hkv, $"cache_s{s}", d);
+                }
+                else
+                {
+                    b.Output(PresentKey(i, s, slots), kvType, 1, hkv, w, d);
+                    b.Output(PresentValue(i, s, slots), kvType, 1, hkv, w, d);
+                }
             }
         }
 

@@ -505,11 +505,15 @@ public sealed class OrtModelRuntime : IDisposable
             throw new ArgumentException($"no graph for width {width}; this runtime was built for widths {string.Join(",", _widths)}");
         }
 
-        // One packed graph has one capacity: every cache moves into the bucket the fullest needs.
+        // A joined graph has one capacity: every cache moves into the bucket the fullest needs. In place
+        // (GroupQueryAttention) each cache keeps its own bucket, with room for the step's rows; the graph of the
+        // largest one runs them (its capacity only sizes the masks). Moving every cache up cost a 4-stream pack
+        // 0.5 s when a 1,500-token newcomer joined it (decision 0024).
+        bool ownSizes = caches.Count > 1 && PackedInPlace;
         int bucket = caches.Max(c => c.BucketFor(Math.Min(c.Length + width, c.Capacity)));
         foreach (var c in caches)
         {
-            c.EnsureRoom(bucket);
+            c.EnsureRoom(ownSizes ? Math.Min(c.Length + width, c.Capacity) : bucket);
         }
 
         if (caches.Count == 1)
@@ -860,9 +864,10 @@ public sealed class OrtModelRuntime : IDisposable
         {
             foreach (var cache in caches.Append(idle))
             {
-                if (cache is not null && cache.Bucket != Buffers.Capacity)
+                // In place each cache keeps its own bucket (the graph's cache inputs have no fixed size).
+                if (cache is not null && (InPlace ? cache.Length + SlotBuffers[0].Width > cache.Bucket || cache.Bucket > Buffers.Capacity : cache.Bucket != Buffers.Capacity))
                 {
-                    throw new InvalidOperationException($"cache is in bucket {cache.Bucket} but this graph is for {Buffers.Capacity}");
+                    throw new InvalidOperationException($"cache is in bucket {cache.Bucket} with {cache.Length} slots used, which does not fit this graph ({Buffers.Capacity}, {SlotBuffers[0].Width} rows a slot)");
                 }
             }
 

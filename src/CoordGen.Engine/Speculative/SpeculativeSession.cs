@@ -389,7 +389,7 @@ public sealed class SpeculativeSession : IDisposable
 
         if (group.Count > 1)
         {
-            runtime.RecordPackedStep(group.Count, caches[0].Bucket, Stopwatch.GetElapsedTime(begin).TotalMilliseconds, width);
+            runtime.RecordPackedStep(group.Count, caches.Max(c => c.Bucket), Stopwatch.GetElapsedTime(begin).TotalMilliseconds, width);
         }
 
         return result;
