@@ -102,15 +102,15 @@ internal static class Packing
         var ready = decoding.Where(s => s.Ready && !s.Cancellation.IsCancellationRequested).ToList();
         int coming = trees && mode != PackingMode.Off && ready.Count > 0 && ready.Count < most && ready.All(s => s.NextTreeWidth >= 2) ? decoding.Count(s => s.Coming) : 0;
         int w = coming > 0 ? ready.Max(s => s.NextTreeWidth) : 0;
-        int sessions = Math.Min(ready.Count + coming, most);
-        if (coming == 0 || !(mode == PackingMode.Always || Pays(runtime, sessions, ready.Max(s => s.TreeBucket(w)), w)))
+        int bucket = coming > 0 ? ready.Max(s => s.TreeBucket(w)) : 0;
+        if (coming == 0 || !(mode == PackingMode.Always || Pays(runtime, Math.Min(ready.Count + coming, most), bucket, w, probe: false)))
         {
             holdSince = 0;
             return null;
         }
 
         holdSince = holdSince == 0 ? Stopwatch.GetTimestamp() : holdSince;
-        if (StepPolicy.HoldForPack(coming, Stopwatch.GetElapsedTime(holdSince).TotalMilliseconds, runtime.RecentRunMs(w, ready.Max(s => s.TreeBucket(w))), out double leftMs))
+        if (StepPolicy.HoldForPack(coming, Stopwatch.GetElapsedTime(holdSince).TotalMilliseconds, runtime.RecentRunMs(w, bucket), out double leftMs))
         {
             return TimeSpan.FromMilliseconds(leftMs);
         }
@@ -128,7 +128,8 @@ internal static class Packing
     /// compiles the others in the background): a compile never stalls a step.
     /// </summary>
     /// <param name="bucket">The largest KV bucket among the pack's sessions.</param>
-    public static bool Pays(OrtModelRuntime runtime, int sessions, int bucket, int width = 1)
+    /// <param name="probe">Whether a refused pack may run anyway to be measured again (<see cref="OrtModelRuntime.ProbeRefusedPack"/>); false for a question that runs nothing.</param>
+    public static bool Pays(OrtModelRuntime runtime, int sessions, int bucket, int width = 1, bool probe = true)
     {
         double? soloMs = runtime.RecentRunMs(width, bucket);
 
@@ -141,7 +142,7 @@ internal static class Packing
         // Learned per slot count and width, in this bucket or (until it is measured here) in the others.
         // A refused pack runs now and then all the same, so a bad measurement does not refuse it for good.
         int slots = OrtModelRuntime.PackedSlots(sessions);
-        return StepPolicy.PackPays(runtime.PackedCostRatio(slots, bucket, width), sessions, soloMs) || runtime.ProbeRefusedPack(slots, width, bucket);
+        return StepPolicy.PackPays(runtime.PackedCostRatio(slots, bucket, width), sessions, soloMs) || (probe && runtime.ProbeRefusedPack(slots, width, bucket));
     }
 
     /// <summary>
@@ -177,7 +178,7 @@ internal static class Packing
             Price(1, decoding.Count, s.NarrowBucket);
             if (trees && speculative > 1)
             {
-                foreach (int w in runtime.Widths.Where(w => w >= 2 && w <= TreeWidthLimit))
+                foreach (int w in runtime.Widths.Where(w => w >= 2 && w <= OrtModelRuntime.MaxTreeWidth))
                 {
                     Price(w, speculative, s.TreeBucket(w));
                 }
@@ -186,7 +187,4 @@ internal static class Packing
             s.PriceSharedSteps(shares.Count == 0 ? null : shares);
         }
     }
-
-    // Verification widths (prefill chunk widths above it are never a tree's).
-    private const int TreeWidthLimit = 16;
 }

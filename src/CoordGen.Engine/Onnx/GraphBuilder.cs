@@ -150,20 +150,7 @@ internal sealed class GraphBuilder(string name)
 
     public void Output(string outputName, TensorProto.Types.DataType type, params long[] dims) => _graph.Output.Add(ValueInfo(outputName, type, dims));
 
-    private static ValueInfoProto ValueInfo(string n, TensorProto.Types.DataType type, long[] dims)
-    {
-        var shape = new TensorShapeProto();
-        foreach (var d in dims)
-        {
-            shape.Dim.Add(new TensorShapeProto.Types.Dimension { DimValue = d });
-        }
-
-        return new ValueInfoProto
-        {
-            Name = n,
-            Type = new TypeProto { TensorType = new TypeProto.Types.Tensor { ElemType = (int)type, Shape = shape } },
-        };
-    }
+    private static ValueInfoProto ValueInfo(string n, TensorProto.Types.DataType type, long[] dims) => DynamicValueInfo(n, type, [.. dims.Cast<object>()]);
 
     public ModelProto Build(int opset, IDictionary<string, string> metadata)
     {

@@ -171,16 +171,9 @@ public static class LlamaGraphCompiler
         {
             for (int s = 0; s < slots; s++)
             {
-                if (groupQuery)
-                {
-                    b.InputDynamic(PastKey(i, s, slots), kvType, 1, hkv, $"cache_s{s}", d);
-                    b.InputDynamic(PastValue(i, s, slots), kvType, 1, hkv, $"cache_s{s}", d);
-                }
-                else
-                {
-                    b.Input(PastKey(i, s, slots), kvType, 1, hkv, cap, d);
-                    b.Input(PastValue(i, s, slots), kvType, 1, hkv, cap, d);
-                }
+                object size = groupQuery ? $"cache_s{s}" : cap;
+                b.InputDynamic(PastKey(i, s, slots), kvType, 1, hkv, size, d);
+                b.InputDynamic(PastValue(i, s, slots), kvType, 1, hkv, size, d);
             }
         }
 
@@ -413,16 +406,9 @@ public static class LlamaGraphCompiler
         {
             for (int s = 0; s < slots; s++)
             {
-                if (groupQuery)
-                {
-                    b.OutputDynamic(PresentKey(i, s, slots), kvType, 1, hkv, $"cache_s{s}", d);
-                    b.OutputDynamic(PresentValue(i, s, slots), kvType, 1, hkv, $"cache_s{s}", d);
-                }
-                else
-                {
-                    b.Output(PresentKey(i, s, slots), kvType, 1, hkv, w, d);
-                    b.Output(PresentValue(i, s, slots), kvType, 1, hkv, w, d);
-                }
+                object rows = groupQuery ? $"cache_s{s}" : w; // in place the present is the whole cache, else the step's rows
+                b.OutputDynamic(PresentKey(i, s, slots), kvType, 1, hkv, rows, d);
+                b.OutputDynamic(PresentValue(i, s, slots), kvType, 1, hkv, rows, d);
             }
         }
 

@@ -384,6 +384,9 @@ public sealed class OrtModelRuntime : IDisposable
         }
     }
 
+    /// <summary>The widest verification tree: compiled widths above it are prefill chunks, never packed as trees.</summary>
+    public const int MaxTreeWidth = 16;
+
     /// <summary>Slot counts of the packed graphs (issue 19): a packed step runs on the smallest that holds its sessions.</summary>
     public static readonly int[] PackedSlotCounts = [2, 4, 8, 16];
 
@@ -543,11 +546,11 @@ public sealed class OrtModelRuntime : IDisposable
     /// <summary>
     /// Compiles (and runs once) the packed graphs of every slot count for the buckets a session of up to
     /// <paramref name="slots"/> slots passes through, as <see cref="Prepare"/> does for the plain graphs:
-    /// width 1, and with <paramref name="trees"/> every compiled width from 2 to 16 (the verification widths).
+    /// width 1, and with <paramref name="trees"/> every compiled width from 2 to <see cref="MaxTreeWidth"/> (the verification widths).
     /// </summary>
     public void PreparePacked(int slots, bool trees = false)
     {
-        int[] widths = [1, .. _widths.Where(w => trees && w is >= 2 and <= 16).Order()];
+        int[] widths = [1, .. _widths.Where(w => trees && w >= 2 && w <= MaxTreeWidth).Order()];
         foreach (int b in Buckets)
         {
             foreach (int s in PackedSlotCounts)
