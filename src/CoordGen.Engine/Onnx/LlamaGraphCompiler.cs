@@ -73,8 +73,12 @@ public static class LlamaGraphCompiler
     /// written there, no commit copies them). Width 1 ignores <c>attention_mask</c>; wider slots (trees) take
     /// only its last W columns, each slot's tree block, as the node's additive bias after zeros over the
     /// cache. No cache is joined and each slot is scored over its own length, not the bucket (decision 0023).</param>
-    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false) =>
-        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv, groupQuery: groupQuery).ToByteArray();
+    /// <param name="float64Attention">Attention (scores, softmax and the weighted sum of values) computed in float64 and
+    /// rounded to float32 once at the end, so a row's output is the float32 nearest the exact value whatever the
+    /// number of rows and wherever its keys sit (the cache or the step's own columns). Quantized weights need
+    /// this for speculation to stay lossless (decision 0025).</param>
+    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false) =>
+        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv, groupQuery: groupQuery, float64Attention: float64Attention).ToByteArray();
 
     /// <summary>Input of a <c>groupQuery</c> packed graph: each slot's committed cache length, int32 [S].</summary>
     public const string KvLengths = "kv_lengths";
@@ -112,8 +116,13 @@ public static class LlamaGraphCompiler
     public static byte[] CompileBlockBytes(ModelConfig c, GraphShape shape, int firstLayer, int endLayer, bool hasLmHead = false) =>
         Compile(c, shape, hasLmHead, firstLayer, endLayer).ToByteArray();
 
-    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false)
+    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false)
     {
+        if (groupQuery && float64Attention)
+        {
+            throw new ArgumentException("GroupQueryAttention computes in float32; float64 attention needs the joined form.");
+        }
+
         if (groupQuery && (slots < 2 || kv != KvFormat.F32))
         {
             throw new ArgumentException($"GroupQueryAttention packing is for packed graphs over float32 caches (got {slots} slots, {kv} caches).");
@@ -195,6 +204,7 @@ public static class LlamaGraphCompiler
         string sin = b.Node("Sin", [emb]);
 
         string mask5 = groupQuery ? "" : b.Node("Reshape", ["attention_mask", b.ConstInt64([slots, 1, 1, w, cap + w])]); // GroupQueryAttention masks by kv_lengths
+
         string eps = b.ConstFloat([c.RmsNormEps], [1], "eps");
         string scale = b.ConstFloat([(float)(1.0 / Math.Sqrt(d))], [1], "scale");
         string halves = b.ConstInt64([d / 2, d / 2], hint: "halves");
@@ -351,11 +361,32 @@ public static class LlamaGraphCompiler
                 string qg = b.Node("Mul", [b.Node("Reshape", [Batch(q, c.NumHeads), shapeGrouped]), scale]);
                 string sPast = b.Node("MatMul", [qg, b.Node("Transpose", [ToFloat(Join(s => PastKey(i, s, slots)))], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
                 string sNew = b.Node("MatMul", [qg, b.Node("Transpose", [kS], attrs: GraphBuilder.Ints("perm", 0, 1, 3, 2))]);
-                string scores = b.Node("Reshape", [b.Node("Concat", [sPast, sNew], attrs: GraphBuilder.Int("axis", -1)), shapeScores5]);
-                string probs = b.Node("Reshape", [b.Node("Softmax", [b.Node("Add", [scores, mask5])], attrs: GraphBuilder.Int("axis", -1)), shapeScores4]);
-                string pPast = b.Node("Slice", [probs, sliceStart0, sliceC, axisLast]);
-                string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
-                string att = b.Node("Add", [b.Node("MatMul", [pPast, ToFloat(Join(s => PastValue(i, s, slots)))]), b.Node("MatMul", [pNew, vS])]);
+                string scores = b.Node("Add", [b.Node("Reshape", [b.Node("Concat", [sPast, sNew], attrs: GraphBuilder.Int("axis", -1)), shapeScores5]), mask5]);
+                string att;
+                if (float64Attention)
+                {
+                    // Decision 0025. The scores and their exponentials stay float32: each is computed element by element,
+                    // the same numbers whatever the row count or column. The sums are what depend on where a key sits
+                    // (the softmax's denominator, the weighted sum of values), so they run in float64, where the products
+                    // of float32 numbers are exact and every sum is rounded 2^29 times finer than float32 needs; the
+                    // weighted sum is divided by the denominator once per output, and rounded to float32 at the end.
+                    string To64(string t) => b.Node("Cast", [t], attrs: GraphBuilder.Int("to", (long)DT.Double));
+                    string max = b.Node("ReduceMax", [scores], attrs: [GraphBuilder.Ints("axes", -1), GraphBuilder.Int("keepdims", 1)]);
+                    string e = b.Node("Reshape", [To64(b.Node("Exp", [b.Node("Sub", [scores, max])])), shapeScores4]);
+                    string sum = b.Node("ReduceSum", [e, axisLast], attrs: GraphBuilder.Int("keepdims", 1));
+                    string ePast = b.Node("Slice", [e, sliceStart0, sliceC, axisLast]);
+                    string eNew = b.Node("Slice", [e, sliceC, sliceEnd, axisLast]);
+                    string weighted = b.Node("Add", [b.Node("MatMul", [ePast, To64(Join(s => PastValue(i, s, slots)))]), b.Node("MatMul", [eNew, To64(vS16)])]);
+                    att = b.Node("Cast", [b.Node("Div", [weighted, sum])], attrs: GraphBuilder.Int("to", (long)DT.Float));
+                }
+                else
+                {
+                    string probs = b.Node("Reshape", [b.Node("Softmax", [scores], attrs: GraphBuilder.Int("axis", -1)), shapeScores4]);
+                    string pPast = b.Node("Slice", [probs, sliceStart0, sliceC, axisLast]);
+                    string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
+                    att = b.Node("Add", [b.Node("MatMul", [pPast, ToFloat(Join(s => PastValue(i, s, slots)))]), b.Node("MatMul", [pNew, vS])]);
+                }
+
                 merged = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);
             }
 

@@ -45,6 +45,17 @@ public sealed record RuntimeOptions
     public KvFormat Kv { get; init; } = KvFormat.F32;
 
     /// <summary>
+    /// Attention in float64, rounded to float32 at its end (decision 0025): every row then gets the same numbers
+    /// whatever the step's width and wherever its keys sit, so speculative output equals plain output even when
+    /// quantized projections round their inputs to int8. Null (the default) turns it on exactly when
+    /// <see cref="Weights"/> is quantized.
+    /// </summary>
+    public bool? Float64Attention { get; init; }
+
+    /// <summary>Whether graphs compute attention in float64 (<see cref="Float64Attention"/>, or its default).</summary>
+    public bool AttentionInFloat64 => Float64Attention ?? Weights != WeightFormat.F32;
+
+    /// <summary>
     /// Packed runs (width-1 rows and verification trees) attend with ONNX Runtime's GroupQueryAttention, one
     /// node per slot over that session's cache in place: no cache is joined and each slot is scored over its
     /// own length, a tree through its tree block as the node's bias (decisions 0023, 0024). Applies on the CPU provider with float32 weights and caches; otherwise packed runs join the
@@ -397,7 +408,7 @@ public sealed class OrtModelRuntime : IDisposable
     /// for <see cref="KvCache.Keep"/>. <see cref="RunPacked"/> says so per run (a run of one session takes the plain graph).
     /// </summary>
     public bool PackedInPlace =>
-        _options.PackedGroupQuery && _options.Kv == KvFormat.F32 && _options.Weights == WeightFormat.F32 && _options.Provider == ExecutionProviderKind.Cpu;
+        _options.PackedGroupQuery && !_options.AttentionInFloat64 && _options.Kv == KvFormat.F32 && _options.Weights == WeightFormat.F32 && _options.Provider == ExecutionProviderKind.Cpu;
 
     // GroupQueryAttention packing: slots a step does not fill write their (ignored) rows into a cache of their
     // own per bucket, shared by every idle slot of every graph of that bucket, never into a session's.
@@ -690,7 +701,7 @@ public sealed class OrtModelRuntime : IDisposable
         }
 
         string path = Path.Combine(GraphDirectory, slots == 1 ? $"w{shape.Width}_c{shape.Capacity}.onnx" : $"s{slots}_w{shape.Width}_c{shape.Capacity}{(groupQuery ? "_gqa" : "")}.onnx");
-        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots, _options.Kv, groupQuery));
+        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots, _options.Kv, groupQuery, _options.AttentionInFloat64));
         return path;
     }
 
