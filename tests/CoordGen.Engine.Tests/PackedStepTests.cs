@@ -73,11 +73,14 @@ public class PackedStepTests
         Assert.Equal(inPlace, rt.PackedInPlace); // width-1 rows and trees alike (one node per slot)
     }
 
-    [Fact]
-    public void Packed_sessions_should_generate_what_each_generates_alone_on_the_demo_model()
+    [Theory]
+    [InlineData(WeightFormat.F32, KvFormat.F32)]
+    [InlineData(WeightFormat.Int8, KvFormat.F32)] // joined packs with the attention sums in float64 (decision 0025)
+    [InlineData(WeightFormat.Int4, KvFormat.F16)]
+    public void Packed_sessions_should_generate_what_each_generates_alone_on_the_demo_model(WeightFormat format, KvFormat kv)
     {
         var demo = ModelBundle.Load(Paths.DemoModel);
-        using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 64]);
+        using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 64], new RuntimeOptions { Weights = format, Kv = kv });
         var gen = new Generator(rt);
         int[][] prompts = [.. new[] { "summary", "rag", "ui", "reply" }
             .SelectMany(t => WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", t + ".jsonl")).Take(2))

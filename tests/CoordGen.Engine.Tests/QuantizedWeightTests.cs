@@ -110,14 +110,15 @@ public class QuantizedWeightTests(ITestOutputHelper output)
     /// step's own columns at indices other than their depth, and the single steps read them from the cache.
     /// </summary>
     [Theory]
-    [InlineData(WeightFormat.Int8, true)]
-    [InlineData(WeightFormat.Int4, true)]
-    [InlineData(WeightFormat.F32, true)]
-    [InlineData(WeightFormat.Int8, false)]
-    public void A_tree_path_should_get_the_logits_of_single_steps_bit_for_bit_with_float64_attention(WeightFormat format, bool float64)
+    [InlineData(WeightFormat.Int8, true, KvFormat.F32)]
+    [InlineData(WeightFormat.Int4, true, KvFormat.F32)]
+    [InlineData(WeightFormat.F32, true, KvFormat.F32)]
+    [InlineData(WeightFormat.Int8, true, KvFormat.F16)]
+    [InlineData(WeightFormat.Int8, false, KvFormat.F32)]
+    public void A_tree_path_should_get_the_logits_of_single_steps_bit_for_bit_with_float64_attention(WeightFormat format, bool float64, KvFormat kv)
     {
         var demo = Demo.Value;
-        using var rt = new OrtModelRuntime(demo.Weights, capacity: 512, widths: [1, 8], new RuntimeOptions { Weights = format, Float64Attention = float64 });
+        using var rt = new OrtModelRuntime(demo.Weights, capacity: 512, widths: [1, 8], new RuntimeOptions { Weights = format, Float64Attention = float64, Kv = kv });
         var item = WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", "summary.jsonl")).First();
         int[] prompt = demo.Tokenizer.Encode(PromptTemplate.Render(item.Context, item.Prompt, demo.HasRoleTokens));
         int[] parents = [-1, 0, 0, 1, 3, 2, 4, 5];
@@ -170,7 +171,7 @@ public class QuantizedWeightTests(ITestOutputHelper output)
             }
         }
 
-        output.WriteLine($"{format}, float64 attention {float64}: {differ} of {total} logits differ");
+        output.WriteLine($"{format}, {kv} cache, float64 attention {float64}: {differ} of {total} logits differ");
         if (float64)
         {
             Assert.Equal(0, differ);

@@ -326,7 +326,7 @@ internal static class BenchAttention
         }
 
         md.AppendLine();
-        md.AppendLine(CultureInfo.InvariantCulture, $"**Rows of a chain against single steps** (one layer, one slot, capacity {idCell.Cap}, fill {idCell.Fill}): a chain of 4 rows in one run against 4 runs of one row, each after the previous row's key and value were committed; output values compared bit for bit. Lossless speculation on quantized weights needs every value identical (decision 0012).").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"**Rows of a chain against single steps** (one layer, one slot, capacity {idCell.Cap}, fill {idCell.Fill}): a chain of 4 rows in one run against 4 runs of one row, each after the previous row's key and value were committed; output values compared bit for bit. Lossless speculation on quantized weights does not rely on either: it sums attention in float64 (decision 0025).").AppendLine();
         md.AppendLine("| form | values identical | values that differ | largest difference |").AppendLine("|---|---|---|---|");
         foreach (var (form, same, differ, max) in identity)
         {

@@ -26,7 +26,7 @@ internal static class CommonOptions
 
     public static Option<Engine.Model.WeightFormat> Weights() => new("--weights")
     {
-        Description = "How the linear layers' weights are held and multiplied: F32 (as loaded), Int8 or Int4 (per-block symmetric, quantized at load time for ONNX Runtime's MatMulNBits; docs/decisions/0012-quantized-weights.md). Speculative greedy output equals the same weights' plain greedy output in every format: with int8/int4 the graphs sum attention in float64 (decision 0025).",
+        Description = "How the linear layers' weights are held and multiplied: F32 (as loaded), Int8 or Int4 (per-block symmetric, quantized at load time for ONNX Runtime's MatMulNBits; docs/decisions/0012-quantized-weights.md). Speculative greedy output equals the same weights' plain greedy output in every format: with int8/int4 the graphs sum attention in float64, which makes a verified tree's rows equal to single steps bit for bit (decision 0025).",
         DefaultValueFactory = _ => Engine.Model.WeightFormat.F32,
     };
 

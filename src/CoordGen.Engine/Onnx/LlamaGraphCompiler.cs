@@ -73,10 +73,11 @@ public static class LlamaGraphCompiler
     /// written there, no commit copies them). Width 1 ignores <c>attention_mask</c>; wider slots (trees) take
     /// only its last W columns, each slot's tree block, as the node's additive bias after zeros over the
     /// cache. No cache is joined and each slot is scored over its own length, not the bucket (decision 0023).</param>
-    /// <param name="float64Attention">Attention (scores, softmax and the weighted sum of values) computed in float64 and
-    /// rounded to float32 once at the end, so a row's output is the float32 nearest the exact value whatever the
-    /// number of rows and wherever its keys sit (the cache or the step's own columns). Quantized weights need
-    /// this for speculation to stay lossless (decision 0025).</param>
+    /// <param name="float64Attention">The attention's two sums over keys (the softmax's denominator and the weighted sum of
+    /// values) computed in float64 and rounded to float32 once at the end; the scores, their max and exponentials stay
+    /// float32. A row's output then does not depend on the number of rows or on where its keys sit (the cache or the
+    /// step's own columns), short of an exact value within about 1e-16 of a float32 rounding boundary. Quantized
+    /// weights need this for speculation to stay lossless (decision 0025). Joined form only.</param>
     public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false) =>
         Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv, groupQuery: groupQuery, float64Attention: float64Attention).ToByteArray();
 
@@ -355,7 +356,7 @@ public static class LlamaGraphCompiler
                     b.Node("Identity", [slots == 1 ? vS16 : Slice(vS16, s, s + 1, 0)], PresentValue(i, s, slots));
                 }
 
-                string kS = ToFloat(kS16), vS = ToFloat(vS16);
+                string kS = ToFloat(kS16);
 
                 // Grouped-query attention: heads h = kv * G + g, so [S,H,W,D] regroups to [S,Hkv,G*W,D] without a copy.
                 string qg = b.Node("Mul", [b.Node("Reshape", [Batch(q, c.NumHeads), shapeGrouped]), scale]);
@@ -384,7 +385,7 @@ public static class LlamaGraphCompiler
                     string probs = b.Node("Reshape", [b.Node("Softmax", [scores], attrs: GraphBuilder.Int("axis", -1)), shapeScores4]);
                     string pPast = b.Node("Slice", [probs, sliceStart0, sliceC, axisLast]);
                     string pNew = b.Node("Slice", [probs, sliceC, sliceEnd, axisLast]);
-                    att = b.Node("Add", [b.Node("MatMul", [pPast, ToFloat(Join(s => PastValue(i, s, slots)))]), b.Node("MatMul", [pNew, vS])]);
+                    att = b.Node("Add", [b.Node("MatMul", [pPast, ToFloat(Join(s => PastValue(i, s, slots)))]), b.Node("MatMul", [pNew, ToFloat(vS16)])]);
                 }
 
                 merged = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);

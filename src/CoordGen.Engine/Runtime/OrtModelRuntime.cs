@@ -45,21 +45,23 @@ public sealed record RuntimeOptions
     public KvFormat Kv { get; init; } = KvFormat.F32;
 
     /// <summary>
-    /// Attention in float64, rounded to float32 at its end (decision 0025): every row then gets the same numbers
-    /// whatever the step's width and wherever its keys sit, so speculative output equals plain output even when
-    /// quantized projections round their inputs to int8. Null (the default) turns it on exactly when
-    /// <see cref="Weights"/> is quantized.
+    /// The attention's sums over keys in float64, rounded to float32 at its end (decision 0025): a row then gets the
+    /// same numbers whatever the step's width and wherever its keys sit (measured bit for bit on this CPU; in theory
+    /// short of an exact value within about 1e-16 of a rounding boundary), so speculative output equals plain output
+    /// even when quantized projections round their inputs to int8. Null (the default) turns it on exactly when
+    /// <see cref="Weights"/> is quantized and the provider is the CPU (an NPU has no float64: on QNN the nodes would
+    /// fall back to the CPU and split every layer).
     /// </summary>
     public bool? Float64Attention { get; init; }
 
     /// <summary>Whether graphs compute attention in float64 (<see cref="Float64Attention"/>, or its default).</summary>
-    public bool AttentionInFloat64 => Float64Attention ?? Weights != WeightFormat.F32;
+    public bool AttentionInFloat64 => Float64Attention ?? (Weights != WeightFormat.F32 && Provider == ExecutionProviderKind.Cpu);
 
     /// <summary>
     /// Packed runs (width-1 rows and verification trees) attend with ONNX Runtime's GroupQueryAttention, one
     /// node per slot over that session's cache in place: no cache is joined and each slot is scored over its
-    /// own length, a tree through its tree block as the node's bias (decisions 0023, 0024). Applies on the CPU provider with float32 weights and caches; otherwise packed runs join the
-    /// caches. Quantized weights are excluded: their projections round each activation row to int8, which
+    /// own length, a tree through its tree block as the node's bias (decisions 0023, 0024). Applies on the CPU provider with float32 weights and caches and
+    /// float32 attention sums (<see cref="Float64Attention"/> has no GroupQueryAttention form); otherwise packed runs join the caches. Quantized weights are excluded: their projections round each activation row to int8, which
     /// turns the last-bit differences between this kernel and a solo step's attention into different
     /// greedy tokens (measured: int8 packed output not identical to solo), and packed output must equal solo.
     /// </summary>
