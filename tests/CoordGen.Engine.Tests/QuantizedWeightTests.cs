@@ -104,6 +104,7 @@ public class QuantizedWeightTests(ITestOutputHelper output)
         using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 4, 8, 64], new RuntimeOptions { Weights = format });
         TestModels.AssertSpeculationLossless(demo, rt, false, true);
     }
+
     /// <summary>
     /// The property lossless speculation rests on (decision 0025): a tree's path, verified in one width-8 run, gets
     /// the logits that single steps along the same path get, bit for bit. A branchy tree puts ancestors in the
@@ -128,13 +129,9 @@ public class QuantizedWeightTests(ITestOutputHelper output)
         foreach (int length in new[] { 100, 123, 250 })
         {
             using var cache = rt.CreateCache();
-            for (int at = 0; at < length; at += 8)
+            var prefill = new Generator(rt).BeginPrefill(cache, prompt[..length]);
+            while (!prefill.Step(8))
             {
-                int n = Math.Min(8, length - at);
-                var chunk = rt.Buffers(8, cache);
-                chunk.SetLinear(prompt.AsSpan(at, n), at, at);
-                rt.Run(8, cache);
-                cache.Commit(chunk.NewKeys, chunk.NewValues, 8, [.. Enumerable.Range(0, n)]);
             }
 
             using var solo = rt.CreateCache();

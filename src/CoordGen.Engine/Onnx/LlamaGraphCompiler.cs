@@ -205,7 +205,6 @@ public static class LlamaGraphCompiler
         string sin = b.Node("Sin", [emb]);
 
         string mask5 = groupQuery ? "" : b.Node("Reshape", ["attention_mask", b.ConstInt64([slots, 1, 1, w, cap + w])]); // GroupQueryAttention masks by kv_lengths
-
         string eps = b.ConstFloat([c.RmsNormEps], [1], "eps");
         string scale = b.ConstFloat([(float)(1.0 / Math.Sqrt(d))], [1], "scale");
         string halves = b.ConstInt64([d / 2, d / 2], hint: "halves");

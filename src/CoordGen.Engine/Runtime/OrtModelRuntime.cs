@@ -60,9 +60,10 @@ public sealed record RuntimeOptions
     /// <summary>
     /// Packed runs (width-1 rows and verification trees) attend with ONNX Runtime's GroupQueryAttention, one
     /// node per slot over that session's cache in place: no cache is joined and each slot is scored over its
-    /// own length, a tree through its tree block as the node's bias (decisions 0023, 0024). Applies on the CPU provider with float32 weights and caches and
-    /// float32 attention sums (<see cref="Float64Attention"/> has no GroupQueryAttention form); otherwise packed runs join the caches. Quantized weights are excluded: their projections round each activation row to int8, which
-    /// turns the last-bit differences between this kernel and a solo step's attention into different
+    /// own length, a tree through its tree block as the node's bias (decisions 0023, 0024). Applies on the CPU
+    /// provider with float32 weights, caches and attention sums (<see cref="Float64Attention"/> has no
+    /// GroupQueryAttention form); otherwise packed runs join the caches. Quantized weights are excluded: their
+    /// projections round each activation row to int8, which turns the last-bit differences between this kernel and a solo step's attention into different
     /// greedy tokens (measured: int8 packed output not identical to solo), and packed output must equal solo.
     /// </summary>
     public bool PackedGroupQuery { get; init; } = true;
