@@ -48,6 +48,9 @@ public static class DiagnosticsProtocol
     /// <summary>Device: pack plain decoding sessions into one device run (true) or run one session per step (false), from the next step on; benchmarks compare the two on one loaded runtime. No reply.</summary>
     public sealed record SetPackedSteps(bool Packed);
 
+    /// <summary>Device: with packing, let one-token steps ride in prefill chunks' runs (true) or run chunks alone (false), from the next step on (decision 0026); benchmarks compare the two. No reply.</summary>
+    public sealed record SetMixedSteps(bool Mixed);
+
     /// <summary>
     /// Device: use the prefix cache (true) or prefill every prompt whole (false), from the next prompt on;
     /// either way the cache is emptied first, so benchmarks start each variant cold. No reply.
@@ -122,7 +125,8 @@ public static class DiagnosticsProtocol
 /// <param name="DecodeStepsSinceChunk">Decode steps since the last prefill chunk.</param>
 /// <param name="PrefillWidth">The widest prefill graph.</param>
 /// <param name="InterleavedWidth">Tokens per chunk between other sessions' decode steps.</param>
-public readonly record struct QueueSnapshot(int Prefilling, int PrefillTokens, int Decoding, int ReadyDecoding, int DecodeStepsSinceChunk, int PrefillWidth, int InterleavedWidth);
+/// <param name="ChunkCarriesReady">Every ready decoding session would take its step in the next chunk's run (a mixed run, decision 0026): the chunk serves the streams too.</param>
+public readonly record struct QueueSnapshot(int Prefilling, int PrefillTokens, int Decoding, int ReadyDecoding, int DecodeStepsSinceChunk, int PrefillWidth, int InterleavedWidth, bool ChunkCarriesReady = false);
 
 /// <summary>What the device runs next: a prefill chunk of <paramref name="PrefillTokens"/> tokens, a decode step (0), or nothing (-1: no run can step now).</summary>
 public readonly record struct StepChoice(int PrefillTokens)

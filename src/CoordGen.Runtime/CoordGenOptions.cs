@@ -87,6 +87,9 @@ public class CoordGenOptions
     /// <summary>With <see cref="PackedSteps"/>: speculative sessions whose next steps are trees share packed runs too, when it pays, each tree in its own slot at one width (a wider tree keeps its first nodes, a narrower one is padded; a narrower pack is taken when the pick's width does not pay), and a tree waits a moment (at most 15% of a run) for the sessions whose verdict or next tree is on its way. With GroupQueryAttention packing (<see cref="PackedGroupQuery"/>) each tree attends over its own cache in place. On by default; false: trees run one session per run (docs/decisions/0016-packed-steps.md, 0024). Output is identical either way.</summary>
     public bool PackedTrees { get; set; } = true;
 
+    /// <summary>With <see cref="PackedSteps"/> and GroupQueryAttention packing: while a prompt is prefilled between other sessions' steps, the sessions whose next step is one token (plain decoding, a speculative root alone) ride in the chunk's run, each in its own slot of a mixed graph, when recent step times say it pays, instead of waiting for a decode run of their own (docs/decisions/0026-decode-rows-ride-in-prefill-chunks.md). On by default; false: a chunk runs alone. Output is identical either way.</summary>
+    public bool MixedSteps { get; set; } = true;
+
     /// <summary>
     /// Keep the keys and values of prompts the device has prefilled, in blocks of 32 tokens, so a prompt that
     /// starts the same way (a chat's history, a shared document, a system prompt) copies them and prefills

@@ -190,6 +190,10 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
                 if (settings.PackedSteps && settings.PrecompileAll)
                 {
                     rt.PreparePacked(settings.Capacity, trees: settings.PackedTrees);
+                    if (settings.MixedSteps)
+                    {
+                        rt.PrepareMixed(settings.EffectiveChunkWidth);
+                    }
                 }
             }
             catch
@@ -218,7 +222,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         // The runtime outlives device-actor restarts: a restarted device takes the same compiled graphs.
         var runtimes = new RuntimeKeeper(() => Interlocked.Exchange(ref first, null) ?? NewRuntime(), reuse: settings.KeepRuntimeAcrossRestarts);
         var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive, settings.PackedSteps ? PackingMode.WhenItPays : PackingMode.Off, packTrees: settings.PackedTrees,
-            prefixCacheBudget: settings.PrefixCache ? settings.KvBudgetMb * 1024L * 1024L : 0);
+            mixedSteps: settings.MixedSteps, prefixCacheBudget: settings.PrefixCache ? settings.KvBudgetMb * 1024L * 1024L : 0);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         var service = new InferenceService(bundle, settings, system, supervisor, runtimes) { Faults = plan };
         if (settings.WarmUp && faults is null)

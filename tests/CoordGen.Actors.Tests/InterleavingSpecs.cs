@@ -120,6 +120,62 @@ public class InterleavingSpecs : TestKit
     [Theory]
     [InlineData(0f)]
     [InlineData(0.8f)]
+    public async Task Decode_steps_should_ride_in_prefill_chunks_and_change_nothing(float temperature)
+    {
+        // Prompts of 40-60 tokens go in 8-token chunks; sessions already decoding (plain tokens, speculative roots alone)
+        // ride in those chunks' runs (decision 0026). The mixed graphs are compiled up front, so riding starts at once.
+        static OrtModelRuntime Mixing()
+        {
+            var rt = NewRuntime();
+            rt.PrepareMixed(8);
+            return rt;
+        }
+
+        static int[] Long(int i) => [.. Enumerable.Range(0, 40 + (5 * i)).Select(k => ((k * (i + 5)) + 3) % 64)];
+        using var spans = new SpanRecorder();
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(Mixing, new HashSet<int>(), packing: PackingMode.Always)));
+        string[] methods = ["ar", "sam+ours", "ar", "ar", "sam+ours"];
+        var channels = methods.Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
+        var sampling = new Sampling(Temperature: temperature, Seed: 11);
+        for (int i = 0; i < methods.Length; i++)
+        {
+            device.Tell(new Generate(new SessionId($"mixed-{temperature}-{i}"), TokenSequence.From(Long(i)), 30, sampling, methods[i], 8, null, channels[i].Writer, CancellationToken.None) { AdaptiveWidth = true }, TestActor);
+        }
+
+        var streams = await ReadAll(channels);
+        using var rt = NewRuntime();
+        var spec = new CoordGen.Engine.Speculative.SpeculativeDecoder(rt);
+        var plain = new Generator(rt);
+        var options = new SamplingOptions { Temperature = temperature, Seed = 11 };
+        for (int i = 0; i < methods.Length; i++)
+        {
+            var alone = methods[i] == "ar"
+                ? plain.Generate(Long(i), 30, options, new HashSet<int>()).Tokens
+                : spec.Generate(Long(i), 30, options, new HashSet<int>(), CoordGen.Engine.Speculative.SpeculationOptions.ForMethod("sam+ours", 8)).Tokens;
+            Assert.Equal(alone, streams[i]);
+        }
+
+        var mixed = spans.Spans.Where(a => a.OperationName == "coordgen.prefill_mixed").ToList();
+        Assert.NotEmpty(mixed);
+        var overlap = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
+        Assert.True(overlap.DecodeSessionSteps >= mixed.Sum(a => (int)a.GetTagItem("coordgen.riders")!), "riders are counted as decode steps");
+    }
+
+    [Theory]
+    [InlineData(null, 40.0, 30.0, 20.0, true)] // never mixed yet: mix, to learn
+    [InlineData(45.0, 40.0, 30.0, 20.0, true)] // the riders cost 5 ms on top of the chunk instead of 30
+    [InlineData(65.0, 40.0, 30.0, 20.0, false)] // 25 ms on top: not clearly less than their own run
+    [InlineData(45.0, null, 30.0, 20.0, true)] // the chunk alone not timed in this bucket yet
+    [InlineData(45.0, 40.0, 30.0, 0.9, false)] // the demo model's 1 ms steps: bound by overhead
+    [InlineData(null, null, null, 0.9, false)] // not even to learn
+    public void Policy_should_mix_decode_rows_into_a_chunk_only_when_that_costs_clearly_less(double? mixedMs, double? chunkMs, double? ridersMs, double? plainMs, bool mix)
+    {
+        Assert.Equal(mix, StepPolicy.MixPays(mixedMs, chunkMs, ridersMs, plainMs));
+    }
+
+    [Theory]
+    [InlineData(0f)]
+    [InlineData(0.8f)]
     public async Task Packed_speculative_sessions_should_produce_what_each_produces_alone(float temperature)
     {
         var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), packing: PackingMode.Always)));
@@ -268,9 +324,12 @@ public class InterleavingSpecs : TestKit
     [InlineData(2, 900, 4, 4, 2, 32)] // two newcomers: a chunk after every 2 decode steps
     [InlineData(4, 900, 2, 2, 1, 32)] // more newcomers than streams: a chunk after every decode step
     [InlineData(4, 900, 2, 2, 0, 0)] // ... but never two chunks in a row while a stream is ready
-    public void Rebalancing_should_follow_the_queue_snapshot_alone(int prefilling, int tokens, int decoding, int ready, int since, int choice)
+    [InlineData(1, 1500, 4, 4, 0, 32, true)] // every ready stream rides in the chunk: the chunk is their decode step too
+    [InlineData(4, 900, 2, 2, 0, 32, true)] // ... so chunks may follow each other
+    [InlineData(0, 0, 3, 3, 0, 0, true)] // nothing to prefill: decode
+    public void Rebalancing_should_follow_the_queue_snapshot_alone(int prefilling, int tokens, int decoding, int ready, int since, int choice, bool carries = false)
     {
-        var q = new QueueSnapshot(prefilling, tokens, decoding, ready, since, PrefillWidth: 64, InterleavedWidth: 32);
+        var q = new QueueSnapshot(prefilling, tokens, decoding, ready, since, PrefillWidth: 64, InterleavedWidth: 32, ChunkCarriesReady: carries);
         Assert.Equal(new StepChoice(choice), StepPolicy.Rebalance(q));
     }
 

@@ -15,6 +15,7 @@ public sealed partial class DeviceActor
         Receive<DiagnosticsProtocol.GetOverlap>(_ => Sender.Tell(_timeline.Snapshot()));
         Receive<DiagnosticsProtocol.GetStepDecisions>(_ => Sender.Tell(_timeline.Decisions()));
         Receive<DiagnosticsProtocol.SetPackedSteps>(p => _packing = p.Packed ? PackingMode.WhenItPays : PackingMode.Off);
+        Receive<DiagnosticsProtocol.SetMixedSteps>(p => _mixedSteps = p.Mixed);
         Receive<DiagnosticsProtocol.SetPrefixCache>(p => _prefix.Set(p.Enabled));
         Receive<DiagnosticsProtocol.GetPrefixCache>(_ =>
         {

@@ -34,6 +34,7 @@ public sealed partial class DeviceActor : ReceiveActor
     private readonly DeviceProfile? _emulate;
     private PackingMode _packing;
     private readonly bool _packTrees;
+    private bool _mixedSteps;
     private readonly DevicePrefixCache _prefix;
     private readonly int _streamWindow;
     private OrtModelRuntime? _runtime;
@@ -56,12 +57,14 @@ public sealed partial class DeviceActor : ReceiveActor
     /// <param name="packing">Whether plain decoding sessions ready together share one device run (a packed
     /// graph: each in its own slot against its own cache), instead of one run each.</param>
     /// <param name="packTrees">Whether speculative sessions' trees share packed runs too, at one width per run (always with <see cref="PackingMode.Always"/>; <see cref="Packing.Group"/>).</param>
+    /// <param name="mixedSteps">Whether, with packing, sessions whose next step is one token ride in a prefill chunk's run (<see cref="Packing.Riders"/>, decision 0026).</param>
     /// <param name="prefixCacheBudget">The KV memory budget a prefix cache shares with the sessions' caches
     /// (it holds at most this less the running sessions' caches, evicting least recently used blocks);
     /// 0 = no prefix cache. The cache lives and dies with this device.</param>
     /// <param name="streamWindow">Tokens of a run that may be unacknowledged by its session before the run pauses (0 = <see cref="DeviceProtocol.DefaultStreamWindow"/>).</param>
-    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0)
+    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0, bool mixedSteps = true)
     {
+        _mixedSteps = mixedSteps;
         _streamWindow = streamWindow > 0 ? streamWindow : DeviceProtocol.DefaultStreamWindow;
         _prefix = new DevicePrefixCache(prefixCacheBudget);
         _interleavedChunkWidth = interleavedChunkWidth;
@@ -103,12 +106,12 @@ public sealed partial class DeviceActor : ReceiveActor
     /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
     /// <param name="interleavedChunkWidth">Tokens per prefill chunk while other sessions decode
     /// (<see cref="StepPolicy.ChunkWidth"/>); 0 = always the runtime's widest graph.</param>
-    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0)
-        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget, streamWindow));
+    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0, bool mixedSteps = true)
+        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget, streamWindow, mixedSteps));
 
     /// <summary>A device that builds its own runtime and disposes it when it stops (each restart compiles again).</summary>
-    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0)
-        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget, streamWindow);
+    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0, bool mixedSteps = true)
+        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget, streamWindow, mixedSteps);
 
     protected override void PreStart()
     {
@@ -196,9 +199,14 @@ public sealed partial class DeviceActor : ReceiveActor
         // Every decoding session counts, ready or not: one stream briefly waiting (for its tree or its
         // reader) must not bring the next chunk a step early, or another stream's gap holds two chunks.
         var runtime = _runtime!;
-        int wide = runtime.Widths.Max();
-        var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, decoding.Count(s => s.Ready),
-            _sinceChunk, wide, _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide);
+        int wide = runtime.Widths.Max(), interleaved = _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide;
+
+        // The sessions that would ride in the next chunk's run (decision 0026); when they are every ready one, the
+        // chunk serves the streams as a decode step would.
+        var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, runtime, prefilling[0], decoding, StepPolicy.ChunkWidth(decoding.Count, wide, interleaved)) : null;
+        int ready = decoding.Count(s => s.Ready);
+        var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, ready,
+            _sinceChunk, wide, interleaved, ChunkCarriesReady: riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested));
         var choice = StepPolicy.Rebalance(snapshot);
         bool decode = choice == StepChoice.Decode;
         if (decode)
@@ -234,7 +242,7 @@ public sealed partial class DeviceActor : ReceiveActor
         }
 
         int packWidth = 0;
-        var group = prefill ? null : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth);
+        var group = prefill ? (pick.ChunkWidth == StepPolicy.ChunkWidth(decoding.Count, wide, interleaved) ? riders : null) : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth);
         _busy = true;
         foreach (var s in group ?? [pick])
         {
@@ -246,8 +254,8 @@ public sealed partial class DeviceActor : ReceiveActor
         double paceMs = _emulate?.StepMs(pick.StepWidth(runtime)) ?? 0;
         var step = Task.Run(() => DeviceSteps.Run(pick, group, packWidth, runtime, plain, spec, stops, prefix, paceMs));
         _inflight = step;
-        step.PipeTo(self, success: t => new StepDone(pick, group, prefill, null, t.Start, t.End, t.Overran),
-            failure: ex => new StepDone(pick, group, prefill, ex, 0, 0, false));
+        step.PipeTo(self, success: t => new StepDone(pick, group, prefill, null, t.Start, t.End, t.Overran, t.RidersMs),
+            failure: ex => new StepDone(pick, group, prefill, ex, 0, 0, false, 0));
     }
 
     private void OnStepDone(StepDone done)
@@ -255,7 +263,7 @@ public sealed partial class DeviceActor : ReceiveActor
         _busy = false;
         _inflight = null;
         AnswerStatsAskers();
-        _timeline.Step(done.Start, done.End, done.Prefill, done.Group?.Count ?? 1);
+        _timeline.Step(done.Start, done.End, done.Prefill, done.Prefill ? 1 : done.Group?.Count ?? 1, done.Prefill ? (done.Group?.Count ?? 1) - 1 : 0, done.RidersMs);
         if (_emulate is not null && done.Error is null)
         {
             _timeline.Paced(done.Overran);
@@ -317,6 +325,6 @@ public sealed partial class DeviceActor : ReceiveActor
         public static readonly HoldEnded Instance = new();
     }
 
-    /// <summary>A step ended: <paramref name="Session"/>'s, or a packed run of <paramref name="Group"/>; timestamps for the timeline.</summary>
-    private sealed record StepDone(DeviceSession Session, List<DeviceSession>? Group, bool Prefill, Exception? Error, long Start, long End, bool Overran);
+    /// <summary>A step ended: <paramref name="Session"/>'s, or a packed run of <paramref name="Group"/> (a prefill chunk's: the chunk's session and its riders); timestamps for the timeline, and of the step's time what riders are charged.</summary>
+    private sealed record StepDone(DeviceSession Session, List<DeviceSession>? Group, bool Prefill, Exception? Error, long Start, long End, bool Overran, double RidersMs);
 }

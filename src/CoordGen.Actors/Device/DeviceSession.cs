@@ -201,6 +201,9 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>What this run's next solo step is, for its span and busy-time metric.</summary>
     internal string StepKind => Decoding ? (_spec is not null ? "device_run" : "decode") : "prefill_chunk";
 
+    /// <summary>Of this run's last prefill step, the time its riders are charged (0 without riders).</summary>
+    internal double LastRidersMs => _prefill?.LastRidersMs ?? 0;
+
     /// <summary>Tokens this run has produced so far.</summary>
     internal int Produced => (_spec?.Output.Count ?? 0) + (_plain?.Output.Count ?? 0);
 
@@ -236,10 +239,19 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
 
     /// <summary>This run's own step (off the mailbox thread): a prefill chunk, its tree to the verifier, or one plain token.</summary>
     /// <param name="prefix">The device's prefix cache (null: off); used on the first and last prefill steps only.</param>
-    internal void Step(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
+    /// <param name="riders">Other sessions' width-1 steps that share this run's prefill chunk (a mixed run, decision 0026); a prefill step only.</param>
+    internal void Step(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix, IReadOnlyList<INarrowStep>? riders = null)
     {
         var r = Request;
-        Cancellation.ThrowIfCancellationRequested();
+        if (riders is not null && Decoding)
+        {
+            throw new InvalidOperationException("only a prefill chunk takes riders.");
+        }
+
+        if (riders is null)
+        {
+            Cancellation.ThrowIfCancellationRequested(); // with riders the chunk runs for them anyway; a cancelled run ends after the step
+        }
         if (_spec is not null)
         {
             var tree = _spec.BeginStep(Cancellation, ownRows: true);
@@ -274,7 +286,7 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
             _prefill = new SessionPrefill(Id, r, Speculative ? _options : null, roles);
         }
 
-        if (!_prefill.Step(runtime, plain, spec, prefix, ChunkWidth, PrefixRoom))
+        if (!_prefill.Step(runtime, plain, spec, prefix, ChunkWidth, PrefixRoom, riders))
         {
             return;
         }

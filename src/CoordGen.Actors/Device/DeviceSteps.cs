@@ -9,24 +9,31 @@ namespace CoordGen.Actors.Device;
 /// <summary>
 /// Batch assembly: what one device run carries, off the mailbox thread. A run is one session's own step
 /// (<see cref="Solo"/>), a packed width-1 run of several sessions (plain tokens and
-/// speculative roots alone), or a packed run of several speculative sessions' trees at one width. Each
-/// session's rows go back to it, and a speculative session's rows on to the verifier.
+/// speculative roots alone), a packed run of several speculative sessions' trees at one width, or a prefill
+/// chunk with such width-1 steps riding beside it (<see cref="Mixed"/>). Each session's rows go back to it, and
+/// a speculative session's rows on to the verifier.
 /// </summary>
 internal static class DeviceSteps
 {
     /// <summary>
     /// One device step: <paramref name="pick"/>'s own step, or a packed run of <paramref name="group"/>
-    /// (plain when <paramref name="packWidth"/> is 1, else trees of that width); with <paramref name="paceMs"/>
-    /// &gt; 0 the step is held until that long has passed (what-if pacing). Returns its Stopwatch timestamps
-    /// and whether it overran the pace.
+    /// (plain when <paramref name="packWidth"/> is 1, else trees of that width; a prefill chunk of <paramref name="pick"/>'s
+    /// with the rest of the group riding when <paramref name="pick"/> is prefilling); with <paramref name="paceMs"/>
+    /// &gt; 0 the step is held until that long has passed (what-if pacing). Returns its Stopwatch timestamps,
+    /// whether it overran the pace, and of its time what riders are charged.
     /// </summary>
-    public static (long Start, long End, bool Overran) Run(DeviceSession pick, List<DeviceSession>? group, int packWidth, OrtModelRuntime runtime,
+    public static (long Start, long End, bool Overran, double RidersMs) Run(DeviceSession pick, List<DeviceSession>? group, int packWidth, OrtModelRuntime runtime,
         Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix, double paceMs)
     {
         long start = Stopwatch.GetTimestamp();
+        double ridersMs = 0;
         if (group is null)
         {
             Solo(pick, runtime, plain, spec, stops, prefix);
+        }
+        else if (!pick.Decoding)
+        {
+            ridersMs = Mixed(pick, group.GetRange(1, group.Count - 1), runtime, plain, spec, stops, prefix);
         }
         else if (packWidth == 1)
         {
@@ -43,7 +50,7 @@ internal static class DeviceSteps
             Thread.Sleep(TimeSpan.FromMilliseconds(left));
         }
 
-        return (start, Stopwatch.GetTimestamp(), paceMs > 0 && left < 0);
+        return (start, Stopwatch.GetTimestamp(), paceMs > 0 && left < 0, ridersMs);
     }
 
     /// <summary>One session's own step, traced: a span per step (child of the caller's trace) and busy-time metrics.</summary>
@@ -73,6 +80,41 @@ internal static class DeviceSteps
                 Telemetry.Tokens.Add(emitted, new KeyValuePair<string, object?>("method", s.Request.Method));
                 span?.SetTag("coordgen.tokens", emitted);
             }
+        }
+    }
+
+    /// <summary>
+    /// One prefill chunk of <paramref name="chunk"/>'s with <paramref name="riders"/>' width-1 steps (plain tokens,
+    /// speculative roots alone) in the same run (decision 0026), traced as one span; the riders' tokens counted under
+    /// <c>ar</c>. Returns what the riders are charged of the run's time.
+    /// </summary>
+    public static double Mixed(DeviceSession chunk, IReadOnlyList<DeviceSession> riders, OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
+    {
+        using var span = Telemetry.Source.StartActivity("coordgen.prefill_mixed", ActivityKind.Internal, chunk.Request.Trace);
+        span?.SetTag("coordgen.session", chunk.Request.SessionId.Value);
+        span?.SetTag("coordgen.riders", riders.Count);
+        span?.SetTag("coordgen.session_ids", string.Join(',', riders.Select(a => a.Request.SessionId.Value)));
+        long t0 = Stopwatch.GetTimestamp();
+        int before = riders.Sum(a => a.PlainTokens);
+        try
+        {
+            chunk.Step(runtime, plain, spec, stops, prefix, [.. riders.Select(a => a.BeginPackedNarrow())]);
+            foreach (var a in riders)
+            {
+                a.EndPackedNarrow();
+            }
+
+            return chunk.LastRidersMs;
+        }
+        catch (Exception ex)
+        {
+            span?.SetStatus(ActivityStatusCode.Error, ex.Message);
+            throw;
+        }
+        finally
+        {
+            Telemetry.DeviceBusy.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", "prefill_mixed"));
+            Telemetry.Tokens.Add(riders.Sum(a => a.PlainTokens) - before, new KeyValuePair<string, object?>("method", "ar"));
         }
     }
 

@@ -19,23 +19,27 @@ internal sealed class DeviceTimeline
     private int _decodeSessionSteps;
 
     /// <param name="sessions">Sessions the run stepped (a packed run: several).</param>
-    public void Step(long start, long end, bool prefill, int sessions = 1)
+    /// <param name="riders">A prefill chunk's riders (decode steps in the same run, decision 0026): the run counts as a
+    /// decode run of them too, and <paramref name="ridersMs"/> of its time is decode time, the rest prefill time.</param>
+    public void Step(long start, long end, bool prefill, int sessions = 1, int riders = 0, double ridersMs = 0)
     {
         if (end == 0)
         {
             return;
         }
 
-        if (!prefill)
+        if (!prefill || riders > 0)
         {
             _decodeRuns++;
-            _decodeSessionSteps += sessions;
+            _decodeSessionSteps += prefill ? riders : sessions;
         }
 
         double ms = System.Diagnostics.Stopwatch.GetElapsedTime(start, end).TotalMilliseconds;
         if (prefill)
         {
-            _prefillMs += ms;
+            double decode = riders > 0 ? Math.Clamp(ridersMs, 0, ms) : 0;
+            _decodeMs += decode;
+            _prefillMs += ms - decode;
         }
         else
         {

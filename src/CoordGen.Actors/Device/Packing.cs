@@ -85,6 +85,35 @@ internal static class Packing
         return null;
     }
 
+    /// <summary>
+    /// The sessions whose width-1 steps ride in <paramref name="chunk"/>'s prefill chunk of <paramref name="chunkWidth"/>
+    /// tokens (a mixed run, decision 0026), with <paramref name="chunk"/> first; null: the chunk runs alone. Every other
+    /// session ready now whose next step is one token on the width-1 graph (up to the largest graph's slots less the
+    /// chunk's), when the runtime can mix (GroupQueryAttention packing, the graph compiled, room for the padded chunk in
+    /// any cache this prompt can fill) and mixing pays (<see cref="StepPolicy.MixPays"/>).
+    /// </summary>
+    public static List<DeviceSession>? Riders(PackingMode mode, OrtModelRuntime runtime, DeviceSession chunk, IEnumerable<DeviceSession> decoding, int chunkWidth)
+    {
+        int width = chunkWidth;
+        if (mode == PackingMode.Off || width < 2 || !runtime.PackedInPlace || chunk.Request.Prompt.Count + width > runtime.Capacity)
+        {
+            return null;
+        }
+
+        List<DeviceSession> riders = [.. decoding.Where(s => s != chunk && !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested && s.NarrowPackable).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
+        if (riders.Count == 0)
+        {
+            return null;
+        }
+
+        // A rider's step alone: a packed width-1 run of them, or one plain step.
+        int bucket = riders.Max(s => s.NarrowBucket);
+        double? ridersAlone = riders.Count > 1 ? runtime.RecentPackedRunMs(OrtModelRuntime.PackedSlots(riders.Count), bucket) : runtime.RecentRunMs(1, bucket);
+        bool pays = mode == PackingMode.Always || StepPolicy.MixPays(runtime.RecentMixedRunMs(riders.Count, width), runtime.RecentRunMs(width, bucket), ridersAlone, runtime.RecentRunMs(1, bucket))
+            || runtime.ProbeRefusedMix(riders.Count, width);
+        return pays && runtime.MixedReady(riders.Count, width) ? [chunk, .. riders] : null;
+    }
+
     // Sessions to try packing, most first: all of the ready ones, then each smaller graph's slot count.
     private static IEnumerable<int> PackSizes(int ready) =>
         new[] { ready }.Concat(OrtModelRuntime.PackedSlotCounts.Where(s => s < ready).OrderDescending()).Where(n => n >= 2);

@@ -12,13 +12,15 @@ public static class StepPolicy
 {
     /// <summary>
     /// Prefill against decode, from a snapshot of the queues alone: a prefill chunk when one is due
-    /// (<see cref="PrefillNext"/>) or when no decoding session is ready, else a decode step; the chunk's
-    /// width by <see cref="ChunkWidth"/> (narrow between running streams, so a newcomer's long prompt costs
-    /// each of them about one chunk per round of their steps, never the whole prompt at once).
+    /// (<see cref="PrefillNext"/>), when no decoding session is ready, or when the chunk's run would carry
+    /// every ready session's step too (<see cref="QueueSnapshot.ChunkCarriesReady"/>: then a decode step of
+    /// their own would only cost a run), else a decode step; the chunk's width by <see cref="ChunkWidth"/>
+    /// (narrow between running streams, so a newcomer's long prompt costs each of them about one chunk per
+    /// round of their steps, never the whole prompt at once).
     /// </summary>
     public static StepChoice Rebalance(QueueSnapshot q)
     {
-        bool chunkDue = PrefillNext(q.Prefilling, q.Decoding, q.DecodeStepsSinceChunk);
+        bool chunkDue = PrefillNext(q.Prefilling, q.Decoding, q.DecodeStepsSinceChunk) || (q.Prefilling > 0 && q.ChunkCarriesReady);
         if (!chunkDue && q.ReadyDecoding > 0)
         {
             return StepChoice.Decode;
@@ -44,6 +46,16 @@ public static class StepPolicy
     /// demo model's 1 ms steps lost 10-36% packed; the 135M twin's 12-26 ms steps gained 1.4x).</param>
     public static bool PackPays(double? costRatio, int sessions, double? plainStepMs = null, double gainRequired = 0.75, double minPlainStepMs = 5) =>
         sessions > 1 && !(plainStepMs < minPlainStepMs) && (costRatio is not { } r || r < gainRequired * sessions);
+
+    /// <summary>
+    /// Whether decode steps should ride in a prefill chunk's run (a mixed run, decision 0026) instead of running on their
+    /// own: when the mixed run's recent time (<paramref name="mixedMs"/>) is below the chunk alone
+    /// (<paramref name="chunkMs"/>) plus <paramref name="gainRequired"/> of the riders' own run
+    /// (<paramref name="ridersMs"/>); while any of them is unknown, yes (to learn). Never on steps too short to pack
+    /// (<see cref="PackPays"/>'s floor on <paramref name="plainStepMs"/>).
+    /// </summary>
+    public static bool MixPays(double? mixedMs, double? chunkMs, double? ridersMs, double? plainStepMs, double gainRequired = 0.75, double minPlainStepMs = 5) =>
+        !(plainStepMs < minPlainStepMs) && (mixedMs is not { } m || chunkMs is not { } c || ridersMs is not { } r || m < c + (gainRequired * r));
 
     /// <summary>
     /// What one session's step of some width costs when it rides in a packed run of that width with the other

@@ -24,6 +24,9 @@ internal sealed record SessionsRow
     /// <summary>Plain sessions ready together shared one device run (packed steps) instead of one run each.</summary>
     [JsonPropertyName("packed")] public bool Packed { get; init; }
 
+    /// <summary>With packing: one-token steps rode in prefill chunks' runs (mixed steps, decision 0026); false when not packed.</summary>
+    [JsonPropertyName("mixed_steps")] public bool MixedSteps { get; init; }
+
     /// <summary>The prefix cache was on (emptied before each point's pass: requests reuse only what the pass prefilled).</summary>
     [JsonPropertyName("prefix_cache")] public bool PrefixCache { get; init; }
 
@@ -69,6 +72,7 @@ internal static class BenchSessions
         var kv = CommonOptions.Kv();
         var packedOpt = new Option<string>("--packed") { Description = "true: plain sessions ready together share one device run when it pays (packed steps, the server's default); false: one session per device run; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var packedTrees = new Option<bool?>("--packed-trees") { Description = "With packing on: speculative sessions' trees share packed runs too (CoordGenOptions.PackedTrees; default: the server's default).", HelpName = "true|false" };
+        var mixedSteps = new Option<string>("--mixed-steps") { Description = "With packing on: true: sessions whose next step is one token ride in prefill chunks' runs (CoordGenOptions.MixedSteps, the server's default); false: chunks run alone; both: each packed mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var prefixOpt = new Option<string>("--prefix-cache") { Description = "true: the prefix cache is on (the server's default), emptied before every pass; false: every prompt is prefilled whole; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
         var rounds = new Option<int>("--rounds") { Description = "Times each (sessions, mode) point runs, the modes taking turns; the report sums the rounds (this shared machine drifts in speed).", DefaultValueFactory = _ => 1 };
@@ -77,7 +81,7 @@ internal static class BenchSessions
         var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest; adaptive width costs widths by the profile), so the modes meet an NPU's step times; the report is then sessions-PROFILE.md and says so. Steps last tens of ms: use few points, e.g. --sessions 8 --requests 2.");
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
         {
-            model, workload, sessions, requests, method, width, modesOpt, packedOpt, packedTrees, prefixOpt, threads, rounds, json, outDir, deviceProfile, weights, kv,
+            model, workload, sessions, requests, method, width, modesOpt, packedOpt, packedTrees, mixedSteps, prefixOpt, threads, rounds, json, outDir, deviceProfile, weights, kv,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -95,6 +99,13 @@ internal static class BenchSessions
                 "false" => [false],
                 "both" => [false, true],
                 var other => throw new ArgumentException($"--packed takes true, false or both (got '{other}')."),
+            };
+            bool[] mixes = parse.GetValue(mixedSteps) switch
+            {
+                "true" => [true],
+                "false" => [false],
+                "both" => [false, true],
+                var other => throw new ArgumentException($"--mixed-steps takes true, false or both (got '{other}')."),
             };
             bool[] caches = parse.GetValue(prefixOpt) switch
             {
@@ -116,7 +127,7 @@ internal static class BenchSessions
             var prompts = BenchStreams.Prompts(bundle, 4, files);
             int maxSessions = counts.Max();
             var profile = parse.GetValue(deviceProfile) is { Length: > 0 } pn ? Engine.Scheduling.DeviceProfile.Load(pn) : null;
-            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, PackedSteps = packings.Contains(true), PackedTrees = parse.GetValue(packedTrees) ?? new CoordGenOptions().PackedTrees, PrefixCache = caches.Contains(true), Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), Kv = parse.GetValue(kv), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
+            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, PackedSteps = packings.Contains(true), PackedTrees = parse.GetValue(packedTrees) ?? new CoordGenOptions().PackedTrees, MixedSteps = mixes.Contains(true), PrefixCache = caches.Contains(true), Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), Kv = parse.GetValue(kv), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
 
             // Each prompt alone first, without the prefix cache: the reference every concurrent stream must equal.
             var device = await service.SelectDevice();
@@ -142,7 +153,7 @@ internal static class BenchSessions
             int roundCount = parse.GetValue(rounds);
             await AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).StartAsync(async progress =>
             {
-                var variants = caches.SelectMany(pc => packings.SelectMany(pk => modes.Select(mode => (Mode: mode, Packed: pk, Prefix: pc)))).ToList();
+                var variants = caches.SelectMany(pc => packings.SelectMany(pk => (pk ? mixes : [false]).SelectMany(mx => modes.Select(mode => (Mode: mode, Packed: pk, Mixed: mx, Prefix: pc))))).ToList();
                 var bar = progress.AddTask("sessions x mode x round", maxValue: counts.Count * variants.Count * roundCount);
                 foreach (int n in counts)
                 {
@@ -155,6 +166,7 @@ internal static class BenchSessions
                         {
                             string mode = variant.Mode;
                             device.Tell(new DiagnosticsProtocol.SetPackedSteps(variant.Packed));
+                            device.Tell(new DiagnosticsProtocol.SetMixedSteps(variant.Mixed));
                             device.Tell(new DiagnosticsProtocol.SetPrefixCache(variant.Prefix));
                             var before = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
                             var sw = Stopwatch.StartNew();
@@ -197,6 +209,7 @@ internal static class BenchSessions
                             Sessions = n,
                             Mode = variant.Mode,
                             Packed = variant.Packed,
+                            MixedSteps = variant.Mixed,
                             PrefixCache = variant.Prefix,
                             AggregateTokensPerS = Math.Round(pt.Tokens / pt.Seconds, 1),
                             PerSessionTokensPerS = Math.Round(pt.Tokens / pt.Seconds / n, 1),
@@ -274,21 +287,30 @@ internal static class BenchSessions
         md.AppendLine("`prefill share` is the device's busy time in prefill chunks over its busy time; `decode tok/s (device)` counts generated tokens over device time in decode steps only, the decode phase's throughput without the prefill every mode pays alike.").AppendLine();
         bool bothCaches = rows.Select(r => r.PrefixCache).Distinct().Count() > 1;
         md.AppendLine(CultureInfo.InvariantCulture, $"Prefix cache: {(bothCaches ? "both ways (the `prefix cache` column)" : rows[0].PrefixCache ? "on" : "off")}; when on it is emptied before every pass, so a pass reuses only prompts it prefilled itself (docs/decisions/0019-prefix-cache.md).").AppendLine();
+        bool bothMixes = rows.Where(r => r.Packed).Select(r => r.MixedSteps).Distinct().Count() > 1;
+        md.AppendLine(CultureInfo.InvariantCulture, $"Mixed steps (decision 0026): {(bothMixes ? "packed both ways (`packed` = `yes, mixed` when one-token steps rode in prefill chunks' runs, `yes` when chunks ran alone)" : rows.Any(r => r.MixedSteps) ? "on: with packing, sessions whose next step is one token ride in prefill chunks' runs" : "off: chunks run alone")}; a mixed run's time beyond the chunk alone (its recent solo time) counts as decode time, the rest as prefill.").AppendLine();
         md.AppendLine("| sessions | mode | packed | prefix cache | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | sessions per decode run | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var r in rows)
         {
-            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {(r.Packed ? "yes" : "no")} | {(r.PrefixCache ? "on" : "off")} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {r.PrefillShare:P0} | {r.DecodeTokensPerDeviceS} | {r.SessionsPerDecodeRun} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {(r.Packed ? bothMixes && r.MixedSteps ? "yes, mixed" : "yes" : "no")} | {(r.PrefixCache ? "on" : "off")} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {r.PrefillShare:P0} | {r.DecodeTokensPerDeviceS} | {r.SessionsPerDecodeRun} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
         }
 
         md.AppendLine();
-        foreach (var (n, packed, cache) in rows.Select(r => (r.Sessions, r.Packed, r.PrefixCache)).Distinct())
+        foreach (var (n, packed, mixed, cache) in rows.Select(r => (r.Sessions, r.Packed, r.MixedSteps, r.PrefixCache)).Distinct())
         {
-            var ar = rows.First(r => r.Sessions == n && r.Packed == packed && r.PrefixCache == cache && r.Mode == "ar");
-            var parts = rows.Where(r => r.Sessions == n && r.Packed == packed && r.PrefixCache == cache && r.Mode != "ar").Select(r => string.Create(CultureInfo.InvariantCulture,
+            var ar = rows.First(r => r.Sessions == n && r.Packed == packed && r.MixedSteps == mixed && r.PrefixCache == cache && r.Mode == "ar");
+            var parts = rows.Where(r => r.Sessions == n && r.Packed == packed && r.MixedSteps == mixed && r.PrefixCache == cache && r.Mode != "ar").Select(r => string.Create(CultureInfo.InvariantCulture,
                 $"{r.Mode} / ar aggregate = {r.AggregateTokensPerS / ar.AggregateTokensPerS:F2}x (decode phase {r.DecodeTokensPerDeviceS / Math.Max(1e-9, ar.DecodeTokensPerDeviceS):F2}x)")).ToList();
             if (packed && rows.FirstOrDefault(r => r.Sessions == n && !r.Packed && r.PrefixCache == cache && r.Mode == "ar") is { } one)
             {
                 parts.Insert(0, string.Create(CultureInfo.InvariantCulture, $"**packed ar / one-per-run ar: decode phase {ar.DecodeTokensPerDeviceS / Math.Max(1e-9, one.DecodeTokensPerDeviceS):F2}x, aggregate {ar.AggregateTokensPerS / one.AggregateTokensPerS:F2}x**"));
+            }
+
+            if (mixed && bothMixes)
+            {
+                var same = rows.Where(r => r.Sessions == n && r.Packed && r.MixedSteps && r.PrefixCache == cache).ToList();
+                parts.Insert(0, "**mixed / chunks alone, aggregate: " + string.Join(", ", same.Select(r => rows.FirstOrDefault(x => x.Sessions == n && x.Packed && !x.MixedSteps && x.PrefixCache == cache && x.Mode == r.Mode) is { } alone
+                    ? string.Create(CultureInfo.InvariantCulture, $"{r.Mode} {r.AggregateTokensPerS / alone.AggregateTokensPerS:F2}x") : r.Mode + " -")) + "**");
             }
 
             // Amdahl: prefill costs every mode the same, so even a free decode phase lifts the aggregate by at most 1 / prefill share.
@@ -297,7 +319,7 @@ internal static class BenchSessions
                 parts.Insert(0, string.Create(CultureInfo.InvariantCulture, $"**ar with the prefix cache / without: aggregate {ar.AggregateTokensPerS / cold.AggregateTokensPerS:F2}x**"));
             }
 
-            md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s), {(packed ? "packed" : "one per run")}{(bothCaches ? (cache ? ", prefix cache on" : ", prefix cache off") : "")}: {string.Join("; ", parts)}; ceiling for any decode speedup at ar's prefill share {ar.PrefillShare:P0}: {1 / Math.Max(1e-9, ar.PrefillShare):F2}x");
+            md.AppendLine(CultureInfo.InvariantCulture, $"- {n} session(s), {(packed ? bothMixes ? mixed ? "packed, mixed" : "packed, chunks alone" : "packed" : "one per run")}{(bothCaches ? (cache ? ", prefix cache on" : ", prefix cache off") : "")}: {string.Join("; ", parts)}; ceiling for any decode speedup at ar's prefill share {ar.PrefillShare:P0}: {1 / Math.Max(1e-9, ar.PrefillShare):F2}x");
         }
 
         md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"![sessions]({stem}.png)");

@@ -166,20 +166,48 @@ public sealed class PrefillSession
     /// <summary>Device time spent so far.</summary>
     public double ElapsedMs => _clock.Elapsed.TotalMilliseconds;
 
+    /// <summary>The cache the prompt goes into.</summary>
+    public KvCache Cache => _cache;
+
+    /// <summary>Of the last <see cref="Step"/>'s time, what its riders are charged (0 without riders).</summary>
+    public double LastRidersMs { get; private set; }
+
     /// <summary>
     /// Runs the next chunk, <paramref name="width"/> tokens wide (0 = the generator's prefill width; a
-    /// scheduler narrows it while other sessions decode); returns <see cref="Done"/>.
+    /// scheduler narrows it while other sessions decode); returns <see cref="Done"/>. With
+    /// <paramref name="riders"/>, other sessions' width-1 steps share the chunk's run (a mixed graph, decision
+    /// 0026; the caller checked <see cref="OrtModelRuntime.CanMix"/>): the chunk is <paramref name="width"/> rows,
+    /// padded when fewer tokens are left, and each rider's step is taken exactly as in
+    /// <see cref="NarrowSteps.RunPacked"/>.
     /// </summary>
-    public bool Step(int width = 0)
+    public bool Step(int width = 0, IReadOnlyList<INarrowStep>? riders = null)
     {
-        if (Done)
-        {
-            return true;
-        }
-
         if (width < 0)
         {
             throw new ArgumentOutOfRangeException(nameof(width), width, "a prefill chunk's width must be positive (or 0 for the prefill width).");
+        }
+
+        LastRidersMs = 0;
+        if (riders is { Count: > 0 })
+        {
+            int mw = width > 0 ? width : _gen.PrefillWidth;
+            if (!Done && _runtime.CanMix(mw, _cache, riders.Count))
+            {
+                return StepMixed(mw, riders);
+            }
+
+            // No mixed run after all (nothing left to prefill, or no room for the padded chunk): the chunk alone,
+            // then the riders' steps in their own packed run, so every rider still takes its step.
+            bool done = Step(width);
+            long r0 = Stopwatch.GetTimestamp();
+            NarrowSteps.RunPacked(_runtime, riders);
+            LastRidersMs = Stopwatch.GetElapsedTime(r0).TotalMilliseconds;
+            return done;
+        }
+
+        if (Done)
+        {
+            return true;
         }
 
         _clock.Start();
@@ -210,6 +238,53 @@ public sealed class PrefillSession
         }
 
         _clock.Stop();
+        return Done;
+    }
+
+    private bool StepMixed(int w, IReadOnlyList<INarrowStep> riders)
+    {
+        long begin = Stopwatch.GetTimestamp();
+        _clock.Start();
+        int n = Math.Min(w, _tokens.Length - _next);
+        KvCache[] caches = [.. riders.Select(r => r.NarrowCache)];
+        var buffers = _runtime.MixedBuffers(w, _cache, caches);
+        var buf = buffers[0];
+        buf.SetLinear(_tokens.AsSpan(_next, n), _cache.Length, _cache.Length);
+        for (int i = 0; i < riders.Count; i++)
+        {
+            buffers[i + 1].SetLinear([riders[i].NarrowToken], caches[i].Length, caches[i].Length);
+        }
+
+        long t0 = Stopwatch.GetTimestamp();
+        _runtime.RunMixed(w, _cache, caches);
+        double runMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
+
+        // The run wrote every slot's rows into its cache: the chunk's real rows are kept (its padding lies past
+        // the length, overwritten later), and each rider's one row.
+        _onChunk?.Invoke(buf, _next, n);
+        _cache.Advance(n);
+        _next += n;
+        if (Done)
+        {
+            buf.LogitsRow(n - 1).CopyTo(LastLogits);
+        }
+
+        _clock.Stop();
+
+        // The riders are charged what the run cost beyond the chunk alone (its recent solo time in this bucket), or,
+        // before that is known, their share of the rows; the chunk keeps the rest in this prefill's time.
+        double ridersMs = _runtime.RecentRunMs(w, _cache.Bucket) is { } alone
+            ? Math.Clamp(runMs - alone, 0, runMs)
+            : runMs * riders.Count / (w + riders.Count);
+        LastRidersMs = ridersMs;
+        double share = ridersMs / riders.Count;
+        for (int i = 0; i < riders.Count; i++)
+        {
+            caches[i].Advance(1);
+            riders[i].FinishNarrow(buffers[i + 1].LogitsRow(0), share);
+        }
+
+        _runtime.RecordMixedStep(riders.Count, w, Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
         return Done;
     }
 }

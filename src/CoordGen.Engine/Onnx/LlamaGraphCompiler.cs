@@ -78,8 +78,12 @@ public static class LlamaGraphCompiler
     /// float32. A row's output then does not depend on the number of rows or on where its keys sit (the cache or the
     /// step's own columns), short of an exact value within about 1e-16 of a float32 rounding boundary. Quantized
     /// weights need this for speculation to stay lossless (decision 0025). Joined form only.</param>
-    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false) =>
-        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv, groupQuery: groupQuery, float64Attention: float64Attention).ToByteArray();
+    /// <param name="mixed">A mixed graph (with <paramref name="groupQuery"/>, decision 0026): slot 0 carries a prefill chunk of
+    /// W rows and slots 1..S-1 one decode row each, so a chunk and S-1 sessions' next tokens share one run. Rows:
+    /// n = W + S - 1 (the chunk first); <c>attention_mask</c> is the chunk's own [1,1,W,C+W] (its last W columns,
+    /// the causal block, are the chunk's bias; decode rows need none).</param>
+    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false, bool mixed = false) =>
+        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv, groupQuery: groupQuery, float64Attention: float64Attention, mixed: mixed).ToByteArray();
 
     /// <summary>Input of a <c>groupQuery</c> packed graph: each slot's committed cache length, int32 [S].</summary>
     public const string KvLengths = "kv_lengths";
@@ -117,8 +121,13 @@ public static class LlamaGraphCompiler
     public static byte[] CompileBlockBytes(ModelConfig c, GraphShape shape, int firstLayer, int endLayer, bool hasLmHead = false) =>
         Compile(c, shape, hasLmHead, firstLayer, endLayer).ToByteArray();
 
-    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false)
+    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false, bool mixed = false)
     {
+        if (mixed && !groupQuery)
+        {
+            throw new ArgumentException("a mixed graph (a prefill chunk beside decode rows) is a GroupQueryAttention packed graph.");
+        }
+
         if (groupQuery && float64Attention)
         {
             throw new ArgumentException("GroupQueryAttention computes in float32; float64 attention needs the joined form.");
@@ -150,10 +159,12 @@ public static class LlamaGraphCompiler
             throw new ArgumentException($"slots must be at least 1, and packed graphs hold the whole model (got {slots} slots for layers [{firstLayer}, {endLayer})).");
         }
 
-        // n: rows of the whole run (every slot's); w: rows of one slot.
-        int w = shape.Width, n = slots * w, cap = shape.Capacity, d = c.HeadDim, hkv = c.NumKvHeads, g = c.NumHeads / c.NumKvHeads;
+        // n: rows of the whole run (every slot's); w: rows of one slot (of the chunk's slot in a mixed graph, the
+        // others one each); rowsOf[s]: slot s's rows.
+        int w = shape.Width, n = mixed ? w + slots - 1 : slots * w, cap = shape.Capacity, d = c.HeadDim, hkv = c.NumKvHeads, g = c.NumHeads / c.NumKvHeads;
         string name = first && last ? $"coordgen_{shape.Width}x{shape.Capacity}" : $"coordgen_{shape.Width}x{shape.Capacity}_layers{firstLayer}-{endLayer}";
-        var b = new GraphBuilder(slots == 1 ? name : $"{name}_s{slots}");
+        int[] rowsOf = [.. Enumerable.Range(0, slots).Select(s => !mixed || s == 0 ? w : 1)];
+        var b = new GraphBuilder(slots == 1 ? name : $"{name}_s{slots}{(mixed ? "_mixed" : "")}");
         bool half = kv == KvFormat.F16;
         var kvType = half ? DT.Float16 : DT.Float;
         string ToFloat(string t) => half ? b.Node("Cast", [t], attrs: GraphBuilder.Int("to", (long)DT.Float)) : t;
@@ -169,7 +180,7 @@ public static class LlamaGraphCompiler
         }
 
         b.Input("position_ids", DT.Int64, 1, n);
-        b.Input("attention_mask", DT.Float, slots, 1, w, cap + w);
+        b.Input("attention_mask", DT.Float, mixed ? 1 : slots, 1, w, cap + w);
         if (groupQuery)
         {
             b.Input(KvLengths, DT.Int32, slots);
@@ -268,22 +279,23 @@ public static class LlamaGraphCompiler
         var gqaLengths = new List<(string SeqLens, string Total, string? Bias)>();
         if (groupQuery)
         {
-            string rowsLess1 = b.ConstInt32([w - 1]), rows = b.ConstInt32([w]);
+            string rowsLess1 = b.ConstInt32([w - 1]), rows = b.ConstInt32([w]), one = b.ConstInt32([1]);
             string scalar = b.ConstInt64([], dims: [0]);
             string treeBlocks = w == 1 ? "" : b.Node("Slice", ["attention_mask", b.ConstInt64([cap]), b.ConstInt64([cap + w]), b.ConstInt64([3])]);
             string biasHead = b.ConstInt64([1, 1, w]);
             for (int s = 0; s < slots; s++)
             {
+                bool wide = rowsOf[s] > 1;
                 string len = b.Node("Slice", [KvLengths, b.ConstInt64([s]), b.ConstInt64([s + 1]), b.ConstInt64([0])]);
-                string seqLens = w == 1 ? len : b.Node("Add", [len, rowsLess1]);
+                string seqLens = wide ? b.Node("Add", [len, rowsLess1]) : len;
                 string? bias = null;
-                if (w > 1)
+                if (wide)
                 {
                     string zeros = b.Node("ConstantOfShape", [b.Node("Concat", [biasHead, b.Node("Cast", [len], attrs: GraphBuilder.Int("to", (long)DT.Int64))], attrs: GraphBuilder.Int("axis", 0))]);
-                    bias = b.Node("Concat", [zeros, Slice(treeBlocks, s, s + 1, 0)], attrs: GraphBuilder.Int("axis", 3));
+                    bias = b.Node("Concat", [zeros, mixed ? treeBlocks : Slice(treeBlocks, s, s + 1, 0)], attrs: GraphBuilder.Int("axis", 3));
                 }
 
-                gqaLengths.Add((seqLens, b.Node("Reshape", [b.Node("Add", [len, rows]), scalar]), bias));
+                gqaLengths.Add((seqLens, b.Node("Reshape", [b.Node("Add", [len, wide ? rows : one]), scalar]), bias));
             }
         }
 
@@ -321,7 +333,10 @@ public static class LlamaGraphCompiler
                 // W rows per slot: [1,H,S*W,D] -> S blocks of [1,W,H*D] (and likewise k, v); each slot's
                 // GroupQueryAttention writes its new rows into its own cache in place (from its length on) and
                 // reads that cache up to its own length, a tree's rows through the slot's bias.
-                string[] Rows(string t, int dim) => b.NodeMulti("Split", [b.Node("Reshape", [b.Node("Transpose", [t], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), b.ConstInt64([slots, w, dim])]), b.ConstInt64([.. Enumerable.Repeat(1L, slots)])], slots, GraphBuilder.Int("axis", 0));
+                // A mixed graph splits [1,n,dim] by each slot's rows instead: [1,W,dim] for the chunk, [1,1,dim] for the others.
+                string[] Rows(string t, int dim) => mixed
+                    ? b.NodeMulti("Split", [b.Node("Reshape", [b.Node("Transpose", [t], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), b.ConstInt64([1, n, dim])]), b.ConstInt64([.. rowsOf.Select(r => (long)r)])], slots, GraphBuilder.Int("axis", 1))
+                    : b.NodeMulti("Split", [b.Node("Reshape", [b.Node("Transpose", [t], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), b.ConstInt64([slots, w, dim])]), b.ConstInt64([.. Enumerable.Repeat(1L, slots)])], slots, GraphBuilder.Int("axis", 0));
                 var (qs, ks, vs) = (Rows(q, c.QDim), Rows(k, c.KvDim), Rows(v, c.KvDim));
                 var outs = new string[slots];
                 for (int s = 0; s < slots; s++)
@@ -337,7 +352,7 @@ public static class LlamaGraphCompiler
                         GraphBuilder.Int("num_heads", c.NumHeads), GraphBuilder.Int("kv_num_heads", hkv), GraphBuilder.Float("scale", (float)(1.0 / Math.Sqrt(d))));
                 }
 
-                merged = b.Node("Reshape", [b.Node("Concat", outs, attrs: GraphBuilder.Int("axis", 0)), shapeWQ]);
+                merged = b.Node("Reshape", [b.Node("Concat", outs, attrs: GraphBuilder.Int("axis", mixed ? 1 : 0)), shapeWQ]);
             }
             else
             {
@@ -446,6 +461,7 @@ public static class LlamaGraphCompiler
         return b.Build(Opset, new Dictionary<string, string>
         {
             ["coordgen.slots"] = slots.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["coordgen.mixed"] = mixed ? "true" : "false",
             ["coordgen.width"] = w.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["coordgen.capacity"] = cap.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["coordgen.architecture"] = c.Architecture,

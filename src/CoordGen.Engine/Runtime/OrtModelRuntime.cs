@@ -152,7 +152,7 @@ public sealed class OrtModelRuntime : IDisposable
 
     private readonly Dictionary<(int Width, int Bucket), WidthGraph> _graphs = new();
     // Packed graphs, compiled on first use or in the background (PackedReady) so a scheduler never waits for one.
-    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Width, int Bucket), Lazy<Task<WidthGraph>>> _packed = new();
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Width, int Bucket, bool Mixed), Lazy<Task<WidthGraph>>> _packed = new();
     private readonly List<(string Name, OrtValue Value)> _weightValues = new();
     private readonly List<QuantizedTensor> _quantized = new();
     private readonly PrePackedWeightsContainer _prepacked;
@@ -466,6 +466,102 @@ public sealed class OrtModelRuntime : IDisposable
         return g.InPlace;
     }
 
+    /// <summary>
+    /// Whether a prefill chunk of <paramref name="chunkWidth"/> tokens into <paramref name="chunk"/> can share one run with
+    /// <paramref name="riders"/> sessions' width-1 steps (a mixed graph, decision 0026): GroupQueryAttention packing
+    /// (<see cref="PackedInPlace"/>), 1 to 15 riders, room in the chunk's cache for the chunk's padded rows, and the
+    /// graph compiled. If it is not compiled yet its compilation starts in the background and this answers false, so a
+    /// scheduler never waits for a compile.
+    /// </summary>
+    public bool CanMix(int chunkWidth, KvCache chunk, int riders)
+    {
+        if (!PackedInPlace || IsDisposed || chunkWidth < 2 || chunkWidth > Capacity || riders < 1 || riders >= PackedSlotCounts[^1] || chunk.Length + chunkWidth > chunk.Capacity)
+        {
+            return false;
+        }
+
+        return MixedReady(riders, chunkWidth);
+    }
+
+    /// <summary>Whether the mixed graph of a chunk of <paramref name="chunkWidth"/> beside <paramref name="riders"/> riders is compiled; if not, its compilation starts in the background (false until it is done).</summary>
+    public bool MixedReady(int riders, int chunkWidth) =>
+        PackedInPlace && !IsDisposed && riders >= 1 && riders < PackedSlotCounts[^1] && chunkWidth >= 2
+        && PackedCompile(PackedSlots(riders + 1), chunkWidth, Capacity, mixed: true).Value.IsCompletedSuccessfully;
+
+    /// <summary>As <see cref="ProbeRefusedPack"/>, for a mixed run that its recent times refuse (counted apart from packs).</summary>
+    public bool ProbeRefusedMix(int riders, int chunkWidth) => ProbeRefusedPack(PackedSlots(riders + 1), -chunkWidth, 0);
+
+    /// <summary>Compiles (and runs once) the mixed graphs of a chunk of <paramref name="chunkWidth"/> tokens beside every packed slot count's riders (<see cref="CanMix"/>).</summary>
+    public void PrepareMixed(int chunkWidth)
+    {
+        if (!PackedInPlace)
+        {
+            return;
+        }
+
+        foreach (int s in PackedSlotCounts)
+        {
+            PackedCompile(s, chunkWidth, Capacity, mixed: true).Value.GetAwaiter().GetResult();
+        }
+    }
+
+    /// <summary>
+    /// The buffers of a mixed run (<see cref="CanMix"/>): [0] the chunk's, filled as for a solo chunk of
+    /// <paramref name="chunkWidth"/> (<see cref="StepBuffers.SetLinear"/>), then one width-1 buffer per rider. Fill
+    /// them, then call <see cref="RunMixed"/>.
+    /// </summary>
+    public IReadOnlyList<StepBuffers> MixedBuffers(int chunkWidth, KvCache chunk, IReadOnlyList<KvCache> riders) =>
+        MixedGraph(chunkWidth, chunk, riders).SlotBuffers.Take(riders.Count + 1).ToArray();
+
+    /// <summary>
+    /// Runs a prefill chunk and its riders' width-1 steps as one run of a mixed graph: the weights are read once for
+    /// all the rows, each slot attends over its own cache and writes its new rows into it (in place, from its length
+    /// on: the chunk's cache then holds the chunk's padded rows past its real ones; advance each cache by its real
+    /// rows). Logits (and top candidates) land in each slot's buffers from <see cref="MixedBuffers"/>.
+    /// </summary>
+    public void RunMixed(int chunkWidth, KvCache chunk, IReadOnlyList<KvCache> riders)
+    {
+        Faults?.OnDeviceStep();
+        StallIfHungUnwatched();
+        var g = MixedGraph(chunkWidth, chunk, riders);
+        KvCache[] caches = [chunk, .. riders];
+        g.RunSlots(caches, IdleCache(riders.Max(c => c.Bucket)));
+        for (int i = 0; i < caches.Length; i++)
+        {
+            var logits = g.SlotBuffers[i].Logits.AsSpan(0, (i == 0 ? chunkWidth : 1) * Config.VocabSize);
+            Faults?.OnLogits(logits);
+            if (!System.Numerics.Tensors.TensorPrimitives.IsFiniteAll<float>(logits))
+            {
+                throw new DeviceFaultException("the device returned non-finite logits (NaN or Inf) in a mixed step; the step was discarded. Retry the request; if it keeps happening, check the model's dtype and the execution provider.");
+            }
+        }
+    }
+
+    private WidthGraph MixedGraph(int chunkWidth, KvCache chunk, IReadOnlyList<KvCache> riders)
+    {
+        ObjectDisposedException.ThrowIf(IsDisposed, this);
+        if (!PackedInPlace || riders.Count < 1 || riders.Count >= PackedSlotCounts[^1])
+        {
+            throw new ArgumentException($"a mixed run holds one chunk and 1 to {PackedSlotCounts[^1] - 1} riders on GroupQueryAttention packing (got {riders.Count} riders; packing in place: {PackedInPlace}).");
+        }
+
+        chunk.EnsureRoom(chunk.Length + chunkWidth);
+        foreach (var c in riders)
+        {
+            c.EnsureRoom(Math.Min(c.Length + 1, c.Capacity));
+        }
+
+        return PackedCompile(PackedSlots(riders.Count + 1), chunkWidth, Capacity, mixed: true).Value.GetAwaiter().GetResult();
+    }
+
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Chunk), RunTimes> _mixedRunMs = new();
+
+    /// <summary>Records a whole mixed step (a chunk of <paramref name="chunkWidth"/> beside <paramref name="riders"/> riders, the host's work included).</summary>
+    public void RecordMixedStep(int riders, int chunkWidth, double ms) => Record(_mixedRunMs.GetOrAdd((PackedSlots(riders + 1), chunkWidth), _ => new RunTimes()), ms, skipFirst: false);
+
+    /// <summary>Recent time of a mixed step of a chunk of <paramref name="chunkWidth"/> with up to <paramref name="riders"/> riders' graph (median of its last 15), or null before one ran.</summary>
+    public double? RecentMixedRunMs(int riders, int chunkWidth) => _mixedRunMs.TryGetValue((PackedSlots(riders + 1), chunkWidth), out var ring) ? Median(ring) : null;
+
     /// <summary>Slots of the packed graph that holds <paramref name="sessions"/> sessions (1: the plain graph).</summary>
     public static int PackedSlots(int sessions) => sessions <= 1 ? 1 : PackedSlotCounts.First(s => s >= sessions);
 
@@ -541,17 +637,17 @@ public sealed class OrtModelRuntime : IDisposable
         return PackedCompile(PackedSlots(caches.Count), width, bucket).Value.GetAwaiter().GetResult();
     }
 
-    private Lazy<Task<WidthGraph>> PackedCompile(int slots, int width, int bucket) =>
-        _packed.GetOrAdd((slots, width, bucket), key => new Lazy<Task<WidthGraph>>(() => Task.Run(() => CompilePacked(key))));
+    private Lazy<Task<WidthGraph>> PackedCompile(int slots, int width, int bucket, bool mixed = false) =>
+        _packed.GetOrAdd((slots, width, bucket, mixed), key => new Lazy<Task<WidthGraph>>(() => Task.Run(() => CompilePacked(key))));
 
-    private WidthGraph CompilePacked((int Slots, int Width, int Bucket) key)
+    private WidthGraph CompilePacked((int Slots, int Width, int Bucket, bool Mixed) key)
     {
         ObjectDisposedException.ThrowIf(IsDisposed, this);
-        var g = new WidthGraph(this, new GraphShape(key.Width, key.Bucket), key.Slots);
+        var g = new WidthGraph(this, new GraphShape(key.Width, key.Bucket), key.Slots, key.Mixed);
 
         // Its first run allocates (several runs' time): done here, off the device's critical path.
         using var scratch = CreateCache();
-        scratch.EnsureRoom(key.Bucket);
+        scratch.EnsureRoom(key.Mixed ? Buckets.First(b => b >= key.Width + 1) : key.Bucket);
         g.SlotBuffers[0].SetLinear([0], 0, 0);
         g.RunSlots([scratch], scratch, watched: false);
         return g;
@@ -694,7 +790,7 @@ public sealed class OrtModelRuntime : IDisposable
     /// </summary>
     public string GraphDirectory { get; } = Directory.CreateTempSubdirectory("coordgen-graphs-").FullName;
 
-    private string WriteGraph(GraphShape shape, int slots = 1, bool groupQuery = false)
+    private string WriteGraph(GraphShape shape, int slots = 1, bool groupQuery = false, bool mixed = false)
     {
         string placeholder = Path.Combine(GraphDirectory, LlamaGraphCompiler.SharedWeightsFile);
         if (!File.Exists(placeholder))
@@ -703,8 +799,8 @@ public sealed class OrtModelRuntime : IDisposable
             fs.SetLength(Weights.Tensors.Max(t => t.Data.LongLength) * sizeof(float));
         }
 
-        string path = Path.Combine(GraphDirectory, slots == 1 ? $"w{shape.Width}_c{shape.Capacity}.onnx" : $"s{slots}_w{shape.Width}_c{shape.Capacity}{(groupQuery ? "_gqa" : "")}.onnx");
-        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots, _options.Kv, groupQuery, _options.AttentionInFloat64));
+        string path = Path.Combine(GraphDirectory, slots == 1 ? $"w{shape.Width}_c{shape.Capacity}.onnx" : $"s{slots}_w{shape.Width}_c{shape.Capacity}{(groupQuery ? "_gqa" : "")}{(mixed ? "_mixed" : "")}.onnx");
+        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots, _options.Kv, groupQuery, _options.AttentionInFloat64, mixed));
         return path;
     }
 
@@ -812,21 +908,31 @@ public sealed class OrtModelRuntime : IDisposable
         /// packed graph (<see cref="LlamaGraphCompiler.CompileBytes"/>) over <see cref="Buffers"/> of all its
         /// rows, copied from and to each session's <see cref="SlotBuffers"/> around the run; each slot's new
         /// keys and values are written straight into its own buffers.</param>
-        public WidthGraph(OrtModelRuntime owner, GraphShape shape, int slots = 1)
+        /// <param name="mixed">A mixed graph (<see cref="LlamaGraphCompiler.CompileBytes"/>): slot 0 holds a prefill chunk of
+        /// <paramref name="shape"/>'s width, the other slots one row each; always in place.</param>
+        public WidthGraph(OrtModelRuntime owner, GraphShape shape, int slots = 1, bool mixed = false)
         {
             var c = owner.Config;
             _layers = c.NumLayers;
             _slots = slots;
             _owner = owner;
             _watchdog = owner._options.StepWatchdog;
-            _so = owner.CreateSessionOptions(slots == 1 ? $"w{shape.Width}_c{shape.Capacity}" : $"s{slots}_w{shape.Width}_c{shape.Capacity}");
+            _so = owner.CreateSessionOptions(slots == 1 ? $"w{shape.Width}_c{shape.Capacity}" : $"s{slots}_w{shape.Width}_c{shape.Capacity}{(mixed ? "_mixed" : "")}");
             InPlace = slots > 1 && owner.PackedInPlace;
-            string path = owner.WriteGraph(shape, slots, InPlace);
+            if (mixed && !InPlace)
+            {
+                throw new InvalidOperationException("mixed graphs (a prefill chunk beside decode rows) need GroupQueryAttention packing: float32 weights and caches on the CPU provider.");
+            }
+
+            string path = owner.WriteGraph(shape, slots, InPlace, mixed);
             _session = new InferenceSession(path, _so, owner._prepacked);
-            int topK = TopCandidatesFor(shape.Width), n = slots * shape.Width;
+            _rows = [.. Enumerable.Range(0, slots).Select(s => !mixed || s == 0 ? shape.Width : 1)];
+            _offsets = [.. Enumerable.Range(0, slots).Select(s => _rows.Take(s).Sum())];
+            int topK = TopCandidatesFor(shape.Width), n = _rows.Sum();
             var kv = owner._options.Kv;
-            Buffers = new StepBuffers(n, shape.Capacity, c, topK, maskRows: slots == 1 ? null : shape.Width, kv);
-            SlotBuffers = slots == 1 ? [Buffers] : [.. Enumerable.Range(0, slots).Select(_ => new StepBuffers(shape.Width, shape.Capacity, c, topK, kv: kv))];
+            Buffers = new StepBuffers(n, shape.Capacity, c, topK, maskRows: slots == 1 ? null : mixed ? 1 : shape.Width, kv);
+            SlotBuffers = slots == 1 ? [Buffers] : [.. _rows.Select(r => new StepBuffers(r, shape.Capacity, c, topK, kv: kv))];
+            Mixed = mixed;
 
             var pasts = Enumerable.Range(0, _layers).SelectMany(l => Enumerable.Range(0, slots).SelectMany(s => new[] { LlamaGraphCompiler.PastKey(l, s, slots), LlamaGraphCompiler.PastValue(l, s, slots) }));
             var presents = Enumerable.Range(0, _layers).SelectMany(l => Enumerable.Range(0, slots).SelectMany(s => new[] { LlamaGraphCompiler.PresentKey(l, s, slots), LlamaGraphCompiler.PresentValue(l, s, slots) }));
@@ -836,7 +942,10 @@ public sealed class OrtModelRuntime : IDisposable
             _inputs = new OrtValue[_inputNames.Length];
             _inputs[0] = OrtValue.CreateTensorValueFromMemory(Buffers.TokenIds, [1, n]);
             _inputs[1] = OrtValue.CreateTensorValueFromMemory(Buffers.Positions, [1, n]);
-            _inputs[2] = OrtValue.CreateTensorValueFromMemory(Buffers.Mask, [slots, 1, shape.Width, shape.Capacity + shape.Width]);
+            // A mixed graph's mask is its chunk's own block, read from the chunk slot's buffers directly.
+            _inputs[2] = mixed
+                ? OrtValue.CreateTensorValueFromMemory(SlotBuffers[0].Mask, [1, 1, shape.Width, shape.Capacity + shape.Width])
+                : OrtValue.CreateTensorValueFromMemory(Buffers.Mask, [slots, 1, shape.Width, shape.Capacity + shape.Width]);
             if (InPlace)
             {
                 _inputs[^1] = OrtValue.CreateTensorValueFromMemory(_kvLengths = GC.AllocateArray<int>(slots, pinned: true), [slots]);
@@ -869,6 +978,13 @@ public sealed class OrtModelRuntime : IDisposable
         /// <summary>A GroupQueryAttention packed graph: its presents are the caches themselves (<see cref="PackedInPlace"/>).</summary>
         public bool InPlace { get; }
 
+        /// <summary>A prefill chunk in slot 0 beside one decode row in each other slot.</summary>
+        public bool Mixed { get; }
+
+        // Each slot's rows, and where they start among the run's rows.
+        private readonly int[] _rows;
+        private readonly int[] _offsets;
+
         private readonly int[]? _kvLengths;
 
         /// <summary>Each packed session's own buffers (the plain graph's one is <see cref="Buffers"/>).</summary>
@@ -879,16 +995,17 @@ public sealed class OrtModelRuntime : IDisposable
         /// <summary>Runs the graph with slot s reading <paramref name="caches"/>[s] (slots beyond them read <paramref name="idle"/>).</summary>
         public void RunSlots(IReadOnlyList<KvCache> caches, KvCache? idle, bool watched = true)
         {
-            foreach (var cache in caches.Append(idle))
+            for (int s = 0; s < caches.Count + 1; s++)
             {
                 // In place each cache keeps its own bucket (the graph's cache inputs have no fixed size).
-                if (cache is not null && (InPlace ? cache.Length + SlotBuffers[0].Width > cache.Bucket || cache.Bucket > Buffers.Capacity : cache.Bucket != Buffers.Capacity))
+                var cache = s < caches.Count ? caches[s] : idle;
+                int rows = _rows[Math.Min(s, _slots - 1)];
+                if (cache is not null && (InPlace ? cache.Length + rows > cache.Bucket || cache.Bucket > Buffers.Capacity : cache.Bucket != Buffers.Capacity))
                 {
-                    throw new InvalidOperationException($"cache is in bucket {cache.Bucket} with {cache.Length} slots used, which does not fit this graph ({Buffers.Capacity}, {SlotBuffers[0].Width} rows a slot)");
+                    throw new InvalidOperationException($"cache is in bucket {cache.Bucket} with {cache.Length} slots used, which does not fit this graph ({Buffers.Capacity}, {rows} rows in its slot)");
                 }
             }
 
-            int w = SlotBuffers[0].Width;
             for (int s = 0; s < _slots; s++)
             {
                 var cache = s < caches.Count ? caches[s] : idle!;
@@ -918,9 +1035,9 @@ public sealed class OrtModelRuntime : IDisposable
                         slot.SetLinear([0], 0, 0); // an idle slot: one row that sees only itself
                     }
 
-                    slot.TokenIds.CopyTo(Buffers.TokenIds, s * w);
-                    slot.Positions.CopyTo(Buffers.Positions, s * w);
-                    if (!InPlace || w > 1)
+                    slot.TokenIds.CopyTo(Buffers.TokenIds, _offsets[s]);
+                    slot.Positions.CopyTo(Buffers.Positions, _offsets[s]);
+                    if (!Mixed && (!InPlace || slot.Width > 1))
                     {
                         slot.Mask.CopyTo(Buffers.Mask, s * slot.Mask.Length); // in place, the lengths are the mask (and a tree's last W columns its bias)
                     }
@@ -934,9 +1051,10 @@ public sealed class OrtModelRuntime : IDisposable
                 for (int s = 0; s < caches.Count; s++)
                 {
                     var slot = SlotBuffers[s];
-                    Buffers.Logits.AsSpan(s * w * v, w * v).CopyTo(slot.Logits);
-                    Buffers.TopIds.AsSpan(s * w * k, w * k).CopyTo(slot.TopIds);
-                    Buffers.TopProbs.AsSpan(s * w * k, w * k).CopyTo(slot.TopProbs);
+                    int at = _offsets[s], r = _rows[s];
+                    Buffers.Logits.AsSpan(at * v, r * v).CopyTo(slot.Logits);
+                    Buffers.TopIds.AsSpan(at * k, r * k).CopyTo(slot.TopIds);
+                    Buffers.TopProbs.AsSpan(at * k, r * k).CopyTo(slot.TopProbs);
                 }
             }
         }
