@@ -161,6 +161,42 @@ public class InterleavingSpecs : TestKit
         Assert.True(overlap.DecodeSessionSteps >= mixed.Sum(a => (int)a.GetTagItem("coordgen.riders")!), "riders are counted as decode steps");
     }
 
+    [Fact]
+    public async Task A_request_that_fails_in_its_own_mixed_chunk_should_fail_alone()
+    {
+        // A request whose options the device refuses (max tokens 0) arrives while plain streams decode: its first chunk
+        // would carry them, and fails before the run. It ends alone; the streams take their step and go on unchanged.
+        static OrtModelRuntime Mixing()
+        {
+            var rt = NewRuntime();
+            rt.PrepareMixed(8);
+            return rt;
+        }
+
+        using var spans = new SpanRecorder();
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(Mixing, new HashSet<int>(), packing: PackingMode.Always)));
+        var channels = Enumerable.Range(0, 3).Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
+        for (int i = 0; i < channels.Length; i++)
+        {
+            device.Tell(new Generate(new SessionId($"ok-{i}"), TokenSequence.From(Prompt(i)), 100, new Sampling(), "ar", 8, null, channels[i].Writer, CancellationToken.None), TestActor);
+        }
+
+        // Queued behind their prompts: by its turn the streams decode.
+        var bad = Channel.CreateUnbounded<GeneratedToken>();
+        device.Tell(new Generate(new SessionId("bad"), TokenSequence.From(Prompt(5)), 0, new Sampling(), "ar", 8, null, bad.Writer, CancellationToken.None), TestActor);
+        var streams = await ReadAll(channels);
+        for (int i = 0; i < channels.Length; i++)
+        {
+            Assert.Equal(Alone(i, "ar", 100), streams[i]);
+        }
+
+        Assert.Contains(spans.Spans, a => a.OperationName == "coordgen.prefill_mixed" && a.GetTagItem("coordgen.session") as string == "bad");
+        var replies = await ReceiveNAsync(4, TimeSpan.FromSeconds(10)).ToListAsync();
+        var failed = Assert.Single(replies.OfType<GenerationFailed>());
+        Assert.Equal("bad", failed.SessionId.Value);
+        Assert.Equal(3, replies.OfType<GenerationCompleted>().Count());
+    }
+
     [Theory]
     [InlineData(null, 40.0, 30.0, 20.0, true)] // never mixed yet: mix, to learn
     [InlineData(45.0, 40.0, 30.0, 20.0, true)] // the riders cost 5 ms on top of the chunk instead of 30

@@ -51,7 +51,7 @@ public sealed partial class DeviceActor
             var ex = new DeviceReplies.VerifierFailedException($"the verifier could not verify step {f.Step}: {f.Reason}");
             if (s.Stepping)
             {
-                s.VerifyFailure = ex; // the step's task still holds the session: finished when its step ends
+                s.StepFailure = ex; // the step's task still holds the session: finished when its step ends
                 return;
             }
 

@@ -203,7 +203,8 @@ public sealed partial class DeviceActor : ReceiveActor
 
         // The sessions that would ride in the next chunk's run (decision 0026); when they are every ready one, the
         // chunk serves the streams as a decode step would.
-        var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, runtime, prefilling[0], decoding, StepPolicy.ChunkWidth(decoding.Count, wide, interleaved)) : null;
+        int chunkWidth = StepPolicy.ChunkWidth(decoding.Count, wide, interleaved);
+        var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, runtime, prefilling[0], decoding, chunkWidth, chosen: false) : null;
         int ready = decoding.Count(s => s.Ready);
         var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, ready,
             _sinceChunk, wide, interleaved, ChunkCarriesReady: riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested));
@@ -242,7 +243,7 @@ public sealed partial class DeviceActor : ReceiveActor
         }
 
         int packWidth = 0;
-        var group = prefill ? (pick.ChunkWidth == StepPolicy.ChunkWidth(decoding.Count, wide, interleaved) ? riders : null) : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth);
+        var group = prefill ? (_mixedSteps ? Packing.Riders(_packing, runtime, pick, decoding, chunkWidth, chosen: true) : null) : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth);
         _busy = true;
         foreach (var s in group ?? [pick])
         {
@@ -273,7 +274,7 @@ public sealed partial class DeviceActor : ReceiveActor
         foreach (var s in done.Group ?? [done.Session])
         {
             s.Stepping = false;
-            if ((error ?? s.VerifyFailure) is { } cause)
+            if ((error ?? s.StepFailure) is { } cause)
             {
                 Finish(s, DeviceReplies.For(s.Request, cause));
             }

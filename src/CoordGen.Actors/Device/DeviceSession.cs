@@ -17,7 +17,7 @@ namespace CoordGen.Actors.Device;
 /// runs (<see cref="Stepping"/>) no message handler touches it; the step's completion message hands it
 /// back. Its drafting state lives in the drafter actor, its sampling stream in the verifier.
 /// </summary>
-internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActorRef replyTo, DeviceRoles roles, DeviceProfile? emulate, int streamWindow) : IDisposable
+internal sealed partial class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActorRef replyTo, DeviceRoles roles, DeviceProfile? emulate, int streamWindow) : IDisposable
 {
     private readonly RunOutput _output = new(streamWindow);
     private readonly CancellationTokenSource _cancel = new();
@@ -98,8 +98,8 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <summary>A verdict that arrived while the step's device run was still finishing.</summary>
     public TreeVerdict? Verdict { get; set; }
 
-    /// <summary>The verifier could not verify the step, and said so while the step's device run was still finishing.</summary>
-    public Exception? VerifyFailure { get; set; }
+    /// <summary>A failure of this run's alone while its step was under way: the verifier could not verify it, or its own part of a mixed run failed (its options, its prompt, what follows its prefill); the run ends with it when the step ends.</summary>
+    public Exception? StepFailure { get; set; }
 
     /// <summary>Other sessions were decoding when this step was scheduled (the calibrator then builds in slices).</summary>
     public bool OthersDecoding { get; set; }
@@ -242,16 +242,13 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
     /// <param name="riders">Other sessions' width-1 steps that share this run's prefill chunk (a mixed run, decision 0026); a prefill step only.</param>
     internal void Step(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix, IReadOnlyList<INarrowStep>? riders = null)
     {
-        var r = Request;
-        if (riders is not null && Decoding)
+        if (riders is not null)
         {
-            throw new InvalidOperationException("only a prefill chunk takes riders.");
+            StepWithRiders(runtime, plain, spec, stops, prefix, riders);
+            return;
         }
 
-        if (riders is null)
-        {
-            Cancellation.ThrowIfCancellationRequested(); // with riders the chunk runs for them anyway; a cancelled run ends after the step
-        }
+        Cancellation.ThrowIfCancellationRequested();
         if (_spec is not null)
         {
             var tree = _spec.BeginStep(Cancellation, ownRows: true);
@@ -275,41 +272,10 @@ internal sealed class DeviceSession(SessionRun id, DeviceProtocol.Run run, IActo
             return;
         }
 
-        if (_prefill is null)
+        OpenPrefill(runtime, plain, spec, prefix);
+        if (_prefill!.Step(runtime, plain, spec, prefix, ChunkWidth, PrefixRoom))
         {
-            _sampling.Validate();
-            if (r.MaxTokens < 1)
-            {
-                throw new ArgumentException($"max tokens must be at least 1 (got {r.MaxTokens}).");
-            }
-
-            _prefill = new SessionPrefill(Id, r, Speculative ? _options : null, roles);
-        }
-
-        if (!_prefill.Step(runtime, plain, spec, prefix, ChunkWidth, PrefixRoom, riders))
-        {
-            return;
-        }
-
-        if (!Speculative)
-        {
-            var (cache, pre) = _prefill.TakePlain(prefix, PrefixRoom);
-            _plain = plain.StartDecode(cache, pre.LastLogits, r.Prompt.Count, pre.ElapsedMs, r.MaxTokens, _sampling, stops, Enqueue, _output.KeepLogprob);
-        }
-        else
-        {
-            using var pre = _prefill.TakeSpeculative(prefix, PrefixRoom);
-            _spec = spec.Start(pre, r.MaxTokens, _sampling, stops, _options!, null, Enqueue, adoptCache: true, onLogprobs: _output.KeepLogprob, externalDrafter: true);
-            if (pre.CalibrationDeferred)
-            {
-                roles.Calibrator.Tell(new CalibratorProtocol.Finish(Id, [.. pre.Prompt], r.Method, r.Width, OthersDecoding, r.Trace), roles.Device);
-            }
-            else if (pre.CalibrationFailed)
-            {
-                // It failed during the prefill: the drafter goes on without it.
-                roles.Calibrator.Tell(new CalibratorProtocol.Cancel(Id), roles.Device);
-                roles.Drafter.Tell(new DrafterProtocol.Calibrated(Id, null, 0), roles.Device);
-            }
+            StartDecoding(plain, spec, stops, prefix);
         }
     }
 

@@ -84,8 +84,8 @@ internal static class DeviceSteps
     }
 
     /// <summary>
-    /// One prefill chunk of <paramref name="chunk"/>'s with <paramref name="riders"/>' width-1 steps (plain tokens,
-    /// speculative roots alone) in the same run (decision 0026), traced as one span; the riders' tokens counted under
+    /// One prefill chunk of <paramref name="chunk"/>'s with <paramref name="riders"/>' width-1 steps (plain tokens; the
+    /// engine takes speculative roots alone too, the device does not send them) in the same run (decision 0026), traced as one span; the riders' tokens counted under
     /// <c>ar</c>. Returns what the riders are charged of the run's time.
     /// </summary>
     public static double Mixed(DeviceSession chunk, IReadOnlyList<DeviceSession> riders, OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
@@ -95,7 +95,7 @@ internal static class DeviceSteps
         span?.SetTag("coordgen.riders", riders.Count);
         span?.SetTag("coordgen.session_ids", string.Join(',', riders.Select(a => a.Request.SessionId.Value)));
         long t0 = Stopwatch.GetTimestamp();
-        int before = riders.Sum(a => a.PlainTokens);
+        int before = riders.Sum(a => a.PlainTokens), first = chunk.Produced;
         try
         {
             chunk.Step(runtime, plain, spec, stops, prefix, [.. riders.Select(a => a.BeginPackedNarrow())]);
@@ -115,6 +115,7 @@ internal static class DeviceSteps
         {
             Telemetry.DeviceBusy.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds, new KeyValuePair<string, object?>("step", "prefill_mixed"));
             Telemetry.Tokens.Add(riders.Sum(a => a.PlainTokens) - before, new KeyValuePair<string, object?>("method", "ar"));
+            Telemetry.Tokens.Add(chunk.Produced - first, new KeyValuePair<string, object?>("method", chunk.Request.Method)); // its first token, after its last chunk
         }
     }
 

@@ -86,31 +86,42 @@ internal static class Packing
     }
 
     /// <summary>
-    /// The sessions whose width-1 steps ride in <paramref name="chunk"/>'s prefill chunk of <paramref name="chunkWidth"/>
+    /// The sessions whose next tokens ride in <paramref name="chunk"/>'s prefill chunk of <paramref name="width"/>
     /// tokens (a mixed run, decision 0026), with <paramref name="chunk"/> first; null: the chunk runs alone. Every other
-    /// session ready now whose next step is one token on the width-1 graph (up to the largest graph's slots less the
-    /// chunk's), when the runtime can mix (GroupQueryAttention packing, the graph compiled, room for the padded chunk in
+    /// plain session ready now (up to the largest graph's slots less the chunk's), when the runtime can mix (GroupQueryAttention packing, the graph compiled, room for the padded chunk in
     /// any cache this prompt can fill) and mixing pays (<see cref="StepPolicy.MixPays"/>).
+    /// <paramref name="chosen"/>: the chunk is the step the device runs now, so a refused mix may be tried again
+    /// (<see cref="OrtModelRuntime.ProbeRefusedMix"/>) and, while the chunk alone has no recent time in its bucket, a
+    /// chunk now and then runs alone to measure it (<see cref="OrtModelRuntime.ProbeChunkAlone"/>); false: a question
+    /// that runs nothing.
     /// </summary>
-    public static List<DeviceSession>? Riders(PackingMode mode, OrtModelRuntime runtime, DeviceSession chunk, IEnumerable<DeviceSession> decoding, int chunkWidth)
+    public static List<DeviceSession>? Riders(PackingMode mode, OrtModelRuntime runtime, DeviceSession chunk, IEnumerable<DeviceSession> decoding, int width, bool chosen)
     {
-        int width = chunkWidth;
         if (mode == PackingMode.Off || width < 2 || !runtime.PackedInPlace || chunk.Request.Prompt.Count + width > runtime.Capacity)
         {
             return null;
         }
 
-        List<DeviceSession> riders = [.. decoding.Where(s => s != chunk && !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested && s.NarrowPackable).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
+        // Plain sessions only: speculative roots alone could ride too (PrefillSession takes any INarrowStep), but with
+        // them riding spec-adaptive ran at 0.82x its unmixed aggregate at 16 sessions on the twin (decision 0026).
+        List<DeviceSession> riders = [.. decoding.Where(s => s != chunk && !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested && s.PlainDecoding).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
         if (riders.Count == 0)
         {
             return null;
         }
 
-        // A rider's step alone: a packed width-1 run of them, or one plain step.
+        // The chunk alone, in the bucket its cache will be in; the riders alone: a packed width-1 run of them, or one plain step.
+        int done = chunk.Request.Prompt.Count - chunk.PrefillTokensLeft;
+        double? chunkAlone = runtime.RecentRunMs(width, runtime.Buckets.FirstOrDefault(b => b >= done + width, runtime.Capacity));
         int bucket = riders.Max(s => s.NarrowBucket);
         double? ridersAlone = riders.Count > 1 ? runtime.RecentPackedRunMs(OrtModelRuntime.PackedSlots(riders.Count), bucket) : runtime.RecentRunMs(1, bucket);
-        bool pays = mode == PackingMode.Always || StepPolicy.MixPays(runtime.RecentMixedRunMs(riders.Count, width), runtime.RecentRunMs(width, bucket), ridersAlone, runtime.RecentRunMs(1, bucket))
-            || runtime.ProbeRefusedMix(riders.Count, width);
+        if (mode != PackingMode.Always && chosen && chunkAlone is null && runtime.ProbeChunkAlone(width))
+        {
+            return null;
+        }
+
+        bool pays = mode == PackingMode.Always || StepPolicy.MixPays(runtime.RecentMixedRunMs(riders.Count, width), chunkAlone, ridersAlone, runtime.RecentRunMs(1, bucket))
+            || (chosen && runtime.ProbeRefusedMix(riders.Count, width));
         return pays && runtime.MixedReady(riders.Count, width) ? [chunk, .. riders] : null;
     }
 

@@ -36,12 +36,17 @@ internal sealed class SessionPrefill(SessionRun id, DeviceProtocol.RunRequest re
     /// </summary>
     public bool Step(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, PrefixCache? prefix, int chunkWidth, long room, IReadOnlyList<INarrowStep>? riders = null)
     {
+        Open(runtime, plain, spec, prefix, room);
+        return _prefill!.Step(chunkWidth, riders);
+    }
+
+    /// <summary>Begins the prefill if it has not begun: looks the prompt up in <paramref name="prefix"/> and copies a hit into the run's new cache.</summary>
+    public void Open(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, PrefixCache? prefix, long room)
+    {
         if (_prefill is null)
         {
             Begin(runtime, plain, spec, prefix, room);
         }
-
-        return _prefill!.Step(chunkWidth, riders);
     }
 
     /// <summary>Of the last step's time, what its riders are charged (<see cref="PrefillSession.LastRidersMs"/>).</summary>

@@ -6,7 +6,9 @@ namespace CoordGen.Actors.Device;
 /// Which kind of work the device runs next, by queue depth: a prefill chunk or a decode step. Decoding
 /// sessions are served round-robin; a prefill chunk comes after every <c>max(1, decoding / prefilling)</c>
 /// decode steps, so a deep decode queue does not starve new requests' time to first token and a burst
-/// of new prompts does not stall running streams for long. Pure functions, table-tested.
+/// of new prompts does not stall running streams for long; and at once when every ready stream would ride
+/// in the chunk's run (decision 0026). Whether runs are packed or mixed, and how long a tree waits for a pack,
+/// are decided here too. Pure functions, table-tested.
 /// </summary>
 public static class StepPolicy
 {

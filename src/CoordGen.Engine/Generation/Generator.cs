@@ -163,8 +163,11 @@ public sealed class PrefillSession
     /// <summary>Logits after the last prompt token (valid once <see cref="Done"/>).</summary>
     public float[] LastLogits { get; }
 
-    /// <summary>Device time spent so far.</summary>
-    public double ElapsedMs => _clock.Elapsed.TotalMilliseconds;
+    /// <summary>Device time spent so far (of mixed runs, what the riders were not charged).</summary>
+    public double ElapsedMs => _clock.Elapsed.TotalMilliseconds - _ridersMs;
+
+    // Of the mixed runs' time, what their riders were charged.
+    private double _ridersMs;
 
     /// <summary>The cache the prompt goes into.</summary>
     public KvCache Cache => _cache;
@@ -269,22 +272,24 @@ public sealed class PrefillSession
             buf.LogitsRow(n - 1).CopyTo(LastLogits);
         }
 
-        _clock.Stop();
-
-        // The riders are charged what the run cost beyond the chunk alone (its recent solo time in this bucket), or,
-        // before that is known, their share of the rows; the chunk keeps the rest in this prefill's time.
-        double ridersMs = _runtime.RecentRunMs(w, _cache.Bucket) is { } alone
-            ? Math.Clamp(runMs - alone, 0, runMs)
-            : runMs * riders.Count / (w + riders.Count);
-        LastRidersMs = ridersMs;
-        double share = ridersMs / riders.Count;
+        // Each rider's share of the run: what it cost beyond the chunk alone (the chunk width's recent solo run in this
+        // bucket), or, before that is known, the riders' share of the rows.
+        double? alone = _runtime.RecentRunMs(w, _cache.Bucket);
+        double share = (alone is { } a ? Math.Clamp(runMs - a, 0, runMs) : runMs * riders.Count / (w + riders.Count)) / riders.Count;
         for (int i = 0; i < riders.Count; i++)
         {
             caches[i].Advance(1);
             riders[i].FinishNarrow(buffers[i + 1].LogitsRow(0), share);
         }
 
-        _runtime.RecordMixedStep(riders.Count, w, Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
+        _clock.Stop();
+
+        // The whole step's time, the host's work for the riders included, less the chunk alone is what the riders are
+        // charged (the timeline's decode time); the rest stays in this prefill's time.
+        double stepMs = Stopwatch.GetElapsedTime(begin).TotalMilliseconds;
+        LastRidersMs = alone is { } b ? Math.Clamp(stepMs - b, 0, stepMs) : stepMs * riders.Count / (w + riders.Count);
+        _ridersMs += LastRidersMs;
+        _runtime.RecordMixedStep(riders.Count, w, stepMs);
         return Done;
     }
 }

@@ -491,6 +491,15 @@ public sealed class OrtModelRuntime : IDisposable
     /// <summary>As <see cref="ProbeRefusedPack"/>, for a mixed run that its recent times refuse (counted apart from packs).</summary>
     public bool ProbeRefusedMix(int riders, int chunkWidth) => ProbeRefusedPack(PackedSlots(riders + 1), -chunkWidth, 0);
 
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<int, int> _chunkAloneProbes = new();
+
+    /// <summary>
+    /// Whether a chunk of <paramref name="chunkWidth"/> that could mix should run alone this time, to measure the chunk
+    /// alone (1 in 16 such chunks, asked while that time is unknown): once every chunk mixes, nothing else would time it,
+    /// and mixing is priced and charged against it.
+    /// </summary>
+    public bool ProbeChunkAlone(int chunkWidth) => _chunkAloneProbes.AddOrUpdate(chunkWidth, 1, (_, n) => n + 1) % 16 == 0;
+
     /// <summary>Compiles (and runs once) the mixed graphs of a chunk of <paramref name="chunkWidth"/> tokens beside every packed slot count's riders (<see cref="CanMix"/>).</summary>
     public void PrepareMixed(int chunkWidth)
     {
