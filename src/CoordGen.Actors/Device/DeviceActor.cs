@@ -201,13 +201,14 @@ public sealed partial class DeviceActor : ReceiveActor
         var runtime = _runtime!;
         int wide = runtime.Widths.Max(), interleaved = _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide;
 
-        // The sessions that would ride in the next chunk's run (decision 0026); when they are every ready one, the
-        // chunk serves the streams as a decode step would.
+        // The sessions that would ride in the next chunk's run (decision 0026); when they are every ready one and no
+        // speculative session's verdict or tree is on its way (its tree would wait out the chunk), the chunk serves
+        // the streams as a decode step would.
         int chunkWidth = StepPolicy.ChunkWidth(decoding.Count, wide, interleaved);
         var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, runtime, prefilling[0], decoding, chunkWidth, chosen: false) : null;
         int ready = decoding.Count(s => s.Ready);
         var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, ready,
-            _sinceChunk, wide, interleaved, ChunkCarriesReady: riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested));
+            _sinceChunk, wide, interleaved, ChunkCarriesReady: riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested) && !decoding.Any(s => s.Coming));
         var choice = StepPolicy.Rebalance(snapshot);
         bool decode = choice == StepChoice.Decode;
         if (decode)
