@@ -35,10 +35,13 @@ public class InterleavingSpecs : TestKit
     private static int[] Alone(int i, string method, int n)
     {
         using var rt = NewRuntime();
-        return method == "ar"
-            ? [.. new Generator(rt).Generate(Prompt(i), n, new SamplingOptions(), new HashSet<int>()).Tokens]
-            : [.. new SpeculativeDecoder(rt).Generate(Prompt(i), n, new SamplingOptions(), new HashSet<int>(), SpeculationOptions.ForMethod(method, 8)).Tokens];
+        return Alone(rt, Prompt(i), method, n, new SamplingOptions());
     }
+
+    /// <summary>What <paramref name="prompt"/> generates alone with <paramref name="method"/> at width 8.</summary>
+    private static int[] Alone(OrtModelRuntime rt, int[] prompt, string method, int n, SamplingOptions options) => method == "ar"
+        ? [.. new Generator(rt).Generate(prompt, n, options, new HashSet<int>()).Tokens]
+        : [.. new SpeculativeDecoder(rt).Generate(prompt, n, options, new HashSet<int>(), SpeculationOptions.ForMethod(method, 8)).Tokens];
 
     [Fact]
     public async Task Concurrent_sessions_should_produce_exactly_what_each_produces_alone()
@@ -100,15 +103,10 @@ public class InterleavingSpecs : TestKit
 
         var streams = await ReadAll(channels);
         using var rt = NewRuntime();
-        var spec = new CoordGen.Engine.Speculative.SpeculativeDecoder(rt);
-        var plain = new Generator(rt);
         var options = new SamplingOptions { Temperature = temperature, Seed = 7 };
         for (int i = 0; i < methods.Length; i++)
         {
-            var alone = methods[i] == "ar"
-                ? plain.Generate(Prompt(i), 30, options, new HashSet<int>()).Tokens
-                : spec.Generate(Prompt(i), 30, options, new HashSet<int>(), CoordGen.Engine.Speculative.SpeculationOptions.ForMethod("sam+ours", 8)).Tokens;
-            Assert.Equal(alone, streams[i]);
+            Assert.Equal(Alone(rt, Prompt(i), methods[i], 30, options), streams[i]);
         }
 
         var mixed = spans.Spans.Where(a => a.OperationName == "coordgen.decode_packed")
@@ -122,8 +120,9 @@ public class InterleavingSpecs : TestKit
     [InlineData(0.8f)]
     public async Task Decode_steps_should_ride_in_prefill_chunks_and_change_nothing(float temperature)
     {
-        // Prompts of 40-60 tokens go in 8-token chunks; sessions already decoding (plain tokens, speculative roots alone)
-        // ride in those chunks' runs (decision 0026). The mixed graphs are compiled up front, so riding starts at once.
+        // Prompts of 40-60 tokens go in 8-token chunks; plain sessions already decoding ride in those chunks' runs, and
+        // speculative ones keep their own steps beside them (decision 0026). The mixed graphs are compiled up front, so
+        // riding starts at once.
         static OrtModelRuntime Mixing()
         {
             var rt = NewRuntime();
@@ -144,15 +143,10 @@ public class InterleavingSpecs : TestKit
 
         var streams = await ReadAll(channels);
         using var rt = NewRuntime();
-        var spec = new CoordGen.Engine.Speculative.SpeculativeDecoder(rt);
-        var plain = new Generator(rt);
         var options = new SamplingOptions { Temperature = temperature, Seed = 11 };
         for (int i = 0; i < methods.Length; i++)
         {
-            var alone = methods[i] == "ar"
-                ? plain.Generate(Long(i), 30, options, new HashSet<int>()).Tokens
-                : spec.Generate(Long(i), 30, options, new HashSet<int>(), CoordGen.Engine.Speculative.SpeculationOptions.ForMethod("sam+ours", 8)).Tokens;
-            Assert.Equal(alone, streams[i]);
+            Assert.Equal(Alone(rt, Long(i), methods[i], 30, options), streams[i]);
         }
 
         var mixed = spans.Spans.Where(a => a.OperationName == "coordgen.prefill_mixed").ToList();

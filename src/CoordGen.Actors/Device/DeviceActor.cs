@@ -206,9 +206,9 @@ public sealed partial class DeviceActor : ReceiveActor
         // the streams as a decode step would.
         int chunkWidth = StepPolicy.ChunkWidth(decoding.Count, wide, interleaved);
         var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, runtime, prefilling[0], decoding, chunkWidth, chosen: false) : null;
-        int ready = decoding.Count(s => s.Ready);
-        var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, ready,
-            _sinceChunk, wide, interleaved, ChunkCarriesReady: riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested) && !decoding.Any(s => s.Coming));
+        bool carries = riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested) && !decoding.Any(s => s.Coming);
+        var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, decoding.Count(s => s.Ready),
+            _sinceChunk, wide, interleaved, carries);
         var choice = StepPolicy.Rebalance(snapshot);
         bool decode = choice == StepChoice.Decode;
         if (decode)

@@ -88,8 +88,9 @@ internal static class Packing
     /// <summary>
     /// The sessions whose next tokens ride in <paramref name="chunk"/>'s prefill chunk of <paramref name="width"/>
     /// tokens (a mixed run, decision 0026), with <paramref name="chunk"/> first; null: the chunk runs alone. Every other
-    /// plain session ready now (up to the largest graph's slots less the chunk's), when the runtime can mix (GroupQueryAttention packing, the graph compiled, room for the padded chunk in
-    /// any cache this prompt can fill) and mixing pays (<see cref="StepPolicy.MixPays"/>).
+    /// plain session ready now (up to the largest graph's slots less the chunk's), when the runtime can mix
+    /// (GroupQueryAttention packing, the graph compiled, room for the padded chunk in any cache this prompt can fill)
+    /// and mixing pays (<see cref="StepPolicy.MixPays"/>).
     /// <paramref name="chosen"/>: the chunk is the step the device runs now, so a refused mix may be tried again
     /// (<see cref="OrtModelRuntime.ProbeRefusedMix"/>) and, while the chunk alone has no recent time in its bucket, a
     /// chunk now and then runs alone to measure it (<see cref="OrtModelRuntime.ProbeChunkAlone"/>); false: a question
@@ -104,7 +105,7 @@ internal static class Packing
 
         // Plain sessions only: speculative roots alone could ride too (PrefillSession takes any INarrowStep), but with
         // them riding spec-adaptive ran at 0.82x its unmixed aggregate at 16 sessions on the twin (decision 0026).
-        List<DeviceSession> riders = [.. decoding.Where(s => s != chunk && !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested && s.PlainDecoding).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
+        List<DeviceSession> riders = [.. decoding.Where(s => !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested && s.PlainDecoding).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
         if (riders.Count == 0)
         {
             return null;

@@ -272,10 +272,11 @@ public sealed class PrefillSession
             buf.LogitsRow(n - 1).CopyTo(LastLogits);
         }
 
-        // Each rider's share of the run: what it cost beyond the chunk alone (the chunk width's recent solo run in this
+        // What the riders cost of some time: its part beyond the chunk alone (the chunk width's recent solo run in this
         // bucket), or, before that is known, the riders' share of the rows.
         double? alone = _runtime.RecentRunMs(w, _cache.Bucket);
-        double share = (alone is { } a ? Math.Clamp(runMs - a, 0, runMs) : runMs * riders.Count / (w + riders.Count)) / riders.Count;
+        double Charge(double ms) => alone is { } a ? Math.Clamp(ms - a, 0, ms) : ms * riders.Count / (w + riders.Count);
+        double share = Charge(runMs) / riders.Count;
         for (int i = 0; i < riders.Count; i++)
         {
             caches[i].Advance(1);
@@ -284,10 +285,10 @@ public sealed class PrefillSession
 
         _clock.Stop();
 
-        // The whole step's time, the host's work for the riders included, less the chunk alone is what the riders are
-        // charged (the timeline's decode time); the rest stays in this prefill's time.
+        // Of the whole step's time, the host's work for the riders included, the riders are charged their part (the
+        // timeline's decode time); the rest stays in this prefill's time.
         double stepMs = Stopwatch.GetElapsedTime(begin).TotalMilliseconds;
-        LastRidersMs = alone is { } b ? Math.Clamp(stepMs - b, 0, stepMs) : stepMs * riders.Count / (w + riders.Count);
+        LastRidersMs = Charge(stepMs);
         _ridersMs += LastRidersMs;
         _runtime.RecordMixedStep(riders.Count, w, stepMs);
         return Done;

@@ -488,8 +488,11 @@ public sealed class OrtModelRuntime : IDisposable
         PackedInPlace && !IsDisposed && riders >= 1 && riders < PackedSlotCounts[^1] && chunkWidth >= 2
         && PackedCompile(PackedSlots(riders + 1), chunkWidth, Capacity, mixed: true).Value.IsCompletedSuccessfully;
 
-    /// <summary>As <see cref="ProbeRefusedPack"/>, for a mixed run that its recent times refuse (counted apart from packs).</summary>
-    public bool ProbeRefusedMix(int riders, int chunkWidth) => ProbeRefusedPack(PackedSlots(riders + 1), -chunkWidth, 0);
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Chunk), int> _mixRefusals = new();
+
+    /// <summary>As <see cref="ProbeRefusedPack"/>, for a mixed run that its recent times refuse: 3 runs after every 21 refusals.</summary>
+    public bool ProbeRefusedMix(int riders, int chunkWidth) =>
+        _mixRefusals.AddOrUpdate((PackedSlots(riders + 1), chunkWidth), 1, (_, n) => n + 1) % 24 >= 21;
 
     private readonly System.Collections.Concurrent.ConcurrentDictionary<int, int> _chunkAloneProbes = new();
 
@@ -656,7 +659,7 @@ public sealed class OrtModelRuntime : IDisposable
 
         // Its first run allocates (several runs' time): done here, off the device's critical path.
         using var scratch = CreateCache();
-        scratch.EnsureRoom(key.Mixed ? Buckets.First(b => b >= key.Width + 1) : key.Bucket);
+        scratch.EnsureRoom(key.Mixed ? Buckets.FirstOrDefault(b => b >= key.Width, Capacity) : key.Bucket);
         g.SlotBuffers[0].SetLinear([0], 0, 0);
         g.RunSlots([scratch], scratch, watched: false);
         return g;
