@@ -23,6 +23,32 @@ public class GraphCompilerTests
         TestModels.RunChunked(rt, tokens, 4, (pos, logits) => TestModels.AssertClose(expected[pos], logits, what: $"token {pos}"));
     }
 
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Both_forms_of_rope_and_norms_should_match_the_reference_forward(bool fused)
+    {
+        var weights = ModelWeights.Random(TestModels.Tiny(bias: true, kvHeads: 2), seed: 11, scale: 0.2f);
+        int[] tokens = [3, 17, 42, 5, 5, 9, 31, 2, 44, 13, 8, 27, 1];
+        var expected = ReferenceForward.Logits(weights, tokens);
+
+        // Widths 1 and 4, so the steps cover a chunk's rows and single rows at growing positions.
+        using var rt = new OrtModelRuntime(weights, capacity: 32, widths: [1, 4], new RuntimeOptions { FusedOps = fused });
+        TestModels.RunChunked(rt, tokens, 4, (pos, logits) => TestModels.AssertClose(expected[pos], logits, what: $"token {pos}"));
+    }
+
+    [Fact]
+    public void Fused_graphs_should_use_the_contrib_kernels_and_fewer_nodes()
+    {
+        var c = TestModels.Tiny();
+        var plain = LlamaGraphCompiler.Compile(c, new GraphShape(1, 32)).Graph.Node;
+        var fused = LlamaGraphCompiler.Compile(c, new GraphShape(1, 32), fused: true).Graph.Node;
+        Assert.Equal(2 * c.NumLayers, fused.Count(n => n.OpType == "RotaryEmbedding"));
+        Assert.Equal(2 * c.NumLayers, fused.Count(n => n.OpType == "SkipSimplifiedLayerNormalization"));
+        Assert.DoesNotContain(plain, n => n.OpType is "RotaryEmbedding" or "SkipSimplifiedLayerNormalization");
+        Assert.True(fused.Count <= plain.Count - (10 * c.NumLayers), $"fused {fused.Count} nodes, plain {plain.Count}");
+    }
+
     [Fact]
     public void Width_one_steps_should_equal_one_wide_pass_when_fed_the_same_tokens()
     {

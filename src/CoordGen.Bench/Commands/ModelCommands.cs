@@ -141,9 +141,11 @@ internal static class ModelCommands
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Where to write the report (default: docs/bench/ of the checkout).", HelpName = "DIR" };
         var compare = new Option<string?>("--compare") { Description = "A second model timed cell by cell beside --model, runs alternating, for a side-by-side table (e.g. a twin against a random-weight model of its shape: model synth --like).", HelpName = "DIR" };
         var weights = new Option<string>("--weights") { Description = "Comma-separated weight formats to time side by side, cell by cell (f32, int8, int4): ms per step, bytes read per step and the bandwidth that makes, against the machine's measured read bandwidth.", DefaultValueFactory = _ => "f32" };
+        var fusedOps = new Option<string>("--fused-ops") { Description = "on: rotary embedding and each residual add with its RMS norm run as ONNX Runtime's contrib kernels (the CPU default); off: as plain ONNX nodes (the form an NPU compiles). Time both side by side with --compare naming the same model and --compare-fused-ops.", DefaultValueFactory = _ => "on" };
+        var compareFusedOps = new Option<string>("--compare-fused-ops") { Description = "--fused-ops for the --compare model.", DefaultValueFactory = _ => "on" };
         var cmd = new Command("profile", "Time one graph step against width and KV fill (median of repeated runs), and compare coordgen generate's per-token decode time with the bare ONNX Runtime run of the width-1 graph in the same process. Writes Markdown and JSON under docs/bench/.")
         {
-            model, capacity, widths, fills, repeats, threads, outDir, compare, weights,
+            model, capacity, widths, fills, repeats, threads, outDir, compare, weights, fusedOps, compareFusedOps,
         };
         cmd.SetAction(parse =>
         {
@@ -158,6 +160,7 @@ internal static class ModelCommands
             var fs = ParseList(parse.GetValue(fills)!, s => double.Parse(s, CultureInfo.InvariantCulture));
             int reps = Math.Max(3, parse.GetValue(repeats));
             var formats = ParseList(parse.GetValue(weights)!, WeightQuantizer.Parse).Distinct().ToList();
+            bool fused = OnOff(parse.GetValue(fusedOps)!, "--fused-ops"), compareFused = OnOff(parse.GetValue(compareFusedOps)!, "--compare-fused-ops");
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             long rssWeights = CurrentRss();
             using var one = new OrtModelRuntime(bundle.Weights, cap, [ws[0]], new RuntimeOptions { IntraOpThreads = parse.GetValue(threads) });
@@ -165,13 +168,13 @@ internal static class ModelCommands
             one.Dispose();
             using var rt = ConsoleUi.Status("compiling graphs", () =>
             {
-                var r = new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = formats[0] });
+                var r = new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = formats[0], FusedOps = fused });
                 r.CompileAll();
                 return r;
             });
             var extra = formats.Skip(1).Select(f => ConsoleUi.Status($"compiling the {WeightQuantizer.Name(f)} graphs", () =>
             {
-                var r = new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = f });
+                var r = new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = f, FusedOps = fused });
                 r.CompileAll();
                 return r;
             })).ToList();
@@ -180,7 +183,7 @@ internal static class ModelCommands
             var other = parse.GetValue(compare) is { } otherDir ? ConsoleUi.LoadModel(ModelLocator.Resolve(otherDir)) : null;
             using var otherRt = other is null ? null : ConsoleUi.Status($"compiling {other.Name}'s graphs", () =>
             {
-                var r = new OrtModelRuntime(other.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads) });
+                var r = new OrtModelRuntime(other.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = formats[0], FusedOps = compareFused });
                 r.CompileAll();
                 return r;
             });
@@ -255,7 +258,7 @@ internal static class ModelCommands
             WriteReport(parse.GetValue(outDir), bundle, rt, cap, reps, allCells, fs, ws, overhead, memory, formats, readGbs);
             if (other is not null)
             {
-                WriteComparison(parse.GetValue(outDir), bundle, other, cap, reps, cells, otherCells);
+                WriteComparison(parse.GetValue(outDir), bundle, other, cap, reps, cells, otherCells, (formats[0], fused, compareFused));
             }
 
             return 0;
@@ -421,19 +424,32 @@ internal static class ModelCommands
     }
 
     /// <summary>profile-&lt;model&gt;-vs-&lt;other&gt;.md/.json: both models' cells side by side and their ratio.</summary>
-    private static void WriteComparison(DirectoryInfo? outDir, ModelBundle a, ModelBundle b, int cap, int reps, List<ProfileCell> cellsA, List<ProfileCell> cellsB)
+    private static bool OnOff(string value, string option) => value.Trim().ToLowerInvariant() switch
+    {
+        "on" or "true" => true,
+        "off" or "false" => false,
+        _ => throw new ArgumentException($"{option} takes on or off (got '{value}')."),
+    };
+
+    /// <param name="how">The weight format both sides ran, and whether each used the contrib kernels (--fused-ops).</param>
+    private static void WriteComparison(DirectoryInfo? outDir, ModelBundle modelA, ModelBundle modelB, int cap, int reps, List<ProfileCell> cellsA, List<ProfileCell> cellsB, (WeightFormat Weights, bool FusedA, bool FusedB) how)
     {
         string dir = outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench");
         Directory.CreateDirectory(dir);
         var stamp = BenchStamp.Capture();
-        string name = $"profile-{a.Name}-vs-{b.Name}";
+
+        // Each side named by its model, and by its kernels where the two sides differ in them.
+        string Label(ModelBundle m, bool f) => how.FusedA == how.FusedB ? m.Name : $"{m.Name}{(f ? "" : "-plain-ops")}";
+        var (a, b) = ((Name: Label(modelA, how.FusedA), modelA.Directory, modelA.Config), (Name: Label(modelB, how.FusedB), modelB.Directory, modelB.Config));
+        string weightsPart = how.Weights == WeightFormat.F32 ? "" : $"-{WeightQuantizer.Name(how.Weights)}";
+        string name = $"profile-{a.Name}-vs-{b.Name}{weightsPart}";
         var ratios = cellsA.Zip(cellsB, (x, y) => x.MedianMs / y.MedianMs).ToList();
         var table = new Table().AddColumns("width", "fill", $"{a.Name} ms", $"{b.Name} ms", "ratio");
         var md = new StringBuilder();
         md.AppendLine(CultureInfo.InvariantCulture, $"# Step time side by side: {a.Name} and {b.Name}");
         md.AppendLine();
         md.AppendLine(stamp.ToMarkdown());
-        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen model profile --model {a.Directory} --compare {b.Directory} --capacity {cap} --repeats {reps}`. Each cell runs the two models' graphs in turn, {reps} times each (which goes first alternating); medians.");
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen model profile --model {a.Directory} --compare {b.Directory} --capacity {cap} --repeats {reps} --weights {WeightQuantizer.Name(how.Weights)} --fused-ops {(how.FusedA ? "on" : "off")} --compare-fused-ops {(how.FusedB ? "on" : "off")}`. Each cell runs the two sides' graphs in turn, {reps} times each (which goes first alternating); medians. `-plain-ops`: rotary embedding and residual norms as plain ONNX nodes instead of ONNX Runtime's contrib kernels.");
         md.AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"Parameters: {a.Config.ParameterCount:N0} and {b.Config.ParameterCount:N0}. Ratio {a.Name} / {b.Name}: median {Median(ratios):F3}, range {ratios.Min():F3}-{ratios.Max():F3}; largest departure from 1: {ratios.Max(r => Math.Abs(r - 1)):P1}.");
         md.AppendLine();
@@ -453,6 +469,9 @@ internal static class ModelCommands
             stamp,
             model = a.Name,
             compare = b.Name,
+            weights = WeightQuantizer.Name(how.Weights),
+            fused_ops = how.FusedA,
+            compare_fused_ops = how.FusedB,
             capacity = cap,
             repeats = reps,
             median_ratio = Median(ratios),

@@ -82,8 +82,8 @@ public static class LlamaGraphCompiler
     /// W rows and slots 1..S-1 one decode row each, so a chunk and S-1 sessions' next tokens share one run. Rows:
     /// n = W + S - 1 (the chunk first); <c>attention_mask</c> is the chunk's own [1,1,W,C+W] (its last W columns,
     /// the causal block, are the chunk's bias; decode rows need none).</param>
-    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false, bool mixed = false) =>
-        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv, groupQuery: groupQuery, float64Attention: float64Attention, mixed: mixed).ToByteArray();
+    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false, bool mixed = false, bool fused = false) =>
+        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv, groupQuery: groupQuery, float64Attention: float64Attention, mixed: mixed, fused: fused).ToByteArray();
 
     /// <summary>Input of a <c>groupQuery</c> packed graph: each slot's committed cache length, int32 [S].</summary>
     public const string KvLengths = "kv_lengths";
@@ -121,7 +121,7 @@ public static class LlamaGraphCompiler
     public static byte[] CompileBlockBytes(ModelConfig c, GraphShape shape, int firstLayer, int endLayer, bool hasLmHead = false) =>
         Compile(c, shape, hasLmHead, firstLayer, endLayer).ToByteArray();
 
-    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false, bool mixed = false)
+    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false, bool mixed = false, bool fused = false)
     {
         if (mixed && !groupQuery)
         {
@@ -244,6 +244,28 @@ public static class LlamaGraphCompiler
             return b.Node("Mul", [b.Node("Div", [input, b.Node("Sqrt", [b.Node("Add", [ms, eps])])]), weight]);
         }
 
+        string? pending = null;
+        string NormResidual(string weight)
+        {
+            if (pending is null)
+            {
+                return RmsNorm(x, weight);
+            }
+
+            if (!fused)
+            {
+                x = b.Node("Add", [x, pending]);
+                pending = null;
+                return RmsNorm(x, weight);
+            }
+
+            string normed = b.Fresh("skipnorm"), sum = b.Fresh("residual");
+            b.ContribNodeOutputs("SkipSimplifiedLayerNormalization", [x, pending, weight], [normed, "", "", sum], GraphBuilder.Float("epsilon", c.RmsNormEps));
+            x = sum;
+            pending = null;
+            return normed;
+        }
+
         // A decoder layer's projection [n, k]: float32 Gemm, or MatMulNBits over the shared quantized codes.
         string Linear(string input, string weight, int n, int k, string? bias = null)
         {
@@ -263,8 +285,33 @@ public static class LlamaGraphCompiler
             return bias is null ? y : b.Node("Add", [y, bias]);
         }
 
+        string? cosCache = null, sinCache = null;
+        if (fused)
+        {
+            int rowsMax = cap + w;
+            var cosT = new float[rowsMax * (d / 2)];
+            var sinT = new float[rowsMax * (d / 2)];
+            for (int r = 0; r < rowsMax; r++)
+            {
+                for (int j = 0; j < d / 2; j++)
+                {
+                    float f = (float)r * invFreq[j];
+                    cosT[(r * (d / 2)) + j] = MathF.Cos(f);
+                    sinT[(r * (d / 2)) + j] = MathF.Sin(f);
+                }
+            }
+
+            cosCache = b.ConstFloat(cosT, [rowsMax, d / 2], "cos_cache");
+            sinCache = b.ConstFloat(sinT, [rowsMax, d / 2], "sin_cache");
+        }
+
         string Rope(string t)
         {
+            if (fused)
+            {
+                return b.ContribNode("RotaryEmbedding", [t, "position_ids", cosCache!, sinCache!], GraphBuilder.Int("interleaved", 0));
+            }
+
             var parts = b.NodeMulti("Split", [t, halves], 2, GraphBuilder.Int("axis", -1));
             string rotated = b.Node("Concat", [b.Node("Neg", [parts[1]]), parts[0]], attrs: GraphBuilder.Int("axis", -1));
             return b.Node("Add", [b.Node("Mul", [t, cos]), b.Node("Mul", [rotated, sin])]);
@@ -302,7 +349,7 @@ public static class LlamaGraphCompiler
         for (int i = firstLayer; i < endLayer; i++)
         {
             string p = $"model.layers.{i}.";
-            string h = RmsNorm(x, W(p + "input_layernorm.weight", c.HiddenSize));
+            string h = NormResidual(W(p + "input_layernorm.weight", c.HiddenSize));
             string? qb = c.AttentionBias ? W(p + "self_attn.q_proj.bias", c.QDim) : null;
             string? kb = c.AttentionBias ? W(p + "self_attn.k_proj.bias", c.KvDim) : null;
             string? vb = c.AttentionBias ? W(p + "self_attn.v_proj.bias", c.KvDim) : null;
@@ -405,9 +452,8 @@ public static class LlamaGraphCompiler
                 merged = b.Node("Reshape", [b.Node("Transpose", [b.Node("Reshape", [att, shapeHeads])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), shapeWQ]);
             }
 
-            x = b.Node("Add", [x, Linear(merged, p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim)]);
-
-            string h2 = RmsNorm(x, W(p + "post_attention_layernorm.weight", c.HiddenSize));
+            pending = Linear(merged, p + "self_attn.o_proj.weight", c.HiddenSize, c.QDim);
+            string h2 = NormResidual(W(p + "post_attention_layernorm.weight", c.HiddenSize));
             string gate, up;
             if (weights == WeightFormat.F32)
             {
@@ -420,12 +466,12 @@ public static class LlamaGraphCompiler
                 (gate, up) = (gu[0], gu[1]);
             }
             string act = b.Node("Mul", [b.Node("Mul", [gate, b.Node("Sigmoid", [gate])]), up]);
-            x = b.Node("Add", [x, Linear(act, p + "mlp.down_proj.weight", c.HiddenSize, c.IntermediateSize)]);
+            pending = Linear(act, p + "mlp.down_proj.weight", c.HiddenSize, c.IntermediateSize);
         }
 
         if (last)
         {
-            string final = RmsNorm(x, W("model.norm.weight", c.HiddenSize));
+            string final = NormResidual(W("model.norm.weight", c.HiddenSize));
             string head = hasLmHead ? W("lm_head.weight", c.VocabSize, c.HiddenSize) : embed!;
             string logits = b.Node("Reshape", [b.Node("Gemm", [final, head], attrs: GraphBuilder.Int("transB", 1)), b.ConstInt64([1, n, c.VocabSize])], "logits");
             b.Output("logits", DT.Float, 1, n, c.VocabSize);
@@ -444,6 +490,11 @@ public static class LlamaGraphCompiler
         }
         else
         {
+            if (pending is not null)
+            {
+                x = b.Node("Add", [x, pending]);
+            }
+
             b.Node("Identity", [x], HiddenOut);
             b.Output(HiddenOut, DT.Float, w, c.HiddenSize);
         }

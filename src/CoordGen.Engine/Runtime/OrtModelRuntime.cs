@@ -58,6 +58,17 @@ public sealed record RuntimeOptions
     public bool AttentionInFloat64 => Float64Attention ?? (Weights != WeightFormat.F32 && Provider == ExecutionProviderKind.Cpu);
 
     /// <summary>
+    /// Rotary embedding and each residual add with the RMS norm after it as ONNX Runtime's contrib kernels
+    /// (<c>com.microsoft.RotaryEmbedding</c>, <c>SkipSimplifiedLayerNormalization</c>) instead of the elementwise
+    /// nodes they replace: about 12 fewer nodes per layer. Null (the default) turns it on with the CPU provider;
+    /// the QNN provider keeps the plain ONNX form, which an NPU compiles.
+    /// </summary>
+    public bool? FusedOps { get; init; }
+
+    /// <summary>Whether graphs use the contrib kernels of <see cref="FusedOps"/> (or its default).</summary>
+    public bool UsesFusedOps => FusedOps ?? Provider == ExecutionProviderKind.Cpu;
+
+    /// <summary>
     /// Packed runs (width-1 rows and verification trees) attend with ONNX Runtime's GroupQueryAttention, one
     /// node per slot over that session's cache in place: no cache is joined and each slot is scored over its
     /// own length, a tree through its tree block as the node's bias (decisions 0023, 0024). Applies on the CPU
@@ -812,7 +823,7 @@ public sealed class OrtModelRuntime : IDisposable
         }
 
         string path = Path.Combine(GraphDirectory, slots == 1 ? $"w{shape.Width}_c{shape.Capacity}.onnx" : $"s{slots}_w{shape.Width}_c{shape.Capacity}{(groupQuery ? "_gqa" : "")}{(mixed ? "_mixed" : "")}.onnx");
-        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots, _options.Kv, groupQuery, _options.AttentionInFloat64, mixed));
+        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots, _options.Kv, groupQuery, _options.AttentionInFloat64, mixed, _options.UsesFusedOps));
         return path;
     }
 
