@@ -256,4 +256,32 @@ public class CliTests
         Assert.Contains("Formats side by side", File.ReadAllText(Path.Combine(dir, "accept-f32-int4.md")));
         Assert.Contains("Adaptive width (the default", File.ReadAllText(Path.Combine(dir, "accept-f32-int4.md")));
     }
+
+    [Fact]
+    public void Bench_accept_should_give_the_median_and_spread_of_its_rounds()
+    {
+        string dir = Directory.CreateTempSubdirectory("coordgen-accept-rounds-").FullName;
+        var (code, _, stderr) = Run("bench", "accept", "--workload", Path.Combine(RepoRoot, "workloads", "reply.jsonl"), "--limit", "2", "--methods", "sam+ours", "--width", "8",
+            "--rounds", "2", "--out", dir);
+        Assert.True(code == 0, stderr);
+        var rows = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "accept.json")))!.AsArray();
+        Assert.Equal(2, rows.Count); // ar and sam+ours, each pooled over the rounds
+        Assert.All(rows, r =>
+        {
+            Assert.Equal(2, r!["rounds"]!.GetValue<int>());
+            Assert.Equal(4, r["prompts"]!.GetValue<int>());
+            double speedup = r["speedup"]!.GetValue<double>();
+            Assert.InRange(speedup, r["speedup_min"]!.GetValue<double>(), r["speedup_max"]!.GetValue<double>());
+        });
+        Assert.Contains("--rounds 2", File.ReadAllText(Path.Combine(dir, "accept.md")));
+        Assert.Contains("2 rounds", File.ReadAllText(Path.Combine(dir, "accept.md")));
+    }
+
+    [Fact]
+    public void Bench_accept_should_refuse_rounds_out_of_range()
+    {
+        var (code, _, stderr) = Run("bench", "accept", "--rounds", "0");
+        Assert.Equal(1, code);
+        Assert.Contains("--rounds must be between 1 and 20", stderr);
+    }
 }

@@ -45,6 +45,19 @@ internal sealed record AcceptRow
     /// <summary>As <see cref="CopyCeiling"/>, but a copy may start anywhere (knowing the output in advance; no drafter can).</summary>
     [JsonPropertyName("any_copy_ceiling")] public double AnyCopyCeiling { get; init; }
 
+    /// <summary>Rounds this row pools (--rounds): every numeric value above is the median over them; null with one round.</summary>
+    [JsonPropertyName("rounds")][JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public int? Rounds { get; init; }
+
+    /// <summary>The smallest and largest <see cref="Speedup"/> of the rounds (--rounds); null with one round.</summary>
+    [JsonPropertyName("speedup_min")][JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public double? SpeedupMin { get; init; }
+
+    [JsonPropertyName("speedup_max")][JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public double? SpeedupMax { get; init; }
+
+    /// <summary>The smallest and largest <see cref="TokensPerS"/> of the rounds (--rounds); null with one round.</summary>
+    [JsonPropertyName("tokens_per_s_min")][JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public double? TokensPerSMin { get; init; }
+
+    [JsonPropertyName("tokens_per_s_max")][JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public double? TokensPerSMax { get; init; }
+
     /// <summary>What-if (with --device-profile): speedup over ar if the profile's step times applied to these acceptance counts and drafting times. Not measured.</summary>
     [JsonPropertyName("profile_speedup")][JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public double? ProfileSpeedup { get; init; }
 }
@@ -77,10 +90,11 @@ internal static class BenchAccept
         var calibMinP = new Option<float>("--calib-min-p") { Description = "Calibration: smallest probability followed.", DefaultValueFactory = _ => new CalibrationOptions().MinProbability };
         var weights = new Option<string>("--weights") { Description = "Comma-separated weight formats (f32, int8, int4; docs/decisions/0012-quantized-weights.md), run side by side prompt by prompt; each format's speedups are over its own plain decoding, and the report compares the formats' tokens/s.", DefaultValueFactory = _ => "f32" };
         var adaptive = new Option<bool>("--adaptive-width") { Description = "Speculative methods choose their width per step (1, 4 or up to --width) from the model's own measured step costs, as the server does by default (docs/decisions/0006-adaptive-width.md); mean_accepted then counts plain steps too. --adaptive-width false verifies every step at the full width.", DefaultValueFactory = _ => true };
+        var rounds = new Option<int>("--rounds") { Description = "Times to run every prompt (every format and method each time). With more than one, each row gives the median of the rounds and the spread of its speedup and tokens/s, and the formats' ratios their spread: this shared machine's speed swings between runs, so a single run can mislead.", DefaultValueFactory = _ => 1 };
         var deviceProfile = CommonOptions.DeviceProfile("What-if: also report the speedup these acceptance counts would give at this accelerator profile's step times (profile_speedup; not measured, labelled as such).");
         var cmd = new Command("accept", "Acceptance ratio, decode tokens/s and speedup over plain greedy for each drafting method, task and verification width, with a check that greedy outputs match plain greedy token for token. Writes Markdown, JSON and a PNG plot.")
         {
-            model, workloads, widths, methods, limit, json, outDir, capacity, calibK, calibDepth, calibMinP, deviceProfile, adaptive, weights,
+            model, workloads, widths, methods, limit, json, outDir, capacity, calibK, calibDepth, calibMinP, deviceProfile, adaptive, weights, rounds,
         };
         cmd.SetAction(parse =>
         {
@@ -88,6 +102,12 @@ internal static class BenchAccept
             if (ws.Any(w => w < 2 || w > 256))
             {
                 throw new ArgumentException("--width values must be between 2 and 256.");
+            }
+
+            int nRounds = parse.GetValue(rounds);
+            if (nRounds < 1 || nRounds > 20)
+            {
+                throw new ArgumentException($"--rounds must be between 1 and 20 (got {nRounds}).");
             }
 
             var ms = parse.GetValue(methods)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();
@@ -115,9 +135,20 @@ internal static class BenchAccept
             var calib = new CalibrationOptions { TopK = parse.GetValue(calibK), Depth = parse.GetValue(calibDepth), MinProbability = parse.GetValue(calibMinP) };
             var profile = parse.GetValue(deviceProfile) is { } pn ? DeviceProfile.Load(pn) : null;
             List<AcceptRow> rows;
+            var perRound = new List<List<AcceptRow>>();
             try
             {
-                rows = Run(bundle, runtimes, files, ws, ms, parse.GetValue(limit), calib, parse.GetValue(adaptive));
+                for (int i = 0; i < nRounds; i++)
+                {
+                    if (nRounds > 1)
+                    {
+                        ConsoleUi.Err.MarkupLineInterpolated($"[grey]round {i + 1} of {nRounds}[/]");
+                    }
+
+                    perRound.Add(Run(bundle, runtimes, files, ws, ms, parse.GetValue(limit), calib, parse.GetValue(adaptive)));
+                }
+
+                rows = Pool(perRound);
             }
             finally
             {
@@ -130,7 +161,7 @@ internal static class BenchAccept
                 rows = [.. rows.Select(r => r with { ProfileSpeedup = r.MeanAccepted <= 0 ? null : profile.StepMs(1) / ((r.Method == "ar" ? profile.StepMs(1) : profile.StepMs(r.Width) + r.DraftMsPerStep) / r.MeanAccepted) })];
             }
 
-            Report(rows, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files, profile, parse.GetValue(adaptive), formats);
+            Report(rows, perRound, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files, profile, parse.GetValue(adaptive), formats);
             return 0;
         });
         return cmd;
@@ -254,6 +285,46 @@ internal static class BenchAccept
         return rows;
     }
 
+    /// <summary>
+    /// One row per (task, weights, method, width) over the rounds: the median of each measured value, the spread of
+    /// speedup and tokens/s, and identical only if every round was. One round: its rows as they are.
+    /// </summary>
+    internal static List<AcceptRow> Pool(IReadOnlyList<List<AcceptRow>> perRound)
+    {
+        if (perRound.Count == 1)
+        {
+            return perRound[0];
+        }
+
+        static double Median(IEnumerable<double> xs)
+        {
+            var s = xs.Order().ToList();
+            return s.Count % 2 == 1 ? s[s.Count / 2] : (s[(s.Count / 2) - 1] + s[s.Count / 2]) / 2;
+        }
+
+        return [.. perRound.SelectMany(r => r).GroupBy(r => (r.Task, r.Weights, r.Method, r.Width)).Select(g =>
+        {
+            var all = g.ToList();
+            return all[0] with
+            {
+                MeanAccepted = Median(all.Select(r => r.MeanAccepted)),
+                TokensPerS = Median(all.Select(r => r.TokensPerS)),
+                Speedup = Median(all.Select(r => r.Speedup)),
+                DraftMsPerStep = Median(all.Select(r => r.DraftMsPerStep)),
+                CalibrationMsPerContextToken = Median(all.Select(r => r.CalibrationMsPerContextToken)),
+                IdenticalToAr = all.All(r => r.IdenticalToAr),
+                Prompts = all.Sum(r => r.Prompts),
+                Tokens = all.Sum(r => r.Tokens),
+                Steps = all.Sum(r => r.Steps),
+                Rounds = all.Count,
+                SpeedupMin = all.Min(r => r.Speedup),
+                SpeedupMax = all.Max(r => r.Speedup),
+                TokensPerSMin = all.Min(r => r.TokensPerS),
+                TokensPerSMax = all.Max(r => r.TokensPerS),
+            };
+        })];
+    }
+
     private static Accum Get(Dictionary<(string, string, int), Accum> d, string fmt, string m, int w)
     {
         if (!d.TryGetValue((fmt, m, w), out var a))
@@ -307,7 +378,7 @@ internal static class BenchAccept
         }
     }
 
-    private static void Report(List<AcceptRow> rows, ModelBundle bundle, FileInfo? json, DirectoryInfo? outDir, List<int> widths, List<string> methods, int limit, List<string> files, DeviceProfile? profile, bool adaptive, List<WeightFormat> formats)
+    private static void Report(List<AcceptRow> rows, IReadOnlyList<List<AcceptRow>> perRound, ModelBundle bundle, FileInfo? json, DirectoryInfo? outDir, List<int> widths, List<string> methods, int limit, List<string> files, DeviceProfile? profile, bool adaptive, List<WeightFormat> formats)
     {
         bool plainF32 = formats is [WeightFormat.F32];
         string formatList = string.Join(",", formats.Select(WeightQuantizer.Name));
@@ -328,9 +399,15 @@ internal static class BenchAccept
         md.AppendLine(CultureInfo.InvariantCulture, $"# Acceptance and decode speed by method: {bundle.Name}");
         md.AppendLine();
         md.AppendLine(stamp.ToMarkdown());
-        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen bench accept{(bundle.Name == "coordgen-demo" ? "" : $" --model {bundle.Directory}")} --width {string.Join(",", widths)}{(adaptive ? "" : " --adaptive-width false")}{(plainF32 ? "" : $" --weights {formatList}")} --methods {string.Join(",", methods)}{(limit > 0 ? $" --limit {limit}" : "")}{(profile is null ? "" : $" --device-profile {profile.Name}")}` over {string.Join(", ", files.Select(Path.GetFileName))}. Greedy decoding; every method decodes from a copy of the same prefilled cache, in one process, prompt by prompt.");
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen bench accept{(bundle.Name == "coordgen-demo" ? "" : $" --model {bundle.Directory}")} --width {string.Join(",", widths)}{(adaptive ? "" : " --adaptive-width false")}{(plainF32 ? "" : $" --weights {formatList}")} --methods {string.Join(",", methods)}{(limit > 0 ? $" --limit {limit}" : "")}{(perRound.Count > 1 ? $" --rounds {perRound.Count}" : "")}{(profile is null ? "" : $" --device-profile {profile.Name}")}` over {string.Join(", ", files.Select(Path.GetFileName))}. Greedy decoding; every method decodes from a copy of the same prefilled cache, in one process, prompt by prompt.");
         md.AppendLine();
         md.AppendLine("`mean_accepted` is tokens committed per verification step (accepted draft tokens plus the model's own next token; 1.0 for plain decoding). `speedup` is decode tokens/s over plain greedy decoding of the same prompts, each speculative run paired with a plain run right before it (this shared machine drifts in speed; a pair sees the same drift). `ar`'s own row is its first run of each prompt. `identical` is whether every greedy output equalled plain greedy token for token.");
+        if (perRound.Count > 1)
+        {
+            md.AppendLine();
+            md.AppendLine(CultureInfo.InvariantCulture, $"{perRound.Count} rounds, each running every prompt with every format and method: each value is the median of the rounds, with the range of the rounds in parentheses.");
+        }
+
         md.AppendLine();
         md.AppendLine(adaptive
             ? "Adaptive width (the default, as in the server): each step verifies at the width with the most expected tokens per millisecond on this model's own measured step costs (docs/decisions/0006-adaptive-width.md), up to the row's `width`; `mean_accepted` counts its plain steps too."
@@ -344,7 +421,9 @@ internal static class BenchAccept
             md.AppendLine("|---|---|---|---|---|---|---|---|");
             foreach (var r in rows.Where(r => r.Task == task).OrderBy(r => formatList.IndexOf(r.Weights, StringComparison.Ordinal)).ThenBy(r => Array.IndexOf(AllMethods, r.Method)).ThenBy(r => r.Width))
             {
-                md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Weights} | {r.Method} | {r.Width} | {r.MeanAccepted:F2} | {r.TokensPerS:F0} | {r.Speedup:F2}x | {(r.IdenticalToAr ? "yes" : "**NO**")} | {r.DraftMsPerStep:F3} |");
+                string tps = r.Rounds is null ? $"{r.TokensPerS:F0}" : $"{r.TokensPerS:F0} ({r.TokensPerSMin:F0}-{r.TokensPerSMax:F0})";
+                string speedup = r.Rounds is null ? $"{r.Speedup:F2}x" : $"{r.Speedup:F2}x ({r.SpeedupMin:F2}-{r.SpeedupMax:F2})";
+                md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Weights} | {r.Method} | {r.Width} | {r.MeanAccepted:F2} | {tps} | {speedup} | {(r.IdenticalToAr ? "yes" : "**NO**")} | {r.DraftMsPerStep:F3} |");
             }
 
             if (formats.Count > 1)
@@ -357,8 +436,22 @@ internal static class BenchAccept
                 md.AppendLine("|---|---|" + string.Concat(formats.Skip(1).Select(_ => "---|")));
                 foreach (var g in rows.Where(r => r.Task == task && r.Weights == baseFormat).OrderBy(r => Array.IndexOf(AllMethods, r.Method)).ThenBy(r => r.Width))
                 {
-                    var cells = formats.Skip(1).Select(f => rows.FirstOrDefault(r => r.Task == task && r.Weights == WeightQuantizer.Name(f) && r.Method == g.Method && r.Width == g.Width) is { } o
-                        ? (o.TokensPerS / g.TokensPerS).ToString("F2", CultureInfo.InvariantCulture) + "x" : "");
+                    // Each round's ratio (the same prompts, format beside format), then their median and range.
+                    var cells = formats.Skip(1).Select(f =>
+                    {
+                        var ratios = perRound.Select(round => (Base: round.FirstOrDefault(r => r.Task == task && r.Weights == baseFormat && r.Method == g.Method && r.Width == g.Width),
+                                Other: round.FirstOrDefault(r => r.Task == task && r.Weights == WeightQuantizer.Name(f) && r.Method == g.Method && r.Width == g.Width)))
+                            .Where(x => x.Base is not null && x.Other is not null).Select(x => x.Other!.TokensPerS / x.Base!.TokensPerS).Order().ToList();
+                        if (ratios.Count == 0)
+                        {
+                            return "";
+                        }
+
+                        double median = ratios.Count % 2 == 1 ? ratios[ratios.Count / 2] : (ratios[(ratios.Count / 2) - 1] + ratios[ratios.Count / 2]) / 2;
+                        return ratios.Count == 1
+                            ? median.ToString("F2", CultureInfo.InvariantCulture) + "x"
+                            : string.Create(CultureInfo.InvariantCulture, $"{median:F2}x ({ratios[0]:F2}-{ratios[^1]:F2})");
+                    });
                     md.AppendLine($"| {g.Method} | {g.Width} | " + string.Join(" | ", cells) + " |");
                 }
             }
