@@ -278,6 +278,18 @@ public class CliTests
     }
 
     [Fact]
+    public void Model_profile_should_say_where_a_step_goes_by_operator_with_ort_profile()
+    {
+        string dir = Directory.CreateTempSubdirectory("coordgen-ort-profile-").FullName;
+        var (code, _, stderr) = Run("model", "profile", "--capacity", "64", "--widths", "1,4", "--fills", "0.5", "--repeats", "3", "--weights", "f32,int8", "--ort-profile", "--out", dir);
+        Assert.True(code == 0, stderr);
+        var ops = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "ort-profile.json")))!["ops"]!.AsArray();
+        Assert.Contains(ops, o => o!["weights"]!.GetValue<string>() == "f32" && o["op"]!.GetValue<string>() == "Gemm" && o["nodes_per_run"]!.GetValue<double>() > 0);
+        Assert.Contains(ops, o => o!["weights"]!.GetValue<string>() == "int8" && o["op"]!.GetValue<string>() == "MatMulNBits");
+        Assert.Equal(["w1_c64", "w4_c64"], ops.Select(o => o!["graph"]!.GetValue<string>()).Distinct().Order());
+    }
+
+    [Fact]
     public void Bench_accept_should_refuse_rounds_out_of_range()
     {
         var (code, _, stderr) = Run("bench", "accept", "--rounds", "0");

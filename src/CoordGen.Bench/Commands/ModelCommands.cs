@@ -143,9 +143,10 @@ internal static class ModelCommands
         var weights = new Option<string>("--weights") { Description = "Comma-separated weight formats to time side by side, cell by cell (f32, int8, int4): ms per step, bytes read per step and the bandwidth that makes, against the machine's measured read bandwidth.", DefaultValueFactory = _ => "f32" };
         var fusedOps = new Option<string>("--fused-ops") { Description = "on: rotary embedding and each residual add with its RMS norm run as ONNX Runtime's contrib kernels (the CPU default); off: as plain ONNX nodes (the form an NPU compiles). Time both side by side with --compare naming the same model and --compare-fused-ops.", DefaultValueFactory = _ => "on" };
         var compareFusedOps = new Option<string>("--compare-fused-ops") { Description = "--fused-ops for the --compare model.", DefaultValueFactory = _ => "on" };
+        var ortProfile = new Option<bool>("--ort-profile") { Description = "After the timings, run every --weights format's graphs of every --widths at the first --fills with ONNX Runtime's profiler on (not timed: it adds a few microseconds per node), and write where a step's time goes by operator type: ort-profile-<model>.md/.json." };
         var cmd = new Command("profile", "Time one graph step against width and KV fill (median of repeated runs), and compare coordgen generate's per-token decode time with the bare ONNX Runtime run of the width-1 graph in the same process. Writes Markdown and JSON under docs/bench/.")
         {
-            model, capacity, widths, fills, repeats, threads, outDir, compare, weights, fusedOps, compareFusedOps,
+            model, capacity, widths, fills, repeats, threads, outDir, compare, weights, fusedOps, compareFusedOps, ortProfile,
         };
         cmd.SetAction(parse =>
         {
@@ -259,6 +260,11 @@ internal static class ModelCommands
             if (other is not null)
             {
                 WriteComparison(parse.GetValue(outDir), bundle, other, cap, reps, cells, otherCells, (formats[0], fused, compareFused));
+            }
+
+            if (parse.GetValue(ortProfile))
+            {
+                ProfileOperators(parse.GetValue(outDir), bundle, cap, ws, fs[0], reps, formats, fused, parse.GetValue(threads));
             }
 
             return 0;
@@ -424,6 +430,44 @@ internal static class ModelCommands
     }
 
     /// <summary>profile-&lt;model&gt;-vs-&lt;other&gt;.md/.json: both models' cells side by side and their ratio.</summary>
+    /// <summary>Each format's graphs run with ONNX Runtime's profiler on, then its traces summed by operator type (<see cref="OrtProfileReport"/>).</summary>
+    private static void ProfileOperators(DirectoryInfo? outDir, ModelBundle bundle, int cap, List<int> ws, double fill, int reps, List<WeightFormat> formats, bool fused, int threads)
+    {
+        var ops = new List<OrtOpTime>();
+        foreach (var f in formats)
+        {
+            var traces = Directory.CreateTempSubdirectory("coordgen-ort-profile-");
+            try
+            {
+                using var rt = ConsoleUi.Status($"profiling the {WeightQuantizer.Name(f)} graphs' operators", () =>
+                {
+                    var r = new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = threads, Weights = f, FusedOps = fused, ProfilePrefix = traces.FullName + Path.DirectorySeparatorChar });
+                    foreach (int w in ws)
+                    {
+                        using var timer = new StepTimer(r, w, Math.Clamp((int)(fill * cap), 0, cap - w));
+                        for (int i = 0; i < reps; i++)
+                        {
+                            timer.RunOnce();
+                        }
+                    }
+
+                    return r;
+                });
+                foreach (string trace in rt.EndProfiling())
+                {
+                    ops.AddRange(OrtProfileReport.Read(trace, WeightQuantizer.Name(f)));
+                }
+            }
+            finally
+            {
+                traces.Delete(recursive: true);
+            }
+        }
+
+        string command = string.Create(CultureInfo.InvariantCulture, $"coordgen model profile --model {bundle.Directory} --capacity {cap} --widths {string.Join(",", ws)} --fills {fill} --repeats {reps} --weights {string.Join(",", formats.Select(WeightQuantizer.Name))} --fused-ops {(fused ? "on" : "off")} --ort-profile");
+        OrtProfileReport.Write(outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), bundle.Name, BenchStamp.Capture(), command, ops);
+    }
+
     private static bool OnOff(string value, string option) => value.Trim().ToLowerInvariant() switch
     {
         "on" or "true" => true,

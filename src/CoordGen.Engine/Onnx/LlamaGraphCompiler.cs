@@ -206,19 +206,23 @@ public static class LlamaGraphCompiler
         // Embedding lookup, flattened to [W, hidden].
         string x = first ? b.Node("Reshape", [b.Node("Gather", [embed!, "input_ids"], attrs: GraphBuilder.Int("axis", 0)), shapeWH]) : HiddenIn;
 
-        // Rotary tables from positions: cos/sin [1,1,W,D], halves duplicated (rotate_half convention).
+        // Rotary tables from positions: cos/sin [1,1,W,D], halves duplicated (rotate_half convention). The contrib
+        // kernel (fused) reads tables made at compile time instead, below.
         var invFreq = c.RopeInverseFrequencies();
-
-        string pos = b.Node("Reshape", [b.Node("Cast", ["position_ids"], attrs: GraphBuilder.Int("to", (long)DT.Float)), b.ConstInt64([n, 1])]);
-        string freqs = b.Node("Mul", [pos, b.ConstFloat(invFreq, [1, d / 2], "inv_freq")]);
-        string emb = b.Node("Reshape", [b.Node("Concat", [freqs, freqs], attrs: GraphBuilder.Int("axis", -1)), b.ConstInt64([1, 1, n, d])]);
-        string cos = b.Node("Cos", [emb]);
-        string sin = b.Node("Sin", [emb]);
+        string cos = "", sin = "";
+        if (!fused)
+        {
+            string pos = b.Node("Reshape", [b.Node("Cast", ["position_ids"], attrs: GraphBuilder.Int("to", (long)DT.Float)), b.ConstInt64([n, 1])]);
+            string freqs = b.Node("Mul", [pos, b.ConstFloat(invFreq, [1, d / 2], "inv_freq")]);
+            string emb = b.Node("Reshape", [b.Node("Concat", [freqs, freqs], attrs: GraphBuilder.Int("axis", -1)), b.ConstInt64([1, 1, n, d])]);
+            cos = b.Node("Cos", [emb]);
+            sin = b.Node("Sin", [emb]);
+        }
 
         string mask5 = groupQuery ? "" : b.Node("Reshape", ["attention_mask", b.ConstInt64([slots, 1, 1, w, cap + w])]); // GroupQueryAttention masks by kv_lengths
         string eps = b.ConstFloat([c.RmsNormEps], [1], "eps");
         string scale = b.ConstFloat([(float)(1.0 / Math.Sqrt(d))], [1], "scale");
-        string halves = b.ConstInt64([d / 2, d / 2], hint: "halves");
+        string halves = fused ? "" : b.ConstInt64([d / 2, d / 2], hint: "halves");
         string shapeQ = b.ConstInt64([1, n, c.NumHeads, d]);
         string shapeKv = b.ConstInt64([1, n, hkv, d]);
         string shapeGrouped = b.ConstInt64([slots, hkv, g * w, d]);

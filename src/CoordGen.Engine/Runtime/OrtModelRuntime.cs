@@ -87,6 +87,13 @@ public sealed record RuntimeOptions
     /// </summary>
     public TimeSpan StepWatchdog { get; init; } = TimeSpan.FromSeconds(30);
 
+    /// <summary>
+    /// ONNX Runtime's profiler on for every graph session, its JSON traces written under this path prefix (one file per
+    /// graph; <see cref="OrtModelRuntime.EndProfiling"/> ends them and gives their paths). The profiler adds a few
+    /// microseconds to every node, so profiled steps are for seeing where time goes, not for timing. Null = off.
+    /// </summary>
+    public string? ProfilePrefix { get; init; }
+
     public static readonly string[] QnnPerformanceModes =
         ["default", "burst", "balanced", "high_performance", "high_power_saver", "low_balanced", "low_power_saver", "power_saver", "extreme_power_saver", "sustained_high_performance"];
 
@@ -258,6 +265,10 @@ public sealed class OrtModelRuntime : IDisposable
     public IReadOnlyList<QuantizedTensor> QuantizedWeights => _quantized;
 
     public int GraphCount => _graphs.Count;
+
+    /// <summary>Ends the profiler of every graph compiled so far (<see cref="RuntimeOptions.ProfilePrefix"/>) and gives the trace files' paths.</summary>
+    public IReadOnlyList<string> EndProfiling() =>
+        _options.ProfilePrefix is null ? [] : [.. _graphs.Values.Select(g => g.EndProfiling()).Where(p => p is not null).Select(p => p!)];
 
     /// <summary>Graph runs the step watchdog has ended (<see cref="RuntimeOptions.StepWatchdog"/>).</summary>
     public int WatchdogTerminations => _graphs.Values.Sum(g => g.WatchdogTerminations)
@@ -836,6 +847,12 @@ public sealed class OrtModelRuntime : IDisposable
             IntraOpNumThreads = _options.IntraOpThreads,
             LogSeverityLevel = OrtLoggingLevel.ORT_LOGGING_LEVEL_ERROR,
         };
+        if (_options.ProfilePrefix is { } prefix)
+        {
+            so.ProfileOutputPathPrefix = prefix + graphName; // before enabling: the prefix is read when profiling starts
+            so.EnableProfiling = true;
+        }
+
         if (_sharedEnv)
         {
             so.DisablePerSessionThreads();
@@ -912,6 +929,19 @@ public sealed class OrtModelRuntime : IDisposable
     private sealed class WidthGraph : IDisposable
     {
         private readonly InferenceSession _session;
+        private bool _profileEnded;
+
+        /// <summary>Ends this session's profiler, once; its trace file's path (null if it was not profiling or has ended).</summary>
+        public string? EndProfiling()
+        {
+            if (_profileEnded || _so.EnableProfiling == false)
+            {
+                return null;
+            }
+
+            _profileEnded = true;
+            return _session.EndProfiling();
+        }
         private readonly SessionOptions _so;
         private readonly RunOptions _run = new();
         private readonly object _gate = new();
