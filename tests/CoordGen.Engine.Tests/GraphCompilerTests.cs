@@ -50,6 +50,16 @@ public class GraphCompilerTests
     }
 
     [Fact]
+    public void Packed_graphs_should_run_with_the_contrib_kernels_when_their_rows_outnumber_the_capacity()
+    {
+        // 16 slots of 8-row trees are 128 rows against a capacity of 64: the rotary kernel wants a table row per run row.
+        var weights = ModelWeights.Random(TestModels.Tiny(), seed: 13, scale: 0.2f);
+        using var rt = new OrtModelRuntime(weights, capacity: 64, widths: [1, 8], new RuntimeOptions { FusedOps = true });
+        rt.PreparePacked(64, trees: true);
+        Assert.True(rt.PackedReady(16, 8, 64));
+    }
+
+    [Fact]
     public void Width_one_steps_should_equal_one_wide_pass_when_fed_the_same_tokens()
     {
         var weights = ModelWeights.Random(TestModels.Tiny(), seed: 3, scale: 0.2f);

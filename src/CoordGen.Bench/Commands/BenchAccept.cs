@@ -45,7 +45,8 @@ internal sealed record AcceptRow
     /// <summary>As <see cref="CopyCeiling"/>, but a copy may start anywhere (knowing the output in advance; no drafter can).</summary>
     [JsonPropertyName("any_copy_ceiling")] public double AnyCopyCeiling { get; init; }
 
-    /// <summary>Rounds this row pools (--rounds): every numeric value above is the median over them; null with one round.</summary>
+    /// <summary>Rounds this row pools (--rounds): its rates (mean_accepted, tokens/s, speedup, per-step and per-token times) are the
+    /// medians of the rounds, its counts (prompts, tokens, steps, accepted and proposed by source) their sums; null with one round.</summary>
     [JsonPropertyName("rounds")][JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public int? Rounds { get; init; }
 
     /// <summary>The smallest and largest <see cref="Speedup"/> of the rounds (--rounds); null with one round.</summary>
@@ -286,8 +287,8 @@ internal static class BenchAccept
     }
 
     /// <summary>
-    /// One row per (task, weights, method, width) over the rounds: the median of each measured value, the spread of
-    /// speedup and tokens/s, and identical only if every round was. One round: its rows as they are.
+    /// One row per (task, weights, method, width) over the rounds: the median of each rate, the sum of each count, the
+    /// spread of speedup and tokens/s, and identical only if every round was. One round: its rows as they are.
     /// </summary>
     internal static List<AcceptRow> Pool(IReadOnlyList<List<AcceptRow>> perRound)
     {
@@ -316,6 +317,8 @@ internal static class BenchAccept
                 Prompts = all.Sum(r => r.Prompts),
                 Tokens = all.Sum(r => r.Tokens),
                 Steps = all.Sum(r => r.Steps),
+                AcceptedBySource = all.SelectMany(r => r.AcceptedBySource).GroupBy(kv => kv.Key).ToDictionary(k => k.Key, k => k.Sum(kv => kv.Value)),
+                ProposedBySource = all.SelectMany(r => r.ProposedBySource).GroupBy(kv => kv.Key).ToDictionary(k => k.Key, k => k.Sum(kv => kv.Value)),
                 Rounds = all.Count,
                 SpeedupMin = all.Min(r => r.Speedup),
                 SpeedupMax = all.Max(r => r.Speedup),
@@ -405,7 +408,7 @@ internal static class BenchAccept
         if (perRound.Count > 1)
         {
             md.AppendLine();
-            md.AppendLine(CultureInfo.InvariantCulture, $"{perRound.Count} rounds, each running every prompt with every format and method: each value is the median of the rounds, with the range of the rounds in parentheses.");
+            md.AppendLine(CultureInfo.InvariantCulture, $"{perRound.Count} rounds, each running every prompt with every format and method: each rate is the median of the rounds, with the range of the rounds in parentheses. A format ratio is the median of the rounds' own ratios, so it can differ from the ratio of the medians in the rows above it.");
         }
 
         md.AppendLine();
@@ -421,8 +424,8 @@ internal static class BenchAccept
             md.AppendLine("|---|---|---|---|---|---|---|---|");
             foreach (var r in rows.Where(r => r.Task == task).OrderBy(r => formatList.IndexOf(r.Weights, StringComparison.Ordinal)).ThenBy(r => Array.IndexOf(AllMethods, r.Method)).ThenBy(r => r.Width))
             {
-                string tps = r.Rounds is null ? $"{r.TokensPerS:F0}" : $"{r.TokensPerS:F0} ({r.TokensPerSMin:F0}-{r.TokensPerSMax:F0})";
-                string speedup = r.Rounds is null ? $"{r.Speedup:F2}x" : $"{r.Speedup:F2}x ({r.SpeedupMin:F2}-{r.SpeedupMax:F2})";
+                string tps = r.Rounds is null ? r.TokensPerS.ToString("F0", CultureInfo.InvariantCulture) : string.Create(CultureInfo.InvariantCulture, $"{r.TokensPerS:F0} ({r.TokensPerSMin:F0}-{r.TokensPerSMax:F0})");
+                string speedup = r.Rounds is null ? r.Speedup.ToString("F2", CultureInfo.InvariantCulture) + "x" : string.Create(CultureInfo.InvariantCulture, $"{r.Speedup:F2}x ({r.SpeedupMin:F2}-{r.SpeedupMax:F2})");
                 md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Weights} | {r.Method} | {r.Width} | {r.MeanAccepted:F2} | {tps} | {speedup} | {(r.IdenticalToAr ? "yes" : "**NO**")} | {r.DraftMsPerStep:F3} |");
             }
 

@@ -142,7 +142,7 @@ internal static class ModelCommands
         var compare = new Option<string?>("--compare") { Description = "A second model timed cell by cell beside --model, runs alternating, for a side-by-side table (e.g. a twin against a random-weight model of its shape: model synth --like).", HelpName = "DIR" };
         var weights = new Option<string>("--weights") { Description = "Comma-separated weight formats to time side by side, cell by cell (f32, int8, int4): ms per step, bytes read per step and the bandwidth that makes, against the machine's measured read bandwidth.", DefaultValueFactory = _ => "f32" };
         var fusedOps = new Option<string>("--fused-ops") { Description = "on: rotary embedding and each residual add with its RMS norm run as ONNX Runtime's contrib kernels (the CPU default); off: as plain ONNX nodes (the form an NPU compiles). Time both side by side with --compare naming the same model and --compare-fused-ops.", DefaultValueFactory = _ => "on" };
-        var compareFusedOps = new Option<string>("--compare-fused-ops") { Description = "--fused-ops for the --compare model.", DefaultValueFactory = _ => "on" };
+        var compareFusedOps = new Option<string?>("--compare-fused-ops") { Description = "--fused-ops for the --compare model (default: the same as --fused-ops)." };
         var ortProfile = new Option<bool>("--ort-profile") { Description = "After the timings, run every --weights format's graphs of every --widths at the first --fills with ONNX Runtime's profiler on (not timed: it adds a few microseconds per node), and write where a step's time goes by operator type: ort-profile-<model>.md/.json." };
         var cmd = new Command("profile", "Time one graph step against width and KV fill (median of repeated runs), and compare coordgen generate's per-token decode time with the bare ONNX Runtime run of the width-1 graph in the same process. Writes Markdown and JSON under docs/bench/.")
         {
@@ -161,7 +161,7 @@ internal static class ModelCommands
             var fs = ParseList(parse.GetValue(fills)!, s => double.Parse(s, CultureInfo.InvariantCulture));
             int reps = Math.Max(3, parse.GetValue(repeats));
             var formats = ParseList(parse.GetValue(weights)!, WeightQuantizer.Parse).Distinct().ToList();
-            bool fused = OnOff(parse.GetValue(fusedOps)!, "--fused-ops"), compareFused = OnOff(parse.GetValue(compareFusedOps)!, "--compare-fused-ops");
+            bool fused = OnOff(parse.GetValue(fusedOps)!, "--fused-ops"), compareFused = parse.GetValue(compareFusedOps) is { } cf ? OnOff(cf, "--compare-fused-ops") : fused;
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             long rssWeights = CurrentRss();
             using var one = new OrtModelRuntime(bundle.Weights, cap, [ws[0]], new RuntimeOptions { IntraOpThreads = parse.GetValue(threads) });
@@ -429,7 +429,6 @@ internal static class ModelCommands
         return new Overhead(prompt.Length + (steps / 2), e, b, e / b);
     }
 
-    /// <summary>profile-&lt;model&gt;-vs-&lt;other&gt;.md/.json: both models' cells side by side and their ratio.</summary>
     /// <summary>Each format's graphs run with ONNX Runtime's profiler on, then its traces summed by operator type (<see cref="OrtProfileReport"/>).</summary>
     private static void ProfileOperators(DirectoryInfo? outDir, ModelBundle bundle, int cap, List<int> ws, double fill, int reps, List<WeightFormat> formats, bool fused, int threads)
     {
@@ -475,6 +474,7 @@ internal static class ModelCommands
         _ => throw new ArgumentException($"{option} takes on or off (got '{value}')."),
     };
 
+    /// <summary>profile-&lt;model&gt;-vs-&lt;other&gt;.md/.json: both models' cells side by side and their ratio.</summary>
     /// <param name="how">The weight format both sides ran, and whether each used the contrib kernels (--fused-ops).</param>
     private static void WriteComparison(DirectoryInfo? outDir, ModelBundle modelA, ModelBundle modelB, int cap, int reps, List<ProfileCell> cellsA, List<ProfileCell> cellsB, (WeightFormat Weights, bool FusedA, bool FusedB) how)
     {
@@ -511,8 +511,10 @@ internal static class ModelCommands
         File.WriteAllText(Path.Combine(dir, name + ".json"), JsonSerializer.Serialize(new
         {
             stamp,
-            model = a.Name,
-            compare = b.Name,
+            model = modelA.Name,
+            compare = modelB.Name,
+            model_label = a.Name,
+            compare_label = b.Name,
             weights = WeightQuantizer.Name(how.Weights),
             fused_ops = how.FusedA,
             compare_fused_ops = how.FusedB,

@@ -292,7 +292,9 @@ public static class LlamaGraphCompiler
         string? cosCache = null, sinCache = null;
         if (fused)
         {
-            int rowsMax = cap + w;
+            // Positions stay below C + W; ONNX Runtime's kernel also wants at least as many table rows as the run has
+            // rows, which a pack of S slots of W rows (S x W) can exceed at a small capacity.
+            int rowsMax = Math.Max(cap + w, n);
             var cosT = new float[rowsMax * (d / 2)];
             var sinT = new float[rowsMax * (d / 2)];
             for (int r = 0; r < rowsMax; r++)

@@ -268,7 +268,8 @@ public sealed class OrtModelRuntime : IDisposable
 
     /// <summary>Ends the profiler of every graph compiled so far (<see cref="RuntimeOptions.ProfilePrefix"/>) and gives the trace files' paths.</summary>
     public IReadOnlyList<string> EndProfiling() =>
-        _options.ProfilePrefix is null ? [] : [.. _graphs.Values.Select(g => g.EndProfiling()).Where(p => p is not null).Select(p => p!)];
+        _options.ProfilePrefix is null ? [] : [.. _graphs.Values.Concat(_packed.Values.Where(l => l.IsValueCreated && l.Value.IsCompletedSuccessfully).Select(l => l.Value.Result))
+            .Select(g => g.EndProfiling()).Where(p => p is not null).Select(p => p!)];
 
     /// <summary>Graph runs the step watchdog has ended (<see cref="RuntimeOptions.StepWatchdog"/>).</summary>
     public int WatchdogTerminations => _graphs.Values.Sum(g => g.WatchdogTerminations)
@@ -934,7 +935,7 @@ public sealed class OrtModelRuntime : IDisposable
         /// <summary>Ends this session's profiler, once; its trace file's path (null if it was not profiling or has ended).</summary>
         public string? EndProfiling()
         {
-            if (_profileEnded || _so.EnableProfiling == false)
+            if (_profileEnded || !_so.EnableProfiling)
             {
                 return null;
             }
