@@ -109,6 +109,13 @@ public static class DrafterProtocol
         public ImmutableArray<Interval> Work { get; init; } = [];
     }
 
+    /// <summary>
+    /// Device → drafter, from the device step as it begins: step <paramref name="Step"/> of the run is running now. The
+    /// drafter then drafts the step after it for its likely outcome (the tree drafted ahead), so that work overlaps the
+    /// device's step rather than the moments before it starts. No reply.
+    /// </summary>
+    public sealed record StepStarted(SessionRun Run, int Step);
+
     /// <summary>Calibrator → drafter: the run's calibrated paths (null when calibration failed) and the calibrator's time on them.</summary>
     public sealed record Calibrated(SessionRun Run, CalibratedPaths? Paths, double Ms);
 

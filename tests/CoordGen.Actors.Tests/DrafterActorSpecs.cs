@@ -35,7 +35,8 @@ public class DrafterActorSpecs : TestKit
         Assert.Equal(expected.Parents.ToArray(), first.Tree.Parents.ToArray());
         Assert.NotEmpty(first.Work);
 
-        // Step 1 accepted the first node: the tree for step 2 learns from it.
+        // The device runs step 1 (the drafter drafts ahead meanwhile), which accepts the first node: the tree for step 2 learns from it.
+        drafter.Tell(new StepStarted(run, 1), TestActor);
         int token = first.Tree.Tokens[0];
         var outcome = new StepOutcome(8, [token, 2], [0, 1], [token, 2, 0, 0, 0, 0, 0, 0]);
         drafter.Tell(new Advance(run, 1, outcome, [token, 2]), TestActor);

@@ -237,6 +237,15 @@ internal sealed partial class DeviceSession(SessionRun id, DeviceProtocol.Run ru
     private void Verify(TreeToVerify tree, int outcomeWidth) =>
         roles.Verifier.Tell(new VerifierProtocol.Verify(Id, tree, Request.Sampling, outcomeWidth, Request.Trace), roles.Device);
 
+    /// <summary>From the device step as it begins (off the mailbox thread): a speculative decoding run tells its drafter which step runs now, to draft the one after it meanwhile.</summary>
+    internal void StepStarting()
+    {
+        if (Decoding && _spec is { } s)
+        {
+            roles.Drafter.Tell(new DrafterProtocol.StepStarted(Id, s.Steps + 1));
+        }
+    }
+
     /// <summary>This run's own step (off the mailbox thread): a prefill chunk, its tree to the verifier, or one plain token.</summary>
     /// <param name="prefix">The device's prefix cache (null: off); used on the first and last prefill steps only.</param>
     /// <param name="riders">Other sessions' width-1 steps that share this run's prefill chunk (a mixed run, decision 0026); a prefill step only.</param>

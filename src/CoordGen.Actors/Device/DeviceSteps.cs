@@ -26,6 +26,11 @@ internal static class DeviceSteps
         Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix, double paceMs)
     {
         long start = Stopwatch.GetTimestamp();
+        foreach (var s in group ?? [pick])
+        {
+            s.StepStarting();
+        }
+
         double ridersMs = 0;
         if (group is null)
         {

@@ -30,6 +30,7 @@ public sealed class DrafterActor : ReceiveActor
         _faults = faults;
         Receive<Open>(OnOpen);
         Receive<Advance>(OnAdvance);
+        Receive<StepStarted>(OnStepStarted);
         Receive<Calibrated>(OnCalibrated);
         Receive<ContinueIndexing>(c => Index(c.Run));
         Receive<Close>(c => _runs.Remove(c.Run));
@@ -77,11 +78,22 @@ public sealed class DrafterActor : ReceiveActor
         long end = Stopwatch.GetTimestamp();
         span?.SetTag("coordgen.draft_nodes", tree.Count);
         Context.Parent.Tell(new Proposal(a.Run, a.Step + 1, tree, d.Drafter.AheadUsed > aheadBefore) { Work = [.. d.Work, new(start, end)] });
+        d.Work = [];
+        d.AheadFor = a.Step + 1;
+    }
 
-        // While the device runs that step: the step after it, for its likely outcome.
-        long aheadStart = Stopwatch.GetTimestamp();
+    // The device began the step this drafter proposed last: the step after it, for its likely outcome, while it runs.
+    private void OnStepStarted(StepStarted s)
+    {
+        if (!_runs.TryGetValue(s.Run, out var d) || d.AheadFor != s.Step)
+        {
+            return; // closed, or a step already decided (its verdict's advance came first)
+        }
+
+        d.AheadFor = null;
+        long start = Stopwatch.GetTimestamp();
         d.Drafter.PrepareAhead();
-        d.Work = [new Interval(aheadStart, Stopwatch.GetTimestamp())];
+        d.Work = [.. d.Work, new Interval(start, Stopwatch.GetTimestamp())];
     }
 
     private void OnCalibrated(Calibrated c)
@@ -141,6 +153,9 @@ public sealed class DrafterActor : ReceiveActor
         public ActivityContext Trace { get; } = trace;
 
         public Interval[] Work { get; set; } = [];
+
+        /// <summary>The step whose start (<see cref="StepStarted"/>) triggers drafting ahead: the one proposed last; null once done.</summary>
+        public int? AheadFor { get; set; }
 
         /// <summary>The calibrated index being built in slices; null when none is.</summary>
         public CalibratedIndex.Indexer? Indexing { get; set; }
