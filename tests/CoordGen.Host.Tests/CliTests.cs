@@ -76,7 +76,6 @@ public class CliTests
     [InlineData(new[] { "serve", "--faults", "gap=0", "--allow-faults" }, "'gap' must be an integer of at least 1")]
     [InlineData(new[] { "serve", "--cors-origin", "app.example.com" }, "is not an origin")]
     [InlineData(new[] { "bench", "accept", "--rounds", "0" }, "--rounds must be between 1 and 20")]
-    [InlineData(new[] { "model", "profile", "--fused-ops", "maybe" }, "--fused-ops takes on or off")]
     public void Commands_should_fail_with_a_clear_message_when_input_is_bad(string[] args, string message)
     {
         var (code, _, stderr) = Run(args);

@@ -297,12 +297,6 @@ internal static class BenchAccept
             return perRound[0];
         }
 
-        static double Median(IEnumerable<double> xs)
-        {
-            var s = xs.Order().ToList();
-            return s.Count % 2 == 1 ? s[s.Count / 2] : (s[(s.Count / 2) - 1] + s[s.Count / 2]) / 2;
-        }
-
         return [.. perRound.SelectMany(r => r).GroupBy(r => (r.Task, r.Weights, r.Method, r.Width)).Select(g =>
         {
             var all = g.ToList();
@@ -326,6 +320,12 @@ internal static class BenchAccept
                 TokensPerSMax = all.Max(r => r.TokensPerS),
             };
         })];
+    }
+
+    private static double Median(IEnumerable<double> xs)
+    {
+        var s = xs.Order().ToList();
+        return s.Count % 2 == 1 ? s[s.Count / 2] : (s[(s.Count / 2) - 1] + s[s.Count / 2]) / 2;
     }
 
     private static Accum Get(Dictionary<(string, string, int), Accum> d, string fmt, string m, int w)
@@ -444,16 +444,16 @@ internal static class BenchAccept
                     {
                         var ratios = perRound.Select(round => (Base: round.FirstOrDefault(r => r.Task == task && r.Weights == baseFormat && r.Method == g.Method && r.Width == g.Width),
                                 Other: round.FirstOrDefault(r => r.Task == task && r.Weights == WeightQuantizer.Name(f) && r.Method == g.Method && r.Width == g.Width)))
-                            .Where(x => x.Base is not null && x.Other is not null).Select(x => x.Other!.TokensPerS / x.Base!.TokensPerS).Order().ToList();
+                            .Where(x => x.Base is not null && x.Other is not null).Select(x => x.Other!.TokensPerS / x.Base!.TokensPerS).ToList();
                         if (ratios.Count == 0)
                         {
                             return "";
                         }
 
-                        double median = ratios.Count % 2 == 1 ? ratios[ratios.Count / 2] : (ratios[(ratios.Count / 2) - 1] + ratios[ratios.Count / 2]) / 2;
+                        double median = Median(ratios);
                         return ratios.Count == 1
                             ? median.ToString("F2", CultureInfo.InvariantCulture) + "x"
-                            : string.Create(CultureInfo.InvariantCulture, $"{median:F2}x ({ratios[0]:F2}-{ratios[^1]:F2})");
+                            : string.Create(CultureInfo.InvariantCulture, $"{median:F2}x ({ratios.Min():F2}-{ratios.Max():F2})");
                     });
                     md.AppendLine($"| {g.Method} | {g.Width} | " + string.Join(" | ", cells) + " |");
                 }

@@ -141,8 +141,8 @@ internal static class ModelCommands
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Where to write the report (default: docs/bench/ of the checkout).", HelpName = "DIR" };
         var compare = new Option<string?>("--compare") { Description = "A second model timed cell by cell beside --model, runs alternating, for a side-by-side table (e.g. a twin against a random-weight model of its shape: model synth --like).", HelpName = "DIR" };
         var weights = new Option<string>("--weights") { Description = "Comma-separated weight formats to time side by side, cell by cell (f32, int8, int4): ms per step, bytes read per step and the bandwidth that makes, against the machine's measured read bandwidth.", DefaultValueFactory = _ => "f32" };
-        var fusedOps = new Option<string>("--fused-ops") { Description = "on: rotary embedding and each residual add with its RMS norm run as ONNX Runtime's contrib kernels (the CPU default); off: as plain ONNX nodes (the form an NPU compiles). Time both side by side with --compare naming the same model and --compare-fused-ops.", DefaultValueFactory = _ => "on" };
-        var compareFusedOps = new Option<string?>("--compare-fused-ops") { Description = "--fused-ops for the --compare model (default: the same as --fused-ops)." };
+        var fusedOps = new Option<bool>("--fused-ops") { Description = "true: rotary embedding and each residual add with its RMS norm run as ONNX Runtime's contrib kernels (the CPU default); false: as plain ONNX nodes (the form an NPU compiles). Time both side by side with --compare naming the same model and --compare-fused-ops.", DefaultValueFactory = _ => true };
+        var compareFusedOps = new Option<bool?>("--compare-fused-ops") { Description = "--fused-ops for the --compare model (default: the same as --fused-ops)." };
         var ortProfile = new Option<bool>("--ort-profile") { Description = "After the timings, run every --weights format's graphs of every --widths at the first --fills with ONNX Runtime's profiler on (not timed: it adds a few microseconds per node), and write where a step's time goes by operator type: ort-profile-<model>.md/.json." };
         var cmd = new Command("profile", "Time one graph step against width and KV fill (median of repeated runs), and compare coordgen generate's per-token decode time with the bare ONNX Runtime run of the width-1 graph in the same process. Writes Markdown and JSON under docs/bench/.")
         {
@@ -161,7 +161,7 @@ internal static class ModelCommands
             var fs = ParseList(parse.GetValue(fills)!, s => double.Parse(s, CultureInfo.InvariantCulture));
             int reps = Math.Max(3, parse.GetValue(repeats));
             var formats = ParseList(parse.GetValue(weights)!, WeightQuantizer.Parse).Distinct().ToList();
-            bool fused = OnOff(parse.GetValue(fusedOps)!, "--fused-ops"), compareFused = parse.GetValue(compareFusedOps) is { } cf ? OnOff(cf, "--compare-fused-ops") : fused;
+            bool fused = parse.GetValue(fusedOps), compareFused = parse.GetValue(compareFusedOps) ?? fused;
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             long rssWeights = CurrentRss();
             using var one = new OrtModelRuntime(bundle.Weights, cap, [ws[0]], new RuntimeOptions { IntraOpThreads = parse.GetValue(threads) });
@@ -463,16 +463,9 @@ internal static class ModelCommands
             }
         }
 
-        string command = string.Create(CultureInfo.InvariantCulture, $"coordgen model profile --model {bundle.Directory} --capacity {cap} --widths {string.Join(",", ws)} --fills {fill} --repeats {reps} --weights {string.Join(",", formats.Select(WeightQuantizer.Name))} --fused-ops {(fused ? "on" : "off")} --ort-profile");
+        string command = string.Create(CultureInfo.InvariantCulture, $"coordgen model profile --model {bundle.Directory} --capacity {cap} --widths {string.Join(",", ws)} --fills {fill} --repeats {reps} --weights {string.Join(",", formats.Select(WeightQuantizer.Name))} --fused-ops {(fused ? "true" : "false")} --ort-profile");
         OrtProfileReport.Write(outDir?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), bundle.Name, BenchStamp.Capture(), command, ops);
     }
-
-    private static bool OnOff(string value, string option) => value.Trim().ToLowerInvariant() switch
-    {
-        "on" or "true" => true,
-        "off" or "false" => false,
-        _ => throw new ArgumentException($"{option} takes on or off (got '{value}')."),
-    };
 
     /// <summary>profile-&lt;model&gt;-vs-&lt;other&gt;.md/.json: both models' cells side by side and their ratio.</summary>
     /// <param name="how">The weight format both sides ran, and whether each used the contrib kernels (--fused-ops).</param>
@@ -493,7 +486,7 @@ internal static class ModelCommands
         md.AppendLine(CultureInfo.InvariantCulture, $"# Step time side by side: {a.Name} and {b.Name}");
         md.AppendLine();
         md.AppendLine(stamp.ToMarkdown());
-        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen model profile --model {a.Directory} --compare {b.Directory} --capacity {cap} --repeats {reps} --weights {WeightQuantizer.Name(how.Weights)} --fused-ops {(how.FusedA ? "on" : "off")} --compare-fused-ops {(how.FusedB ? "on" : "off")}`. Each cell runs the two sides' graphs in turn, {reps} times each (which goes first alternating); medians. `-plain-ops`: rotary embedding and residual norms as plain ONNX nodes instead of ONNX Runtime's contrib kernels.");
+        md.AppendLine(CultureInfo.InvariantCulture, $"Command: `coordgen model profile --model {a.Directory} --compare {b.Directory} --capacity {cap} --repeats {reps} --weights {WeightQuantizer.Name(how.Weights)} --fused-ops {(how.FusedA ? "true" : "false")} --compare-fused-ops {(how.FusedB ? "true" : "false")}`. Each cell runs the two sides' graphs in turn, {reps} times each (which goes first alternating); medians. `-plain-ops`: rotary embedding and residual norms as plain ONNX nodes instead of ONNX Runtime's contrib kernels.");
         md.AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"Parameters: {a.Config.ParameterCount:N0} and {b.Config.ParameterCount:N0}. Ratio {a.Name} / {b.Name}: median {Median(ratios):F3}, range {ratios.Min():F3}-{ratios.Max():F3}; largest departure from 1: {ratios.Max(r => Math.Abs(r - 1)):P1}.");
         md.AppendLine();
