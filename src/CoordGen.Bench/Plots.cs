@@ -167,11 +167,11 @@ internal static class Plots
         bool both = rows.Select(r => r.Packed).Distinct().Count() > 1;
         bool bothCaches = rows.Select(r => r.PrefixCache).Distinct().Count() > 1;
         bool bothMixes = rows.Where(r => r.Packed).Select(r => r.MixedSteps).Distinct().Count() > 1;
-        foreach (var (mode, packed, mixed, cache) in rows.Select(r => (r.Mode, r.Packed, r.MixedSteps, r.PrefixCache)).Distinct())
+        foreach (var (mode, packed, mixed, cache, budget) in rows.Select(r => (r.Mode, r.Packed, r.MixedSteps, r.PrefixCache, r.WidthBudget)).Distinct())
         {
-            var pts = rows.Where(r => r.Mode == mode && r.Packed == packed && r.MixedSteps == mixed && r.PrefixCache == cache).OrderBy(r => r.Sessions).ToList();
+            var pts = rows.Where(r => r.Mode == mode && r.Packed == packed && r.MixedSteps == mixed && r.PrefixCache == cache && r.WidthBudget == budget).OrderBy(r => r.Sessions).ToList();
             var sc = plot.Add.Scatter(pts.Select(p => (double)p.Sessions).ToArray(), pts.Select(p => p.AggregateTokensPerS).ToArray());
-            sc.LegendText = mode + (both ? $" ({(packed ? bothMixes ? mixed ? "packed, mixed" : "packed, chunks alone" : "packed" : "one per run")})" : bothMixes ? (mixed ? " (mixed)" : " (chunks alone)") : "") + (bothCaches ? (cache ? ", prefix cache" : ", no prefix cache") : "");
+            sc.LegendText = BenchSessions.Label(pts[0]) + (both ? $" ({(packed ? bothMixes ? mixed ? "packed, mixed" : "packed, chunks alone" : "packed" : "one per run")})" : bothMixes ? (mixed ? " (mixed)" : " (chunks alone)") : "") + (bothCaches ? (cache ? ", prefix cache" : ", no prefix cache") : "");
             sc.LineWidth = 2;
             sc.MarkerSize = 7;
         }

@@ -51,6 +51,9 @@ public static class DiagnosticsProtocol
     /// <summary>Device: with packing, let one-token steps ride in prefill chunks' runs (true) or run chunks alone (false), from the next step on (decision 0026); benchmarks compare the two. No reply.</summary>
     public sealed record SetMixedSteps(bool Mixed);
 
+    /// <summary>Device: with packed trees, let the width budget choose each pack's width and members (true, decision 0028) or take the widest pack that pays (false), from the next step on; benchmarks compare the two. No reply.</summary>
+    public sealed record SetWidthBudget(bool Budget);
+
     /// <summary>
     /// Device: use the prefix cache (true) or prefill every prompt whole (false), from the next prompt on;
     /// either way the cache is emptied first, so benchmarks start each variant cold. No reply.
@@ -97,6 +100,15 @@ public static class DiagnosticsProtocol
     /// <summary>Rebalancing decisions: each snapshot and what the device chose from it.</summary>
     public sealed record StepDecisions(ImmutableArray<(QueueSnapshot Snapshot, StepChoice Choice)> Decisions);
 
+    /// <summary>Device: its last width-budget decisions for packed trees with the snapshots they were taken from, oldest first (up to 4,096). Reply: <see cref="WidthDecisions"/>.</summary>
+    public sealed record GetWidthDecisions
+    {
+        public static readonly GetWidthDecisions Instance = new();
+    }
+
+    /// <summary>Width-budget decisions: each snapshot and what the device chose from it.</summary>
+    public sealed record WidthDecisions(ImmutableArray<(WidthBudgetSnapshot Snapshot, WidthBudgetChoice Choice)> Decisions);
+
     /// <summary>Device: the timeline of device steps, drafts and verifications (Stopwatch timestamps). Reply: <see cref="Overlap"/>.</summary>
     public sealed record GetOverlap
     {
@@ -136,4 +148,42 @@ public readonly record struct StepChoice(int PrefillTokens)
     public static readonly StepChoice Idle = new(-1);
 
     public bool Prefill => PrefillTokens > 0;
+}
+
+/// <summary>
+/// What the width budget across sessions reads when speculative sessions' trees could share one packed run
+/// (<c>WidthBudget.Choose</c>, decision 0028), so a logged decision can be replayed.
+/// </summary>
+/// <param name="Widths">The widths a pack may take, widest first (graph widths of 2 or more, up to the widest any of the sessions wants).</param>
+/// <param name="Sessions">The sessions whose next step is a tree and that are ready now, the device's round-robin pick first.</param>
+/// <param name="Options">Each pack the device weighed: a width and a number of sessions, widest and most first.</param>
+public sealed record WidthBudgetSnapshot(ImmutableArray<int> Widths, ImmutableArray<BudgetSession> Sessions, ImmutableArray<BudgetOption> Options);
+
+/// <summary>
+/// One ready tree session in a <see cref="WidthBudgetSnapshot"/>: its expected tokens if its tree is verified at each of
+/// the snapshot's widths (the root's token plus each verified node's estimated chance of acceptance), 0 where its cache
+/// has no room for a tree that wide.
+/// </summary>
+public sealed record BudgetSession(SessionRun Session, ImmutableArray<double> Expected);
+
+/// <summary>
+/// A pack the device could run: <paramref name="Sessions"/> trees of <paramref name="Width"/> rows in one run.
+/// </summary>
+/// <param name="Ms">The recent time of such a run in the sessions' KV bucket (null: never measured).</param>
+/// <param name="Pays">It costs clearly less per session than a run of one tree (the rule of <c>StepPolicy.PackPays</c>), and its graph is compiled.</param>
+/// <param name="Learn">Its time is unknown, or it was refused long enough to be measured again: run it to learn.</param>
+public readonly record struct BudgetOption(int Width, int Sessions, double? Ms, bool Pays, bool Learn);
+
+/// <summary>
+/// The budget's choice: the width and the sessions of the packed tree run, with the tokens it expects and the time it
+/// prices the run at; <see cref="None"/> when no pack pays (the pick steps alone).
+/// </summary>
+public sealed record WidthBudgetChoice(int Width, ImmutableArray<SessionRun> Members, double ExpectedTokens, double? Ms)
+{
+    public static readonly WidthBudgetChoice None = new(0, [], 0, null);
+
+    public bool Packed => Width >= 2 && Members.Length >= 2;
+
+    /// <summary>Same width and members, in order (records compare arrays by reference).</summary>
+    public bool SameAs(WidthBudgetChoice other) => other is not null && Width == other.Width && Members.SequenceEqual(other.Members);
 }

@@ -230,6 +230,12 @@ public class InterleavingSpecs : TestKit
 
         var overlap = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
         Assert.True(overlap.DecodeSessionSteps > overlap.DecodeRuns, $"no run packed two trees ({overlap.DecodeRuns} decode runs, {overlap.DecodeSessionSteps} session steps)");
+
+        // Every packed tree run was the width budget's choice, and each logged decision replays to the same choice.
+        var log = (await device.Ask<DiagnosticsProtocol.WidthDecisions>(DiagnosticsProtocol.GetWidthDecisions.Instance)).Decisions;
+        Assert.Contains(log, d => d.Choice.Packed);
+        Assert.All(log, d => Assert.True(WidthBudget.Choose(d.Snapshot).SameAs(d.Choice)));
+        Assert.All(log, d => Assert.All(d.Snapshot.Sessions, s => Assert.All(s.Expected, e => Assert.True(e == 0 || e >= 1))));
     }
 
         [Fact]

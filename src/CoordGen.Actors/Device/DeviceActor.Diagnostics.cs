@@ -14,8 +14,10 @@ public sealed partial class DeviceActor
         Receive<DiagnosticsProtocol.GetQueues>(_ => Sender.Tell(new DiagnosticsProtocol.Queues(_queues.Prefilling.Count, _queues.Decoding.Count, _queues.Waiting.Count)));
         Receive<DiagnosticsProtocol.GetOverlap>(_ => Sender.Tell(_timeline.Snapshot()));
         Receive<DiagnosticsProtocol.GetStepDecisions>(_ => Sender.Tell(_timeline.Decisions()));
+        Receive<DiagnosticsProtocol.GetWidthDecisions>(_ => Sender.Tell(_timeline.WidthDecisions()));
         Receive<DiagnosticsProtocol.SetPackedSteps>(p => _packing = p.Packed ? PackingMode.WhenItPays : PackingMode.Off);
         Receive<DiagnosticsProtocol.SetMixedSteps>(p => _mixedSteps = p.Mixed);
+        Receive<DiagnosticsProtocol.SetWidthBudget>(p => _widthBudget = p.Budget);
         Receive<DiagnosticsProtocol.SetPrefixCache>(p => _prefix.Set(p.Enabled));
         Receive<DiagnosticsProtocol.GetPrefixCache>(_ =>
         {

@@ -35,6 +35,7 @@ public sealed partial class DeviceActor : ReceiveActor
     private PackingMode _packing;
     private readonly bool _packTrees;
     private bool _mixedSteps;
+    private bool _widthBudget = true;
     private readonly DevicePrefixCache _prefix;
     private readonly int _streamWindow;
     private OrtModelRuntime? _runtime;
@@ -244,7 +245,7 @@ public sealed partial class DeviceActor : ReceiveActor
         }
 
         int packWidth = 0;
-        var group = prefill ? (_mixedSteps ? Packing.Riders(_packing, runtime, pick, decoding, chunkWidth, chosen: true) : null) : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth);
+        var group = prefill ? (_mixedSteps ? Packing.Riders(_packing, runtime, pick, decoding, chunkWidth, chosen: true) : null) : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth, _widthBudget, _timeline.DecidedWidth);
         _busy = true;
         foreach (var s in group ?? [pick])
         {

@@ -70,6 +70,9 @@ internal sealed partial class DeviceSession(SessionRun id, DeviceProtocol.Run ru
     /// <summary>Whether this speculative session's cache has room for a tree of <paramref name="width"/> rows (a pack's width may exceed its own).</summary>
     public bool RoomForTree(int width) => _spec?.RoomForTree(width) ?? false;
 
+    /// <summary>Expected tokens of this speculative session's next step as a tree of <paramref name="width"/> rows (1 for a plain session).</summary>
+    public double ExpectedTokens(int width) => _spec?.ExpectedTokens(width) ?? 1;
+
     /// <summary>The KV bucket of this speculative session's next tree step.</summary>
     public int TreeBucket(int width) => _spec?.BucketFor(width) ?? 0;
 

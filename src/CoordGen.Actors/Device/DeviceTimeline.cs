@@ -83,6 +83,21 @@ internal sealed class DeviceTimeline
 
     public DiagnosticsProtocol.StepDecisions Decisions() => new([.. _decisions]);
 
+    private readonly Queue<(WidthBudgetSnapshot, WidthBudgetChoice)> _widthDecisions = new();
+
+    /// <summary>A width-budget decision for packed trees and the snapshot it was taken from (the last 4,096 are kept, for replay).</summary>
+    public void DecidedWidth(WidthBudgetSnapshot snapshot, WidthBudgetChoice choice)
+    {
+        if (_widthDecisions.Count == MaxDecisions)
+        {
+            _widthDecisions.Dequeue();
+        }
+
+        _widthDecisions.Enqueue((snapshot, choice));
+    }
+
+    public DiagnosticsProtocol.WidthDecisions WidthDecisions() => new([.. _widthDecisions]);
+
     public DiagnosticsProtocol.Overlap Snapshot() => new([.. _device], [.. _drafts], [.. _verifies], _paced, _overran, _prefillMs, _decodeMs, _ahead, _decodeRuns, _decodeSessionSteps);
 
     private static void Add(List<Interval> list, Interval i)

@@ -1,5 +1,7 @@
+using System.Collections.Immutable;
 using System.Diagnostics;
 using CoordGen.Engine.Runtime;
+using CoordGen.Messages;
 
 namespace CoordGen.Actors.Device;
 
@@ -23,12 +25,14 @@ internal static class Packing
     /// The sessions that ride with <paramref name="pick"/> in one packed run, when that pays: every other session
     /// ready now whose next step is one token on the width-1 graph (plain, or a speculative root alone), or, for a
     /// speculative session whose next step is a tree (with <paramref name="trees"/>), every other one ready now
-    /// whose next step is a tree. Trees share one width: the widest any of them wants or, when a pack of that width
-    /// does not pay, the widest narrower one that does (a wider tree keeps its first nodes, a narrower one is
-    /// padded; a session without room in its cache for that width is left out). Null: one session per run.
-    /// <paramref name="width"/>: the rows per slot.
+    /// whose next step is a tree. Trees share one width, up to the widest any of them wants, and which width and which
+    /// of them is the width budget's choice (<see cref="WidthBudget.Choose"/>: the most expected tokens per millisecond
+    /// among the packs that pay; a wider tree keeps its first nodes, a narrower one is padded; a session without room
+    /// in its cache for that width is left out), told to <paramref name="decided"/> with its snapshot; without
+    /// <paramref name="budget"/>, the widest pack that pays (<see cref="WidthBudget.Widest"/>, for comparisons). Null: one
+    /// session per run. <paramref name="width"/>: the rows per slot.
     /// </summary>
-    public static List<DeviceSession>? Group(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding, out int width)
+    public static List<DeviceSession>? Group(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession pick, IEnumerable<DeviceSession> decoding, out int width, bool budget = true, Action<WidthBudgetSnapshot, WidthBudgetChoice>? decided = null)
     {
         width = pick.NarrowPackable ? 1 : trees ? pick.NextTreeWidth : 0;
         if (mode == PackingMode.Off || width == 0)
@@ -60,29 +64,55 @@ internal static class Packing
             return null;
         }
 
-        // Several trees' rows cost more than one tree's (a pack of 8 trees of 8 is 64 rows): a narrower pack may pay
-        // where the widest does not, and so may fewer trees that fill a smaller graph.
+        // Several trees' rows cost more than one tree's (a pack of 8 trees of 8 is 64 rows): the width budget weighs every
+        // narrower width and every smaller graph's slot count by the tokens the pack's members expect per millisecond.
         int widest = ready.Max(s => s.NextTreeWidth);
-        foreach (int w in runtime.Widths.Where(w => w >= 2 && w <= widest).OrderDescending())
+        int[] widths = [.. runtime.Widths.Where(w => w >= 2 && w <= widest).OrderDescending()];
+        var byId = ready.ToDictionary(s => s.Id);
+        var snapshot = new WidthBudgetSnapshot([.. widths], [.. ready.Select(s => new BudgetSession(s.Id, [.. widths.Select(w => s.RoomForTree(w) ? s.ExpectedTokens(w) : 0)]))], []);
+        var options = ImmutableArray.CreateBuilder<BudgetOption>();
+        for (int at = 0; at < widths.Length; at++)
         {
-            List<DeviceSession> fit = [.. ready.Where(s => s.RoomForTree(w))];
-            if (fit.Count < 2 || fit[0] != pick)
+            foreach (int n in PackSizes(snapshot.Sessions.Count(s => s.Expected[at] > 0)))
             {
-                continue;
-            }
-
-            foreach (int n in PackSizes(fit.Count))
-            {
-                var group = fit.GetRange(0, n);
-                if (mode == PackingMode.Always || Pays(runtime, n, group.Max(s => s.TreeBucket(w)), w))
+                if (WidthBudget.Members(snapshot, at, n) is { } members)
                 {
-                    width = w;
-                    return group;
+                    options.Add(Option(mode, runtime, widths[at], n, members.Max(m => byId[m.Session].TreeBucket(widths[at]))));
                 }
             }
         }
 
-        return null;
+        snapshot = snapshot with { Options = options.ToImmutable() };
+        var choice = budget ? WidthBudget.Choose(snapshot) : WidthBudget.Widest(snapshot);
+        decided?.Invoke(snapshot, choice);
+        if (!choice.Packed)
+        {
+            return null;
+        }
+
+        width = choice.Width;
+        return [.. choice.Members.Select(id => byId[id])];
+    }
+
+    // A pack of <paramref name="sessions"/> trees of <paramref name="width"/> rows as the width budget weighs it: its recent
+    // time (or a solo run's times the packed cost ratio learned in other buckets), whether it pays (Pays's rule, without
+    // the probe), and whether to run it to learn (never measured, or refused and due to be measured again). Always: every
+    // pack is one to learn, so the first (the widest, the most sessions) runs.
+    private static BudgetOption Option(PackingMode mode, OrtModelRuntime runtime, int width, int sessions, int bucket)
+    {
+        int slots = OrtModelRuntime.PackedSlots(sessions);
+        double? soloMs = runtime.RecentRunMs(width, bucket);
+        double? ratio = runtime.PackedCostRatio(slots, bucket, width);
+        double? ms = runtime.RecentPackedRunMs(slots, bucket, width) ?? (soloMs * ratio);
+        if (mode == PackingMode.Always)
+        {
+            return new(width, sessions, ms, Pays: true, Learn: true);
+        }
+
+        bool possible = StepPolicy.PackPays(null, sessions, soloMs) && runtime.PackedReady(sessions, width, bucket);
+        bool pays = possible && ratio is not null && StepPolicy.PackPays(ratio, sessions, soloMs);
+        bool learn = possible && (ratio is null || (!pays && runtime.ProbeRefusedPack(slots, width, bucket)));
+        return new(width, sessions, ms, pays, learn);
     }
 
     /// <summary>

@@ -27,6 +27,12 @@ internal sealed record SessionsRow
     /// <summary>With packing: one-token steps rode in prefill chunks' runs (mixed steps, decision 0026); false when not packed.</summary>
     [JsonPropertyName("mixed_steps")] public bool MixedSteps { get; init; }
 
+    /// <summary>
+    /// With packed trees: the width budget chose each pack's width and members by expected tokens per millisecond
+    /// (decision 0028, the server's default); false: the widest pack that pays, as before it. True for rows it does not touch.
+    /// </summary>
+    [JsonPropertyName("width_budget")] public bool WidthBudget { get; init; } = true;
+
     /// <summary>The prefix cache was on (emptied before each point's pass: requests reuse only what the pass prefilled).</summary>
     [JsonPropertyName("prefix_cache")] public bool PrefixCache { get; init; }
 
@@ -73,6 +79,7 @@ internal static class BenchSessions
         var packedOpt = new Option<string>("--packed") { Description = "true: plain sessions ready together share one device run when it pays (packed steps, the server's default); false: one session per device run; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var packedTrees = new Option<bool?>("--packed-trees") { Description = "With packing on: speculative sessions' trees share packed runs too (CoordGenOptions.PackedTrees; default: the server's default).", HelpName = "true|false" };
         var mixedSteps = new Option<string>("--mixed-steps") { Description = "With packing on: true: sessions whose next step is one token ride in prefill chunks' runs (CoordGenOptions.MixedSteps, the server's default); false: chunks run alone; both: each packed mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
+        var budgetOpt = new Option<string>("--width-budget") { Description = "With packed trees: true: the width budget chooses each pack's width and members by expected tokens per millisecond (decision 0028, the server's default); false: the widest pack that pays; both: each speculative mode both ways, side by side (rows `(widest)`).", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var prefixOpt = new Option<string>("--prefix-cache") { Description = "true: the prefix cache is on (the server's default), emptied before every pass; false: every prompt is prefilled whole; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
         var rounds = new Option<int>("--rounds") { Description = "Times each (sessions, mode) point runs, the modes taking turns; the report sums the rounds (this shared machine drifts in speed).", DefaultValueFactory = _ => 1 };
@@ -81,7 +88,7 @@ internal static class BenchSessions
         var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest; adaptive width costs widths by the profile), so the modes meet an NPU's step times; the report is then sessions-PROFILE.md and says so. Steps last tens of ms: use few points, e.g. --sessions 8 --requests 2.");
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
         {
-            model, workload, sessions, requests, method, width, modesOpt, packedOpt, packedTrees, mixedSteps, prefixOpt, threads, rounds, json, outDir, deviceProfile, weights, kv,
+            model, workload, sessions, requests, method, width, modesOpt, packedOpt, packedTrees, mixedSteps, budgetOpt, prefixOpt, threads, rounds, json, outDir, deviceProfile, weights, kv,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -106,6 +113,13 @@ internal static class BenchSessions
                 "false" => [false],
                 "both" => [false, true],
                 var other => throw new ArgumentException($"--mixed-steps takes true, false or both (got '{other}')."),
+            };
+            bool[] budgets = parse.GetValue(budgetOpt) switch
+            {
+                "true" => [true],
+                "false" => [false],
+                "both" => [false, true],
+                var other => throw new ArgumentException($"--width-budget takes true, false or both (got '{other}')."),
             };
             bool[] caches = parse.GetValue(prefixOpt) switch
             {
@@ -153,7 +167,7 @@ internal static class BenchSessions
             int roundCount = parse.GetValue(rounds);
             await AnsiConsole.Progress().Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new ElapsedTimeColumn()).StartAsync(async progress =>
             {
-                var variants = caches.SelectMany(pc => packings.SelectMany(pk => (pk ? mixes : [false]).SelectMany(mx => modes.Select(mode => (Mode: mode, Packed: pk, Mixed: mx, Prefix: pc))))).ToList();
+                var variants = caches.SelectMany(pc => packings.SelectMany(pk => (pk ? mixes : [false]).SelectMany(mx => modes.SelectMany(mode => (pk && mode != "ar" ? budgets : [true]).Select(b => (Mode: mode, Packed: pk, Mixed: mx, Prefix: pc, Budget: b)))))).ToList();
                 var bar = progress.AddTask("sessions x mode x round", maxValue: counts.Count * variants.Count * roundCount);
                 foreach (int n in counts)
                 {
@@ -167,6 +181,7 @@ internal static class BenchSessions
                             string mode = variant.Mode;
                             device.Tell(new DiagnosticsProtocol.SetPackedSteps(variant.Packed));
                             device.Tell(new DiagnosticsProtocol.SetMixedSteps(variant.Mixed));
+                            device.Tell(new DiagnosticsProtocol.SetWidthBudget(variant.Budget));
                             device.Tell(new DiagnosticsProtocol.SetPrefixCache(variant.Prefix));
                             var before = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
                             var sw = Stopwatch.StartNew();
@@ -210,6 +225,7 @@ internal static class BenchSessions
                             Mode = variant.Mode,
                             Packed = variant.Packed,
                             MixedSteps = variant.Mixed,
+                            WidthBudget = variant.Budget,
                             PrefixCache = variant.Prefix,
                             AggregateTokensPerS = Math.Round(pt.Tokens / pt.Seconds, 1),
                             PerSessionTokensPerS = Math.Round(pt.Tokens / pt.Seconds / n, 1),
@@ -233,6 +249,9 @@ internal static class BenchSessions
         });
         return cmd;
     }
+
+    /// <summary>A row's mode, marked `(widest)` when the width budget was off for it.</summary>
+    internal static string Label(SessionsRow r) => r.WidthBudget ? r.Mode : r.Mode + " (widest)";
 
     private sealed record GcCounts(int Gen0, int Gen1, int Gen2, double PauseMs);
 
@@ -289,10 +308,16 @@ internal static class BenchSessions
         md.AppendLine(CultureInfo.InvariantCulture, $"Prefix cache: {(bothCaches ? "both ways (the `prefix cache` column)" : rows[0].PrefixCache ? "on" : "off")}; when on it is emptied before every pass, so a pass reuses only prompts it prefilled itself (docs/decisions/0019-prefix-cache.md).").AppendLine();
         bool bothMixes = rows.Where(r => r.Packed).Select(r => r.MixedSteps).Distinct().Count() > 1;
         md.AppendLine(CultureInfo.InvariantCulture, $"Mixed steps (decision 0026): {(bothMixes ? "packed both ways (`packed` = `yes, mixed` when one-token steps rode in prefill chunks' runs, `yes` when chunks ran alone)" : rows.Any(r => r.MixedSteps) ? "on: with packing, sessions whose next step is one token ride in prefill chunks' runs" : "off: chunks run alone")}; a mixed run's time beyond the chunk alone (its recent solo time) counts as decode time, the rest as prefill.").AppendLine();
+        bool bothBudgets = rows.Select(r => r.WidthBudget).Distinct().Count() > 1;
+        if (bothBudgets)
+        {
+            md.AppendLine("Width budget (decision 0028): speculative modes both ways; `(widest)` rows took the widest pack of trees that pays, the others the width budget's choice of width and members by expected tokens per millisecond.").AppendLine();
+        }
+
         md.AppendLine("| sessions | mode | packed | prefix cache | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | sessions per decode run | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
         foreach (var r in rows)
         {
-            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {r.Mode} | {(r.Packed ? bothMixes && r.MixedSteps ? "yes, mixed" : "yes" : "no")} | {(r.PrefixCache ? "on" : "off")} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {r.PrefillShare:P0} | {r.DecodeTokensPerDeviceS} | {r.SessionsPerDecodeRun} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {r.Sessions} | {Label(r)} | {(r.Packed ? bothMixes && r.MixedSteps ? "yes, mixed" : "yes" : "no")} | {(r.PrefixCache ? "on" : "off")} | {r.AggregateTokensPerS} | {r.PerSessionTokensPerS} | {r.P50IntertokenMs} | {r.P99IntertokenMs} | {r.PrefillShare:P0} | {r.DecodeTokensPerDeviceS} | {r.SessionsPerDecodeRun} | {(r.IdenticalToAlone ? "yes" : "NO")} |");
         }
 
         md.AppendLine();
@@ -300,7 +325,15 @@ internal static class BenchSessions
         {
             var ar = rows.First(r => r.Sessions == n && r.Packed == packed && r.MixedSteps == mixed && r.PrefixCache == cache && r.Mode == "ar");
             var parts = rows.Where(r => r.Sessions == n && r.Packed == packed && r.MixedSteps == mixed && r.PrefixCache == cache && r.Mode != "ar").Select(r => string.Create(CultureInfo.InvariantCulture,
-                $"{r.Mode} / ar aggregate = {r.AggregateTokensPerS / ar.AggregateTokensPerS:F2}x (decode phase {r.DecodeTokensPerDeviceS / Math.Max(1e-9, ar.DecodeTokensPerDeviceS):F2}x)")).ToList();
+                $"{Label(r)} / ar aggregate = {r.AggregateTokensPerS / ar.AggregateTokensPerS:F2}x (decode phase {r.DecodeTokensPerDeviceS / Math.Max(1e-9, ar.DecodeTokensPerDeviceS):F2}x)")).ToList();
+            foreach (var b in rows.Where(r => bothBudgets && r.Sessions == n && r.Packed == packed && r.MixedSteps == mixed && r.PrefixCache == cache && r.Mode != "ar" && r.WidthBudget))
+            {
+                if (rows.FirstOrDefault(r => r.Sessions == n && r.Packed == packed && r.MixedSteps == mixed && r.PrefixCache == cache && r.Mode == b.Mode && !r.WidthBudget) is { } widest)
+                {
+                    parts.Insert(0, string.Create(CultureInfo.InvariantCulture, $"**{b.Mode} width budget / widest: aggregate {b.AggregateTokensPerS / widest.AggregateTokensPerS:F2}x, decode phase {b.DecodeTokensPerDeviceS / Math.Max(1e-9, widest.DecodeTokensPerDeviceS):F2}x**"));
+                }
+            }
+
             if (packed && rows.FirstOrDefault(r => r.Sessions == n && !r.Packed && r.PrefixCache == cache && r.Mode == "ar") is { } one)
             {
                 parts.Insert(0, string.Create(CultureInfo.InvariantCulture, $"**packed ar / one-per-run ar: decode phase {ar.DecodeTokensPerDeviceS / Math.Max(1e-9, one.DecodeTokensPerDeviceS):F2}x, aggregate {ar.AggregateTokensPerS / one.AggregateTokensPerS:F2}x**"));

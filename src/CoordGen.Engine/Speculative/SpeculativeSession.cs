@@ -284,6 +284,15 @@ public sealed class SpeculativeSession : IDisposable
     }
 
     /// <summary>
+    /// Expected tokens of the next step if it verifies the offered tree at <paramref name="width"/> rows (the root and the
+    /// tree's first <c>width - 1</c> nodes), from how often this session's nodes of each source and depth were accepted
+    /// lately (<see cref="NodeAcceptance"/>); 1 when no tree is offered. The width budget across sessions ranks packs by it.
+    /// </summary>
+    public double ExpectedTokens(int width) => _proposal is { } tree ? _nodeAcceptance.ExpectedTokens(tree, width) : 1;
+
+    private readonly NodeAcceptance _nodeAcceptance = new();
+
+    /// <summary>
     /// The next step verifies the root alone (adaptive width found nothing worth a wider graph), read without
     /// taking anything: it can ride in a packed width-1 run beside other sessions' width-1 steps
     /// (<see cref="BeginNarrow"/>, <see cref="NarrowSteps.RunPacked"/>).
@@ -540,6 +549,7 @@ public sealed class SpeculativeSession : IDisposable
 
         _acct.Step(width, _nodes, verdict.Accepted, emitted.Length);
         Observe(verdict.Accepted, width);
+        _nodeAcceptance.Observe(_inFlight, _nodes, kept);
         _cache.Keep(kept);
         _outcome = new StepOutcome(width, [.. emitted], [.. kept], [.. _pendingArgmax]);
         for (int j = 0; j < emitted.Length; j++)

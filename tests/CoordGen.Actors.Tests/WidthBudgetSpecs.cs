@@ -1,0 +1,66 @@
+using CoordGen.Actors.Device;
+using CoordGen.Messages;
+
+namespace CoordGen.Actors.Tests;
+
+/// <summary>The width budget across sessions (decision 0028): which trees share a packed run, at what width. Pure, table-tested.</summary>
+public class WidthBudgetSpecs
+{
+    private static SessionRun Id(string name) => new(new SessionId(name), 1);
+
+    // Sessions as "name:e8/e4" (expected tokens at widths 8 and 4; 0 = no room); options as "w,n,ms,pays,learn" (ms "-" = unknown).
+    private static WidthBudgetSnapshot Snapshot(string sessions, string options) => new(
+        [8, 4],
+        [.. sessions.Split(' ').Select(s => s.Split(':')).Select(p => new BudgetSession(Id(p[0]), [.. p[1].Split('/').Select(double.Parse)]))],
+        [.. options.Split(' ').Select(o => o.Split(',')).Select(p => new BudgetOption(int.Parse(p[0]), int.Parse(p[1]), p[2] == "-" ? null : double.Parse(p[2]), p[3] == "y", p[4] == "y"))]);
+
+    [Theory]
+    // Trees that expect little beyond four rows: the narrower pack gives more tokens per millisecond (9 / 30 beats 10 / 45).
+    [InlineData("a:2.6/2.3 b:2.5/2.2 c:2.4/2.2 d:2.5/2.3", "8,4,45,y,n 4,4,30,y,n", 4, "adbc")]
+    // Trees worth their eight rows: the wide pack (20 / 45 beats 12 / 30).
+    [InlineData("a:5/3 b:5/3 c:5/3 d:5/3", "8,4,45,y,n 4,4,30,y,n", 8, "abcd")]
+    // The widest pack does not pay: the next one that does.
+    [InlineData("a:5/3 b:5/3 c:5/3 d:5/3", "8,4,45,n,n 4,4,30,y,n", 4, "abcd")]
+    // A pack never measured runs first, to learn its time, whatever the others promise.
+    [InlineData("a:5/3 b:5/3 c:5/3 d:5/3", "8,4,45,y,n 4,4,-,y,y", 4, "abcd")]
+    [InlineData("a:5/3 b:5/3 c:5/3 d:5/3", "8,4,45,n,y 4,4,30,y,n", 8, "abcd")]
+    // Fewer trees in a smaller graph: the pick and the others that expect the most (c, then b before d on a tie).
+    [InlineData("a:3/2 b:2/2 c:6/3 d:2/2", "8,4,60,y,n 8,2,20,y,n", 8, "ac")]
+    // A session without room for the width is left out of it.
+    [InlineData("a:3/2 b:0/2 c:3/2", "8,2,20,y,n 4,3,20,y,n", 8, "ac")]
+    public void Budget_should_choose_the_pack_with_the_most_expected_tokens_per_millisecond(string sessions, string options, int width, string members)
+    {
+        var choice = WidthBudget.Choose(Snapshot(sessions, options));
+        Assert.Equal(width, choice.Width);
+        Assert.Equal(members.Select(c => Id(c.ToString())), choice.Members);
+        Assert.True(choice.Packed);
+    }
+
+    [Theory]
+    [InlineData("a:2.6/2.3 b:2.5/2.2 c:2.4/2.2 d:2.5/2.3", "8,4,45,y,n 4,4,30,y,n", 8)] // the widest that pays, whatever the trees expect
+    [InlineData("a:5/3 b:5/3 c:5/3 d:5/3", "8,4,45,n,n 4,4,30,y,n", 4)]
+    [InlineData("a:5/3 b:5/3 c:5/3 d:5/3", "8,4,45,n,y 4,4,30,y,n", 8)]
+    public void The_rule_before_the_budget_should_take_the_widest_pack_that_pays(string sessions, string options, int width)
+    {
+        Assert.Equal(width, WidthBudget.Widest(Snapshot(sessions, options)).Width);
+    }
+
+    [Theory]
+    [InlineData("a:5/3 b:5/3", "8,2,20,n,n 4,2,20,n,n")] // nothing pays
+    [InlineData("a:0/0 b:5/3", "8,2,20,y,n")] // the pick has no room: it steps alone
+    [InlineData("a:5/3 b:0/0", "8,2,20,y,n")] // no one to pack with at that width
+    public void Budget_should_choose_no_pack_when_none_pays_or_fits(string sessions, string options)
+    {
+        Assert.Equal(WidthBudgetChoice.None, WidthBudget.Choose(Snapshot(sessions, options)));
+    }
+
+    [Fact]
+    public void Members_should_keep_the_pick_first_and_rank_the_others_by_expected_tokens()
+    {
+        var s = Snapshot("a:1.2/1 b:2/1.5 c:4/2 d:3/3", "8,4,1,y,n");
+        Assert.Equal([Id("a"), Id("c"), Id("d")], WidthBudget.Members(s, 0, 3)!.Select(m => m.Session));
+        Assert.Equal([Id("a"), Id("d"), Id("c")], WidthBudget.Members(s, 1, 3)!.Select(m => m.Session));
+        Assert.Null(WidthBudget.Members(s, 0, 5));
+        Assert.Equal([Id("a")], WidthBudget.Members(s, 0, 1)!.Select(m => m.Session));
+    }
+}
