@@ -24,8 +24,10 @@ public class WidthBudgetSpecs
     // A pack never measured runs first, to learn its time, whatever the others promise.
     [InlineData("a:5/3 b:5/3 c:5/3 d:5/3", "8,4,45,y,n 4,4,-,y,y", 4, "abcd")]
     [InlineData("a:5/3 b:5/3 c:5/3 d:5/3", "8,4,45,n,y 4,4,30,y,n", 8, "abcd")]
-    // Fewer trees in a smaller graph: the pick and the others that expect the most (c, then b before d on a tie).
-    [InlineData("a:3/2 b:2/2 c:6/3 d:2/2", "8,4,60,y,n 8,2,20,y,n", 8, "ac")]
+    // As many trees as the width holds, the pick first and the others by what they expect (b before d on a tie)...
+    [InlineData("a:3/2 b:2/2 c:6/3 d:2/2", "8,4,60,y,n 8,2,20,y,n", 8, "acbd")]
+    // ...and fewer in a smaller graph only where the larger does not pay: the pick and the one that expects the most.
+    [InlineData("a:3/2 b:2/2 c:6/3 d:2/2", "8,4,60,n,n 8,2,20,y,n", 8, "ac")]
     // A session without room for the width is left out of it.
     [InlineData("a:3/2 b:0/2 c:3/2", "8,2,20,y,n 4,3,20,y,n", 8, "ac")]
     public void Budget_should_choose_the_pack_with_the_most_expected_tokens_per_millisecond(string sessions, string options, int width, string members)

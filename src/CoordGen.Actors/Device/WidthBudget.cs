@@ -13,24 +13,24 @@ namespace CoordGen.Actors.Device;
 public static class WidthBudget
 {
     /// <summary>
-    /// The pack to run from <paramref name="snapshot"/>: the first option to learn (its time unknown, or a refused pack due
-    /// to be measured again), else of the options that pay the one whose members expect the most tokens per millisecond
-    /// (the earlier option on a tie); <see cref="WidthBudgetChoice.None"/> when none pays.
+    /// The pack to run from <paramref name="snapshot"/>. At each width, the first option that pays or is due to be learned
+    /// (as many sessions as the width holds, a smaller graph only where the larger does not pay: a session left out
+    /// would need a run of its own); then the first of those to learn (its time unknown, or a refused pack due to be
+    /// measured again), else the one whose members expect the most tokens per millisecond (the wider on a tie);
+    /// <see cref="WidthBudgetChoice.None"/> when none pays.
     /// </summary>
     public static WidthBudgetChoice Choose(WidthBudgetSnapshot snapshot)
     {
         ArgumentNullException.ThrowIfNull(snapshot);
         WidthBudgetChoice? best = null;
         double bestRate = double.NegativeInfinity;
-        foreach (var o in snapshot.Options)
+        foreach (int width in snapshot.Widths)
         {
-            int at = snapshot.Widths.IndexOf(o.Width);
-            if ((!o.Pays && !o.Learn) || at < 0 || Members(snapshot, at, o.Sessions) is not { } members)
+            if (First(snapshot, o => o.Width == width) is not var (choice, o))
             {
                 continue;
             }
 
-            var choice = new WidthBudgetChoice(o.Width, [.. members.Select(m => m.Session)], members.Sum(m => m.Expected[at]), o.Ms);
             if (o.Learn || o.Ms is not { } ms)
             {
                 return choice;
@@ -53,16 +53,22 @@ public static class WidthBudget
     public static WidthBudgetChoice Widest(WidthBudgetSnapshot snapshot)
     {
         ArgumentNullException.ThrowIfNull(snapshot);
+        return First(snapshot, _ => true)?.Choice ?? WidthBudgetChoice.None;
+    }
+
+    // The first option in the snapshot's order that pays or is due to be learned, among those <paramref name="where"/> takes, with its members.
+    private static (WidthBudgetChoice Choice, BudgetOption Option)? First(WidthBudgetSnapshot snapshot, Func<BudgetOption, bool> where)
+    {
         foreach (var o in snapshot.Options)
         {
             int at = snapshot.Widths.IndexOf(o.Width);
-            if ((o.Pays || o.Learn) && at >= 0 && Members(snapshot, at, o.Sessions) is { } members)
+            if ((o.Pays || o.Learn) && at >= 0 && where(o) && Members(snapshot, at, o.Sessions) is { } members)
             {
-                return new WidthBudgetChoice(o.Width, [.. members.Select(m => m.Session)], members.Sum(m => m.Expected[at]), o.Ms);
+                return (new WidthBudgetChoice(o.Width, [.. members.Select(m => m.Session)], members.Sum(m => m.Expected[at]), o.Ms), o);
             }
         }
 
-        return WidthBudgetChoice.None;
+        return null;
     }
 
     /// <summary>

@@ -1,3 +1,4 @@
+using System.Collections.Immutable;
 using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
@@ -241,10 +242,11 @@ internal static class BenchSessions
                 }
             });
             var paced = await device.Ask<DiagnosticsProtocol.Overlap>(DiagnosticsProtocol.GetOverlap.Instance);
+            var widths = (await device.Ask<DiagnosticsProtocol.WidthDecisions>(DiagnosticsProtocol.GetWidthDecisions.Instance)).Decisions;
             var gc = new GcCounts(GC.CollectionCount(0) - gcBefore[0], GC.CollectionCount(1) - gcBefore[1], GC.CollectionCount(2) - gcBefore[2], (GC.GetTotalPauseDuration() - gcPauseBefore).TotalMilliseconds);
             // One workload file of its own: the report is named after it (sessions-summary.md), so per-family runs sit beside the mixed one.
             string? family = parse.GetValue(workload) is { Length: 1 } one ? Path.GetFileNameWithoutExtension(one[0].Name) : null;
-            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), profile, paced, family, files, gc, bundle.Name + (parse.GetValue(weights) == Engine.Model.WeightFormat.F32 ? "" : "-" + Engine.Model.WeightQuantizer.Name(parse.GetValue(weights))) + (parse.GetValue(kv) == Engine.Runtime.KvFormat.F32 ? "" : "-kv-f16"));
+            Write(rows, stamp, m, w, perSession, parse.GetValue(rounds), parse.GetValue(outDir)?.FullName ?? Path.Combine(root, "docs", "bench"), parse.GetValue(json), profile, paced, widths, family, files, gc, bundle.Name + (parse.GetValue(weights) == Engine.Model.WeightFormat.F32 ? "" : "-" + Engine.Model.WeightQuantizer.Name(parse.GetValue(weights))) + (parse.GetValue(kv) == Engine.Runtime.KvFormat.F32 ? "" : "-kv-f16"));
             return rows.All(r => r.IdenticalToAlone) ? 0 : 1;
         });
         return cmd;
@@ -278,7 +280,7 @@ internal static class BenchSessions
         return new StreamResult(tokens, gaps);
     }
 
-    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, DiagnosticsProtocol.Overlap paced, string? family, IReadOnlyList<string> files, GcCounts gc, string model)
+    private static void Write(List<SessionsRow> rows, BenchStamp stamp, string method, int width, int perSession, int rounds, string dir, FileInfo? json, Engine.Scheduling.DeviceProfile? profile, DiagnosticsProtocol.Overlap paced, ImmutableArray<(WidthBudgetSnapshot Snapshot, WidthBudgetChoice Choice)> widths, string? family, IReadOnlyList<string> files, GcCounts gc, string model)
     {
         Directory.CreateDirectory(dir);
         string stem = ReportStem.For("sessions" + (family is null ? "" : $"-{family}") + (profile is null ? "" : $"-{profile.Name}"), model);
@@ -312,6 +314,14 @@ internal static class BenchSessions
         if (bothBudgets)
         {
             md.AppendLine("Width budget (decision 0028): speculative modes both ways; `(widest)` rows took the widest pack of trees that pays, the others the width budget's choice of width and members by expected tokens per millisecond.").AppendLine();
+        }
+
+        if (widths.Any(d => d.Choice.Packed || WidthBudget.Widest(d.Snapshot).Packed))
+        {
+            // Both rules replayed on every logged snapshot (the device keeps the last 4,096), whichever was in force.
+            var both = widths.Select(d => (Budget: WidthBudget.Choose(d.Snapshot), Widest: WidthBudget.Widest(d.Snapshot))).Where(x => x.Budget.Packed || x.Widest.Packed).ToList();
+            int narrower = both.Count(x => x.Budget.Width < x.Widest.Width), otherMembers = both.Count(x => x.Budget.Width == x.Widest.Width && !x.Budget.SameAs(x.Widest));
+            md.AppendLine(CultureInfo.InvariantCulture, $"Packed tree decisions logged: {both.Count}; replayed, the width budget chose a narrower width than the widest pack that pays in {narrower} ({narrower / (double)both.Count:P0}), other members at the same width in {otherMembers}; widths chosen by the budget: {string.Join(", ", both.GroupBy(x => x.Budget.Width).OrderBy(g => g.Key).Select(g => $"{g.Key}: {g.Count()}"))}; mean expected tokens per tree {both.Where(x => x.Budget.Packed).Select(x => x.Budget.ExpectedTokens / x.Budget.Members.Length).DefaultIfEmpty().Average():F2}.").AppendLine();
         }
 
         md.AppendLine("| sessions | mode | packed | prefix cache | aggregate tok/s | per-session tok/s | p50 inter-token ms | p99 inter-token ms | prefill share | decode tok/s (device) | sessions per decode run | identical to alone |").AppendLine("|---|---|---|---|---|---|---|---|---|---|---|---|");
