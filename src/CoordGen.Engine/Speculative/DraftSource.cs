@@ -28,6 +28,22 @@ public sealed class DraftAccounting
 
     internal void Degrade() => DegradedSteps++;
 
+    /// <summary>Tree steps whose tokens the per-node acceptance estimates predicted before the step (<see cref="NodeAcceptance"/>).</summary>
+    public int PredictedSteps { get; private set; }
+
+    /// <summary>Tokens those steps were expected to give, summed: beside <see cref="PredictedEmitted"/>, how well the width budget's estimates are calibrated.</summary>
+    public double PredictedTokens { get; private set; }
+
+    /// <summary>Tokens those steps gave.</summary>
+    public long PredictedEmitted { get; private set; }
+
+    internal void Expected(double predicted, int emitted)
+    {
+        PredictedSteps++;
+        PredictedTokens += predicted;
+        PredictedEmitted += emitted;
+    }
+
     public long Proposed(DraftSource s) => _proposed[(int)s];
 
     public long Accepted(DraftSource s) => _accepted[(int)s];

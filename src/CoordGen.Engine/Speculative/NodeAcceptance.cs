@@ -24,25 +24,46 @@ public sealed class NodeAcceptance
 
     private const double Decay = 0.97;
     private const double PriorWeight = 2;
+
+    // Before anything is seen, a later child (a branch beside the drafter's main continuation) is taken as this share of a first child's chance.
+    private const double LaterChildShare = 0.25;
+
+    private readonly NodeAcceptance? _shared;
+    private readonly Lock _gate = new();
+
+    /// <param name="shared">Estimates learned from every session of the decoder (its own steps go there too): the prior of a
+    /// session's nodes until its own steps say more. Null: the prior from depth alone.</param>
+    public NodeAcceptance(NodeAcceptance? shared = null) => _shared = shared;
     private static readonly int Sources = Enum.GetValues<DraftSource>().Length;
 
-    private readonly double[] _proposed = new double[Sources * (MaxDepth + 1)];
-    private readonly double[] _accepted = new double[Sources * (MaxDepth + 1)];
+    private readonly double[] _proposed = new double[Sources * (MaxDepth + 1) * 2];
+    private readonly double[] _accepted = new double[Sources * (MaxDepth + 1) * 2];
     private readonly double[] _chances = new double[MaxDepth + 1];
     private readonly double[] _reached = new double[MaxDepth + 1];
     private int[] _depths = new int[32];
     private bool[] _kept = new bool[32];
     private double[] _p = new double[32];
     private double[] _childSum = new double[32];
+    private bool[] _later = new bool[33];
 
     /// <summary>
     /// Learns from one verified tree step: the first <paramref name="nodes"/> nodes of <paramref name="tree"/> were verified
-    /// and <paramref name="keptRows"/> (row 0 the root, row i + 1 node i) is the accepted path.
+    /// and <paramref name="keptRows"/> (row 0 the root, row i + 1 node i) is the accepted path. Returns what the estimates
+    /// expected of the step before learning from it (<see cref="ExpectedTokens"/>), to compare with the tokens it gave.
     /// </summary>
-    public void Observe(DraftProposal tree, int nodes, ReadOnlySpan<int> keptRows)
+    public double Observe(DraftProposal tree, int nodes, ReadOnlySpan<int> keptRows)
     {
         ArgumentNullException.ThrowIfNull(tree);
-        nodes = Math.Min(nodes, tree.Count);
+        _shared?.Observe(tree, nodes, keptRows);
+        lock (_gate)
+        {
+            return ObserveLocked(tree, Math.Min(nodes, tree.Count), keptRows);
+        }
+    }
+
+    private double ObserveLocked(DraftProposal tree, int nodes, ReadOnlySpan<int> keptRows)
+    {
+        double expected = ExpectedLocked(tree, nodes + 1);
         Scale(_proposed);
         Scale(_accepted);
         Scale(_chances);
@@ -60,6 +81,7 @@ public sealed class NodeAcceptance
 
         bool rootHasChild = false;
         Array.Clear(_childSum, 0, nodes); // here: whether the node has a verified child
+        Array.Clear(_later, 0, nodes + 1);
         for (int i = 0; i < nodes; i++)
         {
             int parent = tree.Parents[i];
@@ -73,7 +95,8 @@ public sealed class NodeAcceptance
                 _childSum[parent] = 1;
             }
 
-            int at = Cell(tree.Sources[i], Math.Min(_depths[i], MaxDepth));
+            int at = Cell(tree.Sources[i], _depths[i], !_later[parent + 1]);
+            _later[parent + 1] = true;
             _proposed[at]++;
             if (_kept[i])
             {
@@ -98,6 +121,8 @@ public sealed class NodeAcceptance
                 _reached[d]++;
             }
         }
+
+        return expected;
     }
 
     /// <summary>
@@ -107,6 +132,14 @@ public sealed class NodeAcceptance
     public double ExpectedTokens(DraftProposal tree, int rows)
     {
         ArgumentNullException.ThrowIfNull(tree);
+        lock (_gate)
+        {
+            return ExpectedLocked(tree, rows);
+        }
+    }
+
+    private double ExpectedLocked(DraftProposal tree, int rows)
+    {
         int nodes = Math.Clamp(rows - 1, 0, tree.Count);
         EnsureScratch(nodes);
         double sum = 1;
@@ -117,13 +150,15 @@ public sealed class NodeAcceptance
             _childSum[i] = 0;
         }
 
+        Array.Clear(_later, 0, nodes + 1);
         double rootChildren = 0;
         for (int i = 0; i < nodes; i++)
         {
             int parent = tree.Parents[i];
             double above = parent < 0 ? 1 : _p[parent];
             ref double siblings = ref parent < 0 ? ref rootChildren : ref _childSum[parent];
-            double p = Math.Min(Math.Min(NodeChance(tree.Sources[i], _depths[i]), above), Math.Max(0, above - siblings));
+            double p = Math.Min(Math.Min(ChanceLocked(tree.Sources[i], _depths[i], !_later[parent + 1]), above), Math.Max(0, above - siblings));
+            _later[parent + 1] = true;
             siblings += p;
             _p[i] = p;
             sum += p;
@@ -132,16 +167,36 @@ public sealed class NodeAcceptance
         return sum;
     }
 
-    /// <summary>The estimate for a node of <paramref name="source"/> at <paramref name="depth"/>, before its tree's limits.</summary>
-    public double NodeChance(byte source, int depth)
+    /// <summary>
+    /// The estimate for a node of <paramref name="source"/> at <paramref name="depth"/>, its parent's first child in the tree
+    /// (the drafter's main continuation there) or a later one, before its tree's limits.
+    /// </summary>
+    public double NodeChance(byte source, int depth, bool firstChild = true)
+    {
+        lock (_gate)
+        {
+            return ChanceLocked(source, depth, firstChild);
+        }
+    }
+
+    private double ChanceLocked(byte source, int depth, bool firstChild)
     {
         int d = Math.Clamp(depth, 1, MaxDepth);
-        int at = Cell(source, d);
-        return (_accepted[at] + (PriorWeight * Reach(d))) / (_proposed[at] + PriorWeight);
+        int at = Cell(source, d, firstChild);
+        double prior = _shared?.NodeChance(source, d, firstChild) ?? (firstChild ? 1 : LaterChildShare) * ReachLocked(d);
+        return (_accepted[at] + (PriorWeight * prior)) / (_proposed[at] + PriorWeight);
     }
 
     /// <summary>The prior: the chance that a step's accepted path reaches <paramref name="depth"/>.</summary>
     public double Reach(int depth)
+    {
+        lock (_gate)
+        {
+            return ReachLocked(depth);
+        }
+    }
+
+    private double ReachLocked(int depth)
     {
         double p = 1;
         for (int d = 1; d <= Math.Min(depth, MaxDepth); d++)
@@ -152,7 +207,7 @@ public sealed class NodeAcceptance
         return p;
     }
 
-    private static int Cell(byte source, int depth) => (Math.Min((int)source, Sources - 1) * (MaxDepth + 1)) + depth;
+    private static int Cell(byte source, int depth, bool firstChild) => (((Math.Min((int)source, Sources - 1) * (MaxDepth + 1)) + Math.Clamp(depth, 1, MaxDepth)) * 2) + (firstChild ? 0 : 1);
 
     private static void Scale(double[] a)
     {
@@ -167,7 +222,7 @@ public sealed class NodeAcceptance
         if (_p.Length < nodes)
         {
             int n = Math.Max(nodes, 2 * _p.Length);
-            (_depths, _kept, _p, _childSum) = (new int[n], new bool[n], new double[n], new double[n]);
+            (_depths, _kept, _p, _childSum, _later) = (new int[n], new bool[n], new double[n], new double[n], new bool[n + 1]);
         }
     }
 }

@@ -292,9 +292,10 @@ public sealed class SpeculativeDecoder
     /// <param name="externalDrafter">The session's trees come from a drafter elsewhere (<see cref="SpeculativeSession.Offer"/>): it builds no draft state of its own.</param>
     public SpeculativeSession Start(Prefilled pre, int maxTokens, SamplingOptions sampling, IReadOnlySet<int> stopTokens,
         SpeculationOptions spec, HistoryStore? history = null, Func<int, bool>? onToken = null, bool adoptCache = false, Action<TokenLogprobs>? onLogprobs = null, bool externalDrafter = false) =>
-        new(_runtime, _plain, pre, maxTokens, sampling, stopTokens, spec, history, onToken, adoptCache, onLogprobs, externalDrafter) { SharedAcceptance = _acceptance };
+        new(_runtime, _plain, pre, maxTokens, sampling, stopTokens, spec, history, onToken, adoptCache, onLogprobs, externalDrafter) { SharedAcceptance = _acceptance, SharedNodeAcceptance = _nodeAcceptance };
 
     private readonly AcceptanceMemory _acceptance = new();
+    private readonly NodeAcceptance _nodeAcceptance = new();
 
     internal static void BuildTree(SpeculationOptions spec, List<int> sequence, DraftSources sources, DraftCursors cursors,
         List<int[]> branches, DraftTree tree, Span<int> draft, List<int> chainNodes, bool chainTrusted)

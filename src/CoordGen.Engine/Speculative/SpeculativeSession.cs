@@ -290,7 +290,10 @@ public sealed class SpeculativeSession : IDisposable
     /// </summary>
     public double ExpectedTokens(int width) => _proposal is { } tree ? _nodeAcceptance.ExpectedTokens(tree, width) : 1;
 
-    private readonly NodeAcceptance _nodeAcceptance = new();
+    private NodeAcceptance _nodeAcceptance = new();
+
+    /// <summary>The decoder's per-node estimates across sessions: this session's prior until its own steps say more.</summary>
+    internal NodeAcceptance? SharedNodeAcceptance { init => _nodeAcceptance = new NodeAcceptance(value); }
 
     /// <summary>
     /// The next step verifies the root alone (adaptive width found nothing worth a wider graph), read without
@@ -549,7 +552,7 @@ public sealed class SpeculativeSession : IDisposable
 
         _acct.Step(width, _nodes, verdict.Accepted, emitted.Length);
         Observe(verdict.Accepted, width);
-        _nodeAcceptance.Observe(_inFlight, _nodes, kept);
+        _acct.Expected(_nodeAcceptance.Observe(_inFlight, _nodes, kept), emitted.Length);
         _cache.Keep(kept);
         _outcome = new StepOutcome(width, [.. emitted], [.. kept], [.. _pendingArgmax]);
         for (int j = 0; j < emitted.Length; j++)
