@@ -50,6 +50,20 @@ public class GraphCompilerTests
     }
 
     [Fact]
+    public void Graphs_should_write_their_outputs_from_the_nodes_that_compute_them_without_identity_nodes()
+    {
+        // Each layer's present key and value, the top-k ids and the hidden state were Identity nodes, 60 a step on the twin.
+        var c = TestModels.Tiny();
+        foreach (var shape in new[] { new GraphShape(1, 32), new GraphShape(8, 32) })
+        {
+            var g = LlamaGraphCompiler.Compile(c, shape, fused: true).Graph;
+            Assert.DoesNotContain(g.Node, n => n.OpType == "Identity");
+            var produced = g.Node.SelectMany(n => n.Output).ToHashSet();
+            Assert.All(g.Output, o => Assert.Contains(o.Name, produced));
+        }
+    }
+
+    [Fact]
     public void Packed_graphs_should_run_with_the_contrib_kernels_when_their_rows_outnumber_the_capacity()
     {
         // 16 slots of 8-row trees are 128 rows against a capacity of 64: the rotary kernel wants a table row per run row.
