@@ -172,7 +172,8 @@ public sealed record BudgetSession(SessionRun Session, ImmutableArray<double> Ex
 /// <param name="Ms">The recent time of such a run in the sessions' KV bucket (null: never measured).</param>
 /// <param name="Pays">It costs clearly less per session than a run of one tree (the rule of <c>StepPolicy.PackPays</c>), and its graph is compiled.</param>
 /// <param name="Learn">Its time is unknown, or it was refused long enough to be measured again: run it to learn.</param>
-public readonly record struct BudgetOption(int Width, int Sessions, double? Ms, bool Pays, bool Learn);
+/// <param name="Refused">Its measured time says it does not pay (it may be measured again now and then).</param>
+public readonly record struct BudgetOption(int Width, int Sessions, double? Ms, bool Pays, bool Learn, bool Refused = false);
 
 /// <summary>
 /// The budget's choice: the width and the sessions of the packed tree run, with the tokens it expects and the time it

@@ -64,25 +64,37 @@ internal static class Packing
             return null;
         }
 
-        // Several trees' rows cost more than one tree's (a pack of 8 trees of 8 is 64 rows): the width budget weighs every
-        // narrower width and every smaller graph's slot count by the tokens the pack's members expect per millisecond.
+        // Several trees' rows cost more than one tree's (a pack of 8 trees of 8 is 64 rows): the width budget weighs each
+        // width's first pack that may run (all the trees it holds, or a smaller graph's worth where that does not pay) by
+        // the tokens its members expect per millisecond.
         int widest = ready.Max(s => s.NextTreeWidth);
         int[] widths = [.. runtime.Widths.Where(w => w >= 2 && w <= widest).OrderDescending()];
         var byId = ready.ToDictionary(s => s.Id);
         var snapshot = new WidthBudgetSnapshot([.. widths], [.. ready.Select(s => new BudgetSession(s.Id, [.. widths.Select(w => s.RoomForTree(w) ? s.ExpectedTokens(w) : 0)]))], []);
         var options = ImmutableArray.CreateBuilder<BudgetOption>();
+        var buckets = new Dictionary<(int Width, int Sessions), int>();
         for (int at = 0; at < widths.Length; at++)
         {
+            int w = widths[at];
             foreach (int n in PackSizes(snapshot.Sessions.Count(s => s.Expected[at] > 0)))
             {
                 if (WidthBudget.Members(snapshot, at, n) is { } members)
                 {
-                    options.Add(Option(mode, runtime, widths[at], n, members.Max(m => byId[m.Session].TreeBucket(widths[at]))));
+                    int bucket = buckets[(w, n)] = members.Max(m => byId[m.Session].TreeBucket(w));
+                    int slots = OrtModelRuntime.PackedSlots(n);
+                    var o = WidthBudget.Option(w, n, runtime.RecentRunMs(w, bucket), runtime.PackedCostRatio(slots, bucket, w), runtime.RecentPackedRunMs(slots, bucket, w),
+                        mode == PackingMode.Always || runtime.PackedReady(n, w, bucket), mode == PackingMode.Always);
+                    options.Add(o);
+                    if (o.Pays || o.Learn)
+                    {
+                        break; // the budget weighs the first pack of each width that may run: no smaller graph is asked after it (nor compiled)
+                    }
                 }
             }
         }
 
-        snapshot = snapshot with { Options = options.ToImmutable() };
+        snapshot = WidthBudget.WithProbes(snapshot with { Options = options.ToImmutable() },
+            o => runtime.ProbeRefusedPack(OrtModelRuntime.PackedSlots(o.Sessions), o.Width, buckets[(o.Width, o.Sessions)]));
         var choice = budget ? WidthBudget.Choose(snapshot) : WidthBudget.Widest(snapshot);
         decided?.Invoke(snapshot, choice);
         if (!choice.Packed)
@@ -92,27 +104,6 @@ internal static class Packing
 
         width = choice.Width;
         return [.. choice.Members.Select(id => byId[id])];
-    }
-
-    // A pack of <paramref name="sessions"/> trees of <paramref name="width"/> rows as the width budget weighs it: its recent
-    // time (or a solo run's times the packed cost ratio learned in other buckets), whether it pays (Pays's rule, without
-    // the probe), and whether to run it to learn (never measured, or refused and due to be measured again). Always: every
-    // pack is one to learn, so the first (the widest, the most sessions) runs.
-    private static BudgetOption Option(PackingMode mode, OrtModelRuntime runtime, int width, int sessions, int bucket)
-    {
-        int slots = OrtModelRuntime.PackedSlots(sessions);
-        double? soloMs = runtime.RecentRunMs(width, bucket);
-        double? ratio = runtime.PackedCostRatio(slots, bucket, width);
-        double? ms = runtime.RecentPackedRunMs(slots, bucket, width) ?? (soloMs * ratio);
-        if (mode == PackingMode.Always)
-        {
-            return new(width, sessions, ms, Pays: true, Learn: true);
-        }
-
-        bool possible = StepPolicy.PackPays(null, sessions, soloMs) && runtime.PackedReady(sessions, width, bucket);
-        bool pays = possible && ratio is not null && StepPolicy.PackPays(ratio, sessions, soloMs);
-        bool learn = possible && (ratio is null || (!pays && runtime.ProbeRefusedPack(slots, width, bucket)));
-        return new(width, sessions, ms, pays, learn);
     }
 
     /// <summary>

@@ -9,7 +9,8 @@ namespace CoordGen.Engine.Speculative;
 /// accepted lately is worth more rows than one of nodes that have not.
 /// </summary>
 /// <remarks>
-/// Counts decay by <see cref="Decay"/> per observed step, so about the last 30 steps weigh. A node's estimate is
+/// Counts decay by <see cref="Decay"/> per observed step, so about the last 30 steps weigh (for the shared estimates, the
+/// last 30 steps of all the decoder's sessions together). A node's estimate is
 /// the share of its (source, depth) nodes that were accepted, with <see cref="PriorWeight"/> pseudo-nodes at the prior:
 /// the chance that a step's accepted path reaches that depth, the product over depths of how often a path that
 /// reached the depth before went on, where the tree had a node to go on with (Laplace's rule, so 0.5 per depth
@@ -54,16 +55,20 @@ public sealed class NodeAcceptance
     public double Observe(DraftProposal tree, int nodes, ReadOnlySpan<int> keptRows)
     {
         ArgumentNullException.ThrowIfNull(tree);
-        _shared?.Observe(tree, nodes, keptRows);
+        nodes = Math.Min(nodes, tree.Count);
         lock (_gate)
         {
-            return ObserveLocked(tree, Math.Min(nodes, tree.Count), keptRows);
+            // What was expected before anything learns from the step (the shared estimates are this one's prior); locks are
+            // always taken a session's first, then the shared one's.
+            double expected = ExpectedLocked(tree, nodes + 1);
+            _shared?.Observe(tree, nodes, keptRows);
+            ObserveLocked(tree, nodes, keptRows);
+            return expected;
         }
     }
 
-    private double ObserveLocked(DraftProposal tree, int nodes, ReadOnlySpan<int> keptRows)
+    private void ObserveLocked(DraftProposal tree, int nodes, ReadOnlySpan<int> keptRows)
     {
-        double expected = ExpectedLocked(tree, nodes + 1);
         Scale(_proposed);
         Scale(_accepted);
         Scale(_chances);
@@ -121,8 +126,6 @@ public sealed class NodeAcceptance
                 _reached[d]++;
             }
         }
-
-        return expected;
     }
 
     /// <summary>
