@@ -225,6 +225,7 @@ public static class LlamaGraphCompiler
         string halves = fused ? "" : b.ConstInt64([d / 2, d / 2], hint: "halves");
         string shapeQ = b.ConstInt64([1, n, c.NumHeads, d]);
         string shapeKv = b.ConstInt64([1, n, hkv, d]);
+        string shapeQkv = weights == WeightFormat.F32 ? "" : b.ConstInt64([1, n, c.NumHeads + (2 * hkv), d]);
         string shapeGrouped = b.ConstInt64([slots, hkv, g * w, d]);
         string shapeScores5 = b.ConstInt64([slots, hkv, g, w, cap + w]);
         string shapeScores4 = b.ConstInt64([slots, hkv, g * w, cap + w]);
@@ -371,11 +372,21 @@ public static class LlamaGraphCompiler
                 // Quantized: q, k and v are one MatMulNBits over the rows stacked (WeightQuantizer.Fuse), split after;
                 // one kernel call and one activation quantization instead of three.
                 string qkv = Linear(h, p + WeightQuantizer.QkvProj, c.QDim + (2 * c.KvDim), c.HiddenSize);
-                var parts = b.NodeMulti("Split", [qkv, b.ConstInt64([c.QDim, c.KvDim, c.KvDim])], 3, GraphBuilder.Int("axis", -1));
-                string Biased(string t, string? bias) => bias is null ? t : b.Node("Add", [t, bias]);
-                q = ToHeads(Biased(parts[0], qb), shapeQ);
-                k = ToHeads(Biased(parts[1], kb), shapeKv);
-                v = ToHeads(Biased(parts[2], vb), shapeKv);
+                if (qb is null)
+                {
+                    // The stacked rows are heads of one size: [1,n,H+2Hkv,D] goes to [1,H+2Hkv,n,D] at once and splits
+                    // by heads, 3 nodes where splitting first and regrouping each part took 7 (120 fewer a step on the twin).
+                    var heads = b.NodeMulti("Split", [b.Node("Transpose", [b.Node("Reshape", [qkv, shapeQkv])], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)),
+                        b.ConstInt64([c.NumHeads, hkv, hkv])], 3, GraphBuilder.Int("axis", 1));
+                    (q, k, v) = (heads[0], heads[1], heads[2]);
+                }
+                else
+                {
+                    var parts = b.NodeMulti("Split", [qkv, b.ConstInt64([c.QDim, c.KvDim, c.KvDim])], 3, GraphBuilder.Int("axis", -1));
+                    q = ToHeads(b.Node("Add", [parts[0], qb]), shapeQ);
+                    k = ToHeads(b.Node("Add", [parts[1], kb!]), shapeKv);
+                    v = ToHeads(b.Node("Add", [parts[2], vb!]), shapeKv);
+                }
             }
             q = Rope(q);
             k = Rope(k);
