@@ -208,6 +208,7 @@ public class InterleavingSpecs : TestKit
     [InlineData(0.8f)]
     public async Task Packed_speculative_sessions_should_produce_what_each_produces_alone(float temperature)
     {
+        using var spans = new SpanRecorder();
         var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), packing: PackingMode.Always)));
         var channels = Enumerable.Range(0, 4).Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
         var sampling = new Sampling(Temperature: temperature, Seed: 5);
@@ -235,6 +236,11 @@ public class InterleavingSpecs : TestKit
         var log = (await device.Ask<DiagnosticsProtocol.WidthDecisions>(DiagnosticsProtocol.GetWidthDecisions.Instance)).Decisions;
         Assert.Contains(log, d => d.Choice.Packed);
         Assert.All(log, d => Assert.True(WidthBudget.Choose(d.Snapshot).SameAs(d.Choice)));
+
+        // And each packed choice is the run that followed: its width, its sessions in its order.
+        var runs = spans.Spans.Where(a => a.OperationName == "coordgen.device_run_packed")
+            .Select(a => $"{a.GetTagItem("coordgen.width")}:{a.GetTagItem("coordgen.session_ids")}").ToList();
+        Assert.All(log.Where(d => d.Choice.Packed), d => Assert.Contains($"{d.Choice.Width}:{string.Join(',', d.Choice.Members.Select(m => m.Session.Value))}", runs));
         Assert.All(log, d => Assert.All(d.Snapshot.Sessions, s => Assert.All(s.Expected, e => Assert.True(e == 0 || e >= 1))));
     }
 
