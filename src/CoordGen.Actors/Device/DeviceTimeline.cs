@@ -71,34 +71,29 @@ internal sealed class DeviceTimeline
     private readonly Queue<(QueueSnapshot, StepChoice)> _decisions = new();
 
     /// <summary>A rebalancing decision and the snapshot it was taken from (the last 4,096 are kept, for replay).</summary>
-    public void Decided(QueueSnapshot snapshot, StepChoice choice)
-    {
-        if (_decisions.Count == MaxDecisions)
-        {
-            _decisions.Dequeue();
-        }
-
-        _decisions.Enqueue((snapshot, choice));
-    }
+    public void Decided(QueueSnapshot snapshot, StepChoice choice) => Keep(_decisions, (snapshot, choice));
 
     public DiagnosticsProtocol.StepDecisions Decisions() => new([.. _decisions]);
 
     private readonly Queue<(WidthBudgetSnapshot, WidthBudgetChoice)> _widthDecisions = new();
 
     /// <summary>A width-budget decision for packed trees and the snapshot it was taken from (the last 4,096 are kept, for replay).</summary>
-    public void DecidedWidth(WidthBudgetSnapshot snapshot, WidthBudgetChoice choice)
-    {
-        if (_widthDecisions.Count == MaxDecisions)
-        {
-            _widthDecisions.Dequeue();
-        }
-
-        _widthDecisions.Enqueue((snapshot, choice));
-    }
+    public void DecidedWidth(WidthBudgetSnapshot snapshot, WidthBudgetChoice choice) => Keep(_widthDecisions, (snapshot, choice));
 
     public DiagnosticsProtocol.WidthDecisions WidthDecisions() => new([.. _widthDecisions]);
 
     public DiagnosticsProtocol.Overlap Snapshot() => new([.. _device], [.. _drafts], [.. _verifies], _paced, _overran, _prefillMs, _decodeMs, _ahead, _decodeRuns, _decodeSessionSteps);
+
+    // The last MaxDecisions decisions, oldest first.
+    private static void Keep<T>(Queue<T> log, T decision)
+    {
+        if (log.Count == MaxDecisions)
+        {
+            log.Dequeue();
+        }
+
+        log.Enqueue(decision);
+    }
 
     private static void Add(List<Interval> list, Interval i)
     {

@@ -26,9 +26,9 @@ internal static class Packing
     /// ready now whose next step is one token on the width-1 graph (plain, or a speculative root alone), or, for a
     /// speculative session whose next step is a tree (with <paramref name="trees"/>), every other one ready now
     /// whose next step is a tree. Trees share one width, up to the widest any of them wants, and which width and which
-    /// of them is the width budget's choice (<see cref="WidthBudget.Choose"/>: the most expected tokens per millisecond
-    /// among the packs that pay; a wider tree keeps its first nodes, a narrower one is padded; a session without room
-    /// in its cache for that width is left out), told to <paramref name="decided"/> with its snapshot; without
+    /// of them is the width budget's choice (<see cref="WidthBudget.Choose"/>: of the packs that pay, the one that leaves
+    /// the fewest of them to runs of their own, then the most expected tokens per millisecond; a wider tree keeps its
+    /// first nodes, a narrower one is padded; a session without room in its cache for that width is left out), told to <paramref name="decided"/> with its snapshot; without
     /// <paramref name="budget"/>, the widest pack that pays (<see cref="WidthBudget.Widest"/>, for comparisons). Null: one
     /// session per run. <paramref name="width"/>: the rows per slot.
     /// </summary>
@@ -80,10 +80,7 @@ internal static class Packing
             {
                 if (WidthBudget.Members(snapshot, at, n) is { } members)
                 {
-                    int bucket = buckets[(w, n)] = members.Max(m => byId[m.Session].TreeBucket(w));
-                    int slots = OrtModelRuntime.PackedSlots(n);
-                    var o = WidthBudget.Option(w, n, runtime.RecentRunMs(w, bucket), runtime.PackedCostRatio(slots, bucket, w), runtime.RecentPackedRunMs(slots, bucket, w),
-                        mode == PackingMode.Always || runtime.PackedReady(n, w, bucket), mode == PackingMode.Always);
+                    var o = Option(mode, runtime, w, n, buckets[(w, n)] = members.Max(m => byId[m.Session].TreeBucket(w)));
                     options.Add(o);
                     if (o.Pays || o.Learn)
                     {
@@ -193,18 +190,22 @@ internal static class Packing
     /// <param name="probe">Whether a refused pack may run anyway to be measured again (<see cref="OrtModelRuntime.ProbeRefusedPack"/>); false for a question that runs nothing.</param>
     public static bool Pays(OrtModelRuntime runtime, int sessions, int bucket, int width = 1, bool probe = true)
     {
-        double? soloMs = runtime.RecentRunMs(width, bucket);
-
-        // Steps too short to gain are never packed: no graph compiles for them either.
-        if (!StepPolicy.PackPays(null, sessions, soloMs) || !runtime.PackedReady(sessions, width, bucket))
-        {
-            return false;
-        }
-
-        // Learned per slot count and width, in this bucket or (until it is measured here) in the others.
         // A refused pack runs now and then all the same, so a bad measurement does not refuse it for good.
+        var o = Option(PackingMode.WhenItPays, runtime, width, sessions, bucket);
+        return o.Pays || o.Learn || (probe && o.Refused && runtime.ProbeRefusedPack(OrtModelRuntime.PackedSlots(sessions), width, bucket));
+    }
+
+    // A pack of <paramref name="sessions"/> slots of <paramref name="width"/> rows as the runtime's recent times classify it
+    // (WidthBudget.Option): learned per slot count and width, in this bucket or (until it is measured here) in the others.
+    private static BudgetOption Option(PackingMode mode, OrtModelRuntime runtime, int width, int sessions, int bucket)
+    {
         int slots = OrtModelRuntime.PackedSlots(sessions);
-        return StepPolicy.PackPays(runtime.PackedCostRatio(slots, bucket, width), sessions, soloMs) || (probe && runtime.ProbeRefusedPack(slots, width, bucket));
+        double? soloMs = runtime.RecentRunMs(width, bucket);
+        bool always = mode == PackingMode.Always;
+
+        // Steps too short to gain are never packed: no graph compiles for them either (PackedReady compiles in the background).
+        bool ready = always || (StepPolicy.PackPays(null, sessions, soloMs) && runtime.PackedReady(sessions, width, bucket));
+        return WidthBudget.Option(width, sessions, soloMs, runtime.PackedCostRatio(slots, bucket, width), runtime.RecentPackedRunMs(slots, bucket, width), ready, always);
     }
 
     /// <summary>

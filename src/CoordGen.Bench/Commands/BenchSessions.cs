@@ -101,34 +101,10 @@ internal static class BenchSessions
             {
                 throw new ArgumentException("--modes takes ar, spec and spec-adaptive, and needs ar (every ratio is over it).");
             }
-            bool[] packings = parse.GetValue(packedOpt) switch
-            {
-                "true" => [true],
-                "false" => [false],
-                "both" => [false, true],
-                var other => throw new ArgumentException($"--packed takes true, false or both (got '{other}')."),
-            };
-            bool[] mixes = parse.GetValue(mixedSteps) switch
-            {
-                "true" => [true],
-                "false" => [false],
-                "both" => [false, true],
-                var other => throw new ArgumentException($"--mixed-steps takes true, false or both (got '{other}')."),
-            };
-            bool[] budgets = parse.GetValue(budgetOpt) switch
-            {
-                "true" => [true],
-                "false" => [false],
-                "both" => [false, true],
-                var other => throw new ArgumentException($"--width-budget takes true, false or both (got '{other}')."),
-            };
-            bool[] caches = parse.GetValue(prefixOpt) switch
-            {
-                "true" => [true],
-                "false" => [false],
-                "both" => [false, true],
-                var other => throw new ArgumentException($"--prefix-cache takes true, false or both (got '{other}')."),
-            };
+            bool[] packings = Ways(parse.GetValue(packedOpt), "--packed");
+            bool[] mixes = Ways(parse.GetValue(mixedSteps), "--mixed-steps");
+            bool[] budgets = Ways(parse.GetValue(budgetOpt), "--width-budget");
+            bool[] caches = Ways(parse.GetValue(prefixOpt), "--prefix-cache");
             if (counts.Any(c => c < 1 || c > 256) || perSession < 1 || parse.GetValue(rounds) < 1)
             {
                 throw new ArgumentException("--sessions values must be between 1 and 256, --requests and --rounds at least 1.");
@@ -251,6 +227,15 @@ internal static class BenchSessions
         });
         return cmd;
     }
+
+    // A true|false|both option's values: both ways are run side by side.
+    private static bool[] Ways(string? value, string option) => value switch
+    {
+        "true" => [true],
+        "false" => [false],
+        "both" => [false, true],
+        _ => throw new ArgumentException($"{option} takes true, false or both (got '{value}')."),
+    };
 
     /// <summary>A row's mode, marked `(widest)` when the width budget was off for it.</summary>
     internal static string Label(SessionsRow r) => r.WidthBudget ? r.Mode : r.Mode + " (widest)";
