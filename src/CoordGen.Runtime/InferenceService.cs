@@ -193,6 +193,10 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
                     if (settings.MixedSteps)
                     {
                         rt.PrepareMixed(settings.EffectiveChunkWidth);
+                        foreach (int w in settings.PackedTrees ? widths.Where(w => w >= 2 && w <= Math.Min(settings.Width, OrtModelRuntime.MaxTreeWidth)) : [])
+                        {
+                            rt.PrepareMixed(settings.EffectiveChunkWidth, w); // trees riding in chunks (decision 0029)
+                        }
                     }
                 }
             }

@@ -155,6 +155,43 @@ public class InterleavingSpecs : TestKit
         Assert.True(overlap.DecodeSessionSteps >= mixed.Sum(a => (int)a.GetTagItem("coordgen.riders")!), "riders are counted as decode steps");
     }
 
+    [Theory]
+    [InlineData(0f)]
+    [InlineData(0.8f)]
+    public async Task Trees_should_ride_in_prefill_chunks_and_change_nothing(float temperature)
+    {
+        // Only speculative sessions: while later prompts go in 8-token chunks, the trees of those already decoding ride in
+        // the chunks' runs, each in a slot of the trees' width (decision 0029), and go to the verifier as after a packed
+        // tree run. Every stream equals its prompt alone, greedy or seeded sampling.
+        static OrtModelRuntime Mixing()
+        {
+            var rt = NewRuntime();
+            rt.PrepareMixed(8, 8);
+            return rt;
+        }
+
+        static int[] Long(int i) => [.. Enumerable.Range(0, 40 + (5 * i)).Select(k => ((k * (i + 5)) + 3) % 64)];
+        using var spans = new SpanRecorder();
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(Mixing, new HashSet<int>(), packing: PackingMode.Always, packTrees: true)));
+        var channels = Enumerable.Range(0, 5).Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
+        var sampling = new Sampling(Temperature: temperature, Seed: 13);
+        for (int i = 0; i < channels.Length; i++)
+        {
+            device.Tell(new Generate(new SessionId($"trees-{temperature}-{i}"), TokenSequence.From(Long(i)), 30, sampling, "sam+ours", 8, null, channels[i].Writer, CancellationToken.None), TestActor);
+        }
+
+        var streams = await ReadAll(channels);
+        using var rt = NewRuntime();
+        var options = new SamplingOptions { Temperature = temperature, Seed = 13 };
+        for (int i = 0; i < channels.Length; i++)
+        {
+            Assert.Equal(Alone(rt, Long(i), "sam+ours", 30, options), streams[i]);
+        }
+
+        var trees = spans.Spans.Where(a => a.OperationName == "coordgen.prefill_mixed" && (int)a.GetTagItem("coordgen.rider_width")! == 8).ToList();
+        Assert.NotEmpty(trees);
+    }
+
     [Fact]
     public async Task A_request_that_fails_in_its_own_mixed_chunk_should_fail_alone()
     {

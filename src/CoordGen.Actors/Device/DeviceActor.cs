@@ -47,6 +47,7 @@ public sealed partial class DeviceActor : ReceiveActor
     private long _runs;
     private int _sinceChunk;
     private long _holdSince;
+    private long _chunkHoldSince;
     private bool _holdTimer;
 
     /// <param name="emulate">What-if pacing: every device step lasts at least what this accelerator
@@ -58,7 +59,7 @@ public sealed partial class DeviceActor : ReceiveActor
     /// <param name="packing">Whether plain decoding sessions ready together share one device run (a packed
     /// graph: each in its own slot against its own cache), instead of one run each.</param>
     /// <param name="packTrees">Whether speculative sessions' trees share packed runs too, at one width per run (always with <see cref="PackingMode.Always"/>; <see cref="Packing.Group"/>).</param>
-    /// <param name="mixedSteps">Whether, with packing, sessions whose next step is one token ride in a prefill chunk's run (<see cref="Packing.Riders"/>, decision 0026).</param>
+    /// <param name="mixedSteps">Whether, with packing, sessions whose next step is one token or a tree ride in a prefill chunk's run (<see cref="Packing.Riders"/>, decisions 0026, 0029).</param>
     /// <param name="prefixCacheBudget">The KV memory budget a prefix cache shares with the sessions' caches
     /// (it holds at most this less the running sessions' caches, evicting least recently used blocks);
     /// 0 = no prefix cache. The cache lives and dies with this device.</param>
@@ -206,7 +207,7 @@ public sealed partial class DeviceActor : ReceiveActor
         // speculative session's verdict or tree is on its way (its tree would wait out the chunk), the chunk serves
         // the streams as a decode step would.
         int chunkWidth = StepPolicy.ChunkWidth(decoding.Count, wide, interleaved);
-        var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, runtime, prefilling[0], decoding, chunkWidth, chosen: false) : null;
+        var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, runtime, prefilling[0], decoding, chunkWidth, chosen: false, out _) : null;
         bool carries = riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested) && !decoding.Any(s => s.Coming);
         var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, decoding.Count(s => s.Ready),
             _sinceChunk, wide, interleaved, carries);
@@ -217,7 +218,8 @@ public sealed partial class DeviceActor : ReceiveActor
             Packing.PriceSharedSteps(_packing, _packTrees, runtime, decoding); // before any width is read
         }
 
-        if (Packing.Hold(_packing, _packTrees && decode, runtime, decoding, ref _holdSince) is { } left)
+        if ((Packing.Hold(_packing, _packTrees && decode, runtime, decoding, ref _holdSince)
+            ?? Packing.HoldChunk(_packing, _packTrees && _mixedSteps && choice.Prefill, runtime, decoding, chunkWidth, ref _chunkHoldSince)) is { } left)
         {
             if (!_holdTimer)
             {
@@ -245,7 +247,7 @@ public sealed partial class DeviceActor : ReceiveActor
         }
 
         int packWidth = 0;
-        var group = prefill ? (_mixedSteps ? Packing.Riders(_packing, runtime, pick, decoding, chunkWidth, chosen: true) : null) : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth, _widthBudget, _timeline.DecidedWidth);
+        var group = prefill ? (_mixedSteps ? Packing.Riders(_packing, runtime, pick, decoding, chunkWidth, chosen: true, out packWidth) : null) : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth, _widthBudget, _timeline.DecidedWidth);
         _busy = true;
         foreach (var s in group ?? [pick])
         {

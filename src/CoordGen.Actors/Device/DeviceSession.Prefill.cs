@@ -8,10 +8,10 @@ namespace CoordGen.Actors.Device;
 /// <summary>A run's prefill steps: the first one's checks, the chunks (alone, or with riders in a mixed run), and the start of decoding.</summary>
 internal sealed partial class DeviceSession
 {
-    // A mixed run (decision 0026): this run's chunk with other runs' one-token steps. What fails in this run's own part
+    // A mixed run (decisions 0026, 0029): this run's chunk with other runs' one-token steps or trees. What fails in this run's own part
     // fails this run alone (StepFailure), and the riders still take their step; only the shared run's own failure
     // (a device fault) fails them all, as a packed run's does. A cancelled run's chunk runs for its riders anyway.
-    private void StepWithRiders(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix, IReadOnlyList<INarrowStep> riders)
+    private void StepWithRiders(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix, IChunkRiders riders)
     {
         if (Decoding)
         {
@@ -25,7 +25,7 @@ internal sealed partial class DeviceSession
         catch (Exception ex)
         {
             StepFailure = ex;
-            NarrowSteps.RunPacked(runtime, riders);
+            riders.RunPacked();
             return;
         }
 

@@ -251,8 +251,8 @@ internal sealed partial class DeviceSession(SessionRun id, DeviceProtocol.Run ru
 
     /// <summary>This run's own step (off the mailbox thread): a prefill chunk, its tree to the verifier, or one plain token.</summary>
     /// <param name="prefix">The device's prefix cache (null: off); used on the first and last prefill steps only.</param>
-    /// <param name="riders">Other sessions' width-1 steps that share this run's prefill chunk (a mixed run, decision 0026); a prefill step only.</param>
-    internal void Step(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix, IReadOnlyList<INarrowStep>? riders = null)
+    /// <param name="riders">Other sessions' steps that share this run's prefill chunk (a mixed run: width-1 steps, decision 0026, or trees, decision 0029); a prefill step only.</param>
+    internal void Step(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix, IChunkRiders? riders = null)
     {
         if (riders is not null)
         {

@@ -38,7 +38,7 @@ internal static class DeviceSteps
         }
         else if (!pick.Decoding)
         {
-            ridersMs = Mixed(pick, group.GetRange(1, group.Count - 1), runtime, plain, spec, stops, prefix);
+            ridersMs = Mixed(pick, group.GetRange(1, group.Count - 1), packWidth, runtime, plain, spec, stops, prefix);
         }
         else if (packWidth == 1)
         {
@@ -89,21 +89,37 @@ internal static class DeviceSteps
     }
 
     /// <summary>
-    /// One prefill chunk of <paramref name="chunk"/>'s with <paramref name="riders"/>' width-1 steps (plain tokens; the
-    /// engine takes speculative roots alone too, the device does not send them) in the same run (decision 0026), traced as one span; the riders' tokens counted under
-    /// <c>ar</c>. Returns what the riders are charged of the run's time.
+    /// One prefill chunk of <paramref name="chunk"/>'s with <paramref name="riders"/>' steps in the same run, traced as one
+    /// span: with <paramref name="width"/> 1 their width-1 steps (plain tokens, decision 0026; the engine takes speculative
+    /// roots alone too, the device does not send them), counted under <c>ar</c>; wider, speculative sessions' trees of
+    /// that width, each then to the verifier as after a packed tree run (decision 0029). Returns what the riders are
+    /// charged of the run's time.
     /// </summary>
-    public static double Mixed(DeviceSession chunk, IReadOnlyList<DeviceSession> riders, OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
+    public static double Mixed(DeviceSession chunk, IReadOnlyList<DeviceSession> riders, int width, OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, IReadOnlySet<int> stops, PrefixCache? prefix)
     {
         using var span = Telemetry.Source.StartActivity("coordgen.prefill_mixed", ActivityKind.Internal, chunk.Request.Trace);
         span?.SetTag("coordgen.session", chunk.Request.SessionId.Value);
         span?.SetTag("coordgen.riders", riders.Count);
+        span?.SetTag("coordgen.rider_width", width);
         span?.SetTag("coordgen.session_ids", string.Join(',', riders.Select(a => a.Request.SessionId.Value)));
         long t0 = Stopwatch.GetTimestamp();
         int before = riders.Sum(a => a.PlainTokens), first = chunk.Produced;
         try
         {
-            chunk.Step(runtime, plain, spec, stops, prefix, [.. riders.Select(a => a.BeginPackedNarrow())]);
+            if (width >= 2)
+            {
+                var trees = SpeculativeSession.TakeTrees([.. riders.Select(a => a.SpeculativeState)], width, ownRows: true);
+                chunk.Step(runtime, plain, spec, stops, prefix, trees);
+                for (int i = 0; i < riders.Count; i++)
+                {
+                    riders[i].VerifyPacked(trees.Results![i], width);
+                }
+
+                Thread.Yield(); // as after a packed tree run: the verifier's worker gets this core now
+                return chunk.LastRidersMs;
+            }
+
+            chunk.Step(runtime, plain, spec, stops, prefix, new NarrowRiders(runtime, [.. riders.Select(a => a.BeginPackedNarrow())]));
             foreach (var a in riders)
             {
                 a.EndPackedNarrow();

@@ -104,44 +104,83 @@ internal static class Packing
     }
 
     /// <summary>
-    /// The sessions whose next tokens ride in <paramref name="chunk"/>'s prefill chunk of <paramref name="width"/>
-    /// tokens (a mixed run, decision 0026), with <paramref name="chunk"/> first; null: the chunk runs alone. Every other
-    /// plain session ready now (up to the largest graph's slots less the chunk's), when the runtime can mix
+    /// The sessions whose next steps ride in <paramref name="chunk"/>'s prefill chunk of <paramref name="width"/>
+    /// tokens (a mixed run), with <paramref name="chunk"/> first; null: the chunk runs alone. Every other plain session
+    /// ready now, one row each (decision 0026); with none, every ready speculative session whose next step is a tree, at
+    /// the widest of their widths (<paramref name="riderWidth"/>; those with room for it), each tree in a slot of that
+    /// many rows (decision 0029). Up to the largest graph's slots less the chunk's, when the runtime can mix
     /// (GroupQueryAttention packing, the graph compiled, room for the padded chunk in any cache this prompt can fill)
-    /// and mixing pays (<see cref="StepPolicy.MixPays"/>).
+    /// and mixing pays (<see cref="StepPolicy.MixPays"/>, against the riders' own packed run).
     /// <paramref name="chosen"/>: the chunk is the step the device runs now, so a refused mix may be tried again
     /// (<see cref="OrtModelRuntime.ProbeRefusedMix"/>) and, while the chunk alone has no recent time in its bucket, a
     /// chunk now and then runs alone to measure it (<see cref="OrtModelRuntime.ProbeChunkAlone"/>); false: a question
     /// that runs nothing.
     /// </summary>
-    public static List<DeviceSession>? Riders(PackingMode mode, OrtModelRuntime runtime, DeviceSession chunk, IEnumerable<DeviceSession> decoding, int width, bool chosen)
+    public static List<DeviceSession>? Riders(PackingMode mode, OrtModelRuntime runtime, DeviceSession chunk, IEnumerable<DeviceSession> decoding, int width, bool chosen, out int riderWidth)
     {
+        riderWidth = 1;
         if (mode == PackingMode.Off || width < 2 || !runtime.PackedInPlace || chunk.Request.Prompt.Count + width > runtime.Capacity)
         {
             return null;
         }
 
-        // Plain sessions only: speculative roots alone could ride too (PrefillSession takes any INarrowStep), but with
-        // them riding spec-adaptive ran at 0.82x its unmixed aggregate at 16 sessions on the twin (decision 0026).
-        List<DeviceSession> riders = [.. decoding.Where(s => !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested && s.PlainDecoding).Take(OrtModelRuntime.PackedSlotCounts[^1] - 1)];
+        // Plain sessions first, then trees. Speculative roots alone do not ride: with them riding spec-adaptive ran at
+        // 0.82x its unmixed aggregate at 16 sessions on the twin (decision 0026); a tree brings several tokens for its wait.
+        int most = OrtModelRuntime.PackedSlotCounts[^1] - 1;
+        var ready = decoding.Where(s => !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested).ToList();
+        List<DeviceSession> riders = [.. ready.Where(s => s.PlainDecoding).Take(most)];
+        if (riders.Count == 0 && ready.Where(s => s.NextTreeWidth >= 2).ToList() is { Count: > 0 } trees)
+        {
+            int w = riderWidth = Math.Min(trees.Max(s => s.NextTreeWidth), OrtModelRuntime.MaxTreeWidth);
+            riders = [.. trees.Where(s => s.RoomForTree(w)).Take(most)];
+        }
+
         if (riders.Count == 0)
         {
             return null;
         }
 
-        // The chunk alone, in the bucket its cache will be in; the riders alone: a packed width-1 run of them, or one plain step.
-        int done = chunk.Request.Prompt.Count - chunk.PrefillTokensLeft;
+        // The chunk alone, in the bucket its cache will be in; the riders alone: a packed run of them, or one step.
+        int done = chunk.Request.Prompt.Count - chunk.PrefillTokensLeft, rw = riderWidth;
         double? chunkAlone = runtime.RecentRunMs(width, runtime.Buckets.FirstOrDefault(b => b >= done + width, runtime.Capacity));
-        int bucket = riders.Max(s => s.NarrowBucket);
-        double? ridersAlone = riders.Count > 1 ? runtime.RecentPackedRunMs(OrtModelRuntime.PackedSlots(riders.Count), bucket) : runtime.RecentRunMs(1, bucket);
+        int bucket = riders.Max(s => rw == 1 ? s.NarrowBucket : s.TreeBucket(rw));
+        double? ridersAlone = riders.Count > 1 ? runtime.RecentPackedRunMs(OrtModelRuntime.PackedSlots(riders.Count), bucket, rw) : runtime.RecentRunMs(rw, bucket);
         if (mode != PackingMode.Always && chosen && chunkAlone is null && runtime.ProbeChunkAlone(width))
         {
             return null;
         }
 
-        bool pays = mode == PackingMode.Always || StepPolicy.MixPays(runtime.RecentMixedRunMs(riders.Count, width), chunkAlone, ridersAlone, runtime.RecentRunMs(1, bucket))
-            || (chosen && runtime.ProbeRefusedMix(riders.Count, width));
-        return pays && runtime.MixedReady(riders.Count, width) ? [chunk, .. riders] : null;
+        bool pays = mode == PackingMode.Always || StepPolicy.MixPays(runtime.RecentMixedRunMs(riders.Count, width, rw), chunkAlone, ridersAlone, runtime.RecentRunMs(1, bucket))
+            || (chosen && runtime.ProbeRefusedMix(riders.Count, width, rw));
+        return pays && runtime.MixedReady(riders.Count, width, rw) ? [chunk, .. riders] : null;
+    }
+
+    /// <summary>
+    /// How much longer a prefill chunk waits for the speculative sessions whose verdict or next tree is on its way, so
+    /// that their trees ride in its run (decision 0029) instead of the chunk running alone between their packed runs
+    /// (after a tree run every member is on its way: without the wait no tree would ever ride); null: run now. Only
+    /// while no plain session is ready (those ride now), at most as long as <see cref="Hold"/> waits for a pack (a
+    /// share of the chunk's own run; <see cref="PackingMode.Always"/>: up to 50 ms, for tests on tiny models).
+    /// </summary>
+    public static TimeSpan? HoldChunk(PackingMode mode, bool trees, OrtModelRuntime runtime, IReadOnlyCollection<DeviceSession> decoding, int chunkWidth, ref long holdSince)
+    {
+        int coming = trees && mode != PackingMode.Off && runtime.PackedInPlace && !decoding.Any(s => s.Ready && s.PlainDecoding) ? decoding.Count(s => s.Coming) : 0;
+        if (coming == 0)
+        {
+            holdSince = 0;
+            return null;
+        }
+
+        holdSince = holdSince == 0 ? Stopwatch.GetTimestamp() : holdSince;
+        double held = Stopwatch.GetElapsedTime(holdSince).TotalMilliseconds;
+        double leftMs = 50 - held;
+        if (mode == PackingMode.Always ? leftMs > 0 : StepPolicy.HoldForPack(coming, held, runtime.RecentRunMs(chunkWidth, runtime.Capacity), out leftMs))
+        {
+            return TimeSpan.FromMilliseconds(leftMs);
+        }
+
+        holdSince = 0;
+        return null;
     }
 
     // Sessions to try packing, most first: all of the ready ones, then each smaller graph's slot count.

@@ -31,10 +31,10 @@ internal sealed class SessionPrefill(SessionRun id, DeviceProtocol.RunRequest re
     /// <summary>
     /// One prefill chunk of up to <paramref name="chunkWidth"/> tokens (0 = the widest graph); the first
     /// looks the prompt up in <paramref name="prefix"/> and begins. <paramref name="room"/>: the bytes the
-    /// prefix cache may hold meanwhile. <paramref name="riders"/>: other sessions' width-1 steps that share the
-    /// chunk's run (<see cref="PrefillSession.Step"/>). True when the whole prompt is in the cache.
+    /// prefix cache may hold meanwhile. <paramref name="riders"/>: other sessions' steps (width-1 steps or trees) that
+    /// share the chunk's run (<see cref="PrefillSession.Step(int, IChunkRiders)"/>). True when the whole prompt is in the cache.
     /// </summary>
-    public bool Step(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, PrefixCache? prefix, int chunkWidth, long room, IReadOnlyList<INarrowStep>? riders = null)
+    public bool Step(OrtModelRuntime runtime, Generator plain, SpeculativeDecoder spec, PrefixCache? prefix, int chunkWidth, long room, IChunkRiders? riders = null)
     {
         Open(runtime, plain, spec, prefix, room);
         return _prefill!.Step(chunkWidth, riders);

@@ -183,27 +183,31 @@ public sealed class PrefillSession
     /// padded when fewer tokens are left, and each rider's step is taken exactly as in
     /// <see cref="NarrowSteps.RunPacked"/>.
     /// </summary>
-    public bool Step(int width = 0, IReadOnlyList<INarrowStep>? riders = null)
-    {
-        if (width < 0)
-        {
-            throw new ArgumentOutOfRangeException(nameof(width), width, "a prefill chunk's width must be positive (or 0 for the prefill width).");
-        }
+    public bool Step(int width = 0, IReadOnlyList<INarrowStep>? riders = null) =>
+        Step(width, riders is { Count: > 0 } ? new NarrowRiders(_runtime, riders) : null);
 
+    /// <summary>
+    /// Runs the next chunk, <paramref name="width"/> tokens wide (0 = the generator's prefill width); returns
+    /// <see cref="Done"/>. With <paramref name="riders"/>, other sessions' steps share the chunk's run (a mixed graph
+    /// whose other slots hold <see cref="IChunkRiders.Width"/> rows each: width-1 steps, decision 0026, or trees, decision
+    /// 0029); when the runtime cannot mix (nothing left to prefill, no room for the padded chunk, the graph not compiled),
+    /// the chunk runs alone and the riders in a packed run of their own, so every rider still takes its step.
+    /// </summary>
+    public bool Step(int width, IChunkRiders? riders)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(width);
         LastRidersMs = 0;
-        if (riders is { Count: > 0 })
+        if (riders is not null)
         {
             int mw = width > 0 ? width : _gen.PrefillWidth;
-            if (!Done && _runtime.CanMix(mw, _cache, riders.Count))
+            if (!Done && _runtime.CanMix(mw, _cache, riders.Caches.Count, riders.Width))
             {
                 return StepMixed(mw, riders);
             }
 
-            // No mixed run after all (nothing left to prefill, or no room for the padded chunk): the chunk alone,
-            // then the riders' steps in their own packed run, so every rider still takes its step.
-            bool done = Step(width);
+            bool done = Step(width, (IChunkRiders?)null);
             long r0 = Stopwatch.GetTimestamp();
-            NarrowSteps.RunPacked(_runtime, riders);
+            riders.RunPacked();
             LastRidersMs = Stopwatch.GetElapsedTime(r0).TotalMilliseconds;
             return done;
         }
@@ -244,22 +248,20 @@ public sealed class PrefillSession
         return Done;
     }
 
-    private bool StepMixed(int w, IReadOnlyList<INarrowStep> riders)
+    // One run of the chunk (slot 0) and the riders' slots: each rider's rows are in its cache after it (in place).
+    private bool StepMixed(int w, IChunkRiders riders)
     {
         long begin = Stopwatch.GetTimestamp();
         _clock.Start();
-        int n = Math.Min(w, _tokens.Length - _next);
-        KvCache[] caches = [.. riders.Select(r => r.NarrowCache)];
-        var buffers = _runtime.MixedBuffers(w, _cache, caches);
+        int n = Math.Min(w, _tokens.Length - _next), count = riders.Caches.Count, riderWidth = riders.Width;
+        var buffers = _runtime.MixedBuffers(w, _cache, riders.Caches, riderWidth);
         var buf = buffers[0];
         buf.SetLinear(_tokens.AsSpan(_next, n), _cache.Length, _cache.Length);
-        for (int i = 0; i < riders.Count; i++)
-        {
-            buffers[i + 1].SetLinear([riders[i].NarrowToken], caches[i].Length, caches[i].Length);
-        }
+        var riderBuffers = buffers.Skip(1).ToArray();
+        riders.Fill(riderBuffers);
 
         long t0 = Stopwatch.GetTimestamp();
-        _runtime.RunMixed(w, _cache, caches);
+        _runtime.RunMixed(w, _cache, riders.Caches, riderWidth);
         double runMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
 
         // The run wrote every slot's rows into its cache: the chunk's real rows are kept (its padding lies past
@@ -275,14 +277,8 @@ public sealed class PrefillSession
         // What the riders cost of some time: its part beyond the chunk alone (the chunk width's recent solo run in this
         // bucket), or, before that is known, the riders' share of the rows.
         double? alone = _runtime.RecentRunMs(w, _cache.Bucket);
-        double Charge(double ms) => alone is { } a ? Math.Clamp(ms - a, 0, ms) : ms * riders.Count / (w + riders.Count);
-        double share = Charge(runMs) / riders.Count;
-        for (int i = 0; i < riders.Count; i++)
-        {
-            caches[i].Advance(1);
-            riders[i].FinishNarrow(buffers[i + 1].LogitsRow(0), share);
-        }
-
+        double Charge(double ms) => alone is { } a ? Math.Clamp(ms - a, 0, ms) : ms * count * riderWidth / (w + (count * riderWidth));
+        riders.Finish(riderBuffers, staged: true, Charge(runMs) / count);
         _clock.Stop();
 
         // Of the whole step's time, the host's work for the riders included, the riders are charged their part (the
@@ -290,9 +286,69 @@ public sealed class PrefillSession
         double stepMs = Stopwatch.GetElapsedTime(begin).TotalMilliseconds;
         LastRidersMs = Charge(stepMs);
         _ridersMs += LastRidersMs;
-        _runtime.RecordMixedStep(riders.Count, w, stepMs);
+        _runtime.RecordMixedStep(count, w, stepMs, riderWidth);
         return Done;
     }
+}
+
+/// <summary>
+/// Other sessions' steps taken for one run, each in its own slot of <see cref="Width"/> rows: riding in a prefill chunk's
+/// run (<see cref="PrefillSession.Step(int, IChunkRiders)"/>), or in a packed run of their own. Width-1 steps
+/// (<see cref="NarrowRiders"/>) or speculative sessions' trees (<c>SpeculativeSession.PackedTrees</c>).
+/// </summary>
+public interface IChunkRiders
+{
+    /// <summary>Rows of each rider's slot.</summary>
+    int Width { get; }
+
+    /// <summary>Each rider's cache, in slot order.</summary>
+    IReadOnlyList<KvCache> Caches { get; }
+
+    /// <summary>Fills each rider's rows into its slot's buffers.</summary>
+    void Fill(IReadOnlyList<StepBuffers> buffers);
+
+    /// <summary>After the run: each rider's results (its rows already in its cache when <paramref name="staged"/>), and its share of the run's milliseconds.</summary>
+    void Finish(IReadOnlyList<StepBuffers> buffers, bool staged, double shareMs);
+
+    /// <summary>The riders' steps in a packed run of their own.</summary>
+    void RunPacked();
+}
+
+/// <summary>Width-1 steps riding in a chunk's run (decision 0026): each feeds its token and commits its one row.</summary>
+public sealed class NarrowRiders(OrtModelRuntime runtime, IReadOnlyList<INarrowStep> steps) : IChunkRiders
+{
+    private readonly KvCache[] _caches = [.. steps.Select(x => x.NarrowCache)];
+
+    public int Width => 1;
+
+    public IReadOnlyList<KvCache> Caches => _caches;
+
+    public void Fill(IReadOnlyList<StepBuffers> buffers)
+    {
+        for (int i = 0; i < steps.Count; i++)
+        {
+            buffers[i].SetLinear([steps[i].NarrowToken], _caches[i].Length, _caches[i].Length);
+        }
+    }
+
+    public void Finish(IReadOnlyList<StepBuffers> buffers, bool staged, double shareMs)
+    {
+        for (int i = 0; i < steps.Count; i++)
+        {
+            if (staged)
+            {
+                _caches[i].Advance(1);
+            }
+            else
+            {
+                _caches[i].Commit(buffers[i].NewKeys, buffers[i].NewValues, 1, [0]);
+            }
+
+            steps[i].FinishNarrow(buffers[i].LogitsRow(0), shareMs);
+        }
+    }
+
+    public void RunPacked() => NarrowSteps.RunPacked(runtime, steps);
 }
 
 /// <summary>
@@ -325,33 +381,15 @@ public static class NarrowSteps
         foreach (var group in steps.Chunk(OrtModelRuntime.PackedSlotCounts[^1]))
         {
             long begin = Stopwatch.GetTimestamp();
-            KvCache[] caches = [.. group.Select(x => x.NarrowCache)];
-            var buffers = runtime.PackedBuffers(1, caches);
-            for (int i = 0; i < group.Length; i++)
-            {
-                buffers[i].SetLinear([group[i].NarrowToken], caches[i].Length, caches[i].Length);
-            }
-
+            var riders = new NarrowRiders(runtime, group);
+            var buffers = runtime.PackedBuffers(1, riders.Caches);
+            riders.Fill(buffers);
             long t0 = Stopwatch.GetTimestamp();
-            bool inPlace = runtime.RunPacked(1, caches); // true: the run wrote each row into its cache
-            double share = Stopwatch.GetElapsedTime(t0).TotalMilliseconds / group.Length;
-            for (int i = 0; i < group.Length; i++)
-            {
-                if (inPlace)
-                {
-                    caches[i].Advance(1);
-                }
-                else
-                {
-                    caches[i].Commit(buffers[i].NewKeys, buffers[i].NewValues, 1, [0]);
-                }
-
-                group[i].FinishNarrow(buffers[i].LogitsRow(0), share);
-            }
-
+            bool inPlace = runtime.RunPacked(1, riders.Caches); // true: the run wrote each row into its cache
+            riders.Finish(buffers, inPlace, Stopwatch.GetElapsedTime(t0).TotalMilliseconds / group.Length);
             if (group.Length > 1)
             {
-                runtime.RecordPackedStep(group.Length, caches.Max(c => c.Bucket), Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
+                runtime.RecordPackedStep(group.Length, riders.Caches.Max(c => c.Bucket), Stopwatch.GetElapsedTime(begin).TotalMilliseconds);
             }
         }
     }

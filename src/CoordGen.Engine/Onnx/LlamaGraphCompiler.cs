@@ -82,8 +82,14 @@ public static class LlamaGraphCompiler
     /// W rows and slots 1..S-1 one decode row each, so a chunk and S-1 sessions' next tokens share one run. Rows:
     /// n = W + S - 1 (the chunk first); <c>attention_mask</c> is the chunk's own [1,1,W,C+W] (its last W columns,
     /// the causal block, are the chunk's bias; decode rows need none).</param>
-    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false, bool mixed = false, bool fused = false) =>
-        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv, groupQuery: groupQuery, float64Attention: float64Attention, mixed: mixed, fused: fused).ToByteArray();
+    /// <param name="riderWidth">Rows of each of a mixed graph's other slots: 1 (one decode row each), or a tree's width R
+    /// (decision 0029): n = W + (S - 1)·R, and input <c>rider_mask</c> [S-1,1,R,R] holds each rider's tree block, its bias
+    /// after zeros over its cache, as a packed tree slot's.</param>
+    public static byte[] CompileBytes(ModelConfig c, GraphShape shape, bool hasLmHead = false, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false, bool mixed = false, bool fused = false, int riderWidth = 1) =>
+        Compile(c, shape, hasLmHead, topCandidates: topCandidates, weights: weights, slots: slots, kv: kv, groupQuery: groupQuery, float64Attention: float64Attention, mixed: mixed, fused: fused, riderWidth: riderWidth).ToByteArray();
+
+    /// <summary>Input of a mixed graph whose riders are trees: each rider's tree block, float [S-1, 1, R, R] (0 or a large negative).</summary>
+    public const string RiderMask = "rider_mask";
 
     /// <summary>Input of a <c>groupQuery</c> packed graph: each slot's committed cache length, int32 [S].</summary>
     public const string KvLengths = "kv_lengths";
@@ -121,11 +127,16 @@ public static class LlamaGraphCompiler
     public static byte[] CompileBlockBytes(ModelConfig c, GraphShape shape, int firstLayer, int endLayer, bool hasLmHead = false) =>
         Compile(c, shape, hasLmHead, firstLayer, endLayer).ToByteArray();
 
-    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false, bool mixed = false, bool fused = false)
+    internal static ModelProto Compile(ModelConfig c, GraphShape shape, bool hasLmHead = false, int firstLayer = 0, int endLayer = -1, int topCandidates = 0, WeightFormat weights = WeightFormat.F32, int slots = 1, KvFormat kv = KvFormat.F32, bool groupQuery = false, bool float64Attention = false, bool mixed = false, bool fused = false, int riderWidth = 1)
     {
         if (mixed && !groupQuery)
         {
             throw new ArgumentException("a mixed graph (a prefill chunk beside decode rows) is a GroupQueryAttention packed graph.");
+        }
+
+        if (riderWidth < 1 || (riderWidth > 1 && !mixed))
+        {
+            throw new ArgumentException($"a rider width above 1 is for mixed graphs only, and at least 1 (got {riderWidth}, mixed: {mixed}).");
         }
 
         if (groupQuery && float64Attention)
@@ -160,11 +171,11 @@ public static class LlamaGraphCompiler
         }
 
         // n: rows of the whole run (every slot's); w: rows of one slot (of the chunk's slot in a mixed graph, the
-        // others one each); rowsOf[s]: slot s's rows.
-        int w = shape.Width, n = mixed ? w + slots - 1 : slots * w, cap = shape.Capacity, d = c.HeadDim, hkv = c.NumKvHeads, g = c.NumHeads / c.NumKvHeads;
+        // others riderWidth each); rowsOf[s]: slot s's rows.
+        int rw = riderWidth, w = shape.Width, n = mixed ? w + ((slots - 1) * rw) : slots * w, cap = shape.Capacity, d = c.HeadDim, hkv = c.NumKvHeads, g = c.NumHeads / c.NumKvHeads;
         string name = first && last ? $"coordgen_{shape.Width}x{shape.Capacity}" : $"coordgen_{shape.Width}x{shape.Capacity}_layers{firstLayer}-{endLayer}";
-        int[] rowsOf = [.. Enumerable.Range(0, slots).Select(s => !mixed || s == 0 ? w : 1)];
-        var b = new GraphBuilder(slots == 1 ? name : $"{name}_s{slots}{(mixed ? "_mixed" : "")}");
+        int[] rowsOf = [.. Enumerable.Range(0, slots).Select(s => !mixed || s == 0 ? w : rw)];
+        var b = new GraphBuilder(slots == 1 ? name : $"{name}_s{slots}{(mixed ? "_mixed" : "")}{(rw > 1 ? $"_r{rw}" : "")}");
         bool half = kv == KvFormat.F16;
         var kvType = half ? DT.Float16 : DT.Float;
         string ToFloat(string t) => half ? b.Node("Cast", [t], attrs: GraphBuilder.Int("to", (long)DT.Float)) : t;
@@ -184,6 +195,11 @@ public static class LlamaGraphCompiler
         if (groupQuery)
         {
             b.Input(KvLengths, DT.Int32, slots);
+        }
+
+        if (rw > 1)
+        {
+            b.Input(RiderMask, DT.Float, slots - 1, 1, rw, rw);
         }
 
         // In place, each slot's cache keeps its own size (its KV bucket): GroupQueryAttention reads it up to the
@@ -295,7 +311,7 @@ public static class LlamaGraphCompiler
         {
             // Positions stay below C + W; ONNX Runtime's kernel also wants at least as many table rows as the run has
             // rows, which a pack of S slots of W rows (S x W) can exceed at a small capacity.
-            int rowsMax = Math.Max(cap + w, n);
+            int rowsMax = Math.Max(cap + Math.Max(w, rw), n);
             var cosT = new float[rowsMax * (d / 2)];
             var sinT = new float[rowsMax * (d / 2)];
             for (int r = 0; r < rowsMax; r++)
@@ -333,23 +349,27 @@ public static class LlamaGraphCompiler
         var gqaLengths = new List<(string SeqLens, string Total, string? Bias)>();
         if (groupQuery)
         {
-            string rowsLess1 = b.ConstInt32([w - 1]), rows = b.ConstInt32([w]), one = b.ConstInt32([1]);
+            // Per slot width r: r - 1 (seqlens_k past the length), r (the total), the bias's head [1,1,r].
+            var rowConsts = rowsOf.Distinct().ToDictionary(r => r, r => (Less1: b.ConstInt32([r - 1]), Rows: b.ConstInt32([r]), Head: b.ConstInt64([1, 1, r])));
             string scalar = b.ConstInt64([], dims: [0]);
             string treeBlocks = w == 1 ? "" : b.Node("Slice", ["attention_mask", b.ConstInt64([cap]), b.ConstInt64([cap + w]), b.ConstInt64([3])]);
-            string biasHead = b.ConstInt64([1, 1, w]);
             for (int s = 0; s < slots; s++)
             {
-                bool wide = rowsOf[s] > 1;
+                int r = rowsOf[s];
+                var rc = rowConsts[r];
                 string len = b.Node("Slice", [KvLengths, b.ConstInt64([s]), b.ConstInt64([s + 1]), b.ConstInt64([0])]);
-                string seqLens = wide ? b.Node("Add", [len, rowsLess1]) : len;
+                string seqLens = r > 1 ? b.Node("Add", [len, rc.Less1]) : len;
                 string? bias = null;
-                if (wide)
+                if (r > 1)
                 {
-                    string zeros = b.Node("ConstantOfShape", [b.Node("Concat", [biasHead, b.Node("Cast", [len], attrs: GraphBuilder.Int("to", (long)DT.Int64))], attrs: GraphBuilder.Int("axis", 0))]);
-                    bias = b.Node("Concat", [zeros, mixed ? treeBlocks : Slice(treeBlocks, s, s + 1, 0)], attrs: GraphBuilder.Int("axis", 3));
+                    // A tree's or a chunk's block: a packed slot's from attention_mask, a mixed graph's chunk the whole
+                    // of it, a mixed graph's tree rider its own of rider_mask.
+                    string block = !mixed ? Slice(treeBlocks, s, s + 1, 0) : s == 0 ? treeBlocks : Slice(RiderMask, s - 1, s, 0);
+                    string zeros = b.Node("ConstantOfShape", [b.Node("Concat", [rc.Head, b.Node("Cast", [len], attrs: GraphBuilder.Int("to", (long)DT.Int64))], attrs: GraphBuilder.Int("axis", 0))]);
+                    bias = b.Node("Concat", [zeros, block], attrs: GraphBuilder.Int("axis", 3));
                 }
 
-                gqaLengths.Add((seqLens, b.Node("Reshape", [b.Node("Add", [len, wide ? rows : one]), scalar]), bias));
+                gqaLengths.Add((seqLens, b.Node("Reshape", [b.Node("Add", [len, rc.Rows]), scalar]), bias));
             }
         }
 
@@ -530,6 +550,7 @@ public static class LlamaGraphCompiler
         {
             ["coordgen.slots"] = slots.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["coordgen.mixed"] = mixed ? "true" : "false",
+            ["coordgen.rider_width"] = rw.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["coordgen.width"] = w.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["coordgen.capacity"] = cap.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["coordgen.architecture"] = c.Architecture,

@@ -170,7 +170,7 @@ public sealed class OrtModelRuntime : IDisposable
 
     private readonly Dictionary<(int Width, int Bucket), WidthGraph> _graphs = new();
     // Packed graphs, compiled on first use or in the background (PackedReady) so a scheduler never waits for one.
-    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Width, int Bucket, bool Mixed), Lazy<Task<WidthGraph>>> _packed = new();
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Width, int Bucket, int Riders), Lazy<Task<WidthGraph>>> _packed = new();
     private readonly List<(string Name, OrtValue Value)> _weightValues = new();
     private readonly List<QuantizedTensor> _quantized = new();
     private readonly PrePackedWeightsContainer _prepacked;
@@ -496,26 +496,27 @@ public sealed class OrtModelRuntime : IDisposable
     /// graph compiled. If it is not compiled yet its compilation starts in the background and this answers false, so a
     /// scheduler never waits for a compile.
     /// </summary>
-    public bool CanMix(int chunkWidth, KvCache chunk, int riders)
+    /// <param name="riderWidth">Rows of each rider: 1 (width-1 steps), or a tree width (decision 0029).</param>
+    public bool CanMix(int chunkWidth, KvCache chunk, int riders, int riderWidth = 1)
     {
         if (!PackedInPlace || IsDisposed || chunkWidth < 2 || chunkWidth > Capacity || riders < 1 || riders >= PackedSlotCounts[^1] || chunk.Length + chunkWidth > chunk.Capacity)
         {
             return false;
         }
 
-        return MixedReady(riders, chunkWidth);
+        return MixedReady(riders, chunkWidth, riderWidth);
     }
 
-    /// <summary>Whether the mixed graph of a chunk of <paramref name="chunkWidth"/> beside <paramref name="riders"/> riders is compiled; if not, its compilation starts in the background (false until it is done).</summary>
-    public bool MixedReady(int riders, int chunkWidth) =>
-        PackedInPlace && !IsDisposed && riders >= 1 && riders < PackedSlotCounts[^1] && chunkWidth >= 2
-        && PackedCompile(PackedSlots(riders + 1), chunkWidth, Capacity, mixed: true).Value.IsCompletedSuccessfully;
+    /// <summary>Whether the mixed graph of a chunk of <paramref name="chunkWidth"/> beside <paramref name="riders"/> riders of <paramref name="riderWidth"/> rows is compiled; if not, its compilation starts in the background (false until it is done).</summary>
+    public bool MixedReady(int riders, int chunkWidth, int riderWidth = 1) =>
+        PackedInPlace && !IsDisposed && riders >= 1 && riders < PackedSlotCounts[^1] && chunkWidth >= 2 && riderWidth >= 1 && riderWidth <= MaxTreeWidth
+        && PackedCompile(PackedSlots(riders + 1), chunkWidth, Capacity, riderWidth).Value.IsCompletedSuccessfully;
 
-    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Chunk), int> _mixRefusals = new();
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Chunk, int Riders), int> _mixRefusals = new();
 
     /// <summary>As <see cref="ProbeRefusedPack"/>, for a mixed run that its recent times refuse: 3 runs after every 21 refusals.</summary>
-    public bool ProbeRefusedMix(int riders, int chunkWidth) =>
-        _mixRefusals.AddOrUpdate((PackedSlots(riders + 1), chunkWidth), 1, (_, n) => n + 1) % 24 >= 21;
+    public bool ProbeRefusedMix(int riders, int chunkWidth, int riderWidth = 1) =>
+        _mixRefusals.AddOrUpdate((PackedSlots(riders + 1), chunkWidth, riderWidth), 1, (_, n) => n + 1) % 24 >= 21;
 
     private readonly System.Collections.Concurrent.ConcurrentDictionary<int, int> _chunkAloneProbes = new();
 
@@ -526,8 +527,8 @@ public sealed class OrtModelRuntime : IDisposable
     /// </summary>
     public bool ProbeChunkAlone(int chunkWidth) => _chunkAloneProbes.AddOrUpdate(chunkWidth, 1, (_, n) => n + 1) % 16 == 0;
 
-    /// <summary>Compiles (and runs once) the mixed graphs of a chunk of <paramref name="chunkWidth"/> tokens beside every packed slot count's riders (<see cref="CanMix"/>).</summary>
-    public void PrepareMixed(int chunkWidth)
+    /// <summary>Compiles (and runs once) the mixed graphs of a chunk of <paramref name="chunkWidth"/> tokens beside every packed slot count's riders of <paramref name="riderWidth"/> rows (<see cref="CanMix"/>).</summary>
+    public void PrepareMixed(int chunkWidth, int riderWidth = 1)
     {
         if (!PackedInPlace)
         {
@@ -536,17 +537,17 @@ public sealed class OrtModelRuntime : IDisposable
 
         foreach (int s in PackedSlotCounts)
         {
-            PackedCompile(s, chunkWidth, Capacity, mixed: true).Value.GetAwaiter().GetResult();
+            PackedCompile(s, chunkWidth, Capacity, riderWidth).Value.GetAwaiter().GetResult();
         }
     }
 
     /// <summary>
     /// The buffers of a mixed run (<see cref="CanMix"/>): [0] the chunk's, filled as for a solo chunk of
-    /// <paramref name="chunkWidth"/> (<see cref="StepBuffers.SetLinear"/>), then one width-1 buffer per rider. Fill
-    /// them, then call <see cref="RunMixed"/>.
+    /// <paramref name="chunkWidth"/> (<see cref="StepBuffers.SetLinear"/>), then one buffer of <paramref name="riderWidth"/>
+    /// rows per rider (a width-1 step, or a tree filled as for a packed tree run). Fill them, then call <see cref="RunMixed"/>.
     /// </summary>
-    public IReadOnlyList<StepBuffers> MixedBuffers(int chunkWidth, KvCache chunk, IReadOnlyList<KvCache> riders) =>
-        MixedGraph(chunkWidth, chunk, riders).SlotBuffers.Take(riders.Count + 1).ToArray();
+    public IReadOnlyList<StepBuffers> MixedBuffers(int chunkWidth, KvCache chunk, IReadOnlyList<KvCache> riders, int riderWidth = 1) =>
+        MixedGraph(chunkWidth, chunk, riders, riderWidth).SlotBuffers.Take(riders.Count + 1).ToArray();
 
     /// <summary>
     /// Runs a prefill chunk and its riders' width-1 steps as one run of a mixed graph: the weights are read once for
@@ -554,16 +555,16 @@ public sealed class OrtModelRuntime : IDisposable
     /// on: the chunk's cache then holds the chunk's padded rows past its real ones; advance each cache by its real
     /// rows). Logits (and top candidates) land in each slot's buffers from <see cref="MixedBuffers"/>.
     /// </summary>
-    public void RunMixed(int chunkWidth, KvCache chunk, IReadOnlyList<KvCache> riders)
+    public void RunMixed(int chunkWidth, KvCache chunk, IReadOnlyList<KvCache> riders, int riderWidth = 1)
     {
         Faults?.OnDeviceStep();
         StallIfHungUnwatched();
-        var g = MixedGraph(chunkWidth, chunk, riders);
+        var g = MixedGraph(chunkWidth, chunk, riders, riderWidth);
         KvCache[] caches = [chunk, .. riders];
         g.RunSlots(caches, IdleCache(riders.Max(c => c.Bucket)));
         for (int i = 0; i < caches.Length; i++)
         {
-            var logits = g.SlotBuffers[i].Logits.AsSpan(0, (i == 0 ? chunkWidth : 1) * Config.VocabSize);
+            var logits = g.SlotBuffers[i].Logits.AsSpan(0, (i == 0 ? chunkWidth : riderWidth) * Config.VocabSize);
             Faults?.OnLogits(logits);
             if (!System.Numerics.Tensors.TensorPrimitives.IsFiniteAll<float>(logits))
             {
@@ -572,30 +573,35 @@ public sealed class OrtModelRuntime : IDisposable
         }
     }
 
-    private WidthGraph MixedGraph(int chunkWidth, KvCache chunk, IReadOnlyList<KvCache> riders)
+    private WidthGraph MixedGraph(int chunkWidth, KvCache chunk, IReadOnlyList<KvCache> riders, int riderWidth)
     {
         ObjectDisposedException.ThrowIf(IsDisposed, this);
-        if (!PackedInPlace || riders.Count < 1 || riders.Count >= PackedSlotCounts[^1])
+        if (!PackedInPlace || riders.Count < 1 || riders.Count >= PackedSlotCounts[^1] || riderWidth < 1 || riderWidth > MaxTreeWidth)
         {
-            throw new ArgumentException($"a mixed run holds one chunk and 1 to {PackedSlotCounts[^1] - 1} riders on GroupQueryAttention packing (got {riders.Count} riders; packing in place: {PackedInPlace}).");
+            throw new ArgumentException($"a mixed run holds one chunk and 1 to {PackedSlotCounts[^1] - 1} riders of 1 to {MaxTreeWidth} rows on GroupQueryAttention packing (got {riders.Count} riders of {riderWidth}; packing in place: {PackedInPlace}).");
         }
 
         chunk.EnsureRoom(chunk.Length + chunkWidth);
         foreach (var c in riders)
         {
-            c.EnsureRoom(Math.Min(c.Length + 1, c.Capacity));
+            if (c.Length + riderWidth > c.Capacity && riderWidth > 1)
+            {
+                throw new ArgumentException($"a tree rider of {riderWidth} rows needs room for them in its cache ({c.Length} of {c.Capacity} slots used).");
+            }
+
+            c.EnsureRoom(Math.Min(c.Length + riderWidth, c.Capacity));
         }
 
-        return PackedCompile(PackedSlots(riders.Count + 1), chunkWidth, Capacity, mixed: true).Value.GetAwaiter().GetResult();
+        return PackedCompile(PackedSlots(riders.Count + 1), chunkWidth, Capacity, riderWidth).Value.GetAwaiter().GetResult();
     }
 
-    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Chunk), RunTimes> _mixedRunMs = new();
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Chunk, int Riders), RunTimes> _mixedRunMs = new();
 
-    /// <summary>Records a whole mixed step (a chunk of <paramref name="chunkWidth"/> beside <paramref name="riders"/> riders, the host's work included).</summary>
-    public void RecordMixedStep(int riders, int chunkWidth, double ms) => Record(_mixedRunMs.GetOrAdd((PackedSlots(riders + 1), chunkWidth), _ => new RunTimes()), ms, skipFirst: false);
+    /// <summary>Records a whole mixed step (a chunk of <paramref name="chunkWidth"/> beside <paramref name="riders"/> riders of <paramref name="riderWidth"/> rows, the host's work included).</summary>
+    public void RecordMixedStep(int riders, int chunkWidth, double ms, int riderWidth = 1) => Record(_mixedRunMs.GetOrAdd((PackedSlots(riders + 1), chunkWidth, riderWidth), _ => new RunTimes()), ms, skipFirst: false);
 
-    /// <summary>Recent time of a mixed step of a chunk of <paramref name="chunkWidth"/> with up to <paramref name="riders"/> riders' graph (median of its last 15), or null before one ran.</summary>
-    public double? RecentMixedRunMs(int riders, int chunkWidth) => _mixedRunMs.TryGetValue((PackedSlots(riders + 1), chunkWidth), out var ring) ? Median(ring) : null;
+    /// <summary>Recent time of a mixed step of a chunk of <paramref name="chunkWidth"/> with up to <paramref name="riders"/> riders' graph of <paramref name="riderWidth"/> rows each (median of its last 15), or null before one ran.</summary>
+    public double? RecentMixedRunMs(int riders, int chunkWidth, int riderWidth = 1) => _mixedRunMs.TryGetValue((PackedSlots(riders + 1), chunkWidth, riderWidth), out var ring) ? Median(ring) : null;
 
     /// <summary>Slots of the packed graph that holds <paramref name="sessions"/> sessions (1: the plain graph).</summary>
     public static int PackedSlots(int sessions) => sessions <= 1 ? 1 : PackedSlotCounts.First(s => s >= sessions);
@@ -672,17 +678,18 @@ public sealed class OrtModelRuntime : IDisposable
         return PackedCompile(PackedSlots(caches.Count), width, bucket).Value.GetAwaiter().GetResult();
     }
 
-    private Lazy<Task<WidthGraph>> PackedCompile(int slots, int width, int bucket, bool mixed = false) =>
-        _packed.GetOrAdd((slots, width, bucket, mixed), key => new Lazy<Task<WidthGraph>>(() => Task.Run(() => CompilePacked(key))));
+    // riders: 0 for a packed graph; a mixed graph's rows per rider (1, or a tree's width).
+    private Lazy<Task<WidthGraph>> PackedCompile(int slots, int width, int bucket, int riders = 0) =>
+        _packed.GetOrAdd((slots, width, bucket, riders), key => new Lazy<Task<WidthGraph>>(() => Task.Run(() => CompilePacked(key))));
 
-    private WidthGraph CompilePacked((int Slots, int Width, int Bucket, bool Mixed) key)
+    private WidthGraph CompilePacked((int Slots, int Width, int Bucket, int Riders) key)
     {
         ObjectDisposedException.ThrowIf(IsDisposed, this);
-        var g = new WidthGraph(this, new GraphShape(key.Width, key.Bucket), key.Slots, key.Mixed);
+        var g = new WidthGraph(this, new GraphShape(key.Width, key.Bucket), key.Slots, key.Riders);
 
         // Its first run allocates (several runs' time): done here, off the device's critical path.
         using var scratch = CreateCache();
-        scratch.EnsureRoom(key.Mixed ? Buckets.FirstOrDefault(b => b >= key.Width, Capacity) : key.Bucket);
+        scratch.EnsureRoom(key.Riders > 0 ? Buckets.FirstOrDefault(b => b >= key.Width, Capacity) : key.Bucket);
         g.SlotBuffers[0].SetLinear([0], 0, 0);
         g.RunSlots([scratch], scratch, watched: false);
         return g;
@@ -825,7 +832,7 @@ public sealed class OrtModelRuntime : IDisposable
     /// </summary>
     public string GraphDirectory { get; } = Directory.CreateTempSubdirectory("coordgen-graphs-").FullName;
 
-    private string WriteGraph(GraphShape shape, int slots = 1, bool groupQuery = false, bool mixed = false)
+    private string WriteGraph(GraphShape shape, int slots = 1, bool groupQuery = false, int mixed = 0)
     {
         string placeholder = Path.Combine(GraphDirectory, LlamaGraphCompiler.SharedWeightsFile);
         if (!File.Exists(placeholder))
@@ -834,8 +841,8 @@ public sealed class OrtModelRuntime : IDisposable
             fs.SetLength(Weights.Tensors.Max(t => t.Data.LongLength) * sizeof(float));
         }
 
-        string path = Path.Combine(GraphDirectory, slots == 1 ? $"w{shape.Width}_c{shape.Capacity}.onnx" : $"s{slots}_w{shape.Width}_c{shape.Capacity}{(groupQuery ? "_gqa" : "")}{(mixed ? "_mixed" : "")}.onnx");
-        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots, _options.Kv, groupQuery, _options.AttentionInFloat64, mixed, _options.UsesFusedOps));
+        string path = Path.Combine(GraphDirectory, slots == 1 ? $"w{shape.Width}_c{shape.Capacity}.onnx" : $"s{slots}_w{shape.Width}_c{shape.Capacity}{(groupQuery ? "_gqa" : "")}{(mixed > 0 ? "_mixed" : "")}{(mixed > 1 ? $"_r{mixed}" : "")}.onnx");
+        File.WriteAllBytes(path, LlamaGraphCompiler.CompileBytes(Config, shape, Weights.LmHeadName == "lm_head.weight", TopCandidatesFor(shape.Width), _options.Weights, slots, _options.Kv, groupQuery, _options.AttentionInFloat64, mixed > 0, _options.UsesFusedOps, Math.Max(mixed, 1)));
         return path;
     }
 
@@ -962,25 +969,26 @@ public sealed class OrtModelRuntime : IDisposable
         /// packed graph (<see cref="LlamaGraphCompiler.CompileBytes"/>) over <see cref="Buffers"/> of all its
         /// rows, copied from and to each session's <see cref="SlotBuffers"/> around the run; each slot's new
         /// keys and values are written straight into its own buffers.</param>
-        /// <param name="mixed">A mixed graph (<see cref="LlamaGraphCompiler.CompileBytes"/>): slot 0 holds a prefill chunk of
-        /// <paramref name="shape"/>'s width, the other slots one row each; always in place.</param>
-        public WidthGraph(OrtModelRuntime owner, GraphShape shape, int slots = 1, bool mixed = false)
+        /// <param name="riders">Above 0, a mixed graph (<see cref="LlamaGraphCompiler.CompileBytes"/>): slot 0 holds a prefill chunk of
+        /// <paramref name="shape"/>'s width, the other slots this many rows each (one decode row, or a tree); always in place.</param>
+        public WidthGraph(OrtModelRuntime owner, GraphShape shape, int slots = 1, int riders = 0)
         {
+            bool mixed = riders > 0;
             var c = owner.Config;
             _layers = c.NumLayers;
             _slots = slots;
             _owner = owner;
             _watchdog = owner._options.StepWatchdog;
-            _so = owner.CreateSessionOptions(slots == 1 ? $"w{shape.Width}_c{shape.Capacity}" : $"s{slots}_w{shape.Width}_c{shape.Capacity}{(mixed ? "_mixed" : "")}");
+            _so = owner.CreateSessionOptions(slots == 1 ? $"w{shape.Width}_c{shape.Capacity}" : $"s{slots}_w{shape.Width}_c{shape.Capacity}{(mixed ? "_mixed" : "")}{(riders > 1 ? $"_r{riders}" : "")}");
             InPlace = slots > 1 && owner.PackedInPlace;
             if (mixed && !InPlace)
             {
                 throw new InvalidOperationException("mixed graphs (a prefill chunk beside decode rows) need GroupQueryAttention packing: float32 weights and caches on the CPU provider.");
             }
 
-            string path = owner.WriteGraph(shape, slots, InPlace, mixed);
+            string path = owner.WriteGraph(shape, slots, InPlace, riders);
             _session = new InferenceSession(path, _so, owner._prepacked);
-            _rows = [.. Enumerable.Range(0, slots).Select(s => !mixed || s == 0 ? shape.Width : 1)];
+            _rows = [.. Enumerable.Range(0, slots).Select(s => !mixed || s == 0 ? shape.Width : riders)];
             _offsets = [.. Enumerable.Range(0, slots).Select(s => _rows.Take(s).Sum())];
             int topK = TopCandidatesFor(shape.Width), n = _rows.Sum();
             var kv = owner._options.Kv;
@@ -990,7 +998,8 @@ public sealed class OrtModelRuntime : IDisposable
 
             var pasts = Enumerable.Range(0, _layers).SelectMany(l => Enumerable.Range(0, slots).SelectMany(s => new[] { LlamaGraphCompiler.PastKey(l, s, slots), LlamaGraphCompiler.PastValue(l, s, slots) }));
             var presents = Enumerable.Range(0, _layers).SelectMany(l => Enumerable.Range(0, slots).SelectMany(s => new[] { LlamaGraphCompiler.PresentKey(l, s, slots), LlamaGraphCompiler.PresentValue(l, s, slots) }));
-            _inputNames = InPlace ? ["input_ids", "position_ids", "attention_mask", .. pasts, LlamaGraphCompiler.KvLengths] : ["input_ids", "position_ids", "attention_mask", .. pasts];
+            string[] riderMask = riders > 1 ? [LlamaGraphCompiler.RiderMask] : [];
+            _inputNames = InPlace ? ["input_ids", "position_ids", "attention_mask", .. pasts, LlamaGraphCompiler.KvLengths, .. riderMask] : ["input_ids", "position_ids", "attention_mask", .. pasts];
             string[] top = topK > 0 ? [LlamaGraphCompiler.TopIds, LlamaGraphCompiler.TopProbs] : [];
             _outputNames = ["logits", .. presents, .. top];
             _inputs = new OrtValue[_inputNames.Length];
@@ -1002,7 +1011,14 @@ public sealed class OrtModelRuntime : IDisposable
                 : OrtValue.CreateTensorValueFromMemory(Buffers.Mask, [slots, 1, shape.Width, shape.Capacity + shape.Width]);
             if (InPlace)
             {
-                _inputs[^1] = OrtValue.CreateTensorValueFromMemory(_kvLengths = GC.AllocateArray<int>(slots, pinned: true), [slots]);
+                _inputs[3 + (2 * _layers * slots)] = OrtValue.CreateTensorValueFromMemory(_kvLengths = GC.AllocateArray<int>(slots, pinned: true), [slots]);
+            }
+
+            if (riders > 1)
+            {
+                // Each tree rider's block (the last R columns of its own mask rows), gathered before each run.
+                _riderMask = GC.AllocateArray<float>((slots - 1) * riders * riders, pinned: true);
+                _inputs[^1] = OrtValue.CreateTensorValueFromMemory(_riderMask, [slots - 1, 1, riders, riders]);
             }
 
             _outputs = new OrtValue[_outputNames.Length];
@@ -1040,6 +1056,8 @@ public sealed class OrtModelRuntime : IDisposable
         private readonly int[] _offsets;
 
         private readonly int[]? _kvLengths;
+
+        private readonly float[]? _riderMask;
 
         /// <summary>Each packed session's own buffers (the plain graph's one is <see cref="Buffers"/>).</summary>
         public StepBuffers[] SlotBuffers { get; }
@@ -1094,6 +1112,14 @@ public sealed class OrtModelRuntime : IDisposable
                     if (!Mixed && (!InPlace || slot.Width > 1))
                     {
                         slot.Mask.CopyTo(Buffers.Mask, s * slot.Mask.Length); // in place, the lengths are the mask (and a tree's last W columns its bias)
+                    }
+                    else if (_riderMask is not null && s > 0)
+                    {
+                        int r = _rows[s], cols = slot.Capacity + r;
+                        for (int i = 0; i < r; i++)
+                        {
+                            slot.Mask.AsSpan((i * cols) + slot.Capacity, r).CopyTo(_riderMask.AsSpan((((s - 1) * r) + i) * r, r));
+                        }
                     }
                 }
             }

@@ -363,6 +363,18 @@ public sealed class SpeculativeSession : IDisposable
     /// </summary>
     public static TreeToVerify[] BeginPacked(IReadOnlyList<SpeculativeSession> group, int width, bool ownRows = false)
     {
+        var trees = TakeTrees(group, width, ownRows);
+        trees.RunPacked();
+        return trees.Results!;
+    }
+
+    /// <summary>
+    /// Takes every session's next tree for one run at <paramref name="width"/> rows each (the checks and the choice
+    /// of <see cref="BeginPacked"/>), to run in a packed run of their own (<see cref="PackedTrees.RunPacked"/>) or beside a
+    /// prefill chunk (<see cref="PrefillSession.Step(int, IChunkRiders)"/>, decision 0029).
+    /// </summary>
+    public static PackedTrees TakeTrees(IReadOnlyList<SpeculativeSession> group, int width, bool ownRows = false)
+    {
         ArgumentNullException.ThrowIfNull(group);
         var runtime = group[0]._runtime;
         if (width < 2 || group.Any(s => s._runtime != runtime || s.NextTreeWidth < 2 || !s.RoomForTree(width)))
@@ -370,7 +382,6 @@ public sealed class SpeculativeSession : IDisposable
             throw new InvalidOperationException($"a packed tree step needs sessions of one runtime whose next step is a tree with room for {width} rows in its cache, and a width of 2 or more.");
         }
 
-        long begin = Stopwatch.GetTimestamp();
         var trees = new DraftProposal[group.Count];
         for (int i = 0; i < group.Count; i++)
         {
@@ -382,29 +393,69 @@ public sealed class SpeculativeSession : IDisposable
             }
         }
 
-        KvCache[] caches = [.. group.Select(s => s._cache)];
-        var buffers = runtime.PackedBuffers(width, caches);
-        for (int i = 0; i < group.Count; i++)
+        return new PackedTrees([.. group], trees, width, ownRows);
+    }
+
+    /// <summary>Several sessions' trees taken for one run (<see cref="TakeTrees"/>): fill their slots, run, finish.</summary>
+    public sealed class PackedTrees : IChunkRiders
+    {
+        private readonly SpeculativeSession[] _group;
+        private readonly KvCache[] _caches;
+        private readonly DraftProposal[] _trees;
+        private readonly bool _ownRows;
+        private readonly long _begin = Stopwatch.GetTimestamp();
+
+        internal PackedTrees(SpeculativeSession[] group, DraftProposal[] trees, int width, bool ownRows)
         {
-            group[i].FillTree(buffers[i], width, trees[i]);
+            (_group, _trees, Width, _ownRows) = (group, trees, width, ownRows);
+            _caches = [.. group.Select(s => s._cache)];
         }
 
-        long t0 = Stopwatch.GetTimestamp();
-        bool staged = runtime.RunPacked(width, caches);
-        double share = Stopwatch.GetElapsedTime(t0).TotalMilliseconds / group.Count;
-        var result = new TreeToVerify[group.Count];
-        for (int i = 0; i < group.Count; i++)
+        /// <summary>Rows of each tree's slot.</summary>
+        public int Width { get; }
+
+        /// <summary>Each session's cache, in slot order.</summary>
+        public IReadOnlyList<KvCache> Caches => _caches;
+
+        /// <summary>What acceptance needs, per session (after <see cref="Finish"/>).</summary>
+        public TreeToVerify[]? Results { get; private set; }
+
+        /// <summary>Fills each tree into its slot's buffers (<paramref name="buffers"/>[i] for session i).</summary>
+        public void Fill(IReadOnlyList<StepBuffers> buffers)
         {
-            group[i]._deviceMs += share;
-            result[i] = group[i].FinishTree(buffers[i], width, trees[i], ownRows, staged);
+            for (int i = 0; i < _group.Length; i++)
+            {
+                _group[i].FillTree(buffers[i], Width, _trees[i]);
+            }
         }
 
-        if (group.Count > 1)
+        /// <summary>After the run: each session's rows (in its cache already when <paramref name="staged"/>) and its share of the run's time.</summary>
+        public void Finish(IReadOnlyList<StepBuffers> buffers, bool staged, double shareMs)
         {
-            runtime.RecordPackedStep(group.Count, caches.Max(c => c.Bucket), Stopwatch.GetElapsedTime(begin).TotalMilliseconds, width);
+            var result = new TreeToVerify[_group.Length];
+            for (int i = 0; i < _group.Length; i++)
+            {
+                _group[i]._deviceMs += shareMs;
+                result[i] = _group[i].FinishTree(buffers[i], Width, _trees[i], _ownRows, staged);
+            }
+
+            Results = result;
         }
 
-        return result;
+        /// <summary>The trees in a packed run of their own (<see cref="OrtModelRuntime.RunPacked"/>); their results are <see cref="Results"/>.</summary>
+        public void RunPacked()
+        {
+            var runtime = _group[0]._runtime;
+            var buffers = runtime.PackedBuffers(Width, _caches);
+            Fill(buffers);
+            long t0 = Stopwatch.GetTimestamp();
+            bool staged = runtime.RunPacked(Width, _caches);
+            Finish(buffers, staged, Stopwatch.GetElapsedTime(t0).TotalMilliseconds / _group.Length);
+            if (_group.Length > 1)
+            {
+                runtime.RecordPackedStep(_group.Length, _caches.Max(c => c.Bucket), Stopwatch.GetElapsedTime(_begin).TotalMilliseconds, Width);
+            }
+        }
     }
 
     // The next step's tree (offered, or drafted inline), counted as proposed.
