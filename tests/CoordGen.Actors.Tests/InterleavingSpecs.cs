@@ -406,9 +406,11 @@ public class InterleavingSpecs : TestKit
     [InlineData(1, 1500, 4, 4, 0, 32, true)] // every ready stream rides in the chunk: the chunk is their decode step too
     [InlineData(4, 900, 2, 2, 0, 32, true)] // ... so chunks may follow each other
     [InlineData(0, 0, 3, 3, 0, 0, true)] // nothing to prefill: decode
-    public void Rebalancing_should_follow_the_queue_snapshot_alone(int prefilling, int tokens, int decoding, int ready, int since, int choice, bool carries = false)
+    [InlineData(1, 1500, 4, 1, 0, 32, false, true)] // a chunk waiting for trees stays the choice as the first of them arrives
+    [InlineData(0, 0, 4, 1, 0, 0, false, true)] // ... unless nothing is left to prefill
+    public void Rebalancing_should_follow_the_queue_snapshot_alone(int prefilling, int tokens, int decoding, int ready, int since, int choice, bool carries = false, bool waiting = false)
     {
-        var q = new QueueSnapshot(prefilling, tokens, decoding, ready, since, PrefillWidth: 64, InterleavedWidth: 32, ChunkCarriesReady: carries);
+        var q = new QueueSnapshot(prefilling, tokens, decoding, ready, since, PrefillWidth: 64, InterleavedWidth: 32, ChunkCarriesReady: carries, ChunkWaiting: waiting);
         Assert.Equal(new StepChoice(choice), StepPolicy.Rebalance(q));
     }
 

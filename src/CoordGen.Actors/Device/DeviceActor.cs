@@ -210,7 +210,7 @@ public sealed partial class DeviceActor : ReceiveActor
         var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, runtime, prefilling[0], decoding, chunkWidth, chosen: false, out _) : null;
         bool carries = riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested) && !decoding.Any(s => s.Coming);
         var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, decoding.Count(s => s.Ready),
-            _sinceChunk, wide, interleaved, carries);
+            _sinceChunk, wide, interleaved, carries, _chunkHoldSince != 0);
         var choice = StepPolicy.Rebalance(snapshot);
         bool decode = choice == StepChoice.Decode;
         if (decode)
@@ -219,7 +219,7 @@ public sealed partial class DeviceActor : ReceiveActor
         }
 
         if ((Packing.Hold(_packing, _packTrees && decode, runtime, decoding, ref _holdSince)
-            ?? Packing.HoldChunk(_packing, _packTrees && _mixedSteps && choice.Prefill, runtime, decoding, chunkWidth, ref _chunkHoldSince)) is { } left)
+            ?? Packing.HoldChunk(_packing, _packTrees && _mixedSteps && choice.Prefill, runtime, prefilling.FirstOrDefault(), decoding, chunkWidth, ref _chunkHoldSince)) is { } left)
         {
             if (!_holdTimer)
             {

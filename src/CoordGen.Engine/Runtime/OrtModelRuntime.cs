@@ -510,13 +510,13 @@ public sealed class OrtModelRuntime : IDisposable
     /// <summary>Whether the mixed graph of a chunk of <paramref name="chunkWidth"/> beside <paramref name="riders"/> riders of <paramref name="riderWidth"/> rows is compiled; if not, its compilation starts in the background (false until it is done).</summary>
     public bool MixedReady(int riders, int chunkWidth, int riderWidth = 1) =>
         PackedInPlace && !IsDisposed && riders >= 1 && riders < PackedSlotCounts[^1] && chunkWidth >= 2 && riderWidth >= 1 && riderWidth <= MaxTreeWidth
-        && PackedCompile(PackedSlots(riders + 1), chunkWidth, Capacity, riderWidth).Value.IsCompletedSuccessfully;
+        && PackedCompile(MixedSlots(riders, riderWidth), chunkWidth, Capacity, riderWidth).Value.IsCompletedSuccessfully;
 
     private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Chunk, int Riders), int> _mixRefusals = new();
 
     /// <summary>As <see cref="ProbeRefusedPack"/>, for a mixed run that its recent times refuse: 3 runs after every 21 refusals.</summary>
     public bool ProbeRefusedMix(int riders, int chunkWidth, int riderWidth = 1) =>
-        _mixRefusals.AddOrUpdate((PackedSlots(riders + 1), chunkWidth, riderWidth), 1, (_, n) => n + 1) % 24 >= 21;
+        _mixRefusals.AddOrUpdate((MixedSlots(riders, riderWidth), chunkWidth, riderWidth), 1, (_, n) => n + 1) % 24 >= 21;
 
     private readonly System.Collections.Concurrent.ConcurrentDictionary<int, int> _chunkAloneProbes = new();
 
@@ -535,7 +535,7 @@ public sealed class OrtModelRuntime : IDisposable
             return;
         }
 
-        foreach (int s in PackedSlotCounts)
+        foreach (int s in riderWidth == 1 ? PackedSlotCounts : [.. TreeRiderCounts.Select(r => r + 1)])
         {
             PackedCompile(s, chunkWidth, Capacity, riderWidth).Value.GetAwaiter().GetResult();
         }
@@ -573,6 +573,14 @@ public sealed class OrtModelRuntime : IDisposable
         }
     }
 
+    /// <summary>Tree riders a mixed graph holds beside its chunk: an idle slot costs a tree's rows, so these graphs hold
+    /// one more slot than these counts (2, 3, 5, 9, 16 slots) where width-1 riders' use the packed slot counts.</summary>
+    public static readonly int[] TreeRiderCounts = [1, 2, 4, 8, 15];
+
+    /// <summary>Slots of the mixed graph that holds a chunk and <paramref name="riders"/> riders of <paramref name="riderWidth"/> rows.</summary>
+    public static int MixedSlots(int riders, int riderWidth) =>
+        riderWidth == 1 ? PackedSlots(riders + 1) : 1 + TreeRiderCounts.First(c => c >= Math.Min(riders, TreeRiderCounts[^1]));
+
     private WidthGraph MixedGraph(int chunkWidth, KvCache chunk, IReadOnlyList<KvCache> riders, int riderWidth)
     {
         ObjectDisposedException.ThrowIf(IsDisposed, this);
@@ -592,16 +600,16 @@ public sealed class OrtModelRuntime : IDisposable
             c.EnsureRoom(Math.Min(c.Length + riderWidth, c.Capacity));
         }
 
-        return PackedCompile(PackedSlots(riders.Count + 1), chunkWidth, Capacity, riderWidth).Value.GetAwaiter().GetResult();
+        return PackedCompile(MixedSlots(riders.Count, riderWidth), chunkWidth, Capacity, riderWidth).Value.GetAwaiter().GetResult();
     }
 
     private readonly System.Collections.Concurrent.ConcurrentDictionary<(int Slots, int Chunk, int Riders), RunTimes> _mixedRunMs = new();
 
     /// <summary>Records a whole mixed step (a chunk of <paramref name="chunkWidth"/> beside <paramref name="riders"/> riders of <paramref name="riderWidth"/> rows, the host's work included).</summary>
-    public void RecordMixedStep(int riders, int chunkWidth, double ms, int riderWidth = 1) => Record(_mixedRunMs.GetOrAdd((PackedSlots(riders + 1), chunkWidth, riderWidth), _ => new RunTimes()), ms, skipFirst: false);
+    public void RecordMixedStep(int riders, int chunkWidth, double ms, int riderWidth = 1) => Record(_mixedRunMs.GetOrAdd((MixedSlots(riders, riderWidth), chunkWidth, riderWidth), _ => new RunTimes()), ms, skipFirst: false);
 
     /// <summary>Recent time of a mixed step of a chunk of <paramref name="chunkWidth"/> with up to <paramref name="riders"/> riders' graph of <paramref name="riderWidth"/> rows each (median of its last 15), or null before one ran.</summary>
-    public double? RecentMixedRunMs(int riders, int chunkWidth, int riderWidth = 1) => _mixedRunMs.TryGetValue((PackedSlots(riders + 1), chunkWidth, riderWidth), out var ring) ? Median(ring) : null;
+    public double? RecentMixedRunMs(int riders, int chunkWidth, int riderWidth = 1) => _mixedRunMs.TryGetValue((MixedSlots(riders, riderWidth), chunkWidth, riderWidth), out var ring) ? Median(ring) : null;
 
     /// <summary>Slots of the packed graph that holds <paramref name="sessions"/> sessions (1: the plain graph).</summary>
     public static int PackedSlots(int sessions) => sessions <= 1 ? 1 : PackedSlotCounts.First(s => s >= sessions);
