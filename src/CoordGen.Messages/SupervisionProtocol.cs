@@ -48,7 +48,7 @@ public static class DiagnosticsProtocol
     /// <summary>Device: pack plain decoding sessions into one device run (true) or run one session per step (false), from the next step on; benchmarks compare the two on one loaded runtime. No reply.</summary>
     public sealed record SetPackedSteps(bool Packed);
 
-    /// <summary>Device: with packing, let one-token steps ride in prefill chunks' runs (true) or run chunks alone (false), from the next step on (decision 0026); benchmarks compare the two. No reply.</summary>
+    /// <summary>Device: with packing, let plain sessions' one-token steps and speculative sessions' trees ride in prefill chunks' runs (true) or run chunks alone (false), from the next step on (decisions 0026, 0029); benchmarks compare the two. No reply.</summary>
     public sealed record SetMixedSteps(bool Mixed);
 
     /// <summary>Device: with packed trees, let the width budget choose each pack's width and members (true, decision 0028) or take the widest pack that pays (false), from the next step on; benchmarks compare the two. No reply.</summary>

@@ -207,7 +207,7 @@ public sealed partial class DeviceActor : ReceiveActor
         // speculative session's verdict or tree is on its way (its tree would wait out the chunk), the chunk serves
         // the streams as a decode step would.
         int chunkWidth = StepPolicy.ChunkWidth(decoding.Count, wide, interleaved);
-        var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, runtime, prefilling[0], decoding, chunkWidth, chosen: false, out _) : null;
+        var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, _packTrees, runtime, prefilling[0], decoding, chunkWidth, chosen: false, out _) : null;
         bool carries = riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested) && !decoding.Any(s => s.Coming);
         var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, decoding.Count(s => s.Ready),
             _sinceChunk, wide, interleaved, carries, _chunkHoldSince != 0);
@@ -218,8 +218,10 @@ public sealed partial class DeviceActor : ReceiveActor
             Packing.PriceSharedSteps(_packing, _packTrees, runtime, decoding); // before any width is read
         }
 
-        if ((Packing.Hold(_packing, _packTrees && decode, runtime, decoding, ref _holdSince)
-            ?? Packing.HoldChunk(_packing, _packTrees && _mixedSteps && choice.Prefill, runtime, prefilling.FirstOrDefault(), decoding, chunkWidth, ref _chunkHoldSince)) is { } left)
+        // Both asked every time, so each resets its wait when it does not hold.
+        var (decodeHold, chunkHold) = (Packing.Hold(_packing, _packTrees && decode, runtime, decoding, ref _holdSince),
+            Packing.HoldChunk(_packing, _packTrees && _mixedSteps && choice.Prefill, runtime, prefilling.FirstOrDefault(), decoding, chunkWidth, ref _chunkHoldSince));
+        if ((decodeHold ?? chunkHold) is { } left)
         {
             if (!_holdTimer)
             {
@@ -247,7 +249,7 @@ public sealed partial class DeviceActor : ReceiveActor
         }
 
         int packWidth = 0;
-        var group = prefill ? (_mixedSteps ? Packing.Riders(_packing, runtime, pick, decoding, chunkWidth, chosen: true, out packWidth) : null) : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth, _widthBudget, _timeline.DecidedWidth);
+        var group = prefill ? (_mixedSteps ? Packing.Riders(_packing, _packTrees, runtime, pick, decoding, chunkWidth, chosen: true, out packWidth) : null) : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth, _widthBudget, _timeline.DecidedWidth);
         _busy = true;
         foreach (var s in group ?? [pick])
         {

@@ -10,7 +10,7 @@ namespace CoordGen.Actors.Device;
 /// Batch assembly: what one device run carries, off the mailbox thread. A run is one session's own step
 /// (<see cref="Solo"/>), a packed width-1 run of several sessions (plain tokens and
 /// speculative roots alone), a packed run of several speculative sessions' trees at one width, or a prefill
-/// chunk with such width-1 steps riding beside it (<see cref="Mixed"/>). Each session's rows go back to it, and
+/// chunk with plain sessions' width-1 steps or speculative sessions' trees riding beside it (<see cref="Mixed"/>). Each session's rows go back to it, and
 /// a speculative session's rows on to the verifier.
 /// </summary>
 internal static class DeviceSteps

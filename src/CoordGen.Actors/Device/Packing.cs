@@ -111,12 +111,13 @@ internal static class Packing
     /// many rows (decision 0029). Up to the largest graph's slots less the chunk's, when the runtime can mix
     /// (GroupQueryAttention packing, the graph compiled, room for the padded chunk in any cache this prompt can fill)
     /// and mixing pays (<see cref="StepPolicy.MixPays"/>, against the riders' own packed run).
+    /// <paramref name="trees"/>: trees may ride (packed trees on, <c>CoordGenOptions.PackedTrees</c>).
     /// <paramref name="chosen"/>: the chunk is the step the device runs now, so a refused mix may be tried again
     /// (<see cref="OrtModelRuntime.ProbeRefusedMix"/>) and, while the chunk alone has no recent time in its bucket, a
     /// chunk now and then runs alone to measure it (<see cref="OrtModelRuntime.ProbeChunkAlone"/>); false: a question
     /// that runs nothing.
     /// </summary>
-    public static List<DeviceSession>? Riders(PackingMode mode, OrtModelRuntime runtime, DeviceSession chunk, IEnumerable<DeviceSession> decoding, int width, bool chosen, out int riderWidth)
+    public static List<DeviceSession>? Riders(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession chunk, IEnumerable<DeviceSession> decoding, int width, bool chosen, out int riderWidth)
     {
         riderWidth = 1;
         if (mode == PackingMode.Off || width < 2 || !runtime.PackedInPlace || chunk.Request.Prompt.Count + width > runtime.Capacity)
@@ -129,10 +130,10 @@ internal static class Packing
         int most = OrtModelRuntime.PackedSlotCounts[^1] - 1;
         var ready = decoding.Where(s => !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested).ToList();
         List<DeviceSession> riders = [.. ready.Where(s => s.PlainDecoding).Take(most)];
-        if (riders.Count == 0 && ready.Where(s => s.NextTreeWidth >= 2).ToList() is { Count: > 0 } trees)
+        if (riders.Count == 0 && trees && ready.Where(s => s.NextTreeWidth >= 2).ToList() is { Count: > 0 } withTrees)
         {
-            int w = riderWidth = Math.Min(trees.Max(s => s.NextTreeWidth), OrtModelRuntime.MaxTreeWidth);
-            riders = [.. trees.Where(s => s.RoomForTree(w)).Take(most)];
+            int w = riderWidth = Math.Min(withTrees.Max(s => s.NextTreeWidth), OrtModelRuntime.MaxTreeWidth);
+            riders = [.. withTrees.Where(s => s.RoomForTree(w)).Take(most)];
         }
 
         if (riders.Count == 0)
@@ -153,7 +154,7 @@ internal static class Packing
             return null;
         }
 
-        bool pays = mode == PackingMode.Always || StepPolicy.MixPays(runtime.RecentMixedRunMs(riders.Count, width, rw), chunkAlone, ridersAlone, runtime.RecentRunMs(1, bucket))
+        bool pays = mode == PackingMode.Always || StepPolicy.MixPays(runtime.RecentMixedRunMs(riders.Count, width, rw), chunkAlone, ridersAlone, runtime.RecentRunMs(rw, bucket))
             || (chosen && runtime.ProbeRefusedMix(riders.Count, width, rw));
         return pays && runtime.MixedReady(riders.Count, width, rw) ? [chunk, .. riders] : null;
     }
@@ -162,13 +163,14 @@ internal static class Packing
     /// How much longer a prefill chunk waits for the speculative sessions whose verdict or next tree is on its way, so
     /// that their trees ride in its run (decision 0029) instead of the chunk running alone between their packed runs
     /// (after a tree run every member is on its way: without the wait no tree would ever ride); null: run now. Only
-    /// while no plain session is ready (those ride now), at most as long as <see cref="Hold"/> waits for a pack (a
-    /// share of the chunk's own run; <see cref="PackingMode.Always"/>: up to 50 ms, for tests on tiny models).
+    /// while no plain session is ready (those ride now) and the trees would ride (the mixed graph compiled and the mix
+    /// paying, as <see cref="Riders"/> decides), at most as long as <see cref="Hold"/> waits for a pack (a share of the
+    /// chunk's own run; <see cref="PackingMode.Always"/>: up to 50 ms, for tests on tiny models).
     /// </summary>
     public static TimeSpan? HoldChunk(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession? chunk, IReadOnlyCollection<DeviceSession> decoding, int chunkWidth, ref long holdSince)
     {
         int coming = trees && chunk is not null && mode != PackingMode.Off && runtime.PackedInPlace && !decoding.Any(s => s.Ready && s.PlainDecoding) ? decoding.Count(s => s.Coming) : 0;
-        if (coming == 0 || chunk is null)
+        if (coming == 0 || chunk is null || (mode != PackingMode.Always && !TreesWouldRide(runtime, chunk, decoding, chunkWidth)))
         {
             holdSince = 0;
             return null;
@@ -184,6 +186,22 @@ internal static class Packing
 
         holdSince = 0;
         return null;
+    }
+
+    // Whether the ready trees and those on their way would ride in the chunk's run (Riders' rule): at the ready ones'
+    // width, or, with none ready yet, at some compiled tree width, the mixed graph compiled and the mix paying.
+    private static bool TreesWouldRide(OrtModelRuntime runtime, DeviceSession chunk, IReadOnlyCollection<DeviceSession> decoding, int chunkWidth)
+    {
+        var trees = decoding.Where(s => s.Coming || (s.Ready && s.NextTreeWidth >= 2)).ToList();
+        int n = Math.Min(trees.Count, OrtModelRuntime.PackedSlotCounts[^1] - 1), readyWidth = trees.Max(s => s.NextTreeWidth);
+        IEnumerable<int> widths = readyWidth >= 2 ? [Math.Min(readyWidth, OrtModelRuntime.MaxTreeWidth)] : runtime.Widths.Where(w => w >= 2 && w <= OrtModelRuntime.MaxTreeWidth);
+        double? chunkAlone = ChunkAloneMs(runtime, chunk, chunkWidth);
+        return widths.Any(w =>
+        {
+            int bucket = trees.Max(s => s.TreeBucket(w));
+            double? alone = n > 1 ? runtime.RecentPackedRunMs(OrtModelRuntime.PackedSlots(n), bucket, w) : runtime.RecentRunMs(w, bucket);
+            return StepPolicy.MixPays(runtime.RecentMixedRunMs(n, chunkWidth, w), chunkAlone, alone, runtime.RecentRunMs(w, bucket)) && runtime.MixedReady(n, chunkWidth, w);
+        });
     }
 
     // The recent time of a chunk of this width alone, in the bucket the chunk's cache will be in.

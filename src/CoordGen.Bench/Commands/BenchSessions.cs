@@ -25,7 +25,7 @@ internal sealed record SessionsRow
     /// <summary>Plain sessions ready together shared one device run (packed steps) instead of one run each.</summary>
     [JsonPropertyName("packed")] public bool Packed { get; init; }
 
-    /// <summary>With packing: one-token steps rode in prefill chunks' runs (mixed steps, decision 0026); false when not packed.</summary>
+    /// <summary>With packing: one-token steps and trees rode in prefill chunks' runs (mixed steps, decisions 0026, 0029); false when not packed.</summary>
     [JsonPropertyName("mixed_steps")] public bool MixedSteps { get; init; }
 
     /// <summary>
@@ -79,7 +79,7 @@ internal static class BenchSessions
         var kv = CommonOptions.Kv();
         var packedOpt = new Option<string>("--packed") { Description = "true: plain sessions ready together share one device run when it pays (packed steps, the server's default); false: one session per device run; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var packedTrees = new Option<bool?>("--packed-trees") { Description = "With packing on: speculative sessions' trees share packed runs too (CoordGenOptions.PackedTrees; default: the server's default).", HelpName = "true|false" };
-        var mixedSteps = new Option<string>("--mixed-steps") { Description = "With packing on: true: sessions whose next step is one token ride in prefill chunks' runs (CoordGenOptions.MixedSteps, the server's default); false: chunks run alone; both: each packed mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
+        var mixedSteps = new Option<string>("--mixed-steps") { Description = "With packing on: true: sessions whose next step is one token or a tree ride in prefill chunks' runs (CoordGenOptions.MixedSteps, the server's default); false: chunks run alone; both: each packed mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var budgetOpt = new Option<string>("--width-budget") { Description = "With packed trees: true: the width budget chooses each pack's width and members by expected tokens per millisecond (decision 0028, the server's default); false: the widest pack that pays; both: each speculative mode both ways, side by side (rows `(widest)`).", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var prefixOpt = new Option<string>("--prefix-cache") { Description = "true: the prefix cache is on (the server's default), emptied before every pass; false: every prompt is prefilled whole; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
@@ -294,7 +294,7 @@ internal static class BenchSessions
         bool bothCaches = rows.Select(r => r.PrefixCache).Distinct().Count() > 1;
         md.AppendLine(CultureInfo.InvariantCulture, $"Prefix cache: {(bothCaches ? "both ways (the `prefix cache` column)" : rows[0].PrefixCache ? "on" : "off")}; when on it is emptied before every pass, so a pass reuses only prompts it prefilled itself (docs/decisions/0019-prefix-cache.md).").AppendLine();
         bool bothMixes = rows.Where(r => r.Packed).Select(r => r.MixedSteps).Distinct().Count() > 1;
-        md.AppendLine(CultureInfo.InvariantCulture, $"Mixed steps (decision 0026): {(bothMixes ? "packed both ways (`packed` = `yes, mixed` when one-token steps rode in prefill chunks' runs, `yes` when chunks ran alone)" : rows.Any(r => r.MixedSteps) ? "on: with packing, sessions whose next step is one token ride in prefill chunks' runs" : "off: chunks run alone")}; a mixed run's time beyond the chunk alone (its recent solo time) counts as decode time, the rest as prefill.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Mixed steps (decisions 0026, 0029): {(bothMixes ? "packed both ways (`packed` = `yes, mixed` when one-token steps and trees rode in prefill chunks' runs, `yes` when chunks ran alone)" : rows.Any(r => r.MixedSteps) ? "on: with packing, sessions whose next step is one token or a tree ride in prefill chunks' runs" : "off: chunks run alone")}; a mixed run's time beyond the chunk alone (its recent solo time) counts as decode time, the rest as prefill.").AppendLine();
         bool bothBudgets = rows.Select(r => r.WidthBudget).Distinct().Count() > 1;
         if (bothBudgets)
         {

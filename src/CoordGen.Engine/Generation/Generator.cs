@@ -265,7 +265,7 @@ public sealed class PrefillSession
         double runMs = Stopwatch.GetElapsedTime(t0).TotalMilliseconds;
 
         // The run wrote every slot's rows into its cache: the chunk's real rows are kept (its padding lies past
-        // the length, overwritten later), and each rider's one row.
+        // the length, overwritten later); a width-1 rider keeps its one row, a tree's rows stay staged past its length.
         _onChunk?.Invoke(buf, _next, n);
         _cache.Advance(n);
         _next += n;

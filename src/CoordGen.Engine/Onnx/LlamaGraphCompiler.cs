@@ -79,9 +79,9 @@ public static class LlamaGraphCompiler
     /// step's own columns), short of an exact value within about 1e-16 of a float32 rounding boundary. Quantized
     /// weights need this for speculation to stay lossless (decision 0025). Joined form only.</param>
     /// <param name="mixed">A mixed graph (with <paramref name="groupQuery"/>, decision 0026): slot 0 carries a prefill chunk of
-    /// W rows and slots 1..S-1 one decode row each, so a chunk and S-1 sessions' next tokens share one run. Rows:
-    /// n = W + S - 1 (the chunk first); <c>attention_mask</c> is the chunk's own [1,1,W,C+W] (its last W columns,
-    /// the causal block, are the chunk's bias; decode rows need none).</param>
+    /// W rows and slots 1..S-1 one decode row each (or a tree each, <paramref name="riderWidth"/>), so a chunk and S-1
+    /// sessions' steps share one run. Rows: n = W + S - 1 (the chunk first); <c>attention_mask</c> is the chunk's own
+    /// [1,1,W,C+W] (its last W columns, the causal block, are the chunk's bias; decode rows need none).</param>
     /// <param name="riderWidth">Rows of each of a mixed graph's other slots: 1 (one decode row each), or a tree's width R
     /// (decision 0029): n = W + (S - 1)·R, and input <c>rider_mask</c> [S-1,1,R,R] holds each rider's tree block, its bias
     /// after zeros over its cache, as a packed tree slot's.</param>
@@ -417,7 +417,7 @@ public static class LlamaGraphCompiler
                 // W rows per slot: [1,H,S*W,D] -> S blocks of [1,W,H*D] (and likewise k, v); each slot's
                 // GroupQueryAttention writes its new rows into its own cache in place (from its length on) and
                 // reads that cache up to its own length, a tree's rows through the slot's bias.
-                // A mixed graph splits [1,n,dim] by each slot's rows instead: [1,W,dim] for the chunk, [1,1,dim] for the others.
+                // A mixed graph splits [1,n,dim] by each slot's rows instead: [1,W,dim] for the chunk, [1,R,dim] for each rider.
                 string[] Rows(string t, int dim) => mixed
                     ? b.NodeMulti("Split", [b.Node("Reshape", [b.Node("Transpose", [t], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), b.ConstInt64([1, n, dim])]), b.ConstInt64([.. rowsOf.Select(r => (long)r)])], slots, GraphBuilder.Int("axis", 1))
                     : b.NodeMulti("Split", [b.Node("Reshape", [b.Node("Transpose", [t], attrs: GraphBuilder.Ints("perm", 0, 2, 1, 3)), b.ConstInt64([slots, w, dim])]), b.ConstInt64([.. Enumerable.Repeat(1L, slots)])], slots, GraphBuilder.Int("axis", 0));

@@ -491,7 +491,7 @@ public sealed class OrtModelRuntime : IDisposable
 
     /// <summary>
     /// Whether a prefill chunk of <paramref name="chunkWidth"/> tokens into <paramref name="chunk"/> can share one run with
-    /// <paramref name="riders"/> sessions' width-1 steps (a mixed graph, decision 0026): GroupQueryAttention packing
+    /// <paramref name="riders"/> sessions' steps (a mixed graph: width-1 steps, decision 0026, or trees, 0029): GroupQueryAttention packing
     /// (<see cref="PackedInPlace"/>), 1 to 15 riders, room in the chunk's cache for the chunk's padded rows, and the
     /// graph compiled. If it is not compiled yet its compilation starts in the background and this answers false, so a
     /// scheduler never waits for a compile.
@@ -550,10 +550,10 @@ public sealed class OrtModelRuntime : IDisposable
         MixedGraph(chunkWidth, chunk, riders, riderWidth).SlotBuffers.Take(riders.Count + 1).ToArray();
 
     /// <summary>
-    /// Runs a prefill chunk and its riders' width-1 steps as one run of a mixed graph: the weights are read once for
-    /// all the rows, each slot attends over its own cache and writes its new rows into it (in place, from its length
-    /// on: the chunk's cache then holds the chunk's padded rows past its real ones; advance each cache by its real
-    /// rows). Logits (and top candidates) land in each slot's buffers from <see cref="MixedBuffers"/>.
+    /// Runs a prefill chunk and its riders' steps (width-1 steps or trees of <paramref name="riderWidth"/> rows) as one
+    /// run of a mixed graph: the weights are read once for all the rows, each slot attends over its own cache and writes
+    /// its new rows into it (in place, from its length on: the chunk's cache then holds the chunk's padded rows past its
+    /// real ones; advance the chunk's and each width-1 rider's cache by its real rows, and leave a tree's rows staged). Logits (and top candidates) land in each slot's buffers from <see cref="MixedBuffers"/>.
     /// </summary>
     public void RunMixed(int chunkWidth, KvCache chunk, IReadOnlyList<KvCache> riders, int riderWidth = 1)
     {
@@ -1250,6 +1250,11 @@ public sealed class OrtModelRuntime : IDisposable
             }
 
             if (InPlace)
+            {
+                _inputs[3 + (2 * _layers * _slots)].Dispose(); // kv_lengths
+            }
+
+            if (_riderMask is not null)
             {
                 _inputs[^1].Dispose();
             }

@@ -403,7 +403,6 @@ public sealed class SpeculativeSession : IDisposable
         private readonly KvCache[] _caches;
         private readonly DraftProposal[] _trees;
         private readonly bool _ownRows;
-        private readonly long _begin = Stopwatch.GetTimestamp();
 
         internal PackedTrees(SpeculativeSession[] group, DraftProposal[] trees, int width, bool ownRows)
         {
@@ -445,6 +444,7 @@ public sealed class SpeculativeSession : IDisposable
         /// <summary>The trees in a packed run of their own (<see cref="OrtModelRuntime.RunPacked"/>); their results are <see cref="Results"/>.</summary>
         public void RunPacked()
         {
+            long begin = Stopwatch.GetTimestamp();
             var runtime = _group[0]._runtime;
             var buffers = runtime.PackedBuffers(Width, _caches);
             Fill(buffers);
@@ -453,7 +453,7 @@ public sealed class SpeculativeSession : IDisposable
             Finish(buffers, staged, Stopwatch.GetElapsedTime(t0).TotalMilliseconds / _group.Length);
             if (_group.Length > 1)
             {
-                runtime.RecordPackedStep(_group.Length, _caches.Max(c => c.Bucket), Stopwatch.GetElapsedTime(_begin).TotalMilliseconds, Width);
+                runtime.RecordPackedStep(_group.Length, _caches.Max(c => c.Bucket), Stopwatch.GetElapsedTime(begin).TotalMilliseconds, Width);
             }
         }
     }
