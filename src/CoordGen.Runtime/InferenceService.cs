@@ -193,7 +193,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
                     if (settings.MixedSteps)
                     {
                         rt.PrepareMixed(settings.EffectiveChunkWidth);
-                        foreach (int w in settings.PackedTrees ? widths.Where(w => w >= 2 && w <= Math.Min(settings.Width, OrtModelRuntime.MaxTreeWidth)) : [])
+                        foreach (int w in settings.PackedTrees && settings.MixedTrees ? widths.Where(w => w >= 2 && w <= Math.Min(settings.Width, OrtModelRuntime.MaxTreeWidth)) : [])
                         {
                             rt.PrepareMixed(settings.EffectiveChunkWidth, w); // trees riding in chunks (decision 0029)
                         }
@@ -226,7 +226,7 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
         // The runtime outlives device-actor restarts: a restarted device takes the same compiled graphs.
         var runtimes = new RuntimeKeeper(() => Interlocked.Exchange(ref first, null) ?? NewRuntime(), reuse: settings.KeepRuntimeAcrossRestarts);
         var device = DeviceActor.Props(runtimes, bundle.StopTokens, emulate, settings.EffectiveChunkWidth, maxActive, settings.PackedSteps ? PackingMode.WhenItPays : PackingMode.Off, packTrees: settings.PackedTrees,
-            mixedSteps: settings.MixedSteps, prefixCacheBudget: settings.PrefixCache ? settings.KvBudgetMb * 1024L * 1024L : 0);
+            mixedSteps: settings.MixedSteps, mixedTrees: settings.MixedTrees, prefixCacheBudget: settings.PrefixCache ? settings.KvBudgetMb * 1024L * 1024L : 0);
         var supervisor = system.ActorOf(GenerationSupervisor.Props(device, settings.MaxPending, maxAttempts), "generation");
         var service = new InferenceService(bundle, settings, system, supervisor, runtimes) { Faults = plan };
         if (settings.WarmUp && faults is null)

@@ -172,7 +172,7 @@ public class InterleavingSpecs : TestKit
 
         static int[] Long(int i) => [.. Enumerable.Range(0, 40 + (5 * i)).Select(k => ((k * (i + 5)) + 3) % 64)];
         using var spans = new SpanRecorder();
-        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(Mixing, new HashSet<int>(), packing: PackingMode.Always, packTrees: true)));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(Mixing, new HashSet<int>(), packing: PackingMode.Always, packTrees: true, mixedTrees: true)));
         var channels = Enumerable.Range(0, 5).Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
         var sampling = new Sampling(Temperature: temperature, Seed: 13);
         for (int i = 0; i < channels.Length; i++)

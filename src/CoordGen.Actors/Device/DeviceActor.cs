@@ -35,6 +35,7 @@ public sealed partial class DeviceActor : ReceiveActor
     private PackingMode _packing;
     private readonly bool _packTrees;
     private bool _mixedSteps;
+    private readonly bool _mixedTrees;
     private bool _widthBudget = true;
     private readonly DevicePrefixCache _prefix;
     private readonly int _streamWindow;
@@ -59,14 +60,16 @@ public sealed partial class DeviceActor : ReceiveActor
     /// <param name="packing">Whether plain decoding sessions ready together share one device run (a packed
     /// graph: each in its own slot against its own cache), instead of one run each.</param>
     /// <param name="packTrees">Whether speculative sessions' trees share packed runs too, at one width per run (always with <see cref="PackingMode.Always"/>; <see cref="Packing.Group"/>).</param>
-    /// <param name="mixedSteps">Whether, with packing, sessions whose next step is one token or a tree ride in a prefill chunk's run (<see cref="Packing.Riders"/>, decisions 0026, 0029).</param>
+    /// <param name="mixedSteps">Whether, with packing, sessions whose next step is one token ride in a prefill chunk's run (<see cref="Packing.Riders"/>, decision 0026).</param>
+    /// <param name="mixedTrees">Whether, with <paramref name="mixedSteps"/> and <paramref name="packTrees"/>, speculative sessions' trees ride too when no plain session is ready, a chunk waiting a moment for them (decision 0029).</param>
     /// <param name="prefixCacheBudget">The KV memory budget a prefix cache shares with the sessions' caches
     /// (it holds at most this less the running sessions' caches, evicting least recently used blocks);
     /// 0 = no prefix cache. The cache lives and dies with this device.</param>
     /// <param name="streamWindow">Tokens of a run that may be unacknowledged by its session before the run pauses (0 = <see cref="DeviceProtocol.DefaultStreamWindow"/>).</param>
-    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0, bool mixedSteps = true)
+    public DeviceActor(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0, bool mixedSteps = true, bool mixedTrees = false)
     {
         _mixedSteps = mixedSteps;
+        _mixedTrees = mixedTrees;
         _streamWindow = streamWindow > 0 ? streamWindow : DeviceProtocol.DefaultStreamWindow;
         _prefix = new DevicePrefixCache(prefixCacheBudget);
         _interleavedChunkWidth = interleavedChunkWidth;
@@ -108,12 +111,12 @@ public sealed partial class DeviceActor : ReceiveActor
     /// <summary>A device whose runtime a restarted device borrows again (the runtime's owner disposes <paramref name="runtimes"/>).</summary>
     /// <param name="interleavedChunkWidth">Tokens per prefill chunk while other sessions decode
     /// (<see cref="StepPolicy.ChunkWidth"/>); 0 = always the runtime's widest graph.</param>
-    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0, bool mixedSteps = true)
-        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget, streamWindow, mixedSteps));
+    public static Props Props(RuntimeKeeper runtimes, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0, bool mixedSteps = true, bool mixedTrees = false)
+        => Akka.Actor.Props.Create(() => new DeviceActor(runtimes, stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget, streamWindow, mixedSteps, mixedTrees));
 
     /// <summary>A device that builds its own runtime and disposes it when it stops (each restart compiles again).</summary>
-    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0, bool mixedSteps = true)
-        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget, streamWindow, mixedSteps);
+    public static Props Props(Func<OrtModelRuntime> createRuntime, IReadOnlySet<int> stopTokens, DeviceProfile? emulate = null, int interleavedChunkWidth = 0, int maxActiveSessions = 0, PackingMode packing = PackingMode.Off, bool packTrees = false, long prefixCacheBudget = 0, int streamWindow = 0, bool mixedSteps = true, bool mixedTrees = false)
+        => Props(new RuntimeKeeper(createRuntime, reuse: false), stopTokens, emulate, interleavedChunkWidth, maxActiveSessions, packing, packTrees, prefixCacheBudget, streamWindow, mixedSteps, mixedTrees);
 
     protected override void PreStart()
     {
@@ -207,7 +210,7 @@ public sealed partial class DeviceActor : ReceiveActor
         // speculative session's verdict or tree is on its way (its tree would wait out the chunk), the chunk serves
         // the streams as a decode step would.
         int chunkWidth = StepPolicy.ChunkWidth(decoding.Count, wide, interleaved);
-        var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, _packTrees, runtime, prefilling[0], decoding, chunkWidth, chosen: false, out _) : null;
+        var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, _packTrees && _mixedTrees, runtime, prefilling[0], decoding, chunkWidth, chosen: false, out _) : null;
         bool carries = riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested) && !decoding.Any(s => s.Coming);
         var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, decoding.Count(s => s.Ready),
             _sinceChunk, wide, interleaved, carries, _chunkHoldSince != 0);
@@ -220,7 +223,7 @@ public sealed partial class DeviceActor : ReceiveActor
 
         // Both asked every time, so each resets its wait when it does not hold.
         var (decodeHold, chunkHold) = (Packing.Hold(_packing, _packTrees && decode, runtime, decoding, ref _holdSince),
-            Packing.HoldChunk(_packing, _packTrees && _mixedSteps && choice.Prefill, runtime, prefilling.FirstOrDefault(), decoding, chunkWidth, ref _chunkHoldSince));
+            Packing.HoldChunk(_packing, _packTrees && _mixedSteps && _mixedTrees && choice.Prefill, runtime, prefilling.FirstOrDefault(), decoding, chunkWidth, ref _chunkHoldSince));
         if ((decodeHold ?? chunkHold) is { } left)
         {
             if (!_holdTimer)
@@ -249,7 +252,7 @@ public sealed partial class DeviceActor : ReceiveActor
         }
 
         int packWidth = 0;
-        var group = prefill ? (_mixedSteps ? Packing.Riders(_packing, _packTrees, runtime, pick, decoding, chunkWidth, chosen: true, out packWidth) : null) : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth, _widthBudget, _timeline.DecidedWidth);
+        var group = prefill ? (_mixedSteps ? Packing.Riders(_packing, _packTrees && _mixedTrees, runtime, pick, decoding, chunkWidth, chosen: true, out packWidth) : null) : Packing.Group(_packing, _packTrees, runtime, pick, _queues.Decoding, out packWidth, _widthBudget, _timeline.DecidedWidth);
         _busy = true;
         foreach (var s in group ?? [pick])
         {

@@ -87,12 +87,13 @@ internal static class BenchRebalance
         var runs = new Option<int>("--runs") { Description = "Times the whole test runs (controls, newcomer); the report shows the run with the median worst ratio and lists all (this shared machine is noisy).", DefaultValueFactory = _ => 3 };
         var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest), so the policy meets an NPU's step times instead of this CPU's noise; the report is then rebalance-PROFILE.md and says so. Lower --stream-tokens with it (steps last tens of ms).");
         var packedTrees = new Option<bool?>("--packed-trees") { Description = "Speculative streams' trees share packed runs (CoordGenOptions.PackedTrees; default: the server's default).", HelpName = "true|false" };
-        var mixedSteps = new Option<bool?>("--mixed-steps") { Description = "The streams ride in the newcomer's prefill chunks' runs: plain (ar) streams' tokens, speculative streams' trees (CoordGenOptions.MixedSteps; default: the server's default).", HelpName = "true|false" };
+        var mixedSteps = new Option<bool?>("--mixed-steps") { Description = "Plain (ar) streams ride in the newcomer's prefill chunks' runs (CoordGenOptions.MixedSteps; default: the server's default); speculative streams' trees too with --mixed-trees.", HelpName = "true|false" };
+        var mixedTrees = new Option<bool?>("--mixed-trees") { Description = "With --mixed-steps: speculative streams' trees ride in the chunks' runs too (CoordGenOptions.MixedTrees, decision 0029; default: the server's default, off).", HelpName = "true|false" };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("rebalance", "Prefill against decode: N sessions stream while a long prompt arrives; the device interleaves its prefill chunks with their decode steps. Reports their worst inter-token gap during the newcomer's prefill against their median gap (goal: at most 2x) and the newcomer's time to first token. Writes a report and a plot of the gaps.")
         {
-            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, threads, runs, deviceProfile, packedTrees, mixedSteps, json, outDir,
+            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, threads, runs, deviceProfile, packedTrees, mixedSteps, mixedTrees, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -107,7 +108,7 @@ internal static class BenchRebalance
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             // No prefix cache: the warm-up below runs the newcomer's prompt once, and a cached prompt would skip the very
             // prefill this measures (with it on, ar's newcomer took 96 ms to its first token for 1,500 tokens).
-            var settings = new CoordGenOptions { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true, PackedTrees = parse.GetValue(packedTrees) ?? new CoordGenOptions().PackedTrees, MixedSteps = parse.GetValue(mixedSteps) ?? new CoordGenOptions().MixedSteps, PrefixCache = false, InterleavedChunkWidth = parse.GetValue(chunkWidth), Threads = parse.GetValue(threads), DeviceProfile = parse.GetValue(deviceProfile) };
+            var settings = new CoordGenOptions { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true, PackedTrees = parse.GetValue(packedTrees) ?? new CoordGenOptions().PackedTrees, MixedSteps = parse.GetValue(mixedSteps) ?? new CoordGenOptions().MixedSteps, MixedTrees = parse.GetValue(mixedTrees) ?? new CoordGenOptions().MixedTrees, PrefixCache = false, InterleavedChunkWidth = parse.GetValue(chunkWidth), Threads = parse.GetValue(threads), DeviceProfile = parse.GetValue(deviceProfile) };
             var profile = string.IsNullOrEmpty(settings.DeviceProfile) ? null : Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
             if (settings.Problems() is { Count: > 0 } problems)
             {

@@ -79,7 +79,8 @@ internal static class BenchSessions
         var kv = CommonOptions.Kv();
         var packedOpt = new Option<string>("--packed") { Description = "true: plain sessions ready together share one device run when it pays (packed steps, the server's default); false: one session per device run; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var packedTrees = new Option<bool?>("--packed-trees") { Description = "With packing on: speculative sessions' trees share packed runs too (CoordGenOptions.PackedTrees; default: the server's default).", HelpName = "true|false" };
-        var mixedSteps = new Option<string>("--mixed-steps") { Description = "With packing on: true: sessions whose next step is one token or a tree ride in prefill chunks' runs (CoordGenOptions.MixedSteps, the server's default); false: chunks run alone; both: each packed mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
+        var mixedSteps = new Option<string>("--mixed-steps") { Description = "With packing on: true: sessions whose next step is one token (and trees, with --mixed-trees) ride in prefill chunks' runs (CoordGenOptions.MixedSteps, the server's default); false: chunks run alone; both: each packed mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
+        var mixedTrees = new Option<bool?>("--mixed-trees") { Description = "With mixed steps: speculative sessions' trees ride in prefill chunks' runs too (CoordGenOptions.MixedTrees, decision 0029; default: the server's default, off). With --mixed-steps both, the mixed rows are then trees riding against chunks alone.", HelpName = "true|false" };
         var budgetOpt = new Option<string>("--width-budget") { Description = "With packed trees: true: the width budget chooses each pack's width and members by expected tokens per millisecond (decision 0028, the server's default); false: the widest pack that pays; both: each speculative mode both ways, side by side (rows `(widest)`).", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var prefixOpt = new Option<string>("--prefix-cache") { Description = "true: the prefix cache is on (the server's default), emptied before every pass; false: every prompt is prefilled whole; both: each mode both ways, side by side.", DefaultValueFactory = _ => "true", HelpName = "true|false|both" };
         var threads = new Option<int>("--threads") { Description = "ONNX Runtime intra-op threads of the device (the server's Threads); 0 = one per core.", DefaultValueFactory = _ => 0 };
@@ -89,7 +90,7 @@ internal static class BenchSessions
         var deviceProfile = CommonOptions.DeviceProfile("What-if: pace every device step to this accelerator profile (the real step runs, the device waits out the rest; adaptive width costs widths by the profile), so the modes meet an NPU's step times; the report is then sessions-PROFILE.md and says so. Steps last tens of ms: use few points, e.g. --sessions 8 --requests 2.");
         var cmd = new Command("sessions", "Concurrent sessions on one model: aggregate and per-session tokens/s and inter-token latency, plain vs speculative, measured in one run; every stream checked against the same prompt alone.")
         {
-            model, workload, sessions, requests, method, width, modesOpt, packedOpt, packedTrees, mixedSteps, budgetOpt, prefixOpt, threads, rounds, json, outDir, deviceProfile, weights, kv,
+            model, workload, sessions, requests, method, width, modesOpt, packedOpt, packedTrees, mixedSteps, mixedTrees, budgetOpt, prefixOpt, threads, rounds, json, outDir, deviceProfile, weights, kv,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -118,7 +119,7 @@ internal static class BenchSessions
             var prompts = BenchStreams.Prompts(bundle, 4, files);
             int maxSessions = counts.Max();
             var profile = parse.GetValue(deviceProfile) is { Length: > 0 } pn ? Engine.Scheduling.DeviceProfile.Load(pn) : null;
-            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, PackedSteps = packings.Contains(true), PackedTrees = parse.GetValue(packedTrees) ?? new CoordGenOptions().PackedTrees, MixedSteps = mixes.Contains(true), PrefixCache = caches.Contains(true), Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), Kv = parse.GetValue(kv), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
+            await using var service = InferenceService.Start(bundle, new CoordGenOptions { MaxPending = maxSessions * 2, Width = w, Method = m, PrecompileAll = true, PackedSteps = packings.Contains(true), PackedTrees = parse.GetValue(packedTrees) ?? new CoordGenOptions().PackedTrees, MixedSteps = mixes.Contains(true), MixedTrees = parse.GetValue(mixedTrees) ?? new CoordGenOptions().MixedTrees, PrefixCache = caches.Contains(true), Threads = parse.GetValue(threads), Weights = parse.GetValue(weights), Kv = parse.GetValue(kv), DeviceProfile = profile is null ? null : parse.GetValue(deviceProfile) });
 
             // Each prompt alone first, without the prefix cache: the reference every concurrent stream must equal.
             var device = await service.SelectDevice();
