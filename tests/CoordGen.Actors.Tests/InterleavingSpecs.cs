@@ -18,6 +18,17 @@ public class InterleavingSpecs : TestKit
 
     private static OrtModelRuntime NewRuntime() => new(Weights, 128, [1, 8]);
 
+    /// <summary>A runtime with the mixed graphs of 8-token chunks compiled up front (riders of <paramref name="riderWidth"/> rows), so riding starts at once.</summary>
+    private static OrtModelRuntime Mixing(int riderWidth = 1)
+    {
+        var rt = NewRuntime();
+        rt.PrepareMixed(8, riderWidth);
+        return rt;
+    }
+
+    /// <summary>A prompt of 40 + 5i tokens: several 8-token chunks.</summary>
+    private static int[] LongPrompt(int i) => [.. Enumerable.Range(0, 40 + (5 * i)).Select(k => ((k * (i + 5)) + 3) % 64)];
+
     /// <summary>Every stream's tokens, read to the end.</summary>
     private static Task<List<int>[]> ReadAll(IEnumerable<Channel<GeneratedToken>> channels) => Task.WhenAll(channels.Select(async c =>
     {
@@ -123,22 +134,14 @@ public class InterleavingSpecs : TestKit
         // Prompts of 40-60 tokens go in 8-token chunks; plain sessions already decoding ride in those chunks' runs, and
         // speculative ones keep their own steps beside them (decision 0026). The mixed graphs are compiled up front, so
         // riding starts at once.
-        static OrtModelRuntime Mixing()
-        {
-            var rt = NewRuntime();
-            rt.PrepareMixed(8);
-            return rt;
-        }
-
-        static int[] Long(int i) => [.. Enumerable.Range(0, 40 + (5 * i)).Select(k => ((k * (i + 5)) + 3) % 64)];
         using var spans = new SpanRecorder();
-        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(Mixing, new HashSet<int>(), packing: PackingMode.Always)));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(() => Mixing(), new HashSet<int>(), packing: PackingMode.Always)));
         string[] methods = ["ar", "sam+ours", "ar", "ar", "sam+ours"];
         var channels = methods.Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
         var sampling = new Sampling(Temperature: temperature, Seed: 11);
         for (int i = 0; i < methods.Length; i++)
         {
-            device.Tell(new Generate(new SessionId($"mixed-{temperature}-{i}"), TokenSequence.From(Long(i)), 30, sampling, methods[i], 8, null, channels[i].Writer, CancellationToken.None) { AdaptiveWidth = true }, TestActor);
+            device.Tell(new Generate(new SessionId($"mixed-{temperature}-{i}"), TokenSequence.From(LongPrompt(i)), 30, sampling, methods[i], 8, null, channels[i].Writer, CancellationToken.None) { AdaptiveWidth = true }, TestActor);
         }
 
         var streams = await ReadAll(channels);
@@ -146,7 +149,7 @@ public class InterleavingSpecs : TestKit
         var options = new SamplingOptions { Temperature = temperature, Seed = 11 };
         for (int i = 0; i < methods.Length; i++)
         {
-            Assert.Equal(Alone(rt, Long(i), methods[i], 30, options), streams[i]);
+            Assert.Equal(Alone(rt, LongPrompt(i), methods[i], 30, options), streams[i]);
         }
 
         var mixed = spans.Spans.Where(a => a.OperationName == "coordgen.prefill_mixed").ToList();
@@ -163,21 +166,13 @@ public class InterleavingSpecs : TestKit
         // Only speculative sessions: while later prompts go in 8-token chunks, the trees of those already decoding ride in
         // the chunks' runs, each in a slot of the trees' width (decision 0029), and go to the verifier as after a packed
         // tree run. Every stream equals its prompt alone, greedy or seeded sampling.
-        static OrtModelRuntime Mixing()
-        {
-            var rt = NewRuntime();
-            rt.PrepareMixed(8, 8);
-            return rt;
-        }
-
-        static int[] Long(int i) => [.. Enumerable.Range(0, 40 + (5 * i)).Select(k => ((k * (i + 5)) + 3) % 64)];
         using var spans = new SpanRecorder();
-        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(Mixing, new HashSet<int>(), packing: PackingMode.Always, packTrees: true, mixedTrees: true)));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(() => Mixing(8), new HashSet<int>(), packing: PackingMode.Always, packTrees: true, mixedTrees: true)));
         var channels = Enumerable.Range(0, 5).Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
         var sampling = new Sampling(Temperature: temperature, Seed: 13);
         for (int i = 0; i < channels.Length; i++)
         {
-            device.Tell(new Generate(new SessionId($"trees-{temperature}-{i}"), TokenSequence.From(Long(i)), 30, sampling, "sam+ours", 8, null, channels[i].Writer, CancellationToken.None), TestActor);
+            device.Tell(new Generate(new SessionId($"trees-{temperature}-{i}"), TokenSequence.From(LongPrompt(i)), 30, sampling, "sam+ours", 8, null, channels[i].Writer, CancellationToken.None), TestActor);
         }
 
         var streams = await ReadAll(channels);
@@ -185,7 +180,7 @@ public class InterleavingSpecs : TestKit
         var options = new SamplingOptions { Temperature = temperature, Seed = 13 };
         for (int i = 0; i < channels.Length; i++)
         {
-            Assert.Equal(Alone(rt, Long(i), "sam+ours", 30, options), streams[i]);
+            Assert.Equal(Alone(rt, LongPrompt(i), "sam+ours", 30, options), streams[i]);
         }
 
         var trees = spans.Spans.Where(a => a.OperationName == "coordgen.prefill_mixed" && (int)a.GetTagItem("coordgen.rider_width")! == 8).ToList();
@@ -197,15 +192,8 @@ public class InterleavingSpecs : TestKit
     {
         // A request whose options the device refuses (max tokens 0) arrives while plain streams decode: its first chunk
         // would carry them, and fails before the run. It ends alone; the streams take their step and go on unchanged.
-        static OrtModelRuntime Mixing()
-        {
-            var rt = NewRuntime();
-            rt.PrepareMixed(8);
-            return rt;
-        }
-
         using var spans = new SpanRecorder();
-        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(Mixing, new HashSet<int>(), packing: PackingMode.Always)));
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(() => Mixing(), new HashSet<int>(), packing: PackingMode.Always)));
         var channels = Enumerable.Range(0, 3).Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
         for (int i = 0; i < channels.Length; i++)
         {

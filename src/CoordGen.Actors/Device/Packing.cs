@@ -141,21 +141,16 @@ internal static class Packing
             return null;
         }
 
-        // The chunk alone, in the bucket its cache will be in; the riders alone: a packed run of them, or one step.
-        int rw = riderWidth;
-        double? chunkAlone = ChunkAloneMs(runtime, chunk, width);
-        int bucket = riders.Max(s => rw == 1 ? s.NarrowBucket : s.TreeBucket(rw));
-        double? ridersAlone = riders.Count > 1 ? runtime.RecentPackedRunMs(OrtModelRuntime.PackedSlots(riders.Count), bucket, rw) : runtime.RecentRunMs(rw, bucket);
         // Trees do not wait out a chunk run alone to time it: the chunk comes right after their own run (the chunk waits
         // for them, HoldChunk), so the probe would put two runs in their gap; a mixed run costs less than its parts
         // anyway (62 against 59 + 46 ms, 87 against 54 + 49 on the twin), and its riders are charged by rows till then.
-        if (mode != PackingMode.Always && chosen && chunkAlone is null && rw == 1 && runtime.ProbeChunkAlone(width))
+        int rw = riderWidth;
+        if (mode != PackingMode.Always && chosen && rw == 1 && ChunkAloneMs(runtime, chunk, width) is null && runtime.ProbeChunkAlone(width))
         {
             return null;
         }
 
-        bool pays = mode == PackingMode.Always || StepPolicy.MixPays(runtime.RecentMixedRunMs(riders.Count, width, rw), chunkAlone, ridersAlone, runtime.RecentRunMs(rw, bucket))
-            || (chosen && runtime.ProbeRefusedMix(riders.Count, width, rw));
+        bool pays = mode == PackingMode.Always || MixPays(runtime, chunk, width, riders, riders.Count, rw) || (chosen && runtime.ProbeRefusedMix(riders.Count, width, rw));
         return pays && runtime.MixedReady(riders.Count, width, rw) ? [chunk, .. riders] : null;
     }
 
@@ -195,13 +190,16 @@ internal static class Packing
         var trees = decoding.Where(s => s.Coming || (s.Ready && s.NextTreeWidth >= 2)).ToList();
         int n = Math.Min(trees.Count, OrtModelRuntime.PackedSlotCounts[^1] - 1), readyWidth = trees.Max(s => s.NextTreeWidth);
         IEnumerable<int> widths = readyWidth >= 2 ? [Math.Min(readyWidth, OrtModelRuntime.MaxTreeWidth)] : runtime.Widths.Where(w => w >= 2 && w <= OrtModelRuntime.MaxTreeWidth);
-        double? chunkAlone = ChunkAloneMs(runtime, chunk, chunkWidth);
-        return widths.Any(w =>
-        {
-            int bucket = trees.Max(s => s.TreeBucket(w));
-            double? alone = n > 1 ? runtime.RecentPackedRunMs(OrtModelRuntime.PackedSlots(n), bucket, w) : runtime.RecentRunMs(w, bucket);
-            return StepPolicy.MixPays(runtime.RecentMixedRunMs(n, chunkWidth, w), chunkAlone, alone, runtime.RecentRunMs(w, bucket)) && runtime.MixedReady(n, chunkWidth, w);
-        });
+        return widths.Any(w => MixPays(runtime, chunk, chunkWidth, trees, n, w) && runtime.MixedReady(n, chunkWidth, w));
+    }
+
+    // Whether a mixed run of n riders of rw rows each pays (StepPolicy.MixPays): its recent time against the chunk alone
+    // (in the bucket its cache will be in) and the riders' own run (a packed run of them, or one step), in their bucket.
+    private static bool MixPays(OrtModelRuntime runtime, DeviceSession chunk, int chunkWidth, IReadOnlyList<DeviceSession> riders, int n, int rw)
+    {
+        int bucket = riders.Max(s => rw == 1 ? s.NarrowBucket : s.TreeBucket(rw));
+        double? alone = n > 1 ? runtime.RecentPackedRunMs(OrtModelRuntime.PackedSlots(n), bucket, rw) : runtime.RecentRunMs(rw, bucket);
+        return StepPolicy.MixPays(runtime.RecentMixedRunMs(n, chunkWidth, rw), ChunkAloneMs(runtime, chunk, chunkWidth), alone, runtime.RecentRunMs(rw, bucket));
     }
 
     // The recent time of a chunk of this width alone, in the bucket the chunk's cache will be in.
