@@ -53,6 +53,20 @@ internal sealed record RebalanceReport
 
     /// <summary>Every run's worst ratio and TTFT; the top-level values and the sessions are the median run's.</summary>
     [JsonPropertyName("runs")] public IReadOnlyList<RebalanceRun> Runs { get; init; } = [];
+
+    /// <summary>The worst gap during the prefill (of any stream): its length, and every span that overlapped it (what the time went to).</summary>
+    [JsonPropertyName("worst_gap_ms")] public double WorstGapMs { get; init; }
+    [JsonPropertyName("worst_gap_stream")] public int WorstGapStream { get; init; }
+    [JsonPropertyName("worst_gap_spans")] public IReadOnlyList<GapSpan> WorstGapSpans { get; init; } = [];
+}
+
+/// <summary>One span (device step, draft, verification, calibration) that ran inside the worst gap, in ms from the gap's start.</summary>
+internal sealed record GapSpan
+{
+    [JsonPropertyName("name")] public required string Name { get; init; }
+    [JsonPropertyName("start_ms")] public double StartMs { get; init; }
+    [JsonPropertyName("ms")] public double Ms { get; init; }
+    [JsonPropertyName("detail")] public string Detail { get; init; } = "";
 }
 
 internal sealed record RebalanceRun
@@ -166,10 +180,11 @@ internal static class BenchRebalance
             {
                 var c = running.Select(_ => new TimestampingWriter()).ToArray();
                 await ConsoleUi.Err.Status().StartAsync($"{n} streams alone (control, {when})", async _ =>
-                    await Task.WhenAll(running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, c[s], ct))));
+                    await Task.WhenAll(running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, c[s], ct, session: $"stream-{s}"))));
                 return c;
             }
 
+            using var spans = new SpanLog();
             async Task<(RebalanceReport Report, TimestampingWriter[] Writers, long Sent, long First, long Last)> RunOnce(int index)
             {
                 var controlBefore = await Control($"run {index + 1}, before");
@@ -178,7 +193,7 @@ internal static class BenchRebalance
                 var newcomerWriter = new TimestampingWriter();
                 await ConsoleUi.Err.Status().StartAsync($"run {index + 1}: {n} streams, then a {newcomer.Length}-token prompt", async _ =>
                 {
-                    var streams = running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, writers[s], ct)).ToList();
+                    var streams = running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, writers[s], ct, session: $"stream-{s}")).ToList();
                     while (writers.Any(x => x.Count < 8) && !streams.All(t => t.IsCompleted))
                     {
                         await Task.Delay(1, ct);
@@ -187,7 +202,7 @@ internal static class BenchRebalance
                     // A moment of steady streaming before the arrival.
                     await Task.Delay(Math.Max(0, parse.GetValue(settleMs)), ct);
                     newcomerSent = Stopwatch.GetTimestamp();
-                    await BenchStreams.SendAsync(service.Supervisor, newcomer, 16, m, w, newcomerWriter, ct);
+                    await BenchStreams.SendAsync(service.Supervisor, newcomer, 16, m, w, newcomerWriter, ct, session: "newcomer");
                     await Task.WhenAll(streams);
                 });
 
@@ -196,6 +211,8 @@ internal static class BenchRebalance
                 long newcomerFirst = newcomerWriter.Times.Count > 0 ? newcomerWriter.Times[0] : Stopwatch.GetTimestamp();
                 long newcomerLast = newcomerWriter.Times.Count > 0 ? newcomerWriter.Times[^1] : newcomerFirst;
                 var rows = new List<RebalanceSession>();
+                (long At, double Ms) worstGap = (0, 0);
+                int worstStream = 0;
                 for (int s = 0; s < n; s++)
                 {
                     var times = writers[s].Times;
@@ -222,6 +239,12 @@ internal static class BenchRebalance
                     double median = baseline.Count == 0 ? 0 : baseline[baseline.Count / 2];
                     double joinMedian = joinBaseline.Count == 0 ? 0 : joinBaseline[joinBaseline.Count / 2];
                     double worst = during.Count == 0 ? 0 : during.Max(g => g.Ms);
+                    if (worst > worstGap.Ms)
+                    {
+                        worstGap = during.First(g => g.Ms == worst);
+                        worstStream = s;
+                    }
+
                     double joinWorst = joining.Count == 0 ? 0 : joining.Max(g => g.Ms);
                     rows.Add(new RebalanceSession
                     {
@@ -251,7 +274,11 @@ internal static class BenchRebalance
                     ControlWorstRatio = rows.Where(r => r.TokensDuringPrefill > 0).Select(r => r.ControlWorstRatio).DefaultIfEmpty(0).Max(),
                     WorstRatioWhileNewcomerDecodes = rows.Select(r => r.RatioWhileNewcomerDecodes).DefaultIfEmpty(0).Max(),
                     Sessions = rows,
+                    WorstGapMs = Math.Round(worstGap.Ms, 2),
+                    WorstGapStream = worstStream,
+                    WorstGapSpans = spans.Within(worstGap.At - (long)(worstGap.Ms * Stopwatch.Frequency / 1000), worstGap.At),
                 };
+                spans.Clear();
                 return (report, writers, newcomerSent, newcomerFirst, newcomerLast);
             }
 
@@ -304,9 +331,72 @@ internal static class BenchRebalance
             md.AppendLine(CultureInfo.InvariantCulture, $"The table and the plot are the run with the median worst ratio of {report.Runs.Count} (`--runs`); all runs, worst ratio during the prefill / while the newcomer decodes (the controls' own worst ratio; TTFT): {string.Join(", ", report.Runs.Select(r => string.Create(CultureInfo.InvariantCulture, $"{r.WorstRatio}x / {r.WorstRatioWhileNewcomerDecodes}x (controls {r.ControlWorstRatio}x; TTFT {r.NewcomerTtftMs:F0} ms)")))}; within 2x during the prefill in {report.Runs.Count(r => r.WorstRatio <= 2)} of {report.Runs.Count}, after it in {report.Runs.Count(r => r.WorstRatioWhileNewcomerDecodes <= 2)} of {report.Runs.Count}.").AppendLine();
         }
 
+        if (report.WorstGapSpans.Count > 0)
+        {
+            md.AppendLine(CultureInfo.InvariantCulture, $"What ran during that run's worst gap (stream-{report.WorstGapStream}, {report.WorstGapMs} ms), from the runtime's spans (ms from the gap's start; a span that began before it has a negative start):").AppendLine();
+            md.AppendLine("| span | start (ms) | ms | detail |").AppendLine("|---|---|---|---|");
+            foreach (var g in report.WorstGapSpans)
+            {
+                md.AppendLine(CultureInfo.InvariantCulture, $"| {g.Name} | {g.StartMs} | {g.Ms} | {g.Detail} |");
+            }
+
+            md.AppendLine();
+        }
+
         md.AppendLine(CultureInfo.InvariantCulture, $"![gaps]({stem}.png)");
         File.WriteAllText(Path.Combine(dir, stem + ".md"), md.ToString());
         ConsoleUi.Err.MarkupLineInterpolated($"[green]worst/median gap {report.WorstRatio}x during the prefill, {report.WorstRatioWhileNewcomerDecodes}x while the newcomer decodes, newcomer TTFT {report.NewcomerTtftMs} ms[/] -> {dir}/{stem}.md");
+    }
+
+    /// <summary>
+    /// The runtime's spans (<see cref="Actors.Telemetry.Source"/>) with Stopwatch times, so the worst gap can be
+    /// read as what ran inside it: device steps with their sessions, drafts, verifications, calibrations.
+    /// </summary>
+    private sealed class SpanLog : IDisposable
+    {
+        private readonly List<(string Name, long Start, long End, string Detail)> _spans = [];
+        private readonly ActivityListener _listener;
+
+        public SpanLog()
+        {
+            _listener = new ActivityListener
+            {
+                ShouldListenTo = source => source.Name == Actors.Telemetry.Name,
+                Sample = (ref ActivityCreationOptions<ActivityContext> _) => ActivitySamplingResult.AllData,
+                ActivityStopped = a =>
+                {
+                    long end = Stopwatch.GetTimestamp();
+                    string detail = string.Join(' ', a.TagObjects.Where(t => t.Key is "coordgen.session" or "coordgen.session_ids" or "coordgen.width" or "coordgen.riders" or "coordgen.rider_width" or "coordgen.tokens")
+                        .Select(t => $"{t.Key["coordgen.".Length..]}={t.Value}"));
+                    lock (_spans)
+                    {
+                        _spans.Add((a.DisplayName.Replace("coordgen.", "", StringComparison.Ordinal), end - (long)(a.Duration.TotalSeconds * Stopwatch.Frequency), end, detail));
+                    }
+                },
+            };
+            ActivitySource.AddActivityListener(_listener);
+        }
+
+        /// <summary>Spans that overlap [from, to], in order of their start.</summary>
+        public IReadOnlyList<GapSpan> Within(long from, long to)
+        {
+            double Ms(long t) => Math.Round((t - from) * 1000.0 / Stopwatch.Frequency, 2);
+            lock (_spans)
+            {
+                return [.. _spans.Where(x => x.End > from && x.Start < to).OrderBy(x => x.Start)
+                    .Select(x => new GapSpan { Name = x.Name, StartMs = Ms(x.Start), Ms = Math.Round((x.End - x.Start) * 1000.0 / Stopwatch.Frequency, 2), Detail = x.Detail })];
+            }
+        }
+
+        public void Clear()
+        {
+            lock (_spans)
+            {
+                _spans.Clear();
+            }
+        }
+
+        public void Dispose() => _listener.Dispose();
     }
 
     /// <summary>A stream that records when each token was handed to it (the device's hand-off time) and keeps nothing else.</summary>

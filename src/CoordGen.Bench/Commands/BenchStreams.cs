@@ -43,10 +43,10 @@ internal static class BenchStreams
         return ([.. tokens], [.. arrivals]);
     }
 
-    /// <summary>One greedy request through the supervisor, its tokens written to <paramref name="output"/>; throws if it fails.</summary>
-    public static async Task SendAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, ChannelWriter<GeneratedToken> output, CancellationToken ct, bool adaptive = false)
+    /// <summary>One greedy request through the supervisor, its tokens written to <paramref name="output"/>; throws if it fails. <paramref name="session"/> names it in the runtime's spans.</summary>
+    public static async Task SendAsync(IActorRef supervisor, int[] prompt, int maxTokens, string method, int width, ChannelWriter<GeneratedToken> output, CancellationToken ct, bool adaptive = false, string session = "bench")
     {
-        var reply = await supervisor.Ask<object>(new Generate(new SessionId("bench"), TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, output, ct) { AdaptiveWidth = adaptive }, Timeout.InfiniteTimeSpan);
+        var reply = await supervisor.Ask<object>(new Generate(new SessionId(session), TokenSequence.From(prompt), maxTokens, new Sampling(), method, width, null, output, ct) { AdaptiveWidth = adaptive }, Timeout.InfiniteTimeSpan);
         if (reply is GenerationFailed f)
         {
             throw new InvalidOperationException($"a benchmark stream failed: {f.Detail}");
