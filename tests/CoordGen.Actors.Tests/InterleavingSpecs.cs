@@ -359,6 +359,21 @@ public class InterleavingSpecs : TestKit
     }
 
     [Theory]
+    [InlineData(3, 0, 0.0, 50.0, true, 7.5)] // three trees on their way would ride: wait as for a pack
+    [InlineData(3, 4, 0.0, 50.0, true, 7.5)] // the same, whatever verdicts are due
+    [InlineData(0, 4, 0.0, 50.0, true, 2.5)] // four verdicts due, nothing rides: a shorter wait, for the verifier to run on idle cores
+    [InlineData(0, 4, 2.0, 50.0, true, 0.5)] // the rest of it
+    [InlineData(0, 4, 2.5, 50.0, false, 0.0)] // waited enough: the chunk runs
+    [InlineData(0, 0, 0.0, 50.0, false, 2.5)] // nothing on its way
+    [InlineData(0, 2, 0.0, 3.0, false, 0.15)] // the demo model's 3 ms chunks: never wait
+    [InlineData(0, 2, 0.0, null, false, 0.0)] // the chunk's time is not known yet
+    public void Policy_should_hold_a_chunk_for_riding_trees_or_for_verdicts_on_their_way(int ridingTrees, int verdicts, double heldMs, double? chunkMs, bool hold, double leftMs)
+    {
+        Assert.Equal(hold, StepPolicy.HoldChunk(ridingTrees, verdicts, heldMs, chunkMs, out double left));
+        Assert.Equal(leftMs, left, 9);
+    }
+
+    [Theory]
     [InlineData(null, 4, 16.0, true)] // never measured: pack, to learn
     [InlineData(null, 1, 16.0, false)] // one session is a plain step
     [InlineData(1.7, 4, 15.8, true)] // the 135M twin: a 4-slot run cost 1.7 plain steps of 15.8 ms

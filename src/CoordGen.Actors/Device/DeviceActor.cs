@@ -223,7 +223,7 @@ public sealed partial class DeviceActor : ReceiveActor
 
         // Both asked every time, so each resets its wait when it does not hold.
         var (decodeHold, chunkHold) = (Packing.Hold(_packing, _packTrees && decode, runtime, decoding, ref _holdSince),
-            Packing.HoldChunk(_packing, _packTrees && _mixedSteps && _mixedTrees && choice.Prefill, runtime, prefilling.FirstOrDefault(), decoding, chunkWidth, ref _chunkHoldSince));
+            Packing.HoldChunk(_packing, _packTrees && _mixedSteps && _mixedTrees, runtime, choice.Prefill ? prefilling.FirstOrDefault() : null, decoding, chunkWidth, ref _chunkHoldSince));
         if ((decodeHold ?? chunkHold) is { } left)
         {
             if (!_holdTimer)

@@ -98,6 +98,9 @@ internal sealed partial class DeviceSession(SessionRun id, DeviceProtocol.Run ru
     /// <summary>The step whose verdict the session waits for; null when none.</summary>
     public int? AwaitingStep => _spec?.AwaitingStep;
 
+    /// <summary>Its step has run and its rows are with the verifier: the verdict is on its way.</summary>
+    public bool AwaitingVerdict => !Stepping && !Finished && AwaitingStep is not null;
+
     /// <summary>A verdict that arrived while the step's device run was still finishing.</summary>
     public TreeVerdict? Verdict { get; set; }
 

@@ -155,17 +155,27 @@ internal static class Packing
     }
 
     /// <summary>
-    /// How much longer a prefill chunk waits for the speculative sessions whose verdict or next tree is on its way, so
-    /// that their trees ride in its run (decision 0029) instead of the chunk running alone between their packed runs
-    /// (after a tree run every member is on its way: without the wait no tree would ever ride); null: run now. Only
-    /// while no plain session is ready (those ride now) and the trees would ride (the mixed graph compiled and the mix
-    /// paying, as <see cref="Riders"/> decides), at most as long as <see cref="Hold"/> waits for a pack (a share of the
-    /// chunk's own run; <see cref="PackingMode.Always"/>: up to 50 ms, for tests on tiny models).
+    /// How much longer a prefill chunk waits; null: run now. Two waits:
+    /// <list type="bullet">
+    /// <item>for the speculative sessions whose verdict or next tree is on its way, so that their trees ride in its run
+    /// (decision 0029) instead of the chunk running alone between their packed runs (after a tree run every member is on
+    /// its way: without the wait no tree would ever ride). Only with <paramref name="trees"/>, while no plain session is
+    /// ready (those ride now) and the trees would ride (the mixed graph compiled and the mix paying, as
+    /// <see cref="Riders"/> decides), at most as long as <see cref="Hold"/> waits for a pack (a share of the chunk's own
+    /// run; <see cref="PackingMode.Always"/>: up to 50 ms, for tests on tiny models);</item>
+    /// <item>else for the verdicts of the sessions whose step just ran (<see cref="DeviceSession.AwaitingVerdict"/>), at most
+    /// a smaller share of the chunk's own run (<see cref="StepPolicy.HoldChunk"/>). A verdict takes the verifier tens of microseconds on an idle CPU,
+    /// but a run holds both cores of this machine, and under one the verifier waited 2.6-4.5 ms per session for a slice
+    /// (the spans of <c>bench rebalance</c>'s worst gap), one session after another: the streams' tokens reached them
+    /// that much later and their next trees were drafted late, so packs broke into lone runs.</item>
+    /// </list>
     /// </summary>
     public static TimeSpan? HoldChunk(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession? chunk, IReadOnlyCollection<DeviceSession> decoding, int chunkWidth, ref long holdSince)
     {
         int coming = trees && chunk is not null && mode != PackingMode.Off && runtime.PackedInPlace && !decoding.Any(s => s.Ready && s.PlainDecoding) ? decoding.Count(s => s.Coming) : 0;
-        if (coming == 0 || chunk is null || (mode != PackingMode.Always && !TreesWouldRide(runtime, chunk, decoding, chunkWidth)))
+        bool ride = coming > 0 && chunk is not null && (mode == PackingMode.Always || TreesWouldRide(runtime, chunk, decoding, chunkWidth));
+        int verdicts = chunk is null || ride ? 0 : decoding.Count(s => s.AwaitingVerdict);
+        if (!ride && verdicts == 0)
         {
             holdSince = 0;
             return null;
@@ -174,7 +184,7 @@ internal static class Packing
         holdSince = holdSince == 0 ? Stopwatch.GetTimestamp() : holdSince;
         double held = Stopwatch.GetElapsedTime(holdSince).TotalMilliseconds;
         double leftMs = 50 - held;
-        if (mode == PackingMode.Always ? leftMs > 0 : StepPolicy.HoldForPack(coming, held, ChunkAloneMs(runtime, chunk, chunkWidth), out leftMs))
+        if (ride && mode == PackingMode.Always ? leftMs > 0 : StepPolicy.HoldChunk(ride ? coming : 0, verdicts, held, ChunkAloneMs(runtime, chunk!, chunkWidth), out leftMs))
         {
             return TimeSpan.FromMilliseconds(leftMs);
         }

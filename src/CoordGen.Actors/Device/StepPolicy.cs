@@ -84,6 +84,16 @@ public static class StepPolicy
         return coming > 0 && stepMs >= minStepMs && leftMs > 0;
     }
 
+    /// <summary>
+    /// Whether a chosen prefill chunk waits a moment before its run: for <paramref name="ridingTrees"/> speculative
+    /// sessions on their way whose trees would ride in it (decision 0029), as a tree waits for a pack
+    /// (<see cref="HoldForPack"/>, <paramref name="rideShare"/> of the chunk's own run <paramref name="chunkMs"/>); else
+    /// for <paramref name="verdicts"/> verdicts on their way from the verifier, at most <paramref name="verdictShare"/>
+    /// of it, so that the verifier does not compete with the chunk's run for the cores (<see cref="Packing.HoldChunk"/>).
+    /// </summary>
+    public static bool HoldChunk(int ridingTrees, int verdicts, double heldMs, double? chunkMs, out double leftMs, double rideShare = 0.15, double verdictShare = 0.05) =>
+        ridingTrees > 0 ? HoldForPack(ridingTrees, heldMs, chunkMs, out leftMs, rideShare) : HoldForPack(verdicts, heldMs, chunkMs, out leftMs, verdictShare);
+
     public static bool PrefillNext(int prefilling, int decoding, int decodeStepsSinceChunk) =>
         prefilling > 0 && (decoding == 0 || decodeStepsSinceChunk >= Math.Max(1, decoding / prefilling));
 
