@@ -187,6 +187,16 @@ public class CliTests
     }
 
     [Fact]
+    public void Model_profile_should_time_widths_without_1_and_still_compare_decoding()
+    {
+        string dir = Directory.CreateTempSubdirectory("coordgen-profile-").FullName;
+        var (code, _, stderr) = Run("model", "profile", "--capacity", "64", "--widths", "4", "--fills", "0.5", "--repeats", "3", "--out", dir);
+        Assert.True(code == 0, stderr);
+        var report = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "profile-coordgen-demo.json")))!;
+        Assert.All(report["cells"]!.AsArray(), c => Assert.Equal(4, c!["width"]!.GetValue<int>()));
+    }
+
+    [Fact]
     public void Bench_rebalance_should_report_each_streams_gaps_around_the_newcomers_prefill_and_its_ttft()
     {
         string dir = Directory.CreateTempSubdirectory("coordgen-rebalance-").FullName;

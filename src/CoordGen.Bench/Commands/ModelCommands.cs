@@ -158,6 +158,8 @@ internal static class ModelCommands
                 throw new ArgumentException($"--widths must be between 1 and half of --capacity {cap} (got {string.Join(",", ws)}): lower --widths or raise --capacity.");
             }
 
+            // The runtimes also hold the width-1 graph when --widths leaves it out: the report's decode comparison runs it.
+            int[] graphWidths = [.. ws.Append(1).Distinct()];
             var fs = ParseList(parse.GetValue(fills)!, s => double.Parse(s, CultureInfo.InvariantCulture));
             int reps = Math.Max(3, parse.GetValue(repeats));
             var formats = ParseList(parse.GetValue(weights)!, WeightQuantizer.Parse).Distinct().ToList();
@@ -169,13 +171,13 @@ internal static class ModelCommands
             one.Dispose();
             using var rt = ConsoleUi.Status("compiling graphs", () =>
             {
-                var r = new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = formats[0], FusedOps = fused });
+                var r = new OrtModelRuntime(bundle.Weights, cap, graphWidths, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = formats[0], FusedOps = fused });
                 r.CompileAll();
                 return r;
             });
             var extra = formats.Skip(1).Select(f => ConsoleUi.Status($"compiling the {WeightQuantizer.Name(f)} graphs", () =>
             {
-                var r = new OrtModelRuntime(bundle.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = f, FusedOps = fused });
+                var r = new OrtModelRuntime(bundle.Weights, cap, graphWidths, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = f, FusedOps = fused });
                 r.CompileAll();
                 return r;
             })).ToList();
@@ -184,7 +186,7 @@ internal static class ModelCommands
             var other = parse.GetValue(compare) is { } otherDir ? ConsoleUi.LoadModel(ModelLocator.Resolve(otherDir)) : null;
             using var otherRt = other is null ? null : ConsoleUi.Status($"compiling {other.Name}'s graphs", () =>
             {
-                var r = new OrtModelRuntime(other.Weights, cap, ws, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = formats[0], FusedOps = compareFused });
+                var r = new OrtModelRuntime(other.Weights, cap, graphWidths, new RuntimeOptions { IntraOpThreads = parse.GetValue(threads), Weights = formats[0], FusedOps = compareFused });
                 r.CompileAll();
                 return r;
             });
