@@ -165,9 +165,9 @@ internal static class Packing
     /// run; <see cref="PackingMode.Always"/>: up to 50 ms, for tests on tiny models);</item>
     /// <item>else for the verdicts of the sessions whose step just ran (<see cref="DeviceSession.AwaitingVerdict"/>), at most
     /// a smaller share of the chunk's own run (<see cref="StepPolicy.HoldChunk"/>). A verdict takes the verifier tens of microseconds on an idle CPU,
-    /// but a run holds both cores of this machine, and under one the verifier waited 2.6-4.5 ms per session for a slice
-    /// (the spans of <c>bench rebalance</c>'s worst gap), one session after another: the streams' tokens reached them
-    /// that much later and their next trees were drafted late, so packs broke into lone runs.</item>
+    /// but a run holds both cores of this machine: the verifier yields its core after each verdict, and under a run the
+    /// yield came back 2.6-4.5 ms later (the spans of <c>bench rebalance</c>'s worst gap), so each next session's
+    /// verification waited that long: the streams' tokens reached them later and their next trees were drafted late.</item>
     /// </list>
     /// </summary>
     public static TimeSpan? HoldChunk(PackingMode mode, bool trees, OrtModelRuntime runtime, DeviceSession? chunk, IReadOnlyCollection<DeviceSession> decoding, int chunkWidth, ref long holdSince)
