@@ -138,7 +138,7 @@ public static class DiagnosticsProtocol
 /// <param name="PrefillWidth">The widest prefill graph.</param>
 /// <param name="InterleavedWidth">Tokens per chunk between other sessions' decode steps.</param>
 /// <param name="ChunkCarriesReady">Every ready decoding session would take its step in the next chunk's run (a mixed run, decision 0026), and no speculative session is about to be ready: the chunk serves the streams too.</param>
-/// <param name="ChunkWaiting">A chunk already chosen waits a moment for the trees on their way, to carry them (decision 0029): it stays the choice as they arrive.</param>
+/// <param name="ChunkWaiting">A chunk already chosen waits a moment, for the trees on their way to carry them or for the verdicts on their way (decision 0029 and its addendum): it stays the choice as they arrive.</param>
 public readonly record struct QueueSnapshot(int Prefilling, int PrefillTokens, int Decoding, int ReadyDecoding, int DecodeStepsSinceChunk, int PrefillWidth, int InterleavedWidth, bool ChunkCarriesReady = false, bool ChunkWaiting = false);
 
 /// <summary>What the device runs next: a prefill chunk of <paramref name="PrefillTokens"/> tokens, a decode step (0), or nothing (-1: no run can step now).</summary>

