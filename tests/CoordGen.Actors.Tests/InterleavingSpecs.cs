@@ -102,8 +102,12 @@ public class InterleavingSpecs : TestKit
     {
         // Adaptive width verifies the root alone when nothing is worth a wider graph (on this random model's
         // prompts, often): such a step is one token on the width-1 graph, and rides in the plain sessions' packs.
+        // Widths priced by a fake profile (steps paced to it: a tree of 8 costs six root-alone steps), so adaptive width's
+        // choice does not hang on this machine's timings: on measured times, run alone, the tiny model's trees cost about
+        // what a root costs, every speculative step was a tree, and none rode (the test failed alone, passed in the suite).
         using var spans = new SpanRecorder();
-        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), packing: PackingMode.Always)));
+        var profile = new CoordGen.Engine.Scheduling.DeviceProfile { Name = "fake-wide-is-dear", Steps = [new(1, 1), new(4, 3), new(8, 6)] };
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(NewRuntime, new HashSet<int>(), emulate: profile, packing: PackingMode.Always)));
         string[] methods = ["ar", "sam+ours", "ar", "sam+ours", "ar"];
         var channels = methods.Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
         var sampling = new Sampling(Temperature: temperature, Seed: 7);
