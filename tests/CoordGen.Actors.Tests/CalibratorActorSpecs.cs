@@ -101,7 +101,8 @@ public class CalibratorActorSpecs : TestKit
     [Fact]
     public void Shared_build_should_come_in_slices_to_the_same_index()
     {
-        var (context, rows, inPlace) = LongPrompt(6000, 9);
+        // 20,000 positions: a 6,000-position build once fit in one 1 ms slice on a quick moment of this machine.
+        var (context, rows, inPlace) = LongPrompt(20000, 9);
         var options = new CalibrationOptions();
         var expected = CalibratedIndex.Build(context, inPlace, options);
         var calibrator = Sys.ActorOf(CalibratorActor.Props(TestActor));
@@ -115,7 +116,7 @@ public class CalibratorActorSpecs : TestKit
         Assert.Equal(expected.Paths, done.Paths!.Paths);
         Assert.Equal(expected.Automaton.Text, CalibratedIndex.From(done.Paths).Automaton.Text);
         var span = Assert.Single(spans.Spans, s => s.OperationName == "coordgen.calibrate" && (string?)s.GetTagItem("coordgen.session") == "sliced-build");
-        Assert.True((int)span.GetTagItem("coordgen.calibrate_slices")! > 1, "a 6,000-position build should take more than one 1 ms slice");
+        Assert.True((int)span.GetTagItem("coordgen.calibrate_slices")! > 1, "a 20,000-position build should take more than one 1 ms slice");
     }
 
     [Fact]
