@@ -184,7 +184,7 @@ internal static class Packing
         holdSince = holdSince == 0 ? Stopwatch.GetTimestamp() : holdSince;
         double held = Stopwatch.GetElapsedTime(holdSince).TotalMilliseconds;
         double leftMs = 50 - held;
-        if (ride && mode == PackingMode.Always ? leftMs > 0 : StepPolicy.HoldChunk(ride ? coming : 0, verdicts, held, ChunkAloneMs(runtime, chunk!, chunkWidth), out leftMs))
+        if ((ride && mode == PackingMode.Always) ? leftMs > 0 : StepPolicy.HoldChunk(ride ? coming : 0, verdicts, held, ChunkAloneMs(runtime, chunk!, chunkWidth), out leftMs))
         {
             return TimeSpan.FromMilliseconds(leftMs);
         }

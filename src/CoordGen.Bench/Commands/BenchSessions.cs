@@ -25,7 +25,7 @@ internal sealed record SessionsRow
     /// <summary>Plain sessions ready together shared one device run (packed steps) instead of one run each.</summary>
     [JsonPropertyName("packed")] public bool Packed { get; init; }
 
-    /// <summary>With packing: one-token steps and trees rode in prefill chunks' runs (mixed steps, decisions 0026, 0029); false when not packed.</summary>
+    /// <summary>With packing: one-token steps (and trees, with --mixed-trees) rode in prefill chunks' runs (mixed steps, decisions 0026, 0029); false when not packed.</summary>
     [JsonPropertyName("mixed_steps")] public bool MixedSteps { get; init; }
 
     /// <summary>
@@ -295,7 +295,7 @@ internal static class BenchSessions
         bool bothCaches = rows.Select(r => r.PrefixCache).Distinct().Count() > 1;
         md.AppendLine(CultureInfo.InvariantCulture, $"Prefix cache: {(bothCaches ? "both ways (the `prefix cache` column)" : rows[0].PrefixCache ? "on" : "off")}; when on it is emptied before every pass, so a pass reuses only prompts it prefilled itself (docs/decisions/0019-prefix-cache.md).").AppendLine();
         bool bothMixes = rows.Where(r => r.Packed).Select(r => r.MixedSteps).Distinct().Count() > 1;
-        md.AppendLine(CultureInfo.InvariantCulture, $"Mixed steps (decisions 0026, 0029): {(bothMixes ? "packed both ways (`packed` = `yes, mixed` when one-token steps and trees rode in prefill chunks' runs, `yes` when chunks ran alone)" : rows.Any(r => r.MixedSteps) ? "on: with packing, sessions whose next step is one token or a tree ride in prefill chunks' runs" : "off: chunks run alone")}; a mixed run's time beyond the chunk alone (its recent solo time) counts as decode time, the rest as prefill.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"Mixed steps (decisions 0026, 0029): {(bothMixes ? "packed both ways (`packed` = `yes, mixed` when one-token steps, and trees with `--mixed-trees`, rode in prefill chunks' runs, `yes` when chunks ran alone)" : rows.Any(r => r.MixedSteps) ? "on: with packing, sessions whose next step is one token (a tree too, with `--mixed-trees`) ride in prefill chunks' runs" : "off: chunks run alone")}; a mixed run's time beyond the chunk alone (its recent solo time) counts as decode time, the rest as prefill.").AppendLine();
         bool bothBudgets = rows.Select(r => r.WidthBudget).Distinct().Count() > 1;
         if (bothBudgets)
         {
