@@ -103,6 +103,14 @@ public class CoordGenOptions
     public bool PrefixCache { get; set; } = true;
 
     /// <summary>
+    /// Keep the memory of ended sessions' KV caches for the next sessions (at most as many as <see cref="KvBudgetMb"/>
+    /// holds, yielding to the prefix cache's blocks): a new session then writes into pages the operating system has
+    /// mapped already, instead of faulting them in during its prefill. Output is identical either way. Default true
+    /// (docs/decisions/0030-kept-kv-caches.md).
+    /// </summary>
+    public bool KvPool { get; set; } = true;
+
+    /// <summary>
     /// Before <see cref="InferenceService.Start(CoordGenOptions)"/> returns, run two short greedy requests through
     /// the actors (plain decoding and <see cref="Method"/>), so the first real request does not pay for
     /// compiling the .NET code of prefill, drafting, verification and streaming: on the demo model the README's

@@ -175,6 +175,9 @@ public sealed class InferenceService : IAsyncDisposable, IDisposable
                 IntraOpThreads = settings.EffectiveThreads,
                 Weights = settings.Weights,
                 Kv = settings.Kv,
+                // Ended sessions' caches kept for the next ones (decision 0030): never more than the budget's sessions,
+                // and they yield to the prefix cache's blocks (the device trims them between steps).
+                KvPool = settings.KvPool ? Math.Min(maxActive, 1024) : 0,
                 PackedGroupQuery = settings.PackedGroupQuery,
                 StepWatchdog = TimeSpan.FromMilliseconds(settings.StepWatchdogMs),
                 Provider = settings.Provider,

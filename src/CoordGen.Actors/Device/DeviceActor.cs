@@ -204,6 +204,9 @@ public sealed partial class DeviceActor : ReceiveActor
         // Every decoding session counts, ready or not: one stream briefly waiting (for its tree or its
         // reader) must not bring the next chunk a step early, or another stream's gap holds two chunks.
         var runtime = _runtime!;
+        var c = runtime.Config;
+        long perSession = KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, runtime.Capacity, runtime.Kv);
+        _prefix.TrimPool(runtime.CachePool, prefilling.Count + decoding.Count, perSession);
         int wide = runtime.Widths.Max(), interleaved = _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide;
 
         // The sessions that would ride in the next chunk's run (decision 0026); when they are every ready one and no
@@ -247,8 +250,7 @@ public sealed partial class DeviceActor : ReceiveActor
         if (prefill)
         {
             pick.ChunkWidth = choice.PrefillTokens;
-            var c = runtime.Config;
-            pick.PrefixRoom = _prefix.Room(prefilling.Count + decoding.Count, KvCache.BytesFor(c.NumLayers, c.NumKvHeads, c.HeadDim, runtime.Capacity, runtime.Kv));
+            pick.PrefixRoom = _prefix.Room(prefilling.Count + decoding.Count, perSession);
         }
 
         int packWidth = 0;

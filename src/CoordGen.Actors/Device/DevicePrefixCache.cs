@@ -22,6 +22,18 @@ internal sealed class DevicePrefixCache(long kvBudget)
     /// <summary>Bytes the cache may hold while <paramref name="active"/> sessions hold a cache of <paramref name="perSession"/> bytes each.</summary>
     public long Room(int active, long perSession) => kvBudget - (active * perSession);
 
+    /// <summary>
+    /// Drops the runtime's kept caches (<see cref="KvCachePool"/>, decision 0030) that the budget has no room for
+    /// beside the running sessions' caches and this cache's blocks: kept caches yield to prefix blocks.
+    /// </summary>
+    public void TrimPool(KvCachePool pool, int active, long perSession)
+    {
+        if (_cache is not null)
+        {
+            pool.Trim((int)Math.Max(0, (Room(active, perSession) - _cache.Bytes) / perSession));
+        }
+    }
+
     /// <summary>Switches the cache on or off; it is emptied before the next step either way.</summary>
     public void Set(bool enabled)
     {

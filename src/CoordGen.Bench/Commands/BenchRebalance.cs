@@ -55,6 +55,14 @@ internal sealed record RebalanceReport
     [JsonPropertyName("runs")] public IReadOnlyList<RebalanceRun> Runs { get; init; } = [];
 
     /// <summary>The gap behind <see cref="WorstRatio"/> (the worst gap over its stream's control median): its length, its stream, and every span that overlapped it (what the time went to).</summary>
+    /// <summary>The newcomer's prefill chunks in this run (their spans, alone or with riders): how many, their median and longest.</summary>
+    [JsonPropertyName("newcomer_chunks")] public int NewcomerChunks { get; init; }
+    [JsonPropertyName("newcomer_chunk_median_ms")] public double NewcomerChunkMedianMs { get; init; }
+    [JsonPropertyName("newcomer_chunk_max_ms")] public double NewcomerChunkMaxMs { get; init; }
+
+    /// <summary>Whether ended sessions' KV caches were kept for the next ones (CoordGenOptions.KvPool, decision 0030).</summary>
+    [JsonPropertyName("kv_pool")] public bool KvPool { get; init; }
+
     [JsonPropertyName("worst_gap_ms")] public double WorstGapMs { get; init; }
     [JsonPropertyName("worst_gap_stream")] public int WorstGapStream { get; init; }
     [JsonPropertyName("worst_gap_spans")] public IReadOnlyList<GapSpan> WorstGapSpans { get; init; } = [];
@@ -75,6 +83,8 @@ internal sealed record RebalanceRun
     [JsonPropertyName("worst_ratio_while_newcomer_decodes")] public double WorstRatioWhileNewcomerDecodes { get; init; }
     [JsonPropertyName("control_worst_ratio")] public double ControlWorstRatio { get; init; }
     [JsonPropertyName("newcomer_ttft_ms")] public double NewcomerTtftMs { get; init; }
+    [JsonPropertyName("newcomer_chunk_median_ms")] public double NewcomerChunkMedianMs { get; init; }
+    [JsonPropertyName("newcomer_chunk_max_ms")] public double NewcomerChunkMaxMs { get; init; }
 }
 
 /// <summary>
@@ -103,11 +113,12 @@ internal static class BenchRebalance
         var packedTrees = new Option<bool?>("--packed-trees") { Description = "Speculative streams' trees share packed runs (CoordGenOptions.PackedTrees; default: the server's default).", HelpName = "true|false" };
         var mixedSteps = new Option<bool?>("--mixed-steps") { Description = "Plain (ar) streams ride in the newcomer's prefill chunks' runs (CoordGenOptions.MixedSteps; default: the server's default); speculative streams' trees too with --mixed-trees.", HelpName = "true|false" };
         var mixedTrees = new Option<bool?>("--mixed-trees") { Description = "With --mixed-steps: speculative streams' trees ride in the chunks' runs too (CoordGenOptions.MixedTrees, decision 0029; default: the server's default, off).", HelpName = "true|false" };
+        var kvPool = new Option<bool?>("--kv-pool") { Description = "Keep ended sessions' KV caches for the next ones (CoordGenOptions.KvPool, decision 0030; default: the server's default, on).", HelpName = "true|false" };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("rebalance", "Prefill against decode: N sessions stream while a long prompt arrives; the device interleaves its prefill chunks with their decode steps. Reports their worst inter-token gap during the newcomer's prefill against their median gap (goal: at most 2x) and the newcomer's time to first token. Writes a report and a plot of the gaps.")
         {
-            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, threads, runs, deviceProfile, packedTrees, mixedSteps, mixedTrees, json, outDir,
+            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, threads, runs, deviceProfile, packedTrees, mixedSteps, mixedTrees, kvPool, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -122,7 +133,7 @@ internal static class BenchRebalance
             var bundle = ConsoleUi.LoadModel(ModelLocator.Resolve(parse.GetValue(model)));
             // No prefix cache: the warm-up below runs the newcomer's prompt once, and a cached prompt would skip the very
             // prefill this measures (with it on, ar's newcomer took 96 ms to its first token for 1,500 tokens).
-            var settings = new CoordGenOptions { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true, PackedTrees = parse.GetValue(packedTrees) ?? new CoordGenOptions().PackedTrees, MixedSteps = parse.GetValue(mixedSteps) ?? new CoordGenOptions().MixedSteps, MixedTrees = parse.GetValue(mixedTrees) ?? new CoordGenOptions().MixedTrees, PrefixCache = false, InterleavedChunkWidth = parse.GetValue(chunkWidth), Threads = parse.GetValue(threads), DeviceProfile = parse.GetValue(deviceProfile) };
+            var settings = new CoordGenOptions { MaxPending = (2 * n) + 2, Width = w, Method = m == "ar" ? "sam+ours" : m, PrecompileAll = true, PackedTrees = parse.GetValue(packedTrees) ?? new CoordGenOptions().PackedTrees, MixedSteps = parse.GetValue(mixedSteps) ?? new CoordGenOptions().MixedSteps, MixedTrees = parse.GetValue(mixedTrees) ?? new CoordGenOptions().MixedTrees, PrefixCache = false, InterleavedChunkWidth = parse.GetValue(chunkWidth), Threads = parse.GetValue(threads), DeviceProfile = parse.GetValue(deviceProfile), KvPool = parse.GetValue(kvPool) ?? new CoordGenOptions().KvPool };
             var profile = string.IsNullOrEmpty(settings.DeviceProfile) ? null : Engine.Scheduling.DeviceProfile.Load(settings.DeviceProfile);
             if (settings.Problems() is { Count: > 0 } problems)
             {
@@ -262,6 +273,7 @@ internal static class BenchRebalance
                     });
                 }
 
+                var chunks = spans.Durations(["prefill_chunk", "prefill_mixed"], "session=newcomer", newcomerSent, newcomerFirst);
                 var report = new RebalanceReport
                 {
                     RunningSessions = n,
@@ -275,6 +287,10 @@ internal static class BenchRebalance
                     ControlWorstRatio = rows.Where(r => r.TokensDuringPrefill > 0).Select(r => r.ControlWorstRatio).DefaultIfEmpty(0).Max(),
                     WorstRatioWhileNewcomerDecodes = rows.Select(r => r.RatioWhileNewcomerDecodes).DefaultIfEmpty(0).Max(),
                     Sessions = rows,
+                    NewcomerChunks = chunks.Count,
+                    NewcomerChunkMedianMs = chunks.Count == 0 ? 0 : Math.Round(chunks[chunks.Count / 2], 2),
+                    NewcomerChunkMaxMs = chunks.Count == 0 ? 0 : Math.Round(chunks[^1], 2),
+                    KvPool = settings.KvPool,
                     WorstGapMs = Math.Round(worstGap.Ms, 2),
                     WorstGapStream = worstStream,
                     WorstGapSpans = spans.Within(worstGap.At - (long)(worstGap.Ms * Stopwatch.Frequency / 1000), worstGap.At),
@@ -290,7 +306,7 @@ internal static class BenchRebalance
             }
 
             var (median, writers, newcomerSent, newcomerFirst, newcomerLast) = results.OrderBy(x => x.Report.WorstRatio).ElementAt(results.Count / 2);
-            var report = median with { Runs = [.. results.Select(x => new RebalanceRun { WorstRatio = x.Report.WorstRatio, WorstRatioWhileNewcomerDecodes = x.Report.WorstRatioWhileNewcomerDecodes, ControlWorstRatio = x.Report.ControlWorstRatio, NewcomerTtftMs = x.Report.NewcomerTtftMs })] };
+            var report = median with { Runs = [.. results.Select(x => new RebalanceRun { WorstRatio = x.Report.WorstRatio, WorstRatioWhileNewcomerDecodes = x.Report.WorstRatioWhileNewcomerDecodes, ControlWorstRatio = x.Report.ControlWorstRatio, NewcomerTtftMs = x.Report.NewcomerTtftMs, NewcomerChunkMedianMs = x.Report.NewcomerChunkMedianMs, NewcomerChunkMaxMs = x.Report.NewcomerChunkMaxMs })] };
             Write(report, writers, newcomerSent, newcomerFirst, newcomerLast, settings.PrefillWidth, settings.EffectiveChunkWidth, w, stamp, parse.GetValue(outDir)?.FullName ?? Path.Combine(ModelLocator.RepoRoot(), "docs", "bench"), parse.GetValue(json), profile, bundle.Name);
             return 0;
         });
@@ -326,6 +342,7 @@ internal static class BenchRebalance
         }
 
         md.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"Worst gap / control median over the streams that produced tokens during the prefill: **{report.WorstRatio}x** (goal: at most 2x). The same statistic over the control runs, with no newcomer at all: {report.ControlWorstRatio}x (host noise alone). Newcomer's time to first token: **{report.NewcomerTtftMs} ms** for {report.NewcomerPromptTokens} tokens.").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"The newcomer's prefill ran as {report.NewcomerChunks} chunks: median {report.NewcomerChunkMedianMs} ms, longest {report.NewcomerChunkMaxMs} ms. Ended sessions' KV caches kept for the next ones (`--kv-pool`, decision 0030): {(report.KvPool ? "yes" : "no")}.").AppendLine();
         md.AppendLine(CultureInfo.InvariantCulture, $"After the prefill the newcomer decodes its 16 tokens beside the streams, and its calibrated paths are walked (on the calibrator) and indexed (on the drafter), beside the device's threads. Worst gap / control median from its first token to its last: **{report.WorstRatioWhileNewcomerDecodes}x**.").AppendLine();
         if (report.Runs.Count > 1)
         {
@@ -386,6 +403,16 @@ internal static class BenchRebalance
             {
                 return [.. _spans.Where(x => x.End > from && x.Start < to).OrderBy(x => x.Start)
                     .Select(x => new GapSpan { Name = x.Name, StartMs = Ms(x.Start), Ms = Math.Round((x.End - x.Start) * 1000.0 / Stopwatch.Frequency, 2), Detail = x.Detail })];
+            }
+        }
+
+        /// <summary>Lengths (ms, ascending) of the spans named one of <paramref name="names"/> whose detail holds <paramref name="detail"/>, inside [from, to].</summary>
+        public List<double> Durations(string[] names, string detail, long from, long to)
+        {
+            lock (_spans)
+            {
+                return [.. _spans.Where(x => names.Contains(x.Name) && x.Detail.Split(' ').Contains(detail) && x.Start >= from && x.End <= to)
+                    .Select(x => (x.End - x.Start) * 1000.0 / Stopwatch.Frequency).Order()];
             }
         }
 

@@ -15,14 +15,20 @@ namespace CoordGen.Engine.Runtime;
 /// </summary>
 public sealed class KvCache : IDisposable
 {
-    // float[] or Float16[] per layer; every move below is a byte copy, whatever the format.
-    private readonly Array[] _keys;
-    private readonly Array[] _values;
+    // Buffers: float[] or Float16[] per layer; every move below is a byte copy, whatever the format. Null once disposed.
+    private KvStore? _store;
+    private readonly KvCachePool? _pool;
     private readonly int[] _buckets;
-    private readonly Dictionary<int, (OrtValue[] Keys, OrtValue[] Values)> _views = new();
     private readonly int _e;
 
     public KvCache(int layers, int kvHeads, int headDim, IReadOnlyList<int> buckets, KvFormat format = KvFormat.F32)
+        : this(layers, kvHeads, headDim, buckets, format, pool: null)
+    {
+    }
+
+    /// <summary>A cache whose memory comes from <paramref name="pool"/> when it keeps one (then with its old contents, all
+    /// past this cache's length, which starts at 0), and goes back to it on <see cref="Dispose"/>.</summary>
+    public KvCache(int layers, int kvHeads, int headDim, IReadOnlyList<int> buckets, KvFormat format, KvCachePool? pool)
     {
         Layers = layers;
         KvHeads = kvHeads;
@@ -32,14 +38,30 @@ public sealed class KvCache : IDisposable
         _buckets = [.. buckets];
         Capacity = _buckets[^1];
         Bucket = _buckets[0];
-        _keys = new Array[layers];
-        _values = new Array[layers];
-        for (int l = 0; l < layers; l++)
+        _pool = pool;
+        _store = pool?.Rent();
+        if (_store is null)
         {
-            _keys[l] = Allocate(format, kvHeads * Capacity * headDim);
-            _values[l] = Allocate(format, kvHeads * Capacity * headDim);
+            var keys = new Array[layers];
+            var values = new Array[layers];
+            for (int l = 0; l < layers; l++)
+            {
+                keys[l] = Allocate(format, kvHeads * Capacity * headDim);
+                values[l] = Allocate(format, kvHeads * Capacity * headDim);
+            }
+
+            _store = new KvStore(keys, values);
         }
     }
+
+    private KvStore Store => _store ?? throw new ObjectDisposedException(nameof(KvCache), "this KV cache was disposed (its memory may serve another session now): a session's cache is used only by its owner, until it is disposed.");
+
+    private Array[] KeyBuffers => Store.Keys;
+
+    private Array[] ValueBuffers => Store.Values;
+
+    /// <summary>Set when a step over this cache returned non-finite values: its memory is then never kept for another session.</summary>
+    public bool Poisoned { get; set; }
 
     /// <summary>A pinned buffer of <paramref name="n"/> elements of <paramref name="format"/> (float[] or Float16[]).</summary>
     public static Array Allocate(KvFormat format, int n) =>
@@ -90,12 +112,13 @@ public sealed class KvCache : IDisposable
 
     private (OrtValue[] Keys, OrtValue[] Values) View()
     {
-        if (!_views.TryGetValue(Bucket, out var v))
+        var views = Store.Views;
+        if (!views.TryGetValue(Bucket, out var v))
         {
             long[] shape = [1, KvHeads, Bucket, HeadDim];
             int n = KvHeads * Bucket * HeadDim;
-            v = (_keys.Select(a => Tensor(a, n, shape)).ToArray(), _values.Select(a => Tensor(a, n, shape)).ToArray());
-            _views[Bucket] = v;
+            v = (KeyBuffers.Select(a => Tensor(a, n, shape)).ToArray(), ValueBuffers.Select(a => Tensor(a, n, shape)).ToArray());
+            views[Bucket] = v;
         }
 
         return v;
@@ -124,8 +147,8 @@ public sealed class KvCache : IDisposable
             // Last head first, so no head's rows are overwritten before they move.
             for (int h = KvHeads - 1; h > 0; h--)
             {
-                Move(_keys[l], h * Bucket * d, h * next * d, Length * d);
-                Move(_values[l], h * Bucket * d, h * next * d, Length * d);
+                Move(KeyBuffers[l], h * Bucket * d, h * next * d, Length * d);
+                Move(ValueBuffers[l], h * Bucket * d, h * next * d, Length * d);
             }
         }
 
@@ -146,8 +169,8 @@ public sealed class KvCache : IDisposable
         {
             var srcK = Raw(newKeys[l]);
             var srcV = Raw(newValues[l]);
-            var dstK = Raw(_keys[l]);
-            var dstV = Raw(_values[l]);
+            var dstK = Raw(KeyBuffers[l]);
+            var dstV = Raw(ValueBuffers[l]);
             for (int h = 0; h < KvHeads; h++)
             {
                 for (int i = 0; i < rows.Length; i++)
@@ -193,8 +216,8 @@ public sealed class KvCache : IDisposable
         {
             var srcK = Raw(newKeys[l]!);
             var srcV = Raw(newValues[l]!);
-            var dstK = Raw(_keys[l]);
-            var dstV = Raw(_values[l]);
+            var dstK = Raw(KeyBuffers[l]);
+            var dstV = Raw(ValueBuffers[l]);
             for (int h = 0; h < KvHeads; h++)
             {
                 srcK.Slice(h * width * d, count * d).CopyTo(dstK.Slice(((h * Bucket) + at) * d, count * d));
@@ -234,8 +257,8 @@ public sealed class KvCache : IDisposable
                 for (int h = 0; h < KvHeads; h++)
                 {
                     int head = ((h * Bucket) + Length) * d;
-                    Move(_keys[l], head + (rows[i] * d), head + (i * d), d);
-                    Move(_values[l], head + (rows[i] * d), head + (i * d), d);
+                    Move(KeyBuffers[l], head + (rows[i] * d), head + (i * d), d);
+                    Move(ValueBuffers[l], head + (rows[i] * d), head + (i * d), d);
                 }
             }
         }
@@ -274,7 +297,7 @@ public sealed class KvCache : IDisposable
         int d = HeadDim * _e, run = count * d, at = 0;
         for (int l = 0; l < Layers; l++)
         {
-            foreach (var buffer in (Array[])[_keys[l], _values[l]])
+            foreach (var buffer in (Array[])[KeyBuffers[l], ValueBuffers[l]])
             {
                 var raw = Raw(buffer);
                 for (int h = 0; h < KvHeads; h++)
@@ -293,7 +316,7 @@ public sealed class KvCache : IDisposable
         int d = HeadDim * _e, run = count * d, at = 0;
         for (int l = 0; l < Layers; l++)
         {
-            foreach (var buffer in (Array[])[_keys[l], _values[l]])
+            foreach (var buffer in (Array[])[KeyBuffers[l], ValueBuffers[l]])
             {
                 var raw = Raw(buffer);
                 for (int h = 0; h < KvHeads; h++)
@@ -323,24 +346,22 @@ public sealed class KvCache : IDisposable
             for (int h = 0; h < KvHeads; h++)
             {
                 int off = h * Bucket * HeadDim * _e;
-                Raw(other._keys[l]).Slice(off, span).CopyTo(Raw(_keys[l]).Slice(off, span));
-                Raw(other._values[l]).Slice(off, span).CopyTo(Raw(_values[l]).Slice(off, span));
+                Raw(other.Store.Keys[l]).Slice(off, span).CopyTo(Raw(KeyBuffers[l]).Slice(off, span));
+                Raw(other.Store.Values[l]).Slice(off, span).CopyTo(Raw(ValueBuffers[l]).Slice(off, span));
             }
         }
 
         Length = other.Length;
     }
 
+    /// <summary>Hands the memory back to the pool the cache came from (unless <see cref="Poisoned"/> or the pool is full), else
+    /// frees its OrtValues. The cache is unusable afterwards; disposing it again does nothing.</summary>
     public void Dispose()
     {
-        foreach (var (k, v) in _views.Values)
+        var store = Interlocked.Exchange(ref _store, null); // two owners disposing at once hand it back once
+        if (store is not null && (Poisoned || _pool?.Return(store) != true))
         {
-            foreach (var o in k.Concat(v))
-            {
-                o.Dispose();
-            }
+            store.DisposeViews();
         }
-
-        _views.Clear();
     }
 }

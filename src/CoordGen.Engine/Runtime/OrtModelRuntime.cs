@@ -94,6 +94,13 @@ public sealed record RuntimeOptions
     /// </summary>
     public string? ProfilePrefix { get; init; }
 
+    /// <summary>
+    /// Most ended sessions' KV caches the runtime keeps for the next sessions (<see cref="KvCachePool"/>, decision 0030):
+    /// a kept cache's pages are mapped already, so a new session's bucket moves cost 1-2 ms instead of tens of ms of page
+    /// faults. Never more memory than the runtime once used at the same time. 0 = keep none.
+    /// </summary>
+    public int KvPool { get; init; } = 8;
+
     public static readonly string[] QnnPerformanceModes =
         ["default", "burst", "balanced", "high_performance", "high_power_saver", "low_balanced", "low_power_saver", "power_saver", "extreme_power_saver", "sustained_high_performance"];
 
@@ -107,6 +114,11 @@ public sealed record RuntimeOptions
         if (StepWatchdog < TimeSpan.Zero)
         {
             throw new ArgumentException($"the step watchdog must be zero (off) or positive (got {StepWatchdog}).");
+        }
+
+        if (KvPool is < 0 or > 1024)
+        {
+            throw new ArgumentException($"the KV pool keeps between 0 (none) and 1,024 caches (got {KvPool}).");
         }
 
         if (BucketsPerOctave is < 1 or > 16)
@@ -211,6 +223,7 @@ public sealed class OrtModelRuntime : IDisposable
         _sharedEnv = GlobalThreadPools(_options.IntraOpThreads);
         _prepacked = new PrePackedWeightsContainer();
         Buckets = CapacityBuckets(capacity, _options.BucketsPerOctave);
+        CachePool = new KvCachePool(_options.KvPool);
         _widths = widths.Distinct().Order().ToArray();
         bool quantized = _options.Weights != WeightFormat.F32;
         foreach (var t in weights.Tensors.Where(t => !quantized || !WeightQuantizer.IsLinear(t.Name)))
@@ -352,7 +365,11 @@ public sealed class OrtModelRuntime : IDisposable
         return [.. b];
     }
 
-    public KvCache CreateCache() => new(Config.NumLayers, Config.NumKvHeads, Config.HeadDim, Buckets, _options.Kv);
+    /// <summary>A session's cache: memory from <see cref="CachePool"/> when it keeps some (decision 0030), handed back on Dispose.</summary>
+    public KvCache CreateCache() => new(Config.NumLayers, Config.NumKvHeads, Config.HeadDim, Buckets, _options.Kv, CachePool);
+
+    /// <summary>The memory of ended sessions' caches, kept for the next ones (<see cref="RuntimeOptions.KvPool"/>).</summary>
+    public KvCachePool CachePool { get; }
 
     /// <summary>How this runtime's caches hold keys and values.</summary>
     public KvFormat Kv => _options.Kv;
@@ -482,6 +499,7 @@ public sealed class OrtModelRuntime : IDisposable
             Faults?.OnLogits(logits);
             if (!System.Numerics.Tensors.TensorPrimitives.IsFiniteAll<float>(logits))
             {
+                Poison(caches); // in place, every slot's rows were written: any may hold the non-finite values
                 throw new DeviceFaultException("the device returned non-finite logits (NaN or Inf) in a packed step; the step was discarded. Retry the request; if it keeps happening, check the model's dtype and the execution provider.");
             }
         }
@@ -568,8 +586,18 @@ public sealed class OrtModelRuntime : IDisposable
             Faults?.OnLogits(logits);
             if (!System.Numerics.Tensors.TensorPrimitives.IsFiniteAll<float>(logits))
             {
+                Poison(caches); // in place, every slot's rows were written: any may hold the non-finite values
                 throw new DeviceFaultException("the device returned non-finite logits (NaN or Inf) in a mixed step; the step was discarded. Retry the request; if it keeps happening, check the model's dtype and the execution provider.");
             }
+        }
+    }
+
+    // A faulty run's caches are never kept for another session (KvCachePool): the rows past their length may not be finite.
+    private static void Poison(IEnumerable<KvCache> caches)
+    {
+        foreach (var c in caches)
+        {
+            c.Poisoned = true;
         }
     }
 
@@ -930,6 +958,8 @@ public sealed class OrtModelRuntime : IDisposable
         {
             idle.Dispose();
         }
+
+        CachePool.Dispose();
 
         _prepacked.Dispose();
         try

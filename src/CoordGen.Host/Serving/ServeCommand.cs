@@ -46,6 +46,7 @@ internal static class ServeCommand
         var packedTrees = new Option<bool?>("--packed-trees") { Description = "true (default): speculative sessions' verification trees share packed runs too, when it pays; false: one tree per run. Output is the same either way (docs/decisions/0024-packed-trees.md).", HelpName = "true|false" };
         var mixedSteps = new Option<bool?>("--mixed-steps") { Description = "true (default): while a prompt is prefilled between other streams' steps, plain (ar) streams ride in the chunk's run when it pays (speculative streams' trees too with --mixed-trees); false: a chunk runs alone. Output is the same either way (docs/decisions/0026-decode-rows-ride-in-prefill-chunks.md).", HelpName = "true|false" };
         var mixedTrees = new Option<bool?>("--mixed-trees") { Description = "With --mixed-steps and --packed-trees: speculative streams' trees ride in a prefill chunk's run too when no plain stream is ready, the chunk waiting a moment for them (decision 0029). Default false: it brings a newcomer's first token sooner, but the device waits for drafting it otherwise hides. Output is the same either way.", HelpName = "true|false" };
+        var kvPool = new Option<bool?>("--kv-pool") { Description = "true (default): keep ended sessions' KV cache memory for the next sessions (inside --kv-budget-mb, yielding to the prefix cache), so a new session's prefill does not wait for the operating system to map fresh pages; false: free it. Output is the same either way (docs/decisions/0030-kept-kv-caches.md).", HelpName = "true|false" };
         var packedGqa = new Option<bool?>("--packed-group-query") { Description = "true (default): packed runs attend with GroupQueryAttention over each session's cache in place (CPU, float32 weights and caches); false: the caches are joined per layer. Output is the same either way (docs/decisions/0023-kv-slot-pool-measured.md).", HelpName = "true|false" };
         var packed = new Option<bool?>("--packed-steps") { Description = "true (default): plain (ar) sessions decoding at the same time share one device run (each in its own slot, against its own cache) when recent step times say it pays; false: one session per run. Output is the same either way (docs/decisions/0016-packed-steps.md).", HelpName = "true|false" };
         var adaptive = new Option<bool?>("--adaptive-width") { Description = "true (default): each speculative step verifies on the compiled width (1, 4 or --width) that gives the most tokens per millisecond for that session; false: always --width.", HelpName = "true|false" };
@@ -57,7 +58,7 @@ internal static class ServeCommand
 
         var cmd = new Command("serve", "Serve the model over an OpenAI-compatible HTTP API: POST /v1/chat/completions and /v1/completions (streaming or not), GET /v1/models, /health, /metrics (Prometheus), and context stores (POST /v1/context_stores, POST /v1/context_stores/{name}/documents) that requests draft from with \"context_store\". Settings come from appsettings.json, --config, COORDGEN_Server__* environment variables and these options, in that order.")
         {
-            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, packed, packedTrees, mixedSteps, mixedTrees, packedGqa, prefixCache, warmUp, weights, kv, faults, allowFaults, watchdog,
+            config, model, host, port, capacity, prefillWidth, chunkWidth, threads, method, width, maxPending, kvBudget, maxBody, apiKey, rpm, cors, otlp, deviceProfile, adaptive, packed, packedTrees, mixedSteps, mixedTrees, packedGqa, prefixCache, kvPool, warmUp, weights, kv, faults, allowFaults, watchdog,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -110,6 +111,7 @@ internal static class ServeCommand
             Put(mixedSteps, "MixedSteps");
             Put(mixedTrees, "MixedTrees");
             Put(prefixCache, "PrefixCache");
+            Put(kvPool, "KvPool");
             Put(warmUp, "WarmUp");
             var settings = LoadSettings(parse.GetValue(config), overrides);
             await RunAsync(settings, ct);
