@@ -167,6 +167,42 @@ public class NgramIndexTests
         Span<int> firsts = stackalloc int[4];
         Assert.Equal(0, idx.Continuations(4, 3, firsts, result));
     }
+
+    [Theory]
+    // The passage "11 12 13 14 15 16 17" copied as "11 12 99": 99 replaced 13 (resume at 14) or was inserted before it (resume at 13).
+    [InlineData(new[] { 99 }, new[] { 14, 15, 16 }, new[] { 13, 14, 15 }, null)]
+    // Copied as "11 12 14": 13 was dropped (resume at 15), besides the other two readings.
+    [InlineData(new[] { 14 }, new[] { 14, 15, 16 }, new[] { 13, 14, 15 }, new[] { 15, 16, 17 })]
+    public void Edit_continuations_should_resume_the_passage_after_a_one_token_edit(int[] last, int[] replaced, int[] inserted, int[]? dropped)
+    {
+        var idx = new NgramIndex();
+        foreach (int t in new[] { 10, 11, 12, 13, 14, 15, 16, 17, 5, 11, 12 }.Concat(last))
+        {
+            idx.Add(t);
+        }
+
+        var result = new List<int[]>();
+        int n = idx.EditContinuations(2, 3, result);
+        Assert.Equal(dropped is null ? 2 : 3, n);
+        Assert.Equal(replaced, result[0]);
+        Assert.Equal(inserted, result[1]);
+        if (dropped is not null)
+        {
+            Assert.Equal(dropped, result[2]);
+        }
+    }
+
+    [Fact]
+    public void Edit_continuations_should_be_empty_when_the_copy_is_exact()
+    {
+        var idx = new NgramIndex();
+        foreach (int t in new[] { 10, 11, 12, 13, 14, 15, 5, 11, 12, 13 })
+        {
+            idx.Add(t);
+        }
+
+        Assert.Equal(0, idx.EditContinuations(2, 3, []));
+    }
 }
 
 public class CopyCeilingTests

@@ -77,4 +77,51 @@ public sealed class NgramIndex
 
         return found;
     }
+
+    /// <summary>
+    /// Continuations that take the sequence's last token for a one-token edit of an earlier passage: for each earlier
+    /// occurrence of the bigram before the last token that went on with another token (most recent first, at most
+    /// <paramref name="maxOccurrences"/>), the passage resumed after the token the last one replaced, at the token the
+    /// last one was inserted before, and, when the last token is the passage's next but one, after it (one dropped).
+    /// A copy whose words the model changes by one (a synonym, an article) then gets drafts back at the next step,
+    /// not only once its suffix matches again. Returns how many paths were written.
+    /// </summary>
+    public int EditContinuations(int maxOccurrences, int length, List<int[]> result)
+    {
+        result.Clear();
+        int n = _tokens.Count;
+        if (n < 4 || !_positions.TryGetValue(Key(_tokens[n - 3], _tokens[n - 2]), out var list))
+        {
+            return 0;
+        }
+
+        int last = _tokens[n - 1], used = 0;
+        for (int i = list.Count - 1; i >= 0 && used < maxOccurrences; i--)
+        {
+            int end = list[i];
+            if (end >= n - 2 || _tokens[end + 1] == last)
+            {
+                continue; // the sequence's own end, or a plain copy (the bigram branches and the automaton offer those)
+            }
+
+            used++;
+            Resume(end + 2, length, result); // replaced
+            Resume(end + 1, length, result); // inserted
+            if (end + 2 < n - 2 && _tokens[end + 2] == last)
+            {
+                Resume(end + 3, length, result); // dropped
+            }
+        }
+
+        return result.Count;
+    }
+
+    private void Resume(int start, int length, List<int[]> result)
+    {
+        int len = Math.Min(length, _tokens.Count - 1 - start);
+        if (len > 0)
+        {
+            result.Add([.. _tokens.Skip(start).Take(len)]);
+        }
+    }
 }

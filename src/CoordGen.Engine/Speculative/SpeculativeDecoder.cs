@@ -343,12 +343,6 @@ public sealed class SpeculativeDecoder
             tree.AddPath(draft[..m], DraftSource.Prompt);
         }
 
-        // 2. The reused segment from earlier rejections.
-        if (reuse is not null && reuse.Offer().Length > 0)
-        {
-            tree.AddPath(reuse.Offer(), DraftSource.Reused);
-        }
-
         // 3. The calibrated index: the model's own likely continuation of what the output ends with.
         if (calibrated is not null && calCursor.Length > 0)
         {
@@ -425,6 +419,23 @@ public sealed class SpeculativeDecoder
         if (spec.UseTree && calibrated is not null && calCursor.Length > 0)
         {
             AddShorterMatches(calibrated.Automaton, calCursor, tree, draft, DraftSource.Calibrated);
+        }
+
+        // 10. Width left over: copies that resume after a one-token edit (the model put its own word in place of the
+        // context's, added one or dropped one), so drafting picks the passage up again at the very next step.
+        if (ngrams is not null && tree.Count < tree.Capacity)
+        {
+            ngrams.EditContinuations(2, Math.Max(2, tree.Capacity / 4), branches);
+            foreach (var b in branches)
+            {
+                tree.AddPath(b, DraftSource.Prompt);
+            }
+        }
+
+        // 11. Width still left: the reused segment from earlier rejections (paper §3.4).
+        if (reuse is not null && reuse.Offer().Length > 0)
+        {
+            tree.AddPath(reuse.Offer(), DraftSource.Reused);
         }
     }
 
