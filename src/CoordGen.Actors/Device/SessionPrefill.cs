@@ -97,7 +97,9 @@ internal sealed class SessionPrefill(SessionRun id, DeviceProtocol.RunRequest re
     /// <summary>A speculative run's prefill (the caller disposes it), once <see cref="Step"/> returned true.</summary>
     public Prefilled TakeSpeculative(PrefixCache? prefix, long room)
     {
-        var pre = _finish!();
+        var finish = _finish!;
+        _finish = null; // the caller owns the prefill (and its cache) from here
+        var pre = finish();
         Remember(prefix, pre.Cache, pre.CalibrationFailed ? null : _promptRows, room);
         _promptRows = null;
         return pre;
@@ -147,12 +149,13 @@ internal sealed class SessionPrefill(SessionRun id, DeviceProtocol.RunRequest re
         Telemetry.PrefixPinnedBlocks = prefix.PinnedBlocks;
     }
 
-    /// <summary>Releases a cache not handed on: a prefill abandoned half way, or a plain one never taken.</summary>
+    /// <summary>Releases a cache not handed on: a prefill abandoned half way (or whose last step failed after its
+    /// tokens were in), or a plain one never taken.</summary>
     public void Dispose()
     {
         _plainCache?.Dispose();
         _plainCache = null;
-        if (_finish is not null && _prefill is { Done: false })
+        if (_finish is not null)
         {
             _finish().Dispose();
             _finish = null;
