@@ -281,6 +281,28 @@ public class CliTests
     }
 
     [Fact]
+    public void Bench_accept_should_count_steps_by_width_and_price_them_at_a_device_profile()
+    {
+        string dir = Directory.CreateTempSubdirectory("coordgen-accept-profile-").FullName;
+        var (code, _, stderr) = Run("bench", "accept", "--workload", Path.Combine(RepoRoot, "workloads", "reply.jsonl"), "--limit", "2", "--methods", "ar,sam+ours", "--width", "8",
+            "--device-profile", "paper-qwen2.5-1.5b-htp", "--out", dir);
+        Assert.True(code == 0, stderr);
+        var rows = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "accept.json")))!.AsArray();
+        var profile = CoordGen.Engine.Scheduling.DeviceProfile.Load("paper-qwen2.5-1.5b-htp");
+        Assert.All(rows, r =>
+        {
+            var byWidth = r!["steps_by_width"]!.AsObject().ToDictionary(kv => int.Parse(kv.Key, System.Globalization.CultureInfo.InvariantCulture), kv => kv.Value!.GetValue<long>());
+            Assert.Equal(r["steps"]!.GetValue<long>(), byWidth.Values.Sum());
+            Assert.All(byWidth.Keys, w => Assert.Contains(w, new[] { 1, 4, 8 })); // adaptive width's choices among the compiled widths
+            // The what-if speedup prices each step at the profile's time for the width it ran at.
+            double ms = byWidth.Sum(kv => kv.Value * profile.StepMs(kv.Key)) + (r["steps"]!.GetValue<long>() * r["draft_ms_per_step"]!.GetValue<double>());
+            double expected = r["method"]!.GetValue<string>() == "ar" ? 1 : r["tokens"]!.GetValue<long>() * profile.StepMs(1) / ms;
+            Assert.Equal(expected, r["profile_speedup"]!.GetValue<double>(), 6);
+        });
+        Assert.Contains(rows, r => r!["method"]!.GetValue<string>() == "sam+ours" && r["steps_by_width"]!.AsObject().Any(kv => kv.Key != "1"));
+    }
+
+    [Fact]
     public void Bench_accept_should_give_the_median_and_spread_of_its_rounds_when_run_several_times()
     {
         string dir = Directory.CreateTempSubdirectory("coordgen-accept-rounds-").FullName;

@@ -59,7 +59,10 @@ internal sealed record AcceptRow
 
     [JsonPropertyName("tokens_per_s_max")][JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public double? TokensPerSMax { get; init; }
 
-    /// <summary>What-if (with --device-profile): speedup over ar if the profile's step times applied to these acceptance counts and drafting times. Not measured.</summary>
+    /// <summary>Verification steps per width they ran at (with adaptive width, its choices; width 1 = a plain step), summed over the prompts (and rounds).</summary>
+    [JsonPropertyName("steps_by_width")] public IReadOnlyDictionary<int, long> StepsByWidth { get; init; } = new Dictionary<int, long>();
+
+    /// <summary>What-if (with --device-profile): speedup over ar if the profile's step times applied to these steps (at the widths they ran at) and drafting times. Not measured.</summary>
     [JsonPropertyName("profile_speedup")][JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)] public double? ProfileSpeedup { get; init; }
 }
 
@@ -146,7 +149,7 @@ internal static class BenchAccept
                         ConsoleUi.Err.MarkupLineInterpolated($"[grey]round {i + 1} of {nRounds}[/]");
                     }
 
-                    perRound.Add(Run(bundle, runtimes, files, ws, ms, parse.GetValue(limit), calib, parse.GetValue(adaptive)));
+                    perRound.Add(Run(bundle, runtimes, files, ws, ms, parse.GetValue(limit), calib, parse.GetValue(adaptive), profile));
                 }
 
                 rows = Pool(perRound);
@@ -158,8 +161,8 @@ internal static class BenchAccept
 
             if (profile is not null)
             {
-                // Per token: (the profile's step at this width + our measured drafting) / tokens per step.
-                rows = [.. rows.Select(r => r with { ProfileSpeedup = r.MeanAccepted <= 0 ? null : profile.StepMs(1) / ((r.Method == "ar" ? profile.StepMs(1) : profile.StepMs(r.Width) + r.DraftMsPerStep) / r.MeanAccepted) })];
+                // Per token: (the profile's step at the width each step ran at + our measured drafting) / tokens.
+                rows = [.. rows.Select(r => r with { ProfileSpeedup = ProfileSpeedup(r, profile) })];
             }
 
             Report(rows, perRound, bundle, parse.GetValue(json), parse.GetValue(outDir), ws, ms, parse.GetValue(limit), files, profile, parse.GetValue(adaptive), formats);
@@ -172,7 +175,7 @@ internal static class BenchAccept
         Run(bundle, [rt], files, widths, methods, limit, calib, adaptive);
 
     /// <summary>Every runtime (one per weight format) runs every prompt in turn, so formats meet the same drift in the machine's speed.</summary>
-    internal static List<AcceptRow> Run(ModelBundle bundle, IReadOnlyList<OrtModelRuntime> runtimes, List<string> files, List<int> widths, List<string> methods, int limit, CalibrationOptions calib, bool adaptive = false)
+    internal static List<AcceptRow> Run(ModelBundle bundle, IReadOnlyList<OrtModelRuntime> runtimes, List<string> files, List<int> widths, List<string> methods, int limit, CalibrationOptions calib, bool adaptive = false, DeviceProfile? profile = null)
     {
         var rows = new List<AcceptRow>();
         var engines = runtimes.Select(r => (Runtime: r, Plain: new Generator(r), Spec: new SpeculativeDecoder(r), Name: WeightQuantizer.Name(r.WeightFormat))).ToList();
@@ -223,7 +226,9 @@ internal static class BenchAccept
                         {
                             foreach (int w in widths)
                             {
-                                var opts = SpeculationOptions.ForMethod(m, w) with { Calibration = calib, AdaptiveWidth = adaptive };
+                                // With a device profile, adaptive width prices each width at the profile's step time, as the server does with
+                                // --device-profile: its choices are then the same on every run (and machine).
+                                var opts = SpeculationOptions.ForMethod(m, w) with { Calibration = calib, AdaptiveWidth = adaptive, WidthCostMs = profile is null ? null : profile.StepMs };
                                 HistoryStore? history = null;
                                 if (opts.UseHistory && !histories.TryGetValue((fmt, w), out history))
                                 {
@@ -279,11 +284,30 @@ internal static class BenchAccept
                         CopyCeiling = ceilSteps == 0 ? 0 : (double)ceilTokens / ceilSteps,
                         AnyCopyCeiling = anyCeilSteps == 0 ? 0 : (double)ceilTokens / anyCeilSteps,
                         Weights = fmt,
+                        StepsByWidth = m == "ar" ? new Dictionary<int, long> { [1] = a.Steps } : new Dictionary<int, long>(a.StepsByWidth),
                     });
                 }
             }
         });
         return rows;
+    }
+
+    /// <summary>A row's speedup over ar at <paramref name="profile"/>'s step times: its tokens at the profile's width-1 step,
+    /// over its steps at the profile's time for the width each ran at plus its measured drafting.</summary>
+    internal static double? ProfileSpeedup(AcceptRow r, DeviceProfile profile)
+    {
+        if (r.Tokens <= 0 || r.Steps <= 0)
+        {
+            return null;
+        }
+
+        if (r.Method == "ar")
+        {
+            return 1.0;
+        }
+
+        double ms = r.StepsByWidth.Count > 0 ? r.StepsByWidth.Sum(kv => kv.Value * profile.StepMs(kv.Key)) : r.Steps * profile.StepMs(r.Width);
+        return r.Tokens * profile.StepMs(1) / (ms + (r.Steps * r.DraftMsPerStep));
     }
 
     /// <summary>
@@ -313,6 +337,7 @@ internal static class BenchAccept
                 Steps = all.Sum(r => r.Steps),
                 AcceptedBySource = all.SelectMany(r => r.AcceptedBySource).GroupBy(kv => kv.Key).ToDictionary(k => k.Key, k => k.Sum(kv => kv.Value)),
                 ProposedBySource = all.SelectMany(r => r.ProposedBySource).GroupBy(kv => kv.Key).ToDictionary(k => k.Key, k => k.Sum(kv => kv.Value)),
+                StepsByWidth = all.SelectMany(r => r.StepsByWidth).GroupBy(kv => kv.Key).OrderBy(k => k.Key).ToDictionary(k => k.Key, k => k.Sum(kv => kv.Value)),
                 Rounds = all.Count,
                 SpeedupMin = all.Min(r => r.Speedup),
                 SpeedupMax = all.Max(r => r.Speedup),
@@ -351,6 +376,7 @@ internal static class BenchAccept
         public long PairedPlainTokens;
         public double PairedPlainMs;
         public readonly long[] Accepted = new long[4];
+        public readonly SortedDictionary<int, long> StepsByWidth = [];
         public readonly long[] Proposed = new long[4];
 
         /// <summary>The plain decode run next to this method's run of the same prompt (the speedup's denominator).</summary>
@@ -376,6 +402,11 @@ internal static class BenchAccept
                 {
                     Accepted[(int)s] += acct.Accepted(s);
                     Proposed[(int)s] += acct.Proposed(s);
+                }
+
+                foreach (var (w, n) in acct.StepsByWidth)
+                {
+                    StepsByWidth[w] = StepsByWidth.GetValueOrDefault(w) + n;
                 }
             }
         }
@@ -470,7 +501,7 @@ internal static class BenchAccept
             md.AppendLine();
             md.AppendLine(CultureInfo.InvariantCulture, $"## What-if: the same acceptance at `{profile.Name}` step times");
             md.AppendLine();
-            md.AppendLine(CultureInfo.InvariantCulture, $"**{profile.Label}.** `profile_speedup` = the profile's width-1 step / ((the profile's width-W step + our measured drafting per step) / mean_accepted): what these acceptance counts would give where a W-token step costs what the profile says (width 1: {profile.StepMs(1):F1} ms; {string.Join("; ", widths.Select(w => $"width {w}: {profile.StepMs(w):F1} ms"))}). Projected from the measured acceptance, not measured on a device.");
+            md.AppendLine(CultureInfo.InvariantCulture, $"**{profile.Label}.** `profile_speedup` = tokens x the profile's width-1 step / (each step at the profile's time for the width it ran at, `steps_by_width`, + our measured drafting per step): what these steps would give where a W-token step costs what the profile says; with adaptive width the widths were chosen by the profile's step times too, as the server chooses them with `--device-profile`, so those choices are the same on any machine (width 1: {profile.StepMs(1):F1} ms; {string.Join("; ", widths.Select(w => $"width {w}: {profile.StepMs(w):F1} ms"))}). Projected from the measured acceptance, not measured on a device.");
             md.AppendLine();
             md.AppendLine("| task | method | " + string.Join(" | ", widths.Select(w => $"W={w}")) + " |");
             md.AppendLine("|---|---|" + string.Concat(widths.Select(_ => "---|")));

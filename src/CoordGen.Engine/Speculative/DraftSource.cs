@@ -51,9 +51,15 @@ public sealed class DraftAccounting
     /// <summary>Mean tokens committed per verification step (accepted drafts plus the bonus token): the paper's acceptance ratio.</summary>
     public double MeanAccepted => Steps == 0 ? 0 : (double)EmittedTokens / Steps;
 
+    private readonly SortedDictionary<int, int> _stepsByWidth = [];
+
+    /// <summary>Verification steps per width the step ran at (adaptive width's choices; 1 = a plain step).</summary>
+    public IReadOnlyDictionary<int, int> StepsByWidth => _stepsByWidth;
+
     internal void Step(int width, int nodes, int accepted, int emitted)
     {
         Steps++;
+        _stepsByWidth[width] = _stepsByWidth.GetValueOrDefault(width) + 1;
         AcceptedTokens += accepted;
         EmittedTokens += emitted;
         WastedWidth += width - 1 - nodes;
