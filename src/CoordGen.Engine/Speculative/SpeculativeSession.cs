@@ -249,7 +249,7 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         var tree = TakeTree();
-        int width = _spec.AdaptiveWidth ? ChooseWidth(tree.Count) : _width;
+        int width = _spec.AdaptiveWidth ? ChooseWidth(tree) : _width;
         if (width == 1)
         {
             // Nothing worth verifying: the root alone on the width-1 graph, exactly a plain step.
@@ -278,7 +278,7 @@ public sealed class SpeculativeSession : IDisposable
                 return 0;
             }
 
-            int width = _spec.AdaptiveWidth ? ChooseWidth(tree.Count, peek: true) : _width;
+            int width = _spec.AdaptiveWidth ? ChooseWidth(tree, peek: true) : _width;
             return width >= 2 ? width : 0;
         }
     }
@@ -301,7 +301,7 @@ public sealed class SpeculativeSession : IDisposable
     /// (<see cref="BeginNarrow"/>, <see cref="NarrowSteps.RunPacked"/>).
     /// </summary>
     public bool NextStepNarrow =>
-        !Done && _pending == Pending.None && !NearCapacity && _proposal is { } tree && _spec.AdaptiveWidth && ChooseWidth(tree.Count, peek: true) == 1;
+        !Done && _pending == Pending.None && !NearCapacity && _proposal is { } tree && _spec.AdaptiveWidth && ChooseWidth(tree, peek: true) == 1;
 
     /// <summary>
     /// What a step of each width costs this session when it rides in a packed run with others, by width (the
@@ -324,7 +324,7 @@ public sealed class SpeculativeSession : IDisposable
         }
 
         var tree = TakeTree();
-        ChooseWidth(tree.Count); // the same choice as the peek, counted as a solo step counts it
+        ChooseWidth(tree); // the same choice as the peek, counted as a solo step counts it
         return new NarrowStep(this);
     }
 
@@ -389,7 +389,7 @@ public sealed class SpeculativeSession : IDisposable
             trees[i] = s.TakeTree();
             if (s._spec.AdaptiveWidth)
             {
-                s.ChooseWidth(trees[i].Count); // the same choice as the peek, counted as a solo step counts it
+                s.ChooseWidth(trees[i]); // the same choice as the peek, counted as a solo step counts it
             }
         }
 
@@ -648,14 +648,17 @@ public sealed class SpeculativeSession : IDisposable
     }
 
     /// <summary>
-    /// The compiled width (1 = plain) with the most expected tokens per millisecond: expected tokens at
-    /// width w = 1 + the mean over recent steps of min(accepted, w - 1, this tree's size), cost = the
-    /// runtime's recent run time of that graph plus this session's drafting per step. A width never
-    /// run yet is tried once; every 16th step runs the full width, so acceptance beyond a narrow
-    /// width keeps being seen.
+    /// The compiled width (1 = plain) with the most expected tokens per millisecond. Expected tokens at width w: once
+    /// the session has 4 tree steps of its own, what the first w - 1 nodes of this very tree are expected to give from how
+    /// often nodes of their source and depth were accepted lately (<see cref="NodeAcceptance"/>, decision 0032), so a tree
+    /// padded with rarely accepted nodes is not verified wide; before that, 1 + the mean over the decoder's recent steps of
+    /// min(accepted, w - 1, this tree's size). Cost: the runtime's recent run time of that graph (or the device profile's)
+    /// plus this session's drafting per step. A width never run yet is tried once; every 16th step runs the full width,
+    /// so acceptance beyond a narrow width keeps being seen.
     /// </summary>
-    private int ChooseWidth(int nodes, bool peek = false)
+    private int ChooseWidth(DraftProposal tree, bool peek = false)
     {
+        int nodes = tree.Count;
         int step = _adaptiveSteps + 1;
         if (!peek)
         {
@@ -676,7 +679,8 @@ public sealed class SpeculativeSession : IDisposable
             // This session's own recent steps, or (for its first 4) the decoder's recent steps.
             Span<int> seen = stackalloc int[_recent.Length];
             int n = Math.Min(_recentCount, _recent.Length);
-            if (n >= 4)
+            bool own = n >= 4;
+            if (own)
             {
                 _recent.AsSpan(0, n).CopyTo(seen);
             }
@@ -703,7 +707,13 @@ public sealed class SpeculativeSession : IDisposable
                 }
 
                 double tokens = 1;
-                if (w > 1)
+                if (w > 1 && own)
+                {
+                    // What this very tree's first w - 1 nodes are expected to give (decision 0032).
+                    tokens = _nodeAcceptance.ExpectedTokens(tree, w);
+                    ms += draftMs;
+                }
+                else if (w > 1)
                 {
                     int cap = Math.Min(w - 1, nodes);
                     double sum = 0;
