@@ -121,7 +121,7 @@ public sealed class NgramIndex
         int len = Math.Min(length, _tokens.Count - 1 - start);
         if (len > 0)
         {
-            result.Add([.. _tokens.Skip(start).Take(len)]);
+            result.Add([.. _tokens.GetRange(start, len)]);
         }
     }
 }

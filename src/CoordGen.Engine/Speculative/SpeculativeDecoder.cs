@@ -343,14 +343,14 @@ public sealed class SpeculativeDecoder
             tree.AddPath(draft[..m], DraftSource.Prompt);
         }
 
-        // 3. The calibrated index: the model's own likely continuation of what the output ends with.
+        // 2. The calibrated index: the model's own likely continuation of what the output ends with.
         if (calibrated is not null && calCursor.Length > 0)
         {
             int m = calibrated.Automaton.Continuation(calCursor, Math.Min(spec.MaxDraft, tree.Capacity), draft);
             tree.AddPath(draft[..m], DraftSource.Calibrated);
         }
 
-        // 4. Past responses of the same task.
+        // 3. Past responses of the same task.
         if (history is not null && spec.UseHistory && histCursor.Length > 0)
         {
             foreach (var path in history.Continuations(histCursor, spec.UseTree ? 2 : 1, spec.MaxDraft))
@@ -359,7 +359,7 @@ public sealed class SpeculativeDecoder
             }
         }
 
-        // 5. Other occurrences of the last bigram: their distinct continuations, most recent first.
+        // 4. Other occurrences of the last bigram: their distinct continuations, most recent first.
         if (ngrams is not null)
         {
             Span<int> firsts = stackalloc int[4];
@@ -370,7 +370,7 @@ public sealed class SpeculativeDecoder
             }
         }
 
-        // 6. The main chain's remainder.
+        // 5. The main chain's remainder.
         if (n > first)
         {
             tree.AddPath(mainChain, DraftSource.Prompt);
@@ -387,7 +387,7 @@ public sealed class SpeculativeDecoder
             }
         }
 
-        // 7. Alternates: continuations of shorter matches (other occurrences) fill the remaining width.
+        // 6. Alternates: continuations of shorter matches (other occurrences) fill the remaining width.
         if (spec.UseTree && samCursor.Length > 0)
         {
             // With prompt lookup as the main chain, the automaton's longest-match continuation is a branch too.
@@ -400,7 +400,7 @@ public sealed class SpeculativeDecoder
             AddShorterMatches(sam, samCursor, tree, draft, DraftSource.Prompt);
             AddOtherContinuations(sam, samCursor.State, samCursor.Length, except: -1, from: -1, maxLength: 6, tree, draft);
 
-            // 8. Branches at the chain's likely rejection points: where the context went on from a prefix of
+            // 7. Branches at the chain's likely rejection points: where the context went on from a prefix of
             // the chain with another token, that continuation, hanging from the chain node it follows.
             int state = samCursor.State, length = samCursor.Length;
             for (int i = 0; i + 1 < chainNodes.Count && tree.Count < tree.Capacity; i++)
@@ -415,13 +415,13 @@ public sealed class SpeculativeDecoder
             }
         }
 
-        // 9. Width left over: the calibrated index's continuations of shorter matches too.
+        // 8. Width left over: the calibrated index's continuations of shorter matches too.
         if (spec.UseTree && calibrated is not null && calCursor.Length > 0)
         {
             AddShorterMatches(calibrated.Automaton, calCursor, tree, draft, DraftSource.Calibrated);
         }
 
-        // 10. Width left over: copies that resume after a one-token edit (the model put its own word in place of the
+        // 9. Width left over: copies that resume after a one-token edit (the model put its own word in place of the
         // context's, added one or dropped one), so drafting picks the passage up again at the very next step.
         if (ngrams is not null && tree.Count < tree.Capacity)
         {
@@ -432,7 +432,7 @@ public sealed class SpeculativeDecoder
             }
         }
 
-        // 11. Width still left: the reused segment from earlier rejections (paper §3.4).
+        // 10. Width still left: the reused segment from earlier rejections (paper §3.4).
         if (reuse is not null && reuse.Offer().Length > 0)
         {
             tree.AddPath(reuse.Offer(), DraftSource.Reused);
