@@ -165,6 +165,35 @@ public class InterleavingSpecs : TestKit
     [Theory]
     [InlineData(0f)]
     [InlineData(0.8f)]
+    public async Task Speculative_roots_should_ride_in_prefill_chunks_without_waiting_for_trees_and_change_nothing(float temperature)
+    {
+        // Only adaptive speculative sessions, trees not riding: while later prompts go in 8-token chunks, a chunk's few
+        // rows price a root alone below a tree of its own, so the sessions already decoding ride as plain sessions do,
+        // without waiting for their drafter's trees (decision 0033). Every stream equals its prompt alone.
+        using var spans = new SpanRecorder();
+        var device = Sys.ActorOf(DeviceStandIn.Props(DeviceActor.Props(() => Mixing(), new HashSet<int>(), packing: PackingMode.Always)));
+        var channels = Enumerable.Range(0, 5).Select(_ => Channel.CreateUnbounded<GeneratedToken>()).ToArray();
+        var sampling = new Sampling(Temperature: temperature, Seed: 17);
+        for (int i = 0; i < channels.Length; i++)
+        {
+            device.Tell(new Generate(new SessionId($"roots-{temperature}-{i}"), TokenSequence.From(LongPrompt(i)), 30, sampling, "sam+ours", 8, null, channels[i].Writer, CancellationToken.None) { AdaptiveWidth = true }, TestActor);
+        }
+
+        var streams = await ReadAll(channels);
+        using var rt = NewRuntime();
+        var options = new SamplingOptions { Temperature = temperature, Seed = 17 };
+        for (int i = 0; i < channels.Length; i++)
+        {
+            Assert.Equal(Alone(rt, LongPrompt(i), "sam+ours", 30, options), streams[i]);
+        }
+
+        var roots = spans.Spans.Where(a => a.OperationName == "coordgen.prefill_mixed" && (int)a.GetTagItem("coordgen.rider_width")! == 1).ToList();
+        Assert.NotEmpty(roots);
+    }
+
+    [Theory]
+    [InlineData(0f)]
+    [InlineData(0.8f)]
     public async Task Trees_should_ride_in_prefill_chunks_and_change_nothing(float temperature)
     {
         // Only speculative sessions: while later prompts go in 8-token chunks, the trees of those already decoding ride in
@@ -230,6 +259,21 @@ public class InterleavingSpecs : TestKit
     public void Policy_should_mix_decode_rows_into_a_chunk_only_when_that_costs_clearly_less(double? mixedMs, double? chunkMs, double? ridersMs, double? plainMs, bool mix)
     {
         Assert.Equal(mix, StepPolicy.MixPays(mixedMs, chunkMs, ridersMs, plainMs));
+    }
+
+    [Theory]
+    [InlineData(36.0, 4, 32, 1.0)] // four riders beside a 32-token chunk of 36 ms: a row each of 36
+    [InlineData(50.0, 1, 32, 50.0 / 33)] // one rider
+    [InlineData(null, 4, 32, null)] // the chunk never timed: no price, trees as before
+    [InlineData(36.0, 0, 32, null)] // no one to ride
+    public void A_rider_should_be_priced_at_its_share_of_the_chunks_rows(double? chunkMs, int riders, int chunkWidth, double? expectedMs)
+    {
+        var ms = StepPolicy.RiderShareMs(chunkMs, riders, chunkWidth);
+        Assert.Equal(expectedMs.HasValue, ms.HasValue);
+        if (ms is { } m)
+        {
+            Assert.Equal(expectedMs!.Value, m, 6);
+        }
     }
 
     [Theory]

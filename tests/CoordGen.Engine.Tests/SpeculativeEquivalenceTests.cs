@@ -247,6 +247,88 @@ public class SpeculativeEquivalenceTests
     }
 
     [Fact]
+    public void Roots_alone_taken_without_waiting_for_the_drafters_tree_should_keep_each_sessions_plain_greedy_output()
+    {
+        // While a prompt waits, the device lets a speculative session's root ride in the chunk's run without waiting for
+        // its tree (decision 0033). Here two sessions take every third step that way, together in a packed width-1 run;
+        // the drafter still learns each step's outcome, and the tree it drafted for such a step comes too late and is
+        // dropped, as the device drops it. Both outputs equal plain greedy decoding.
+        var demo = ModelBundle.Load(Paths.DemoModel);
+        using var rt = new OrtModelRuntime(demo.Weights, capacity: 2048, widths: [1, 4, 64, 8]);
+        var plain = new Generator(rt);
+        var spec = new SpeculativeDecoder(rt);
+        var opts = SpeculationOptions.ForMethod("sam+ours", 8) with { AdaptiveWidth = true };
+        var prompts = WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", "summary.jsonl")).Take(2)
+            .Select(i => demo.Tokenizer.Encode(PromptTemplate.Render(i.Context, i.Prompt))).ToList();
+        var expected = prompts.Select(p => plain.Generate(p, 40, new SamplingOptions(), demo.StopTokens).Tokens).ToList();
+        var sessions = new List<SpeculativeSession>();
+        var drafters = new List<SessionDrafter>();
+        foreach (var p in prompts)
+        {
+            using var pre = spec.Prefill(p, null);
+            sessions.Add(spec.Start(pre, 40, new SamplingOptions(), demo.StopTokens, opts, externalDrafter: true));
+            drafters.Add(new SessionDrafter(p, 40, opts, null));
+        }
+
+        int rootsAlone = 0;
+        for (int step = 0; sessions.Any(s => !s.Done); step++)
+        {
+            var live = sessions.Where(s => !s.Done).ToList();
+            bool alone = step % 3 == 1 && live.Count == 2;
+            for (int i = 0; i < sessions.Count; i++)
+            {
+                if (sessions[i].Done)
+                {
+                    continue;
+                }
+
+                var (outcome, committed) = sessions[i].TakeAdvance();
+                var tree = drafters[i].Advance(outcome, committed);
+                sessions[i].RootAloneWithoutTree = alone;
+                Assert.True(sessions[i].NeedsProposal);
+                if (!alone)
+                {
+                    sessions[i].Offer(tree); // else stale by the time it would come
+                }
+            }
+
+            if (alone)
+            {
+                Assert.All(live, s => Assert.True(s.NextStepNarrow, "no tree offered, and the root may go alone"));
+                var steps = live.Select(s => s.BeginNarrow()).ToList();
+                NarrowSteps.RunPacked(rt, steps);
+                foreach (var s in live)
+                {
+                    s.Apply(TreeVerifier.Verify(s.TakeNarrow(), null));
+                }
+
+                rootsAlone++;
+                continue;
+            }
+
+            foreach (var s in live)
+            {
+                s.Step();
+            }
+        }
+
+        for (int i = 0; i < sessions.Count; i++)
+        {
+            Assert.Equal(expected[i], sessions[i].Result().Tokens);
+            sessions[i].Dispose();
+        }
+
+        Assert.True(rootsAlone > 2, $"only {rootsAlone} steps took the roots alone");
+
+        // A fixed width always verifies a tree: the switch stays off.
+        using var fixedPre = spec.Prefill(prompts[0], null);
+        using var fixedWidth = spec.Start(fixedPre, 8, new SamplingOptions(), demo.StopTokens, SpeculationOptions.ForMethod("sam+ours", 8), externalDrafter: true);
+        fixedWidth.RootAloneWithoutTree = true;
+        Assert.False(fixedWidth.RootAloneWithoutTree);
+        Assert.False(fixedWidth.NextStepNarrow);
+    }
+
+    [Fact]
     public void A_packed_tree_step_should_refuse_a_session_without_room_in_its_cache_for_the_packs_width()
     {
         // A width-4 session 56 tokens into a 64-slot cache fits its own trees but not a pack of width 8: the

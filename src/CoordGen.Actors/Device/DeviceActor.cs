@@ -209,19 +209,22 @@ public sealed partial class DeviceActor : ReceiveActor
         _prefix.TrimPool(runtime.CachePool, prefilling.Count + decoding.Count, perSession);
         int wide = runtime.Widths.Max(), interleaved = _interleavedChunkWidth > 0 ? _interleavedChunkWidth : wide;
 
-        // The sessions that would ride in the next chunk's run (decision 0026); when they are every ready one and no
-        // speculative session's verdict or tree is on its way (its tree would wait out the chunk), the chunk serves
+        // The sessions that would ride in the next chunk's run (decision 0026), speculative ones' roots alone when riding
+        // is priced below their trees (decision 0033); when they are every ready one and no speculative session's verdict
+        // or tree is on its way (its tree would wait out the chunk; not so for roots riding without one), the chunk serves
         // the streams as a decode step would.
         int chunkWidth = StepPolicy.ChunkWidth(decoding.Count, wide, interleaved);
-        var riders = _mixedSteps && prefilling.Count > 0 ? Packing.Riders(_packing, _packTrees && _mixedTrees, runtime, prefilling[0], decoding, chunkWidth, chosen: false, out _) : null;
-        bool carries = riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested) && !decoding.Any(s => s.Coming);
+        var chunk = _mixedSteps && prefilling.Count > 0 ? prefilling[0] : null;
+        bool rootsRide = chunk is not null && StepPrices.Price(_packing, _packTrees, runtime, decoding, chunk, chunkWidth); // before riders are asked
+        var riders = chunk is not null ? Packing.Riders(_packing, _packTrees && _mixedTrees, runtime, chunk, decoding, chunkWidth, chosen: false, out _) : null;
+        bool carries = riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested) && (rootsRide || !decoding.Any(s => s.Coming));
         var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, decoding.Count(s => s.Ready),
             _sinceChunk, wide, interleaved, carries, _chunkHoldSince != 0);
         var choice = StepPolicy.Rebalance(snapshot);
         bool decode = choice == StepChoice.Decode;
         if (decode)
         {
-            Packing.PriceSharedSteps(_packing, _packTrees, runtime, decoding); // before any width is read
+            StepPrices.Price(_packing, _packTrees, runtime, decoding, null, 0); // before any width is read
         }
 
         // Both asked every time, so each resets its wait when it does not hold.

@@ -55,12 +55,16 @@ internal sealed partial class DeviceSession(SessionRun id, DeviceProtocol.Run ru
     /// <summary>The KV bucket of this session's next width-1 step.</summary>
     public int NarrowBucket => _plain?.NextStepBucket ?? _spec?.BucketFor(1) ?? 0;
 
-    /// <summary>Tells a speculative session what a step of each width would cost it in a packed run (null: alone); between steps.</summary>
-    public void PriceSharedSteps(IReadOnlyDictionary<int, double>? ms)
+    /// <summary>
+    /// Tells a speculative session what a step of each width would cost it in a packed run (null: alone), and whether its
+    /// root alone may ride in the next chunk's run without waiting for a tree (<see cref="SpeculativeSession.RootAloneWithoutTree"/>); between steps.
+    /// </summary>
+    public void PriceSharedSteps(IReadOnlyDictionary<int, double>? ms, bool rootAlone = false)
     {
         if (_spec is not null)
         {
             _spec.SharedStepMs = ms;
+            _spec.RootAloneWithoutTree = rootAlone;
         }
     }
 
@@ -93,7 +97,7 @@ internal sealed partial class DeviceSession(SessionRun id, DeviceProtocol.Run ru
     public bool Stepping { get; set; }
 
     /// <summary>The next step needs the drafter's tree, not here yet.</summary>
-    public bool WaitingForTree => _spec?.NeedsProposal ?? false;
+    public bool WaitingForTree => _spec is { NeedsProposal: true, RootAloneWithoutTree: false };
 
     /// <summary>The step whose verdict the session waits for; null when none.</summary>
     public int? AwaitingStep => _spec?.AwaitingStep;

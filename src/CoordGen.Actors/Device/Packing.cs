@@ -129,7 +129,7 @@ internal static class Packing
         // 0.82x its unmixed aggregate at 16 sessions on the twin (decision 0026); a tree brings several tokens for its wait.
         int most = OrtModelRuntime.PackedSlotCounts[^1] - 1;
         var ready = decoding.Where(s => !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested).ToList();
-        List<DeviceSession> riders = [.. ready.Where(s => s.PlainDecoding).Take(most)];
+        List<DeviceSession> riders = [.. ready.Where(s => s.NarrowPackable).Take(most)];
         if (riders.Count == 0 && trees && ready.Where(s => s.NextTreeWidth >= 2).ToList() is { Count: > 0 } withTrees)
         {
             int w = riderWidth = Math.Min(withTrees.Max(s => s.NextTreeWidth), OrtModelRuntime.MaxTreeWidth);
@@ -205,7 +205,7 @@ internal static class Packing
 
     // Whether a mixed run of n riders of rw rows each pays (StepPolicy.MixPays): its recent time against the chunk alone
     // (in the bucket its cache will be in) and the riders' own run (a packed run of them, or one step), in their bucket.
-    private static bool MixPays(OrtModelRuntime runtime, DeviceSession chunk, int chunkWidth, IReadOnlyList<DeviceSession> riders, int n, int rw)
+    internal static bool MixPays(OrtModelRuntime runtime, DeviceSession chunk, int chunkWidth, IReadOnlyList<DeviceSession> riders, int n, int rw)
     {
         int bucket = riders.Max(s => rw == 1 ? s.NarrowBucket : s.TreeBucket(rw));
         double? alone = n > 1 ? runtime.RecentPackedRunMs(OrtModelRuntime.PackedSlots(n), bucket, rw) : runtime.RecentRunMs(rw, bucket);
@@ -213,7 +213,7 @@ internal static class Packing
     }
 
     // The recent time of a chunk of this width alone, in the bucket the chunk's cache will be in.
-    private static double? ChunkAloneMs(OrtModelRuntime runtime, DeviceSession chunk, int width)
+    internal static double? ChunkAloneMs(OrtModelRuntime runtime, DeviceSession chunk, int width)
     {
         int done = chunk.Request.Prompt.Count - chunk.PrefillTokensLeft;
         return runtime.RecentRunMs(width, runtime.Buckets.FirstOrDefault(b => b >= done + width, runtime.Capacity));
@@ -281,48 +281,5 @@ internal static class Packing
         // Steps too short to gain are never packed: no graph compiles for them either (PackedReady compiles in the background).
         bool ready = always || (StepPolicy.PackPays(null, sessions, soloMs) && runtime.PackedReady(sessions, width, bucket));
         return WidthBudget.Option(width, sessions, soloMs, runtime.PackedCostRatio(slots, bucket, width), runtime.RecentPackedRunMs(slots, bucket, width), ready, always);
-    }
-
-    /// <summary>
-    /// Tells each speculative session what a step would cost it in a packed run with the others decoding now
-    /// (<see cref="StepPolicy.PackedShareMs"/>), before its width is chosen: width 1 shared with every decoding
-    /// session, and, with <paramref name="trees"/>, each tree width shared with the speculative ones. The width
-    /// budget across sessions: under concurrency speculation does not lose to packed plain decoding, and a
-    /// tree that packs is not priced as a whole run.
-    /// </summary>
-    public static void PriceSharedSteps(PackingMode mode, bool trees, OrtModelRuntime runtime, List<DeviceSession> decoding)
-    {
-        bool packing = mode != PackingMode.Off && decoding.Count > 1;
-        int speculative = decoding.Count(s => s.Speculative && (s.Ready || s.Coming));
-        foreach (var s in decoding.Where(s => s.Speculative && !s.Stepping))
-        {
-            if (!packing)
-            {
-                s.PriceSharedSteps(null);
-                continue;
-            }
-
-            var shares = new Dictionary<int, double>();
-            void Price(int width, int sessions, int bucket)
-            {
-                sessions = Math.Min(sessions, OrtModelRuntime.PackedSlotCounts[^1]); // one run holds at most the largest graph's slots
-                if (StepPolicy.PackedShareMs(packing, sessions, runtime.RecentRunMs(width, bucket),
-                    runtime.PackedCostRatio(OrtModelRuntime.PackedSlots(sessions), bucket, width)) is { } ms)
-                {
-                    shares[width] = ms;
-                }
-            }
-
-            Price(1, decoding.Count, s.NarrowBucket);
-            if (trees && speculative > 1)
-            {
-                foreach (int w in runtime.Widths.Where(w => w >= 2 && w <= OrtModelRuntime.MaxTreeWidth))
-                {
-                    Price(w, speculative, s.TreeBucket(w));
-                }
-            }
-
-            s.PriceSharedSteps(shares.Count == 0 ? null : shares);
-        }
     }
 }

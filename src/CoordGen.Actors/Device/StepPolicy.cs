@@ -61,6 +61,17 @@ public static class StepPolicy
         !(plainStepMs < minPlainStepMs) && (mixedMs is not { } m || chunkMs is not { } c || ridersMs is not { } r || m < c + (gainRequired * r));
 
     /// <summary>
+    /// What one of <paramref name="riders"/> width-1 steps costs the device when it rides in a prefill chunk's run of
+    /// <paramref name="chunkWidth"/> rows (a mixed run, decision 0026): its share of the rows, of the chunk alone's recent
+    /// time (<paramref name="chunkMs"/>; null while that is not timed). Not the mixed run's time less the chunk alone:
+    /// mixed runs are timed across the prompt's buckets and a chunk alone in one, and late in a long prompt the
+    /// difference read 5-20 ms for one rider where a scratch timing in one bucket gave about 1 ms (decision 0033).
+    /// Adaptive width weighs a speculative session's root alone at this price while a prompt waits.
+    /// </summary>
+    public static double? RiderShareMs(double? chunkMs, int riders, int chunkWidth) =>
+        riders < 1 || chunkMs is not { } c ? null : c / (chunkWidth + riders);
+
+    /// <summary>
     /// What one session's step of some width costs when it rides in a packed run of that width with the other
     /// sessions: the solo run's time times the packed run's measured cost ratio, shared by the sessions; null
     /// when packing is off, there is no one to pack with, or packing would not pay (<see cref="PackPays"/>).

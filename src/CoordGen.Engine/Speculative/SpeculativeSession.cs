@@ -301,7 +301,23 @@ public sealed class SpeculativeSession : IDisposable
     /// (<see cref="BeginNarrow"/>, <see cref="NarrowSteps.RunPacked"/>).
     /// </summary>
     public bool NextStepNarrow =>
-        !Done && _pending == Pending.None && !NearCapacity && _proposal is { } tree && _spec.AdaptiveWidth && ChooseWidth(tree, peek: true) == 1;
+        !Done && _pending == Pending.None && !NearCapacity && _spec.AdaptiveWidth
+        && (_proposal is { } tree ? ChooseWidth(tree, peek: true) == 1 : RootAloneWithoutTree);
+
+    /// <summary>
+    /// While set, a step with no tree offered yet is the root alone (<see cref="NextStepNarrow"/>), without waiting for
+    /// the drafter: the device sets it while a prompt waits to be prefilled and a root alone rides in its chunk's run
+    /// for a few rows (decision 0033), where the tree, if it came, would not be chosen at that price. A tree offered
+    /// meanwhile is weighed as usual; the drafter's tree for a step taken without one is stale when it comes, and dropped.
+    /// Only with adaptive width (a fixed width always verifies a tree): otherwise it stays false.
+    /// </summary>
+    public bool RootAloneWithoutTree
+    {
+        get => _rootAlone;
+        set => _rootAlone = value && _spec.AdaptiveWidth && _drafter is null;
+    }
+
+    private bool _rootAlone;
 
     /// <summary>
     /// What a step of each width costs this session when it rides in a packed run with others, by width (the
@@ -321,6 +337,12 @@ public sealed class SpeculativeSession : IDisposable
         if (!NextStepNarrow)
         {
             throw new InvalidOperationException("the next step is not a width-1 step: step it alone.");
+        }
+
+        if (_proposal is null)
+        {
+            _inFlight = DraftProposal.Empty; // the root alone, no tree waited for (RootAloneWithoutTree)
+            return new NarrowStep(this);
         }
 
         var tree = TakeTree();
