@@ -320,6 +320,27 @@ public class SpeculativeEquivalenceTests
 
         Assert.True(rootsAlone > 2, $"only {rootsAlone} steps took the roots alone");
 
+        // While riding is priced, a tree offered in time is weighed at the rider's price too, and neither the every-16th
+        // full-width step nor a width never timed forces a tree that would miss the chunk: every step is the root alone.
+        using var ridingPre = spec.Prefill(prompts[1], null);
+        using var riding = spec.Start(ridingPre, 40, new SamplingOptions(), demo.StopTokens, opts, externalDrafter: true);
+        var ridingDrafter = new SessionDrafter(prompts[1], 40, opts, null);
+        int ridingSteps = 0, narrowSteps = 0;
+        for (; !riding.Done; ridingSteps++)
+        {
+            var (outcome, committed) = riding.TakeAdvance();
+            riding.Offer(ridingDrafter.Advance(outcome, committed));
+            bool ride = ridingSteps >= 4; // its own tree steps first
+            riding.RootAloneWithoutTree = ride;
+            riding.SharedStepMs = ride ? new Dictionary<int, double> { [1] = 1e-3 } : null;
+            narrowSteps += ride && riding.NextStepNarrow ? 1 : 0;
+            riding.Step();
+        }
+
+        Assert.Equal(expected[1], riding.Result().Tokens);
+        Assert.True(ridingSteps > 20, $"{ridingSteps} steps");
+        Assert.Equal(ridingSteps - 4, narrowSteps);
+
         // A fixed width always verifies a tree: the switch stays off.
         using var fixedPre = spec.Prefill(prompts[0], null);
         using var fixedWidth = spec.Start(fixedPre, 8, new SamplingOptions(), demo.StopTokens, SpeculationOptions.ForMethod("sam+ours", 8), externalDrafter: true);

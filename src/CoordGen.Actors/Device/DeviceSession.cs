@@ -99,6 +99,9 @@ internal sealed partial class DeviceSession(SessionRun id, DeviceProtocol.Run ru
     /// <summary>The next step needs the drafter's tree, not here yet.</summary>
     public bool WaitingForTree => _spec is { NeedsProposal: true, RootAloneWithoutTree: false };
 
+    /// <summary>Whether this speculative session's root alone may ride in the next chunk's run without its tree (decision 0033).</summary>
+    public bool RootAloneRides => _spec?.RootAloneWithoutTree ?? false;
+
     /// <summary>The step whose verdict the session waits for; null when none.</summary>
     public int? AwaitingStep => _spec?.AwaitingStep;
 

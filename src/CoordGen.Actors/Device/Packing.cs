@@ -105,8 +105,9 @@ internal static class Packing
 
     /// <summary>
     /// The sessions whose next steps ride in <paramref name="chunk"/>'s prefill chunk of <paramref name="width"/>
-    /// tokens (a mixed run), with <paramref name="chunk"/> first; null: the chunk runs alone. Every other plain session
-    /// ready now, one row each (decision 0026); with none, every ready speculative session whose next step is a tree, at
+    /// tokens (a mixed run), with <paramref name="chunk"/> first; null: the chunk runs alone. Every other session ready now
+    /// whose next step is one token, one row each: plain sessions (decision 0026) and speculative roots alone, which
+    /// ride while a prompt waits (decision 0033); with none, every ready speculative session whose next step is a tree, at
     /// the widest of their widths (<paramref name="riderWidth"/>; those with room for it), each tree in a slot of that
     /// many rows (decision 0029). Up to the largest graph's slots less the chunk's, when the runtime can mix
     /// (GroupQueryAttention packing, the graph compiled, room for the padded chunk in any cache this prompt can fill)
@@ -125,8 +126,8 @@ internal static class Packing
             return null;
         }
 
-        // Plain sessions first, then trees. Speculative roots alone do not ride: with them riding spec-adaptive ran at
-        // 0.82x its unmixed aggregate at 16 sessions on the twin (decision 0026); a tree brings several tokens for its wait.
+        // One-token steps first (plain, and speculative roots alone: StepPrices prices them below a tree while a prompt
+        // waits, decision 0033), then trees.
         int most = OrtModelRuntime.PackedSlotCounts[^1] - 1;
         var ready = decoding.Where(s => !s.Stepping && s.Ready && !s.Cancellation.IsCancellationRequested).ToList();
         List<DeviceSession> riders = [.. ready.Where(s => s.NarrowPackable).Take(most)];
@@ -155,7 +156,7 @@ internal static class Packing
     }
 
     /// <summary>
-    /// How much longer a prefill chunk waits; null: run now. Two waits:
+    /// How much longer a prefill chunk waits; null: run now. Three waits:
     /// <list type="bullet">
     /// <item>for the speculative sessions whose verdict or next tree is on its way, so that their trees ride in its run
     /// (decision 0029) instead of the chunk running alone between their packed runs (after a tree run every member is on
@@ -163,6 +164,8 @@ internal static class Packing
     /// ready (those ride now) and the trees would ride (the mixed graph compiled and the mix paying, as
     /// <see cref="Riders"/> decides), at most as long as <see cref="Hold"/> waits for a pack (a share of the chunk's own
     /// run; <see cref="PackingMode.Always"/>: up to 50 ms, for tests on tiny models);</item>
+    /// <item>for the verdicts of speculative sessions whose roots ride without their trees (decision 0033), as long as for
+    /// trees: back in time, each rides in this chunk instead of the next;</item>
     /// <item>else for the verdicts of the sessions whose step just ran (<see cref="DeviceSession.AwaitingVerdict"/>), at most
     /// a smaller share of the chunk's own run (<see cref="StepPolicy.HoldChunk"/>). A verdict takes the verifier tens of microseconds on an idle CPU,
     /// but a run holds both cores of this machine: the verifier yields its core after each verdict, and under a run the
@@ -175,6 +178,7 @@ internal static class Packing
         int coming = trees && chunk is not null && mode != PackingMode.Off && runtime.PackedInPlace && !decoding.Any(s => s.Ready && s.PlainDecoding) ? decoding.Count(s => s.Coming) : 0;
         bool ride = coming > 0 && chunk is not null && (mode == PackingMode.Always || TreesWouldRide(runtime, chunk, decoding, chunkWidth));
         int verdicts = chunk is null || ride ? 0 : decoding.Count(s => s.AwaitingVerdict);
+        int roots = verdicts == 0 ? 0 : decoding.Count(s => s.AwaitingVerdict && s.RootAloneRides); // they ride once back: wait as for trees
         if (!ride && verdicts == 0)
         {
             holdSince = 0;
@@ -184,7 +188,7 @@ internal static class Packing
         holdSince = holdSince == 0 ? Stopwatch.GetTimestamp() : holdSince;
         double held = Stopwatch.GetElapsedTime(holdSince).TotalMilliseconds;
         double leftMs = 50 - held;
-        if ((ride && mode == PackingMode.Always) ? leftMs > 0 : StepPolicy.HoldChunk(ride ? coming : 0, verdicts, held, ChunkAloneMs(runtime, chunk!, chunkWidth), out leftMs))
+        if ((ride && mode == PackingMode.Always) ? leftMs > 0 : StepPolicy.HoldChunk(ride ? coming : roots, verdicts, held, ChunkAloneMs(runtime, chunk!, chunkWidth), out leftMs))
         {
             return TimeSpan.FromMilliseconds(leftMs);
         }
@@ -212,11 +216,16 @@ internal static class Packing
         return StepPolicy.MixPays(runtime.RecentMixedRunMs(n, chunkWidth, rw), ChunkAloneMs(runtime, chunk, chunkWidth), alone, runtime.RecentRunMs(rw, bucket));
     }
 
-    // The recent time of a chunk of this width alone, in the bucket the chunk's cache will be in.
+    // The recent time of a chunk of this width alone, in the bucket the chunk's cache will be in, or, until a chunk has run
+    // alone there, in the nearest smaller bucket where one has (a chunk costs a little more further up a prompt: 39, 46,
+    // 55 ms at 2, 35 and 72% of 2,048 on the twin). Only while no bucket has a time does a chunk run alone to time it
+    // (Riders' probe): every such chunk puts two runs into each rider's gap (decision 0033).
     internal static double? ChunkAloneMs(OrtModelRuntime runtime, DeviceSession chunk, int width)
     {
         int done = chunk.Request.Prompt.Count - chunk.PrefillTokensLeft;
-        return runtime.RecentRunMs(width, runtime.Buckets.FirstOrDefault(b => b >= done + width, runtime.Capacity));
+        int bucket = runtime.Buckets.FirstOrDefault(b => b >= done + width, runtime.Capacity);
+        return runtime.RecentRunMs(width, bucket)
+            ?? runtime.Buckets.Where(b => b < bucket).OrderDescending().Select(b => runtime.RecentRunMs(width, b)).FirstOrDefault(ms => ms is not null);
     }
 
     // Sessions to try packing, most first: all of the ready ones, then each smaller graph's slot count.

@@ -18,7 +18,7 @@ internal static class StepPrices
     /// runs anyway, so a root alone beside it costs the device a few rows, where a tree of its own costs a run that
     /// delays the prompt.
     /// </summary>
-    /// <returns>Whether a root alone rides in the chunk's run at a rider's price (the sessions then need no tree to ride).</returns>
+    /// <returns>Whether any session's root alone may ride in the chunk's run at a rider's price, without its tree.</returns>
     public static bool Price(PackingMode mode, bool trees, OrtModelRuntime runtime, List<DeviceSession> decoding, DeviceSession? chunk, int chunkWidth)
     {
         bool packing = mode != PackingMode.Off && decoding.Count > 1;
@@ -57,7 +57,7 @@ internal static class StepPrices
             s.PriceSharedSteps(shares.Count == 0 ? null : shares, rootAlone: riding is not null);
         }
 
-        return riding is not null;
+        return riding is not null && decoding.Any(s => s.RootAloneRides);
     }
 
     // What one width-1 rider costs in the next chunk's run, when the decoding sessions would ride in it (Packing.Riders'

@@ -63,6 +63,9 @@ internal sealed record RebalanceReport
     /// <summary>Whether ended sessions' KV caches were kept for the next ones (CoordGenOptions.KvPool, decision 0030).</summary>
     [JsonPropertyName("kv_pool")] public bool KvPool { get; init; }
 
+    /// <summary>Whether the speculative streams chose each step's width (adaptive width, the server's default) or verified at the fixed width.</summary>
+    [JsonPropertyName("adaptive_width")] public bool AdaptiveWidth { get; init; }
+
     [JsonPropertyName("worst_gap_ms")] public double WorstGapMs { get; init; }
     [JsonPropertyName("worst_gap_stream")] public int WorstGapStream { get; init; }
     [JsonPropertyName("worst_gap_spans")] public IReadOnlyList<GapSpan> WorstGapSpans { get; init; } = [];
@@ -114,16 +117,18 @@ internal static class BenchRebalance
         var mixedSteps = new Option<bool?>("--mixed-steps") { Description = "Plain (ar) streams ride in the newcomer's prefill chunks' runs (CoordGenOptions.MixedSteps; default: the server's default); speculative streams' trees too with --mixed-trees.", HelpName = "true|false" };
         var mixedTrees = new Option<bool?>("--mixed-trees") { Description = "With --mixed-steps: speculative streams' trees ride in the chunks' runs too (CoordGenOptions.MixedTrees, decision 0029; default: the server's default, off).", HelpName = "true|false" };
         var kvPool = new Option<bool?>("--kv-pool") { Description = "Keep ended sessions' KV caches for the next ones (CoordGenOptions.KvPool, decision 0030; default: the server's default, on).", HelpName = "true|false" };
+        var adaptiveWidth = new Option<bool?>("--adaptive-width") { Description = "Speculative streams choose each step's width up to --width (adaptive width, decision 0006; while the newcomer's prompt waits their roots then ride in its chunks' runs, decision 0033), or verify at --width always (false). Default: the server's default (adaptive, CoordGenOptions.AdaptiveWidth); the reports before decision 0033 ran the fixed width.", HelpName = "true|false" };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON here too.", HelpName = "OUT.json" };
         var outDir = new Option<DirectoryInfo?>("--out") { Description = "Report folder (default docs/bench/ of the checkout).", HelpName = "DIR" };
         var cmd = new Command("rebalance", "Prefill against decode: N sessions stream while a long prompt arrives; the device interleaves its prefill chunks with their decode steps. Reports their worst inter-token gap during the newcomer's prefill against their median gap (goal: at most 2x) and the newcomer's time to first token. Writes a report and a plot of the gaps.")
         {
-            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, threads, runs, deviceProfile, packedTrees, mixedSteps, mixedTrees, kvPool, json, outDir,
+            model, sessions, promptTokens, method, width, streamTokens, settleMs, chunkWidth, threads, runs, deviceProfile, packedTrees, mixedSteps, mixedTrees, kvPool, adaptiveWidth, json, outDir,
         };
         cmd.SetAction(async (parse, ct) =>
         {
             int n = parse.GetValue(sessions), p = parse.GetValue(promptTokens), w = parse.GetValue(width);
             string m = parse.GetValue(method)!;
+            bool adaptive = parse.GetValue(adaptiveWidth) ?? new CoordGenOptions().AdaptiveWidth;
             if (n < 1 || p < 1 || parse.GetValue(runs) < 1)
             {
                 throw new ArgumentException("--sessions, --prompt-tokens and --runs must be at least 1.");
@@ -177,10 +182,10 @@ internal static class BenchRebalance
             {
                 for (int i = 0; i < candidates.Count; i++)
                 {
-                    lengths.Add((i, (await BenchStreams.RunAsync(service.Supervisor, candidates[i].Tokens, candidates[i].MaxTokens, m, w, ct)).Tokens.Length));
+                    lengths.Add((i, (await BenchStreams.RunAsync(service.Supervisor, candidates[i].Tokens, candidates[i].MaxTokens, m, w, ct, adaptive)).Tokens.Length));
                 }
 
-                await BenchStreams.RunAsync(service.Supervisor, newcomer, 2, m, w, ct);
+                await BenchStreams.RunAsync(service.Supervisor, newcomer, 2, m, w, ct, adaptive);
             });
             var running = lengths.OrderByDescending(x => x.Tokens).Take(n).Select(x => candidates[x.Index]).ToList();
 
@@ -191,7 +196,7 @@ internal static class BenchRebalance
             {
                 var c = running.Select(_ => new TimestampingWriter()).ToArray();
                 await ConsoleUi.Err.Status().StartAsync($"{n} streams alone (control, {when})", async _ =>
-                    await Task.WhenAll(running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, c[s], ct, session: $"stream-{s}"))));
+                    await Task.WhenAll(running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, c[s], ct, adaptive, session: $"stream-{s}"))));
                 return c;
             }
 
@@ -204,7 +209,7 @@ internal static class BenchRebalance
                 var newcomerWriter = new TimestampingWriter();
                 await ConsoleUi.Err.Status().StartAsync($"run {index + 1}: {n} streams, then a {newcomer.Length}-token prompt", async _ =>
                 {
-                    var streams = running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, writers[s], ct, session: $"stream-{s}")).ToList();
+                    var streams = running.Select((r, s) => BenchStreams.SendAsync(service.Supervisor, r.Tokens, r.MaxTokens, m, w, writers[s], ct, adaptive, session: $"stream-{s}")).ToList();
                     while (writers.Any(x => x.Count < 8) && !streams.All(t => t.IsCompleted))
                     {
                         await Task.Delay(1, ct);
@@ -213,7 +218,7 @@ internal static class BenchRebalance
                     // A moment of steady streaming before the arrival.
                     await Task.Delay(Math.Max(0, parse.GetValue(settleMs)), ct);
                     newcomerSent = Stopwatch.GetTimestamp();
-                    await BenchStreams.SendAsync(service.Supervisor, newcomer, 16, m, w, newcomerWriter, ct, session: "newcomer");
+                    await BenchStreams.SendAsync(service.Supervisor, newcomer, 16, m, w, newcomerWriter, ct, adaptive, session: "newcomer");
                     await Task.WhenAll(streams);
                 });
 
@@ -291,6 +296,7 @@ internal static class BenchRebalance
                     NewcomerChunkMedianMs = chunks.Count == 0 ? 0 : Math.Round(chunks[chunks.Count / 2], 2),
                     NewcomerChunkMaxMs = chunks.Count == 0 ? 0 : Math.Round(chunks[^1], 2),
                     KvPool = settings.KvPool,
+                    AdaptiveWidth = adaptive,
                     WorstGapMs = Math.Round(worstGap.Ms, 2),
                     WorstGapStream = worstStream,
                     WorstGapSpans = spans.Within(worstGap.At - (long)(worstGap.Ms * Stopwatch.Frequency / 1000), worstGap.At),
@@ -334,7 +340,7 @@ internal static class BenchRebalance
             md.AppendLine(CultureInfo.InvariantCulture, $"**{profile.Label}.** Every device step ran for real on the CPU and was then held until the profile's time for its graph width had passed (verification W = {width}: {profile.StepMs(width):F1} ms; a {chunk}-token chunk: {profile.StepMs(chunk):F1} ms), so gaps and time to first token are the policy at the profile's step times (not measured on an NPU). Drafting and the actors' own work are real.").AppendLine();
         }
 
-        md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, W = {width}; the summary and reply prompts whose answers run longest, up to {report.StreamTokens} tokens each); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps ({prefillWidth} when no one decodes; `StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps, `StepPolicy.ChunkWidth` for its width; `--chunk-width`). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The long prompt arrives {report.SettleMs} ms after every stream has 8 tokens. Each stream's baseline is its median gap over the same tokens in two control runs of the same streams without the newcomer, one before and one after (same KV fill, same drafts; only the newcomer differs).").AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"{report.RunningSessions} sessions stream (`{report.Method}`, {(report.AdaptiveWidth ? $"adaptive width up to W = {width} (`--adaptive-width true`)" : $"W = {width}")}; the summary and reply prompts whose answers run longest, up to {report.StreamTokens} tokens each); once each has 8 tokens, a {report.NewcomerPromptTokens}-token prompt arrives. The device actor prefills it in chunks of {chunk} tokens between the streams' decode steps ({prefillWidth} when no one decodes; `StepPolicy`: a chunk after every max(1, decoding / prefilling) decode steps, `StepPolicy.ChunkWidth` for its width; `--chunk-width`). Token times are taken when the device hands a token to its stream; a gap is the time between two deliveries of a stream (the tokens one verification commits arrive together: one delivery). The long prompt arrives {report.SettleMs} ms after every stream has 8 tokens. Each stream's baseline is its median gap over the same tokens in two control runs of the same streams without the newcomer, one before and one after (same KV fill, same drafts; only the newcomer differs).").AppendLine();
         md.AppendLine("| session | median gap, control (ms) | median gap while the newcomer prefills (ms) | worst gap while it prefills (ms) | worst / control median | the controls' own worst / median | tokens during the prefill | worst gap while the newcomer decodes (ms) | that / control median | tokens in all |").AppendLine("|---|---|---|---|---|---|---|---|---|---|");
         foreach (var r in report.Sessions)
         {

@@ -692,9 +692,9 @@ public sealed class SpeculativeSession : IDisposable
         {
             chosen = 1;
         }
-        else if (step % 16 == 0)
+        else if (step % 16 == 0 && !_rootAlone)
         {
-            chosen = _width;
+            chosen = _width; // not while the root rides in a chunk's run: a tree then would miss the chunk (decision 0033)
         }
         else
         {
@@ -719,6 +719,11 @@ public sealed class SpeculativeSession : IDisposable
             {
                 if ((_spec.WidthCostMs is { } cost ? cost(w) : _runtime.RecentRunMs(w, _cache.Bucket)) is not { } ms)
                 {
+                    if (_rootAlone)
+                    {
+                        continue; // measured later, not at the cost of missing a chunk's run
+                    }
+
                     chosen = w; // never measured: measure it now
                     break;
                 }
