@@ -102,6 +102,9 @@ internal sealed partial class DeviceSession(SessionRun id, DeviceProtocol.Run ru
     /// <summary>Whether this speculative session's root alone may ride in the next chunk's run without its tree (decision 0033).</summary>
     public bool RootAloneRides => _spec?.RootAloneWithoutTree ?? false;
 
+    /// <summary>Ready only because its root may ride without its tree (none offered yet).</summary>
+    public bool ReadyWithoutTree => RootAloneRides && _spec!.NeedsProposal && Ready;
+
     /// <summary>The step whose verdict the session waits for; null when none.</summary>
     public int? AwaitingStep => _spec?.AwaitingStep;
 

@@ -146,7 +146,7 @@ internal static class Packing
         // for them, HoldChunk), so the probe would put two runs in their gap; a mixed run costs less than its parts
         // anyway (62 against 59 + 46 ms, 87 against 54 + 49 on the twin), and its riders are charged by rows till then.
         int rw = riderWidth;
-        if (mode != PackingMode.Always && chosen && rw == 1 && ChunkAloneMs(runtime, chunk, width) is null && runtime.ProbeChunkAlone(width))
+        if (mode != PackingMode.Always && chosen && rw == 1 && ChunkAloneMs(runtime, chunk, width, nearest: true) is null && runtime.ProbeChunkAlone(width))
         {
             return null;
         }
@@ -188,7 +188,7 @@ internal static class Packing
         holdSince = holdSince == 0 ? Stopwatch.GetTimestamp() : holdSince;
         double held = Stopwatch.GetElapsedTime(holdSince).TotalMilliseconds;
         double leftMs = 50 - held;
-        if ((ride && mode == PackingMode.Always) ? leftMs > 0 : StepPolicy.HoldChunk(ride ? coming : roots, verdicts, held, ChunkAloneMs(runtime, chunk!, chunkWidth), out leftMs))
+        if ((ride && mode == PackingMode.Always) ? leftMs > 0 : StepPolicy.HoldChunk(ride ? coming : roots, verdicts, held, ChunkAloneMs(runtime, chunk!, chunkWidth, nearest: roots > 0), out leftMs))
         {
             return TimeSpan.FromMilliseconds(leftMs);
         }
@@ -216,16 +216,18 @@ internal static class Packing
         return StepPolicy.MixPays(runtime.RecentMixedRunMs(n, chunkWidth, rw), ChunkAloneMs(runtime, chunk, chunkWidth), alone, runtime.RecentRunMs(rw, bucket));
     }
 
-    // The recent time of a chunk of this width alone, in the bucket the chunk's cache will be in, or, until a chunk has run
-    // alone there, in the nearest smaller bucket where one has (a chunk costs a little more further up a prompt: 39, 46,
-    // 55 ms at 2, 35 and 72% of 2,048 on the twin). Only while no bucket has a time does a chunk run alone to time it
-    // (Riders' probe): every such chunk puts two runs into each rider's gap (decision 0033).
-    internal static double? ChunkAloneMs(OrtModelRuntime runtime, DeviceSession chunk, int width)
+    // The recent time of a chunk of this width alone, in the bucket the chunk's cache will be in; with nearest, until a chunk
+    // has run alone there, in the nearest smaller bucket where one has (a chunk costs a little more further up a prompt:
+    // 39, 46, 55 ms at 2, 35 and 72% of 2,048 on the twin). Riders' probe, the riders' price and the wait for riding roots'
+    // verdicts take the nearest, so a chunk runs alone to be timed only while no bucket has a time: every such chunk puts
+    // two runs into each rider's gap (decision 0034). The mix's price and the other waits keep to the bucket, as before.
+    internal static double? ChunkAloneMs(OrtModelRuntime runtime, DeviceSession chunk, int width, bool nearest = false)
     {
         int done = chunk.Request.Prompt.Count - chunk.PrefillTokensLeft;
         int bucket = runtime.Buckets.FirstOrDefault(b => b >= done + width, runtime.Capacity);
-        return runtime.RecentRunMs(width, bucket)
-            ?? runtime.Buckets.Where(b => b < bucket).OrderDescending().Select(b => runtime.RecentRunMs(width, b)).FirstOrDefault(ms => ms is not null);
+        return runtime.RecentRunMs(width, bucket) ?? (nearest
+            ? runtime.Buckets.Where(b => b < bucket).OrderDescending().Select(b => runtime.RecentRunMs(width, b)).FirstOrDefault(ms => ms is not null)
+            : null);
     }
 
     // Sessions to try packing, most first: all of the ready ones, then each smaller graph's slot count.

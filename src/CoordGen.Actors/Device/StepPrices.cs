@@ -71,8 +71,8 @@ internal static class StepPrices
             return null;
         }
 
-        // The chunk alone in its bucket, or (until a chunk has run alone there: once every chunk mixes, one in 16 does) a
-        // mixed run of as many riders, which is a few rows dearer.
-        return StepPolicy.RiderShareMs(Packing.ChunkAloneMs(runtime, chunk, chunkWidth) ?? runtime.RecentMixedRunMs(n, chunkWidth), n, chunkWidth);
+        // The chunk alone in its bucket or the nearest smaller one timed, or (until a chunk has run alone at all) a mixed
+        // run of as many riders, which is a few rows dearer.
+        return StepPolicy.RiderShareMs(Packing.ChunkAloneMs(runtime, chunk, chunkWidth, nearest: true) ?? runtime.RecentMixedRunMs(n, chunkWidth), n, chunkWidth);
     }
 }
