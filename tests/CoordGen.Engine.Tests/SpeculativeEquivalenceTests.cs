@@ -250,7 +250,7 @@ public class SpeculativeEquivalenceTests
     public void Roots_alone_taken_without_waiting_for_the_drafters_tree_should_keep_each_sessions_plain_greedy_output()
     {
         // While a prompt waits, the device lets a speculative session's root ride in the chunk's run without waiting for
-        // its tree (decision 0033). Here two sessions take every third step that way, together in a packed width-1 run;
+        // its tree (decision 0033). Here two sessions take every other step that way, together in a packed width-1 run;
         // the drafter still learns each step's outcome, and the tree it drafted for such a step comes too late and is
         // dropped, as the device drops it. Both outputs equal plain greedy decoding.
         var demo = ModelBundle.Load(Paths.DemoModel);
@@ -260,21 +260,21 @@ public class SpeculativeEquivalenceTests
         var opts = SpeculationOptions.ForMethod("sam+ours", 8) with { AdaptiveWidth = true };
         var prompts = WorkloadItem.Load(Path.Combine(Paths.RepoRoot, "workloads", "summary.jsonl")).Take(2)
             .Select(i => demo.Tokenizer.Encode(PromptTemplate.Render(i.Context, i.Prompt))).ToList();
-        var expected = prompts.Select(p => plain.Generate(p, 40, new SamplingOptions(), demo.StopTokens).Tokens).ToList();
+        var expected = prompts.Select(p => plain.Generate(p, 64, new SamplingOptions(), demo.StopTokens).Tokens).ToList();
         var sessions = new List<SpeculativeSession>();
         var drafters = new List<SessionDrafter>();
         foreach (var p in prompts)
         {
             using var pre = spec.Prefill(p, null);
-            sessions.Add(spec.Start(pre, 40, new SamplingOptions(), demo.StopTokens, opts, externalDrafter: true));
-            drafters.Add(new SessionDrafter(p, 40, opts, null));
+            sessions.Add(spec.Start(pre, 64, new SamplingOptions(), demo.StopTokens, opts, externalDrafter: true));
+            drafters.Add(new SessionDrafter(p, 64, opts, null));
         }
 
         int rootsAlone = 0;
         for (int step = 0; sessions.Any(s => !s.Done); step++)
         {
             var live = sessions.Where(s => !s.Done).ToList();
-            bool alone = step % 3 == 1 && live.Count == 2;
+            bool alone = step % 2 == 1 && live.Count == 2;
             for (int i = 0; i < sessions.Count; i++)
             {
                 if (sessions[i].Done)
@@ -318,13 +318,13 @@ public class SpeculativeEquivalenceTests
             sessions[i].Dispose();
         }
 
-        Assert.True(rootsAlone > 2, $"only {rootsAlone} steps took the roots alone");
+        Assert.True(rootsAlone >= 2, $"only {rootsAlone} steps took the roots alone"); // how many depends on the widths chosen, which follow measured times
 
         // While riding is priced, a tree offered in time is weighed at the rider's price too, and neither the every-16th
         // full-width step nor a width never timed forces a tree that would miss the chunk: every step is the root alone.
         using var ridingPre = spec.Prefill(prompts[1], null);
-        using var riding = spec.Start(ridingPre, 40, new SamplingOptions(), demo.StopTokens, opts, externalDrafter: true);
-        var ridingDrafter = new SessionDrafter(prompts[1], 40, opts, null);
+        using var riding = spec.Start(ridingPre, 64, new SamplingOptions(), demo.StopTokens, opts, externalDrafter: true);
+        var ridingDrafter = new SessionDrafter(prompts[1], 64, opts, null);
         int ridingSteps = 0, narrowSteps = 0;
         for (; !riding.Done; ridingSteps++)
         {
@@ -338,7 +338,7 @@ public class SpeculativeEquivalenceTests
         }
 
         Assert.Equal(expected[1], riding.Result().Tokens);
-        Assert.True(ridingSteps > 20, $"{ridingSteps} steps");
+        Assert.True(ridingSteps >= 36, $"{ridingSteps} steps"); // at most 32 tokens from its first four trees of 8
         Assert.Equal(ridingSteps - 4, narrowSteps);
 
         // A fixed width always verifies a tree: the switch stays off.
