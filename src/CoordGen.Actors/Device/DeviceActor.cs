@@ -215,13 +215,7 @@ public sealed partial class DeviceActor : ReceiveActor
         // the streams as a decode step would.
         int chunkWidth = StepPolicy.ChunkWidth(decoding.Count, wide, interleaved);
         var chunk = _mixedSteps && prefilling.Count > 0 ? prefilling[0] : null;
-        bool rootsRide = chunk is not null && StepPrices.Price(_packing, _packTrees, runtime, decoding, chunk, chunkWidth); // before riders are asked
-        var riders = chunk is not null ? Packing.Riders(_packing, _packTrees && _mixedTrees, runtime, chunk, decoding, chunkWidth, chosen: false, out _) : null;
-        if (rootsRide && riders is null && decoding.Any(s => s.ReadyWithoutTree))
-        {
-            StepPrices.Price(_packing, _packTrees, runtime, decoding, null, 0); // no one rides now: none ready without its tree
-        }
-
+        var riders = chunk is not null ? StepPrices.ForChunk(_packing, _packTrees, _mixedTrees, runtime, chunk, decoding, chunkWidth) : null;
         bool carries = riders is not null && riders.Count - 1 == decoding.Count(s => s.Ready && !s.Cancellation.IsCancellationRequested) && !decoding.Any(s => s.Coming && !s.RootAloneRides);
         var snapshot = new QueueSnapshot(prefilling.Count, prefilling.Sum(s => s.PrefillTokensLeft), decoding.Count, decoding.Count(s => s.Ready),
             _sinceChunk, wide, interleaved, carries, _chunkHoldSince != 0);

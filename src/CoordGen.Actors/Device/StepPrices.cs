@@ -18,8 +18,7 @@ internal static class StepPrices
     /// runs anyway, so a root alone beside it costs the device a few rows, where a tree of its own costs a run that
     /// delays the prompt.
     /// </summary>
-    /// <returns>Whether any session's root alone may ride in the chunk's run at a rider's price, without its tree.</returns>
-    public static bool Price(PackingMode mode, bool trees, OrtModelRuntime runtime, List<DeviceSession> decoding, DeviceSession? chunk, int chunkWidth)
+    public static void Price(PackingMode mode, bool trees, OrtModelRuntime runtime, List<DeviceSession> decoding, DeviceSession? chunk, int chunkWidth)
     {
         bool packing = mode != PackingMode.Off && decoding.Count > 1;
         int speculative = decoding.Count(s => s.Speculative && (s.Ready || s.Coming));
@@ -56,8 +55,24 @@ internal static class StepPrices
 
             s.PriceSharedSteps(shares.Count == 0 ? null : shares, rootAlone: riding is not null);
         }
+    }
 
-        return riding is not null && decoding.Any(s => s.RootAloneRides);
+    /// <summary>
+    /// Prices every speculative session for the chunk's run (<see cref="Price"/>), then asks who would ride in it
+    /// (<see cref="Packing.Riders"/>, a question that runs nothing). When no one would while a session counts as ready only
+    /// because its root may ride without its tree, prices a decode step's instead, so that a decode step is never chosen
+    /// with nothing to run.
+    /// </summary>
+    public static List<DeviceSession>? ForChunk(PackingMode mode, bool packTrees, bool mixedTrees, OrtModelRuntime runtime, DeviceSession chunk, List<DeviceSession> decoding, int chunkWidth)
+    {
+        Price(mode, packTrees, runtime, decoding, chunk, chunkWidth);
+        var riders = Packing.Riders(mode, packTrees && mixedTrees, runtime, chunk, decoding, chunkWidth, chosen: false, out _);
+        if (riders is null && decoding.Any(s => s.ReadyWithoutTree))
+        {
+            Price(mode, packTrees, runtime, decoding, null, 0);
+        }
+
+        return riders;
     }
 
     // What one width-1 rider costs in the next chunk's run, when the decoding sessions would ride in it (Packing.Riders'

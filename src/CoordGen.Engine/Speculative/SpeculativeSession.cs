@@ -694,7 +694,7 @@ public sealed class SpeculativeSession : IDisposable
         }
         else if (step % 16 == 0 && !_rootAlone)
         {
-            chosen = _width; // not while the root rides in a chunk's run: a tree then would miss the chunk (decision 0033)
+            chosen = _width; // not while the root rides in a chunk's run: a tree then would miss the chunk (decision 0034)
         }
         else
         {
@@ -717,21 +717,21 @@ public sealed class SpeculativeSession : IDisposable
             _candidateWidths ??= [.. _runtime.Widths.Where(w => w <= _width).Order()];
             foreach (int w in _candidateWidths)
             {
-                if ((_spec.WidthCostMs is { } cost ? cost(w) : _runtime.RecentRunMs(w, _cache.Bucket)) is not { } ms)
+                double? solo = _spec.WidthCostMs is { } cost ? cost(w) : _runtime.RecentRunMs(w, _cache.Bucket);
+                if (solo is null && !_rootAlone)
                 {
-                    if (_rootAlone)
-                    {
-                        continue; // measured later, not at the cost of missing a chunk's run
-                    }
-
                     chosen = w; // never measured: measure it now
                     break;
                 }
 
-                if (SharedStepMs is { } shared && shared.TryGetValue(w, out double packed))
+                // Riding in a packed run with other sessions, or in a chunk's run, costs at most its share.
+                double? shared = SharedStepMs is { } prices && prices.TryGetValue(w, out double packed) ? packed : null;
+                if ((solo, shared) is (null, null))
                 {
-                    ms = Math.Min(ms, packed); // riding in a packed run with other sessions
+                    continue; // while the root rides: measured later, not at the cost of missing a chunk's run
                 }
+
+                double ms = Math.Min(solo ?? double.MaxValue, shared ?? double.MaxValue);
 
                 double tokens = 1;
                 if (w > 1 && own)
